@@ -1,0 +1,51 @@
+# SAE Studio. The two commands: `make run` (the app) and `make test` (the tests).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HTMX_VERSION := 2.0.8
+HTMX := static/vendor/htmx.min.js
+DATA_DIR ?= $(CURDIR)/data
+PORT ?= 5000
+REDIS_PORT ?= 6390
+
+.PHONY: run test install install-test system-deps clean
+
+## run: install everything, start Redis, a worker and the web server; print the URL
+run: install
+	@DATA_DIR="$(DATA_DIR)" PORT="$(PORT)" REDIS_PORT="$(REDIS_PORT)" PY="$(PY)" bash scripts/run.sh
+
+## test: install everything and run the whole test suite (starts its own Redis)
+test: install-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+system-deps:
+	@bash scripts/system_deps.sh $(if $(filter test,$(MAKECMDGOALS)),--browser)
+
+$(VENV)/.created:
+	python3 -m venv --system-site-packages $(VENV)
+	$(PIP) install -q --upgrade pip
+	@touch $@
+
+$(VENV)/.torch: | $(VENV)/.created
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch already importable: keeping it" \
+	  || $(PIP) install -q torch==2.13.0
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	@touch $@
+
+$(HTMX):
+	@bash scripts/fetch_htmx.sh $(HTMX_VERSION) $(HTMX)
+
+install: system-deps $(VENV)/.installed $(HTMX)
+
+install-test: system-deps $(VENV)/.installed-test $(HTMX)
+
+clean:
+	rm -rf $(VENV) static/vendor

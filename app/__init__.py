@@ -1,0 +1,54 @@
+"""SAE Studio: train sparse autoencoders that come out sparse the first time."""
+from __future__ import annotations
+
+import click
+from flask import Flask
+from flask_wtf.csrf import CSRFProtect
+from htmx_flask import Htmx
+
+from .config import ROOT, load_settings
+from .db import database, migrate, open_database
+
+csrf = CSRFProtect()
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the web app. ``config`` overrides settings read from the environment."""
+    app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
+    settings = load_settings(config)
+    app.config.update(settings)
+    app.config["MAX_CONTENT_LENGTH"] = settings["MAX_UPLOAD_MB"] * 2**20 + 2**20
+    app.config["WTF_CSRF_TIME_LIMIT"] = None
+
+    open_database(settings["DATABASE_URL"])
+    with database.connection_context():
+        migrate()
+
+    @app.before_request
+    def _open_db():
+        database.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def _close_db(exc):
+        if not database.is_closed():
+            database.close()
+
+    csrf.init_app(app)
+    Htmx(app)
+
+    from .views import api, pages, sources
+    from .views.formatting import register_filters
+
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(sources.bp)
+    app.register_blueprint(api.bp)
+    csrf.exempt(api.bp)
+    register_filters(app)
+
+    @app.cli.command("init-db")
+    def init_db_command():
+        """Apply pending migrations."""
+        with database.connection_context():
+            click.echo(f"schema version {migrate()}")
+
+    return app

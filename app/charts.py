@@ -1,0 +1,124 @@
+"""Server-rendered SVG charts: small, dependency-free, readable without JavaScript."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from markupsafe import Markup, escape
+
+from .quality import GREEN_BELOW, RED_ABOVE
+
+
+@dataclass
+class Series:
+    label: str
+    points: list[tuple[float, float]]
+    color: str
+    dashed: bool = False
+
+
+def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _fmt(v: float, log: bool) -> str:
+    if log:
+        return f"1e{int(round(v))}"
+    if v == 0:
+        return "0"
+    return f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.0e}"
+
+
+def line_chart(title: str, series: list[Series], *, width: int = 460, height: int = 220,
+               log_y: bool = False, y_min: float | None = None, y_max: float | None = None,
+               bands: list[tuple[float, float, str]] | None = None, y_percent: bool = False,
+               x_max: float | None = None) -> Markup:
+    """An SVG line chart of ``series`` over steps. ``bands`` shade y-ranges (lo, hi, color)."""
+    left, right, top, bottom = 56, 12, 26, 30
+    pw, ph = width - left - right, height - top - bottom
+    pts = [(x, y) for s in series for x, y in s.points if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" '
+             f'role="img" aria-label="{escape(title)}">',
+             f'<text x="{left}" y="16" class="chart-title">{escape(title)}</text>']
+    if not pts:
+        parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" class="chart-empty">'
+                     'waiting for the first metrics…</text></svg>')
+        return Markup("".join(parts))
+    tf = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    xs = [p[0] for p in pts]
+    ys = [tf(p[1]) for p in pts]
+    x0, x1 = min(xs + [0]), max(xs + [x_max or 0])
+    if x1 == x0:
+        x1 = x0 + 1
+    lo = tf(y_min) if y_min is not None else min(ys)
+    hi = tf(y_max) if y_max is not None else max(ys)
+    if y_max is None and hi < max(ys):
+        hi = max(ys)
+    if hi <= lo:
+        hi = lo + (1 if log_y else max(abs(lo) * 0.1, 1e-9))
+    if log_y:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    else:
+        hi += (hi - lo) * 0.05
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def sy(y):
+        return top + ph - (min(max(y, lo), hi) - lo) / (hi - lo) * ph
+
+    for b_lo, b_hi, color in bands or []:
+        y_a, y_b = sy(tf(min(b_hi, 10 ** hi if log_y else hi))), sy(tf(max(b_lo, 1e-300) if log_y else b_lo))
+        parts.append(f'<rect x="{left}" y="{y_a:.1f}" width="{pw}" height="{max(y_b - y_a, 0):.1f}" '
+                     f'fill="{color}" opacity="0.12"/>')
+    y_ticks = list(range(int(lo), int(hi) + 1)) if log_y else _ticks(lo, hi)
+    for t in y_ticks:
+        label = f"{t * 100:.3g}%" if y_percent else _fmt(t, log_y)
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{label}</text>')
+    for t in _ticks(x0, x1):
+        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" class="tick">{int(t):,}</text>')
+    parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">step</text>')
+    legend_x = left + pw
+    for s in reversed(series):
+        legend_x -= 9 * len(s.label) + 26
+        dash = ' stroke-dasharray="5 4"' if s.dashed else ""
+        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="12" y2="12" stroke="{s.color}" '
+                     f'stroke-width="2.5"{dash}/>'
+                     f'<text x="{legend_x + 18}" y="16" class="tick">{escape(s.label)}</text>')
+        good = [(x, tf(y)) for x, y in s.points if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+        if not good:
+            continue
+        if len(good) == 1:
+            x, y = good[0]
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{s.color}"/>')
+            continue
+        d = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(good))
+        parts.append(f'<path d="{d}" fill="none" stroke="{s.color}" stroke-width="2"{dash}/>')
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/></svg>')
+    return Markup("".join(parts))
+
+
+def l0_chart(metrics, target_l0: float, total_steps: int) -> Markup:
+    """L0 fraction over steps, with the target and the grade bands."""
+    pts = [(m.step, m.l0_fraction) for m in metrics]
+    ymax = max([target_l0 * 2, RED_ABOVE * 1.2] + [y for _, y in pts])
+    target = Series("target", [(0, target_l0), (max(total_steps, 1), target_l0)], "#555", dashed=True)
+    return line_chart("L0 fraction (share of latents active)", [Series("L0", pts, "#2563eb"), target],
+                      y_min=0, y_max=min(ymax, 1.0), y_percent=True,
+                      bands=[(0, GREEN_BELOW, "#16a34a"), (GREEN_BELOW, RED_ABOVE, "#ca8a04"),
+                             (RED_ABOVE, 1.0, "#dc2626")], x_max=total_steps)
+
+
+def loss_chart(metrics, total_steps: int) -> Markup:
+    """Total loss and its reconstruction term over steps, log scale."""
+    return line_chart("Loss (log scale)", [
+        Series("loss", [(m.step, m.loss) for m in metrics], "#7c3aed"),
+        Series("MSE term", [(m.step, m.mse) for m in metrics], "#0891b2", dashed=True),
+    ], log_y=True, x_max=total_steps)

@@ -1,0 +1,52 @@
+"""Settings, read from the environment once at start-up."""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def load_settings(overrides: dict | None = None) -> dict:
+    """Return the app's settings: environment first, then ``overrides`` on top.
+
+    DATA_DIR       where the database, uploads, Redis data and checkpoints live (./data)
+    DATABASE_URL   a Peewee db_url (sqlite:///DATA_DIR/sae_studio.db)
+    REDIS_URL      the queue's Redis (redis://127.0.0.1:6390/0)
+    QUEUE_NAME     RQ queue name (sae-studio)
+    SECRET_KEY     session/CSRF key (generated once and kept in DATA_DIR/secret_key)
+    MAX_UPLOAD_MB  largest activation upload accepted (4096)
+    SAE_DEVICE     "auto" (CUDA when available), "cpu" or "cuda[:n]"
+    """
+    env = os.environ
+    settings = {
+        "DATA_DIR": env.get("DATA_DIR", str(ROOT / "data")),
+        "DATABASE_URL": env.get("DATABASE_URL"),
+        "REDIS_URL": env.get("REDIS_URL", "redis://127.0.0.1:6390/0"),
+        "QUEUE_NAME": env.get("QUEUE_NAME", "sae-studio"),
+        "SECRET_KEY": env.get("SECRET_KEY"),
+        "MAX_UPLOAD_MB": _int("MAX_UPLOAD_MB", 4096),
+        "SAE_DEVICE": env.get("SAE_DEVICE", "auto"),
+        "JOB_TIMEOUT_S": _int("JOB_TIMEOUT_S", 7 * 24 * 3600),
+    }
+    settings.update(overrides or {})
+    data_dir = Path(settings["DATA_DIR"])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not settings["DATABASE_URL"]:
+        settings["DATABASE_URL"] = f"sqlite:///{data_dir / 'sae_studio.db'}"
+    if not settings["SECRET_KEY"]:
+        settings["SECRET_KEY"] = _persistent_secret(data_dir / "secret_key")
+    return settings
+
+
+def _persistent_secret(path: Path) -> str:
+    """A random key kept on disk, so sessions survive restarts without configuration."""
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()

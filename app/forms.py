@@ -1,0 +1,213 @@
+"""WTForms forms: the one validation path for the HTML form and the JSON API."""
+from __future__ import annotations
+
+import math
+
+from flask_wtf import FlaskForm
+from werkzeug.datastructures import MultiDict
+from wtforms import FileField, FloatField, IntegerField, SelectChoice, SelectField, StringField
+from wtforms.validators import InputRequired, Length, NumberRange, Optional, StopValidation
+
+from .models import ActivationSet
+from .quality import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+
+L1_ALPHA_ALIASES = ("sparsity_coefficient", "l1_coefficient")
+
+
+class Range(NumberRange):
+    """``NumberRange`` that can exclude its lower bound, with a message naming the value."""
+
+    def __init__(self, min=None, max=None, *, min_exclusive: bool = False, message: str | None = None):
+        super().__init__(min=min, max=max, message=message)
+        self.min_exclusive = min_exclusive
+
+    def __call__(self, form, field):
+        value = field.data
+        too_low = value is not None and self.min is not None and (
+            value <= self.min if self.min_exclusive else value < self.min)
+        too_high = value is not None and self.max is not None and value > self.max
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or too_low or too_high:
+            low = f"greater than {self.min:g}" if self.min_exclusive else f"at least {self.min:g}"
+            bounds = " and ".join(p for p in (
+                low if self.min is not None else "",
+                f"at most {self.max:g}" if self.max is not None else "") if p)
+            raise StopValidation(self.message or f"Must be {bounds} (got {field.raw_data[0] if field.raw_data else value}).")
+
+
+class RequiredFor(InputRequired):
+    """Required when the form's architecture is ``architecture``; otherwise optional."""
+
+    field_flags = {}
+
+    def __init__(self, architecture: str, message: str) -> None:
+        super().__init__(message=message)
+        self.architecture = architecture
+
+    def __call__(self, form, field):
+        if form.architecture.data == self.architecture:
+            return super().__call__(form, field)
+        if not field.raw_data or not str(field.raw_data[0]).strip():
+            field.errors[:] = []
+            field.data = None
+            raise StopValidation()
+
+
+def required(message: str = "This field is required.") -> InputRequired:
+    return InputRequired(message=message)
+
+
+class TrainingForm(FlaskForm):
+    """A training run's configuration. Field names are the API's and the database's."""
+
+    name = StringField("Run name", validators=[Optional(), Length(max=200)])
+    source_id = SelectField("Activation source", coerce=int, validators=[required()])
+    architecture = SelectField(
+        "Architecture", choices=[SelectChoice("standard", "Standard (ReLU + L1 penalty)"),
+                                 SelectChoice("topk", "TopK (exactly k active)")],
+        default="standard", validators=[required()])
+    latent_dim = IntegerField(
+        "Latents (latent_dim)", default=1024, validators=[required(), Range(16, 1_048_576)],
+        description="Number of SAE features; usually 4× to 64× the activation width d_in.")
+    l1_alpha = FloatField(
+        "Sparsity penalty (l1_alpha)", default=0.003,
+        validators=[RequiredFor("standard", "The sparsity penalty l1_alpha is required for a standard SAE; "
+                                            "without it the features come out dense. 0.003 is a sound start."),
+                    Range(L1_ALPHA_MIN_EXCLUSIVE, L1_ALPHA_MAX, min_exclusive=True)],
+        description="Weight of the L1 term that makes features sparse. Higher → fewer active latents. "
+                    "Not the learning rate. Range: above 0.00001, at most 0.1.")
+    k = IntegerField(
+        "Active latents per token (k)", default=32,
+        validators=[RequiredFor("topk", "k is required for a TopK SAE."), Range(1, 65_536)],
+        description="TopK only: exactly k latents fire for every token.")
+    learning_rate = FloatField(
+        "Learning rate (optimizer step size)", default=0.001, validators=[required(), Range(1e-6, 0.1)],
+        description="Adam's step size. Not the sparsity penalty. Typical: 0.0001 to 0.001.")
+    batch_size = IntegerField("Batch size (tokens per step)", default=512, validators=[required(), Range(16, 65_536)])
+    total_steps = IntegerField("Training steps", default=2000, validators=[required(), Range(10, 10_000_000)])
+    lr_warmup_steps = IntegerField(
+        "Learning-rate warm-up steps", default=100, validators=[required(), Range(0, 10_000_000)],
+        description="The learning rate rises linearly from 0 over these steps.")
+    l1_warmup_steps = IntegerField(
+        "Sparsity warm-up steps", default=200, validators=[required(), Range(0, 10_000_000)],
+        description="l1_alpha rises linearly from 0 over these steps.")
+    target_l0 = FloatField(
+        "Target L0 (fraction of latents)", default=0.02,
+        validators=[required(), Range(0, 0.5, min_exclusive=True)],
+        description="The share of latents you want active per token; 0.01–0.05 is typical.")
+    seed = IntegerField("Random seed", default=0, validators=[required(), Range(0, 2**31 - 1)])
+    log_every = IntegerField("Log metrics every (steps)", default=20, validators=[required(), Range(1, 10_000)])
+    dead_window_tokens = IntegerField(
+        "Dead-latent window (tokens)", default=200_000, validators=[required(), Range(1_000, 1_000_000_000)],
+        description="A latent that has not fired in this many tokens counts as dead.")
+
+    NUMERIC_FIELDS = ("latent_dim", "l1_alpha", "k", "learning_rate", "batch_size", "total_steps",
+                      "lr_warmup_steps", "l1_warmup_steps", "target_l0", "seed", "log_every",
+                      "dead_window_tokens")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sources = {s.id: s for s in ActivationSet.select().order_by(ActivationSet.id)}
+        self.source_id.choices = [SelectChoice(s.id, s.describe()) for s in self.sources.values()]
+
+    def validate(self, extra_validators=None) -> bool:
+        ok = super().validate(extra_validators)
+        steps = self.total_steps.data if not self.total_steps.errors else None
+        if steps is not None:
+            for f in (self.lr_warmup_steps, self.l1_warmup_steps):
+                if not f.errors and f.data is not None and f.data > steps:
+                    f.errors.append(f"Must not exceed the training steps ({steps:,}).")
+                    ok = False
+        if self.architecture.data == "topk" and not self.k.errors and not self.latent_dim.errors \
+                and self.k.data is not None and self.latent_dim.data is not None and self.k.data > self.latent_dim.data:
+            self.k.errors.append(f"k must not exceed latent_dim ({self.latent_dim.data:,}).")
+            ok = False
+        source = self.sources.get(self.source_id.data)
+        if source is not None and source.n_tokens is not None and not self.batch_size.errors \
+                and self.batch_size.data is not None and self.batch_size.data > source.n_tokens:
+            self.batch_size.errors.append(f"The source holds only {source.n_tokens:,} training tokens.")
+            ok = False
+        return ok
+
+    def training_fields(self) -> dict:
+        """The validated values to store on a new Training row."""
+        data = {name: getattr(self, name).data for name in ("name", "source_id", "architecture", *self.NUMERIC_FIELDS)}
+        data["name"] = (data["name"] or "").strip()
+        if data["architecture"] == "standard":
+            data["k"] = None
+        else:
+            data["l1_alpha"] = None
+        return data
+
+
+def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[str]]]:
+    """Map a JSON body onto the training form's fields.
+
+    Aliases of ``l1_alpha`` are accepted; nulls, unknown keys and conflicting aliases are
+    errors named by field. Returns ``(formdata, errors)``; ``formdata`` is None on errors
+    that stop the mapping itself.
+    """
+    if not isinstance(payload, dict):
+        return None, {"_body": ["Expected a JSON object with the training's fields."]}
+    errors: dict[str, list[str]] = {}
+    data = dict(payload)
+    given_aliases = [a for a in L1_ALPHA_ALIASES if a in data]
+    for alias in given_aliases:
+        value = data.pop(alias)
+        if "l1_alpha" in data and data["l1_alpha"] != value:
+            errors.setdefault("l1_alpha", []).append(
+                f"l1_alpha and its alias {alias} were both given with different values.")
+        else:
+            data["l1_alpha"] = value
+    known = set(TrainingForm.NUMERIC_FIELDS) | {"name", "source_id", "architecture"}
+    formdata = MultiDict()
+    for key, value in data.items():
+        if key not in known:
+            errors.setdefault(key, []).append("Unknown field.")
+            continue
+        if value is None:
+            unused = (key == "l1_alpha" and data.get("architecture") == "topk") or \
+                     (key == "k" and data.get("architecture", "standard") == "standard")
+            if not unused:
+                errors.setdefault(key, []).append(NULL_MESSAGES.get(key, "Must not be null."))
+            continue
+        if isinstance(value, bool) or isinstance(value, (dict, list)):
+            errors.setdefault(key, []).append("Must be a number." if key in TrainingForm.NUMERIC_FIELDS
+                                               else "Must be a string.")
+            continue
+        if isinstance(value, float) and value.is_integer() and key in _INTEGER_FIELDS:
+            value = int(value)
+        formdata[key] = str(value)
+    return formdata, errors
+
+
+NULL_MESSAGES = {
+    "l1_alpha": "Must not be null: the sparsity penalty l1_alpha is required for a standard SAE "
+                "(without it the features come out dense); 0.003 is a sound start.",
+}
+
+_INTEGER_FIELDS = {"latent_dim", "k", "batch_size", "total_steps", "lr_warmup_steps", "l1_warmup_steps",
+                   "seed", "log_every", "dead_window_tokens", "source_id"}
+
+
+class UploadForm(FlaskForm):
+    """An activation file: .npy, .safetensors or .pt holding a 2-D float array."""
+
+    name = StringField("Name", validators=[Optional(), Length(max=200)])
+    file = FileField("Activation file (.npy, .safetensors or .pt)", validators=[InputRequired("Choose a file to upload.")])
+
+
+class SyntheticSourceForm(FlaskForm):
+    """A synthetic source with known ground-truth features."""
+
+    d_in = IntegerField("Width (d_in)", default=256, validators=[required(), Range(2, 16_384)])
+    n_features = IntegerField("Ground-truth features", default=512, validators=[required(), Range(1, 1_000_000)])
+    mean_active = FloatField("Mean active features per token", default=5.0,
+                             validators=[required(), Range(0, 1_000, min_exclusive=True)])
+    seed = IntegerField("Seed", default=0, validators=[required(), Range(0, 2**31 - 1)])
+
+    def validate(self, extra_validators=None) -> bool:
+        ok = super().validate(extra_validators)
+        if ok and self.mean_active.data > self.n_features.data:
+            self.mean_active.errors.append("Must not exceed the number of features.")
+            ok = False
+        return ok

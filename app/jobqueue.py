@@ -1,0 +1,74 @@
+"""The queue side of jobs, for the web process: enqueue, cancel, reconcile.
+
+Jobs are enqueued by dotted name so the web process never imports torch.
+"""
+from __future__ import annotations
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from .models import Event, Training, utcnow
+
+TRAINING_JOB = "app.jobs.run_training"
+
+
+def redis_connection(url: str) -> Redis:
+    return Redis.from_url(url)
+
+
+def training_queue(settings: dict) -> Queue:
+    return Queue(settings["QUEUE_NAME"], connection=redis_connection(settings["REDIS_URL"]))
+
+
+def enqueue_training(training: Training, settings: dict) -> None:
+    """Put the run on the queue and record its job id. The row must be ``queued``."""
+    queue = training_queue(settings)
+    job = queue.enqueue(TRAINING_JOB, training.id, job_timeout=settings["JOB_TIMEOUT_S"],
+                        result_ttl=86_400, failure_ttl=7 * 86_400, description=f"training {training.id}")
+    Training.update(rq_job_id=job.id).where(Training.id == training.id).execute()
+    training.rq_job_id = job.id
+
+
+def request_cancel(training: Training, settings: dict) -> None:
+    """Cancel a queued run at once; ask a running one to stop at its next step."""
+    if training.status == "queued":
+        updated = (Training.update(status="cancelled", reason="Cancelled before it started.", finished_at=utcnow(),
+                                   cancel_requested=True)
+                   .where((Training.id == training.id) & (Training.status == "queued")).execute())
+        if updated:
+            if training.rq_job_id:
+                try:
+                    Job.fetch(training.rq_job_id, connection=redis_connection(settings["REDIS_URL"])).cancel()
+                except NoSuchJobError:
+                    pass
+            Event.create(training=training, level="info", code="cancelled", message="Cancelled before it started.")
+            return
+    Training.update(cancel_requested=True).where(Training.id == training.id).execute()
+
+
+def reconcile(training: Training, settings: dict) -> bool:
+    """Mark a run failed whose job died without saying so (worker killed, job lost).
+
+    A work-horse killed by the OS cannot update its row; RQ does record the job as
+    failed. Returns True when the row was changed.
+    """
+    if not training.is_active or not training.rq_job_id:
+        return False
+    try:
+        job = Job.fetch(training.rq_job_id, connection=redis_connection(settings["REDIS_URL"]))
+        status = job.get_status()
+    except NoSuchJobError:
+        status = None
+    if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):
+        detail = "its job is no longer known to the queue" if status is None else f"its worker reported the job {status.value}"
+        reason = f"The training stopped without finishing: {detail} (the worker process may have been killed)."
+        if status is not None and job.latest_result() is not None and job.latest_result().exc_string:
+            reason += " " + job.latest_result().exc_string.strip().splitlines()[-1]
+        updated = (Training.update(status="failed", reason=reason, failed_step=training.step, finished_at=utcnow())
+                   .where((Training.id == training.id) & (Training.status.in_(("queued", "running")))).execute())
+        if updated:
+            Event.create(training=training, step=training.step, level="error", code="lost", message=reason)
+            return True
+    return False

@@ -1,0 +1,187 @@
+"""RQ entry points, run in the worker's work-horse: load the row, run the core, write back.
+
+Everything the user should see is written to the database: status and reason, metric
+points (in batches), events. An exception never leaves a run in ``running``.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+from .config import load_settings
+from .db import database, open_database
+from .models import ActivationSet, Event, MetricPoint, Training, utcnow
+from .quality import RuntimeMonitor
+
+
+def _connect() -> dict:
+    settings = load_settings()
+    if database.obj is None or database.is_closed():
+        open_database(settings["DATABASE_URL"])
+    database.connect(reuse_if_open=True)
+    return settings
+
+
+def build_source(source: ActivationSet, data_dir: str):
+    """The core's activation source for a stored ``ActivationSet``."""
+    from .sae.files import ArrayInfo
+    from .sae.sources import ArraySource, SyntheticSource
+
+    if source.kind == "synthetic":
+        p = source.params
+        return SyntheticSource(source.d_in, int(p["n_features"]), float(p["mean_active"]), int(p["seed"]))
+    if source.kind == "file":
+        path = Path(data_dir) / source.path
+        if not path.exists():
+            raise FileNotFoundError(f"the activation file {source.path} is missing from the data folder")
+        return ArraySource(path, ArrayInfo(**source.params["array"]))
+    raise ValueError(f"unknown source kind {source.kind!r}")
+
+
+def train_config(run: Training, device: str):
+    from .sae.trainer import TrainConfig
+
+    return TrainConfig(
+        latent_dim=run.latent_dim, architecture=run.architecture, l1_alpha=run.l1_alpha, k=run.k,
+        learning_rate=run.learning_rate, batch_size=run.batch_size, total_steps=run.total_steps,
+        lr_warmup_steps=run.lr_warmup_steps, l1_warmup_steps=run.l1_warmup_steps, seed=run.seed,
+        log_every=run.log_every, dead_window_tokens=run.dead_window_tokens, device=device)
+
+
+class MetricWriter:
+    """Buffers metric points and writes them in one transaction per flush.
+
+    Flushes when ``max_rows`` points are waiting or ``max_age_s`` has passed, so the live
+    page lags by about a second while the database sees a handful of writes per second.
+    """
+
+    def __init__(self, run: Training, *, max_rows: int = 50, max_age_s: float = 1.0) -> None:
+        self.run, self.max_rows, self.max_age_s = run, max_rows, max_age_s
+        self.rows: list[dict] = []
+        self.events: list[dict] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, point) -> None:
+        self.rows.append({"training": self.run.id, **point.to_dict()})
+        if len(self.rows) >= self.max_rows or time.monotonic() - self.last_flush >= self.max_age_s:
+            self.flush()
+
+    def event(self, level: str, code: str, message: str, *, step: int | None = None,
+              suggestion: str | None = None) -> None:
+        self.events.append({"training": self.run.id, "level": level, "code": code, "message": message,
+                            "step": step, "suggestion": suggestion, "created_at": utcnow()})
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.rows and not self.events:
+            return
+        with database.atomic():
+            if self.rows:
+                MetricPoint.insert_many(self.rows).execute()
+                last = self.rows[-1]
+                Training.update(step=last["step"], tokens_seen=last["tokens"]).where(
+                    Training.id == self.run.id).execute()
+            if self.events:
+                Event.insert_many(self.events).execute()
+        self.rows, self.events = [], []
+        self.last_flush = time.monotonic()
+
+
+class CancelPoller:
+    """Reads the run's cancel flag from the database at most every ``interval_s``."""
+
+    def __init__(self, run_id: int, interval_s: float = 0.5) -> None:
+        self.run_id, self.interval_s = run_id, interval_s
+        self.next_check = 0.0
+
+    def __call__(self) -> str | None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return None
+        self.next_check = now + self.interval_s
+        flag = Training.select(Training.cancel_requested).where(Training.id == self.run_id).scalar()
+        return "Cancelled by the user." if flag else None
+
+
+def _finish(run_id: int, **fields) -> None:
+    Training.update(finished_at=utcnow(), **fields).where(Training.id == run_id).execute()
+
+
+def run_training(training_id: int) -> str:
+    """Train the SAE of one ``Training`` row; return its final status."""
+    settings = _connect()
+    run = Training.get_by_id(training_id)
+    claimed = (Training.update(status="running", started_at=utcnow())
+               .where((Training.id == run.id) & (Training.status == "queued")).execute())
+    if not claimed:  # cancelled while it waited in the queue
+        return run.status
+    writer = MetricWriter(run)
+    try:
+        from .sae.trainer import train
+
+        source = build_source(run.source, settings["DATA_DIR"])
+        cfg = train_config(run, settings["SAE_DEVICE"])
+        monitor = RuntimeMonitor(architecture=run.architecture, latent_dim=run.latent_dim,
+                                 target_l0=run.target_l0, warmup_steps=max(run.l1_warmup_steps, run.lr_warmup_steps))
+
+        def on_start(info: dict) -> None:
+            Training.update(device=info["device"], norm_scale=info["norm_scale"]).where(
+                Training.id == run.id).execute()
+            writer.event("info", "started", f"Training on {info['device']}; activations scaled by "
+                                            f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']}).")
+
+        def on_log(point) -> None:
+            writer.add(point)
+            for finding in monitor.observe(point):
+                writer.event(finding.level, finding.code, finding.message, step=point.step,
+                             suggestion=finding.suggestion)
+
+        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=CancelPoller(run.id))
+        writer.flush()
+        checkpoint = _save_checkpoint(sae, run, result, settings["DATA_DIR"])
+        summary = {**result.eval, "checkpoint": checkpoint}
+        if result.status == "completed":
+            _finish(run.id, status="completed", summary=summary, step=result.steps, tokens_seen=result.tokens)
+            writer.event("info", "completed", "Training completed.", step=result.steps)
+        else:
+            _finish(run.id, status="cancelled", reason=result.reason, summary=summary, step=result.steps,
+                    tokens_seen=result.tokens)
+            writer.event("info", "cancelled", result.reason or "Stopped.", step=result.steps)
+        return Training.get_by_id(run.id).status
+    except Exception as exc:  # noqa: BLE001 - every failure ends on the row, then RQ sees it too
+        step = getattr(exc, "step", None)
+        if step is None:
+            step = Training.get_by_id(run.id).step
+        if "NonFiniteLoss" in type(exc).__name__:
+            reason = f"The loss became NaN or Inf at step {step}; the last good metrics are kept. " \
+                     "Lower the learning rate."
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        try:
+            writer.flush()
+        except Exception:  # noqa: BLE001 - the failure below matters more than buffered points
+            pass
+        _finish(run.id, status="failed", reason=reason, failed_step=step)
+        Event.create(training=run.id, step=step, level="error", code="failed", message=reason,
+                     suggestion=None)
+        traceback.print_exc()
+        raise
+    finally:
+        database.close()
+
+
+def _save_checkpoint(sae, run: Training, result, data_dir: str) -> str:
+    """Save the SAE's weights (normalized space) and what is needed to use them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(data_dir) / "runs" / str(run.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "sae.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "sae.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({
+        **run.config_dict(), "d_in": sae.d_in, "norm_scale": result.norm_scale, "steps_trained": result.steps}, indent=2))
+    return str((folder / "sae.safetensors").relative_to(data_dir))

@@ -1,0 +1,171 @@
+"""Peewee models: the durable record of runs, their metric points and events.
+
+The database row is the truth about a run; Redis only carries the job.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from peewee import (
+    BooleanField, CharField, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model,
+    TextField,
+)
+
+from .db import database
+
+STATUSES = ("queued", "running", "completed", "failed", "cancelled", "stopped_early")
+ACTIVE_STATUSES = ("queued", "running")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class JSONField(TextField):
+    def db_value(self, value):
+        return None if value is None else json.dumps(value)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+
+
+class ActivationSet(BaseModel):
+    """Where training activations come from: a synthetic generator or a file on disk."""
+
+    name = CharField()
+    kind = CharField()  # "synthetic" or "file"
+    d_in = IntegerField()
+    n_tokens = IntegerField(null=True)  # None: an unbounded stream
+    params = JSONField(default=dict)  # synthetic: n_features, mean_active, seed; file: array info
+    path = CharField(null=True)  # relative to DATA_DIR
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "activation_set"
+
+    def describe(self) -> str:
+        tokens = "unbounded stream" if self.n_tokens is None else f"{self.n_tokens:,} tokens"
+        return f"{self.name} (d_in {self.d_in}, {tokens})"
+
+
+class Training(BaseModel):
+    """One SAE training run: its configuration, its state and its outcome."""
+
+    name = CharField(default="")
+    source = ForeignKeyField(ActivationSet, backref="trainings", on_delete="RESTRICT")
+    architecture = CharField()
+    latent_dim = IntegerField()
+    l1_alpha = FloatField(null=True)  # the sparsity penalty; null only for TopK
+    k = IntegerField(null=True)  # TopK only
+    learning_rate = FloatField()
+    batch_size = IntegerField()
+    total_steps = IntegerField()
+    lr_warmup_steps = IntegerField()
+    l1_warmup_steps = IntegerField()
+    target_l0 = FloatField()  # a fraction of latent_dim
+    seed = IntegerField()
+    log_every = IntegerField(default=20)
+    dead_window_tokens = IntegerField(default=200_000)
+
+    status = CharField(default="queued", index=True)
+    reason = TextField(null=True)  # why it failed, stopped or was cancelled
+    failed_step = IntegerField(null=True)
+    cancel_requested = BooleanField(default=False)
+    rq_job_id = CharField(null=True)
+    device = CharField(null=True)
+    norm_scale = FloatField(null=True)  # c with E‖c·x‖² = d_in
+    step = IntegerField(default=0)
+    tokens_seen = IntegerField(default=0)
+    summary = JSONField(null=True)  # final evaluation on held-out activations
+    created_at = DateTimeField(default=utcnow)
+    started_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "training"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    @property
+    def target_l0_count(self) -> float:
+        return self.target_l0 * self.latent_dim
+
+    def config_dict(self) -> dict:
+        """The run's configuration under the form's field names (accepted back by the API)."""
+        return {
+            "name": self.name, "source_id": self.source_id, "architecture": self.architecture,
+            "latent_dim": self.latent_dim, "l1_alpha": self.l1_alpha, "k": self.k,
+            "learning_rate": self.learning_rate, "batch_size": self.batch_size,
+            "total_steps": self.total_steps, "lr_warmup_steps": self.lr_warmup_steps,
+            "l1_warmup_steps": self.l1_warmup_steps, "target_l0": self.target_l0,
+            "seed": self.seed, "log_every": self.log_every,
+            "dead_window_tokens": self.dead_window_tokens,
+        }
+
+    def latest_metric(self):
+        return self.metrics.order_by(MetricPoint.step.desc()).first()
+
+
+class MetricPoint(BaseModel):
+    """Metrics logged at one step; means over the tokens since the previous point."""
+
+    training = ForeignKeyField(Training, backref="metrics", on_delete="CASCADE")
+    step = IntegerField()
+    tokens = IntegerField()
+    loss = FloatField()
+    mse = FloatField()
+    sparsity_loss = FloatField()
+    l1 = FloatField()
+    l0 = FloatField()
+    l0_fraction = FloatField()
+    fvu = FloatField()
+    dead = IntegerField(null=True)
+    lr = FloatField()
+    l1_alpha = FloatField()
+    tokens_per_s = FloatField()
+
+    class Meta:
+        table_name = "metric_point"
+        indexes = ((("training", "step"), True),)
+
+    @property
+    def explained_variance(self) -> float:
+        return 1.0 - self.fvu
+
+
+class Event(BaseModel):
+    """Something a user should see on the run: a warning, an error, a milestone."""
+
+    training = ForeignKeyField(Training, backref="events", on_delete="CASCADE")
+    step = IntegerField(null=True)
+    level = CharField()  # "info", "warning" or "error"
+    code = CharField(default="")
+    message = TextField()
+    suggestion = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "event"
+
+
+ALL_MODELS = [ActivationSet, Training, MetricPoint, Event]
+
+DEFAULT_SYNTHETIC = {
+    "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",
+    "d_in": 256, "n_features": 512, "mean_active": 5.0, "seed": 0,
+}
+
+
+def seed_default_sources() -> None:
+    """The embedded default source, so a first training needs nothing downloaded."""
+    spec = dict(DEFAULT_SYNTHETIC)
+    ActivationSet.create(
+        name=spec.pop("name"), kind="synthetic", d_in=spec.pop("d_in"), n_tokens=None, params=spec)

@@ -1,0 +1,120 @@
+"""Metric definitions, one meaning each (DESIGN.md), used by trainer, tests and benchmarks.
+
+- L0: mean number of active latents (f > 0) per token; L0 fraction = L0 / latent_dim.
+- FVU: Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean over the evaluated set; explained variance = 1 − FVU.
+- Dead latent: did not fire in the last ``dead_window_tokens`` tokens; unknown before that
+  many tokens have been seen.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def l0_per_token(f: torch.Tensor) -> torch.Tensor:
+    """Number of active latents for each token (a float tensor of shape [batch])."""
+    return (f > 0).sum(dim=-1, dtype=torch.float32)
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained over the rows of ``x`` (0-d tensor)."""
+    err = (x - x_hat).pow(2).sum()
+    var = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+    return err / var.clamp_min(torch.finfo(var.dtype).tiny)
+
+
+class DeadLatentTracker:
+    """Counts, per latent, the tokens seen since it last fired. Stays on the device."""
+
+    def __init__(self, d_sae: int, window_tokens: int, device: torch.device | str) -> None:
+        self.window_tokens = window_tokens
+        self.tokens_seen = 0
+        self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+
+    def update(self, f: torch.Tensor) -> None:
+        fired = (f > 0).any(dim=0)
+        self.since_fired += f.shape[0]
+        self.since_fired.masked_fill_(fired, 0)
+        self.tokens_seen += f.shape[0]
+
+    def dead_mask(self) -> torch.Tensor:
+        """Latents silent for a whole window (all False until a window has been seen)."""
+        return self.since_fired >= self.window_tokens
+
+    @property
+    def known(self) -> bool:
+        return self.tokens_seen >= self.window_tokens
+
+    def dead_count(self) -> torch.Tensor:
+        return self.dead_mask().sum()
+
+
+class WindowAccumulator:
+    """Sums per-step quantities as device tensors; read once per logging step.
+
+    Keeping the sums on the device avoids a host-device sync on every step.
+    """
+
+    KEYS = ("loss", "mse", "sparsity", "l1", "l0", "err", "var")
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=self.device)
+        self.steps = 0
+        self.tokens = 0
+
+    def add(self, *, loss, mse, sparsity, l1, f, x, x_hat) -> None:
+        with torch.no_grad():
+            n = x.shape[0]
+            row = torch.stack([
+                loss.detach() * n, mse.detach() * n, sparsity.detach() * n, l1.detach() * n,
+                l0_per_token(f).sum(),
+                (x - x_hat).pow(2).sum(),
+                (x - x.mean(dim=0, keepdim=True)).pow(2).sum(),
+            ]).to(torch.float64)
+            self.sums += row
+        self.steps += 1
+        self.tokens += n
+
+    def read(self) -> dict[str, float]:
+        """Means per token over the window, and the window's FVU (batch means as x̄)."""
+        s = dict(zip(self.KEYS, self.sums.tolist()))
+        n = max(self.tokens, 1)
+        return {
+            "loss": s["loss"] / n, "mse": s["mse"] / n, "sparsity_loss": s["sparsity"] / n,
+            "l1": s["l1"] / n, "l0": s["l0"] / n,
+            "fvu": s["err"] / s["var"] if s["var"] > 0 else math.nan,
+        }
+
+
+@torch.no_grad()
+def evaluate(sae, x: torch.Tensor, *, batch_size: int = 4096) -> dict[str, float]:
+    """L0, FVU and firing statistics of ``sae`` on the normalized rows ``x``."""
+    err = torch.zeros((), dtype=torch.float64, device=x.device)
+    l0_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=x.device)
+    mean = x.mean(dim=0, keepdim=True)
+    var = (x - mean).pow(2).sum().to(torch.float64)
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size]
+        x_hat, f = sae(xb)
+        err += (xb - x_hat).pow(2).sum()
+        l0_sum += l0_per_token(f).sum()
+        fired += (f > 0).sum(dim=0)
+    n = x.shape[0]
+    frequency = (fired.to(torch.float64) / n)
+    fvu_value = (err / var).item() if var.item() > 0 else math.nan
+    l0 = l0_sum.item() / n
+    return {
+        "l0": l0,
+        "l0_fraction": l0 / sae.d_sae,
+        "fvu": fvu_value,
+        "explained_variance": 1.0 - fvu_value,
+        "eval_tokens": n,
+        "never_fired": int((fired == 0).sum().item()),
+        "dense_latents": int((frequency > 0.1).sum().item()),
+    }

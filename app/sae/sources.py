@@ -1,0 +1,135 @@
+"""Activation sources behind one interface.
+
+A source knows its width ``d_in`` and how many distinct training tokens it holds
+(``None`` for an unbounded stream), yields shuffled batches of raw activations, and hands
+out a fixed sample (for the normalization estimate) and a held-out evaluation set.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .files import ArrayInfo, holdout_rows, open_array
+
+
+class ActivationSource:
+    """Interface. ``batches`` yields raw float32 tensors of shape [batch_size, d_in]."""
+
+    d_in: int
+    n_tokens: int | None
+
+    def batches(self, batch_size: int, *, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def sample(self, n: int, *, device: torch.device) -> torch.Tensor:
+        """Up to ``n`` training rows, the same ones every call (for the normalization)."""
+        raise NotImplementedError
+
+    def eval_rows(self, n: int, *, device: torch.device) -> torch.Tensor:
+        """Up to ``n`` rows never used for training."""
+        raise NotImplementedError
+
+
+class SyntheticSource(ActivationSource):
+    """Activations built from known ground-truth features, for tests and the default run.
+
+    ``n_features`` unit directions in ``d_in`` (random, fixed by ``seed``); each token
+    activates on average ``mean_active`` of them, chosen uniformly, each with an
+    exponentially distributed non-negative coefficient (mean 1). The token is the
+    coefficient-weighted sum of its active directions.
+    """
+
+    n_tokens = None
+
+    def __init__(self, d_in: int, n_features: int, mean_active: float, seed: int = 0) -> None:
+        if d_in < 1 or n_features < 1:
+            raise ValueError("d_in and n_features must be positive")
+        if not 0 < mean_active <= n_features:
+            raise ValueError("mean_active must lie in (0, n_features]")
+        self.d_in, self.n_features, self.mean_active, self.seed = d_in, n_features, mean_active, seed
+        g = torch.Generator().manual_seed(seed)
+        directions = torch.randn(n_features, d_in, generator=g)
+        self.features = directions / directions.norm(dim=1, keepdim=True)
+        self.slots = min(n_features, max(4, math.ceil(3 * mean_active)))
+        if mean_active > self.slots:
+            raise ValueError("mean_active is too close to n_features for this generator")
+
+    def _generate(self, n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+        # Each token gets ``slots`` uniformly drawn candidate features, each kept with
+        # probability mean_active / slots: the active count is Binomial (≈ Poisson) with
+        # the requested mean, and the work is O(n · slots · d_in) with no host sync.
+        features = self.features.to(device)
+        index = torch.randint(self.n_features, (n, self.slots), generator=g, device=device)
+        keep = torch.rand(n, self.slots, generator=g, device=device) < self.mean_active / self.slots
+        coeff = torch.empty(n, self.slots, device=device).exponential_(1.0, generator=g) * keep
+        return torch.einsum("ns,nsd->nd", coeff, features[index])
+
+    def _generator(self, seed: int, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def batches(self, batch_size, *, seed, device):
+        g = self._generator(seed * 1_000_003 + self.seed, device)
+        while True:
+            yield self._generate(batch_size, g, device)
+
+    def sample(self, n, *, device):
+        return self._generate(n, self._generator(self.seed + 17, device), device)
+
+    def eval_rows(self, n, *, device):
+        return self._generate(n, self._generator(self.seed + 29, device), device)
+
+
+class ArraySource(ActivationSource):
+    """A 2-D float array on disk (rows = tokens), read memory-mapped.
+
+    The last rows (``holdout_rows``) are kept out of training for evaluation; a file too
+    small to spare any is evaluated on a fixed sample of its training rows. Batches are drawn
+    without replacement from a fresh permutation each epoch; the rows of one batch are
+    read in ascending order so the page cache sees a forward scan.
+    """
+
+    def __init__(self, path: Path | str, info: ArrayInfo) -> None:
+        self.path, self.info = Path(path), info
+        self.array = open_array(self.path, info)
+        self.d_in = info.d_in
+        holdout = holdout_rows(info.rows)
+        self.n_tokens = info.rows - holdout
+        self.holdout = holdout
+
+    def _rows(self, index: np.ndarray, device: torch.device) -> torch.Tensor:
+        rows = torch.from_numpy(np.asarray(self.array[np.sort(index)], dtype=np.float32))
+        if device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(device, non_blocking=True)
+
+    def batches(self, batch_size, *, seed, device):
+        if batch_size > self.n_tokens:
+            raise ValueError(f"batch size {batch_size} exceeds the {self.n_tokens} training rows")
+        g = np.random.default_rng(seed)
+        while True:
+            order = g.permutation(self.n_tokens)
+            for start in range(0, self.n_tokens - batch_size + 1, batch_size):
+                yield self._rows(order[start:start + batch_size], device)
+
+    def sample(self, n, *, device):
+        g = np.random.default_rng(12345)
+        index = g.choice(self.n_tokens, size=min(n, self.n_tokens), replace=False)
+        return self._rows(index, device)
+
+    def eval_rows(self, n, *, device):
+        if self.holdout == 0:
+            return self.sample(n, device=device)
+        start = self.info.rows - self.holdout
+        return self._rows(np.arange(start, start + min(n, self.holdout)), device)
+
+
+def normalization_scale(sample: torch.Tensor) -> float:
+    """The scalar ``c`` with ``E‖c·x‖² = d_in`` on ``sample`` (DESIGN.md)."""
+    mean_sq = sample.double().pow(2).sum(dim=1).mean().item()
+    if not math.isfinite(mean_sq) or mean_sq <= 0:
+        raise ValueError("the activations have zero or non-finite norm; cannot normalize")
+    return math.sqrt(sample.shape[1] / mean_sq)

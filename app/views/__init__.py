@@ -1,0 +1,1 @@
+"""Blueprints: thin views that parse, call and render."""

@@ -1,0 +1,87 @@
+"""The JSON API for scripts: the same form validation as the HTML form."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, request, url_for
+
+from ..forms import TrainingForm, json_to_formdata
+from ..jobqueue import request_cancel
+from ..models import Event, MetricPoint, Training
+from .formatting import progress_view
+from .pages import create_training, get_training_or_404, refresh_from_queue
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+METRIC_FIELDS = ("step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead",
+                 "lr", "l1_alpha", "tokens_per_s")
+
+
+def metric_dict(point: MetricPoint) -> dict:
+    return {name: getattr(point, name) for name in METRIC_FIELDS}
+
+
+def training_dict(run: Training) -> dict:
+    latest = run.latest_metric()
+    view = progress_view(run, latest)
+    return {
+        "id": run.id, "url": url_for("pages.detail", training_id=run.id, _external=True),
+        "status": run.status, "reason": run.reason, "failed_step": run.failed_step,
+        "step": run.step, "total_steps": run.total_steps, "tokens_seen": run.tokens_seen,
+        "config": run.config_dict(), "device": run.device, "norm_scale": run.norm_scale,
+        "latest_metrics": metric_dict(latest) if latest else None,
+        "quality_grade": view["grade"], "summary": run.summary,
+        "created_at": run.created_at.isoformat() + "Z",
+        "started_at": run.started_at.isoformat() + "Z" if run.started_at else None,
+        "finished_at": run.finished_at.isoformat() + "Z" if run.finished_at else None,
+        "events": [{"step": e.step, "level": e.level, "code": e.code, "message": e.message,
+                    "suggestion": e.suggestion} for e in run.events.order_by(Event.id)],
+    }
+
+
+@bp.post("/trainings")
+def create():
+    payload = request.get_json(silent=True)
+    if payload is None:
+        return {"errors": {"_body": ["Send the training's fields as a JSON object (Content-Type: application/json)."]}}, 422
+    formdata, errors = json_to_formdata(payload)
+    if formdata is None:
+        return {"errors": errors}, 422
+    form = TrainingForm(formdata=formdata, meta={"csrf": False})
+    valid = form.validate()
+    # The mapping's message (null, wrong type, unknown) is the precise one for its field.
+    for name, messages in form.errors.items():
+        if name not in errors:
+            errors[name] = list(messages)
+    if errors or not valid:
+        return {"errors": errors}, 422
+    run = create_training(form)
+    return {"id": run.id, "status": run.status, "reason": run.reason,
+            "url": url_for("pages.detail", training_id=run.id, _external=True)}, 201
+
+
+@bp.get("/trainings")
+def list_trainings():
+    return {"trainings": [training_dict(refresh_from_queue(r)[0]) for r in Training.select().order_by(Training.id.desc())]}
+
+
+@bp.get("/trainings/<int:training_id>")
+def show(training_id: int):
+    run, _ = refresh_from_queue(get_training_or_404(training_id))
+    return training_dict(run)
+
+
+@bp.get("/trainings/<int:training_id>/metrics")
+def metrics(training_id: int):
+    run = get_training_or_404(training_id)
+    since = request.args.get("since", type=int, default=0)
+    points = run.metrics.where(MetricPoint.step > since).order_by(MetricPoint.step)
+    return {"id": run.id, "latent_dim": run.latent_dim, "points": [metric_dict(p) for p in points]}
+
+
+@bp.post("/trainings/<int:training_id>/cancel")
+def cancel(training_id: int):
+    run = get_training_or_404(training_id)
+    if not run.is_active:
+        return {"id": run.id, "status": run.status, "error": f"The run has already ended ({run.status})."}, 409
+    request_cancel(run, current_app.config)
+    run = Training.get_by_id(run.id)
+    return {"id": run.id, "status": run.status, "cancel_requested": run.cancel_requested}, 202

@@ -1,0 +1,65 @@
+"""Template filters and helpers shared by pages and fragments."""
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+from ..models import utcnow
+from ..quality import GRADE_LABELS, format_l0, format_target, grade
+
+
+def fmt_num(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+def progress_view(run, latest) -> dict:
+    """Everything the progress fragment shows, computed once."""
+    step = run.step
+    elapsed = eta = None
+    if run.started_at:
+        end = run.finished_at or utcnow()
+        elapsed = (end - run.started_at).total_seconds()
+        if run.is_active and step > 0:
+            eta = elapsed / step * (run.total_steps - step)
+    summary = run.summary or {}
+    if summary.get("l0") is not None:
+        l0, l0_fraction, fvu, dead = summary["l0"], summary["l0_fraction"], summary["fvu"], summary.get("dead")
+        measured_on = "held-out evaluation"
+    elif latest is not None:
+        l0, l0_fraction, fvu, dead = latest.l0, latest.l0_fraction, latest.fvu, latest.dead
+        measured_on = f"training, step {latest.step:,}"
+    else:
+        l0 = l0_fraction = fvu = dead = None
+        measured_on = None
+    g = grade(l0_fraction, dead, run.latent_dim)
+    return {
+        "percent": 100.0 * step / run.total_steps if run.total_steps else 0.0,
+        "elapsed": elapsed, "eta": eta, "grade": g, "grade_label": GRADE_LABELS[g],
+        "l0_text": format_l0(l0, run.latent_dim) if l0 is not None else "L0 not measured yet",
+        "target_text": format_target(run.target_l0, run.latent_dim),
+        "l0": l0, "l0_fraction": l0_fraction, "fvu": fvu, "dead": dead, "measured_on": measured_on,
+    }
+
+
+def register_filters(app) -> None:
+    app.jinja_env.filters["num"] = fmt_num
+    app.jinja_env.filters["duration"] = fmt_duration
+    app.jinja_env.globals["GRADE_LABELS"] = GRADE_LABELS
+    app.jinja_env.globals["now"] = lambda: dt.datetime.now()

@@ -1,0 +1,130 @@
+"""HTML pages and htmx fragments for trainings."""
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
+from redis.exceptions import RedisError
+
+from .. import charts
+from ..db import database
+from ..forms import TrainingForm
+from ..jobqueue import enqueue_training, reconcile, request_cancel
+from ..models import Event, MetricPoint, Training, utcnow
+from .formatting import progress_view
+
+bp = Blueprint("pages", __name__)
+
+
+def get_training_or_404(training_id: int) -> Training:
+    run = Training.get_or_none(Training.id == training_id)
+    if run is None:
+        abort(404, description=f"There is no training #{training_id}.")
+    return run
+
+
+def refresh_from_queue(run: Training) -> tuple[Training, str | None]:
+    """Catch runs whose worker died; return the row and a note if the queue is unreachable."""
+    if not run.is_active:
+        return run, None
+    try:
+        if reconcile(run, current_app.config):
+            run = Training.get_by_id(run.id)
+    except RedisError as exc:
+        return run, f"The job queue (Redis) is unreachable: {exc}. Progress shown is what the database holds."
+    return run, None
+
+
+def create_training(form: TrainingForm) -> Training:
+    """Store a validated form as a queued run and enqueue it.
+
+    If the queue cannot be reached the run is kept, marked failed with the reason.
+    """
+    with database.atomic():
+        run = Training.create(**form.training_fields(), status="queued")
+    try:
+        enqueue_training(run, current_app.config)
+    except RedisError as exc:
+        reason = f"Could not reach the job queue at {current_app.config['REDIS_URL']}: {exc}. Is the worker's Redis running?"
+        Training.update(status="failed", reason=reason, finished_at=utcnow()).where(Training.id == run.id).execute()
+        Event.create(training=run, level="error", code="enqueue", message=reason)
+    return Training.get_by_id(run.id)
+
+
+@bp.get("/")
+def index():
+    runs = list(Training.select().order_by(Training.id.desc()))
+    rows = []
+    for run in runs:
+        run, _ = refresh_from_queue(run)
+        rows.append((run, progress_view(run, run.latest_metric())))
+    return render_template("index.html", rows=rows)
+
+
+@bp.get("/trainings/new")
+def new_training():
+    form = TrainingForm()
+    source_run = None
+    if request.args.get("from", "").isdigit():
+        source_run = Training.get_or_none(Training.id == int(request.args["from"]))
+        if source_run is not None:
+            form = TrainingForm(data={k: v for k, v in source_run.config_dict().items() if v is not None})
+    return render_template("training_form.html", form=form, source_run=source_run)
+
+
+@bp.post("/trainings")
+def create():
+    form = TrainingForm()
+    if not form.validate_on_submit():
+        return render_template("training_form.html", form=form, source_run=None), 422
+    run = create_training(form)
+    return redirect(url_for("pages.detail", training_id=run.id), code=303)
+
+
+@bp.post("/trainings/hints")
+def form_hints():
+    """Live help beside the form's fields (htmx, on every change)."""
+    form = TrainingForm()
+    form.validate()
+    return render_template("_partials/form_hints.html", form=form)
+
+
+@bp.get("/trainings/<int:training_id>")
+def detail(training_id: int):
+    run, queue_note = refresh_from_queue(get_training_or_404(training_id))
+    return render_template("training_detail.html", run=run, queue_note=queue_note, **progress_context(run))
+
+
+def progress_context(run: Training) -> dict:
+    metrics = list(run.metrics.order_by(MetricPoint.step))
+    latest = metrics[-1] if metrics else None
+    return {
+        "latest": latest,
+        "view": progress_view(run, latest),
+        "events": list(run.events.order_by(Event.id.desc()).limit(50)),
+        "l0_chart": charts.l0_chart(metrics, run.target_l0, run.total_steps),
+        "loss_chart": charts.loss_chart(metrics, run.total_steps),
+    }
+
+
+@bp.get("/trainings/<int:training_id>/progress")
+def progress(training_id: int):
+    """The live fragment. Its polling trigger is left out once the run has ended."""
+    run, queue_note = refresh_from_queue(get_training_or_404(training_id))
+    return render_template("_partials/progress.html", run=run, queue_note=queue_note, **progress_context(run))
+
+
+@bp.post("/trainings/<int:training_id>/cancel")
+def cancel(training_id: int):
+    run = get_training_or_404(training_id)
+    if run.is_active:
+        request_cancel(run, current_app.config)
+    run = Training.get_by_id(run.id)
+    if request.htmx:
+        return render_template("_partials/progress.html", run=run, queue_note=None, **progress_context(run))
+    return redirect(url_for("pages.detail", training_id=run.id), code=303)
+
+
+@bp.app_errorhandler(404)
+def not_found(error):
+    if request.path.startswith("/api/"):
+        return {"error": getattr(error, "description", "Not found.")}, 404
+    return render_template("error.html", title="Not found", message=error.description), 404

@@ -1,0 +1,142 @@
+"""Fixtures: a real Redis server on a free port, a real SQLite file, real worker processes.
+
+Modelled on flaskr's conftest (app / client / runner) and RQ's own suite (a real Redis,
+flushed around each test).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A redis-server of our own on a free port, for the whole session."""
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is not installed: run the tests through `make test`"
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("redis-server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def env(tmp_path, redis_client, redis_url, monkeypatch):
+    """The environment the web app and its worker processes share in one test."""
+    values = {
+        "DATA_DIR": str(tmp_path / "data"),
+        "REDIS_URL": redis_url,
+        "QUEUE_NAME": f"test-{os.getpid()}-{tmp_path.name}",
+        "SECRET_KEY": "test-secret",
+        "SAE_DEVICE": "cpu",
+        "DATABASE_URL": "",
+    }
+    values["DATABASE_URL"] = f"sqlite:///{tmp_path / 'data' / 'sae_studio.db'}"
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+@pytest.fixture
+def app(env):
+    from app import create_app
+
+    app = create_app({"TESTING": True, "WTF_CSRF_ENABLED": False, "SERVER_NAME": "localhost"})
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+def worker_env(env: dict) -> dict:
+    return {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+def run_worker(env):
+    """Run a real RQ worker process in burst mode until the queue is empty."""
+
+    def run(timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "worker.py"), "--burst"], cwd=ROOT, env=worker_env(env),
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def worker_process(env):
+    """A real RQ worker process running in the background for the whole test."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=ROOT, env=worker_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.1, message: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+# A configuration that trains in a few seconds on two CPU cores.
+QUICK_CONFIG = {
+    "name": "quick", "source_id": 1, "architecture": "standard", "latent_dim": 256, "l1_alpha": 0.003, "k": 16,
+    "learning_rate": 0.001, "batch_size": 256, "total_steps": 200, "lr_warmup_steps": 10, "l1_warmup_steps": 20,
+    "target_l0": 0.02, "seed": 0, "log_every": 10, "dead_window_tokens": 20_000,
+}
