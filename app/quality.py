@@ -5,6 +5,7 @@ Pure functions and small classes over plain numbers; no Flask, no database.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 GREEN_BELOW = 0.05
@@ -78,15 +79,19 @@ class RuntimeMonitor:
     readable on a long run.
     """
 
+    TREND_POINTS = 5  # log points over which "still falling" is judged
+
     def __init__(self, *, architecture: str, latent_dim: int, target_l0: float,
                  warmup_steps: int, repeat_every: int = 1000) -> None:
         self.architecture, self.latent_dim, self.target_l0 = architecture, latent_dim, target_l0
         self.warmup_steps, self.repeat_every = warmup_steps, repeat_every
         self._last_fired: dict[str, int] = {}
+        self._recent_l0: deque[float] = deque(maxlen=self.TREND_POINTS)
 
     def observe(self, point) -> list[Finding]:
         if point.step <= self.warmup_steps:
             return []
+        self._recent_l0.append(point.l0_fraction)
         findings = []
         for rule in (self._dense, self._dead):
             finding = rule(point)
@@ -100,6 +105,10 @@ class RuntimeMonitor:
 
     def _dense(self, point) -> Finding | None:
         if self.architecture != "standard" or point.l0_fraction <= DENSE_WARNING_ABOVE:
+            return None
+        # Right after the sparsity warm-up L0 is still high but falling fast; warn only
+        # once it has stopped falling (less than 10% lower than TREND_POINTS logs ago).
+        if len(self._recent_l0) < self.TREND_POINTS or point.l0_fraction < 0.9 * self._recent_l0[0]:
             return None
         suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, self.target_l0)
         return Finding(

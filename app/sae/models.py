@@ -134,6 +134,7 @@ class TopKSAE(SparseAutoencoder):
             f_aux = torch.zeros_like(pre).scatter_(-1, indices, values)
             residual = (x - x_hat).detach()
             aux = self.aux_coeff * (residual - f_aux @ self.W_dec).pow(2).sum(dim=-1).mean() / self.d_in
+            aux = aux * dead_mask.any()  # no dead latent: no aux term (and no reported loss)
         return LossParts(mse + aux, mse, aux, l1), x_hat, f
 
     def after_step(self) -> None:

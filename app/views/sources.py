@@ -22,8 +22,8 @@ MIN_ROWS = 1024  # one default-sized batch, and enough rows to hold some out for
 
 def render_sources(upload_form=None, synthetic_form=None, status=200):
     sources = list(ActivationSet.select().order_by(ActivationSet.id))
-    return render_template("sources.html", sources=sources, upload_form=upload_form or UploadForm(),
-                           synthetic_form=synthetic_form or SyntheticSourceForm(),
+    return render_template("sources.html", sources=sources, upload_form=upload_form or UploadForm(formdata=None),
+                           synthetic_form=synthetic_form or SyntheticSourceForm(formdata=None),
                            max_mb=current_app.config["MAX_UPLOAD_MB"]), status
 
 

@@ -1,0 +1,104 @@
+"""End to end in headless Chromium: the main flow as a new user walks it.
+
+Playwright drives Debian's chromium (never a browser of its own) against the real app
+served over HTTP, with a real worker process training the SAE.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+
+import pytest
+from werkzeug.serving import make_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture
+def live_server(env):
+    from app import create_app
+
+    app = create_app({"TESTING": True})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture
+def page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, "chromium is not installed: run the tests through `make test`"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.set_default_timeout(20_000)
+        yield page
+        browser.close()
+
+
+def test_new_user_trains_a_sparse_sae(live_server, worker_process, page, tmp_path):
+    page.goto(live_server + "/")
+    assert "No runs yet" in page.content()
+    page.get_by_role("link", name="New training", exact=True).first.click()
+    page.wait_for_url(re.compile(r"/trainings/new$"))
+    # The page loads htmx from our own static folder.
+    assert page.evaluate("typeof htmx") == "object"
+
+    page.fill("#latent_dim", "512")
+    page.fill("#target_l0", "0.03")
+    page.wait_for_selector("#target-count:has-text('15 active latents')")  # htmx hint follows the typing
+    page.fill("#batch_size", "256")
+    page.fill("#total_steps", "1200")
+    page.fill("#lr_warmup_steps", "10")
+    page.fill("#l1_warmup_steps", "100")
+    page.click("details.advanced summary")
+    page.fill("#log_every", "10")
+    page.fill("#l1_alpha", "0.5")  # a typo: far above the valid range
+    page.click("#start")
+
+    error = page.locator('.error[data-field="l1_alpha"]')
+    error.wait_for()
+    assert "at most 0.1" in error.inner_text()
+    assert page.locator('.error[data-field]').count() == 1  # only the field at fault
+    assert page.input_value("#total_steps") == "1200"  # the rest of the input is kept
+
+    page.fill("#l1_alpha", "0.003")
+    page.click("#start")
+    page.wait_for_url(re.compile(r"/trainings/\d+$"))
+    page.evaluate("window.__sameDocument = true")  # a full reload would drop this
+
+    seen_steps = set()
+
+    def step_now() -> int:
+        text = page.inner_text("#progress-text")
+        return int(re.search(r"Step ([\d,]+) of", text).group(1).replace(",", ""))
+
+    for _ in range(600):
+        status = page.get_attribute("#progress", "data-status")
+        seen_steps.add(step_now())
+        if status not in ("queued", "running"):
+            break
+        page.wait_for_timeout(100)
+    assert status == "completed", page.inner_text("#progress")
+    partial = sorted(s for s in seen_steps if 0 < s < 1200)
+    assert partial, f"the progress fragment never showed a step between start and end: {sorted(seen_steps)}"
+    assert page.evaluate("window.__sameDocument") is True
+
+    assert page.inner_text("#grade") == "Sparse"
+    assert re.search(r"L0 = [\d,]+ of 512 latents \(\d+\.\d%\) — target 3\.0% \(15 latents\)", page.inner_text("#l0-line"))
+    assert page.locator("#progress svg.chart path").count() >= 2
+    assert page.locator("#cancel").count() == 0
+    page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
+
+    # Polling has stopped: the fragment no longer carries a trigger.
+    assert page.get_attribute("#progress", "hx-trigger") is None
+    page.click("text=Runs")
+    assert page.locator("table.runs .badge.grade-green").count() == 1

@@ -1,0 +1,187 @@
+"""The ML core on its own: models, metrics, schedules, sources and the trainer."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from app.sae.metrics import DeadLatentTracker, evaluate, fvu, l0_per_token
+from app.sae.models import StandardSAE, TopKSAE, build_sae
+from app.sae.sources import ActivationSource, ArraySource, SyntheticSource, normalization_scale
+from app.sae.files import inspect_activation_file
+from app.sae.trainer import NonFiniteLoss, TrainConfig, l1_alpha_at, lr_factor, train
+
+# The review's two outcome tests, at a size that trains in well under a minute on 2 cores.
+OUTCOME_SOURCE = dict(d_in=256, n_features=512, mean_active=5, seed=0)
+OUTCOME_CONFIG = dict(latent_dim=1024, batch_size=512, total_steps=1000, lr_warmup_steps=50,
+                      l1_warmup_steps=100, log_every=100, device="cpu")
+
+
+@pytest.mark.slow
+def test_default_penalty_gives_sparse_features():
+    result, _ = train(SyntheticSource(**OUTCOME_SOURCE), TrainConfig(l1_alpha=0.003, **OUTCOME_CONFIG))
+    assert result.status == "completed"
+    assert result.eval["l0_fraction"] < 0.10, result.eval
+    assert result.eval["fvu"] < 0.2, result.eval
+
+
+@pytest.mark.slow
+def test_zero_penalty_gives_dense_features():
+    result, _ = train(SyntheticSource(**OUTCOME_SOURCE), TrainConfig(l1_alpha=0.0, **OUTCOME_CONFIG))
+    assert result.eval["l0_fraction"] > 0.30, result.eval
+
+
+def test_missing_penalty_is_never_defaulted():
+    with pytest.raises(ValueError, match="l1_alpha"):
+        TrainConfig(latent_dim=64, l1_alpha=None).check()
+    with pytest.raises(ValueError, match="l1_alpha"):
+        TrainConfig(latent_dim=64, l1_alpha=float("nan")).check()
+
+
+def test_standard_loss_matches_the_design_formula():
+    torch.manual_seed(0)
+    sae = StandardSAE(8, 32)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+        sae.b_dec.normal_()
+    x = torch.randn(5, 8)
+    parts, x_hat, f = sae.loss(x, l1_alpha=0.01)
+    f_ref = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    x_hat_ref = f_ref @ sae.W_dec + sae.b_dec
+    mse_ref = ((x - x_hat_ref) ** 2).sum(1).mean() / 8
+    l1_ref = (f_ref * sae.W_dec.norm(dim=1)).sum(1).mean()
+    assert torch.allclose(parts.mse, mse_ref) and torch.allclose(parts.l1, l1_ref)
+    assert torch.allclose(parts.total, mse_ref + 0.01 * l1_ref)
+
+
+def test_topk_keeps_exactly_k_latents():
+    sae = TopKSAE(16, 128, k=7)
+    f = sae.encode(torch.randn(64, 16) * 5)
+    assert (l0_per_token(f) <= 7).all() and l0_per_token(f).float().mean() > 6.5
+    assert (f >= 0).all()
+
+
+def test_topk_aux_loss_only_with_dead_latents():
+    sae = TopKSAE(16, 64, k=4)
+    x = torch.randn(32, 16)
+    none_dead, _, _ = sae.loss(x, dead_mask=torch.zeros(64, dtype=torch.bool))
+    some_dead, _, _ = sae.loss(x, dead_mask=torch.arange(64) >= 32)
+    assert none_dead.sparsity.item() == 0.0
+    assert some_dead.sparsity.item() > 0.0
+
+
+def test_fvu_and_l0_match_brute_force():
+    g = torch.Generator().manual_seed(1)
+    x, x_hat = torch.randn(100, 6, generator=g), torch.randn(100, 6, generator=g)
+    xn, xhn = x.double().numpy(), x_hat.double().numpy()
+    expected = ((xn - xhn) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
+    assert math.isclose(fvu(x, x_hat).item(), expected, rel_tol=1e-5)
+    f = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 0.1]])
+    assert l0_per_token(f).tolist() == [2.0, 0.0, 2.0]
+
+
+def test_dead_latents_unknown_until_a_window_is_seen():
+    tracker = DeadLatentTracker(3, window_tokens=10, device="cpu")
+    tracker.update(torch.tensor([[1.0, 0, 0]] * 4))
+    assert not tracker.known
+    tracker.update(torch.tensor([[0.0, 1.0, 0]] * 6))
+    assert tracker.known
+    assert tracker.dead_mask().tolist() == [False, False, True]  # latent 0 fired 6 tokens ago
+    tracker.update(torch.tensor([[0.0, 1.0, 0]] * 4))
+    assert tracker.dead_mask().tolist() == [True, False, True]  # latent 0 silent for 10 tokens
+
+
+def test_evaluate_reports_l0_and_fvu():
+    sae = StandardSAE(8, 16)
+    x = torch.randn(300, 8)
+    out = evaluate(sae, x, batch_size=64)
+    x_hat, f = sae(x)
+    assert math.isclose(out["l0"], l0_per_token(f).mean().item(), rel_tol=1e-6)
+    assert math.isclose(out["fvu"], fvu(x, x_hat).item(), rel_tol=1e-4)
+    assert out["l0_fraction"] == pytest.approx(out["l0"] / 16)
+
+
+def test_normalization_scale_gives_mean_squared_norm_d_in():
+    x = torch.randn(4000, 32) * 7 + 3
+    c = normalization_scale(x)
+    assert (c * x).pow(2).sum(1).mean().item() == pytest.approx(32, rel=1e-6)
+
+
+def test_schedules():
+    cfg = TrainConfig(latent_dim=8, l1_alpha=0.01, total_steps=100, lr_warmup_steps=10, l1_warmup_steps=20,
+                      lr_decay_fraction=0.2)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == 1.0 and lr_factor(50, cfg) == 1.0
+    assert lr_factor(80, cfg) == 1.0 and lr_factor(90, cfg) == pytest.approx(0.5) and lr_factor(99, cfg) > 0
+    assert l1_alpha_at(0, cfg, 0.01) == pytest.approx(0.0005)
+    assert l1_alpha_at(19, cfg, 0.01) == pytest.approx(0.01) and l1_alpha_at(60, cfg, 0.01) == 0.01
+
+
+def test_synthetic_source_has_the_requested_density():
+    src = SyntheticSource(d_in=32, n_features=100, mean_active=4, seed=3)
+    x = next(src.batches(4096, seed=0, device=torch.device("cpu")))
+    # Each active feature adds a unit direction with mean-1 coefficient: E‖x‖² ≈ mean_active·E[c²] = 4·2.
+    assert x.shape == (4096, 32)
+    assert x.pow(2).sum(1).mean().item() == pytest.approx(8, rel=0.15)
+    assert torch.equal(src.eval_rows(16, device=torch.device("cpu")), src.eval_rows(16, device=torch.device("cpu")))
+
+
+def test_trainer_logs_stops_and_is_seeded():
+    src = SyntheticSource(d_in=16, n_features=32, mean_active=3)
+    cfg = TrainConfig(latent_dim=64, l1_alpha=0.01, batch_size=64, total_steps=45, lr_warmup_steps=5,
+                      l1_warmup_steps=5, log_every=10, dead_window_tokens=1000, device="cpu")
+    points = []
+    result, _ = train(src, cfg, on_log=points.append)
+    assert [p.step for p in points] == [10, 20, 30, 40, 45]
+    assert points[0].dead is None and points[-1].dead is not None  # window of 1,000 tokens seen by step 16
+    assert result.status == "completed" and result.steps == 45 and result.tokens == 45 * 64
+    again = []
+    train(src, cfg, on_log=again.append)
+    assert [p.loss for p in again] == [p.loss for p in points]
+
+    calls = iter(range(1000))
+    stopped, _ = train(src, cfg, should_stop=lambda: "stop" if next(calls) == 12 else None)
+    assert stopped.status == "stopped" and stopped.steps == 12 and stopped.reason == "stop"
+
+
+class ExplodingSource(ActivationSource):
+    d_in, n_tokens = 8, None
+
+    def batches(self, batch_size, *, seed, device):
+        step = 0
+        while True:
+            step += 1
+            yield torch.full((batch_size, 8), float("nan")) if step > 15 else torch.randn(batch_size, 8)
+
+    def sample(self, n, *, device):
+        return torch.randn(n, 8)
+
+    eval_rows = sample
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_good_point():
+    cfg = TrainConfig(latent_dim=16, l1_alpha=0.01, batch_size=32, total_steps=100, log_every=10, device="cpu")
+    with pytest.raises(NonFiniteLoss) as info:
+        train(ExplodingSource(), cfg)
+    assert info.value.step == 20 and info.value.last.step == 10
+
+
+def test_array_source_reads_each_training_row_once_per_epoch(tmp_path):
+    rows = np.arange(2000 * 4, dtype=np.float32).reshape(2000, 4)
+    np.save(tmp_path / "a.npy", rows)
+    info = inspect_activation_file(tmp_path / "a.npy", min_rows=100, max_bytes=10**9)
+    src = ArraySource(tmp_path / "a.npy", info)
+    assert src.n_tokens == 1900 and src.holdout == 100
+    batches = src.batches(100, seed=0, device=torch.device("cpu"))
+    seen = torch.cat([next(batches) for _ in range(19)])[:, 0] / 4
+    assert sorted(seen.long().tolist()) == list(range(1900))
+    held = src.eval_rows(1000, device=torch.device("cpu"))[:, 0] / 4
+    assert held.long().tolist() == list(range(1900, 2000))
+
+
+def test_build_sae_refuses_unknown_architecture():
+    with pytest.raises(ValueError):
+        build_sae("gated", 4, 8)
+    with pytest.raises(ValueError):
+        build_sae("topk", 4, 8)
