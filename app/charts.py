@@ -122,3 +122,89 @@ def loss_chart(metrics, total_steps: int) -> Markup:
         Series("loss", [(m.step, m.loss) for m in metrics], "#7c3aed"),
         Series("MSE term", [(m.step, m.mse) for m in metrics], "#0891b2", dashed=True),
     ], log_y=True, x_max=total_steps)
+
+
+def l1_alpha_chart(metrics, total_steps: int) -> Markup:
+    """The sparsity penalty in force at each log point (it moves when steering is on)."""
+    return line_chart("l1_alpha (sparsity penalty), log scale",
+                      [Series("l1_alpha", [(m.step, m.l1_alpha) for m in metrics], "#db2777")],
+                      log_y=True, x_max=total_steps)
+
+
+def histogram_chart(hist: dict, *, width: int = 460, height: int = 200) -> Markup:
+    """Bars of latents per log10 firing-frequency bin; the never-fired count is noted apart."""
+    left, right, top, bottom = 44, 12, 26, 32
+    pw, ph = width - left - right, height - top - bottom
+    counts = hist["counts"]
+    peak = max(counts + [1])
+    bar_w = pw / len(counts)
+    title = f"Latent density on held-out tokens (never fired: {hist['never_fired']:,})"
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{escape(title)}"><text x="{left}" y="16" class="chart-title">{escape(title)}</text>']
+    for i, c in enumerate(counts):
+        h = ph * c / peak
+        lo = hist["low"] + i * hist["width"]
+        color = "#dc2626" if lo >= -1 else "#2563eb"  # above 10% of tokens: dense
+        parts.append(f'<rect x="{left + i * bar_w + 1:.1f}" y="{top + ph - h:.1f}" width="{bar_w - 2:.1f}" '
+                     f'height="{h:.1f}" fill="{color}"><title>10^{lo:g}–10^{lo + hist["width"]:g}: {c:,} latents'
+                     f'</title></rect>')
+    for exp in range(int(hist["low"]), 1):
+        x = left + (exp - hist["low"]) / (len(counts) * hist["width"]) * pw
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle" class="tick">1e{exp}</text>')
+    parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">firing frequency (log10)</text>')
+    parts.append(f'<text x="{left - 6}" y="{top + 8}" text-anchor="end" class="tick">{peak:,}</text>')
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/></svg>')
+    return Markup("".join(parts))
+
+
+PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"]
+
+
+def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, width: int = 560,
+                  height: int = 300) -> Markup:
+    """L0 fraction (log x) against FVU (y); ``points`` are (x, y, label, highlighted)."""
+    left, right, top, bottom = 52, 16, 26, 34
+    pw, ph = width - left - right, height - top - bottom
+    good = [(x, y, lab, hi) for x, y, lab, hi in points if x and x > 0 and y is not None and math.isfinite(y)]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{escape(title)}"><text x="{left}" y="16" class="chart-title">{escape(title)}</text>']
+    if not good:
+        parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" class="chart-empty">'
+                     'no completed runs yet</text></svg>')
+        return Markup("".join(parts))
+    lx = [math.log10(x) for x, *_ in good]
+    x_lo, x_hi = math.floor(min(lx + [math.log10(GREEN_BELOW)])), math.ceil(max(lx + [-0.5]))
+    y_hi = max(max(y for _, y, *_ in good) * 1.1, 0.05)
+
+    def sx(v):
+        return left + (math.log10(v) - x_lo) / (x_hi - x_lo) * pw
+
+    def sy(v):
+        return top + ph - v / y_hi * ph
+
+    for edge, color in ((GREEN_BELOW, "#16a34a"), (RED_ABOVE, "#dc2626")):
+        parts.append(f'<line x1="{sx(edge):.1f}" x2="{sx(edge):.1f}" y1="{top}" y2="{top + ph}" stroke="{color}" '
+                     'stroke-dasharray="4 3"/>')
+    for e in range(x_lo, x_hi + 1):
+        parts.append(f'<text x="{sx(10 ** e):.1f}" y="{top + ph + 14}" text-anchor="middle" class="tick">'
+                     f'{100 * 10 ** e:g}%</text>')
+    for t in _ticks(0, y_hi):
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{t:.3g}</text>')
+    parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">L0 fraction (log)</text>'
+                 f'<text x="{left - 40}" y="{top - 6}" class="tick">FVU</text>')
+    for x, y, label, highlighted in sorted(good, key=lambda p: p[3]):
+        color = "#dc2626" if highlighted else "#94a3b8"
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{5 if highlighted else 4}" fill="{color}" '
+                     f'opacity="0.85"><title>{escape(label)}: L0 {100 * x:.2f}%, FVU {y:.3f}</title></circle>')
+        if highlighted:
+            parts.append(f'<text x="{sx(x) + 7:.1f}" y="{sy(y) - 6:.1f}" class="tick">{escape(label)}</text>')
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/></svg>')
+    return Markup("".join(parts))
+
+
+def overlay_chart(title: str, runs: list[tuple[str, list[tuple[float, float]]]], *, log_y: bool = False,
+                  y_percent: bool = False) -> Markup:
+    """One line per run, colours from the palette in the order given."""
+    series = [Series(label, pts, PALETTE[i % len(PALETTE)]) for i, (label, pts) in enumerate(runs)]
+    return line_chart(title, series, log_y=log_y, y_min=None if log_y else 0, y_percent=y_percent)

@@ -5,8 +5,9 @@ writes. ``DATABASE_URL`` may point at PostgreSQL instead (``playhouse.db_url``).
 
 Migrations are an ordered list of functions; each runs once, in a transaction, and the
 number of the last one applied is kept in ``schema_version``. To change the schema,
-append a function (use ``playhouse.migrate`` for column changes); never edit one that
-has shipped.
+change the model and append a function (``add_column_if_missing`` for new columns:
+migration 1 creates tables from the current models, so a fresh database already has
+them); never edit one that has shipped.
 """
 from __future__ import annotations
 
@@ -50,7 +51,25 @@ def _migration_1_initial(db) -> None:
     models.seed_default_sources()
 
 
-MIGRATIONS: list[Callable] = [_migration_1_initial]
+def add_column_if_missing(db, table: str, name: str, field) -> None:
+    """Add a column unless it is there (a fresh database gets it from migration 1)."""
+    from playhouse.migrate import SchemaMigrator, migrate as run_migrations
+
+    if name not in {c.name for c in db.get_columns(table)}:
+        run_migrations(SchemaMigrator.from_database(db).add_column(table, name, field))
+
+
+def _migration_2_quality_control(db) -> None:
+    from peewee import BooleanField, CharField, FloatField, IntegerField
+
+    for name, field in (("early_stop", BooleanField(default=True)), ("early_stop_step", IntegerField(default=1000)),
+                        ("early_stop_l0", FloatField(default=0.20)), ("steer_l1_alpha", BooleanField(default=False)),
+                        ("dead_latent_remedy", CharField(default="none")),
+                        ("plateau_window", IntegerField(default=2000))):
+        add_column_if_missing(db, "training", name, field)
+
+
+MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control]
 
 
 def migrate() -> int:

@@ -5,7 +5,7 @@ import math
 
 from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
-from wtforms import FileField, FloatField, IntegerField, SelectChoice, SelectField, StringField
+from wtforms import BooleanField, FileField, FloatField, IntegerField, SelectChoice, SelectField, StringField
 from wtforms.validators import InputRequired, Length, NumberRange, Optional, StopValidation
 
 from .models import ActivationSet
@@ -100,9 +100,35 @@ class TrainingForm(FlaskForm):
         "Dead-latent window (tokens)", default=200_000, validators=[required(), Range(1_000, 1_000_000_000)],
         description="A latent that has not fired in this many tokens counts as dead.")
 
+    early_stop = BooleanField(
+        "Stop early if still dense", default=True,
+        description="End the run as 'stopped early' if L0 is still above the threshold at the given step.")
+    early_stop_step = IntegerField("Early-stop check at step", default=1000,
+                                   validators=[required(), Range(1, 10_000_000)])
+    early_stop_l0 = FloatField("Early-stop L0 threshold (fraction)", default=0.20,
+                               validators=[required(), Range(0, 1, min_exclusive=True)])
+    steer_l1_alpha = BooleanField(
+        "Steer l1_alpha to hit the target L0", default=False,
+        description="After the sparsity warm-up, adjust l1_alpha within its valid range so L0 settles at the "
+                    "target. The l1_alpha you set is the starting point.")
+    dead_latent_remedy = SelectField(
+        "Dead-latent remedy (standard SAE)",
+        choices=[SelectChoice("none", "None"),
+                 SelectChoice("resample", "Resample: point dead latents at badly reconstructed inputs")],
+        default="none", validators=[required()])
+    plateau_window = IntegerField(
+        "Plateau window (steps)", default=2000, validators=[required(), Range(10, 10_000_000)],
+        description="Warn when the loss has not improved for this many steps.")
+
     NUMERIC_FIELDS = ("latent_dim", "l1_alpha", "k", "learning_rate", "batch_size", "total_steps",
                       "lr_warmup_steps", "l1_warmup_steps", "target_l0", "seed", "log_every",
-                      "dead_window_tokens")
+                      "dead_window_tokens", "early_stop_step", "early_stop_l0", "plateau_window")
+    BOOLEAN_FIELDS = ("early_stop", "steer_l1_alpha")
+    # Settings a script may leave out of a JSON body: their defaults are safe. The
+    # hyperparameters (l1_alpha above all) must always be given.
+    API_DEFAULTED = ("name", "log_every", "dead_window_tokens", "early_stop_step", "early_stop_l0",
+                     "plateau_window", "dead_latent_remedy")
+    CHOICE_FIELDS = ("name", "source_id", "architecture", "dead_latent_remedy")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -130,12 +156,15 @@ class TrainingForm(FlaskForm):
 
     def training_fields(self) -> dict:
         """The validated values to store on a new Training row."""
-        data = {name: getattr(self, name).data for name in ("name", "source_id", "architecture", *self.NUMERIC_FIELDS)}
+        data = {name: getattr(self, name).data
+                for name in (*self.CHOICE_FIELDS, *self.NUMERIC_FIELDS, *self.BOOLEAN_FIELDS)}
         data["name"] = (data["name"] or "").strip()
         if data["architecture"] == "standard":
             data["k"] = None
         else:
             data["l1_alpha"] = None
+            data["steer_l1_alpha"] = False
+            data["dead_latent_remedy"] = "none"  # TopK always has AuxK
         return data
 
 
@@ -158,8 +187,18 @@ def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[
                 f"l1_alpha and its alias {alias} were both given with different values.")
         else:
             data["l1_alpha"] = value
-    known = set(TrainingForm.NUMERIC_FIELDS) | {"name", "source_id", "architecture"}
+    known = set(TrainingForm.NUMERIC_FIELDS) | set(TrainingForm.CHOICE_FIELDS)
     formdata = MultiDict()
+    for key in TrainingForm.API_DEFAULTED:
+        if key not in data:
+            data[key] = getattr(TrainingForm, key).kwargs.get("default", "")
+    for key in TrainingForm.BOOLEAN_FIELDS:
+        # A checkbox that is absent means False in HTML; in JSON an absent key keeps the default.
+        value = data.pop(key, getattr(TrainingForm, key).kwargs["default"])
+        if not isinstance(value, bool):
+            errors.setdefault(key, []).append("Must be true or false.")
+        elif value:
+            formdata[key] = "y"
     for key, value in data.items():
         if key not in known:
             errors.setdefault(key, []).append("Unknown field.")
@@ -186,7 +225,7 @@ NULL_MESSAGES = {
 }
 
 _INTEGER_FIELDS = {"latent_dim", "k", "batch_size", "total_steps", "lr_warmup_steps", "l1_warmup_steps",
-                   "seed", "log_every", "dead_window_tokens", "source_id"}
+                   "seed", "log_every", "dead_window_tokens", "source_id", "early_stop_step", "plateau_window"}
 
 
 class UploadForm(FlaskForm):

@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import load_settings
 from .db import database, open_database
 from .models import ActivationSet, Event, MetricPoint, Training, utcnow
-from .quality import RuntimeMonitor
+from .quality import RunSpec, RuntimeMonitor, density_histogram, verdict
 
 
 def _connect() -> dict:
@@ -46,7 +46,8 @@ def train_config(run: Training, device: str):
         latent_dim=run.latent_dim, architecture=run.architecture, l1_alpha=run.l1_alpha, k=run.k,
         learning_rate=run.learning_rate, batch_size=run.batch_size, total_steps=run.total_steps,
         lr_warmup_steps=run.lr_warmup_steps, l1_warmup_steps=run.l1_warmup_steps, seed=run.seed,
-        log_every=run.log_every, dead_window_tokens=run.dead_window_tokens, device=device)
+        log_every=run.log_every, dead_window_tokens=run.dead_window_tokens,
+        dead_latent_remedy=run.dead_latent_remedy, eval_tokens=16_384, device=device)
 
 
 class MetricWriter:
@@ -122,8 +123,16 @@ def run_training(training_id: int) -> str:
 
         source = build_source(run.source, settings["DATA_DIR"])
         cfg = train_config(run, settings["SAE_DEVICE"])
-        monitor = RuntimeMonitor(architecture=run.architecture, latent_dim=run.latent_dim,
-                                 target_l0=run.target_l0, warmup_steps=max(run.l1_warmup_steps, run.lr_warmup_steps))
+        monitor = RuntimeMonitor(RunSpec(
+            architecture=run.architecture, latent_dim=run.latent_dim, target_l0=run.target_l0,
+            warmup_steps=max(run.l1_warmup_steps, run.lr_warmup_steps), l1_warmup_steps=run.l1_warmup_steps,
+            early_stop=run.early_stop, early_stop_step=run.early_stop_step, early_stop_l0=run.early_stop_l0,
+            plateau_window=run.plateau_window, steering=run.steer_l1_alpha))
+        controller = None
+        if run.steer_l1_alpha and run.architecture == "standard":
+            from .sae.control import L0Controller
+
+            controller = L0Controller(target=run.target_l0, alpha=run.l1_alpha, start_step=run.l1_warmup_steps)
 
         def on_start(info: dict) -> None:
             Training.update(device=info["device"], norm_scale=info["norm_scale"]).where(
@@ -131,22 +140,32 @@ def run_training(training_id: int) -> str:
             writer.event("info", "started", f"Training on {info['device']}; activations scaled by "
                                             f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']}).")
 
-        def on_log(point) -> None:
+        def on_log(point) -> str | None:
             writer.add(point)
             for finding in monitor.observe(point):
                 writer.event(finding.level, finding.code, finding.message, step=point.step,
                              suggestion=finding.suggestion)
+            return monitor.stop.message if monitor.stop else None
 
-        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=CancelPoller(run.id))
+        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=CancelPoller(run.id),
+                            l1_alpha_control=controller)
         writer.flush()
         checkpoint = _save_checkpoint(sae, run, result, settings["DATA_DIR"])
-        summary = {**result.eval, "checkpoint": checkpoint}
+        summary = _summary(result, run, checkpoint)
+        done = {"summary": summary, "step": result.steps, "tokens_seen": result.tokens}
         if result.status == "completed":
-            _finish(run.id, status="completed", summary=summary, step=result.steps, tokens_seen=result.tokens)
-            writer.event("info", "completed", "Training completed.", step=result.steps)
+            _finish(run.id, status="completed", **done)
+            writer.event("info", "completed", f"Training completed. {summary['verdict']['headline']}",
+                         step=result.steps, suggestion=summary["verdict"]["advice"])
+        elif monitor.stop is not None:
+            stop = monitor.stop
+            reason = f"{stop.message} {stop.suggestion or ''}".strip()
+            if stop.stop == "failed":
+                _finish(run.id, status="failed", reason=reason, failed_step=result.steps, **done)
+            else:
+                _finish(run.id, status="stopped_early", reason=reason, **done)
         else:
-            _finish(run.id, status="cancelled", reason=result.reason, summary=summary, step=result.steps,
-                    tokens_seen=result.tokens)
+            _finish(run.id, status="cancelled", reason=result.reason, **done)
             writer.event("info", "cancelled", result.reason or "Stopped.", step=result.steps)
         return Training.get_by_id(run.id).status
     except Exception as exc:  # noqa: BLE001 - every failure ends on the row, then RQ sees it too
@@ -169,6 +188,17 @@ def run_training(training_id: int) -> str:
         raise
     finally:
         database.close()
+
+
+def _summary(result, run: Training, checkpoint: str) -> dict:
+    """The held-out evaluation, its density histogram and the verdict, as stored on the row."""
+    summary = {k: v for k, v in result.eval.items() if k != "frequencies"}
+    summary["density_histogram"] = density_histogram(result.eval["frequencies"])
+    summary["checkpoint"] = checkpoint
+    summary["final_l1_alpha"] = result.last.l1_alpha if result.last else run.l1_alpha
+    summary["verdict"] = verdict(summary, architecture=run.architecture, latent_dim=run.latent_dim,
+                                 target_l0=run.target_l0, l1_alpha=summary["final_l1_alpha"] or None)
+    return summary
 
 
 def _save_checkpoint(sae, run: Training, result, data_dir: str) -> str:

@@ -72,6 +72,12 @@ class Training(BaseModel):
     seed = IntegerField()
     log_every = IntegerField(default=20)
     dead_window_tokens = IntegerField(default=200_000)
+    early_stop = BooleanField(default=True)
+    early_stop_step = IntegerField(default=1000)
+    early_stop_l0 = FloatField(default=0.20)
+    steer_l1_alpha = BooleanField(default=False)
+    dead_latent_remedy = CharField(default="none")  # standard SAE: "none" or "resample"
+    plateau_window = IntegerField(default=2000)
 
     status = CharField(default="queued", index=True)
     reason = TextField(null=True)  # why it failed, stopped or was cancelled
@@ -107,7 +113,10 @@ class Training(BaseModel):
             "total_steps": self.total_steps, "lr_warmup_steps": self.lr_warmup_steps,
             "l1_warmup_steps": self.l1_warmup_steps, "target_l0": self.target_l0,
             "seed": self.seed, "log_every": self.log_every,
-            "dead_window_tokens": self.dead_window_tokens,
+            "dead_window_tokens": self.dead_window_tokens, "early_stop": self.early_stop,
+            "early_stop_step": self.early_stop_step, "early_stop_l0": self.early_stop_l0,
+            "steer_l1_alpha": self.steer_l1_alpha, "dead_latent_remedy": self.dead_latent_remedy,
+            "plateau_window": self.plateau_window,
         }
 
     def latest_metric(self):

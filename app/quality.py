@@ -1,17 +1,19 @@
-"""Grading and runtime rules: is this run sparse, and is it going wrong?
+"""Grading, runtime rules and the post-training verdict: is this run sparse, and is it going wrong?
 
-Pure functions and small classes over plain numbers; no Flask, no database.
+Pure functions and small classes over plain numbers; no Flask, no database, no torch.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 GREEN_BELOW = 0.05
 RED_ABOVE = 0.15
 DEAD_RED_FRACTION = 0.5
 DENSE_WARNING_ABOVE = 0.20
+DENSE_LATENT_FREQUENCY = 0.10  # a latent firing on more than 10% of tokens is "dense"
 L1_ALPHA_MIN_EXCLUSIVE = 1e-5
 L1_ALPHA_MAX = 0.1
 
@@ -64,63 +66,263 @@ def suggest_l1_alpha(current: float, observed_fraction: float, target_fraction: 
 
 @dataclass
 class Finding:
-    """A runtime observation to record on the run as an event."""
+    """A runtime observation to record on the run as an event.
+
+    ``stop`` is set when the run must end: "stopped_early" or "failed".
+    """
 
     level: str
     code: str
     message: str
     suggestion: str | None = None
+    stop: str | None = None
+
+
+@dataclass
+class RunSpec:
+    """What the rules need to know about the run."""
+
+    architecture: str
+    latent_dim: int
+    target_l0: float
+    warmup_steps: int
+    l1_warmup_steps: int = 0
+    early_stop: bool = True
+    early_stop_step: int = 1000
+    early_stop_l0: float = DENSE_WARNING_ABOVE
+    plateau_window: int = 2000
+    steering: bool = False
+
+
+@dataclass
+class History:
+    """The points seen after the warm-ups, and running facts about them."""
+
+    points: deque = field(default_factory=lambda: deque(maxlen=64))
+    best_loss: float = math.inf
+    best_loss_step: int = 0
+    min_loss: float = math.inf
+    early_stop_checked: bool = False
+
+    def ago(self, n: int):
+        """The point ``n`` log points before the latest (None if there are not that many)."""
+        return self.points[-1 - n] if len(self.points) > n else None
+
+
+Rule = Callable[[RunSpec, History, object], "Finding | None"]
+RULES: list[tuple[str, Rule]] = []
+TREND_POINTS = 5  # log points over which a trend is judged
+
+
+def rule(code: str):
+    """Register a runtime rule under ``code``. A rule sees the spec, the history and the new point."""
+
+    def register(fn: Rule) -> Rule:
+        RULES.append((code, fn))
+        return fn
+
+    return register
+
+
+@rule("dense")
+def dense_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """L0 above 0.20 and no longer falling fast (right after warm-up it is still dropping)."""
+    if spec.architecture != "standard" or point.l0_fraction <= DENSE_WARNING_ABOVE:
+        return None
+    before = history.ago(TREND_POINTS)
+    if before is None or point.l0_fraction < 0.9 * before.l0_fraction:
+        return None
+    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0)
+    return Finding(
+        "warning", "dense",
+        f"Features are dense: {format_l0(point.l0, spec.latent_dim)}, {format_target(spec.target_l0, spec.latent_dim)}.",
+        f"Increase l1_alpha (the sparsity penalty) from {point.l1_alpha:.3g} to about {suggestion:.3g}.")
+
+
+@rule("off_target")
+def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """L0 more than 3× or less than ⅓ of the target, once it has settled."""
+    if spec.architecture != "standard" or spec.steering:
+        return None
+    before = history.ago(TREND_POINTS)
+    if before is None or before.l0_fraction <= 0:
+        return None
+    settled = abs(math.log(max(point.l0_fraction, 1e-9) / before.l0_fraction)) < math.log(1.25)
+    ratio = point.l0_fraction / spec.target_l0
+    if not settled or 1 / 3 <= ratio <= 3:
+        return None
+    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0)
+    if ratio > 3:
+        return Finding("warning", "off_target",
+                       f"L0 is {ratio:.1f}× the target: {format_l0(point.l0, spec.latent_dim)}, "
+                       f"{format_target(spec.target_l0, spec.latent_dim)}.",
+                       f"Increase l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}, "
+                       "or switch on 'steer l1_alpha'.")
+    return Finding("warning", "off_target",
+                   f"L0 is only {ratio:.2f}× the target: {format_l0(point.l0, spec.latent_dim)}, "
+                   f"{format_target(spec.target_l0, spec.latent_dim)}.",
+                   f"Lower l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}, or switch on 'steer l1_alpha'.")
+
+
+@rule("dead")
+def dead_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """More than half the latents dead, with the trend."""
+    if point.dead is None or point.dead <= DEAD_RED_FRACTION * spec.latent_dim:
+        return None
+    before = history.ago(TREND_POINTS)
+    trend = ""
+    if before is not None and before.dead is not None:
+        change = point.dead - before.dead
+        trend = (f", up {change:,} in the last {point.step - before.step:,} steps" if change > 0 else
+                 f", down {-change:,} in the last {point.step - before.step:,} steps" if change < 0 else ", steady")
+    tip = ("Lower l1_alpha (the sparsity penalty) or switch on the dead-latent remedy."
+           if spec.architecture == "standard" else "Lower the learning rate or raise k.")
+    share = point.dead / spec.latent_dim
+    return Finding("warning", "dead", f"{point.dead:,} of {spec.latent_dim:,} latents ({share:.0%}) are dead{trend}.", tip)
+
+
+@rule("race_to_zero")
+def race_to_zero_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """L0 collapsing toward 0 while the reconstruction gets worse: the penalty wins."""
+    before = history.ago(TREND_POINTS)
+    if spec.architecture != "standard" or before is None or before.l0_fraction <= 0:
+        return None
+    collapsing = point.l0_fraction < 0.5 * before.l0_fraction and point.l0_fraction < spec.target_l0
+    worse = point.fvu > 1.1 * before.fvu and point.fvu > 0.05
+    if not (collapsing and worse):
+        return None
+    suggestion = clamp_l1_alpha(point.l1_alpha / 3)
+    return Finding("warning", "race_to_zero",
+                   f"L0 is collapsing ({100 * before.l0_fraction:.2f}% → {100 * point.l0_fraction:.2f}% of latents) "
+                   f"while the unexplained variance rises ({before.fvu:.3f} → {point.fvu:.3f}).",
+                   f"The sparsity penalty is too strong: lower l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}.")
+
+
+@rule("exploding")
+def exploding_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """The optimizer has diverged: stops the run.
+
+    In normalized space reconstructing every token as 0 costs an MSE term of 1, so an MSE
+    above 2 that is also 10× the best loss is divergence, not a penalty being raised.
+    """
+    if not math.isfinite(history.min_loss) or point.mse <= 2.0 or point.loss <= 10 * history.min_loss:
+        return None
+    return Finding("error", "exploding",
+                   f"The loss exploded to {point.loss:.3g}, more than 10× its best ({history.min_loss:.3g}), "
+                   f"and reconstructs worse than predicting zero (MSE term {point.mse:.3g}).",
+                   "Lower the learning rate (for example by 3×) and restart.", stop="failed")
+
+
+@rule("plateau")
+def plateau_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """No improvement of the loss over the plateau window."""
+    if spec.steering or point.step - history.best_loss_step < spec.plateau_window:
+        return None
+    return Finding("info", "plateau",
+                   f"The loss has not improved for {point.step - history.best_loss_step:,} steps "
+                   f"(best {history.best_loss:.4g} at step {history.best_loss_step:,}).",
+                   "More steps will not help at this learning rate: stop here, or lower the learning rate.")
+
+
+@rule("early_stop")
+def early_stop_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """Still dense at the check step: stop now rather than spend the rest of the budget."""
+    check_at = max(spec.early_stop_step, spec.l1_warmup_steps)
+    if (not spec.early_stop or spec.architecture != "standard" or history.early_stop_checked
+            or point.step < check_at):
+        return None
+    history.early_stop_checked = True
+    if point.l0_fraction <= spec.early_stop_l0:
+        return None
+    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0)
+    return Finding("error", "early_stop",
+                   f"Stopped early at step {point.step:,}: still dense, {format_l0(point.l0, spec.latent_dim)} "
+                   f"(threshold {100 * spec.early_stop_l0:.0f}%).",
+                   f"Restart with l1_alpha about {suggestion:.3g} (now {point.l1_alpha:.3g}).", stop="stopped_early")
 
 
 class RuntimeMonitor:
-    """Applies the runtime rules to each logged point once the warm-ups are over.
+    """Applies the registered rules to each logged point once the warm-ups are over.
 
     A rule that fired is silent for ``repeat_every`` steps, so the event list stays
-    readable on a long run.
+    readable on a long run; a finding that stops the run is never held back.
     """
 
-    TREND_POINTS = 5  # log points over which "still falling" is judged
-
-    def __init__(self, *, architecture: str, latent_dim: int, target_l0: float,
-                 warmup_steps: int, repeat_every: int = 1000) -> None:
-        self.architecture, self.latent_dim, self.target_l0 = architecture, latent_dim, target_l0
-        self.warmup_steps, self.repeat_every = warmup_steps, repeat_every
+    def __init__(self, spec: RunSpec, *, repeat_every: int = 1000) -> None:
+        self.spec, self.repeat_every = spec, repeat_every
+        self.history = History()
         self._last_fired: dict[str, int] = {}
-        self._recent_l0: deque[float] = deque(maxlen=self.TREND_POINTS)
+        self.stop: Finding | None = None
 
     def observe(self, point) -> list[Finding]:
-        if point.step <= self.warmup_steps:
+        """Record ``point``; return the findings to report now."""
+        if point.step <= self.spec.warmup_steps:
             return []
-        self._recent_l0.append(point.l0_fraction)
+        h = self.history
+        h.points.append(point)
+        h.min_loss = min(h.min_loss, point.loss)
+        if point.loss < h.best_loss * (1 - 1e-3):
+            h.best_loss, h.best_loss_step = point.loss, point.step
         findings = []
-        for rule in (self._dense, self._dead):
-            finding = rule(point)
+        for code, check in RULES:
+            finding = check(self.spec, h, point)
             if finding is None:
                 continue
-            last = self._last_fired.get(finding.code)
-            if last is None or point.step - last >= self.repeat_every:
-                self._last_fired[finding.code] = point.step
+            last = self._last_fired.get(code)
+            if finding.stop or last is None or point.step - last >= self.repeat_every:
+                self._last_fired[code] = point.step
                 findings.append(finding)
+            if finding.stop and self.stop is None:
+                self.stop = finding
         return findings
 
-    def _dense(self, point) -> Finding | None:
-        if self.architecture != "standard" or point.l0_fraction <= DENSE_WARNING_ABOVE:
-            return None
-        # Right after the sparsity warm-up L0 is still high but falling fast; warn only
-        # once it has stopped falling (less than 10% lower than TREND_POINTS logs ago).
-        if len(self._recent_l0) < self.TREND_POINTS or point.l0_fraction < 0.9 * self._recent_l0[0]:
-            return None
-        suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, self.target_l0)
-        return Finding(
-            "warning", "dense",
-            f"Features are dense: {format_l0(point.l0, self.latent_dim)}, "
-            f"{format_target(self.target_l0, self.latent_dim)}.",
-            f"Increase l1_alpha (the sparsity penalty) from {point.l1_alpha:.3g} to about {suggestion:.3g}.")
 
-    def _dead(self, point) -> Finding | None:
-        if point.dead is None or point.dead <= DEAD_RED_FRACTION * self.latent_dim:
-            return None
-        share = point.dead / self.latent_dim
-        tip = ("Lower l1_alpha (the sparsity penalty)." if self.architecture == "standard"
-               else "Lower the learning rate or raise k.")
-        return Finding("warning", "dead", f"{point.dead:,} of {self.latent_dim:,} latents ({share:.0%}) are dead.", tip)
+def density_histogram(frequencies, *, low: float = -6.0, high: float = 0.0, width: float = 0.25) -> dict:
+    """Counts of latents by log10 firing frequency; latents that never fired are counted apart."""
+    n_bins = int(round((high - low) / width))
+    counts = [0] * n_bins
+    never = 0
+    for f in frequencies:
+        if f <= 0:
+            never += 1
+            continue
+        i = int((math.log10(f) - low) / width)
+        counts[min(max(i, 0), n_bins - 1)] += 1
+    return {"low": low, "width": width, "counts": counts, "never_fired": never}
+
+
+def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: float,
+            l1_alpha: float | None) -> dict:
+    """The grade, a plain-language headline and the one change most likely to improve the run."""
+    l0f, fvu, dead = summary["l0_fraction"], summary["fvu"], summary.get("dead")
+    g = grade(l0f, dead, latent_dim)
+    ev = f"{100 * (1 - fvu):.1f}% of the variance explained"
+    l0_text = format_l0(summary["l0"], latent_dim)
+    suggested = suggest_l1_alpha(l1_alpha, l0f, target_l0) if l1_alpha else None
+    if dead is not None and dead > DEAD_RED_FRACTION * latent_dim:
+        headline = f"More than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
+        advice = ("Lower l1_alpha" + (f" to about {clamp_l1_alpha(l1_alpha / 3):.3g}" if l1_alpha else "")
+                  + " and switch on the dead-latent remedy." if architecture == "standard"
+                  else "Lower the learning rate or raise k.")
+    elif l0f > RED_ABOVE:
+        headline = f"Dense: {l0_text}, {ev}. These features are unlikely to be interpretable."
+        advice = (f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}." if architecture == "standard"
+                  else f"Lower k to about {max(1, round(target_l0 * latent_dim))}.")
+    elif l0f < target_l0 / 3 and fvu > 0.3:
+        headline = f"Over-sparse: {l0_text} with only {ev}; the penalty is crushing the reconstruction."
+        advice = (f"Lower l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}." if architecture == "standard"
+                  else f"Raise k to about {max(1, round(target_l0 * latent_dim))}.")
+    elif g == "yellow":
+        headline = f"Borderline: {l0_text}, {ev}. Sparse enough to browse, denser than most useful SAEs."
+        advice = (f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}." if architecture == "standard"
+                  else f"Lower k to about {max(1, round(target_l0 * latent_dim))}.")
+    else:
+        headline = f"Sparse: {l0_text}, {ev}."
+        if fvu > 0.2:
+            advice = "Reconstruction is weak: train for more steps or add latents."
+        elif summary.get("dense_latents", 0) > 0.01 * latent_dim:
+            advice = (f"{summary['dense_latents']:,} latents fire on more than 10% of tokens: "
+                      "a little more l1_alpha may split them.")
+        else:
+            advice = "Nothing pressing: inspect the features."
+    return {"grade": g, "headline": headline, "advice": advice, "suggested_l1_alpha": suggested}

@@ -29,6 +29,10 @@ BOUNDS = [
     ("dead_window_tokens", 1_000, True, {}), ("dead_window_tokens", 999, False, {}),
     ("dead_window_tokens", 1_000_000_000, True, {}), ("dead_window_tokens", 1_000_000_001, False, {}),
     ("k", 300, False, {"architecture": "topk", "latent_dim": 256}),  # k above latent_dim
+    ("early_stop_step", 1, True, {}), ("early_stop_step", 0, False, {}),
+    ("early_stop_l0", 0.01, True, {}), ("early_stop_l0", 0, False, {}),
+    ("early_stop_l0", 1, True, {}), ("early_stop_l0", 1.01, False, {}),
+    ("plateau_window", 10, True, {}), ("plateau_window", 9, False, {}),
 ]
 
 

@@ -131,3 +131,26 @@ def test_cancel_of_an_ended_run_is_a_conflict(client):
     run = Training.get_by_id(post(client).json["id"])
     Training.update(status="completed").where(Training.id == run.id).execute()
     assert client.post(f"/api/trainings/{run.id}/cancel").status_code == 409
+
+
+def test_quality_settings_default_when_left_out(client):
+    body = {k: v for k, v in QUICK_CONFIG.items()
+            if k not in ("early_stop", "early_stop_step", "early_stop_l0", "plateau_window", "dead_latent_remedy",
+                         "steer_l1_alpha", "log_every", "dead_window_tokens", "name")}
+    response = client.post("/api/trainings", json=body)
+    assert response.status_code == 201, response.json
+    run = Training.get_by_id(response.json["id"])
+    assert run.early_stop is True and run.early_stop_step == 1000 and run.early_stop_l0 == 0.2
+    assert run.steer_l1_alpha is False and run.dead_latent_remedy == "none" and run.log_every == 20
+
+
+def test_booleans_must_be_json_booleans(client, env, redis_client):
+    assert_refused(post(client, early_stop="yes"), "early_stop", env, redis_client)
+    response = post(client, early_stop=False, steer_l1_alpha=True)
+    assert response.status_code == 201
+    run = Training.get_by_id(response.json["id"])
+    assert run.early_stop is False and run.steer_l1_alpha is True
+
+
+def test_unknown_dead_latent_remedy_is_refused(client, env, redis_client):
+    assert_refused(post(client, dead_latent_remedy="resurrect"), "dead_latent_remedy", env, redis_client)

@@ -185,3 +185,80 @@ def test_build_sae_refuses_unknown_architecture():
         build_sae("gated", 4, 8)
     with pytest.raises(ValueError):
         build_sae("topk", 4, 8)
+
+
+# Target 2% of 1,024 latents on the outcome source is reached with l1_alpha ≈ 0.002.
+STEER_CONFIG = dict(latent_dim=1024, batch_size=256, total_steps=3000, lr_warmup_steps=20, l1_warmup_steps=100,
+                    log_every=20, device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", [0.0002, 0.02], ids=["10x-too-low", "10x-too-high"])
+def test_controller_steers_l1_alpha_to_the_target(start):
+    from app.sae.control import L0Controller
+
+    controller = L0Controller(target=0.02, alpha=start, start_step=100)
+    alphas = []
+    result, _ = train(SyntheticSource(**OUTCOME_SOURCE), TrainConfig(l1_alpha=start, **STEER_CONFIG),
+                      l1_alpha_control=controller, on_log=lambda p: alphas.append(p.l1_alpha))
+    assert result.eval["l0_fraction"] == pytest.approx(0.02, rel=0.10), result.eval
+    assert all(1e-5 < a <= 0.1 for a in alphas)
+    assert 0.0005 < alphas[-1] < 0.008  # it found the penalty rather than drifting to a bound
+
+
+def test_controller_holds_inside_the_deadband_and_respects_bounds():
+    from app.sae.control import L0Controller
+
+    class P:
+        def __init__(self, step, l0_fraction):
+            self.step, self.l0_fraction = step, l0_fraction
+
+    c = L0Controller(target=0.02, alpha=0.003, start_step=100)
+    assert c(P(50, 0.5)) == 0.003  # still in warm-up
+    assert c(P(120, 0.0201)) == 0.003  # within the deadband
+    c = L0Controller(target=0.02, alpha=0.09, start_step=0)
+    assert max(c(P(i, 0.9)) for i in range(200)) == 0.1
+    c = L0Controller(target=0.02, alpha=2e-5, start_step=0)
+    assert min(c(P(i, 1e-4)) for i in range(200)) == pytest.approx(1.1e-5)
+
+
+def test_resampling_revives_dead_latents_and_leaves_live_ones_alone():
+    from app.sae.models import resample_dead_latents
+
+    torch.manual_seed(0)
+    sae = StandardSAE(16, 64)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(512, 16) * 3
+    with torch.no_grad():
+        sae.b_enc[:20] = -100.0  # latents 0..19 can never fire
+    parts, _, _ = sae.loss(x, l1_alpha=0.01)
+    parts.total.backward()
+    optimizer.step()
+    _, f = sae(x)
+    assert (f[:, :20] == 0).all()
+    live_before = sae.W_enc[:, 20:].clone()
+    dead = torch.arange(64) < 20
+    assert resample_dead_latents(sae, optimizer, x, dead) == 20
+    _, f = sae(x)
+    assert ((f[:, :20] > 0).sum(dim=0) > 0).all()  # every resampled latent fires again
+    assert torch.equal(sae.W_enc[:, 20:], live_before)
+    state = optimizer.state[sae.W_enc]
+    assert (state["exp_avg"][:, :20] == 0).all() and (state["exp_avg"][:, 20:] != 0).any()
+    assert resample_dead_latents(sae, optimizer, x, torch.zeros(64, dtype=torch.bool)) == 0
+
+
+@pytest.mark.slow
+def test_trainer_resamples_when_latents_die():
+    # A learning rate 10× too high with the strongest penalty kills hundreds of latents.
+    src = SyntheticSource(**OUTCOME_SOURCE)
+    cfg = dict(latent_dim=1024, l1_alpha=0.1, learning_rate=0.01, batch_size=256, total_steps=600,
+               lr_warmup_steps=10, l1_warmup_steps=50, log_every=50, dead_window_tokens=25_600, device="cpu")
+    plain_dead, remedied_dead = {}, {}
+    plain, _ = train(src, TrainConfig(**cfg), on_log=lambda p: plain_dead.__setitem__(p.step, p.dead))
+    remedied, _ = train(src, TrainConfig(dead_latent_remedy="resample", **cfg),
+                        on_log=lambda p: remedied_dead.__setitem__(p.step, p.dead))
+    assert plain.eval["dead"] > 100 and plain.eval["resampled_latents"] == 0
+    assert remedied.eval["resampled_latents"] > 50
+    # While resampling runs (up to 80% of training) the dead series drops back after each resample.
+    gaps = [plain_dead[s] - remedied_dead[s] for s in plain_dead if s <= 480 and plain_dead[s] is not None]
+    assert max(gaps) >= 30, (plain_dead, remedied_dead)

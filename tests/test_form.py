@@ -12,8 +12,9 @@ from conftest import QUICK_CONFIG
 
 
 def form_data(**changes) -> dict:
+    """The fields as a browser posts them: an unticked checkbox is simply absent."""
     data = {**QUICK_CONFIG, **changes}
-    return {k: "" if v is None else str(v) for k, v in data.items()}
+    return {k: "" if v is None else ("y" if v is True else str(v)) for k, v in data.items() if v is not False}
 
 
 def field_errors(html: str, field: str) -> list[str]:
@@ -127,3 +128,9 @@ def test_csrf_is_enforced_on_the_html_form(env, redis_client):
         response = app.test_client().post("/trainings", data=form_data())
         assert response.status_code == 400
         assert Training.select().count() == 0
+
+
+def test_unticked_checkbox_turns_early_stop_off(client):
+    assert client.post("/trainings", data=form_data(early_stop=False, steer_l1_alpha=True)).status_code == 303
+    run = Training.get()
+    assert run.early_stop is False and run.steer_l1_alpha is True

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from app.quality import RuntimeMonitor, format_l0, grade, suggest_l1_alpha
+from app.quality import RULES, RunSpec, RuntimeMonitor, density_histogram, format_l0, grade, suggest_l1_alpha, verdict
 from app.sae.trainer import LogPoint
 
 
-def point(step, l0_fraction, *, dead=None, l1_alpha=0.003, latent_dim=1000):
-    return LogPoint(step=step, tokens=step * 100, loss=1.0, mse=0.5, sparsity_loss=0.5, l1=10.0,
-                    l0=l0_fraction * latent_dim, l0_fraction=l0_fraction, fvu=0.1, dead=dead, lr=1e-3,
+def point(step, l0_fraction, *, dead=None, l1_alpha=0.003, latent_dim=1000, loss=1.0, mse=0.5, fvu=0.1):
+    return LogPoint(step=step, tokens=step * 100, loss=loss, mse=mse, sparsity_loss=loss - mse, l1=10.0,
+                    l0=l0_fraction * latent_dim, l0_fraction=l0_fraction, fvu=fvu, dead=dead, lr=1e-3,
                     l1_alpha=l1_alpha, tokens_per_s=1.0)
 
 
@@ -31,8 +31,14 @@ def test_suggestion_moves_toward_target_and_stays_in_range():
     assert suggest_l1_alpha(0.003, 0.01, 0.02) == pytest.approx(0.0015)
 
 
-def monitor(**kw):
-    return RuntimeMonitor(architecture="standard", latent_dim=1000, target_l0=0.02, warmup_steps=100, **kw)
+def monitor(repeat_every=1000, **kw):
+    spec = {"architecture": "standard", "latent_dim": 1000, "target_l0": 0.02, "warmup_steps": 100,
+            "early_stop": False, **kw}
+    return RuntimeMonitor(RunSpec(**spec), repeat_every=repeat_every)
+
+
+def codes(m, points):
+    return [f.code for p in points for f in m.observe(p)]
 
 
 def test_dense_rule_waits_for_warmup_and_a_flat_l0():
@@ -41,16 +47,17 @@ def test_dense_rule_waits_for_warmup_and_a_flat_l0():
     falling = [m.observe(point(100 + 10 * i, 0.6 * 0.8 ** i)) for i in range(1, 6)]
     assert all(f == [] for f in falling)  # falling fast: no warning yet
     m = monitor()
-    fired = [f for i in range(1, 8) for f in m.observe(point(100 + 10 * i, 0.55))]
-    assert [f.code for f in fired] == ["dense"]
+    fired = [f for i in range(1, 8) for f in m.observe(point(100 + 10 * i, 0.55)) if f.code == "dense"]
+    assert len(fired) == 1
     assert "L0 = 550 of 1,000 latents (55.0%)" in fired[0].message
     assert "0.003" in fired[0].suggestion and "0.03" in fired[0].suggestion
 
 
 def test_rules_are_rate_limited():
     m = monitor(repeat_every=500)
-    fired = [f.code for i in range(1, 200) for f in m.observe(point(100 + 10 * i, 0.55))]
+    fired = codes(m, [point(100 + 10 * i, 0.55) for i in range(1, 200)])
     assert fired.count("dense") == 4  # steps 150, 650, 1150, 1650
+    assert fired.count("off_target") == 4
 
 
 def test_dead_rule():
@@ -58,8 +65,87 @@ def test_dead_rule():
     assert m.observe(point(200, 0.01, dead=400)) == []
     [finding] = m.observe(point(210, 0.01, dead=600))
     assert finding.code == "dead" and "600 of 1,000 latents (60%)" in finding.message
+    m = monitor()
+    found = [f for i in range(8) for f in m.observe(point(200 + 10 * i, 0.02, dead=510 + 20 * i)) if f.code == "dead"]
+    assert found[0].message.endswith("dead.")  # no trend before five points
+    m = monitor(repeat_every=10)
+    found = [f for i in range(8) for f in m.observe(point(200 + 10 * i, 0.02, dead=510 + 20 * i)) if f.code == "dead"]
+    assert "up 100 in the last 50 steps" in found[-1].message
 
 
 def test_topk_runs_get_no_dense_warning():
-    m = RuntimeMonitor(architecture="topk", latent_dim=1000, target_l0=0.02, warmup_steps=0)
+    m = monitor(architecture="topk", warmup_steps=0)
     assert [f for i in range(1, 10) for f in m.observe(point(10 * i, 0.5))] == []
+
+
+def test_rules_form_one_registry():
+    assert [code for code, _ in RULES] == ["dense", "off_target", "dead", "race_to_zero", "exploding", "plateau",
+                                          "early_stop"]
+
+
+def test_off_target_rule_both_ways():
+    m = monitor()
+    [low] = [f for p in [point(200 + 10 * i, 0.005) for i in range(7)] for f in m.observe(p)]
+    assert low.code == "off_target" and "only 0.25× the target" in low.message and "Lower l1_alpha" in low.suggestion
+    assert codes(monitor(), [point(200 + 10 * i, 0.03) for i in range(7)]) == []  # 1.5× is fine
+    assert "off_target" not in codes(monitor(steering=True), [point(200 + 10 * i, 0.1) for i in range(7)])
+
+
+def test_race_to_zero():
+    pts = [point(200 + 10 * i, 0.02 * 0.8 ** i, fvu=0.1 * 1.05 ** i) for i in range(7)]
+    m = monitor()
+    found = [f for p in pts for f in m.observe(p) if f.code == "race_to_zero"]
+    assert found and "lower l1_alpha" in found[0].suggestion
+    steady_fvu = [point(200 + 10 * i, 0.02 * 0.8 ** i, fvu=0.1) for i in range(7)]
+    assert "race_to_zero" not in codes(monitor(), steady_fvu)
+
+
+def test_exploding_loss_stops_the_run_as_failed():
+    m = monitor()
+    m.observe(point(200, 0.02, loss=0.1, mse=0.05))
+    assert m.stop is None
+    m.observe(point(210, 0.02, loss=0.9, mse=0.8))  # penalty raised: worse but not diverged
+    assert m.stop is None
+    [f] = [f for f in m.observe(point(220, 0.02, loss=30.0, mse=25.0)) if f.code == "exploding"]
+    assert f.stop == "failed" and m.stop is f
+
+
+def test_plateau_rule():
+    m = monitor(plateau_window=100)
+    fired = codes(m, [point(200 + 10 * i, 0.02, loss=1.0) for i in range(15)])
+    assert fired.count("plateau") == 1
+    improving = codes(monitor(plateau_window=100), [point(200 + 10 * i, 0.02, loss=1.0 - 0.01 * i) for i in range(15)])
+    assert "plateau" not in improving
+
+
+def test_early_stop_fires_once_at_the_check_step():
+    m = monitor(early_stop=True, early_stop_step=300, early_stop_l0=0.2)
+    assert codes(m, [point(290, 0.5)]) == [] or m.stop is None
+    found = [f for f in m.observe(point(300, 0.5)) if f.code == "early_stop"]
+    assert found and found[0].stop == "stopped_early" and m.stop is found[0]
+    assert "Restart with l1_alpha about 0.03" in found[0].suggestion
+    m = monitor(early_stop=True, early_stop_step=300, early_stop_l0=0.2)
+    assert "early_stop" not in codes(m, [point(300, 0.1), point(310, 0.5)])  # judged once, at the check
+    m = monitor(early_stop=False, early_stop_step=300)
+    assert "early_stop" not in codes(m, [point(300, 0.5)])
+
+
+def test_density_histogram():
+    h = density_histogram([0.0, 0.0, 1e-3, 0.5, 0.2, 1e-9, 1.0], low=-6, high=0, width=1)
+    assert h["never_fired"] == 2 and h["counts"] == [1, 0, 0, 1, 0, 3]
+
+
+def test_verdicts_say_what_to_change():
+    base = {"l0": 500, "fvu": 0.05, "dead": 0, "dense_latents": 0}
+    dense = verdict({**base, "l0_fraction": 0.5}, architecture="standard", latent_dim=1000, target_l0=0.02,
+                    l1_alpha=0.001)
+    assert dense["grade"] == "red" and dense["headline"].startswith("Dense") and "0.01" in dense["advice"]
+    good = verdict({**base, "l0": 20, "l0_fraction": 0.02}, architecture="standard", latent_dim=1000,
+                   target_l0=0.02, l1_alpha=0.003)
+    assert good["grade"] == "green" and good["headline"].startswith("Sparse")
+    dead = verdict({**base, "l0": 5, "l0_fraction": 0.005, "dead": 700}, architecture="standard", latent_dim=1000,
+                   target_l0=0.02, l1_alpha=0.05)
+    assert dead["grade"] == "red" and "dead" in dead["headline"] and "remedy" in dead["advice"]
+    crushed = verdict({**base, "l0": 2, "l0_fraction": 0.002, "fvu": 0.6}, architecture="standard",
+                      latent_dim=1000, target_l0=0.02, l1_alpha=0.05)
+    assert crushed["headline"].startswith("Over-sparse") and "Lower l1_alpha" in crushed["advice"]

@@ -93,7 +93,11 @@ class WindowAccumulator:
 
 @torch.no_grad()
 def evaluate(sae, x: torch.Tensor, *, batch_size: int = 4096) -> dict[str, float]:
-    """L0, FVU and firing statistics of ``sae`` on the normalized rows ``x``."""
+    """L0, FVU and firing statistics of ``sae`` on the normalized rows ``x``.
+
+    ``frequencies`` is each latent's share of tokens it fired on; ``dense_latents`` counts
+    those above 10%.
+    """
     err = torch.zeros((), dtype=torch.float64, device=x.device)
     l0_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=x.device)
@@ -117,4 +121,5 @@ def evaluate(sae, x: torch.Tensor, *, batch_size: int = 4096) -> dict[str, float
         "eval_tokens": n,
         "never_fired": int((fired == 0).sum().item()),
         "dense_latents": int((frequency > 0.1).sum().item()),
+        "frequencies": frequency.tolist(),
     }

@@ -29,6 +29,7 @@ class SparseAutoencoder(nn.Module):
     """Shared parameters and decoding. Subclasses define ``encode`` and ``loss``."""
 
     architecture = "base"
+    aux_coeff = 1 / 32
 
     def __init__(self, d_in: int, d_sae: int, *, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> None:
@@ -59,6 +60,27 @@ class SparseAutoencoder(nn.Module):
 
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
+
+    def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
+                 dead_mask: torch.Tensor | None) -> torch.Tensor:
+        """AuxK: the ``k_aux`` largest pre-activations among dead latents reconstruct the residual.
+
+        Gives dead TopK latents (positive pre-activations that never make the top k) a
+        gradient toward what the live ones miss. Zero when no latent is dead. Masked top-k
+        keeps the step free of host syncs: non-dead candidates are -inf and ReLU turns them
+        into 0. (A dead ReLU latent has no positive pre-activation, so a standard SAE uses
+        resampling instead: ``resample_dead_latents``.)
+        """
+        if dead_mask is None:
+            return torch.zeros((), device=x.device)
+        k_aux = max(1, min(self.d_in // 2, self.d_sae))
+        dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
+        values, indices = dead_pre.topk(k_aux, dim=-1)
+        values = torch.nan_to_num(torch.relu(values), nan=0.0, neginf=0.0)
+        f_aux = torch.zeros_like(pre).scatter_(-1, indices, values)
+        residual = (x - x_hat).detach()
+        aux = self.aux_coeff * (residual - f_aux @ self.W_dec).pow(2).sum(dim=-1).mean() / self.d_in
+        return aux * dead_mask.any()
 
     def after_step(self) -> None:
         """Hook run after each optimizer step (constraints on the weights)."""
@@ -104,7 +126,6 @@ class TopKSAE(SparseAutoencoder):
         if not 1 <= k <= d_sae:
             raise ValueError(f"k must lie in [1, {d_sae}], got {k}")
         self.k, self.aux_coeff = k, aux_coeff
-        self.k_aux = max(1, min(d_in // 2, d_sae))
         with torch.no_grad():
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
             self.W_enc.copy_(self.W_dec.t())
@@ -123,23 +144,47 @@ class TopKSAE(SparseAutoencoder):
         x_hat = self.decode(f)
         mse = (x - x_hat).pow(2).sum(dim=-1).mean() / self.d_in
         l1 = (f * self.decoder_norms()).sum(dim=-1).mean().detach()
-        aux = torch.zeros((), device=x.device)
-        if dead_mask is not None:
-            # Masked top-k keeps the step free of host syncs: with no dead latent every
-            # candidate is -inf, ReLU turns it into 0 and the aux term vanishes.
-            k_aux = min(self.k_aux, self.d_sae)
-            dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
-            values, indices = dead_pre.topk(k_aux, dim=-1)
-            values = torch.nan_to_num(torch.relu(values), nan=0.0, neginf=0.0)
-            f_aux = torch.zeros_like(pre).scatter_(-1, indices, values)
-            residual = (x - x_hat).detach()
-            aux = self.aux_coeff * (residual - f_aux @ self.W_dec).pow(2).sum(dim=-1).mean() / self.d_in
-            aux = aux * dead_mask.any()  # no dead latent: no aux term (and no reported loss)
+        aux = self.aux_loss(x, x_hat, pre, dead_mask)
         return LossParts(mse + aux, mse, aux, l1), x_hat, f
 
     def after_step(self) -> None:
         with torch.no_grad():
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+@torch.no_grad()
+def resample_dead_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                          dead_mask: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """Point each dead latent at an input the SAE reconstructs badly; return how many.
+
+    Inputs are drawn with probability proportional to their squared reconstruction error;
+    a resampled latent's encoder and decoder take that input's direction (at a fifth of the
+    live latents' mean norms, so it starts small), its encoder bias is zeroed, and its Adam
+    moments are cleared so stale statistics do not throw it straight back.
+    """
+    dead = dead_mask.nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    x_hat, _ = sae(x)
+    weights = (x - x_hat).pow(2).sum(dim=-1)
+    if not torch.isfinite(weights).all() or weights.sum() <= 0:
+        return 0
+    picks = torch.multinomial(weights, dead.numel(), replacement=dead.numel() > x.shape[0],
+                              generator=generator)
+    directions = x[picks] - sae.b_dec
+    directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    alive = ~dead_mask
+    dec_norm = sae.W_dec[alive].norm(dim=1).mean() if alive.any() else torch.tensor(0.1)
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(0.1)
+    sae.W_dec[dead] = directions * dec_norm * 0.2
+    sae.W_enc[:, dead] = (directions * enc_norm * 0.2).t()
+    sae.b_enc[dead] = 0.0
+    for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][index] = 0.0
+    return int(dead.numel())
 
 
 def build_sae(architecture: str, d_in: int, d_sae: int, *, k: int | None = None,

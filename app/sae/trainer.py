@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .metrics import DeadLatentTracker, WindowAccumulator, evaluate
-from .models import SparseAutoencoder, build_sae
+from .models import SparseAutoencoder, build_sae, resample_dead_latents
 from .sources import ActivationSource, normalization_scale
 
 
@@ -37,6 +37,7 @@ class TrainConfig:
     log_every: int = 20
     dead_window_tokens: int = 200_000
     grad_clip: float = 1.0
+    dead_latent_remedy: str = "none"  # standard SAE: "none" or "resample" (TopK always uses AuxK)
     norm_sample_tokens: int = 8192
     eval_tokens: int = 8192
     device: str = "auto"
@@ -57,6 +58,8 @@ class TrainConfig:
                 raise ValueError(f"k must lie in [1, latent_dim], got {self.k}")
         else:
             raise ValueError(f"unknown architecture {self.architecture!r}")
+        if self.dead_latent_remedy not in ("none", "resample"):
+            raise ValueError(f"unknown dead-latent remedy {self.dead_latent_remedy!r}")
         for name in ("latent_dim", "batch_size", "total_steps", "log_every", "dead_window_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -169,6 +172,13 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     tracker = DeadLatentTracker(cfg.latent_dim, cfg.dead_window_tokens, device)
     window = WindowAccumulator(device)
     base_l1_alpha = cfg.l1_alpha or 0.0
+    use_aux = cfg.architecture == "topk"
+    resample = cfg.architecture == "standard" and cfg.dead_latent_remedy == "resample"
+    # Resample once per dead-latent window, never in the last fifth of training (a fresh
+    # latent needs time to settle before the run ends).
+    resample_every = max(cfg.log_every, math.ceil(cfg.dead_window_tokens / cfg.batch_size))
+    resample_until = int(cfg.total_steps * 0.8)
+    resampled = 0
     batches = source.batches(cfg.batch_size, seed=cfg.seed, device=device)
     tokens = 0
     last: LogPoint | None = None
@@ -183,7 +193,7 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
                 break
         x = next(batches) * scale
         alpha = l1_alpha_at(step, cfg, base_l1_alpha)
-        dead_mask = tracker.dead_mask() if cfg.architecture == "topk" else None
+        dead_mask = tracker.dead_mask() if use_aux else None
         parts, x_hat, f = sae.loss(x, l1_alpha=alpha, dead_mask=dead_mask)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
@@ -193,6 +203,12 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
         scheduler.step()
         sae.after_step()
         tracker.update(f.detach())
+        if resample and (step + 1) % resample_every == 0 and step < resample_until and tracker.known:
+            mask = tracker.dead_mask()
+            count = resample_dead_latents(sae, optimizer, x, mask, generator=g if device.type == "cpu" else None)
+            if count:
+                tracker.since_fired.masked_fill_(mask, 0)  # each gets a fresh window to prove itself
+                resampled += count
         window.add(loss=parts.total, mse=parts.mse, sparsity=parts.sparsity, l1=parts.l1, f=f, x=x, x_hat=x_hat)
         tokens += x.shape[0]
 
@@ -225,6 +241,7 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     sae.eval()
     eval_metrics = evaluate(sae, source.eval_rows(cfg.eval_tokens, device=device) * scale)
     eval_metrics["dead"] = int(tracker.dead_count().item()) if tracker.known else None
+    eval_metrics["resampled_latents"] = resampled
     result = TrainResult(status=result_status, steps=step, tokens=tokens, norm_scale=scale,
                          device=str(device), reason=reason, eval=eval_metrics, last=last)
     return result, sae

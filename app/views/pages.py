@@ -66,7 +66,11 @@ def new_training():
     if request.args.get("from", "").isdigit():
         source_run = Training.get_or_none(Training.id == int(request.args["from"]))
         if source_run is not None:
-            form = TrainingForm(data={k: v for k, v in source_run.config_dict().items() if v is not None})
+            data = {k: v for k, v in source_run.config_dict().items() if v is not None}
+            suggested = request.args.get("l1_alpha", type=float)
+            if suggested is not None:
+                data["l1_alpha"] = suggested
+            form = TrainingForm(data=data)
     return render_template("training_form.html", form=form, source_run=source_run)
 
 
@@ -96,12 +100,17 @@ def detail(training_id: int):
 def progress_context(run: Training) -> dict:
     metrics = list(run.metrics.order_by(MetricPoint.step))
     latest = metrics[-1] if metrics else None
+    summary = run.summary or {}
     return {
         "latest": latest,
         "view": progress_view(run, latest),
+        "verdict": summary.get("verdict"),
         "events": list(run.events.order_by(Event.id.desc()).limit(50)),
         "l0_chart": charts.l0_chart(metrics, run.target_l0, run.total_steps),
         "loss_chart": charts.loss_chart(metrics, run.total_steps),
+        "l1_alpha_chart": charts.l1_alpha_chart(metrics, run.total_steps) if run.architecture == "standard" else None,
+        "histogram_chart": charts.histogram_chart(summary["density_histogram"])
+        if summary.get("density_histogram") else None,
     }
 
 
@@ -128,3 +137,28 @@ def not_found(error):
     if request.path.startswith("/api/"):
         return {"error": getattr(error, "description", "Not found.")}, 404
     return render_template("error.html", title="Not found", message=error.description), 404
+
+
+@bp.get("/compare")
+def compare():
+    """Runs side by side: configs (differences marked), curves overlaid, and the frontier."""
+    ids = [i for i in request.args.getlist("ids", type=int)]
+    runs = list(Training.select().where(Training.id.in_(ids)).order_by(Training.id)) if ids else []
+    if len(runs) < 2:
+        return render_template("error.html", title="Choose runs to compare",
+                               message="Tick two or more runs in the list, then press Compare."), 400
+    labels = {r.id: f"#{r.id} {r.name}".strip() for r in runs}
+    configs = [r.config_dict() for r in runs]
+    keys = [k for k in configs[0] if k != "name"]
+    rows = [(k, [c[k] for c in configs], len({repr(c[k]) for c in configs}) > 1) for k in keys]
+    series = {r.id: list(r.metrics.order_by(MetricPoint.step)) for r in runs}
+    l0 = charts.overlay_chart("L0 fraction", [(labels[r.id], [(m.step, m.l0_fraction) for m in series[r.id]])
+                                              for r in runs], y_percent=True)
+    fvu = charts.overlay_chart("FVU (unexplained variance)", [(labels[r.id], [(m.step, m.fvu) for m in series[r.id]])
+                                                              for r in runs])
+    finished = Training.select().where(Training.summary.is_null(False))
+    frontier = charts.scatter_chart("All finished runs: sparsity vs reconstruction", [
+        (t.summary.get("l0_fraction"), t.summary.get("fvu"), f"#{t.id}", t.id in labels) for t in finished])
+    summaries = [(r, progress_view(r, series[r.id][-1] if series[r.id] else None)) for r in runs]
+    return render_template("compare.html", runs=runs, rows=rows, l0_chart=l0, fvu_chart=fvu,
+                           frontier=frontier, summaries=summaries)
