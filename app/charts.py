@@ -38,7 +38,7 @@ def _fmt(v: float, log: bool) -> str:
 def line_chart(title: str, series: list[Series], *, width: int = 460, height: int = 220,
                log_y: bool = False, y_min: float | None = None, y_max: float | None = None,
                bands: list[tuple[float, float, str]] | None = None, y_percent: bool = False,
-               x_max: float | None = None) -> Markup:
+               x_max: float | None = None, legend: bool = True) -> Markup:
     """An SVG line chart of ``series`` over steps. ``bands`` shade y-ranges (lo, hi, color)."""
     left, right, top, bottom = 56, 12, 26, 30
     pw, ph = width - left - right, height - top - bottom
@@ -83,15 +83,17 @@ def line_chart(title: str, series: list[Series], *, width: int = 460, height: in
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="grid"/>'
                      f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{label}</text>')
     for t in _ticks(x0, x1):
-        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" class="tick">{int(t):,}</text>')
+        anchor = "end" if sx(t) > left + pw - 20 else "middle"
+        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="{anchor}" class="tick">{int(t):,}</text>')
     parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">step</text>')
     legend_x = left + pw
     for s in reversed(series):
         legend_x -= 9 * len(s.label) + 26
         dash = ' stroke-dasharray="5 4"' if s.dashed else ""
-        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="12" y2="12" stroke="{s.color}" '
-                     f'stroke-width="2.5"{dash}/>'
-                     f'<text x="{legend_x + 18}" y="16" class="tick">{escape(s.label)}</text>')
+        if legend:
+            parts.append(f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="12" y2="12" stroke="{s.color}" '
+                         f'stroke-width="2.5"{dash}/>'
+                         f'<text x="{legend_x + 18}" y="16" class="tick">{escape(s.label)}</text>')
         good = [(x, tf(y)) for x, y in s.points if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
         if not good:
             continue
@@ -207,4 +209,4 @@ def overlay_chart(title: str, runs: list[tuple[str, list[tuple[float, float]]]],
                   y_percent: bool = False) -> Markup:
     """One line per run, colours from the palette in the order given."""
     series = [Series(label, pts, PALETTE[i % len(PALETTE)]) for i, (label, pts) in enumerate(runs)]
-    return line_chart(title, series, log_y=log_y, y_min=None if log_y else 0, y_percent=y_percent)
+    return line_chart(title, series, log_y=log_y, y_min=None if log_y else 0, y_percent=y_percent, legend=False)

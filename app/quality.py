@@ -16,6 +16,7 @@ DENSE_WARNING_ABOVE = 0.20
 DENSE_LATENT_FREQUENCY = 0.10  # a latent firing on more than 10% of tokens is "dense"
 L1_ALPHA_MIN_EXCLUSIVE = 1e-5
 L1_ALPHA_MAX = 0.1
+DEFAULT_L1_ALPHA = 0.003
 
 GRADE_LABELS = {
     "green": "Sparse",
@@ -56,12 +57,16 @@ def suggest_l1_alpha(current: float, observed_fraction: float, target_fraction: 
     """A next l1_alpha that moves L0 toward the target.
 
     Raising l1_alpha lowers L0 roughly in proportion over the useful range (DESIGN.md's
-    sweep), so scale the penalty by observed/target, at most tenfold per suggestion.
+    sweep), so scale the penalty by observed/target, at most tenfold per suggestion. A run
+    more than 10× too dense is pointed at least at the default 0.003, the sound start.
     """
     if current <= 0:
-        return 0.003
+        return DEFAULT_L1_ALPHA
     ratio = observed_fraction / max(target_fraction, 1e-9)
-    return clamp_l1_alpha(current * min(10.0, max(0.1, ratio)))
+    suggestion = current * min(10.0, max(0.1, ratio))
+    if ratio > 10:
+        suggestion = max(suggestion, DEFAULT_L1_ALPHA)
+    return clamp_l1_alpha(suggestion)
 
 
 @dataclass
@@ -149,8 +154,8 @@ def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
         return None
     settled = abs(math.log(max(point.l0_fraction, 1e-9) / before.l0_fraction)) < math.log(1.25)
     ratio = point.l0_fraction / spec.target_l0
-    if not settled or 1 / 3 <= ratio <= 3:
-        return None
+    if not settled or 1 / 3 <= ratio <= 3 or point.l0_fraction > DENSE_WARNING_ABOVE:
+        return None  # above 20% the dense rule has already said it
     suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0)
     if ratio > 3:
         return Finding("warning", "off_target",

@@ -29,6 +29,7 @@ def test_suggestion_moves_toward_target_and_stays_in_range():
     assert suggest_l1_alpha(0.001, 0.5, 0.05) == pytest.approx(0.01)
     assert suggest_l1_alpha(0.05, 0.5, 0.01) == 0.1  # capped at the maximum
     assert suggest_l1_alpha(0.003, 0.01, 0.02) == pytest.approx(0.0015)
+    assert suggest_l1_alpha(1.1e-5, 0.96, 0.02) == 0.003  # no real penalty: start from the default
 
 
 def monitor(repeat_every=1000, **kw):
@@ -57,7 +58,10 @@ def test_rules_are_rate_limited():
     m = monitor(repeat_every=500)
     fired = codes(m, [point(100 + 10 * i, 0.55) for i in range(1, 200)])
     assert fired.count("dense") == 4  # steps 150, 650, 1150, 1650
-    assert fired.count("off_target") == 4
+    assert fired.count("off_target") == 0  # above 20% the dense rule speaks for both
+    m = monitor(repeat_every=500)
+    fired = codes(m, [point(100 + 10 * i, 0.1) for i in range(1, 200)])
+    assert fired.count("off_target") == 4 and "dense" not in fired
 
 
 def test_dead_rule():

@@ -160,5 +160,6 @@ def compare():
     frontier = charts.scatter_chart("All finished runs: sparsity vs reconstruction", [
         (t.summary.get("l0_fraction"), t.summary.get("fvu"), f"#{t.id}", t.id in labels) for t in finished])
     summaries = [(r, progress_view(r, series[r.id][-1] if series[r.id] else None)) for r in runs]
+    colors = {r.id: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(runs)}
     return render_template("compare.html", runs=runs, rows=rows, l0_chart=l0, fvu_chart=fvu,
-                           frontier=frontier, summaries=summaries)
+                           frontier=frontier, summaries=summaries, labels=labels, colors=colors)
