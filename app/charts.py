@@ -38,7 +38,7 @@ def _fmt(v: float, log: bool) -> str:
 def line_chart(title: str, series: list[Series], *, width: int = 460, height: int = 220,
                log_y: bool = False, y_min: float | None = None, y_max: float | None = None,
                bands: list[tuple[float, float, str]] | None = None, y_percent: bool = False,
-               x_max: float | None = None, legend: bool = True) -> Markup:
+               x_max: float | None = None, legend: bool = True, x_label: str = "step") -> Markup:
     """An SVG line chart of ``series`` over steps. ``bands`` shade y-ranges (lo, hi, color)."""
     left, right, top, bottom = 56, 12, 26, 30
     pw, ph = width - left - right, height - top - bottom
@@ -53,7 +53,7 @@ def line_chart(title: str, series: list[Series], *, width: int = 460, height: in
     tf = (lambda v: math.log10(v)) if log_y else (lambda v: v)
     xs = [p[0] for p in pts]
     ys = [tf(p[1]) for p in pts]
-    x0, x1 = min(xs + [0]), max(xs + [x_max or 0])
+    x0, x1 = min(xs + ([0] if x_max is not None or min(xs) >= 0 else [])), max(xs + [x_max if x_max is not None else max(xs)])
     if x1 == x0:
         x1 = x0 + 1
     lo = tf(y_min) if y_min is not None else min(ys)
@@ -84,8 +84,9 @@ def line_chart(title: str, series: list[Series], *, width: int = 460, height: in
                      f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{label}</text>')
     for t in _ticks(x0, x1):
         anchor = "end" if sx(t) > left + pw - 20 else "middle"
-        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="{anchor}" class="tick">{int(t):,}</text>')
-    parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">step</text>')
+        label = f"{int(t):,}" if float(t).is_integer() else f"{t:g}"
+        parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="{anchor}" class="tick">{label}</text>')
+    parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">{escape(x_label)}</text>')
     legend_x = left + pw
     for s in reversed(series):
         legend_x -= 9 * len(s.label) + 26

@@ -8,8 +8,12 @@ from werkzeug.datastructures import MultiDict
 from wtforms import BooleanField, FileField, FloatField, IntegerField, SelectChoice, SelectField, StringField
 from wtforms.validators import InputRequired, Length, NumberRange, Optional, StopValidation
 
+from flask import current_app
+
+from .devices import device_memory
 from .models import ActivationSet
 from .quality import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+from .validation import SourceStats, blocking, validate_config
 
 L1_ALPHA_ALIASES = ("sparsity_coefficient", "l1_coefficient")
 
@@ -130,12 +134,54 @@ class TrainingForm(FlaskForm):
                      "plateau_window", "dead_latent_remedy")
     CHOICE_FIELDS = ("name", "source_id", "architecture", "dead_latent_remedy")
 
+    acknowledge_warnings = BooleanField(
+        "Start anyway: I have read the warnings", default=False,
+        description="Warnings describe predictable trouble; tick this to start regardless.")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.sources = {s.id: s for s in ActivationSet.select().order_by(ActivationSet.id)}
         self.source_id.choices = [SelectChoice(s.id, s.describe()) for s in self.sources.values()]
+        self.findings = []
+        self.blocking_findings = []
+
+    def preflight(self):
+        """The validator's findings for the current input, if every field it reads parsed."""
+        source = self.sources.get(self.source_id.data)
+        needed = ("latent_dim", "learning_rate", "batch_size", "total_steps", "lr_warmup_steps",
+                  "l1_warmup_steps", "target_l0")
+        if source is None or any(getattr(self, n).data is None for n in needed):
+            return []
+        cfg = {name: getattr(self, name).data for name in (*self.NUMERIC_FIELDS, "architecture")}
+        memory = device_memory(current_app.config.get("SAE_DEVICE", "auto"))
+        try:
+            return validate_config(cfg, SourceStats(source.d_in, source.n_tokens, source.name),
+                                   free_memory_bytes=memory.free_bytes, device=memory.device)
+        except (TypeError, ValueError, ZeroDivisionError):
+            return []  # a field out of range; its own error says why
+
+    def attach_findings(self, findings) -> None:
+        """Give each field the findings that concern it (templates show them beside it)."""
+        self.findings = findings
+        for field in self:
+            field.findings = [f for f in findings if f.field == field.name and f.level != "error"]
 
     def validate(self, extra_validators=None) -> bool:
+        ok = self._validate_fields(extra_validators)
+        if ok:
+            self.attach_findings(self.preflight())
+            self.blocking_findings = blocking(self.findings, acknowledged=bool(self.acknowledge_warnings.data))
+            for finding in self.findings:
+                if finding.level == "error":
+                    getattr(self, finding.field).errors.append(finding.message)
+            if self.blocking_findings:
+                ok = False
+                if any(f.level == "warning" for f in self.blocking_findings):
+                    self.acknowledge_warnings.errors.append(
+                        "There are warnings above: tick this box to start anyway, or change the settings.")
+        return ok
+
+    def _validate_fields(self, extra_validators=None) -> bool:
         ok = super().validate(extra_validators)
         steps = self.total_steps.data if not self.total_steps.errors else None
         if steps is not None:
@@ -192,9 +238,9 @@ def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[
     for key in TrainingForm.API_DEFAULTED:
         if key not in data:
             data[key] = getattr(TrainingForm, key).kwargs.get("default", "")
-    for key in TrainingForm.BOOLEAN_FIELDS:
+    for key in (*TrainingForm.BOOLEAN_FIELDS, "acknowledge_warnings"):
         # A checkbox that is absent means False in HTML; in JSON an absent key keeps the default.
-        value = data.pop(key, getattr(TrainingForm, key).kwargs["default"])
+        value = data.pop(key, getattr(TrainingForm, key).kwargs.get("default", False))
         if not isinstance(value, bool):
             errors.setdefault(key, []).append("Must be true or false.")
         elif value:

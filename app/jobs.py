@@ -105,6 +105,25 @@ class CancelPoller:
         return "Cancelled by the user." if flag else None
 
 
+class PreflightError(RuntimeError):
+    """The validator, run again in the worker with the real source and device, found an error."""
+
+
+def _preflight(run: Training, source, settings: dict, writer: MetricWriter) -> None:
+    """Check the config again where it will run: errors stop the run, warnings become events."""
+    from .devices import device_memory
+    from .validation import SourceStats, validate_config
+
+    memory = device_memory(settings["SAE_DEVICE"])
+    findings = validate_config(run.config_dict(), SourceStats(source.d_in, source.n_tokens, run.source.name),
+                               free_memory_bytes=memory.free_bytes, device=memory.device)
+    errors = [f for f in findings if f.level == "error"]
+    if errors:
+        raise PreflightError("; ".join(f"{f.field}: {f.message}" for f in errors))
+    for f in findings:
+        writer.event(f.level, "preflight", f"{f.field}: {f.message}", step=0, suggestion=f.suggestion)
+
+
 def _finish(run_id: int, **fields) -> None:
     Training.update(finished_at=utcnow(), **fields).where(Training.id == run_id).execute()
 
@@ -122,6 +141,7 @@ def run_training(training_id: int) -> str:
         from .sae.trainer import train
 
         source = build_source(run.source, settings["DATA_DIR"])
+        _preflight(run, source, settings, writer)
         cfg = train_config(run, settings["SAE_DEVICE"])
         monitor = RuntimeMonitor(RunSpec(
             architecture=run.architecture, latent_dim=run.latent_dim, target_l0=run.target_l0,

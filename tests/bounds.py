@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 BOUNDS = [
-    ("latent_dim", 16, True, {}), ("latent_dim", 15, False, {}),
+    ("latent_dim", 16, True, {"target_l0": 0.1}), ("latent_dim", 15, False, {"target_l0": 0.1}),
     ("latent_dim", 1_048_576, True, {}), ("latent_dim", 1_048_577, False, {}),
     ("l1_alpha", 1.1e-5, True, {}), ("l1_alpha", 1e-5, False, {}),
     ("l1_alpha", 0.1, True, {}), ("l1_alpha", 0.1000001, False, {}),
-    ("k", 1, True, {"architecture": "topk"}), ("k", 0, False, {"architecture": "topk"}),
+    ("k", 1, True, {"architecture": "topk", "target_l0": 1 / 256}), ("k", 0, False, {"architecture": "topk"}),
     ("k", 65_536, True, {"architecture": "topk", "latent_dim": 65_536}),
     ("k", 65_537, False, {"architecture": "topk", "latent_dim": 131_072}),
     ("learning_rate", 1e-6, True, {}), ("learning_rate", 9.9e-7, False, {}),
@@ -20,7 +20,7 @@ BOUNDS = [
     ("lr_warmup_steps", 200, True, {"total_steps": 200}), ("lr_warmup_steps", 201, False, {"total_steps": 200}),
     ("l1_warmup_steps", 0, True, {}), ("l1_warmup_steps", -1, False, {}),
     ("l1_warmup_steps", 200, True, {"total_steps": 200}), ("l1_warmup_steps", 201, False, {"total_steps": 200}),
-    ("target_l0", 0.0001, True, {}), ("target_l0", 0, False, {}),
+    ("target_l0", 0.0001, True, {"latent_dim": 16_384}), ("target_l0", 0, False, {}),
     ("target_l0", 0.5, True, {}), ("target_l0", 0.5001, False, {}),
     ("seed", 0, True, {}), ("seed", -1, False, {}),
     ("seed", 2**31 - 1, True, {}), ("seed", 2**31, False, {}),

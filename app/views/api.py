@@ -52,7 +52,7 @@ def create():
         if name not in errors:
             errors[name] = list(messages)
     if errors or not valid:
-        return {"errors": errors}, 422
+        return {"errors": errors, "findings": [f.to_dict() for f in form.findings]}, 422
     run = create_training(form)
     return {"id": run.id, "status": run.status, "reason": run.reason,
             "url": url_for("pages.detail", training_id=run.id, _external=True)}, 201

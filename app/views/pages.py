@@ -85,10 +85,39 @@ def create():
 
 @bp.post("/trainings/hints")
 def form_hints():
-    """Live help beside the form's fields (htmx, on every change)."""
+    """Live help and the validator's findings beside the form's fields (htmx, on every change)."""
     form = TrainingForm()
-    form.validate()
-    return render_template("_partials/form_hints.html", form=form)
+    form._validate_fields()
+    form.attach_findings(form.preflight())
+    return render_template("_partials/form_hints.html", form=form, oob=True)
+
+
+@bp.post("/trainings/recommend")
+def recommend():
+    """Fill the form with settings that work for the chosen source and latent_dim (htmx)."""
+    from ..devices import device_memory
+    from ..validation import SourceStats, recommend_settings
+
+    form = TrainingForm()
+    form._validate_fields()
+    source = form.sources.get(form.source_id.data)
+    latent_dim = form.latent_dim.data if not form.latent_dim.errors and form.latent_dim.data else None
+    target = form.target_l0.data if not form.target_l0.errors and form.target_l0.data else None
+    reasons = {}
+    if source is not None and latent_dim and target:
+        on_gpu = device_memory(current_app.config.get("SAE_DEVICE", "auto")).device.startswith("cuda")
+        settings = recommend_settings(SourceStats(source.d_in, source.n_tokens, source.name), latent_dim=latent_dim,
+                                      target_l0=target, architecture=form.architecture.data, on_gpu=on_gpu)
+        for name, (value, why) in settings.items():
+            field = getattr(form, name)
+            field.data = value
+            field.raw_data = [str(value)]
+            reasons[name] = why
+    for field in form:
+        field.errors = []
+        field.reason = reasons.get(field.name)
+    form.attach_findings(form.preflight())
+    return render_template("_partials/training_form_body.html", form=form, recommended=bool(reasons))
 
 
 @bp.get("/trainings/<int:training_id>")

@@ -1,0 +1,212 @@
+"""The pre-training validator: pure functions, a config and source statistics in, findings out.
+
+Each finding has a level — ``error`` blocks the start, ``warning`` must be acknowledged
+("start anyway"), ``info`` only informs — the field it concerns, a plain message and,
+where there is one, a concrete suggested value. The same findings are shown beside the
+form's fields as the user types, answer the JSON API, and are checked again by the worker
+before the first step.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .quality import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, format_target
+
+CALIBRATION = json.loads((Path(__file__).with_name("calibration.json")).read_text())
+
+# Bands around the calibrated recommendation; outside them the outcome is predictable.
+DENSE_BELOW = 1 / 5
+DEAD_ABOVE = 5.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error", "warning" or "info"
+    field: str
+    message: str
+    suggestion: str | None = None
+    suggested_value: float | int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    """What the validator needs to know about the activations."""
+
+    d_in: int
+    n_tokens: int | None  # None: an unbounded (generated) stream
+    name: str = ""
+
+
+def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float) -> float:
+    """The l1_alpha that the calibration predicts gives ``target_l0``, inside (1e-5, 0.1].
+
+    Inverts the fit ``log L0 = a + b·log α + c·log d_in + e·log(latent_dim/d_in)``
+    measured by ``benchmarks/calibrate_l1_alpha.py`` (coefficients in calibration.json).
+    """
+    c = CALIBRATION
+    log_alpha = (math.log(target_l0) - c["a"] - c["c"] * math.log(d_in) - c["e"] * math.log(latent_dim / d_in)) / c["b"]
+    return float(min(L1_ALPHA_MAX, max(2 * L1_ALPHA_MIN_EXCLUSIVE, math.exp(log_alpha))))
+
+
+def predicted_l0_fraction(d_in: int, latent_dim: int, l1_alpha: float) -> float:
+    """The calibration's forward prediction (useful regime only: 0.3%–30%)."""
+    c = CALIBRATION
+    log_l0 = c["a"] + c["b"] * math.log(l1_alpha) + c["c"] * math.log(d_in) + c["e"] * math.log(latent_dim / d_in)
+    return min(1.0, math.exp(log_l0))
+
+
+def memory_estimate_bytes(d_in: int, latent_dim: int, batch_size: int, architecture: str) -> int:
+    """Parameters, their gradients and both Adam moments, plus the batch's activations (fp32)."""
+    params = 2 * d_in * latent_dim + latent_dim + d_in
+    per_token = 6 * latent_dim + 4 * d_in  # pre-activations, codes, their grads, AuxK scratch; x and x̂
+    if architecture == "topk":
+        per_token += 2 * latent_dim
+    return 4 * (4 * params + batch_size * per_token)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | None = None,
+                    device: str = "") -> list[Finding]:
+    """All findings for a config (form field names) on ``source``. Pure; no I/O."""
+    findings: list[Finding] = []
+    add = findings.append
+    arch = cfg["architecture"]
+    latent, d_in, steps, batch = cfg["latent_dim"], source.d_in, cfg["total_steps"], cfg["batch_size"]
+    target, lr, alpha, k = cfg["target_l0"], cfg["learning_rate"], cfg.get("l1_alpha"), cfg.get("k")
+
+    if arch == "standard" and alpha is not None:
+        rec = recommended_l1_alpha(d_in, latent, target)
+        ratio = alpha / rec
+        if alpha == lr:
+            add(Finding("warning", "l1_alpha",
+                        f"l1_alpha equals the learning rate ({alpha:g}). Did you swap them? l1_alpha is the sparsity "
+                        "penalty, not a step size.", f"Set l1_alpha to about {rec:.2g}.", _round(rec)))
+        elif alpha < 1e-3 and lr >= 3e-3 and lr / alpha >= 10:
+            add(Finding("warning", "l1_alpha",
+                        f"l1_alpha {alpha:g} looks like a learning rate and learning_rate {lr:g} like a penalty. "
+                        "Did you swap them?", f"Set l1_alpha to about {rec:.2g} and learning_rate to about 0.001.",
+                        _round(rec)))
+        elif ratio < DENSE_BELOW:
+            add(Finding("warning", "l1_alpha",
+                        f"l1_alpha {alpha:g} is {1 / ratio:.0f}× below the calibrated {rec:.2g} for {latent:,} latents "
+                        f"on d_in {d_in} at {format_target(target, latent)}: features will likely be dense.",
+                        f"Use about {rec:.2g}.", _round(rec)))
+        elif ratio > DEAD_ABOVE:
+            add(Finding("warning", "l1_alpha",
+                        f"l1_alpha {alpha:g} is {ratio:.0f}× above the calibrated {rec:.2g} for {latent:,} latents "
+                        f"on d_in {d_in} at {format_target(target, latent)}: latents will likely die.",
+                        f"Use about {rec:.2g}.", _round(rec)))
+    if lr > 0.01:
+        add(Finding("warning", "learning_rate",
+                    f"A learning rate of {lr:g} is far above what SAEs train stably with; losses tend to explode.",
+                    "Use about 0.001.", 0.001))
+
+    count = target * latent
+    if count < 1:
+        add(Finding("error", "target_l0", f"A target of {100 * target:.3g}% of {latent:,} latents is {count:.2f} "
+                    "latents per token: fewer than one.", f"Use at least {1 / latent:.2g}.", _round(2 / latent)))
+    elif not 0.005 <= target <= 0.15:
+        add(Finding("warning", "target_l0",
+                    f"A target L0 of {100 * target:.3g}% is outside the usual 0.5%–15%: "
+                    + ("features this dense are rarely interpretable." if target > 0.15
+                       else "so few active latents usually cost most of the reconstruction."),
+                    "Use 0.01–0.05.", 0.02))
+    if arch == "topk" and k is not None and count > k:
+        add(Finding("error", "target_l0", f"TopK fixes L0 at k = {k}, so a target of {count:,.0f} latents per token "
+                    "is unreachable.", f"Set the target to k / latent_dim = {k / latent:.3g}.", _round(k / latent)))
+
+    if latent <= d_in:
+        add(Finding("warning", "latent_dim", f"{latent:,} latents for d_in {d_in} is not overcomplete: an SAE this "
+                    "small cannot separate features in superposition.", f"Use at least {4 * d_in:,} (4× d_in).",
+                    4 * d_in))
+    elif latent > 64 * d_in:
+        add(Finding("warning", "latent_dim", f"{latent:,} latents is {latent / d_in:.0f}× d_in {d_in}, beyond the "
+                    "64× at which most latents stay dead or split hairs.", f"Use at most {64 * d_in:,}.", 64 * d_in))
+    if arch == "topk" and k is not None and k > 0.1 * latent:
+        add(Finding("warning", "k", f"k = {k} is {100 * k / latent:.0f}% of the latents: the codes will be dense.",
+                    f"Use about {max(1, round(0.02 * latent))}.", max(1, round(0.02 * latent))))
+
+    if cfg["lr_warmup_steps"] > steps / 3:
+        add(Finding("warning", "lr_warmup_steps", f"The learning-rate warm-up takes {cfg['lr_warmup_steps']:,} of "
+                    f"{steps:,} steps, more than a third of the run.", f"Use about {steps // 20:,}.", steps // 20))
+    if arch == "standard" and cfg["l1_warmup_steps"] > steps / 3:
+        add(Finding("warning", "l1_warmup_steps", f"The sparsity warm-up takes {cfg['l1_warmup_steps']:,} of "
+                    f"{steps:,} steps: the penalty is at full strength for too little of the run to reach sparse "
+                    "features.", f"Use about {steps // 20:,}.", steps // 20))
+
+    if source.n_tokens is not None:
+        needed = steps * batch
+        epochs = needed / source.n_tokens
+        if epochs > 1:
+            level = "warning" if epochs > 10 else "info"
+            add(Finding(level, "total_steps", f"The run consumes {needed:,} tokens but the source holds "
+                        f"{source.n_tokens:,} distinct ones: it repeats them {epochs:.1f} times"
+                        + (", and the SAE may memorise them." if level == "warning" else "."),
+                        f"At most {source.n_tokens * 10 // batch:,} steps keeps it under 10 passes.",
+                        source.n_tokens * 10 // batch))
+
+    if free_memory_bytes:
+        need = memory_estimate_bytes(d_in, latent, batch, arch)
+        where = device or "the device"
+        if need > free_memory_bytes:
+            add(Finding("error", "batch_size", f"Training needs about {_fmt_bytes(need)} but {where} has "
+                        f"{_fmt_bytes(free_memory_bytes)} free.", "Lower the batch size or latent_dim."))
+        elif need > 0.8 * free_memory_bytes:
+            add(Finding("warning", "batch_size", f"Training needs about {_fmt_bytes(need)} of the "
+                        f"{_fmt_bytes(free_memory_bytes)} free on {where}; anything else running may push it over.",
+                        "Lower the batch size."))
+    return findings
+
+
+def _round(value: float) -> float:
+    """Two significant figures: what a person would type."""
+    if value == 0:
+        return 0.0
+    return float(f"{value:.2g}")
+
+
+def blocking(findings: list[Finding], *, acknowledged: bool) -> list[Finding]:
+    """The findings that stop a start: every error, and warnings unless acknowledged."""
+    return [f for f in findings if f.level == "error" or (f.level == "warning" and not acknowledged)]
+
+
+def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float, architecture: str,
+                       on_gpu: bool) -> dict[str, tuple[float | int, str]]:
+    """Settings that work for this source, latent_dim and target, each with a one-line reason."""
+    batch = 4096 if on_gpu else 1024
+    if source.n_tokens is None:
+        steps, why_steps = (20_000 if on_gpu else 3000), "the synthetic stream never repeats; enough steps to settle"
+    else:
+        steps = max(300, min(50_000, 3 * source.n_tokens // batch))
+        why_steps = f"three passes over the source's {source.n_tokens:,} tokens (300 to 50,000 steps)"
+    lr = 1e-3 if latent_dim <= 16_384 else _round(1e-3 * math.sqrt(16_384 / latent_dim))
+    out: dict[str, tuple[float | int, str]] = {
+        "learning_rate": (lr, "Adam at 1e-3 trains SAEs stably up to 16k latents; larger dictionaries take a "
+                              "proportionally smaller step"),
+        "batch_size": (batch, "keeps the GPU busy" if on_gpu else "fits a CPU's caches while averaging out noise"),
+        "total_steps": (steps, why_steps),
+        "lr_warmup_steps": (max(10, steps // 20), "5% of the run: Adam's moment estimates settle first"),
+        "l1_warmup_steps": (max(10, steps // 20), "5% of the run: the penalty at full strength from the start "
+                                                  "kills latents before they find features"),
+    }
+    if architecture == "standard":
+        rec = recommended_l1_alpha(source.d_in, latent_dim, target_l0)
+        out["l1_alpha"] = (_round(rec), f"calibrated for {latent_dim:,} latents on d_in {source.d_in} at "
+                                        f"{format_target(target_l0, latent_dim)} "
+                                        f"({CALIBRATION.get('runs_fitted', 0)} measured runs)")
+    else:
+        out["k"] = (max(1, round(target_l0 * latent_dim)), f"TopK's L0 is k: {format_target(target_l0, latent_dim)}")
+    return out

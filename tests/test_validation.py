@@ -1,0 +1,184 @@
+"""The pre-training validator: each rule on a config built to trigger it, silence on a sound one."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from rq import Queue
+
+from app.models import Event, Training
+from app.validation import (Finding, SourceStats, blocking, memory_estimate_bytes, recommend_settings,
+                            recommended_l1_alpha, validate_config)
+from conftest import QUICK_CONFIG
+
+SYNTH = SourceStats(d_in=256, n_tokens=None)
+FILE = SourceStats(d_in=256, n_tokens=100_000)
+
+
+def sound(**changes) -> dict:
+    cfg = {"architecture": "standard", "latent_dim": 1024, "target_l0": 0.02, "learning_rate": 0.001,
+           "batch_size": 512, "total_steps": 2000, "lr_warmup_steps": 100, "l1_warmup_steps": 100, "k": None}
+    cfg["l1_alpha"] = recommended_l1_alpha(256, cfg["latent_dim"], cfg["target_l0"])
+    cfg.update(changes)
+    return cfg
+
+
+def fired(cfg, source=SYNTH, **kw) -> list[tuple[str, str]]:
+    return [(f.level, f.field) for f in validate_config(cfg, source, **kw)]
+
+
+def test_the_recommended_config_is_silent():
+    assert validate_config(sound(), SYNTH, free_memory_bytes=16 * 2**30) == []
+    assert validate_config(sound(total_steps=150, lr_warmup_steps=10, l1_warmup_steps=10), FILE) == []
+
+
+def test_the_original_incident_is_caught_as_a_swap():
+    [finding] = [f for f in validate_config(sound(l1_alpha=0.0003, learning_rate=0.0003), SYNTH)
+                 if f.field == "l1_alpha"]
+    assert finding.level == "warning" and "swap" in finding.message and finding.suggested_value
+
+
+def test_values_typical_of_the_other_field_are_caught_as_a_swap():
+    findings = validate_config(sound(l1_alpha=0.0001, learning_rate=0.005), SYNTH)
+    assert any("swap" in f.message for f in findings if f.field == "l1_alpha")
+
+
+@pytest.mark.parametrize("factor,words", [(1 / 20, "dense"), (20, "die")])
+def test_penalty_far_from_the_calibration(factor, words):
+    rec = recommended_l1_alpha(256, 1024, 0.02)
+    findings = [f for f in validate_config(sound(l1_alpha=min(0.1, rec * factor)), SYNTH) if f.field == "l1_alpha"]
+    assert len(findings) == 1 and words in findings[0].message
+    assert findings[0].suggested_value == pytest.approx(rec, rel=0.05)
+    assert fired(sound(l1_alpha=rec * 3)) == [] and fired(sound(l1_alpha=rec / 3)) == []
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"target_l0": 0.002}, ("warning", "target_l0")),
+    ({"target_l0": 0.3}, ("warning", "target_l0")),
+    ({"target_l0": 0.0005}, ("error", "target_l0")),  # 0.5 of a latent
+    ({"architecture": "topk", "k": 8, "l1_alpha": None, "target_l0": 0.02}, ("error", "target_l0")),  # 20 > k
+    ({"latent_dim": 256, "target_l0": 0.05}, ("warning", "latent_dim")),
+    ({"latent_dim": 256 * 65}, ("warning", "latent_dim")),
+    ({"architecture": "topk", "k": 120, "l1_alpha": None, "target_l0": 0.117}, ("warning", "k")),
+    ({"lr_warmup_steps": 700}, ("warning", "lr_warmup_steps")),
+    ({"l1_warmup_steps": 700}, ("warning", "l1_warmup_steps")),
+    ({"learning_rate": 0.05}, ("warning", "learning_rate")),
+])
+def test_each_rule_fires_on_its_config(changes, expected):
+    cfg = sound(**changes)
+    if cfg["architecture"] == "standard":
+        cfg["l1_alpha"] = recommended_l1_alpha(256, cfg["latent_dim"], cfg["target_l0"])
+    assert expected in fired(cfg)
+
+
+def test_repeated_data_is_reported_with_the_number_of_passes():
+    findings = validate_config(sound(total_steps=1000), FILE)  # 512,000 tokens from 100,000
+    [f] = [f for f in findings if f.field == "total_steps"]
+    assert f.level == "info" and "5.1 times" in f.message
+    [f] = [f for f in validate_config(sound(total_steps=5000), FILE) if f.field == "total_steps"]
+    assert f.level == "warning" and f.suggested_value == 1953
+
+
+def test_memory_estimate_against_the_device():
+    need = memory_estimate_bytes(256, 1024, 512, "standard")
+    assert need == 4 * (4 * (2 * 256 * 1024 + 1024 + 256) + 512 * (6 * 1024 + 4 * 256))
+    assert ("error", "batch_size") in fired(sound(), free_memory_bytes=need // 2, device="cuda:0")
+    assert ("warning", "batch_size") in fired(sound(), free_memory_bytes=int(need * 1.1))
+    assert fired(sound(), free_memory_bytes=need * 10) == []
+
+
+def test_blocking_rules():
+    warning, error, info = (Finding("warning", "a", "w"), Finding("error", "b", "e"), Finding("info", "c", "i"))
+    assert blocking([warning, error, info], acknowledged=False) == [warning, error]
+    assert blocking([warning, error, info], acknowledged=True) == [error]
+
+
+@pytest.mark.parametrize("latent_dim", [256, 512, 1024, 4096, 16_384, 65_536, 131_072])
+@pytest.mark.parametrize("d_in", [64, 256, 768, 4096])
+@pytest.mark.parametrize("target", [0.001, 0.02, 0.15, 0.5])
+def test_recommendation_always_lies_in_the_valid_range(latent_dim, d_in, target):
+    assert 1e-5 < recommended_l1_alpha(d_in, latent_dim, target) <= 0.1
+
+
+def test_recommendation_falls_as_the_target_rises():
+    assert recommended_l1_alpha(256, 1024, 0.01) > recommended_l1_alpha(256, 1024, 0.05)
+
+
+def test_recommended_settings_come_with_reasons():
+    settings = recommend_settings(FILE, latent_dim=2048, target_l0=0.02, architecture="standard", on_gpu=False)
+    assert set(settings) >= {"l1_alpha", "learning_rate", "batch_size", "total_steps", "lr_warmup_steps",
+                             "l1_warmup_steps"}
+    assert all(reason for _, reason in settings.values())
+    cfg = sound(latent_dim=2048, **{k: v for k, (v, _) in settings.items()})
+    assert [f for f in validate_config(cfg, FILE) if f.level != "info"] == []
+
+
+def form(**changes) -> dict:
+    data = {**QUICK_CONFIG, "latent_dim": 1024, "l1_alpha": round(recommended_l1_alpha(256, 1024, 0.02), 4),
+            "acknowledge_warnings": False, **changes}
+    return {k: "" if v is None else ("y" if v is True else str(v)) for k, v in data.items() if v is not False}
+
+
+def test_a_warning_blocks_the_html_start_until_acknowledged(client, env, redis_client):
+    response = client.post("/trainings", data=form(l1_alpha=0.0003, learning_rate=0.0003))
+    assert response.status_code == 422
+    html = response.get_data(as_text=True)
+    assert re.search(r'data-finding="l1_alpha">.*swap', html)
+    assert 'data-field="acknowledge_warnings"' in html and Training.select().count() == 0
+    assert len(Queue(env["QUEUE_NAME"], connection=redis_client)) == 0
+    response = client.post("/trainings", data=form(l1_alpha=0.0003, learning_rate=0.0003, acknowledge_warnings=True))
+    assert response.status_code == 303 and Training.select().count() == 1
+
+
+def test_an_error_blocks_even_when_acknowledged(client):
+    response = client.post("/trainings", data=form(target_l0=0.0005, acknowledge_warnings=True))
+    assert response.status_code == 422
+    assert re.search(r'data-field="target_l0">[^<]*fewer than one', response.get_data(as_text=True))
+    assert Training.select().count() == 0
+
+
+def test_the_api_lists_findings_and_honours_acknowledgement(client):
+    body = {**QUICK_CONFIG, "latent_dim": 1024, "l1_alpha": 0.0003, "learning_rate": 0.0003}
+    body.pop("acknowledge_warnings")
+    response = client.post("/api/trainings", json=body)
+    assert response.status_code == 422
+    assert "acknowledge_warnings" in response.json["errors"]
+    [swap] = [f for f in response.json["findings"] if f["field"] == "l1_alpha"]
+    assert swap["level"] == "warning" and "swap" in swap["message"] and swap["suggestion"]
+    assert client.post("/api/trainings", json={**body, "acknowledge_warnings": True}).status_code == 201
+    response = client.post("/api/trainings", json={**body, "target_l0": 0.0005, "acknowledge_warnings": True})
+    assert response.status_code == 422 and "target_l0" in response.json["errors"]
+
+
+def test_findings_appear_beside_fields_as_the_user_types(client):
+    html = client.post("/trainings/hints", data=form(l1_alpha=0.0003, learning_rate=0.0003)).get_data(as_text=True)
+    assert re.search(r'id="findings-l1_alpha" class="findings" hx-swap-oob="true">\s*<p class="finding finding-warning"',
+                     html)
+    clean = client.post("/trainings/hints", data=form()).get_data(as_text=True)
+    assert 'class="finding ' not in clean and 'id="findings-l1_alpha"' in clean
+
+
+def test_recommended_settings_button_fills_the_form(client):
+    html = client.post("/trainings/recommend", data=form(l1_alpha=0.05, latent_dim=2048)).get_data(as_text=True)
+    expected = float(f"{recommended_l1_alpha(256, 2048, 0.02):.2g}")
+    assert re.search(rf'id="l1_alpha"[^>]*value="{expected}"', html), expected
+    assert 'data-reason="l1_alpha">Recommended: calibrated for 2,048 latents' in html
+    assert 'data-reason="learning_rate"' in html and 'id="recommended-note"' in html
+
+
+def test_the_worker_checks_again_and_fails_a_run_the_validator_refuses(client, run_worker):
+    response = client.post("/api/trainings", json=QUICK_CONFIG)
+    run_id = response.json["id"]
+    # The row changes after it was accepted (an older version's row, or an edit in the database).
+    Training.update(target_l0=0.0001).where(Training.id == run_id).execute()
+    run_worker()
+    run = Training.get_by_id(run_id)
+    assert run.status == "failed" and "PreflightError" in run.reason and "fewer than one" in run.reason
+    assert run.metrics.count() == 0
+
+
+def test_acknowledged_warnings_are_recorded_on_the_run(client, run_worker):
+    run_id = client.post("/api/trainings", json=QUICK_CONFIG).json["id"]  # 256 latents on d_in 256
+    run_worker()
+    warnings = [e for e in Event.select().where(Event.training == run_id, Event.code == "preflight")]
+    assert any("not overcomplete" in e.message for e in warnings)
