@@ -36,12 +36,14 @@ def create_app(config: dict | None = None) -> Flask:
     csrf.init_app(app)
     Htmx(app)
 
-    from .views import api, pages, sources
+    from .views import api, pages, sources, templates, tune
     from .views.formatting import register_filters
 
     app.register_blueprint(pages.bp)
     app.register_blueprint(sources.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(tune.bp)
+    app.register_blueprint(templates.bp)
     csrf.exempt(api.bp)
     register_filters(app)
 

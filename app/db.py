@@ -69,7 +69,22 @@ def _migration_2_quality_control(db) -> None:
         add_column_if_missing(db, "training", name, field)
 
 
-MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control]
+def _migration_3_tune_jobs(db) -> None:
+    from .models import TuneJob
+
+    db.create_tables([TuneJob])
+
+
+def _migration_4_templates(db) -> None:
+    from .models import Template, seed_templates
+
+    db.create_tables([Template])
+    if not Template.select().where(Template.builtin == True).exists():  # noqa: E712 - Peewee expression
+        seed_templates()
+
+
+MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
+                              _migration_4_templates]
 
 
 def migrate() -> int:

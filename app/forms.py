@@ -183,16 +183,7 @@ class TrainingForm(FlaskForm):
 
     def _validate_fields(self, extra_validators=None) -> bool:
         ok = super().validate(extra_validators)
-        steps = self.total_steps.data if not self.total_steps.errors else None
-        if steps is not None:
-            for f in (self.lr_warmup_steps, self.l1_warmup_steps):
-                if not f.errors and f.data is not None and f.data > steps:
-                    f.errors.append(f"Must not exceed the training steps ({steps:,}).")
-                    ok = False
-        if self.architecture.data == "topk" and not self.k.errors and not self.latent_dim.errors \
-                and self.k.data is not None and self.latent_dim.data is not None and self.k.data > self.latent_dim.data:
-            self.k.errors.append(f"k must not exceed latent_dim ({self.latent_dim.data:,}).")
-            ok = False
+        ok = check_cross_fields(self) and ok
         source = self.sources.get(self.source_id.data)
         if source is not None and source.n_tokens is not None and not self.batch_size.errors \
                 and self.batch_size.data is not None and self.batch_size.data > source.n_tokens:
@@ -212,6 +203,45 @@ class TrainingForm(FlaskForm):
             data["steer_l1_alpha"] = False
             data["dead_latent_remedy"] = "none"  # TopK always has AuxK
         return data
+
+
+def check_cross_fields(form) -> bool:
+    """Rules between fields: warm-ups within the run, k within the latents. Marks the field."""
+    ok = True
+    steps = form.total_steps.data if not form.total_steps.errors else None
+    if steps is not None:
+        for f in (form.lr_warmup_steps, form.l1_warmup_steps):
+            if not f.errors and f.data is not None and f.data > steps:
+                f.errors.append(f"Must not exceed the training steps ({steps:,}).")
+                ok = False
+    if form.architecture.data == "topk" and not form.k.errors and not form.latent_dim.errors \
+            and form.k.data is not None and form.latent_dim.data is not None and form.k.data > form.latent_dim.data:
+        form.k.errors.append(f"k must not exceed latent_dim ({form.latent_dim.data:,}).")
+        ok = False
+    return ok
+
+
+class TemplateForm(FlaskForm):
+    """A template's name and hyperparameters, validated exactly as the training form's."""
+
+    name = StringField("Template name", validators=[InputRequired("Give the template a name."), Length(max=200)])
+    d_in = IntegerField("Made for activation width (d_in)", validators=[Optional(), Range(1, 1_000_000)])
+    provenance = StringField("Provenance", validators=[Optional(), Length(max=2000)],
+                             description="Where these values come from, for whoever uses the template next.")
+
+    def validate(self, extra_validators=None) -> bool:
+        ok = super().validate(extra_validators)
+        return check_cross_fields(self) and ok
+
+    def template_config(self) -> dict:
+        from .models import TEMPLATE_FIELDS
+
+        config = {name: getattr(self, name).data for name in TEMPLATE_FIELDS}
+        if config["architecture"] == "standard":
+            config["k"] = None
+        else:
+            config["l1_alpha"] = None
+        return config
 
 
 def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[str]]]:
@@ -296,3 +326,43 @@ class SyntheticSourceForm(FlaskForm):
             self.mean_active.errors.append("Must not exceed the number of features.")
             ok = False
         return ok
+
+
+def _share_template_fields() -> None:
+    """TemplateForm takes the training form's own field definitions: one set of rules."""
+    from .models import TEMPLATE_FIELDS
+
+    for name in TEMPLATE_FIELDS:
+        setattr(TemplateForm, name, getattr(TrainingForm, name))
+
+
+_share_template_fields()
+
+
+def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[str]]]:
+    """Map one imported template (JSON object) onto the template form, aliases included."""
+    from .models import TEMPLATE_FIELDS
+
+    if not isinstance(payload, dict):
+        return None, {"_template": ["Each template must be a JSON object."]}
+    errors: dict[str, list[str]] = {}
+    data = dict(payload)
+    for alias in L1_ALPHA_ALIASES:
+        if alias in data:
+            value = data.pop(alias)
+            if "l1_alpha" in data and data["l1_alpha"] != value:
+                errors.setdefault("l1_alpha", []).append(f"l1_alpha and its alias {alias} disagree.")
+            data["l1_alpha"] = value
+    if data.get("architecture", "standard") == "standard" and data.get("l1_alpha", None) is None:
+        errors.setdefault("l1_alpha", []).append(NULL_MESSAGES["l1_alpha"])
+    formdata = MultiDict()
+    for key, value in data.items():
+        if key not in (*TEMPLATE_FIELDS, "name", "d_in", "provenance"):
+            errors.setdefault(key, []).append("Unknown field.")
+        elif value is None or value == "":
+            continue
+        elif isinstance(value, (bool, dict, list)):
+            errors.setdefault(key, []).append("Wrong type.")
+        else:
+            formdata[key] = str(value)
+    return formdata, errors

@@ -12,6 +12,7 @@ from rq.job import Job, JobStatus
 from .models import Event, Training, utcnow
 
 TRAINING_JOB = "app.jobs.run_training"
+TUNE_JOB = "app.jobs.run_tune"
 
 
 def redis_connection(url: str) -> Redis:
@@ -29,6 +30,16 @@ def enqueue_training(training: Training, settings: dict) -> None:
                         result_ttl=86_400, failure_ttl=7 * 86_400, description=f"training {training.id}")
     Training.update(rq_job_id=job.id).where(Training.id == training.id).execute()
     training.rq_job_id = job.id
+
+
+def enqueue_tune(tune, settings: dict) -> None:
+    """Put an auto-tune on the queue and record its job id."""
+    from .models import TuneJob
+
+    job = training_queue(settings).enqueue(TUNE_JOB, tune.id, job_timeout=settings["JOB_TIMEOUT_S"],
+                                           result_ttl=86_400, failure_ttl=7 * 86_400,
+                                           description=f"auto-tune {tune.id}")
+    TuneJob.update(rq_job_id=job.id).where(TuneJob.id == tune.id).execute()
 
 
 def request_cancel(training: Training, settings: dict) -> None:

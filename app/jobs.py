@@ -89,20 +89,14 @@ class MetricWriter:
         self.last_flush = time.monotonic()
 
 
-class CancelPoller:
-    """Reads the run's cancel flag from the database at most every ``interval_s``."""
+def cancel_poller(run_id: int, interval_s: float = 0.5):
+    """A ``should_stop`` that reads the run's cancel flag at most every ``interval_s``."""
 
-    def __init__(self, run_id: int, interval_s: float = 0.5) -> None:
-        self.run_id, self.interval_s = run_id, interval_s
-        self.next_check = 0.0
-
-    def __call__(self) -> str | None:
-        now = time.monotonic()
-        if now < self.next_check:
-            return None
-        self.next_check = now + self.interval_s
-        flag = Training.select(Training.cancel_requested).where(Training.id == self.run_id).scalar()
+    def check() -> str | None:
+        flag = Training.select(Training.cancel_requested).where(Training.id == run_id).scalar()
         return "Cancelled by the user." if flag else None
+
+    return _throttled(check, interval_s)
 
 
 class PreflightError(RuntimeError):
@@ -167,7 +161,7 @@ def run_training(training_id: int) -> str:
                              suggestion=finding.suggestion)
             return monitor.stop.message if monitor.stop else None
 
-        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=CancelPoller(run.id),
+        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=cancel_poller(run.id),
                             l1_alpha_control=controller)
         writer.flush()
         checkpoint = _save_checkpoint(sae, run, result, settings["DATA_DIR"])
@@ -235,3 +229,69 @@ def _save_checkpoint(sae, run: Training, result, data_dir: str) -> str:
     (folder / "cfg.json").write_text(json.dumps({
         **run.config_dict(), "d_in": sae.d_in, "norm_scale": result.norm_scale, "steps_trained": result.steps}, indent=2))
     return str((folder / "sae.safetensors").relative_to(data_dir))
+
+
+def run_tune(tune_id: int) -> str:
+    """Run an auto-tune's pilots, recording each on the row as it finishes."""
+    from .models import TuneJob
+
+    settings = _connect()
+    tune = TuneJob.get_by_id(tune_id)
+    claimed = (TuneJob.update(status="running", started_at=utcnow())
+               .where((TuneJob.id == tune.id) & (TuneJob.status == "queued")).execute())
+    if not claimed:
+        return tune.status
+    try:
+        from .sae.tune import tune_l1_alpha
+        from .validation import recommended_l1_alpha
+
+        source = build_source(tune.source, settings["DATA_DIR"])
+        pilots: list[dict] = []
+
+        def on_pilot(pilot, index: int) -> None:
+            pilots.append(pilot.to_dict())
+            TuneJob.update(pilots=pilots).where(TuneJob.id == tune.id).execute()
+
+        def should_stop() -> str | None:
+            flag = TuneJob.select(TuneJob.cancel_requested).where(TuneJob.id == tune.id).scalar()
+            return "Cancelled by the user." if flag else None
+
+        poll = _throttled(should_stop, 0.5)
+        best, _, outcome = tune_l1_alpha(
+            source, latent_dim=tune.latent_dim, target=tune.target_l0,
+            start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0),
+            learning_rate=tune.learning_rate, batch_size=tune.batch_size, pilot_steps=tune.pilot_steps,
+            max_pilots=tune.max_pilots, seed=tune.seed, device=settings["SAE_DEVICE"],
+            on_pilot=on_pilot, should_stop=poll)
+        if outcome == "found":
+            TuneJob.update(status="completed", result_l1_alpha=best.l1_alpha, finished_at=utcnow()).where(
+                TuneJob.id == tune.id).execute()
+        elif outcome == "exhausted":
+            reason = (f"No pilot landed within ±20% of the target in {tune.max_pilots} pilots; the closest gave "
+                      f"L0 {100 * best.l0_fraction:.2f}% at l1_alpha {best.l1_alpha:.3g}.")
+            TuneJob.update(status="completed", result_l1_alpha=best.l1_alpha, reason=reason,
+                           finished_at=utcnow()).where(TuneJob.id == tune.id).execute()
+        else:
+            TuneJob.update(status="cancelled", reason=outcome, finished_at=utcnow()).where(
+                TuneJob.id == tune.id).execute()
+        return TuneJob.get_by_id(tune.id).status
+    except Exception as exc:  # noqa: BLE001 - recorded on the row, then re-raised for RQ
+        TuneJob.update(status="failed", reason=f"{type(exc).__name__}: {exc}", finished_at=utcnow()).where(
+            TuneJob.id == tune.id).execute()
+        raise
+    finally:
+        database.close()
+
+
+def _throttled(check, interval_s: float):
+    """Call ``check`` at most every ``interval_s``; in between report no stop."""
+    state = {"next": 0.0}
+
+    def wrapper():
+        now = time.monotonic()
+        if now < state["next"]:
+            return None
+        state["next"] = now + interval_s
+        return check()
+
+    return wrapper

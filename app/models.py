@@ -165,7 +165,86 @@ class Event(BaseModel):
         table_name = "event"
 
 
-ALL_MODELS = [ActivationSet, Training, MetricPoint, Event]
+class TuneJob(BaseModel):
+    """An auto-tune: short pilot trainings that search l1_alpha for a target L0."""
+
+    source = ForeignKeyField(ActivationSet, backref="tunes", on_delete="RESTRICT")
+    latent_dim = IntegerField()
+    target_l0 = FloatField()
+    learning_rate = FloatField()
+    batch_size = IntegerField()
+    pilot_steps = IntegerField()
+    max_pilots = IntegerField(default=8)
+    seed = IntegerField(default=0)
+    status = CharField(default="queued", index=True)  # queued, running, completed, failed, cancelled
+    reason = TextField(null=True)
+    pilots = JSONField(default=list)  # [{"l1_alpha", "l0_fraction", "fvu"}], in the order run
+    result_l1_alpha = FloatField(null=True)
+    cancel_requested = BooleanField(default=False)
+    rq_job_id = CharField(null=True)
+    created_at = DateTimeField(default=utcnow)
+    started_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "tune_job"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
+class Template(BaseModel):
+    """A named set of hyperparameters that fills the training form."""
+
+    name = CharField()
+    d_in = IntegerField(null=True)  # the activation width it was made for
+    config = JSONField()  # TEMPLATE_FIELDS only
+    provenance = TextField(default="")
+    builtin = BooleanField(default=False)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "template"
+
+    def export(self) -> dict:
+        return {"name": self.name, "d_in": self.d_in, "provenance": self.provenance, **self.config}
+
+
+TEMPLATE_FIELDS = ("architecture", "latent_dim", "l1_alpha", "k", "learning_rate", "batch_size", "total_steps",
+                   "lr_warmup_steps", "l1_warmup_steps", "target_l0")
+PRESET_WIDTHS = (384, 512, 768, 1024, 2048, 2304, 4096)
+
+
+def seed_templates() -> None:
+    """Presets for common model widths and both architectures, l1_alpha from the calibration."""
+    import math
+
+    from .validation import CALIBRATION, recommended_l1_alpha
+
+    for d_in in PRESET_WIDTHS:
+        latent = 8 * d_in
+        k = 32 if d_in <= 1024 else 64
+        target = k / latent
+        lr = 1e-3 if latent <= 16_384 else float(f"{1e-3 * math.sqrt(16_384 / latent):.2g}")
+        common = {"latent_dim": latent, "learning_rate": lr, "batch_size": 4096, "total_steps": 30_000,
+                  "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "target_l0": round(target, 6)}
+        alpha = float(f"{recommended_l1_alpha(d_in, latent, target):.2g}")
+        extrapolated = d_in > 512
+        Template.create(
+            name=f"d_in {d_in} · standard · {latent:,} latents", d_in=d_in, builtin=True,
+            config={"architecture": "standard", "l1_alpha": alpha, "k": None, **common},
+            provenance=(f"l1_alpha from the calibration fit ({CALIBRATION.get('runs_fitted', 0)} measured runs, "
+                        "benchmarks/calibrate_l1_alpha.py)" + ("; at this width the fit is extrapolated: watch the "
+                                                             "first run's early-stop check and verdict." if extrapolated
+                                                             else ".")))
+        Template.create(
+            name=f"d_in {d_in} · TopK k={k} · {latent:,} latents", d_in=d_in, builtin=True,
+            config={"architecture": "topk", "l1_alpha": None, "k": k, **common},
+            provenance=f"TopK with k = {k} (L0 = k by construction) and 8× expansion, a common starting point.")
+
+
+ALL_MODELS = [ActivationSet, Training, MetricPoint, Event, TuneJob, Template]
 
 DEFAULT_SYNTHETIC = {
     "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",

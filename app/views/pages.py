@@ -61,8 +61,16 @@ def index():
 
 @bp.get("/trainings/new")
 def new_training():
+    from ..models import Template
+    from .templates import template_prefill
+
     form = TrainingForm()
-    source_run = None
+    source_run = template = None
+    if request.args.get("template", "").isdigit():
+        prefill = template_prefill(int(request.args["template"]))
+        if prefill is not None:
+            template = Template.get_by_id(int(request.args["template"]))
+            form = TrainingForm(data=prefill)
     if request.args.get("from", "").isdigit():
         source_run = Training.get_or_none(Training.id == int(request.args["from"]))
         if source_run is not None:
@@ -71,14 +79,20 @@ def new_training():
             if suggested is not None:
                 data["l1_alpha"] = suggested
             form = TrainingForm(data=data)
-    return render_template("training_form.html", form=form, source_run=source_run)
+    templates = list(Template.select().order_by(Template.builtin.desc(), Template.d_in, Template.name))
+    return render_template("training_form.html", form=form, source_run=source_run, template=template,
+                           templates=templates)
 
 
 @bp.post("/trainings")
 def create():
     form = TrainingForm()
     if not form.validate_on_submit():
-        return render_template("training_form.html", form=form, source_run=None), 422
+        from ..models import Template
+
+        templates = list(Template.select().order_by(Template.builtin.desc(), Template.d_in, Template.name))
+        return render_template("training_form.html", form=form, source_run=None, template=None,
+                               templates=templates), 422
     run = create_training(form)
     return redirect(url_for("pages.detail", training_id=run.id), code=303)
 

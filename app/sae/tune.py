@@ -1,0 +1,89 @@
+"""Search l1_alpha for a target L0 with short pilot trainings.
+
+Each pilot trains a fresh SAE for a few hundred steps and measures its L0 on held-out
+activations. The search works in log space: while only one side of the target is known it
+steps by the ratio observed/target raised to 1/0.7 (the elasticity of L0 in l1_alpha,
+measured by the calibration sweep), at most tenfold; once pilots lie on both sides it
+interpolates between the nearest two on the log–log line, kept strictly inside the bracket
+(falling back to bisection). It stops when a pilot is within ``tolerance`` of the target.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .sources import ActivationSource
+from .trainer import TrainConfig, train
+
+ELASTICITY = 0.7  # −d log L0 / d log l1_alpha over the useful range
+ALPHA_MIN, ALPHA_MAX = 1.1e-5, 0.1
+
+
+@dataclass
+class Pilot:
+    l1_alpha: float
+    l0_fraction: float
+    fvu: float
+
+    def to_dict(self) -> dict:
+        return {"l1_alpha": self.l1_alpha, "l0_fraction": self.l0_fraction, "fvu": self.fvu}
+
+
+def next_alpha(pilots: list[Pilot], target: float) -> float:
+    """The l1_alpha to try next, given the pilots so far (at least one)."""
+    dense = [p for p in pilots if p.l0_fraction > target]  # penalty too weak
+    sparse = [p for p in pilots if p.l0_fraction <= target]  # penalty too strong
+    last = pilots[-1]
+    if not dense or not sparse:
+        ratio = max(last.l0_fraction, 1e-6) / target
+        factor = min(10.0, max(0.1, ratio ** (1 / ELASTICITY)))
+        return min(ALPHA_MAX, max(ALPHA_MIN, last.l1_alpha * factor))
+    lo = max(dense, key=lambda p: p.l1_alpha)  # strongest penalty still too dense
+    hi = min(sparse, key=lambda p: p.l1_alpha)  # weakest penalty already too sparse
+    a_lo, a_hi = math.log(lo.l1_alpha), math.log(hi.l1_alpha)
+    y_lo, y_hi = math.log(max(lo.l0_fraction, 1e-6)), math.log(max(hi.l0_fraction, 1e-6))
+    guess = (a_lo + a_hi) / 2
+    if y_lo != y_hi:
+        guess = a_lo + (math.log(target) - y_lo) * (a_hi - a_lo) / (y_hi - y_lo)
+    # Stay clearly inside the bracket so each pilot shrinks it.
+    margin = 0.1 * (a_hi - a_lo)
+    guess = min(a_hi - margin, max(a_lo + margin, guess))
+    return math.exp(guess)
+
+
+def tune_l1_alpha(source: ActivationSource, *, latent_dim: int, target: float, start: float,
+                  learning_rate: float = 1e-3, batch_size: int = 256, pilot_steps: int = 400,
+                  max_pilots: int = 8, tolerance: float = 0.2, seed: int = 0, device: str = "auto",
+                  on_pilot: Callable[[Pilot, int], None] | None = None,
+                  should_stop: Callable[[], "str | None"] | None = None) -> tuple[Pilot | None, list[Pilot], str]:
+    """Run pilots until one lands within ``tolerance`` of ``target``.
+
+    Returns ``(best pilot, all pilots, outcome)`` where outcome is "found", "exhausted"
+    (``max_pilots`` run without landing; the best is the closest) or the stop reason.
+    """
+    pilots: list[Pilot] = []
+    alpha = min(ALPHA_MAX, max(ALPHA_MIN, start))
+    warmup = max(1, pilot_steps // 10)
+    for i in range(max_pilots):
+        cfg = TrainConfig(latent_dim=latent_dim, l1_alpha=alpha, learning_rate=learning_rate,
+                          batch_size=batch_size, total_steps=pilot_steps, lr_warmup_steps=warmup,
+                          l1_warmup_steps=warmup, log_every=max(1, pilot_steps // 4), seed=seed,
+                          eval_tokens=8192, device=device)
+        result, _ = train(source, cfg, should_stop=should_stop)
+        if result.status == "stopped":
+            return _closest(pilots, target), pilots, result.reason or "stopped"
+        pilot = Pilot(alpha, result.eval["l0_fraction"], result.eval["fvu"])
+        pilots.append(pilot)
+        if on_pilot:
+            on_pilot(pilot, i)
+        if abs(pilot.l0_fraction / target - 1) <= tolerance:
+            return pilot, pilots, "found"
+        alpha = next_alpha(pilots, target)
+    return _closest(pilots, target), pilots, "exhausted"
+
+
+def _closest(pilots: list[Pilot], target: float) -> Pilot | None:
+    if not pilots:
+        return None
+    return min(pilots, key=lambda p: abs(math.log(max(p.l0_fraction, 1e-9) / target)))

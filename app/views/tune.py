@@ -1,0 +1,73 @@
+"""Auto-tune: find l1_alpha for a target L0 with pilot trainings in the worker (htmx fragments)."""
+from __future__ import annotations
+
+import math
+
+from flask import Blueprint, abort, current_app, render_template
+from redis.exceptions import RedisError
+
+from .. import charts
+from ..forms import TrainingForm
+from ..jobqueue import enqueue_tune
+from ..models import TuneJob, utcnow
+
+bp = Blueprint("tune", __name__, url_prefix="/tunes")
+
+PILOT_STEPS = 400
+PILOT_BATCH = 256
+
+
+def tune_context(tune: TuneJob) -> dict:
+    pts = [(math.log10(p["l1_alpha"]), p["l0_fraction"]) for p in tune.pilots or []]
+    chart = charts.line_chart(
+        "Pilots: L0 fraction against l1_alpha", [
+            charts.Series("pilots", sorted(pts), "#2563eb"),
+            charts.Series("target", [(min(x for x, _ in pts) - 0.1, tune.target_l0),
+                                     (max(x for x, _ in pts) + 0.1, tune.target_l0)], "#555", dashed=True),
+        ], log_y=True, x_label="log10 l1_alpha", width=420, height=200) if pts else None
+    return {"tune": tune, "chart": chart}
+
+
+@bp.post("/")
+def start():
+    """Start an auto-tune for the form's source, latent_dim, target L0 and learning rate."""
+    form = TrainingForm()
+    form._validate_fields()
+    needed = ("source_id", "latent_dim", "target_l0", "learning_rate")
+    problems = {n: getattr(form, n).errors for n in needed if getattr(form, n).errors}
+    if form.architecture.data != "standard":
+        problems["architecture"] = ["Auto-tune searches l1_alpha, which only a standard SAE uses; TopK's L0 is k."]
+    if problems:
+        return render_template("_partials/tune.html", tune=None, problems=problems), 422
+    tune = TuneJob.create(source=form.source_id.data, latent_dim=form.latent_dim.data,
+                          target_l0=form.target_l0.data, learning_rate=form.learning_rate.data,
+                          batch_size=PILOT_BATCH, pilot_steps=PILOT_STEPS, seed=form.seed.data or 0)
+    try:
+        enqueue_tune(tune, current_app.config)
+    except RedisError as exc:
+        TuneJob.update(status="failed", reason=f"Could not reach the job queue: {exc}", finished_at=utcnow()).where(
+            TuneJob.id == tune.id).execute()
+    return render_template("_partials/tune.html", **tune_context(TuneJob.get_by_id(tune.id)))
+
+
+def get_tune_or_404(tune_id: int) -> TuneJob:
+    tune = TuneJob.get_or_none(TuneJob.id == tune_id)
+    if tune is None:
+        abort(404, description=f"There is no auto-tune #{tune_id}.")
+    return tune
+
+
+@bp.get("/<int:tune_id>")
+def show(tune_id: int):
+    return render_template("_partials/tune.html", **tune_context(get_tune_or_404(tune_id)))
+
+
+@bp.post("/<int:tune_id>/cancel")
+def cancel(tune_id: int):
+    tune = get_tune_or_404(tune_id)
+    if tune.status == "queued":
+        TuneJob.update(status="cancelled", reason="Cancelled before it started.", cancel_requested=True,
+                       finished_at=utcnow()).where((TuneJob.id == tune.id) & (TuneJob.status == "queued")).execute()
+    elif tune.is_active:
+        TuneJob.update(cancel_requested=True).where(TuneJob.id == tune.id).execute()
+    return render_template("_partials/tune.html", **tune_context(TuneJob.get_by_id(tune.id)))

@@ -1,0 +1,66 @@
+"""Auto-tune: the search rule, and the whole thing through the real worker."""
+from __future__ import annotations
+
+import math
+
+from app.models import TuneJob
+from app.sae.tune import Pilot, next_alpha
+from conftest import QUICK_CONFIG
+
+
+def test_one_sided_steps_follow_the_elasticity_and_are_capped():
+    assert next_alpha([Pilot(0.001, 0.08, 0.1)], 0.02) == 0.001 * 4 ** (1 / 0.7)
+    assert next_alpha([Pilot(0.001, 0.9, 0.1)], 0.02) == 0.01  # at most tenfold
+    assert next_alpha([Pilot(0.05, 0.001, 0.5)], 0.02) == 0.005
+    assert next_alpha([Pilot(0.09, 0.9, 0.1)], 0.02) == 0.1  # never beyond the valid range
+
+
+def test_bracketed_guess_interpolates_and_stays_inside():
+    pilots = [Pilot(0.001, 0.08, 0.05), Pilot(0.01, 0.005, 0.2)]
+    guess = next_alpha(pilots, 0.02)
+    # On the log–log line through both pilots, 0.02 sits exactly halfway.
+    assert math.isclose(guess, math.sqrt(0.001 * 0.01), rel_tol=1e-9)
+    skewed = next_alpha([Pilot(0.001, 0.021, 0.05), Pilot(0.01, 0.001, 0.2)], 0.02)
+    assert 0.001 < skewed < 0.01 and math.log(skewed / 0.001) >= 0.1 * math.log(10) - 1e-12
+
+
+def form(**changes) -> dict:
+    data = {**QUICK_CONFIG, "latent_dim": 1024, **changes}
+    return {k: str(v) for k, v in data.items() if v is not None and not isinstance(v, bool)}
+
+
+def test_auto_tune_reaches_the_band_through_the_worker(client, run_worker):
+    response = client.post("/tunes/", data=form(target_l0=0.02))
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert 'hx-trigger="every 2s"' in html and "Cancel auto-tune" in html
+    tune = TuneJob.get()
+    done = run_worker()
+    assert done.returncode == 0, done.stderr[-2000:]
+    tune = TuneJob.get_by_id(tune.id)
+    assert tune.status == "completed", tune.reason
+    assert 1 <= len(tune.pilots) <= 8
+    last = tune.pilots[-1]
+    assert abs(last["l0_fraction"] / 0.02 - 1) <= 0.2 and tune.result_l1_alpha == last["l1_alpha"]
+    html = client.get(f"/tunes/{tune.id}").get_data(as_text=True)
+    assert "hx-trigger" not in html and 'id="use-tuned"' in html
+    assert html.count("<tr>") == len(tune.pilots) + 1  # every pilot is listed
+
+
+def test_auto_tune_refuses_topk_and_bad_fields(client):
+    response = client.post("/tunes/", data=form(architecture="topk", k=8))
+    assert response.status_code == 422 and "only a standard SAE" in response.get_data(as_text=True)
+    response = client.post("/tunes/", data=form(latent_dim=3))
+    assert response.status_code == 422 and 'data-field="latent_dim"' in response.get_data(as_text=True)
+    assert TuneJob.select().count() == 0
+
+
+def test_cancel_a_queued_auto_tune(client, run_worker):
+    client.post("/tunes/", data=form())
+    tune = TuneJob.get()
+    html = client.post(f"/tunes/{tune.id}/cancel").get_data(as_text=True)
+    assert "cancelled" in html
+    run_worker()
+    tune = TuneJob.get_by_id(tune.id)
+    assert tune.status == "cancelled" and tune.pilots == []
+    assert client.get("/tunes/999").status_code == 404
