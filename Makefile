@@ -9,7 +9,7 @@ DATA_DIR ?= $(CURDIR)/data
 PORT ?= 5000
 REDIS_PORT ?= 6390
 
-.PHONY: run test install install-test system-deps clean
+.PHONY: run test install install-test system-deps clean calibrate benchmarks
 
 ## run: install everything, start Redis, a worker and the web server; print the URL
 run: install
@@ -46,6 +46,16 @@ $(HTMX):
 install: system-deps $(VENV)/.installed $(HTMX)
 
 install-test: system-deps $(VENV)/.installed-test $(HTMX)
+
+## calibrate: re-measure the l1_alpha recommendation (about 30 minutes on two CPU cores)
+calibrate: install
+	$(PIP) install -q -e '.[calibrate]'
+	cd benchmarks && ../$(PY) calibrate_l1_alpha.py
+
+## benchmarks: the speed figures, each beside its baseline
+benchmarks: install
+	$(PY) benchmarks/validator_speed.py
+	$(PY) benchmarks/trainer_throughput.py
 
 clean:
 	rm -rf $(VENV) static/vendor

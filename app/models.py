@@ -35,6 +35,22 @@ class BaseModel(Model):
         database = database
 
 
+class JobRecord(BaseModel):
+    """What every queued piece of work has: a status, a reason, a cancel flag, its RQ job, times."""
+
+    status = CharField(default="queued", index=True)
+    reason = TextField(null=True)  # why it failed, stopped or was cancelled
+    cancel_requested = BooleanField(default=False)
+    rq_job_id = CharField(null=True)
+    created_at = DateTimeField(default=utcnow)
+    started_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+
 class ActivationSet(BaseModel):
     """Where training activations come from: a synthetic generator or a file on disk."""
 
@@ -54,7 +70,7 @@ class ActivationSet(BaseModel):
         return f"{self.name} (d_in {self.d_in}, {tokens})"
 
 
-class Training(BaseModel):
+class Training(JobRecord):
     """One SAE training run: its configuration, its state and its outcome."""
 
     name = CharField(default="")
@@ -79,26 +95,15 @@ class Training(BaseModel):
     dead_latent_remedy = CharField(default="none")  # standard SAE: "none" or "resample"
     plateau_window = IntegerField(default=2000)
 
-    status = CharField(default="queued", index=True)
-    reason = TextField(null=True)  # why it failed, stopped or was cancelled
     failed_step = IntegerField(null=True)
-    cancel_requested = BooleanField(default=False)
-    rq_job_id = CharField(null=True)
     device = CharField(null=True)
     norm_scale = FloatField(null=True)  # c with E‖c·x‖² = d_in
     step = IntegerField(default=0)
     tokens_seen = IntegerField(default=0)
     summary = JSONField(null=True)  # final evaluation on held-out activations
-    created_at = DateTimeField(default=utcnow)
-    started_at = DateTimeField(null=True)
-    finished_at = DateTimeField(null=True)
 
     class Meta:
         table_name = "training"
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
 
     @property
     def target_l0_count(self) -> float:
@@ -165,7 +170,7 @@ class Event(BaseModel):
         table_name = "event"
 
 
-class TuneJob(BaseModel):
+class TuneJob(JobRecord):
     """An auto-tune: short pilot trainings that search l1_alpha for a target L0."""
 
     source = ForeignKeyField(ActivationSet, backref="tunes", on_delete="RESTRICT")
@@ -176,22 +181,11 @@ class TuneJob(BaseModel):
     pilot_steps = IntegerField()
     max_pilots = IntegerField(default=8)
     seed = IntegerField(default=0)
-    status = CharField(default="queued", index=True)  # queued, running, completed, failed, cancelled
-    reason = TextField(null=True)
     pilots = JSONField(default=list)  # [{"l1_alpha", "l0_fraction", "fvu"}], in the order run
     result_l1_alpha = FloatField(null=True)
-    cancel_requested = BooleanField(default=False)
-    rq_job_id = CharField(null=True)
-    created_at = DateTimeField(default=utcnow)
-    started_at = DateTimeField(null=True)
-    finished_at = DateTimeField(null=True)
 
     class Meta:
         table_name = "tune_job"
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
 
 
 class Template(BaseModel):

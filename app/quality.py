@@ -157,16 +157,11 @@ def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
     if not settled or 1 / 3 <= ratio <= 3 or point.l0_fraction > DENSE_WARNING_ABOVE:
         return None  # above 20% the dense rule has already said it
     suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0)
-    if ratio > 3:
-        return Finding("warning", "off_target",
-                       f"L0 is {ratio:.1f}× the target: {format_l0(point.l0, spec.latent_dim)}, "
-                       f"{format_target(spec.target_l0, spec.latent_dim)}.",
-                       f"Increase l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}, "
-                       "or switch on 'steer l1_alpha'.")
+    move, size = ("Increase", f"{ratio:.1f}×") if ratio > 3 else ("Lower", f"only {ratio:.2f}×")
     return Finding("warning", "off_target",
-                   f"L0 is only {ratio:.2f}× the target: {format_l0(point.l0, spec.latent_dim)}, "
+                   f"L0 is {size} the target: {format_l0(point.l0, spec.latent_dim)}, "
                    f"{format_target(spec.target_l0, spec.latent_dim)}.",
-                   f"Lower l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}, or switch on 'steer l1_alpha'.")
+                   f"{move} l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}, or switch on 'steer l1_alpha'.")
 
 
 @rule("dead")

@@ -102,3 +102,28 @@ def test_new_user_trains_a_sparse_sae(live_server, worker_process, page, tmp_pat
     assert page.get_attribute("#progress", "hx-trigger") is None
     page.click("text=Runs")
     assert page.locator("table.runs .badge.grade-green").count() == 1
+
+
+def test_guardrails_in_the_form_as_the_user_types(live_server, page):
+    page.goto(live_server + "/trainings/new")
+    # The original incident: the learning rate typed into l1_alpha as well.
+    page.fill("#learning_rate", "0.0003")
+    page.fill("#l1_alpha", "0.0003")
+    warning = page.locator('.finding[data-finding="l1_alpha"]')
+    warning.wait_for()
+    assert "swap" in warning.inner_text()
+
+    page.click("#start")
+    page.locator('.error[data-field="acknowledge_warnings"]').wait_for()
+    assert "/trainings/new" in page.url or page.url.endswith("/trainings")  # nothing started
+
+    page.click("#recommend")
+    page.locator('[data-reason="l1_alpha"]').wait_for()
+    assert page.input_value("#learning_rate") == "0.001"
+    assert float(page.input_value("#l1_alpha")) > 0.0003
+    assert page.locator('.finding[data-finding="l1_alpha"]').count() == 0
+
+    page.select_option("#template", label="d_in 768 · TopK k=32 · 6,144 latents")
+    page.wait_for_url(re.compile(r"template=\d+"))
+    assert page.input_value("#latent_dim") == "6144" and page.input_value("#k") == "32"
+    assert "Filled from the template" in page.inner_text("#template-note")

@@ -182,3 +182,17 @@ def test_acknowledged_warnings_are_recorded_on_the_run(client, run_worker):
     run_worker()
     warnings = [e for e in Event.select().where(Event.training == run_id, Event.code == "preflight")]
     assert any("not overcomplete" in e.message for e in warnings)
+
+
+@pytest.mark.slow
+def test_calibration_predicts_a_setting_it_was_not_fitted_on():
+    """Synthetic source at a density (8 active of 768) and latent_dim (6× d_in) outside the fit."""
+    from app.sae.sources import SyntheticSource
+    from app.sae.trainer import TrainConfig, train
+
+    target = 0.02
+    alpha = recommended_l1_alpha(256, 1536, target)
+    result, _ = train(SyntheticSource(256, 768, 8, seed=5),
+                      TrainConfig(latent_dim=1536, l1_alpha=alpha, batch_size=512, total_steps=800,
+                                  lr_warmup_steps=20, l1_warmup_steps=80, log_every=100, device="cpu"))
+    assert target / 2 <= result.eval["l0_fraction"] <= target * 2, (alpha, result.eval["l0_fraction"])

@@ -55,7 +55,8 @@ def create():
         return {"errors": errors, "findings": [f.to_dict() for f in form.findings]}, 422
     run = create_training(form)
     return {"id": run.id, "status": run.status, "reason": run.reason,
-            "url": url_for("pages.detail", training_id=run.id, _external=True)}, 201
+            "url": url_for("pages.detail", training_id=run.id, _external=True),
+            "findings": [f.to_dict() for f in form.findings]}, 201
 
 
 @bp.get("/trainings")

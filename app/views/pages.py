@@ -8,7 +8,7 @@ from .. import charts
 from ..db import database
 from ..forms import TrainingForm
 from ..jobqueue import enqueue_training, reconcile, request_cancel
-from ..models import Event, MetricPoint, Training, utcnow
+from ..models import Event, MetricPoint, Template, Training, utcnow
 from .formatting import progress_view
 
 bp = Blueprint("pages", __name__)
@@ -59,18 +59,20 @@ def index():
     return render_template("index.html", rows=rows)
 
 
+def render_training_form(form: TrainingForm, status: int = 200, *, source_run=None, template=None):
+    templates = list(Template.select().order_by(Template.builtin.desc(), Template.d_in, Template.name))
+    return render_template("training_form.html", form=form, source_run=source_run, template=template,
+                           templates=templates), status
+
+
 @bp.get("/trainings/new")
 def new_training():
-    from ..models import Template
-    from .templates import template_prefill
-
-    form = TrainingForm()
-    source_run = template = None
+    """The form: blank with defaults, from a template (``?template=``) or from a run (``?from=``)."""
+    form, source_run, template = TrainingForm(), None, None
     if request.args.get("template", "").isdigit():
-        prefill = template_prefill(int(request.args["template"]))
-        if prefill is not None:
-            template = Template.get_by_id(int(request.args["template"]))
-            form = TrainingForm(data=prefill)
+        template = Template.get_or_none(Template.id == int(request.args["template"]))
+        if template is not None:
+            form = TrainingForm(data={k: v for k, v in template.config.items() if v is not None})
     if request.args.get("from", "").isdigit():
         source_run = Training.get_or_none(Training.id == int(request.args["from"]))
         if source_run is not None:
@@ -79,20 +81,14 @@ def new_training():
             if suggested is not None:
                 data["l1_alpha"] = suggested
             form = TrainingForm(data=data)
-    templates = list(Template.select().order_by(Template.builtin.desc(), Template.d_in, Template.name))
-    return render_template("training_form.html", form=form, source_run=source_run, template=template,
-                           templates=templates)
+    return render_training_form(form, source_run=source_run, template=template)
 
 
 @bp.post("/trainings")
 def create():
     form = TrainingForm()
     if not form.validate_on_submit():
-        from ..models import Template
-
-        templates = list(Template.select().order_by(Template.builtin.desc(), Template.d_in, Template.name))
-        return render_template("training_form.html", form=form, source_run=None, template=None,
-                               templates=templates), 422
+        return render_training_form(form, 422)
     run = create_training(form)
     return redirect(url_for("pages.detail", training_id=run.id), code=303)
 

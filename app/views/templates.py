@@ -7,7 +7,7 @@ from flask import Blueprint, Response, abort, redirect, render_template, request
 
 from ..db import database
 from ..forms import TemplateForm, TrainingForm, template_formdata
-from ..models import TEMPLATE_FIELDS, Template
+from ..models import Template
 
 bp = Blueprint("templates", __name__, url_prefix="/templates")
 
@@ -127,10 +127,3 @@ def import_templates():
         for row in rows:
             Template.create(**row)
     return redirect(url_for("templates.index"), code=303)
-
-
-def template_prefill(template_id: int) -> dict | None:
-    template = Template.get_or_none(Template.id == template_id)
-    if template is None:
-        return None
-    return {k: v for k, v in template.config.items() if k in TEMPLATE_FIELDS and v is not None}

@@ -1,0 +1,37 @@
+"""The schema and its migrations: fresh databases and upgrades end in the same place."""
+from __future__ import annotations
+
+from playhouse.migrate import SqliteMigrator, migrate as run_migrations
+
+from app.db import MIGRATIONS, SchemaVersion, database, migrate
+from app.models import ActivationSet, Template
+
+
+def columns(table: str) -> set[str]:
+    return {c.name for c in database.obj.get_columns(table)}
+
+
+def test_fresh_database_is_at_the_latest_version_with_defaults_seeded(app):
+    assert SchemaVersion.get().version == len(MIGRATIONS)
+    assert ActivationSet.select().count() == 1 and Template.select().count() > 0
+    assert migrate() == len(MIGRATIONS)  # running again changes nothing
+    assert ActivationSet.select().count() == 1
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(app):
+    assert database.obj.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert database.obj.execute_sql("PRAGMA busy_timeout").fetchone()[0] >= 5000
+
+
+def test_a_version_1_database_is_upgraded(app):
+    db = database.obj
+    added = ("early_stop", "early_stop_step", "early_stop_l0", "steer_l1_alpha", "dead_latent_remedy",
+             "plateau_window")
+    run_migrations(*(SqliteMigrator(db).drop_column("training", name) for name in added))
+    db.execute_sql("DROP TABLE tune_job")
+    db.execute_sql("DROP TABLE template")
+    SchemaVersion.update(version=1).execute()
+    assert not set(added) & columns("training")
+    assert migrate() == len(MIGRATIONS)
+    assert set(added) <= columns("training")
+    assert "tune_job" in db.get_tables() and Template.select().where(Template.builtin == True).count() == 14  # noqa
