@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from app.models import TuneJob
 from app.sae.tune import Pilot, next_alpha
 from conftest import QUICK_CONFIG
 
 
 def test_one_sided_steps_follow_the_elasticity_and_are_capped():
-    assert next_alpha([Pilot(0.001, 0.08, 0.1)], 0.02) == 0.001 * 4 ** (1 / 0.7)
-    assert next_alpha([Pilot(0.001, 0.9, 0.1)], 0.02) == 0.01  # at most tenfold
-    assert next_alpha([Pilot(0.05, 0.001, 0.5)], 0.02) == 0.005
+    assert next_alpha([Pilot(0.001, 0.08, 0.1)], 0.02) == pytest.approx(0.001 * 4 ** (1 / 0.7))
+    assert next_alpha([Pilot(0.001, 0.9, 0.1)], 0.02) == pytest.approx(0.01)  # at most tenfold
+    assert next_alpha([Pilot(0.05, 0.001, 0.5)], 0.02) == pytest.approx(0.005)
     assert next_alpha([Pilot(0.09, 0.9, 0.1)], 0.02) == 0.1  # never beyond the valid range
 
 
