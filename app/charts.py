@@ -40,7 +40,8 @@ def line_chart(title: str, series: list[Series], *, width: int = 460, height: in
                bands: list[tuple[float, float, str]] | None = None, y_percent: bool = False,
                x_max: float | None = None, legend: bool = True, x_label: str = "step") -> Markup:
     """An SVG line chart of ``series`` over steps. ``bands`` shade y-ranges (lo, hi, color)."""
-    left, right, top, bottom = 56, 12, 26, 30
+    # The legend gets a row of its own under the title, so long labels never cover it.
+    left, right, top, bottom = 56, 12, (40 if legend else 26), 30
     pw, ph = width - left - right, height - top - bottom
     pts = [(x, y) for s in series for x, y in s.points if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" '
@@ -89,12 +90,12 @@ def line_chart(title: str, series: list[Series], *, width: int = 460, height: in
     parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">{escape(x_label)}</text>')
     legend_x = left + pw
     for s in reversed(series):
-        legend_x -= 9 * len(s.label) + 26
+        legend_x -= 7 * len(s.label) + 30
         dash = ' stroke-dasharray="5 4"' if s.dashed else ""
         if legend:
-            parts.append(f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="12" y2="12" stroke="{s.color}" '
+            parts.append(f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="27" y2="27" stroke="{s.color}" '
                          f'stroke-width="2.5"{dash}/>'
-                         f'<text x="{legend_x + 18}" y="16" class="tick">{escape(s.label)}</text>')
+                         f'<text x="{legend_x + 18}" y="31" class="tick">{escape(s.label)}</text>')
         good = [(x, tf(y)) for x, y in s.points if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
         if not good:
             continue

@@ -109,11 +109,17 @@ def write_outputs(rows: list[dict], steps: int, batch: int, *, refit_only: bool 
     series = []
     for i, key in enumerate(sorted({(r["source"], r["latent_dim"]) for r in rows})):
         pts = [(math.log10(r["l1_alpha"]), r["l0_fraction"]) for r in rows if (r["source"], r["latent_dim"]) == key]
-        series.append(Series(f"{key[0]}, {key[1]} latents", pts, PALETTE[i % len(PALETTE)]))
-    svg = line_chart("L0 fraction against l1_alpha (log–log)", series, log_y=True, width=720, height=360, legend=False,
-                     x_label="log10 l1_alpha")
-    (out / "l1_alpha_curve.svg").write_text(str(svg).replace("<svg ", "<svg style=\"background:#fff;font-family:sans-serif\" ", 1))
-
+        short = ("MiniLM" if key[0].startswith("MiniLM") else "syn" + key[0].split("d_in ")[1].split(",")[0])
+        d_in = next(r["d_in"] for r in rows if r["source"] == key[0])
+        series.append(Series(f"{short} {key[1] // d_in}x", pts, PALETTE[i % len(PALETTE)]))
+    svg = str(line_chart("L0 fraction against l1_alpha (log-log)", series, log_y=True, width=1000, height=380,
+                         x_label="log10 l1_alpha"))
+    # Standalone, the SVG carries the few chart styles the app's stylesheet gives it.
+    style = ("<style>.grid{stroke:#eef2f7}.frame{fill:none;stroke:#d1d5db}.tick{font-size:11px;fill:#4b5563}"
+             ".chart-title{font-size:13px;font-weight:600;fill:#111827}</style>")
+    svg = svg.replace("<svg ", '<svg style="background:#fff;font-family:sans-serif" ', 1)
+    svg = svg.replace(">", ">" + style, 1)
+    (out / "l1_alpha_curve.svg").write_text(svg)
 
 if __name__ == "__main__":
     main()
