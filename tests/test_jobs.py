@@ -36,7 +36,9 @@ def test_training_runs_to_completed_through_the_queue(client, env, run_worker):
     assert 0 < summary["l0"] < 256 and summary["l0_fraction"] == summary["l0"] / 256 and 0 <= summary["fvu"] < 1
     assert (Path(env["DATA_DIR"]) / summary["checkpoint"]).exists()
     codes = [e.code for e in run.events.order_by(Event.id)]
-    assert codes[0] == "started" and codes[-1] == "completed"
+    # The worker's re-check comes first: this deliberately small SAE is not overcomplete.
+    assert codes[0] == "preflight" and codes[-1] == "completed"
+    assert codes[codes.index("started") - 1] == "preflight"
     body = client.get(f"/api/trainings/{run.id}").json
     assert body["status"] == "completed" and body["quality_grade"] in ("green", "yellow", "red")
 
