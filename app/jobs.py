@@ -266,9 +266,11 @@ def run_tune(tune_id: int) -> str:
         if outcome == "found":
             TuneJob.update(status="completed", result_l1_alpha=best.l1_alpha, finished_at=utcnow()).where(
                 TuneJob.id == tune.id).execute()
-        elif outcome == "exhausted":
-            reason = (f"No pilot landed within ±20% of the target in {tune.max_pilots} pilots; the closest gave "
-                      f"L0 {100 * best.l0_fraction:.2f}% at l1_alpha {best.l1_alpha:.3g}.")
+        elif outcome in ("exhausted", "edge"):
+            why = (f"in {tune.max_pilots} pilots" if outcome == "exhausted"
+                   else "before reaching the edge of the valid range")
+            reason = (f"No pilot landed within ±20% of the target {why}; the closest gave "
+                      f"L0 {100 * best.l0_fraction:.2f}% (FVU {best.fvu:.2f}) at l1_alpha {best.l1_alpha:.3g}.")
             TuneJob.update(status="completed", result_l1_alpha=best.l1_alpha, reason=reason,
                            finished_at=utcnow()).where(TuneJob.id == tune.id).execute()
         else:

@@ -6,12 +6,12 @@ import math
 import pytest
 
 from app.models import TuneJob
-from app.sae.tune import Pilot, next_alpha
+from app.sae.tune import ELASTICITY, Pilot, next_alpha
 from conftest import QUICK_CONFIG
 
 
 def test_one_sided_steps_follow_the_elasticity_and_are_capped():
-    assert next_alpha([Pilot(0.001, 0.08, 0.1)], 0.02) == pytest.approx(0.001 * 4 ** (1 / 0.7))
+    assert next_alpha([Pilot(0.001, 0.08, 0.1)], 0.02) == pytest.approx(0.001 * 4 ** (1 / ELASTICITY))
     assert next_alpha([Pilot(0.001, 0.9, 0.1)], 0.02) == pytest.approx(0.01)  # at most tenfold
     assert next_alpha([Pilot(0.05, 0.001, 0.5)], 0.02) == pytest.approx(0.005)
     assert next_alpha([Pilot(0.09, 0.9, 0.1)], 0.02) == 0.1  # never beyond the valid range
@@ -66,3 +66,21 @@ def test_cancel_a_queued_auto_tune(client, run_worker):
     tune = TuneJob.get_by_id(tune.id)
     assert tune.status == "cancelled" and tune.pilots == []
     assert client.get("/tunes/999").status_code == 404
+
+
+def test_collapsed_pilots_count_as_too_sparse_and_the_edge_ends_the_search(monkeypatch):
+    import app.sae.tune as tune_module
+
+    collapsed = Pilot(0.05, 0.15, 1.0)  # L0 looks dense but nothing is reconstructed
+    assert next_alpha([collapsed], 0.02) == pytest.approx(0.005)
+    assert next_alpha([Pilot(0.001, 0.5, 0.05), collapsed], 0.02) < 0.05
+
+    class Dense:
+        """A plant that stays dense whatever the penalty: the search must give up at the bound."""
+
+        status, reason = "completed", None
+        eval = {"l0_fraction": 0.5, "fvu": 0.05}
+
+    monkeypatch.setattr(tune_module, "train", lambda source, cfg, should_stop=None: (Dense(), None))
+    best, pilots, outcome = tune_module.tune_l1_alpha(object(), latent_dim=64, target=0.02, start=0.03, device="cpu")
+    assert outcome == "edge" and [p.l1_alpha for p in pilots] == [0.03, 0.1]

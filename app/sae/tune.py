@@ -5,7 +5,12 @@ activations. The search works in log space: while only one side of the target is
 steps by the ratio observed/target raised to 1/0.7 (the elasticity of L0 in l1_alpha,
 measured by the calibration sweep), at most tenfold; once pilots lie on both sides it
 interpolates between the nearest two on the log–log line, kept strictly inside the bracket
-(falling back to bisection). It stops when a pilot is within ``tolerance`` of the target.
+(falling back to bisection). It stops when a pilot is within ``tolerance`` of the target,
+or when the next guess repeats one already tried (the edge of the valid range).
+
+A pilot whose reconstruction has collapsed (FVU above 0.9) counts as too sparse whatever
+its L0: with the decoder-norm-weighted penalty a crushed SAE can keep latents "firing"
+through decoder rows shrunk to nothing.
 """
 from __future__ import annotations
 
@@ -16,8 +21,13 @@ from dataclasses import dataclass
 from .sources import ActivationSource
 from .trainer import TrainConfig, train
 
-ELASTICITY = 0.7  # −d log L0 / d log l1_alpha over the useful range
+ELASTICITY = 0.75  # −d log L0 / d log l1_alpha in the calibration fit (b = −0.75)
 ALPHA_MIN, ALPHA_MAX = 1.1e-5, 0.1
+COLLAPSED_FVU = 0.9
+
+
+def too_dense(pilot: "Pilot", target: float) -> bool:
+    return pilot.l0_fraction > target and pilot.fvu <= COLLAPSED_FVU
 
 
 @dataclass
@@ -32,11 +42,13 @@ class Pilot:
 
 def next_alpha(pilots: list[Pilot], target: float) -> float:
     """The l1_alpha to try next, given the pilots so far (at least one)."""
-    dense = [p for p in pilots if p.l0_fraction > target]  # penalty too weak
-    sparse = [p for p in pilots if p.l0_fraction <= target]  # penalty too strong
+    dense = [p for p in pilots if too_dense(p, target)]  # penalty too weak
+    sparse = [p for p in pilots if not too_dense(p, target)]  # penalty too strong
     last = pilots[-1]
     if not dense or not sparse:
         ratio = max(last.l0_fraction, 1e-6) / target
+        if last.fvu > COLLAPSED_FVU:
+            ratio = min(ratio, 0.1)  # collapsed: back off tenfold
         factor = min(10.0, max(0.1, ratio ** (1 / ELASTICITY)))
         return min(ALPHA_MAX, max(ALPHA_MIN, last.l1_alpha * factor))
     lo = max(dense, key=lambda p: p.l1_alpha)  # strongest penalty still too dense
@@ -60,7 +72,8 @@ def tune_l1_alpha(source: ActivationSource, *, latent_dim: int, target: float, s
     """Run pilots until one lands within ``tolerance`` of ``target``.
 
     Returns ``(best pilot, all pilots, outcome)`` where outcome is "found", "exhausted"
-    (``max_pilots`` run without landing; the best is the closest) or the stop reason.
+    (``max_pilots`` run without landing; the best is the closest), "edge" (the search
+    would repeat a pilot at the edge of the valid range) or the stop reason.
     """
     pilots: list[Pilot] = []
     alpha = min(ALPHA_MAX, max(ALPHA_MIN, start))
@@ -77,13 +90,17 @@ def tune_l1_alpha(source: ActivationSource, *, latent_dim: int, target: float, s
         pilots.append(pilot)
         if on_pilot:
             on_pilot(pilot, i)
-        if abs(pilot.l0_fraction / target - 1) <= tolerance:
+        if abs(pilot.l0_fraction / target - 1) <= tolerance and pilot.fvu <= COLLAPSED_FVU:
             return pilot, pilots, "found"
         alpha = next_alpha(pilots, target)
+        if any(abs(math.log(alpha / p.l1_alpha)) < 0.01 for p in pilots):
+            return _closest(pilots, target), pilots, "edge"
     return _closest(pilots, target), pilots, "exhausted"
 
 
 def _closest(pilots: list[Pilot], target: float) -> Pilot | None:
-    if not pilots:
+    """The pilot nearest the target among those that still reconstruct."""
+    usable = [p for p in pilots if p.fvu <= COLLAPSED_FVU] or pilots
+    if not usable:
         return None
-    return min(pilots, key=lambda p: abs(math.log(max(p.l0_fraction, 1e-9) / target)))
+    return min(usable, key=lambda p: abs(math.log(max(p.l0_fraction, 1e-9) / target)))
