@@ -285,7 +285,7 @@ def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[
             if not unused:
                 errors.setdefault(key, []).append(NULL_MESSAGES.get(key, "Must not be null."))
             continue
-        if isinstance(value, bool) or isinstance(value, (dict, list)):
+        if isinstance(value, (bool, dict, list)):
             errors.setdefault(key, []).append("Must be a number." if key in TrainingForm.NUMERIC_FIELDS
                                                else "Must be a string.")
             continue
@@ -353,7 +353,7 @@ def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list
             if "l1_alpha" in data and data["l1_alpha"] != value:
                 errors.setdefault("l1_alpha", []).append(f"l1_alpha and its alias {alias} disagree.")
             data["l1_alpha"] = value
-    if data.get("architecture", "standard") == "standard" and data.get("l1_alpha", None) is None:
+    if data.get("architecture", "standard") == "standard" and data.get("l1_alpha") is None:
         errors.setdefault("l1_alpha", []).append(NULL_MESSAGES["l1_alpha"])
     formdata = MultiDict()
     for key, value in data.items():

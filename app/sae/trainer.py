@@ -139,7 +139,7 @@ LogCallback = Callable[[LogPoint], "str | None"]
 def train(source: ActivationSource, cfg: TrainConfig, *,
           on_log: LogCallback | None = None,
           on_start: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], "str | None"] | None = None,
+          should_stop: Callable[[], str | None] | None = None,
           l1_alpha_control: Callable[[LogPoint], float] | None = None,
           ) -> tuple[TrainResult, SparseAutoencoder]:
     """Train an SAE on ``source`` as ``cfg`` says.

@@ -26,7 +26,7 @@ ALPHA_MIN, ALPHA_MAX = 1.1e-5, 0.1
 COLLAPSED_FVU = 0.9
 
 
-def too_dense(pilot: "Pilot", target: float) -> bool:
+def too_dense(pilot: Pilot, target: float) -> bool:
     return pilot.l0_fraction > target and pilot.fvu <= COLLAPSED_FVU
 
 
@@ -68,7 +68,7 @@ def tune_l1_alpha(source: ActivationSource, *, latent_dim: int, target: float, s
                   learning_rate: float = 1e-3, batch_size: int = 256, pilot_steps: int = 400,
                   max_pilots: int = 8, tolerance: float = 0.2, seed: int = 0, device: str = "auto",
                   on_pilot: Callable[[Pilot, int], None] | None = None,
-                  should_stop: Callable[[], "str | None"] | None = None) -> tuple[Pilot | None, list[Pilot], str]:
+                  should_stop: Callable[[], str | None] | None = None) -> tuple[Pilot | None, list[Pilot], str]:
     """Run pilots until one lands within ``tolerance`` of ``target``.
 
     Returns ``(best pilot, all pilots, outcome)`` where outcome is "found", "exhausted"
