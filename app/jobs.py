@@ -5,6 +5,7 @@ points (in batches), events. An exception never leaves a run in ``running``.
 """
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -186,7 +187,8 @@ def run_training(training_id: int) -> str:
         step = getattr(exc, "step", None)
         if step is None:
             step = Training.get_by_id(run.id).step
-        if "NonFiniteLoss" in type(exc).__name__:
+        trainer = sys.modules.get("app.sae.trainer")
+        if trainer is not None and isinstance(exc, trainer.NonFiniteLoss):
             reason = f"The loss became NaN or Inf at step {step}; the last good metrics are kept. " \
                      "Lower the learning rate."
         else:
