@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian packages SAE Studio needs when they are missing:
-# redis-server always; chromium and chromium-driver with --browser (for the browser tests).
+# redis-server and npm (which fetches htmx) always; chromium and chromium-driver with
+# --browser (for the browser tests).
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v npm >/dev/null || need+=(npm)
 if [[ "${1:-}" == "--browser" ]]; then
   command -v chromium >/dev/null || need+=(chromium)
   command -v chromedriver >/dev/null || need+=(chromium-driver)
