@@ -134,6 +134,7 @@ def run_training(training_id: int) -> str:
     writer = MetricWriter(run)
     try:
         from .sae.trainer import train
+        from .validation import recommended_l1_alpha
 
         source = build_source(run.source, settings["DATA_DIR"])
         _preflight(run, source, settings, writer)
@@ -142,7 +143,8 @@ def run_training(training_id: int) -> str:
             architecture=run.architecture, latent_dim=run.latent_dim, target_l0=run.target_l0,
             warmup_steps=max(run.l1_warmup_steps, run.lr_warmup_steps), l1_warmup_steps=run.l1_warmup_steps,
             early_stop=run.early_stop, early_stop_step=run.early_stop_step, early_stop_l0=run.early_stop_l0,
-            plateau_window=run.plateau_window, steering=run.steer_l1_alpha))
+            plateau_window=run.plateau_window, steering=run.steer_l1_alpha,
+            recommended_l1_alpha=recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0)))
         controller = None
         if run.steer_l1_alpha and run.architecture == "standard":
             from .sae.control import L0Controller
@@ -166,7 +168,7 @@ def run_training(training_id: int) -> str:
                             l1_alpha_control=controller)
         writer.flush()
         checkpoint = _save_checkpoint(sae, run, result, settings["DATA_DIR"])
-        summary = _summary(result, run, checkpoint)
+        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha)
         done = {"summary": summary, "step": result.steps, "tokens_seen": result.tokens}
         if result.status == "completed":
             _finish(run.id, status="completed", **done)
@@ -206,14 +208,15 @@ def run_training(training_id: int) -> str:
         database.close()
 
 
-def _summary(result, run: Training, checkpoint: str) -> dict:
+def _summary(result, run: Training, checkpoint: str, recommended: float | None) -> dict:
     """The held-out evaluation, its density histogram and the verdict, as stored on the row."""
     summary = {k: v for k, v in result.eval.items() if k != "frequencies"}
     summary["density_histogram"] = density_histogram(result.eval["frequencies"])
     summary["checkpoint"] = checkpoint
     summary["final_l1_alpha"] = result.last.l1_alpha if result.last else run.l1_alpha
     summary["verdict"] = verdict(summary, architecture=run.architecture, latent_dim=run.latent_dim,
-                                 target_l0=run.target_l0, l1_alpha=summary["final_l1_alpha"] or None)
+                                 target_l0=run.target_l0, l1_alpha=summary["final_l1_alpha"] or None,
+                                 recommended=recommended)
     return summary
 
 

@@ -53,19 +53,22 @@ def clamp_l1_alpha(value: float) -> float:
     return min(L1_ALPHA_MAX, max(value, 2 * L1_ALPHA_MIN_EXCLUSIVE))
 
 
-def suggest_l1_alpha(current: float, observed_fraction: float, target_fraction: float) -> float:
+def suggest_l1_alpha(current: float, observed_fraction: float, target_fraction: float,
+                     recommended: float | None = None) -> float:
     """A next l1_alpha that moves L0 toward the target.
 
     Raising l1_alpha lowers L0 roughly in proportion over the useful range (DESIGN.md's
     sweep), so scale the penalty by observed/target, at most tenfold per suggestion. A run
-    more than 10× too dense is pointed at least at the default 0.003, the sound start.
+    more than 10× too dense is pointed at least at the calibrated ``recommended`` value
+    (the default 0.003 when none is known): a penalty that weak was never in the running.
     """
+    floor = recommended or DEFAULT_L1_ALPHA
     if current <= 0:
-        return DEFAULT_L1_ALPHA
+        return clamp_l1_alpha(floor)
     ratio = observed_fraction / max(target_fraction, 1e-9)
     suggestion = current * min(10.0, max(0.1, ratio))
     if ratio > 10:
-        suggestion = max(suggestion, DEFAULT_L1_ALPHA)
+        suggestion = max(suggestion, floor)
     return clamp_l1_alpha(suggestion)
 
 
@@ -97,6 +100,7 @@ class RunSpec:
     early_stop_l0: float = DENSE_WARNING_ABOVE
     plateau_window: int = 2000
     steering: bool = False
+    recommended_l1_alpha: float | None = None  # the calibration's value for this run, if known
 
 
 @dataclass
@@ -137,7 +141,7 @@ def dense_rule(spec: RunSpec, history: History, point) -> Finding | None:
     before = history.ago(TREND_POINTS)
     if before is None or point.l0_fraction < 0.9 * before.l0_fraction:
         return None
-    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0)
+    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0, spec.recommended_l1_alpha)
     return Finding(
         "warning", "dense",
         f"Features are dense: {format_l0(point.l0, spec.latent_dim)}, {format_target(spec.target_l0, spec.latent_dim)}.",
@@ -156,7 +160,7 @@ def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
     ratio = point.l0_fraction / spec.target_l0
     if not settled or 1 / 3 <= ratio <= 3 or point.l0_fraction > DENSE_WARNING_ABOVE:
         return None  # above 20% the dense rule has already said it
-    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0)
+    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0, spec.recommended_l1_alpha)
     move, size = ("Increase", f"{ratio:.1f}×") if ratio > 3 else ("Lower", f"only {ratio:.2f}×")
     return Finding("warning", "off_target",
                    f"L0 is {size} the target: {format_l0(point.l0, spec.latent_dim)}, "
@@ -234,7 +238,7 @@ def early_stop_rule(spec: RunSpec, history: History, point) -> Finding | None:
     history.early_stop_checked = True
     if point.l0_fraction <= spec.early_stop_l0:
         return None
-    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0)
+    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0, spec.recommended_l1_alpha)
     return Finding("error", "early_stop",
                    f"Stopped early at step {point.step:,}: still dense, {format_l0(point.l0, spec.latent_dim)} "
                    f"(threshold {100 * spec.early_stop_l0:.0f}%).",
@@ -292,13 +296,13 @@ def density_histogram(frequencies, *, low: float = -6.0, high: float = 0.0, widt
 
 
 def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: float,
-            l1_alpha: float | None) -> dict:
+            l1_alpha: float | None, recommended: float | None = None) -> dict:
     """The grade, a plain-language headline and the one change most likely to improve the run."""
     l0f, fvu, dead = summary["l0_fraction"], summary["fvu"], summary.get("dead")
     g = grade(l0f, dead, latent_dim)
     ev = f"{100 * (1 - fvu):.1f}% of the variance explained"
     l0_text = format_l0(summary["l0"], latent_dim)
-    suggested = suggest_l1_alpha(l1_alpha, l0f, target_l0) if l1_alpha else None
+    suggested = suggest_l1_alpha(l1_alpha, l0f, target_l0, recommended) if l1_alpha else None
     if dead is not None and dead > DEAD_RED_FRACTION * latent_dim:
         headline = f"More than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
         advice = ("Lower l1_alpha" + (f" to about {clamp_l1_alpha(l1_alpha / 3):.3g}" if l1_alpha else "")

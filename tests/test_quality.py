@@ -30,6 +30,7 @@ def test_suggestion_moves_toward_target_and_stays_in_range():
     assert suggest_l1_alpha(0.05, 0.5, 0.01) == 0.1  # capped at the maximum
     assert suggest_l1_alpha(0.003, 0.01, 0.02) == pytest.approx(0.0015)
     assert suggest_l1_alpha(1.1e-5, 0.96, 0.02) == 0.003  # no real penalty: start from the default
+    assert suggest_l1_alpha(1.1e-5, 0.96, 0.02, recommended=0.009) == 0.009  # or from the calibration
 
 
 def monitor(repeat_every=1000, **kw):
