@@ -167,7 +167,7 @@ class TrainingForm(FlaskForm):
             field.findings = [f for f in findings if f.field == field.name and f.level != "error"]
 
     def validate(self, extra_validators=None) -> bool:
-        ok = self._validate_fields(extra_validators)
+        ok = self.validate_fields(extra_validators)
         if ok:
             self.attach_findings(self.preflight())
             self.blocking_findings = blocking(self.findings, acknowledged=bool(self.acknowledge_warnings.data))
@@ -181,7 +181,8 @@ class TrainingForm(FlaskForm):
                         "There are warnings above: tick this box to start anyway, or change the settings.")
         return ok
 
-    def _validate_fields(self, extra_validators=None) -> bool:
+    def validate_fields(self, extra_validators=None) -> bool:
+        """Field and cross-field rules only, without the validator (live hints use this too)."""
         ok = super().validate(extra_validators)
         ok = check_cross_fields(self) and ok
         source = self.sources.get(self.source_id.data)

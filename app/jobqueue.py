@@ -9,7 +9,7 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from .models import Event, Training, utcnow
+from .models import Event, JobRecord, Training, TuneJob, utcnow
 
 TRAINING_JOB = "app.jobs.run_training"
 TUNE_JOB = "app.jobs.run_tune"
@@ -23,40 +23,43 @@ def training_queue(settings: dict) -> Queue:
     return Queue(settings["QUEUE_NAME"], connection=redis_connection(settings["REDIS_URL"]))
 
 
-def enqueue_training(training: Training, settings: dict) -> None:
-    """Put the run on the queue and record its job id. The row must be ``queued``."""
-    queue = training_queue(settings)
-    job = queue.enqueue(TRAINING_JOB, training.id, job_timeout=settings["JOB_TIMEOUT_S"],
-                        result_ttl=86_400, failure_ttl=7 * 86_400, description=f"training {training.id}")
-    Training.update(rq_job_id=job.id).where(Training.id == training.id).execute()
-    training.rq_job_id = job.id
-
-
-def enqueue_tune(tune, settings: dict) -> None:
-    """Put an auto-tune on the queue and record its job id."""
-    from .models import TuneJob
-
-    job = training_queue(settings).enqueue(TUNE_JOB, tune.id, job_timeout=settings["JOB_TIMEOUT_S"],
+def _enqueue(record: JobRecord, job_name: str, settings: dict) -> None:
+    """Put a queued record's job on the queue and note its RQ job id on the row."""
+    job = training_queue(settings).enqueue(job_name, record.id, job_timeout=settings["JOB_TIMEOUT_S"],
                                            result_ttl=86_400, failure_ttl=7 * 86_400,
-                                           description=f"auto-tune {tune.id}")
-    TuneJob.update(rq_job_id=job.id).where(TuneJob.id == tune.id).execute()
+                                           description=f"{type(record).__name__} {record.id}")
+    type(record).update(rq_job_id=job.id).where(type(record).id == record.id).execute()
+    record.rq_job_id = job.id
 
 
-def request_cancel(training: Training, settings: dict) -> None:
-    """Cancel a queued run at once; ask a running one to stop at its next step."""
-    if training.status == "queued":
-        updated = (Training.update(status="cancelled", reason="Cancelled before it started.", finished_at=utcnow(),
-                                   cancel_requested=True)
-                   .where((Training.id == training.id) & (Training.status == "queued")).execute())
+def enqueue_training(training: Training, settings: dict) -> None:
+    """Put the run on the queue. The row must be ``queued``."""
+    _enqueue(training, TRAINING_JOB, settings)
+
+
+def enqueue_tune(tune: TuneJob, settings: dict) -> None:
+    """Put an auto-tune on the queue. The row must be ``queued``."""
+    _enqueue(tune, TUNE_JOB, settings)
+
+
+def request_cancel(record: JobRecord, settings: dict) -> None:
+    """Cancel a queued run or auto-tune at once; ask a running one to stop at its next step."""
+    model = type(record)
+    if record.status == "queued":
+        updated = (model.update(status="cancelled", reason="Cancelled before it started.", finished_at=utcnow(),
+                                cancel_requested=True)
+                   .where((model.id == record.id) & (model.status == "queued")).execute())
         if updated:
-            if training.rq_job_id:
+            if record.rq_job_id:
                 try:
-                    Job.fetch(training.rq_job_id, connection=redis_connection(settings["REDIS_URL"])).cancel()
+                    Job.fetch(record.rq_job_id, connection=redis_connection(settings["REDIS_URL"])).cancel()
                 except NoSuchJobError:
                     pass
-            Event.create(training=training, level="info", code="cancelled", message="Cancelled before it started.")
+            if isinstance(record, Training):
+                Event.create(training=record, level="info", code="cancelled", message="Cancelled before it started.")
             return
-    Training.update(cancel_requested=True).where(Training.id == training.id).execute()
+    if record.is_active:
+        model.update(cancel_requested=True).where(model.id == record.id).execute()
 
 
 def reconcile(training: Training, settings: dict) -> bool:

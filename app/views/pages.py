@@ -97,7 +97,7 @@ def create():
 def form_hints():
     """Live help and the validator's findings beside the form's fields (htmx, on every change)."""
     form = TrainingForm()
-    form._validate_fields()
+    form.validate_fields()
     form.attach_findings(form.preflight())
     return render_template("_partials/form_hints.html", form=form, oob=True)
 
@@ -109,7 +109,7 @@ def recommend():
     from ..validation import SourceStats, recommend_settings
 
     form = TrainingForm()
-    form._validate_fields()
+    form.validate_fields()
     source = form.sources.get(form.source_id.data)
     latent_dim = form.latent_dim.data if not form.latent_dim.errors and form.latent_dim.data else None
     target = form.target_l0.data if not form.target_l0.errors and form.target_l0.data else None

@@ -8,7 +8,7 @@ from redis.exceptions import RedisError
 
 from .. import charts
 from ..forms import TrainingForm
-from ..jobqueue import enqueue_tune
+from ..jobqueue import enqueue_tune, request_cancel
 from ..models import TuneJob, utcnow
 
 bp = Blueprint("tune", __name__, url_prefix="/tunes")
@@ -35,7 +35,7 @@ def tune_context(tune: TuneJob) -> dict:
 def start():
     """Start an auto-tune for the form's source, latent_dim, target L0 and learning rate."""
     form = TrainingForm()
-    form._validate_fields()
+    form.validate_fields()
     needed = ("source_id", "latent_dim", "target_l0")
     problems = {n: getattr(form, n).errors for n in needed if getattr(form, n).errors}
     if form.architecture.data != "standard":
@@ -68,9 +68,5 @@ def show(tune_id: int):
 @bp.post("/<int:tune_id>/cancel")
 def cancel(tune_id: int):
     tune = get_tune_or_404(tune_id)
-    if tune.status == "queued":
-        TuneJob.update(status="cancelled", reason="Cancelled before it started.", cancel_requested=True,
-                       finished_at=utcnow()).where((TuneJob.id == tune.id) & (TuneJob.status == "queued")).execute()
-    elif tune.is_active:
-        TuneJob.update(cancel_requested=True).where(TuneJob.id == tune.id).execute()
+    request_cancel(tune, current_app.config)
     return render_template("_partials/tune.html", **tune_context(TuneJob.get_by_id(tune.id)))
