@@ -33,11 +33,11 @@ $(VENV)/.torch: | $(VENV)/.created
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[models]'
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,models]'
 	@touch $@
 
 $(HTMX):
@@ -49,7 +49,6 @@ install-test: system-deps $(VENV)/.installed-test $(HTMX)
 
 ## calibrate: re-measure the l1_alpha recommendation (about 30 minutes on two CPU cores)
 calibrate: install
-	$(PIP) install -q -e '.[calibrate]'
 	cd benchmarks && ../$(PY) calibrate_l1_alpha.py
 
 ## benchmarks: the speed figures, each beside its baseline

@@ -36,7 +36,7 @@ def create_app(config: dict | None = None) -> Flask:
     csrf.init_app(app)
     Htmx(app)
 
-    from .views import api, pages, sources, templates, tune
+    from .views import api, extractions, pages, sources, templates, tune
     from .views.formatting import register_filters
 
     app.register_blueprint(pages.bp)
@@ -44,6 +44,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(tune.bp)
     app.register_blueprint(templates.bp)
+    app.register_blueprint(extractions.bp)
     csrf.exempt(api.bp)
     register_filters(app)
 

@@ -83,8 +83,14 @@ def _migration_4_templates(db) -> None:
         seed_templates()
 
 
+def _migration_5_extractions(db) -> None:
+    from .models import Extraction
+
+    db.create_tables([Extraction])
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
-                              _migration_4_templates]
+                              _migration_4_templates, _migration_5_extractions]
 
 
 def migrate() -> int:

@@ -11,6 +11,7 @@ from wtforms.validators import InputRequired, Length, NumberRange, Optional, Sto
 from flask import current_app
 
 from .devices import device_memory
+from .extraction.capture_names import BUNDLED_MINILM, SITES
 from .models import ActivationSet
 from .quality import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
 from .validation import SourceStats, blocking, validate_config
@@ -367,3 +368,62 @@ def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list
         else:
             formdata[key] = str(value)
     return formdata, errors
+
+
+class ExtractionForm(FlaskForm):
+    """What to extract: model, layer and site; from which corpus; how much, and how stored."""
+
+    name = StringField("Name", validators=[Optional(), Length(max=200)],
+                       description="Optional; the activation source is named after model, layer and site otherwise.")
+    model_name = StringField("Model", default=BUNDLED_MINILM, validators=[InputRequired("Name a model."), Length(max=500)],
+                             description=f"A Hugging Face Hub name (e.g. gpt2, EleutherAI/pythia-70m), a local folder "
+                                         f"written by save_pretrained, or {BUNDLED_MINILM} (a 6-layer BERT encoder that "
+                                         "ships with the app: no download).")
+    layer = IntegerField("Layer", default=3, validators=[required(), Range(0, 1000)],
+                         description="Block index, from 0.")
+    site = SelectField("Site", choices=[SelectChoice(k, v) for k, v in SITES.items()], default="resid")
+    text_kind = SelectField("Text", default="stdlib", choices=[
+        SelectChoice("stdlib", "Python standard library docstrings (offline, on any machine)"),
+        SelectChoice("file", "An uploaded file (.txt, .jsonl, .csv or .parquet)"),
+        SelectChoice("hf", "A Hugging Face dataset")])
+    text_file = FileField("Text file", description=".txt: documents separated by blank lines; .jsonl, .csv and "
+                                                   ".parquet: one document per record, in the text column.")
+    dataset_name = StringField("Dataset", validators=[Optional(), Length(max=500)],
+                               description="A Hub name (read from the local cache when offline) or a folder written "
+                                           "by Dataset.save_to_disk.")
+    dataset_split = StringField("Split", default="train", validators=[Optional(), Length(max=100)])
+    text_column = StringField("Text column", default="text", validators=[Optional(), Length(max=200)])
+    token_budget = IntegerField("Tokens to extract", default=200_000, validators=[required(), Range(1_024, 2_000_000_000)])
+    context_length = IntegerField("Context length", default=128, validators=[required(), Range(8, 8192)],
+                                  description="Tokens per window, special tokens included; longer documents are cut "
+                                              "into several windows.")
+    batch_size = IntegerField("Batch size (windows)", default=32, validators=[required(), Range(1, 1024)])
+    dtype = SelectField("Stored as", default="float32", choices=[
+        SelectChoice("float32", "float32"), SelectChoice("float16", "float16 (half the disk; refused if values overflow)")])
+    exclude_special = BooleanField("Leave out special tokens (BOS, CLS, SEP)", default=True)
+
+    def validate(self, extra_validators=None) -> bool:
+        from .extraction.hub import ModelNameError, layer_count, model_config
+
+        ok = super().validate(extra_validators)
+        if not self.model_name.errors and self.model_name.data:
+            try:
+                config = model_config(self.model_name.data)
+            except ModelNameError as exc:
+                self.model_name.errors.append(str(exc))
+                return False
+            layers = layer_count(config) if config else None
+            if layers is not None and self.layer.data is not None and not self.layer.errors \
+                    and self.layer.data >= layers:
+                self.layer.errors.append(f"Out of range: the model has {layers} layers (0 to {layers - 1}).")
+                ok = False
+        if self.text_kind.data == "file" and not getattr(self.text_file.data, "filename", None):
+            self.text_file.errors.append("Choose a text file to upload.")
+            ok = False
+        if self.text_kind.data == "hf" and not (self.dataset_name.data or "").strip():
+            self.dataset_name.errors.append("Name a dataset (a Hub name or a save_to_disk folder).")
+            ok = False
+        if self.text_kind.data in ("file", "hf") and not (self.text_column.data or "").strip():
+            self.text_column.errors.append("Name the column that holds the text.")
+            ok = False
+        return ok

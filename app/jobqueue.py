@@ -4,6 +4,9 @@ Jobs are enqueued by dotted name so the web process never imports torch.
 """
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from redis import Redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
@@ -13,6 +16,7 @@ from .models import Event, JobRecord, Training, TuneJob, utcnow
 
 TRAINING_JOB = "app.jobs.run_training"
 TUNE_JOB = "app.jobs.run_tune"
+EXTRACTION_JOB = "app.jobs.run_extraction"
 
 
 def redis_connection(url: str) -> Redis:
@@ -42,6 +46,11 @@ def enqueue_tune(tune: TuneJob, settings: dict) -> None:
     _enqueue(tune, TUNE_JOB, settings)
 
 
+def enqueue_extraction(extraction, settings: dict) -> None:
+    """Put an extraction on the queue. The row must be ``queued``."""
+    _enqueue(extraction, EXTRACTION_JOB, settings)
+
+
 def request_cancel(record: JobRecord, settings: dict) -> None:
     """Cancel a queued run or auto-tune at once; ask a running one to stop at its next step."""
     model = type(record)
@@ -62,27 +71,35 @@ def request_cancel(record: JobRecord, settings: dict) -> None:
         model.update(cancel_requested=True).where(model.id == record.id).execute()
 
 
-def reconcile(training: Training, settings: dict) -> bool:
-    """Mark a run failed whose job died without saying so (worker killed, job lost).
+def reconcile(record: JobRecord, settings: dict) -> bool:
+    """Mark a run, auto-tune or extraction failed whose job died without saying so.
 
     A work-horse killed by the OS cannot update its row; RQ does record the job as
-    failed. Returns True when the row was changed.
+    failed. A dead extraction's half-written store is removed. Returns True when the row
+    was changed.
     """
-    if not training.is_active or not training.rq_job_id:
+    if not record.is_active or not record.rq_job_id:
         return False
     try:
-        job = Job.fetch(training.rq_job_id, connection=redis_connection(settings["REDIS_URL"]))
+        job = Job.fetch(record.rq_job_id, connection=redis_connection(settings["REDIS_URL"]))
         status = job.get_status()
     except NoSuchJobError:
         status = None
-    if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):
-        detail = "its job is no longer known to the queue" if status is None else f"its worker reported the job {status.value}"
-        reason = f"The training stopped without finishing: {detail} (the worker process may have been killed)."
-        if status is not None and job.latest_result() is not None and job.latest_result().exc_string:
-            reason += " " + job.latest_result().exc_string.strip().splitlines()[-1]
-        updated = (Training.update(status="failed", reason=reason, failed_step=training.step, finished_at=utcnow())
-                   .where((Training.id == training.id) & (Training.status.in_(("queued", "running")))).execute())
-        if updated:
-            Event.create(training=training, step=training.step, level="error", code="lost", message=reason)
-            return True
-    return False
+    if status not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):
+        return False
+    model = type(record)
+    what = {"Training": "training", "TuneJob": "auto-tune", "Extraction": "extraction"}.get(model.__name__, "job")
+    detail = "its job is no longer known to the queue" if status is None else f"its worker reported the job {status.value}"
+    reason = f"The {what} stopped without finishing: {detail} (the worker process may have been killed)."
+    if status is not None and job.latest_result() is not None and job.latest_result().exc_string:
+        reason += " " + job.latest_result().exc_string.strip().splitlines()[-1]
+    extra = {"failed_step": record.step} if isinstance(record, Training) else {}
+    updated = (model.update(status="failed", reason=reason, finished_at=utcnow(), **extra)
+               .where((model.id == record.id) & (model.status.in_(("queued", "running")))).execute())
+    if not updated:
+        return False
+    if isinstance(record, Training):
+        Event.create(training=record, step=record.step, level="error", code="lost", message=reason)
+    if what == "extraction":
+        shutil.rmtree(Path(settings["DATA_DIR"]) / "activations" / f".partial-{record.id}", ignore_errors=True)
+    return True

@@ -27,7 +27,7 @@ def _connect() -> dict:
 def build_source(source: ActivationSet, data_dir: str):
     """The core's activation source for a stored ``ActivationSet``."""
     from .sae.files import ArrayInfo
-    from .sae.sources import ArraySource, SyntheticSource
+    from .sae.sources import ArraySource, StoreSource, SyntheticSource
 
     if source.kind == "synthetic":
         p = source.params
@@ -37,6 +37,8 @@ def build_source(source: ActivationSet, data_dir: str):
         if not path.exists():
             raise FileNotFoundError(f"the activation file {source.path} is missing from the data folder")
         return ArraySource(path, ArrayInfo(**source.params["array"]))
+    if source.kind == "extracted":
+        return StoreSource(Path(data_dir) / source.path)
     raise ValueError(f"unknown source kind {source.kind!r}")
 
 
@@ -286,6 +288,83 @@ def run_tune(tune_id: int) -> str:
         TuneJob.update(status="failed", reason=f"{type(exc).__name__}: {exc}", finished_at=utcnow()).where(
             TuneJob.id == tune.id).execute()
         raise
+    finally:
+        database.close()
+
+
+def run_extraction(extraction_id: int) -> str:
+    """Capture a model's activations over a corpus into a store; on success it becomes a source.
+
+    The store is written under a temporary name and renamed into place at the end; a failed
+    or cancelled extraction removes it, so nothing half-written is ever left under its name.
+    """
+    from .models import Extraction
+
+    settings = _connect()
+    job = Extraction.get_by_id(extraction_id)
+    claimed = (Extraction.update(status="running", started_at=utcnow())
+               .where((Extraction.id == job.id) & (Extraction.status == "queued")).execute())
+    if not claimed:
+        return job.status
+    writer = None
+    try:
+        from .extraction.capture import ExtractionError, SITES, extract, find_site, load_model
+        from .extraction.store import ShardWriter
+        from .extraction.text import TextSpec, TextSourceError, check_corpus, documents
+        from .sae.trainer import resolve_device
+
+        spec = TextSpec(**job.text)
+        check_corpus(spec)  # a bad corpus fails before the model is loaded
+        device = resolve_device(settings["SAE_DEVICE"])
+        Extraction.update(device=str(device)).where(Extraction.id == job.id).execute()
+        tokenizer, model = load_model(job.model_name, device)
+        _, layout, n_layers = find_site(model, job.layer, job.site)
+        d_in = int(model.config.hidden_size)
+        writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)
+
+        def on_progress(p) -> None:
+            Extraction.update(tokens_done=p.tokens, documents_done=p.documents, tokens_per_s=p.tokens_per_s).where(
+                Extraction.id == job.id).execute()
+
+        def should_stop() -> str | None:
+            flag = Extraction.select(Extraction.cancel_requested).where(Extraction.id == job.id).scalar()
+            return "Cancelled by the user." if flag else None
+
+        tokens, docs, stopped = extract(
+            model, tokenizer, documents(spec), writer, layer=job.layer, site=job.site, token_budget=job.token_budget,
+            context_length=job.context_length, batch_size=job.batch_size, exclude_special=job.exclude_special,
+            device=device, on_progress=on_progress, should_stop=_throttled(should_stop, 0.5))
+        if stopped:
+            writer.abort()
+            Extraction.update(status="cancelled", reason=stopped + " Nothing was kept.", finished_at=utcnow()).where(
+                Extraction.id == job.id).execute()
+            return "cancelled"
+        meta = writer.commit({
+            "model": job.model_name, "model_path": getattr(model, "name_or_path", "") or job.model_name,
+            "architecture": type(model).__name__, "layout": layout.name, "n_layers": n_layers, "layer": job.layer,
+            "site": job.site, "site_label": SITES[job.site], "context_length": job.context_length,
+            "exclude_special": job.exclude_special, "text": spec.to_dict(), "text_label": spec.describe(),
+            "documents": docs, "extraction_id": job.id})
+        from .sae.files import holdout_rows
+
+        name = job.name or f"{Path(job.model_name).name} layer {job.layer} {SITES[job.site]}, {spec.describe()}"
+        with database.atomic():
+            source = ActivationSet.create(name=name, kind="extracted", d_in=d_in,
+                                          n_tokens=tokens - holdout_rows(tokens), params=meta,
+                                          path=f"activations/{job.id}")
+            Extraction.update(status="completed", activation_set=source, tokens_done=tokens, documents_done=docs,
+                              finished_at=utcnow()).where(Extraction.id == job.id).execute()
+        return "completed"
+    except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
+        if writer is not None:
+            writer.abort()
+        user_error = type(exc).__name__ in ("ExtractionError", "TextSourceError", "StoreError")
+        reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
+        Extraction.update(status="failed", reason=reason[:2000] + " Nothing was kept.", finished_at=utcnow()).where(
+            Extraction.id == job.id).execute()
+        if not user_error:
+            raise
+        return "failed"
     finally:
         database.close()
 

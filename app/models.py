@@ -55,10 +55,10 @@ class ActivationSet(BaseModel):
     """Where training activations come from: a synthetic generator or a file on disk."""
 
     name = CharField()
-    kind = CharField()  # "synthetic" or "file"
+    kind = CharField()  # "synthetic", "file" or "extracted"
     d_in = IntegerField()
     n_tokens = IntegerField(null=True)  # None: an unbounded stream
-    params = JSONField(default=dict)  # synthetic: n_features, mean_active, seed; file: array info
+    params = JSONField(default=dict)  # synthetic: generator; file: array info; extracted: the store's meta
     path = CharField(null=True)  # relative to DATA_DIR
     created_at = DateTimeField(default=utcnow)
 
@@ -188,6 +188,39 @@ class TuneJob(JobRecord):
         table_name = "tune_job"
 
 
+class Extraction(JobRecord):
+    """Activations captured from a transformer over a text corpus, written to a store."""
+
+    name = CharField(default="")
+    model_name = CharField()  # a Hub name, a local folder, or the bundled MiniLM's name
+    layer = IntegerField()
+    site = CharField()  # "resid", "mlp" or "attn"
+    text = JSONField()  # app.extraction.text.TextSpec as a dict
+    token_budget = IntegerField()
+    context_length = IntegerField()
+    batch_size = IntegerField()
+    dtype = CharField()  # "float16" or "float32"
+    exclude_special = BooleanField(default=True)
+    tokens_done = IntegerField(default=0)
+    documents_done = IntegerField(default=0)
+    tokens_per_s = FloatField(null=True)
+    device = CharField(null=True)
+    activation_set = ForeignKeyField(ActivationSet, null=True, backref="extractions", on_delete="SET NULL")
+
+    class Meta:
+        table_name = "extraction"
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.status != "running" or not self.tokens_per_s:
+            return None
+        return max(self.token_budget - self.tokens_done, 0) / self.tokens_per_s
+
+    @property
+    def fraction_done(self) -> float:
+        return min(self.tokens_done / self.token_budget, 1.0) if self.token_budget else 0.0
+
+
 class Template(BaseModel):
     """A named set of hyperparameters that fills the training form."""
 
@@ -238,7 +271,7 @@ def seed_templates() -> None:
             provenance=f"TopK with k = {k} (L0 = k by construction) and 8× expansion, a common starting point.")
 
 
-ALL_MODELS = [ActivationSet, Training, MetricPoint, Event, TuneJob, Template]
+ALL_MODELS = [ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction]
 
 DEFAULT_SYNTHETIC = {
     "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",

@@ -17,6 +17,10 @@ import pytest
 from redis import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
+# Nothing may be downloaded: models and data sets are built by the tests or ship in a package.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def free_port() -> int:
@@ -132,6 +136,14 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.1, message: st
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny randomly initialized GPT-2, GPT-NeoX, Llama and T5 models, saved and loaded back by path."""
+    from tiny_models import build_all
+
+    return build_all(tmp_path_factory.mktemp("models"))
 
 
 # A configuration that trains in a few seconds on two CPU cores.

@@ -83,25 +83,39 @@ class SyntheticSource(ActivationSource):
         return self._generate(n, self._generator(self.seed + 29, device), device)
 
 
-class ArraySource(ActivationSource):
-    """A 2-D float array on disk (rows = tokens), read memory-mapped.
+class ShardedArraySource(ActivationSource):
+    """Rows of one or more 2-D float arrays on disk (rows = tokens), read memory-mapped.
 
-    The last rows (``holdout_rows``) are kept out of training for evaluation; a file too
-    small to spare any is evaluated on a fixed sample of its training rows. Batches are drawn
-    without replacement from a fresh permutation each epoch; the rows of one batch are
-    read in ascending order so the page cache sees a forward scan.
+    The arrays are one row space in order; its last rows (``holdout_rows``) are kept out of
+    training for evaluation, and a store too small to spare any is evaluated on a fixed
+    sample of its training rows. Batches are drawn without replacement from a fresh
+    permutation of all training rows each epoch, so every batch mixes rows of every shard;
+    a batch's rows are read in ascending order, shard by shard, so the page cache sees
+    forward scans. Only the batch (and the permutation, 8 bytes a row) is held in memory.
     """
 
-    def __init__(self, path: Path | str, info: ArrayInfo) -> None:
-        self.path, self.info = Path(path), info
-        self.array = open_array(self.path, info)
-        self.d_in = info.d_in
-        holdout = holdout_rows(info.rows)
-        self.n_tokens = info.rows - holdout
-        self.holdout = holdout
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        if not parts:
+            raise ValueError("no activation arrays")
+        widths = {int(p.shape[1]) for p in parts}
+        if len(widths) != 1:
+            raise ValueError(f"the arrays differ in width: {sorted(widths)}")
+        self.parts = parts
+        self.d_in = widths.pop()
+        self.starts = np.cumsum([0] + [int(p.shape[0]) for p in parts])
+        self.rows = int(self.starts[-1])
+        self.holdout = holdout_rows(self.rows)
+        self.n_tokens = self.rows - self.holdout
 
     def _rows(self, index: np.ndarray, device: torch.device) -> torch.Tensor:
-        rows = torch.from_numpy(np.asarray(self.array[np.sort(index)], dtype=np.float32))
+        index = np.sort(index)
+        out = np.empty((len(index), self.d_in), dtype=np.float32)
+        part_of = np.searchsorted(self.starts, index, side="right") - 1
+        bounds = np.searchsorted(part_of, np.arange(len(self.parts) + 1))
+        for part, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if hi > lo:
+                out[lo:hi] = self.parts[part][index[lo:hi] - self.starts[part]]
+        rows = torch.from_numpy(out)
         if device.type == "cuda":
             rows = rows.pin_memory()
         return rows.to(device, non_blocking=True)
@@ -123,8 +137,28 @@ class ArraySource(ActivationSource):
     def eval_rows(self, n, *, device):
         if self.holdout == 0:
             return self.sample(n, device=device)
-        start = self.info.rows - self.holdout
+        start = self.rows - self.holdout
         return self._rows(np.arange(start, start + min(n, self.holdout)), device)
+
+
+class ArraySource(ShardedArraySource):
+    """One uploaded array file (``.npy`` or ``.safetensors``)."""
+
+    def __init__(self, path: Path | str, info: ArrayInfo) -> None:
+        self.path, self.info = Path(path), info
+        super().__init__([open_array(self.path, info)])
+
+
+class StoreSource(ShardedArraySource):
+    """An extracted activation store (``app.extraction.store``): all its shards as one row space."""
+
+    def __init__(self, folder: Path | str) -> None:
+        from ..extraction.store import open_shards, read_meta
+
+        self.folder = Path(folder)
+        self.meta = read_meta(self.folder)
+        acts, self.index = open_shards(self.folder, self.meta)
+        super().__init__(acts)
 
 
 def normalization_scale(sample: torch.Tensor) -> float:

@@ -81,6 +81,8 @@ def new_training():
             if suggested is not None:
                 data["l1_alpha"] = suggested
             form = TrainingForm(data=data)
+    if request.args.get("source_id", "").isdigit():
+        form.source_id.data = int(request.args["source_id"])  # "Train an SAE on it" after an extraction
     return render_training_form(form, source_run=source_run, template=template)
 
 

@@ -1,0 +1,1 @@
+"""Extracting activations from transformers over text corpora, into a memory-mapped store."""

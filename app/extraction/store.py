@@ -1,0 +1,151 @@
+"""The activation store: a folder of ``.npy`` shards written incrementally, read memory-mapped.
+
+Layout of a finished store (numpy only, so the web process can read it without torch)::
+
+    meta.json                 model, layer, site, d_in, dtype, token count, norm statistics, shards
+    shard_00000.acts.npy      [rows, d_in] float16 or float32 activations
+    shard_00000.index.npy     [rows, 3] int32: token id, document, position in the document
+
+Rows are in extraction order, so the tokens of one context window are consecutive rows.
+A store is written under a temporary name and renamed into place only when complete
+(``ShardWriter.commit``); ``abort`` removes everything, so a failed extraction leaves nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SHARD_BYTES = 64 * 2**20
+INDEX_COLUMNS = ("token_id", "document", "position")
+
+
+class StoreError(ValueError):
+    """The store is missing or inconsistent; the message says what, for the user."""
+
+
+@dataclass
+class NormStats:
+    """Running statistics of the rows' L2 norms (float64 sums, exact over any row count)."""
+
+    count: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    max: float = 0.0
+
+    def add(self, norms: np.ndarray) -> None:
+        norms = norms.astype(np.float64)
+        self.count += int(norms.size)
+        self.total += float(norms.sum())
+        self.total_sq += float(np.square(norms).sum())
+        self.max = max(self.max, float(norms.max(initial=0.0)))
+
+    def to_dict(self) -> dict:
+        mean = self.total / self.count if self.count else 0.0
+        mean_sq = self.total_sq / self.count if self.count else 0.0
+        return {"mean_norm": mean, "std_norm": math.sqrt(max(mean_sq - mean * mean, 0.0)),
+                "max_norm": self.max, "mean_sq_norm": mean_sq}
+
+
+@dataclass
+class ShardWriter:
+    """Buffers rows and writes a shard of about ``SHARD_BYTES`` each time the buffer fills."""
+
+    final_dir: Path
+    d_in: int
+    dtype: str
+    shard_bytes: int = SHARD_BYTES
+    shards: list[dict] = field(default_factory=list)
+    norms: NormStats = field(default_factory=NormStats)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError("dtype must be float16 or float32")
+        self.final_dir = Path(self.final_dir)
+        self.work_dir = self.final_dir.with_name(f".partial-{self.final_dir.name}")
+        if self.final_dir.exists():
+            raise StoreError(f"{self.final_dir} already exists")
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.work_dir.mkdir(parents=True)
+        self.shard_rows = max(256, self.shard_bytes // (self.d_in * np.dtype(self.dtype).itemsize))
+        self._acts = np.empty((self.shard_rows, self.d_in), dtype=self.dtype)
+        self._index = np.empty((self.shard_rows, 3), dtype=np.int32)
+        self._fill = 0
+        self.rows = 0
+
+    def add(self, acts: np.ndarray, token_ids: np.ndarray, documents: np.ndarray, positions: np.ndarray) -> None:
+        """Append rows (float32 activations are cast to the store's dtype; overflow is refused)."""
+        if acts.ndim != 2 or acts.shape[1] != self.d_in:
+            raise ValueError(f"expected rows of width {self.d_in}, got shape {acts.shape}")
+        cast = acts.astype(self.dtype, copy=False)
+        if not np.isfinite(cast).all():
+            if np.isfinite(acts).all():
+                raise StoreError(f"activations reach {float(np.abs(acts).max()):.3g}, beyond float16's range; "
+                                 "extract with dtype float32")
+            raise StoreError("the model produced NaN or Inf activations")
+        self.norms.add(np.linalg.norm(acts.astype(np.float32, copy=False), axis=1))
+        start = 0
+        while start < len(cast):
+            take = min(len(cast) - start, self.shard_rows - self._fill)
+            stop = start + take
+            self._acts[self._fill:self._fill + take] = cast[start:stop]
+            self._index[self._fill:self._fill + take, 0] = token_ids[start:stop]
+            self._index[self._fill:self._fill + take, 1] = documents[start:stop]
+            self._index[self._fill:self._fill + take, 2] = positions[start:stop]
+            self._fill += take
+            start = stop
+            if self._fill == self.shard_rows:
+                self._flush()
+        self.rows += len(cast)
+
+    def _flush(self) -> None:
+        if self._fill == 0:
+            return
+        name = f"shard_{len(self.shards):05d}"
+        np.save(self.work_dir / f"{name}.acts.npy", self._acts[:self._fill])
+        np.save(self.work_dir / f"{name}.index.npy", self._index[:self._fill])
+        self.shards.append({"name": name, "rows": int(self._fill)})
+        self._fill = 0
+
+    def commit(self, meta: dict) -> dict:
+        """Write the last shard and ``meta.json``, then move the folder to its final name."""
+        self._flush()
+        if self.rows == 0:
+            raise StoreError("no token was extracted")
+        meta = {**meta, "d_in": self.d_in, "dtype": self.dtype, "n_tokens": self.rows, "shards": self.shards,
+                "norm": self.norms.to_dict(), "index_columns": list(INDEX_COLUMNS)}
+        with (self.work_dir / "meta.json").open("w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(self.work_dir, self.final_dir)
+        return meta
+
+    def abort(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def read_meta(folder: Path | str) -> dict:
+    path = Path(folder) / "meta.json"
+    if not path.exists():
+        raise StoreError(f"the activation store {Path(folder).name} is missing from the data folder")
+    with path.open() as fh:
+        return json.load(fh)
+
+
+def open_shards(folder: Path | str, meta: dict | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Memory-map every shard's activations and index, checking them against ``meta``."""
+    folder = Path(folder)
+    meta = meta or read_meta(folder)
+    acts, index = [], []
+    for shard in meta["shards"]:
+        a = np.load(folder / f"{shard['name']}.acts.npy", mmap_mode="r")
+        i = np.load(folder / f"{shard['name']}.index.npy", mmap_mode="r")
+        if a.shape != (shard["rows"], meta["d_in"]) or i.shape != (shard["rows"], 3):
+            raise StoreError(f"shard {shard['name']} does not match meta.json")
+        acts.append(a)
+        index.append(i)
+    return acts, index

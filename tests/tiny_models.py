@@ -1,0 +1,55 @@
+"""Tiny transformers built locally (nothing downloaded), saved with ``save_pretrained``.
+
+A byte-level BPE tokenizer is trained on a few hundred standard-library docstrings; the
+GPT-2 one adds no special tokens, the Llama one prefixes BOS (as Llama's does).
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from app.extraction.text import stdlib_docstrings
+
+
+def _tokenizer(bos: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    docs = list(itertools.islice(stdlib_docstrings(), 300))
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   pad_token=None if not bos else "<pad>")
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM, T5Config, T5Model)
+
+    torch.manual_seed(0)
+    plain, with_bos = _tokenizer(bos=False), _tokenizer(bos=True)
+    vocab = len(plain)
+    specs = {
+        "gpt2": (plain, GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256))),
+        "neox": (plain, GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
+                                                          num_attention_heads=4, intermediate_size=64,
+                                                          max_position_embeddings=256))),
+        "llama": (with_bos, LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=3, num_attention_heads=4,
+                                                         num_key_value_heads=2, max_position_embeddings=256))),
+        "t5": (plain, T5Model(T5Config(vocab_size=vocab, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8))),
+    }
+    paths = {}
+    for name, (tokenizer, model) in specs.items():
+        folder = root / name
+        tokenizer.save_pretrained(folder)
+        model.save_pretrained(folder)
+        paths[name] = folder
+    return paths
