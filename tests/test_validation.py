@@ -196,3 +196,16 @@ def test_calibration_predicts_a_setting_it_was_not_fitted_on():
                       TrainConfig(latent_dim=1536, l1_alpha=alpha, batch_size=512, total_steps=800,
                                   lr_warmup_steps=20, l1_warmup_steps=80, log_every=100, device="cpu"))
     assert target / 2 <= result.eval["l0_fraction"] <= target * 2, (alpha, result.eval["l0_fraction"])
+
+
+def test_recommended_steps_let_l0_settle_and_small_sources_get_smaller_batches():
+    big = recommend_settings(SourceStats(384, 10_000_000), latent_dim=1536, target_l0=0.02, architecture="standard",
+                             on_gpu=False)
+    assert big["batch_size"][0] == 1024 and big["total_steps"][0] == 3 * 10_000_000 // 1024
+    small = recommend_settings(SourceStats(384, 190_000), latent_dim=1536, target_l0=0.02, architecture="standard",
+                               on_gpu=False)
+    batch, steps = small["batch_size"][0], small["total_steps"][0]
+    assert steps >= 2000 and batch * steps <= 5 * 190_000 and batch == 256
+    tiny = recommend_settings(SourceStats(384, 20_000), latent_dim=1536, target_l0=0.02, architecture="standard",
+                              on_gpu=False)
+    assert tiny["batch_size"][0] == 64 and tiny["total_steps"][0] == 2000
