@@ -55,6 +55,7 @@ calibrate: install
 benchmarks: install
 	$(PY) benchmarks/validator_speed.py
 	$(PY) benchmarks/trainer_throughput.py
+	$(PY) benchmarks/extraction_throughput.py
 
 clean:
 	rm -rf $(VENV) static/vendor

@@ -198,6 +198,7 @@ def load_model(name: str, device: torch.device):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the load report lists the unused head of a *ForCausalLM checkpoint
+    hf_logging.disable_progress_bar()
 
     path = resolve_model(name)
     try:
