@@ -36,7 +36,7 @@ def create_app(config: dict | None = None) -> Flask:
     csrf.init_app(app)
     Htmx(app)
 
-    from .views import api, extractions, pages, sources, templates, tune
+    from .views import api, extractions, features, pages, sources, templates, tune
     from .views.formatting import register_filters
 
     app.register_blueprint(pages.bp)
@@ -45,6 +45,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(tune.bp)
     app.register_blueprint(templates.bp)
     app.register_blueprint(extractions.bp)
+    app.register_blueprint(features.bp)
     csrf.exempt(api.bp)
     register_filters(app)
 

@@ -135,14 +135,15 @@ def l1_alpha_chart(metrics, total_steps: int) -> Markup:
                       log_y=True, x_max=total_steps)
 
 
-def histogram_chart(hist: dict, *, width: int = 460, height: int = 200) -> Markup:
+def histogram_chart(hist: dict, *, width: int = 460, height: int = 200,
+                    title: str = "Latent density on held-out tokens") -> Markup:
     """Bars of latents per log10 firing-frequency bin; the never-fired count is noted apart."""
     left, right, top, bottom = 44, 12, 26, 32
     pw, ph = width - left - right, height - top - bottom
     counts = hist["counts"]
     peak = max(counts + [1])
     bar_w = pw / len(counts)
-    title = f"Latent density on held-out tokens (never fired: {hist['never_fired']:,})"
+    title = f"{title} (never fired: {hist['never_fired']:,})"
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {width} {height}" role="img" '
              f'aria-label="{escape(title)}"><text x="{left}" y="16" class="chart-title">{escape(title)}</text>']
     for i, c in enumerate(counts):

@@ -22,6 +22,8 @@ def load_settings(overrides: dict | None = None) -> dict:
     SECRET_KEY     session/CSRF key (generated once and kept in DATA_DIR/secret_key)
     MAX_UPLOAD_MB  largest activation upload accepted (4096)
     SAE_DEVICE     "auto" (CUDA when available), "cpu" or "cuda[:n]"
+    FEATURES_AFTER_TRAINING  1: queue feature statistics when a run completes (1)
+    FEATURE_SAMPLE_TOKENS    tokens the feature statistics are computed on (50000)
     """
     env = os.environ
     settings = {
@@ -33,6 +35,8 @@ def load_settings(overrides: dict | None = None) -> dict:
         "MAX_UPLOAD_MB": _int("MAX_UPLOAD_MB", 4096),
         "SAE_DEVICE": env.get("SAE_DEVICE", "auto"),
         "JOB_TIMEOUT_S": _int("JOB_TIMEOUT_S", 7 * 24 * 3600),
+        "FEATURES_AFTER_TRAINING": env.get("FEATURES_AFTER_TRAINING", "1").strip().lower() not in ("0", "false", "no"),
+        "FEATURE_SAMPLE_TOKENS": _int("FEATURE_SAMPLE_TOKENS", 50_000),
     }
     settings.update(overrides or {})
     data_dir = Path(settings["DATA_DIR"])

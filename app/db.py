@@ -89,8 +89,14 @@ def _migration_5_extractions(db) -> None:
     db.create_tables([Extraction])
 
 
+def _migration_6_features(db) -> None:
+    from .models import FeatureJob, FeatureStat, ImportedSAE
+
+    db.create_tables([ImportedSAE, FeatureJob, FeatureStat])
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
-                              _migration_4_templates, _migration_5_extractions]
+                              _migration_4_templates, _migration_5_extractions, _migration_6_features]
 
 
 def migrate() -> int:

@@ -427,3 +427,24 @@ class ExtractionForm(FlaskForm):
             self.text_column.errors.append("Name the column that holds the text.")
             ok = False
         return ok
+
+
+class FeatureJobForm(FlaskForm):
+    """How many tokens the feature statistics are computed on."""
+
+    sample_tokens = IntegerField("Tokens to sample", default=50_000, validators=[required(), Range(1_000, 5_000_000)])
+
+
+class ImportSAEForm(FlaskForm):
+    """An SAE in the SAELens layout (a zip of cfg.json and sae_weights.safetensors) and where to browse it."""
+
+    name = StringField("Name", validators=[Optional(), Length(max=200)])
+    file = FileField("SAE (.zip holding cfg.json and sae_weights.safetensors)",
+                     validators=[InputRequired("Choose a zip to upload.")])
+    source_id = SelectField("Browse its features on", coerce=int, validators=[required()])
+    sample_tokens = IntegerField("Tokens to sample", default=50_000, validators=[required(), Range(1_000, 5_000_000)])
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.source_id.choices = [SelectChoice(s.id, s.describe())
+                                  for s in ActivationSet.select().order_by(ActivationSet.id)]

@@ -17,6 +17,7 @@ from .models import Event, JobRecord, Training, TuneJob, utcnow
 TRAINING_JOB = "app.jobs.run_training"
 TUNE_JOB = "app.jobs.run_tune"
 EXTRACTION_JOB = "app.jobs.run_extraction"
+FEATURES_JOB = "app.jobs.run_features"
 
 
 def redis_connection(url: str) -> Redis:
@@ -49,6 +50,24 @@ def enqueue_tune(tune: TuneJob, settings: dict) -> None:
 def enqueue_extraction(extraction, settings: dict) -> None:
     """Put an extraction on the queue. The row must be ``queued``."""
     _enqueue(extraction, EXTRACTION_JOB, settings)
+
+
+def create_feature_job(settings: dict, *, source, training=None, imported=None, sample_tokens: int | None = None):
+    """Create and queue a feature-statistics job for a run's checkpoint or an imported SAE."""
+    from .models import FeatureJob
+
+    if sample_tokens is None:
+        sample_tokens = settings["FEATURE_SAMPLE_TOKENS"]
+    if source.total_rows is not None:
+        sample_tokens = min(sample_tokens, source.total_rows)
+    job = FeatureJob.create(training=training, imported=imported, source=source, sample_tokens=sample_tokens)
+    try:
+        _enqueue(job, FEATURES_JOB, settings)
+    except Exception as exc:
+        FeatureJob.update(status="failed", reason=f"Could not reach the job queue: {exc}", finished_at=utcnow()).where(
+            FeatureJob.id == job.id).execute()
+        raise
+    return job
 
 
 def request_cancel(record: JobRecord, settings: dict) -> None:
@@ -88,7 +107,8 @@ def reconcile(record: JobRecord, settings: dict) -> bool:
     if status not in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED, None):
         return False
     model = type(record)
-    what = {"Training": "training", "TuneJob": "auto-tune", "Extraction": "extraction"}.get(model.__name__, "job")
+    what = {"Training": "training", "TuneJob": "auto-tune", "Extraction": "extraction",
+            "FeatureJob": "feature job"}.get(model.__name__, "job")
     detail = "its job is no longer known to the queue" if status is None else f"its worker reported the job {status.value}"
     reason = f"The {what} stopped without finishing: {detail} (the worker process may have been killed)."
     if status is not None and job.latest_result() is not None and job.latest_result().exc_string:

@@ -176,6 +176,8 @@ def run_training(training_id: int) -> str:
             _finish(run.id, status="completed", **done)
             writer.event("info", "completed", f"Training completed. {summary['verdict']['headline']}",
                          step=result.steps, suggestion=summary["verdict"]["advice"])
+            if settings["FEATURES_AFTER_TRAINING"]:
+                _queue_features(run, settings, writer)
         elif monitor.stop is not None:
             stop = monitor.stop
             reason = f"{stop.message} {stop.suggestion or ''}".strip()
@@ -226,6 +228,7 @@ def _save_checkpoint(sae, run: Training, result, data_dir: str) -> str:
     """Save the SAE's weights (normalized space) and what is needed to use them."""
     import json
 
+    import numpy as np
     from safetensors.torch import save_file
 
     folder = Path(data_dir) / "runs" / str(run.id)
@@ -233,6 +236,8 @@ def _save_checkpoint(sae, run: Training, result, data_dir: str) -> str:
     tmp = folder / "sae.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp))
     tmp.replace(folder / "sae.safetensors")
+    # each latent's firing frequency on the held-out tokens: the export's sparsity file
+    np.save(folder / "frequencies.npy", np.asarray(result.eval["frequencies"], dtype=np.float32))
     (folder / "cfg.json").write_text(json.dumps({
         **run.config_dict(), "d_in": sae.d_in, "norm_scale": result.norm_scale, "steps_trained": result.steps}, indent=2))
     return str((folder / "sae.safetensors").relative_to(data_dir))
@@ -367,6 +372,165 @@ def run_extraction(extraction_id: int) -> str:
         return "failed"
     finally:
         database.close()
+
+
+def _queue_features(run: Training, settings: dict, writer: MetricWriter) -> None:
+    """Queue the feature statistics of a finished run; a queue failure is noted, not fatal."""
+    from .jobqueue import create_feature_job
+
+    try:
+        create_feature_job(settings, training=run, source=run.source)
+    except Exception as exc:  # noqa: BLE001 - the run itself completed
+        writer.event("warning", "features", f"Could not queue the feature statistics: {exc}")
+
+
+def _sample_rows(source, n: int, device):
+    """The evaluation sample: a file or store's first ``n`` rows (whole context windows, in
+    order, so examples have their context), or ``n`` rows of the synthetic stream."""
+    import numpy as np
+    import torch
+
+    if not hasattr(source, "parts"):
+        return source.eval_rows(n, device=device), None
+    n = min(n, source.rows)
+    x = torch.cat([source._rows(np.arange(s, min(s + 16384, n)), device) for s in range(0, n, 16384)])
+    index = None
+    if hasattr(source, "index"):
+        index = np.concatenate([np.asarray(part) for part in source.index])[:n]
+    return x, index
+
+
+def _token_texts(model_name: str, ids) -> dict[int, str]:
+    """Each token id's text, by the extraction's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .extraction.capture import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
+    return {int(i): tokenizer.decode([int(i)]) for i in ids}
+
+
+def run_features(job_id: int) -> str:
+    """Statistics, top examples with context, neighbours and ground-truth recovery of an SAE's latents."""
+    import numpy as np
+
+    from .models import FeatureJob, FeatureStat
+
+    settings = _connect()
+    job = FeatureJob.get_by_id(job_id)
+    claimed = (FeatureJob.update(status="running", started_at=utcnow())
+               .where((FeatureJob.id == job.id) & (FeatureJob.status == "queued")).execute())
+    if not claimed:
+        return job.status
+    try:
+        from .sae import features as F
+        from .sae.export import parse_saelens, read_checkpoint
+        from .sae.trainer import resolve_device
+
+        data_dir = Path(settings["DATA_DIR"])
+        device = resolve_device(settings["SAE_DEVICE"])
+        if job.training_id:
+            loaded = read_checkpoint(data_dir / "runs" / str(job.training_id))
+        else:
+            folder = data_dir / job.imported.path
+            loaded, _ = parse_saelens({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+        source = build_source(job.source, settings["DATA_DIR"])
+        if source.d_in != loaded.d_in:
+            raise F.FeatureError(f"the SAE reads d_in {loaded.d_in} but the source {job.source.name!r} has d_in "
+                                 f"{source.d_in}")
+        sae = F.to_module(loaded, device)
+        x, index = _sample_rows(source, job.sample_tokens, device)
+        x = x * loaded.norm_scale
+
+        def progress(fraction: float) -> None:
+            FeatureJob.update(progress=fraction).where(FeatureJob.id == job.id).execute()
+
+        def should_stop() -> str | None:
+            flag = FeatureJob.select(FeatureJob.cancel_requested).where(FeatureJob.id == job.id).scalar()
+            return "Cancelled by the user." if flag else None
+
+        poll = _throttled(should_stop, 0.5)
+        stats = F.latent_stats(sae, x, top_n=job.top_n, should_stop=poll,
+                               on_progress=_throttled_progress(lambda f: progress(0.8 * f)))
+        neighbour_idx, neighbour_cos = F.decoder_neighbours(sae)
+        recovery = F.ground_truth_recovery(sae, source.features) if hasattr(source, "features") else None
+        context_acts = context = None
+        texts: dict[int, str] = {}
+        if index is not None:
+            context = F.context_rows(stats.top_rows, index[:, 1], index[:, 2], job.context)
+            flat = context.reshape(loaded.d_sae, -1)
+            context_acts = F.latent_activations_at(sae, x, np.arange(loaded.d_sae), flat, stats.thresholds)
+            context_acts = context_acts.reshape(context.shape)
+            used = np.unique(index[np.unique(context[context >= 0]), 0])
+            texts = _token_texts(job.source.params["model"], used)
+        if (reason := should_stop()):
+            raise InterruptedError(reason)
+        progress(0.9)
+        rows = []
+        for j in range(loaded.d_sae):
+            examples, words = [], []
+            for e in range(job.top_n):
+                r = int(stats.top_rows[j, e])
+                if r < 0:
+                    break
+                example = {"row": r, "act": float(stats.top_acts[j, e])}
+                if context is not None:
+                    ctx = context[j, e]
+                    example["tokens"] = [[texts[int(index[c, 0])], float(a)]
+                                         for c, a in zip(ctx, context_acts[j, e]) if c >= 0]
+                    example["at"] = int((ctx[:job.context] >= 0).sum())
+                    example["document"], example["position"] = int(index[r, 1]), int(index[r, 2])
+                    words.append(texts[int(index[r, 0])].strip())
+                examples.append(example)
+            rows.append({
+                "job": job.id, "latent": j, "frequency": float(stats.frequency[j]),
+                "mean_active": float(stats.mean_active[j]), "max_active": float(stats.max_active[j]),
+                "match_feature": None if recovery is None else int(recovery.best_feature[j]),
+                "match_cosine": None if recovery is None else float(recovery.best_cosine[j]),
+                "top_tokens": " ".join(dict.fromkeys(w for w in words if w)), "examples": examples,
+                "neighbours": [[int(a), round(float(b), 4)] for a, b in zip(neighbour_idx[j], neighbour_cos[j])]})
+        summary = {"n_tokens": stats.n_tokens, "never_fired": int((stats.frequency == 0).sum()),
+                   "density_histogram": density_histogram(stats.frequency.tolist())}
+        if recovery is not None:
+            summary["ground_truth"] = {"mmcs": recovery.mmcs, "recovered": recovery.recovered,
+                                       "n_features": recovery.n_features, "threshold": F.RECOVERED_COSINE}
+        with database.atomic():
+            FeatureStat.delete().where(FeatureStat.job == job.id).execute()
+            for start in range(0, len(rows), 200):
+                FeatureStat.insert_many(rows[start:start + 200]).execute()
+            FeatureJob.update(status="completed", summary=summary, progress=1.0, finished_at=utcnow()).where(
+                FeatureJob.id == job.id).execute()
+            if job.training_id and recovery is not None:
+                run = Training.get_by_id(job.training_id)
+                Training.update(summary={**(run.summary or {}), "ground_truth": summary["ground_truth"]}).where(
+                    Training.id == run.id).execute()
+        return "completed"
+    except InterruptedError as exc:
+        FeatureJob.update(status="cancelled", reason=str(exc), finished_at=utcnow()).where(
+            FeatureJob.id == job.id).execute()
+        return "cancelled"
+    except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
+        user_error = type(exc).__name__ in ("FeatureError", "SAEFormatError", "StoreError")
+        reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
+        FeatureJob.update(status="failed", reason=reason[:2000], finished_at=utcnow()).where(
+            FeatureJob.id == job.id).execute()
+        if not user_error:
+            raise
+        return "failed"
+    finally:
+        database.close()
+
+
+def _throttled_progress(report, interval_s: float = 1.0):
+    state = {"next": 0.0}
+
+    def wrapper(fraction: float) -> None:
+        now = time.monotonic()
+        if now >= state["next"] or fraction >= 1.0:
+            state["next"] = now + interval_s
+            report(fraction)
+
+    return wrapper
 
 
 def _throttled(check, interval_s: float):

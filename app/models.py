@@ -65,6 +65,15 @@ class ActivationSet(BaseModel):
     class Meta:
         table_name = "activation_set"
 
+    @property
+    def total_rows(self) -> int | None:
+        """Every stored row, held-out ones included (None for a generated stream)."""
+        if self.kind == "extracted":
+            return int(self.params["n_tokens"])
+        if self.kind == "file":
+            return int(self.params["array"]["rows"])
+        return None
+
     def describe(self) -> str:
         tokens = "unbounded stream" if self.n_tokens is None else f"{self.n_tokens:,} tokens"
         return f"{self.name} (d_in {self.d_in}, {tokens})"
@@ -221,6 +230,63 @@ class Extraction(JobRecord):
         return min(self.tokens_done / self.token_budget, 1.0) if self.token_budget else 0.0
 
 
+class ImportedSAE(BaseModel):
+    """An SAE brought in from elsewhere in the SAELens layout, kept under DATA_DIR/imported/<id>/."""
+
+    name = CharField()
+    architecture = CharField()
+    d_in = IntegerField()
+    d_sae = IntegerField()
+    k = IntegerField(null=True)
+    cfg = JSONField(default=dict)  # its cfg.json as given
+    path = CharField()  # relative to DATA_DIR
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "imported_sae"
+
+
+class FeatureJob(JobRecord):
+    """Per-latent statistics and top examples of one SAE (a run's or an imported one) on a source."""
+
+    training = ForeignKeyField(Training, null=True, backref="feature_jobs", on_delete="CASCADE")
+    imported = ForeignKeyField(ImportedSAE, null=True, backref="feature_jobs", on_delete="CASCADE")
+    source = ForeignKeyField(ActivationSet, backref="feature_jobs", on_delete="CASCADE")
+    sample_tokens = IntegerField()
+    top_n = IntegerField(default=10)
+    context = IntegerField(default=8)  # tokens either side of an example
+    progress = FloatField(default=0.0)  # 0..1
+    summary = JSONField(null=True)  # tokens, never fired, density histogram, ground-truth recovery
+
+    class Meta:
+        table_name = "feature_job"
+
+    @property
+    def sae_label(self) -> str:
+        if self.training_id:
+            return f"run #{self.training_id}" + (f" ({self.training.name})" if self.training.name else "")
+        return f"imported SAE #{self.imported_id} ({self.imported.name})"
+
+
+class FeatureStat(BaseModel):
+    """One latent's statistics in one feature job."""
+
+    job = ForeignKeyField(FeatureJob, backref="stats", on_delete="CASCADE")
+    latent = IntegerField()
+    frequency = FloatField()
+    mean_active = FloatField()
+    max_active = FloatField()
+    match_feature = IntegerField(null=True)  # synthetic sources: best ground-truth feature
+    match_cosine = FloatField(null=True)
+    top_tokens = TextField(default="")  # the top examples' tokens, for search
+    examples = JSONField(default=list)  # [{"row", "act", "tokens": [[text, act], ...]}]
+    neighbours = JSONField(default=list)  # [[latent, cosine], ...]
+
+    class Meta:
+        table_name = "feature_stat"
+        indexes = ((("job", "latent"), True),)
+
+
 class Template(BaseModel):
     """A named set of hyperparameters that fills the training form."""
 
@@ -271,7 +337,8 @@ def seed_templates() -> None:
             provenance=f"TopK with k = {k} (L0 = k by construction) and 8× expansion, a common starting point.")
 
 
-ALL_MODELS = [ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction]
+ALL_MODELS = [ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
+              FeatureStat]
 
 DEFAULT_SYNTHETIC = {
     "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",

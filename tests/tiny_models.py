@@ -36,15 +36,19 @@ def build_all(root: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     plain, with_bos = _tokenizer(bos=False), _tokenizer(bos=True)
     vocab = len(plain)
+    ids = {"bos_token_id": plain.bos_token_id, "eos_token_id": plain.eos_token_id}
     specs = {
-        "gpt2": (plain, GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256))),
+        "gpt2": (plain, GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256, **ids))),
         "neox": (plain, GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
                                                           num_attention_heads=4, intermediate_size=64,
-                                                          max_position_embeddings=256))),
+                                                          max_position_embeddings=256, **ids))),
         "llama": (with_bos, LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                                          num_hidden_layers=3, num_attention_heads=4,
-                                                         num_key_value_heads=2, max_position_embeddings=256))),
-        "t5": (plain, T5Model(T5Config(vocab_size=vocab, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8))),
+                                                         num_key_value_heads=2, max_position_embeddings=256,
+                                                         pad_token_id=with_bos.pad_token_id, **ids))),
+        "t5": (plain, T5Model(T5Config(vocab_size=vocab, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                      eos_token_id=plain.eos_token_id, pad_token_id=plain.eos_token_id,
+                                      decoder_start_token_id=plain.eos_token_id))),
     }
     paths = {}
     for name, (tokenizer, model) in specs.items():

@@ -1,6 +1,8 @@
 """HTML pages and htmx fragments for trainings."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 from redis.exceptions import RedisError
 
@@ -135,7 +137,13 @@ def recommend():
 @bp.get("/trainings/<int:training_id>")
 def detail(training_id: int):
     run, queue_note = refresh_from_queue(get_training_or_404(training_id))
-    return render_template("training_detail.html", run=run, queue_note=queue_note, **progress_context(run))
+    from ..forms import FeatureJobForm
+    from ..models import FeatureJob
+
+    checkpoint = Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"
+    return render_template("training_detail.html", run=run, queue_note=queue_note, has_checkpoint=checkpoint.exists(),
+                           features_job=run.feature_jobs.order_by(FeatureJob.id.desc()).first(),
+                           feature_form=FeatureJobForm(formdata=None), **progress_context(run))
 
 
 def progress_context(run: Training) -> dict:
@@ -203,4 +211,5 @@ def compare():
     summaries = [(r, progress_view(r, series[r.id][-1] if series[r.id] else None)) for r in runs]
     colors = {r.id: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(runs)}
     return render_template("compare.html", runs=runs, rows=rows, l0_chart=l0, fvu_chart=fvu,
-                           frontier=frontier, summaries=summaries, labels=labels, colors=colors)
+                           frontier=frontier, summaries=summaries, labels=labels, colors=colors,
+                           has_ground_truth=any((r.summary or {}).get("ground_truth") for r in runs))

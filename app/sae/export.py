@@ -1,0 +1,177 @@
+"""SAEs in the layout SAELens reads, both ways; numpy only, so the web process can do it.
+
+A folder (or zip) holding::
+
+    cfg.json                  d_in, d_sae, architecture, dtype, normalization, metadata
+    sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]
+    sparsity.safetensors      "sparsity": log10 of each latent's firing frequency
+
+Our checkpoints live in normalized space (inputs scaled by ``c`` with E‖c·x‖² = d_in).
+Export folds ``c`` into the weights so the SAE works on raw activations:
+``f = act((x − b_dec/c)·(c·W_enc) + b_enc)`` and ``x̂ = f·(W_dec/c) + b_dec/c``,
+which is exactly ``act((c·x − b_dec)·W_enc + b_enc)`` decoded and scaled back by ``1/c``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load, save
+
+CFG = "cfg.json"
+WEIGHTS = "sae_weights.safetensors"
+SPARSITY = "sparsity.safetensors"
+# TransformerLens hook names, which SAELens metadata uses, for our capture sites.
+HOOK_NAMES = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
+              "attn": "blocks.{layer}.hook_attn_out"}
+SUPPORTED = ("standard", "topk")
+MIN_FREQUENCY = 1e-10  # log10 density of a latent that never fired: -10, as SAELens' sparsity files do
+
+
+class SAEFormatError(ValueError):
+    """The files are not an SAE in the SAELens layout we can use; the message says why."""
+
+
+@dataclass
+class LoadedSAE:
+    """Weights that act on raw activations (``norm_scale`` 1) or on c·x (our checkpoints)."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | None
+    weights: dict[str, np.ndarray]
+    norm_scale: float
+    cfg: dict
+
+
+def read_checkpoint(folder: Path | str) -> LoadedSAE:
+    """One of our run folders: ``sae.safetensors`` (normalized space) and ``cfg.json``."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    weights = load((folder / "sae.safetensors").read_bytes())
+    return LoadedSAE(cfg["architecture"], int(cfg["d_in"]), int(cfg["latent_dim"]), cfg.get("k"), weights,
+                     float(cfg["norm_scale"]), cfg)
+
+
+def folded(sae: LoadedSAE) -> dict[str, np.ndarray]:
+    """The weights with the normalization folded in: they act on raw activations."""
+    c = sae.norm_scale
+    w = sae.weights
+    return {"W_enc": (w["W_enc"].astype(np.float64) * c).astype(np.float32),
+            "W_dec": (w["W_dec"].astype(np.float64) / c).astype(np.float32),
+            "b_enc": w["b_enc"].astype(np.float32),
+            "b_dec": (w["b_dec"].astype(np.float64) / c).astype(np.float32)}
+
+
+def saelens_cfg(sae: LoadedSAE, metadata: dict) -> dict:
+    cfg = {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "none", "metadata": {"sae_lens_version": "6.0.0", **metadata}}
+    if sae.architecture == "topk":
+        cfg["k"] = int(sae.k)
+        cfg["rescale_acts_by_decoder_norm"] = False
+    return cfg
+
+
+def export_files(sae: LoadedSAE, frequencies: np.ndarray | None, metadata: dict) -> dict[str, bytes]:
+    """The three files of the SAELens layout, as bytes."""
+    files = {CFG: json.dumps(saelens_cfg(sae, metadata), indent=2).encode(),
+             WEIGHTS: save({k: np.ascontiguousarray(v) for k, v in folded(sae).items()})}
+    if frequencies is not None:
+        density = np.log10(np.maximum(np.asarray(frequencies, dtype=np.float64), MIN_FREQUENCY)).astype(np.float32)
+        files[SPARSITY] = save({"sparsity": density})
+    return files
+
+
+def zip_bytes(files: dict[str, bytes], folder: str) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(f"{folder}/{name}", data)
+    return out.getvalue()
+
+
+def files_from_zip(data: bytes, *, max_bytes: int) -> dict[str, bytes]:
+    """cfg.json, sae_weights.safetensors and (if there) sparsity.safetensors from a zip, in any one folder."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise SAEFormatError("not a zip file") from exc
+    found: dict[str, bytes] = {}
+    with zf:
+        for info in zf.infolist():
+            name = Path(info.filename).name
+            if name in (CFG, WEIGHTS, SPARSITY) and not info.is_dir():
+                if info.file_size > max_bytes:
+                    raise SAEFormatError(f"{name} is larger than the limit of {max_bytes:,} bytes")
+                if name in found:
+                    raise SAEFormatError(f"the zip holds more than one {name}; put one SAE in it")
+                found[name] = zf.read(info)
+    return found
+
+
+def parse_saelens(files: dict[str, bytes]) -> tuple[LoadedSAE, np.ndarray | None]:
+    """Check an SAE in the SAELens layout and return it (acting on raw activations) and its log10 density."""
+    for name in (CFG, WEIGHTS):
+        if name not in files:
+            raise SAEFormatError(f"{name} is missing (expected {CFG} and {WEIGHTS}, as SAELens writes them)")
+    try:
+        cfg = json.loads(files[CFG])
+    except ValueError as exc:
+        raise SAEFormatError(f"{CFG} is not valid JSON") from exc
+    if not isinstance(cfg, dict):
+        raise SAEFormatError(f"{CFG} is not a JSON object")
+    architecture = cfg.get("architecture", "standard")
+    if architecture not in SUPPORTED:
+        raise SAEFormatError(f"architecture {architecture!r} is not supported; this app reads standard and topk SAEs")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise SAEFormatError(f"normalize_activations {cfg['normalize_activations']!r} is not supported; export "
+                             "the SAE with the normalization folded into its weights")
+    if cfg.get("apply_b_dec_to_input", True) is not True:
+        raise SAEFormatError("apply_b_dec_to_input false is not supported")
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise SAEFormatError("reshape_activations (hook_z) SAEs are not supported")
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SAEFormatError(f"{CFG} needs integer d_in and d_sae") from exc
+    k = None
+    if architecture == "topk":
+        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if not isinstance(k, int) or not 0 < k <= d_sae:
+            raise SAEFormatError("a topk SAE needs an integer k between 1 and d_sae")
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise SAEFormatError("rescale_acts_by_decoder_norm is not supported")
+    try:
+        weights = load(files[WEIGHTS])
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        raise SAEFormatError(f"{WEIGHTS} is not a readable safetensors file") from exc
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    for name, shape in shapes.items():
+        if name not in weights:
+            raise SAEFormatError(f"{WEIGHTS} has no tensor {name}")
+        if tuple(weights[name].shape) != shape:
+            raise SAEFormatError(f"{name} has shape {tuple(weights[name].shape)}; d_in {d_in} and d_sae {d_sae} "
+                                 f"need {shape}")
+        if not np.isfinite(weights[name]).all():
+            raise SAEFormatError(f"{name} holds NaN or Inf")
+    density = None
+    if SPARSITY in files:
+        try:
+            density = load(files[SPARSITY]).get("sparsity")
+        except Exception as exc:  # noqa: BLE001
+            raise SAEFormatError(f"{SPARSITY} is not a readable safetensors file") from exc
+    sae = LoadedSAE(architecture, d_in, d_sae, k, {n: weights[n].astype(np.float32) for n in shapes}, 1.0, cfg)
+    return sae, density
+
+
+def hook_name(site: str | None, layer: int | None) -> str | None:
+    if site in HOOK_NAMES and layer is not None:
+        return HOOK_NAMES[site].format(layer=layer)
+    return None
+

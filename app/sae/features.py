@@ -1,0 +1,166 @@
+"""What each latent of a trained SAE does, on a sample of activations.
+
+Pass 1 encodes the sample in chunks and keeps, per latent, the firing count, the sum and
+maximum of its activation and its top-N rows (a running top-k). Pass 2 gives each top
+example its context: the latent's activation on the rows around it (same document,
+consecutive positions), computed for that latent alone. A TopK latent is active on a row
+only when its pre-activation reaches that row's k-th largest, which pass 1 records per
+row. Also: decoder-direction neighbours among the latents and, for a source with known
+ground-truth features, the best-matching feature per latent, MMCS and the share recovered.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .export import LoadedSAE
+from .models import SparseAutoencoder, build_sae
+
+RECOVERED_COSINE = 0.9
+
+
+class FeatureError(ValueError):
+    """The SAE and the source do not fit together; the message is for the user."""
+
+
+def to_module(loaded: LoadedSAE, device: torch.device) -> SparseAutoencoder:
+    sae = build_sae(loaded.architecture, loaded.d_in, loaded.d_sae, k=loaded.k, device=device)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sae, name).copy_(torch.from_numpy(np.ascontiguousarray(loaded.weights[name])))
+    return sae.eval()
+
+
+@dataclass
+class LatentStats:
+    frequency: np.ndarray  # share of sample tokens the latent fired on
+    mean_active: np.ndarray  # mean activation where it fired (0 if never)
+    max_active: np.ndarray
+    top_rows: np.ndarray  # [d_sae, N] sample rows, strongest first; -1 where fewer than N fired
+    top_acts: np.ndarray  # [d_sae, N]
+    thresholds: np.ndarray | None = None  # TopK: each row's k-th largest pre-activation
+    n_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def latent_stats(sae: SparseAutoencoder, x: torch.Tensor, *, top_n: int, chunk: int = 4096,
+                 should_stop: Callable[[], str | None] | None = None,
+                 on_progress: Callable[[float], None] | None = None) -> LatentStats:
+    """Pass 1 over ``x`` (already in the SAE's input space): frequencies, means, maxima, top rows."""
+    n, d_sae = x.shape[0], sae.d_sae
+    device = x.device
+    count = torch.zeros(d_sae, device=device, dtype=torch.float64)
+    total = torch.zeros(d_sae, device=device, dtype=torch.float64)
+    peak = torch.zeros(d_sae, device=device)
+    top_acts = torch.full((top_n, d_sae), -1.0, device=device)
+    top_rows = torch.full((top_n, d_sae), -1, device=device, dtype=torch.long)
+    thresholds = torch.empty(n, device=device) if sae.architecture == "topk" else None
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            if should_stop is not None and (reason := should_stop()):
+                raise InterruptedError(reason)
+            pre = sae.pre_activation(x[start:start + chunk])
+            if thresholds is not None:
+                thresholds[start:start + len(pre)] = pre.topk(sae.k, dim=-1).values[:, -1]
+                f = sae._topk(pre, sae.k)
+            else:
+                f = torch.relu(pre)
+            fired = f > 0
+            count += fired.sum(dim=0)
+            total += f.sum(dim=0, dtype=torch.float64)
+            peak = torch.maximum(peak, f.max(dim=0).values)
+            rows = torch.arange(start, start + len(f), device=device).unsqueeze(1).expand(-1, d_sae)
+            both_acts = torch.cat([top_acts, f.masked_fill(~fired, -1.0)])
+            both_rows = torch.cat([top_rows, rows])
+            best = both_acts.topk(min(top_n, len(both_acts)), dim=0)
+            top_acts = best.values
+            top_rows = torch.gather(both_rows, 0, best.indices)
+            if on_progress is not None:
+                on_progress(min(1.0, (start + len(f)) / n))
+    top_rows = torch.where(top_acts > 0, top_rows, torch.full_like(top_rows, -1))
+    top_acts = top_acts.clamp(min=0)
+    mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    return LatentStats((count / n).float().cpu().numpy(), mean.float().cpu().numpy(), peak.cpu().numpy(),
+                       top_rows.t().cpu().numpy(), top_acts.t().cpu().numpy(),
+                       None if thresholds is None else thresholds.cpu().numpy(), n)
+
+
+def context_rows(rows: np.ndarray, documents: np.ndarray, positions: np.ndarray, width: int) -> np.ndarray:
+    """For each row, the rows ``-width..width`` around it in the same window; -1 where there is none."""
+    offsets = np.arange(-width, width + 1)
+    cand = rows[..., None] + offsets
+    n = len(documents)
+    ok = (rows[..., None] >= 0) & (cand >= 0) & (cand < n)
+    safe = np.clip(cand, 0, n - 1)
+    base = np.clip(rows, 0, n - 1)[..., None]
+    ok &= documents[safe] == documents[base]
+    ok &= positions[safe] - positions[base] == offsets
+    ok &= positions[safe] >= 0
+    return np.where(ok, cand, -1)
+
+
+def latent_activations_at(sae: SparseAutoencoder, x: torch.Tensor, latents: np.ndarray, rows: np.ndarray,
+                          thresholds: np.ndarray | None, *, block: int = 256) -> np.ndarray:
+    """``out[i, j] = activation of latent latents[i] on row rows[i, j]`` (0 where the row is -1)."""
+    out = np.zeros(rows.shape, dtype=np.float32)
+    device = x.device
+    thr = None if thresholds is None else torch.from_numpy(thresholds).to(device)
+    with torch.no_grad():
+        for start in range(0, len(latents), block):
+            lat = torch.from_numpy(latents[start:start + block]).to(device)
+            idx = torch.from_numpy(rows[start:start + block]).to(device)
+            valid = idx >= 0
+            xs = x[idx.clamp(min=0)]  # [B, M, d_in]
+            pre = torch.einsum("bmd,db->bm", xs - sae.b_dec, sae.W_enc[:, lat]) + sae.b_enc[lat].unsqueeze(1)
+            act = torch.relu(pre)
+            if thr is not None:
+                act = torch.where(pre >= thr[idx.clamp(min=0)], act, torch.zeros_like(act))
+            out[start:start + block] = torch.where(valid, act, torch.zeros_like(act)).cpu().numpy()
+    return out
+
+
+def decoder_neighbours(sae: SparseAutoencoder, n: int = 5, *, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Each latent's ``n`` nearest other latents by decoder-direction cosine: (indices, cosines)."""
+    with torch.no_grad():
+        w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        n = min(n, sae.d_sae - 1)
+        idx = np.zeros((sae.d_sae, n), dtype=np.int64)
+        cos = np.zeros((sae.d_sae, n), dtype=np.float32)
+        for start in range(0, sae.d_sae, block):
+            sims = w[start:start + block] @ w.t()
+            rows = torch.arange(start, min(start + block, sae.d_sae), device=w.device)
+            sims[rows - start, rows] = -2.0
+            best = sims.topk(n, dim=1)
+            idx[start:start + block] = best.indices.cpu().numpy()
+            cos[start:start + block] = best.values.cpu().numpy()
+    return idx, cos
+
+
+@dataclass
+class Recovery:
+    best_feature: np.ndarray  # per latent: the ground-truth feature its decoder direction matches best
+    best_cosine: np.ndarray
+    mmcs: float  # mean over ground-truth features of the best cosine any latent reaches
+    recovered: float  # share of ground-truth features some latent matches above RECOVERED_COSINE
+    n_features: int
+
+
+def ground_truth_recovery(sae: SparseAutoencoder, features: torch.Tensor, *, block: int = 2048) -> Recovery:
+    """Compare decoder directions with known unit feature directions ``features [n, d_in]``."""
+    with torch.no_grad():
+        w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        feats = features.to(w.device, w.dtype)
+        feats = feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        best_feature = torch.empty(sae.d_sae, dtype=torch.long, device=w.device)
+        best_cosine = torch.empty(sae.d_sae, device=w.device)
+        per_feature = torch.full((len(feats),), -1.0, device=w.device)
+        for start in range(0, sae.d_sae, block):
+            sims = w[start:start + block] @ feats.t()
+            values, indices = sims.max(dim=1)
+            best_feature[start:start + block], best_cosine[start:start + block] = indices, values
+            per_feature = torch.maximum(per_feature, sims.max(dim=0).values)
+    return Recovery(best_feature.cpu().numpy(), best_cosine.cpu().numpy(), float(per_feature.mean()),
+                    float((per_feature > RECOVERED_COSINE).float().mean()), len(feats))

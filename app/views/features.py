@@ -1,0 +1,212 @@
+"""Features: per-latent statistics and examples, the feature browser, export and import of SAEs."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
+from peewee import fn
+from redis.exceptions import RedisError
+
+from .. import charts
+from ..forms import FeatureJobForm, ImportSAEForm
+from ..jobqueue import create_feature_job, reconcile, request_cancel
+from ..models import ActivationSet, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Training
+from ..sae.export import (CFG, SAEFormatError, WEIGHTS, export_files, files_from_zip, hook_name, parse_saelens,
+                          read_checkpoint, zip_bytes)
+from .pages import get_training_or_404
+
+bp = Blueprint("features", __name__)
+
+PAGE_SIZE = 50
+SORTS = {"frequency": FeatureStat.frequency, "max": FeatureStat.max_active, "mean": FeatureStat.mean_active,
+         "match": FeatureStat.match_cosine, "latent": FeatureStat.latent}
+
+
+def get_job_or_404(job_id: int) -> FeatureJob:
+    job = FeatureJob.get_or_none(FeatureJob.id == job_id)
+    if job is None:
+        abort(404, description=f"There is no feature job #{job_id}.")
+    if reconcile(job, current_app.config):
+        job = FeatureJob.get_by_id(job_id)
+    return job
+
+
+def latest_feature_job(run: Training) -> FeatureJob | None:
+    return run.feature_jobs.order_by(FeatureJob.id.desc()).first()
+
+
+@bp.post("/trainings/<int:training_id>/features")
+def start_for_run(training_id: int):
+    run = get_training_or_404(training_id)
+    if not (Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors").exists():
+        abort(409, description="This run has no checkpoint yet: feature statistics need a finished run.")
+    form = FeatureJobForm()
+    if not form.validate_on_submit():
+        abort(422, description="; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+    try:
+        job = create_feature_job(current_app.config, training=run, source=run.source,
+                                 sample_tokens=form.sample_tokens.data)
+    except RedisError:
+        job = latest_feature_job(run)
+    return redirect(url_for("features.show", job_id=job.id), code=303)
+
+
+def _list_query(job: FeatureJob, sort: str, order: str, q: str):
+    query = FeatureStat.select(FeatureStat.latent, FeatureStat.frequency, FeatureStat.mean_active,
+                               FeatureStat.max_active, FeatureStat.match_feature, FeatureStat.match_cosine,
+                               FeatureStat.top_tokens).where(FeatureStat.job == job.id)
+    if q:
+        if re.fullmatch(r"\d+", q):
+            query = query.where(FeatureStat.latent == int(q))
+        else:
+            query = query.where(fn.instr(fn.lower(FeatureStat.top_tokens), q.lower()) > 0)
+    column = SORTS.get(sort, FeatureStat.frequency)
+    return query.order_by(column.desc(nulls="LAST") if order == "desc" else column.asc(nulls="LAST"),
+                          FeatureStat.latent)
+
+
+@bp.get("/features/<int:job_id>")
+def show(job_id: int):
+    job = get_job_or_404(job_id)
+    sort = request.args.get("sort", "frequency")
+    sort = sort if sort in SORTS else "frequency"
+    order = "asc" if request.args.get("order") == "asc" else "desc"
+    q = request.args.get("q", "").strip()[:200]
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    query = _list_query(job, sort, order, q) if job.status == "completed" else None
+    total = query.count() if query is not None else 0
+    latents = list(query.paginate(page, PAGE_SIZE)) if query is not None else []
+    summary = job.summary or {}
+    histogram = charts.histogram_chart(summary["density_histogram"], title="Latent density on the sample") \
+        if summary.get("density_histogram") else None
+    return render_template("features.html", job=job, latents=latents, total=total, page=page, sort=sort,
+                           order=order, q=q, pages=max(1, -(-total // PAGE_SIZE)), histogram=histogram,
+                           page_size=PAGE_SIZE, sorts=SORTS)
+
+
+@bp.get("/features/<int:job_id>/progress")
+def progress(job_id: int):
+    return render_template("_partials/feature_progress.html", job=get_job_or_404(job_id))
+
+
+@bp.post("/features/<int:job_id>/cancel")
+def cancel(job_id: int):
+    job = get_job_or_404(job_id)
+    request_cancel(job, current_app.config)
+    return render_template("_partials/feature_progress.html", job=FeatureJob.get_by_id(job.id))
+
+
+@bp.get("/features/<int:job_id>/latents/<int:latent>")
+def latent(job_id: int, latent: int):
+    job = get_job_or_404(job_id)
+    stat = FeatureStat.get_or_none((FeatureStat.job == job.id) & (FeatureStat.latent == latent))
+    if stat is None:
+        abort(404, description=f"Latent {latent} has no statistics in feature job #{job.id}.")
+    peak = max([e["act"] for e in stat.examples] + [1e-12])
+    return render_template("latent.html", job=job, stat=stat, peak=peak,
+                           n_latents=FeatureStat.select().where(FeatureStat.job == job.id).count())
+
+
+# --- export -------------------------------------------------------------------------------
+
+def _run_sae_files(run: Training) -> dict[str, bytes]:
+    folder = Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id)
+    if not (folder / "sae.safetensors").exists():
+        abort(409, description="This run has no checkpoint to export yet.")
+    sae = read_checkpoint(folder)
+    frequencies = np.load(folder / "frequencies.npy") if (folder / "frequencies.npy").exists() else None
+    meta = run.source.params if run.source.kind == "extracted" else {}
+    metadata = {
+        "model_name": meta.get("model"), "hook_name": hook_name(meta.get("site"), meta.get("layer")),
+        "hook_layer": meta.get("layer"), "site": meta.get("site"), "context_size": meta.get("context_length"),
+        "dataset_path": meta.get("text_label") or run.source.name, "prepend_bos": bool(meta.get("exclude_special") is False),
+        "sae_studio": {"run_id": run.id, "source": run.source.name, "norm_scale_folded": sae.norm_scale,
+                       "l1_alpha": run.l1_alpha, "steps": run.step, "summary_l0_fraction": (run.summary or {}).get("l0_fraction"),
+                       "summary_fvu": (run.summary or {}).get("fvu")},
+    }
+    return export_files(sae, frequencies, metadata)
+
+
+@bp.get("/trainings/<int:training_id>/export/saelens.zip")
+def export_saelens(training_id: int):
+    run = get_training_or_404(training_id)
+    folder = f"sae-studio-run-{run.id}"
+    data = zip_bytes(_run_sae_files(run), folder)
+    return Response(data, mimetype="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{folder}.zip"'})
+
+
+@bp.get("/trainings/<int:training_id>/metrics.csv")
+def export_metrics(training_id: int):
+    run = get_training_or_404(training_id)
+    columns = ["step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead", "lr",
+               "l1_alpha", "tokens_per_s"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for point in run.metrics.order_by(MetricPoint.step):
+        writer.writerow(["" if getattr(point, c) is None else getattr(point, c) for c in columns])
+    return Response(out.getvalue(), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="run-{run.id}-metrics.csv"'})
+
+
+@bp.get("/trainings/<int:training_id>/config.json")
+def export_config(training_id: int):
+    run = get_training_or_404(training_id)
+    return Response(json.dumps(run.config_dict(), indent=2), mimetype="application/json",
+                    headers={"Content-Disposition": f'attachment; filename="run-{run.id}-config.json"'})
+
+
+# --- import -------------------------------------------------------------------------------
+
+def render_imports(form=None, status=200):
+    imported = list(ImportedSAE.select().order_by(ImportedSAE.id.desc()))
+    sources = list(ActivationSet.select().order_by(ActivationSet.id))
+    return render_template("imports.html", form=form or ImportSAEForm(formdata=None), imported=imported,
+                           sources=sources, jobs={i.id: i.feature_jobs.order_by(FeatureJob.id.desc()).first()
+                                                  for i in imported}), status
+
+
+@bp.get("/imports/")
+def imports():
+    return render_imports()
+
+
+@bp.post("/imports/")
+def import_sae():
+    """An SAE in the SAELens layout, as a zip, browsed on a source of the same d_in."""
+    form = ImportSAEForm()
+    if not form.validate_on_submit():
+        return render_imports(form, 422)
+    limit = current_app.config["MAX_UPLOAD_MB"] * 2**20
+    try:
+        files = files_from_zip(form.file.data.read(), max_bytes=limit)
+        sae, _ = parse_saelens(files)
+    except SAEFormatError as exc:
+        form.file.errors.append(f"Refused: {exc}. Nothing was kept.")
+        return render_imports(form, 422)
+    source = ActivationSet.get_or_none(ActivationSet.id == form.source_id.data)
+    if source.d_in != sae.d_in:
+        form.source_id.errors.append(f"The SAE reads d_in {sae.d_in}, but this source has d_in {source.d_in}: "
+                                     "choose activations of the width it was trained on. Nothing was kept.")
+        return render_imports(form, 422)
+    token = uuid.uuid4().hex
+    folder = Path(current_app.config["DATA_DIR"]) / "imported" / token
+    folder.mkdir(parents=True)
+    for name in (CFG, WEIGHTS):
+        (folder / name).write_bytes(files[name])
+    name = (form.name.data or "").strip() or form.file.data.filename or "imported SAE"
+    imported = ImportedSAE.create(name=name, architecture=sae.architecture, d_in=sae.d_in, d_sae=sae.d_sae, k=sae.k,
+                                  cfg=sae.cfg, path=str(folder.relative_to(current_app.config["DATA_DIR"])))
+    try:
+        job = create_feature_job(current_app.config, imported=imported, source=source,
+                                 sample_tokens=form.sample_tokens.data)
+    except RedisError:
+        return redirect(url_for("features.imports"), code=303)
+    return redirect(url_for("features.show", job_id=job.id), code=303)
