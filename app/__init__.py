@@ -1,19 +1,21 @@
-"""SAE Studio: train sparse autoencoders that come out sparse the first time."""
+"""SAE Studio: train sparse autoencoders that come out sparse the first time.
+
+The web stack is imported inside ``create_app`` only, so the ML core (``app.sae``,
+``app.extraction``) imports with torch and numpy alone, e.g. on a bare GPU box.
+"""
 from __future__ import annotations
 
-import click
-from flask import Flask
-from flask_wtf.csrf import CSRFProtect
-from htmx_flask import Htmx
 
-from .config import ROOT, load_settings
-from .db import database, migrate, open_database
-
-csrf = CSRFProtect()
-
-
-def create_app(config: dict | None = None) -> Flask:
+def create_app(config: dict | None = None):
     """Build the web app. ``config`` overrides settings read from the environment."""
+    import click
+    from flask import Flask
+    from flask_wtf.csrf import CSRFProtect
+    from htmx_flask import Htmx
+
+    from .config import ROOT, load_settings
+    from .db import database, migrate, open_database
+
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     settings = load_settings(config)
     app.config.update(settings)
@@ -33,7 +35,7 @@ def create_app(config: dict | None = None) -> Flask:
         if not database.is_closed():
             database.close()
 
-    csrf.init_app(app)
+    csrf = CSRFProtect(app)
     Htmx(app)
 
     from .views import api, extractions, features, pages, sources, templates, tune
