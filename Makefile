@@ -56,6 +56,7 @@ benchmarks: install
 	$(PY) benchmarks/validator_speed.py
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/extraction_throughput.py
+	$(PY) benchmarks/ground_truth_recovery.py
 
 clean:
 	rm -rf $(VENV) static/vendor

@@ -163,3 +163,36 @@ def test_extract_real_activations_then_train_to_a_green_grade(live_server, worke
     page.screenshot(path=str(tmp_path / "minilm-run.png"), full_page=True)
     assert status == "completed", page.inner_text("#progress")
     assert page.inner_text("#grade") == "Sparse", page.inner_text("#progress")
+
+
+def test_dataset_markup_in_feature_examples_renders_as_text(live_server, worker_process, page, env, tiny_models,
+                                                             tmp_path):
+    """Token text from a corpus is shown escaped: a <script> in the data never runs, entities stay literal."""
+    import io
+
+    from planted import planted_store, reader_weights, saelens_zip
+
+    text = ("Plain words here. <script>window.__xss = 1</script> and &amp; &lt;b&gt;bold&lt;/b&gt; "
+            "<img src=x onerror=\"window.__xss = 2\"> end. ") * 60
+    source, *_ = planted_store(env, tiny_models, text=text, planted={r: 3.0 + r % 7 for r in range(5, 1500, 37)})
+    page.goto(live_server + "/imports/")
+    zip_path = tmp_path / "reader.zip"
+    zip_path.write_bytes(saelens_zip(16, 8, reader_weights()))
+    page.set_input_files("#file", str(zip_path))
+    page.select_option("#source_id", value=str(source.id))
+    page.fill("#sample_tokens", "2000")
+    page.click("#import")
+    page.wait_for_url(re.compile(r"/features/\d+$"))
+    page.wait_for_selector("#latents", timeout=60_000)  # the page reloads itself when the job ends
+    assert page.get_attribute("#feature-progress", "data-status") == "completed", page.inner_text("main")
+    page.click("#latents a >> text='0'")
+    page.wait_for_url(re.compile(r"/latents/0$"))
+    examples = page.inner_text("#examples")
+    assert "<script>" in examples or "<img" in examples or "&amp;" in examples, examples[:800]
+    assert page.locator("#examples script, #examples img, #examples b").count() == 0
+    assert page.evaluate("window.__xss") is None
+    # the search box reflects what was typed, as text
+    page.goto(live_server + f"/features/{page.url.split('/features/')[1].split('/')[0]}?q=%3Cscript%3Ealert(1)%3C/script%3E")
+    assert page.input_value("#q") == "<script>alert(1)</script>"
+    assert "matching “<script>alert(1)</script>”" in page.inner_text("#feature-count")
+    assert page.evaluate("window.__xss") is None

@@ -191,3 +191,21 @@ def test_cancelling_a_running_extraction_keeps_nothing(client, env, worker_proce
     assert "Cancelled by the user" in job.reason
     activations = Path(env["DATA_DIR"]) / "activations"
     assert not any(activations.iterdir())
+
+
+def test_the_api_starts_an_extraction_and_refuses_bad_fields_by_name(client, env, tiny_models, run_worker):
+    bad = client.post("/api/extractions", json={"model_name": str(tiny_models["gpt2"]), "layer": 7, "colour": "red",
+                                                "text_kind": "file", "token_budget": "lots"})
+    assert bad.status_code == 422
+    errors = bad.json["errors"]
+    assert errors["layer"] == ["Out of range: the model has 3 layers (0 to 2)."]
+    assert errors["colour"] == ["Unknown field."] and "form" in errors["text_kind"][0]
+    assert "token_budget" in errors and Extraction.select().count() == 0
+    ok = client.post("/api/extractions", json={"model_name": str(tiny_models["llama"]), "layer": 2, "site": "mlp",
+                                               "token_budget": 2000, "context_length": 32, "dtype": "float16"})
+    assert ok.status_code == 201, ok.json
+    assert run_worker().returncode == 0
+    body = client.get(f"/api/extractions/{ok.json['id']}").json
+    assert body["status"] == "completed" and body["tokens_done"] == 2000 and body["exclude_special"] is True
+    source = ActivationSet.get_by_id(body["source_id"])
+    assert source.params["dtype"] == "float16" and source.params["site"] == "mlp" and source.d_in == 32

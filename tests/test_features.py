@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.models import ActivationSet, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Training
+from app.models import FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Training
 from app.sae import features as F
 from app.sae.export import LoadedSAE, export_files, parse_saelens, zip_bytes
 from app.sae.models import build_sae
 from conftest import QUICK_CONFIG
+from planted import planted_store, reader_weights, saelens_zip
 
 CPU = torch.device("cpu")
 
@@ -100,45 +101,11 @@ def test_a_completed_run_gets_feature_statistics_and_ground_truth_recovery(clien
     assert f"cosine {best.match_cosine:.3f}" in latent and "Nearest latents" in latent
 
 
-def planted_store(env, tiny_models) -> ActivationSet:
-    """A store whose rows are noise, except rows planted with a direction at known strengths."""
-    from app.extraction.store import ShardWriter
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["gpt2"]))
-    text = "The quick brown fox jumps over the lazy dog near the river bank. " * 80
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:2000]
-    rng = np.random.default_rng(0)
-    d_in = 16
-    acts = rng.normal(scale=0.1, size=(len(ids), d_in)).astype(np.float32)
-    planted = {150: 3.0, 800: 5.0, 1234: 4.0, 1900: 2.0}
-    direction = np.zeros(d_in, np.float32)
-    direction[3] = 1.0
-    for row, strength in planted.items():
-        acts[row] += strength * direction
-    writer = ShardWriter(Path(env["DATA_DIR"]) / "activations" / "planted", d_in, "float32", shard_bytes=16 * 4 * 600)
-    docs = np.arange(len(ids)) // 500
-    writer.add(acts, np.array(ids), docs, np.arange(len(ids)) % 500)
-    meta = writer.commit({"model": str(tiny_models["gpt2"]), "layer": 1, "site": "resid"})
-    source = ActivationSet.create(name="planted", kind="extracted", d_in=d_in, n_tokens=len(ids) - 100, params=meta,
-                                  path="activations/planted")
-    return source, planted, ids, tokenizer, acts
-
-
-def saelens_zip(d_in: int, d_sae: int, weights: dict, architecture="standard", k=None) -> bytes:
-    sae = LoadedSAE(architecture, d_in, d_sae, k, weights, 1.0, {})
-    return zip_bytes(export_files(sae, None, {"model_name": "elsewhere"}), "my-sae")
-
-
 def test_top_examples_of_a_planted_feature_are_the_planted_tokens_in_context(client, env, tiny_models, run_worker):
     source, planted, ids, tokenizer, acts = planted_store(env, tiny_models)
     d_in, d_sae = 16, 8
-    rng = np.random.default_rng(1)
-    w_enc = rng.normal(scale=0.01, size=(d_in, d_sae)).astype(np.float32)
-    w_enc[:, 0] = 0
-    w_enc[3, 0] = 1.0  # latent 0 reads the planted direction
-    b_enc = np.full(d_sae, -0.5, np.float32)
-    weights = {"W_enc": w_enc, "W_dec": np.ascontiguousarray(w_enc.T), "b_enc": b_enc, "b_dec": np.zeros(d_in, np.float32)}
+    weights = reader_weights(d_in, d_sae)  # latent 0 reads the planted direction
+    w_enc = weights["W_enc"]
     response = client.post("/imports/", data={"file": (io.BytesIO(saelens_zip(d_in, d_sae, weights)), "my-sae.zip"),
                                               "source_id": str(source.id), "sample_tokens": "5000"},
                            content_type="multipart/form-data")
@@ -265,3 +232,19 @@ def test_metrics_csv_and_config_json_round_trip(client, env, run_worker):
     again = client.post("/api/trainings", json={**config, "acknowledge_warnings": True})
     assert again.status_code == 201, again.json
     assert Training.get_by_id(again.json["id"]).config_dict() == {**run.config_dict()}
+
+
+@pytest.mark.slow
+def test_a_recommended_run_on_the_synthetic_source_recovers_its_true_features(client, env, run_worker):
+    from app.validation import recommended_l1_alpha
+
+    alpha = float(f"{recommended_l1_alpha(256, 1024, 0.02):.2g}")
+    good = train(client, run_worker, name="recommended", latent_dim=1024, l1_alpha=alpha, batch_size=1024,
+                 total_steps=1500, lr_warmup_steps=75, l1_warmup_steps=75, log_every=50)
+    gt = Training.get_by_id(good.id).summary["ground_truth"]
+    # a random decoder scores MMCS 0.20 and recovers none (benchmarks/ground_truth_recovery.py)
+    assert gt["mmcs"] >= 0.95 and gt["recovered"] >= 0.9, gt
+    short = train(client, run_worker, name="short")
+    html = client.get(f"/compare?ids={good.id}&ids={short.id}").get_data(as_text=True)
+    assert "MMCS (ground truth)" in html and f"{gt['mmcs']:.3f}" in html
+    assert f"{100 * gt['recovered']:.1f}%" in html

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, request, url_for
 
-from ..forms import TrainingForm, json_to_formdata
+from werkzeug.datastructures import MultiDict
+
+from ..forms import ExtractionForm, TrainingForm, json_to_formdata
 from ..jobqueue import request_cancel
-from ..models import Event, MetricPoint, Training
+from ..models import Event, Extraction, MetricPoint, Training
 from .formatting import progress_view
+from .extractions import create_extraction, get_extraction_or_404, named_text_spec
 from .pages import create_training, get_training_or_404, refresh_from_queue
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -86,3 +89,57 @@ def cancel(training_id: int):
     request_cancel(run, current_app.config)
     run = Training.get_by_id(run.id)
     return {"id": run.id, "status": run.status, "cancel_requested": run.cancel_requested}, 202
+
+
+EXTRACTION_FIELDS = ("name", "model_name", "layer", "site", "text_kind", "dataset_name", "dataset_split", "text_column",
+                     "token_budget", "context_length", "batch_size", "dtype", "exclude_special")
+
+
+def extraction_dict(job: Extraction) -> dict:
+    return {
+        "id": job.id, "url": url_for("extractions.show", extraction_id=job.id, _external=True),
+        "status": job.status, "reason": job.reason, "model_name": job.model_name, "layer": job.layer,
+        "site": job.site, "text": job.text, "token_budget": job.token_budget, "tokens_done": job.tokens_done,
+        "documents_done": job.documents_done, "tokens_per_s": job.tokens_per_s, "eta_s": job.eta_s,
+        "context_length": job.context_length, "batch_size": job.batch_size, "dtype": job.dtype,
+        "exclude_special": job.exclude_special, "device": job.device, "source_id": job.activation_set_id,
+    }
+
+
+@bp.post("/extractions")
+def create_extraction_api():
+    """An extraction over the stdlib docstrings or a Hugging Face dataset (files go through the form)."""
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        return {"errors": {"_body": ["Send the extraction's fields as a JSON object."]}}, 422
+    errors = {k: ["Unknown field."] for k in payload if k not in EXTRACTION_FIELDS}
+    if payload.get("text_kind") == "file":
+        errors["text_kind"] = ["Upload a text file through the form at /extractions/; the API takes 'stdlib' or 'hf'."]
+    formdata = MultiDict()
+    for key, value in payload.items():
+        if key in errors or value is None:
+            continue
+        if isinstance(value, (dict, list)) or (isinstance(value, bool) and key != "exclude_special"):
+            errors[key] = ["Wrong type."]
+        elif key == "exclude_special":
+            if value is not False:
+                formdata[key] = "y"
+        else:
+            formdata[key] = str(value)
+    defaults = ExtractionForm(formdata=None, meta={"csrf": False}).data  # what the HTML form starts with
+    for key in EXTRACTION_FIELDS:
+        if key not in payload and defaults.get(key) not in (None, ""):
+            formdata[key] = "y" if defaults[key] is True else str(defaults[key])
+    form = ExtractionForm(formdata=formdata, meta={"csrf": False})
+    valid = form.validate()
+    for name, messages in form.errors.items():
+        errors.setdefault(name, list(messages))
+    if errors or not valid:
+        return {"errors": errors}, 422
+    job = create_extraction(form, named_text_spec(form.data))
+    return extraction_dict(job), 201
+
+
+@bp.get("/extractions/<int:extraction_id>")
+def show_extraction(extraction_id: int):
+    return extraction_dict(get_extraction_or_404(extraction_id))

@@ -60,11 +60,23 @@ def start():
         spec = _store_text_upload(form)
         if spec is None:
             return render_index(form, 422)
-    elif d["text_kind"] == "hf":
-        spec = TextSpec("hf", dataset=d["dataset_name"].strip(), split=(d["dataset_split"] or "train").strip(),
-                        column=d["text_column"].strip())
     else:
-        spec = TextSpec("stdlib")
+        spec = named_text_spec(d)
+    job = create_extraction(form, spec)
+    return redirect(url_for("extractions.show", extraction_id=job.id), code=303)
+
+
+def named_text_spec(d: dict) -> TextSpec:
+    """The corpus a validated form names without an upload: a Hugging Face dataset or the stdlib."""
+    if d["text_kind"] == "hf":
+        return TextSpec("hf", dataset=d["dataset_name"].strip(), split=(d["dataset_split"] or "train").strip(),
+                        column=d["text_column"].strip())
+    return TextSpec("stdlib")
+
+
+def create_extraction(form: ExtractionForm, spec: TextSpec) -> Extraction:
+    """Record a validated extraction and queue it; a queue failure is recorded on the row."""
+    d = form.data
     job = Extraction.create(
         name=(d["name"] or "").strip(), model_name=d["model_name"].strip(), layer=d["layer"], site=d["site"],
         text=spec.to_dict(), token_budget=d["token_budget"], context_length=d["context_length"],
@@ -74,7 +86,7 @@ def start():
     except RedisError as exc:
         Extraction.update(status="failed", reason=f"Could not reach the job queue: {exc}", finished_at=utcnow()).where(
             Extraction.id == job.id).execute()
-    return redirect(url_for("extractions.show", extraction_id=job.id), code=303)
+    return Extraction.get_by_id(job.id)
 
 
 def get_extraction_or_404(extraction_id: int) -> Extraction:

@@ -92,7 +92,12 @@ def show(job_id: int):
 
 @bp.get("/features/<int:job_id>/progress")
 def progress(job_id: int):
-    return render_template("_partials/feature_progress.html", job=get_job_or_404(job_id))
+    """The polled fragment; once the job has ended, htmx reloads the page to show the browser."""
+    job = get_job_or_404(job_id)
+    response = Response(render_template("_partials/feature_progress.html", job=job))
+    if not job.is_active:
+        response.headers["HX-Refresh"] = "true"
+    return response
 
 
 @bp.post("/features/<int:job_id>/cancel")
