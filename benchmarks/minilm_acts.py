@@ -6,32 +6,24 @@ calibration sweep. Requires the `calibrate` extra.
 """
 from __future__ import annotations
 
-import ast
 import os
-import sysconfig
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.extraction.text import stdlib_docstrings as app_stdlib_docstrings  # noqa: E402
+
 
 def stdlib_docstrings(limit_chars: int = 4_000_000) -> list[str]:
-    """Docstrings of modules, classes and functions in the standard library, in file order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    """The app's offline corpus (docstrings over 40 characters), up to about ``limit_chars``."""
     texts, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if any(part in ("test", "tests", "site-packages", "idlelib") for part in path.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 40:
-                    texts.append(doc)
-                    total += len(doc)
+    for doc in app_stdlib_docstrings(min_chars=41):
+        texts.append(doc)
+        total += len(doc)
         if total >= limit_chars:
             break
     return texts

@@ -44,6 +44,17 @@ def page(tmp_path):
         browser.close()
 
 
+def wait_until_ended(page, selector: str, *, seconds: float) -> str:
+    """Poll the fragment's data-status (htmx keeps it fresh) until the job is neither queued nor running."""
+    status = None
+    for _ in range(int(seconds * 10)):
+        status = page.get_attribute(selector, "data-status")
+        if status not in ("queued", "running"):
+            break
+        page.wait_for_timeout(100)
+    return status
+
+
 def test_new_user_trains_a_sparse_sae(live_server, worker_process, page, tmp_path):
     page.goto(live_server + "/")
     assert "No runs yet" in page.content()
@@ -139,11 +150,7 @@ def test_extract_real_activations_then_train_to_a_green_grade(live_server, worke
     page.fill("#token_budget", "100000")
     page.click("#start-extraction")
     page.wait_for_url(re.compile(r"/extractions/\d+$"))
-    for _ in range(1800):
-        status = page.get_attribute("#extraction-progress", "data-status")
-        if status not in ("queued", "running"):
-            break
-        page.wait_for_timeout(100)
+    status = wait_until_ended(page, "#extraction-progress", seconds=180)
     assert status == "completed", page.inner_text("#extraction-progress")
     assert "d_in 384, 100,000 tokens" in page.inner_text("#result")
 
@@ -155,11 +162,7 @@ def test_extract_real_activations_then_train_to_a_green_grade(live_server, worke
     page.locator('[data-reason="l1_alpha"]').wait_for()
     page.click("#start")
     page.wait_for_url(re.compile(r"/trainings/\d+$"))
-    for _ in range(3000):
-        status = page.get_attribute("#progress", "data-status")
-        if status not in ("queued", "running"):
-            break
-        page.wait_for_timeout(100)
+    status = wait_until_ended(page, "#progress", seconds=300)
     page.screenshot(path=str(tmp_path / "minilm-run.png"), full_page=True)
     assert status == "completed", page.inner_text("#progress")
     assert page.inner_text("#grade") == "Sparse", page.inner_text("#progress")
