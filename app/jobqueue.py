@@ -109,7 +109,8 @@ def reconcile(record: JobRecord, settings: dict) -> bool:
     model = type(record)
     what = {"Training": "training", "TuneJob": "auto-tune", "Extraction": "extraction",
             "FeatureJob": "feature job"}.get(model.__name__, "job")
-    detail = "its job is no longer known to the queue" if status is None else f"its worker reported the job {status.value}"
+    detail = ("its job is no longer known to the queue" if status is None
+              else f"its worker reported the job {status.value}")
     reason = f"The {what} stopped without finishing: {detail} (the worker process may have been killed)."
     if status is not None and job.latest_result() is not None and job.latest_result().exc_string:
         reason += " " + job.latest_result().exc_string.strip().splitlines()[-1]

@@ -121,6 +121,25 @@ def _preflight(run: Training, source, settings: dict, writer: MetricWriter) -> N
         writer.event(f.level, "preflight", f"{f.field}: {f.message}", step=0, suggestion=f.suggestion)
 
 
+def _claim(record) -> bool:
+    """Move a queued record to running; False when it is no longer queued (cancelled meanwhile)."""
+    model = type(record)
+    return bool(model.update(status="running", started_at=utcnow())
+                .where((model.id == record.id) & (model.status == "queued")).execute())
+
+
+def _fail(record, exc: Exception, user_errors: tuple[str, ...], note: str = "") -> str:
+    """Record a failure on the row. The user's mistakes (``user_errors``, by class name) end
+    there with their own message; anything else is re-raised so RQ records the traceback."""
+    user_error = type(exc).__name__ in user_errors
+    reason = (str(exc) if user_error else f"{type(exc).__name__}: {exc}")[:2000] + note
+    model = type(record)
+    model.update(status="failed", reason=reason, finished_at=utcnow()).where(model.id == record.id).execute()
+    if not user_error:
+        raise exc
+    return "failed"
+
+
 def _finish(run_id: int, **fields) -> None:
     Training.update(finished_at=utcnow(), **fields).where(Training.id == run_id).execute()
 
@@ -129,9 +148,7 @@ def run_training(training_id: int) -> str:
     """Train the SAE of one ``Training`` row; return its final status."""
     settings = _connect()
     run = Training.get_by_id(training_id)
-    claimed = (Training.update(status="running", started_at=utcnow())
-               .where((Training.id == run.id) & (Training.status == "queued")).execute())
-    if not claimed:  # cancelled while it waited in the queue
+    if not _claim(run):  # cancelled while it waited in the queue
         return run.status
     writer = MetricWriter(run)
     try:
@@ -249,9 +266,7 @@ def run_tune(tune_id: int) -> str:
 
     settings = _connect()
     tune = TuneJob.get_by_id(tune_id)
-    claimed = (TuneJob.update(status="running", started_at=utcnow())
-               .where((TuneJob.id == tune.id) & (TuneJob.status == "queued")).execute())
-    if not claimed:
+    if not _claim(tune):  # cancelled while it waited in the queue
         return tune.status
     try:
         from .sae.tune import tune_l1_alpha
@@ -307,15 +322,13 @@ def run_extraction(extraction_id: int) -> str:
 
     settings = _connect()
     job = Extraction.get_by_id(extraction_id)
-    claimed = (Extraction.update(status="running", started_at=utcnow())
-               .where((Extraction.id == job.id) & (Extraction.status == "queued")).execute())
-    if not claimed:
+    if not _claim(job):  # cancelled while it waited in the queue
         return job.status
     writer = None
     try:
-        from .extraction.capture import ExtractionError, SITES, extract, find_site, load_model
+        from .extraction.capture import SITES, extract, find_site, load_model
         from .extraction.store import ShardWriter
-        from .extraction.text import TextSpec, TextSourceError, check_corpus, documents
+        from .extraction.text import TextSpec, check_corpus, documents
         from .sae.trainer import resolve_device
 
         spec = TextSpec(**job.text)
@@ -363,13 +376,7 @@ def run_extraction(extraction_id: int) -> str:
     except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
         if writer is not None:
             writer.abort()
-        user_error = type(exc).__name__ in ("ExtractionError", "TextSourceError", "StoreError")
-        reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-        Extraction.update(status="failed", reason=reason[:2000] + " Nothing was kept.", finished_at=utcnow()).where(
-            Extraction.id == job.id).execute()
-        if not user_error:
-            raise
-        return "failed"
+        return _fail(job, exc, ("ExtractionError", "TextSourceError", "StoreError"), " Nothing was kept.")
     finally:
         database.close()
 
@@ -385,19 +392,17 @@ def _queue_features(run: Training, settings: dict, writer: MetricWriter) -> None
 
 
 def _sample_rows(source, n: int, device):
-    """The evaluation sample: a file or store's first ``n`` rows (whole context windows, in
-    order, so examples have their context), or ``n`` rows of the synthetic stream."""
-    import numpy as np
-    import torch
+    """The evaluation sample and, for an extracted store, each row's token, document and position.
 
-    if not hasattr(source, "parts"):
+    A file or store gives its first ``n`` rows (whole context windows, in order, so
+    examples have their context); the synthetic stream gives ``n`` fresh rows.
+    """
+    from .sae.sources import ShardedArraySource, StoreSource
+
+    if not isinstance(source, ShardedArraySource):
         return source.eval_rows(n, device=device), None
-    n = min(n, source.rows)
-    x = torch.cat([source._rows(np.arange(s, min(s + 16384, n)), device) for s in range(0, n, 16384)])
-    index = None
-    if hasattr(source, "index"):
-        index = np.concatenate([np.asarray(part) for part in source.index])[:n]
-    return x, index
+    x = source.head(n, device=device)
+    return x, source.head_index(len(x)) if isinstance(source, StoreSource) else None
 
 
 def _token_texts(model_name: str, ids) -> dict[int, str]:
@@ -418,9 +423,7 @@ def run_features(job_id: int) -> str:
 
     settings = _connect()
     job = FeatureJob.get_by_id(job_id)
-    claimed = (FeatureJob.update(status="running", started_at=utcnow())
-               .where((FeatureJob.id == job.id) & (FeatureJob.status == "queued")).execute())
-    if not claimed:
+    if not _claim(job):  # cancelled while it waited in the queue
         return job.status
     try:
         from .sae import features as F
@@ -477,7 +480,7 @@ def run_features(job_id: int) -> str:
                 if context is not None:
                     ctx = context[j, e]
                     example["tokens"] = [[texts[int(index[c, 0])], float(a)]
-                                         for c, a in zip(ctx, context_acts[j, e]) if c >= 0]
+                                         for c, a in zip(ctx, context_acts[j, e], strict=True) if c >= 0]
                     example["at"] = int((ctx[:job.context] >= 0).sum())
                     example["document"], example["position"] = int(index[r, 1]), int(index[r, 2])
                     words.append(texts[int(index[r, 0])].strip())
@@ -488,7 +491,8 @@ def run_features(job_id: int) -> str:
                 "match_feature": None if recovery is None else int(recovery.best_feature[j]),
                 "match_cosine": None if recovery is None else float(recovery.best_cosine[j]),
                 "top_tokens": " ".join(dict.fromkeys(w for w in words if w)), "examples": examples,
-                "neighbours": [[int(a), round(float(b), 4)] for a, b in zip(neighbour_idx[j], neighbour_cos[j])]})
+                "neighbours": [[int(a), round(float(b), 4)]
+                               for a, b in zip(neighbour_idx[j], neighbour_cos[j], strict=True)]})
         summary = {"n_tokens": stats.n_tokens, "never_fired": int((stats.frequency == 0).sum()),
                    "density_histogram": density_histogram(stats.frequency.tolist())}
         if recovery is not None:
@@ -510,13 +514,7 @@ def run_features(job_id: int) -> str:
             FeatureJob.id == job.id).execute()
         return "cancelled"
     except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
-        user_error = type(exc).__name__ in ("FeatureError", "SAEFormatError", "StoreError")
-        reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-        FeatureJob.update(status="failed", reason=reason[:2000], finished_at=utcnow()).where(
-            FeatureJob.id == job.id).execute()
-        if not user_error:
-            raise
-        return "failed"
+        return _fail(job, exc, ("FeatureError", "SAEFormatError", "StoreError"))
     finally:
         database.close()
 

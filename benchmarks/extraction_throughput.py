@@ -14,7 +14,6 @@ Usage: python benchmarks/extraction_throughput.py [--tokens 50000] [--d-in 768 -
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import tempfile

@@ -36,7 +36,8 @@ from trainer_throughput import TensorSource, bare_loop, ours  # noqa: E402
 
 def outcome(device: str, architecture: str, steps: int) -> tuple[dict, float]:
     source = SyntheticSource(256, 512, 5.0, seed=0)
-    cfg = TrainConfig(latent_dim=1024, architecture=architecture, l1_alpha=0.003 if architecture == "standard" else None,
+    standard = architecture == "standard"
+    cfg = TrainConfig(latent_dim=1024, architecture=architecture, l1_alpha=0.003 if standard else None,
                       k=16 if architecture == "topk" else None, batch_size=1024, total_steps=steps,
                       lr_warmup_steps=50, l1_warmup_steps=100, log_every=50, device=device, seed=0)
     start = time.perf_counter()
@@ -90,7 +91,8 @@ def main() -> None:
     a = p.parse_args()
     cuda = torch.cuda.is_available()
     gpu = "cuda" if cuda else "cpu"
-    print(f"torch {torch.__version__}; CUDA {'available: ' + torch.cuda.get_device_name(0) if cuda else 'NOT available'}")
+    where = f"available: {torch.cuda.get_device_name(0)}" if cuda else "NOT available"
+    print(f"torch {torch.__version__}; CUDA {where}")
     steps = 300 if a.quick else 1500
 
     if "1" in a.parts:

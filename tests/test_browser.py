@@ -171,7 +171,6 @@ def test_extract_real_activations_then_train_to_a_green_grade(live_server, worke
 def test_dataset_markup_in_feature_examples_renders_as_text(live_server, worker_process, page, env, tiny_models,
                                                              tmp_path):
     """Token text from a corpus is shown escaped: a <script> in the data never runs, entities stay literal."""
-    import io
 
     from planted import planted_store, reader_weights, saelens_zip
 
@@ -195,7 +194,8 @@ def test_dataset_markup_in_feature_examples_renders_as_text(live_server, worker_
     assert page.locator("#examples script, #examples img, #examples b").count() == 0
     assert page.evaluate("window.__xss") is None
     # the search box reflects what was typed, as text
-    page.goto(live_server + f"/features/{page.url.split('/features/')[1].split('/')[0]}?q=%3Cscript%3Ealert(1)%3C/script%3E")
+    job_id = page.url.split("/features/")[1].split("/")[0]
+    page.goto(live_server + f"/features/{job_id}?q=%3Cscript%3Ealert(1)%3C/script%3E")
     assert page.input_value("#q") == "<script>alert(1)</script>"
     assert "matching “<script>alert(1)</script>”" in page.inner_text("#feature-count")
     assert page.evaluate("window.__xss") is None

@@ -97,7 +97,8 @@ def field_errors(response, name) -> str:
 
 @pytest.mark.parametrize("fields, name, message", [
     ({"model_name": "/no/such/folder"}, "model_name", "There is no folder /no/such/folder."),
-    ({"model_name": "no-such-org/no-such-model"}, "model_name", "not in the Hugging Face cache, and the app is offline"),
+    ({"model_name": "no-such-org/no-such-model"}, "model_name",
+     "not in the Hugging Face cache, and the app is offline"),
     ({"layer": "3"}, "layer", "Out of range: the model has 3 layers (0 to 2)."),
     ({"layer": "-1"}, "layer", "Must be at least 0"),
     ({"context_length": "4"}, "context_length", "Must be at least 8"),
@@ -105,7 +106,8 @@ def field_errors(response, name) -> str:
     ({"text_kind": "hf", "dataset_name": ""}, "dataset_name", "Name a dataset"),
     ({"text_kind": "file", "text_file": (io.BytesIO(b"\n\n"), "empty.txt")}, "text_file", "holds no text"),
     ({"text_kind": "file", "text_file": (io.BytesIO(b"\x00\x01" * 100), "x.txt")}, "text_file", "looks binary"),
-    ({"text_kind": "file", "text_file": (io.BytesIO(b"a,b\n1,2\n"), "x.pdf")}, "text_file", "unsupported file type .pdf"),
+    ({"text_kind": "file", "text_file": (io.BytesIO(b"a,b\n1,2\n"), "x.pdf")}, "text_file",
+     "unsupported file type .pdf"),
     ({"text_kind": "file", "text_file": (io.BytesIO(jsonl_bytes(["hi"], "body")), "x.jsonl")}, "text_column",
      "there is no text column &#39;text&#39;; the columns are: &#39;body&#39;"),
 ])

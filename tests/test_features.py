@@ -167,7 +167,8 @@ def test_an_sae_that_cannot_be_read_is_refused_at_the_file(client, env, bad, mes
         files = export_files(LoadedSAE("standard", 16, 8, None, weights, 1.0, {}), None, {})
         files["cfg.json"] = json.dumps({**json.loads(files["cfg.json"]), "architecture": "jumprelu"}).encode()
         bad = zip_bytes(files, "x")
-    response = client.post("/imports/", data={"file": (io.BytesIO(bad), "x.zip"), "source_id": "1", "sample_tokens": "5000"},
+    response = client.post("/imports/", data={"file": (io.BytesIO(bad), "x.zip"), "source_id": "1",
+                                              "sample_tokens": "5000"},
                            content_type="multipart/form-data")
     assert response.status_code == 422
     assert message in response.get_data(as_text=True).replace("&#39;", "'")
@@ -178,7 +179,8 @@ def test_an_sae_of_another_width_is_refused_at_the_source(client, env):
     weights = {"W_enc": np.zeros((32, 8), np.float32), "W_dec": np.zeros((8, 32), np.float32),
                "b_enc": np.zeros(8, np.float32), "b_dec": np.zeros(32, np.float32)}
     response = client.post("/imports/", data={"file": (io.BytesIO(saelens_zip(32, 8, weights)), "x.zip"),
-                                              "source_id": "1", "sample_tokens": "5000"}, content_type="multipart/form-data")
+                                              "source_id": "1", "sample_tokens": "5000"},
+                           content_type="multipart/form-data")
     assert response.status_code == 422
     html = response.get_data(as_text=True)
     assert "The SAE reads d_in 32, but this source has d_in 256" in html and 'id="error-source_id"' in html

@@ -24,7 +24,8 @@ def _tokenizer(bos: bool):
     tk.train_from_iterator(docs, trainers.BpeTrainer(
         vocab_size=500, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if bos:
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                          special_tokens=[("<s>", tk.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
                                    pad_token=None if not bos else "<pad>")
 
@@ -38,7 +39,8 @@ def build_all(root: Path) -> dict[str, Path]:
     vocab = len(plain)
     ids = {"bos_token_id": plain.bos_token_id, "eos_token_id": plain.eos_token_id}
     specs = {
-        "gpt2": (plain, GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256, **ids))),
+        "gpt2": (plain, GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256,
+                                                   **ids))),
         "neox": (plain, GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3,
                                                           num_attention_heads=4, intermediate_size=64,
                                                           max_position_embeddings=256, **ids))),

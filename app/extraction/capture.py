@@ -213,7 +213,8 @@ def load_model(name: str, device: torch.device):
 def extract(model, tokenizer, docs: Iterable[str], writer: ShardWriter, *, layer: int, site: str,
             token_budget: int, context_length: int, batch_size: int, exclude_special: bool,
             device: torch.device, on_progress: Callable[[Progress], None] | None = None,
-            should_stop: Callable[[], str | None] | None = None, progress_every_s: float = 1.0) -> tuple[int, int, str | None]:
+            should_stop: Callable[[], str | None] | None = None,
+            progress_every_s: float = 1.0) -> tuple[int, int, str | None]:
     """Capture up to ``token_budget`` rows into ``writer``; return (tokens, documents, stop reason)."""
     module, _, _ = find_site(model, layer, site)
     tok = Tokenized(tokenizer, context_length)

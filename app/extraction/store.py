@@ -82,7 +82,8 @@ class ShardWriter:
         """Append rows (float32 activations are cast to the store's dtype; overflow is refused)."""
         if acts.ndim != 2 or acts.shape[1] != self.d_in:
             raise ValueError(f"expected rows of width {self.d_in}, got shape {acts.shape}")
-        cast = acts.astype(self.dtype, copy=False)
+        with np.errstate(over="ignore"):  # an overflow to inf is caught just below, with the reason
+            cast = acts.astype(self.dtype, copy=False)
         if not np.isfinite(cast).all():
             if np.isfinite(acts).all():
                 raise StoreError(f"activations reach {float(np.abs(acts).max()):.3g}, beyond float16's range; "

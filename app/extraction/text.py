@@ -78,7 +78,8 @@ def _text_value(value, where: str, column: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TextSourceError(f"column {column!r} holds {type(value).__name__} values, not text ({where})", "text_column")
+        raise TextSourceError(f"column {column!r} holds {type(value).__name__} values, not text ({where})",
+                              "text_column")
     return value
 
 
@@ -102,7 +103,7 @@ def _txt(path: Path) -> Iterator[str]:
                     yield "\n".join(paragraph)
                     paragraph = []
         except UnicodeDecodeError as exc:
-            raise TextSourceError(f"the file is not UTF-8 text ({exc.reason} at byte {exc.start:,} of a block)") from exc
+            raise TextSourceError(f"the file is not UTF-8 text ({exc.reason})") from exc
     if paragraph:
         yield "\n".join(paragraph)
 

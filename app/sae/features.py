@@ -72,10 +72,12 @@ def latent_stats(sae: SparseAutoencoder, x: torch.Tensor, *, top_n: int, chunk: 
             count += fired.sum(dim=0)
             total += f.sum(dim=0, dtype=torch.float64)
             peak = torch.maximum(peak, f.max(dim=0).values)
-            rows = torch.arange(start, start + len(f), device=device).unsqueeze(1).expand(-1, d_sae)
-            both_acts = torch.cat([top_acts, f.masked_fill(~fired, -1.0)])
-            both_rows = torch.cat([top_rows, rows])
-            best = both_acts.topk(min(top_n, len(both_acts)), dim=0)
+            # the chunk's own top rows per latent, then a merge with the running top: memory
+            # stays O(top_n · d_sae) beside the chunk, whatever the sample size
+            local = f.masked_fill(~fired, -1.0).topk(min(top_n, len(f)), dim=0)
+            both_acts = torch.cat([top_acts, local.values])
+            both_rows = torch.cat([top_rows, local.indices + start])
+            best = both_acts.topk(top_n, dim=0)
             top_acts = best.values
             top_rows = torch.gather(both_rows, 0, best.indices)
             if on_progress is not None:
@@ -103,9 +105,13 @@ def context_rows(rows: np.ndarray, documents: np.ndarray, positions: np.ndarray,
 
 
 def latent_activations_at(sae: SparseAutoencoder, x: torch.Tensor, latents: np.ndarray, rows: np.ndarray,
-                          thresholds: np.ndarray | None, *, block: int = 256) -> np.ndarray:
-    """``out[i, j] = activation of latent latents[i] on row rows[i, j]`` (0 where the row is -1)."""
+                          thresholds: np.ndarray | None, *, max_gather: int = 32 * 2**20) -> np.ndarray:
+    """``out[i, j] = activation of latent latents[i] on row rows[i, j]`` (0 where the row is -1).
+
+    Latents go in blocks whose gathered rows hold at most ``max_gather`` values.
+    """
     out = np.zeros(rows.shape, dtype=np.float32)
+    block = max(1, max_gather // max(1, rows.shape[1] * x.shape[1]))
     device = x.device
     thr = None if thresholds is None else torch.from_numpy(thresholds).to(device)
     with torch.no_grad():

@@ -112,7 +112,7 @@ class ShardedArraySource(ActivationSource):
         out = np.empty((len(index), self.d_in), dtype=np.float32)
         part_of = np.searchsorted(self.starts, index, side="right") - 1
         bounds = np.searchsorted(part_of, np.arange(len(self.parts) + 1))
-        for part, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for part, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             if hi > lo:
                 out[lo:hi] = self.parts[part][index[lo:hi] - self.starts[part]]
         rows = torch.from_numpy(out)
@@ -140,6 +140,11 @@ class ShardedArraySource(ActivationSource):
         start = self.rows - self.holdout
         return self._rows(np.arange(start, start + min(n, self.holdout)), device)
 
+    def head(self, n: int, *, device: torch.device, chunk: int = 16384) -> torch.Tensor:
+        """The first ``n`` rows in stored order (whole context windows, for feature examples)."""
+        n = min(n, self.rows)
+        return torch.cat([self._rows(np.arange(s, min(s + chunk, n)), device) for s in range(0, n, chunk)])
+
 
 class ArraySource(ShardedArraySource):
     """One uploaded array file (``.npy`` or ``.safetensors``)."""
@@ -159,6 +164,16 @@ class StoreSource(ShardedArraySource):
         self.meta = read_meta(self.folder)
         acts, self.index = open_shards(self.folder, self.meta)
         super().__init__(acts)
+
+    def head_index(self, n: int) -> np.ndarray:
+        """Token id, document and position of the first ``n`` rows, reading only the shards needed."""
+        parts, have = [], 0
+        for part in self.index:
+            if have >= n:
+                break
+            parts.append(np.asarray(part[:n - have]))
+            have += len(parts[-1])
+        return np.concatenate(parts)
 
 
 def normalization_scale(sample: torch.Tensor) -> float:

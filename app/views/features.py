@@ -130,10 +130,11 @@ def _run_sae_files(run: Training) -> dict[str, bytes]:
     metadata = {
         "model_name": meta.get("model"), "hook_name": hook_name(meta.get("site"), meta.get("layer")),
         "hook_layer": meta.get("layer"), "site": meta.get("site"), "context_size": meta.get("context_length"),
-        "dataset_path": meta.get("text_label") or run.source.name, "prepend_bos": bool(meta.get("exclude_special") is False),
+        "dataset_path": meta.get("text_label") or run.source.name,
         "sae_studio": {"run_id": run.id, "source": run.source.name, "norm_scale_folded": sae.norm_scale,
-                       "l1_alpha": run.l1_alpha, "steps": run.step, "summary_l0_fraction": (run.summary or {}).get("l0_fraction"),
-                       "summary_fvu": (run.summary or {}).get("fvu")},
+                       "l1_alpha": run.l1_alpha, "steps": run.step, "special_tokens_excluded": meta.get("exclude_special"),
+                       "held_out_l0_fraction": (run.summary or {}).get("l0_fraction"),
+                       "held_out_fvu": (run.summary or {}).get("fvu")},
     }
     return export_files(sae, frequencies, metadata)
 
