@@ -109,8 +109,11 @@ def test_new_user_trains_a_sparse_sae(live_server, worker_process, page, tmp_pat
     assert page.locator("#cancel").count() == 0
     page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
 
-    # Polling has stopped: the fragment no longer carries a trigger.
-    assert page.get_attribute("#progress", "hx-trigger") is None
+    # The feature statistics follow in the same fragment; then polling stops: no trigger left.
+    page.wait_for_selector("#run-recovery", timeout=60_000)
+    assert "MMCS" in page.inner_text("#run-recovery")
+    page.wait_for_function("document.querySelector('#progress').getAttribute('hx-trigger') === null", timeout=10_000)
+    assert page.evaluate("window.__sameDocument") is True
     page.click("text=Runs")
     assert page.locator("table.runs .badge.grade-green").count() == 1
 

