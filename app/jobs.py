@@ -406,13 +406,24 @@ def _sample_rows(source, n: int, device):
 
 
 def _token_texts(model_name: str, ids) -> dict[int, str]:
-    """Each token id's text, by the extraction's own tokenizer."""
+    """Each token id's text as it reads after a word, by the extraction's own tokenizer.
+
+    Decoding a token alone loses how it joins its neighbour (WordPiece's "##ing" glues on,
+    "task" follows a space), so each is decoded after a reference word and the reference
+    cut off: concatenated, the pieces read as the text did.
+    """
     from transformers import AutoTokenizer
 
     from .extraction.capture import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
-    return {int(i): tokenizer.decode([int(i)]) for i in ids}
+    anchor = tokenizer("the", add_special_tokens=False)["input_ids"][:1]
+    prefix = tokenizer.decode(anchor)
+    texts = {}
+    for i in map(int, ids):
+        joined = tokenizer.decode(anchor + [i])
+        texts[i] = joined[len(prefix):] if anchor and joined.startswith(prefix) else tokenizer.decode([i])
+    return texts
 
 
 def run_features(job_id: int) -> str:
@@ -456,6 +467,7 @@ def run_features(job_id: int) -> str:
         stats = F.latent_stats(sae, x, top_n=job.top_n, should_stop=poll,
                                on_progress=_throttled_progress(lambda f: progress(0.8 * f)))
         neighbour_idx, neighbour_cos = F.decoder_neighbours(sae)
+        progress(0.85)
         recovery = F.ground_truth_recovery(sae, source.features) if hasattr(source, "features") else None
         context_acts = context = None
         texts: dict[int, str] = {}
