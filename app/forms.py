@@ -403,7 +403,7 @@ class ExtractionForm(FlaskForm):
     exclude_special = BooleanField("Leave out special tokens (BOS, CLS, SEP)", default=True)
 
     def validate(self, extra_validators=None) -> bool:
-        from .extraction.hub import ModelNameError, layer_count, model_config
+        from .extraction.hub import ModelNameError, layer_count, max_positions, model_config
 
         ok = super().validate(extra_validators)
         if not self.model_name.errors and self.model_name.data:
@@ -416,6 +416,11 @@ class ExtractionForm(FlaskForm):
             if layers is not None and self.layer.data is not None and not self.layer.errors \
                     and self.layer.data >= layers:
                 self.layer.errors.append(f"Out of range: the model has {layers} layers (0 to {layers - 1}).")
+                ok = False
+            longest = max_positions(config) if config else None
+            if longest is not None and self.context_length.data is not None and not self.context_length.errors \
+                    and self.context_length.data > longest:
+                self.context_length.errors.append(f"The model reads at most {longest:,} tokens at a time.")
                 ok = False
         if self.text_kind.data == "file" and not getattr(self.text_file.data, "filename", None):
             self.text_file.errors.append("Choose a text file to upload.")

@@ -151,3 +151,12 @@ def test_a_store_is_renamed_into_place_only_when_complete(tmp_path):
     assert read_meta(tmp_path / "u") == json.loads((tmp_path / "u" / "meta.json").read_text()) == meta
     assert meta["n_tokens"] == 5 and meta["norm"]["mean_norm"] == pytest.approx(2.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
+
+
+def test_a_context_longer_than_the_model_reads_is_refused(tiny_models, tmp_path):
+    tokenizer, model = load_model(str(tiny_models["gpt2"]), CPU)
+    writer = ShardWriter(tmp_path / "s", 32, "float32")
+    with pytest.raises(ExtractionError, match="context length 300 exceeds the 256 tokens the model reads at a time"):
+        extract(model, tokenizer, DOCS, writer, layer=0, site="resid", token_budget=100, context_length=300,
+                batch_size=2, exclude_special=True, device=CPU)
+    writer.abort()

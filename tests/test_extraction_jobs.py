@@ -102,6 +102,7 @@ def field_errors(response, name) -> str:
     ({"layer": "3"}, "layer", "Out of range: the model has 3 layers (0 to 2)."),
     ({"layer": "-1"}, "layer", "Must be at least 0"),
     ({"context_length": "4"}, "context_length", "Must be at least 8"),
+    ({"context_length": "300"}, "context_length", "The model reads at most 256 tokens at a time."),
     ({"text_kind": "file"}, "text_file", "Choose a text file to upload."),
     ({"text_kind": "hf", "dataset_name": ""}, "dataset_name", "Name a dataset"),
     ({"text_kind": "file", "text_file": (io.BytesIO(b"\n\n"), "empty.txt")}, "text_file", "holds no text"),

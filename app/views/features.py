@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
-from peewee import fn
 from redis.exceptions import RedisError
 
 from .. import charts
@@ -65,7 +64,7 @@ def _list_query(job: FeatureJob, sort: str, order: str, q: str):
         if re.fullmatch(r"\d+", q):
             query = query.where(FeatureStat.latent == int(q))
         else:
-            query = query.where(fn.instr(fn.lower(FeatureStat.top_tokens), q.lower()) > 0)
+            query = query.where(FeatureStat.top_tokens.contains(q))  # case-insensitive, wildcards escaped
     column = SORTS.get(sort, FeatureStat.frequency)
     return query.order_by(column.desc(nulls="LAST") if order == "desc" else column.asc(nulls="LAST"),
                           FeatureStat.latent)
