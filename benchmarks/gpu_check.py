@@ -147,20 +147,28 @@ def run_extraction(gpu: str, cuda: bool, tmp: Path) -> None:
 
 def run_features(gpu: str, cuda: bool) -> None:
     print("\n4. Feature statistics of one SAE on 20,000 synthetic rows:")
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # not the source's seed 0, which would draw its true features as the decoder
     sae = build_sae("topk", 256, 2048, k=16)
     x = SyntheticSource(256, 512, 5.0).sample(20_000, device=torch.device("cpu"))
+    source = SyntheticSource(256, 512, 5.0)
     results = {}
     for device in dict.fromkeys([gpu, "cpu"]):
         start = time.perf_counter()
-        stats = F.latent_stats(sae.to(device), x.to(device), top_n=10)
-        results[device] = stats
-        print(f"  {device:5s} {time.perf_counter() - start:.2f} s")
+        model, xs = sae.to(device), x.to(device)
+        stats = F.latent_stats(model, xs, top_n=10)
+        rows = np.where(stats.top_rows >= 0, stats.top_rows, -1)
+        acts = F.latent_activations_at(model, xs, np.arange(model.d_sae), rows, stats.thresholds)
+        neighbours = F.decoder_neighbours(model)
+        recovery = F.ground_truth_recovery(model, source.features)
+        results[device] = (stats, acts, neighbours, recovery)
+        print(f"  {device:5s} {time.perf_counter() - start:.2f} s (statistics, example activations, neighbours, "
+              f"recovery MMCS {recovery.mmcs:.4f})")
     if cuda:
-        g, c = results["cuda"], results["cpu"]
+        (g, g_acts, g_nb, _), (c, c_acts, c_nb, _) = results["cuda"], results["cpu"]
         print(f"  frequency max diff {np.abs(g.frequency - c.frequency).max():.2e}; max-activation max diff "
               f"{np.abs(g.max_active - c.max_active).max():.2e}; top rows equal for "
-              f"{100 * (g.top_rows == c.top_rows).all(axis=1).mean():.1f}% of latents")
+              f"{100 * (g.top_rows == c.top_rows).all(axis=1).mean():.1f}% of latents; example activations max diff "
+              f"{np.abs(g_acts - c_acts).max():.2e}; nearest latent equal for {100 * (g_nb[0][:, 0] == c_nb[0][:, 0]).mean():.1f}%")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ Pass 1 encodes the sample in chunks and keeps, per latent, the firing count, the
 maximum of its activation and its top-N rows (a running top-k). Pass 2 gives each top
 example its context: the latent's activation on the rows around it (same document,
 consecutive positions), computed for that latent alone. A TopK latent is active on a row
-only when its pre-activation reaches that row's k-th largest, which pass 1 records per
-row. Also: decoder-direction neighbours among the latents and, for a source with known
-ground-truth features, the best-matching feature per latent, MMCS and the share recovered.
+only when its pre-activation is among the row's k largest: pass 1 records per row the
+point midway between the k-th and (k+1)-th, a cut that rounding cannot cross (short of a
+near-tie). Also: decoder-direction neighbours among the latents and, for a source with
+known ground-truth features, the best-matching feature per latent, MMCS and the share
+recovered.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class LatentStats:
     max_active: np.ndarray
     top_rows: np.ndarray  # [d_sae, N] sample rows, strongest first; -1 where fewer than N fired
     top_acts: np.ndarray  # [d_sae, N]
-    thresholds: np.ndarray | None = None  # TopK: each row's k-th largest pre-activation
+    thresholds: np.ndarray | None = None  # TopK: per row, midway between its k-th and (k+1)-th pre-activation
     n_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -64,7 +66,14 @@ def latent_stats(sae: SparseAutoencoder, x: torch.Tensor, *, top_n: int, chunk: 
                 raise InterruptedError(reason)
             pre = sae.pre_activation(x[start:start + chunk])
             if thresholds is not None:
-                thresholds[start:start + len(pre)] = pre.topk(sae.k, dim=-1).values[:, -1]
+                # midway between the k-th and (k+1)-th pre-activation: pass 2 recomputes a
+                # latent's pre-activation alone, and rounding must not move it across the cut
+                top = pre.topk(min(sae.k + 1, sae.d_sae), dim=-1).values
+                if sae.k < sae.d_sae:
+                    cut = (top[:, sae.k - 1] + top[:, sae.k]) / 2
+                else:
+                    cut = torch.full_like(top[:, 0], -torch.inf)
+                thresholds[start:start + len(pre)] = cut
                 f = sae._topk(pre, sae.k)
             else:
                 f = torch.relu(pre)
@@ -123,7 +132,7 @@ def latent_activations_at(sae: SparseAutoencoder, x: torch.Tensor, latents: np.n
             pre = torch.einsum("bmd,db->bm", xs - sae.b_dec, sae.W_enc[:, lat]) + sae.b_enc[lat].unsqueeze(1)
             act = torch.relu(pre)
             if thr is not None:
-                act = torch.where(pre >= thr[idx.clamp(min=0)], act, torch.zeros_like(act))
+                act = torch.where(pre > thr[idx.clamp(min=0)], act, torch.zeros_like(act))
             out[start:start + block] = torch.where(valid, act, torch.zeros_like(act)).cpu().numpy()
     return out
 
