@@ -92,14 +92,16 @@ class MetricWriter:
         self.last_flush = time.monotonic()
 
 
-def cancel_poller(run_id: int, interval_s: float = 0.5):
-    """A ``should_stop`` that reads the run's cancel flag at most every ``interval_s``."""
+def cancel_requested(record) -> str | None:
+    """The reason to stop if the user asked to cancel this run or job, read from its row now."""
+    model = type(record)
+    flag = model.select(model.cancel_requested).where(model.id == record.id).scalar()
+    return "Cancelled by the user." if flag else None
 
-    def check() -> str | None:
-        flag = Training.select(Training.cancel_requested).where(Training.id == run_id).scalar()
-        return "Cancelled by the user." if flag else None
 
-    return _throttled(check, interval_s)
+def cancel_poller(record, interval_s: float = 0.5):
+    """A ``should_stop`` that reads the record's cancel flag at most every ``interval_s``."""
+    return _throttled(lambda: cancel_requested(record), interval_s)
 
 
 class PreflightError(RuntimeError):
@@ -183,7 +185,7 @@ def run_training(training_id: int) -> str:
                              suggestion=finding.suggestion)
             return monitor.stop.message if monitor.stop else None
 
-        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=cancel_poller(run.id),
+        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=cancel_poller(run),
                             l1_alpha_control=controller)
         writer.flush()
         checkpoint = _save_checkpoint(sae, run, result, settings["DATA_DIR"])
@@ -279,17 +281,12 @@ def run_tune(tune_id: int) -> str:
             pilots.append(pilot.to_dict())
             TuneJob.update(pilots=pilots).where(TuneJob.id == tune.id).execute()
 
-        def should_stop() -> str | None:
-            flag = TuneJob.select(TuneJob.cancel_requested).where(TuneJob.id == tune.id).scalar()
-            return "Cancelled by the user." if flag else None
-
-        poll = _throttled(should_stop, 0.5)
         best, _, outcome = tune_l1_alpha(
             source, latent_dim=tune.latent_dim, target=tune.target_l0,
             start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0),
             learning_rate=tune.learning_rate, batch_size=tune.batch_size, pilot_steps=tune.pilot_steps,
             max_pilots=tune.max_pilots, seed=tune.seed, device=settings["SAE_DEVICE"],
-            on_pilot=on_pilot, should_stop=poll)
+            on_pilot=on_pilot, should_stop=cancel_poller(tune))
         if outcome == "found":
             TuneJob.update(status="completed", result_l1_alpha=best.l1_alpha, finished_at=utcnow()).where(
                 TuneJob.id == tune.id).execute()
@@ -344,14 +341,10 @@ def run_extraction(extraction_id: int) -> str:
             Extraction.update(tokens_done=p.tokens, documents_done=p.documents, tokens_per_s=p.tokens_per_s).where(
                 Extraction.id == job.id).execute()
 
-        def should_stop() -> str | None:
-            flag = Extraction.select(Extraction.cancel_requested).where(Extraction.id == job.id).scalar()
-            return "Cancelled by the user." if flag else None
-
         tokens, docs, stopped = extract(
             model, tokenizer, documents(spec), writer, layer=job.layer, site=job.site, token_budget=job.token_budget,
             context_length=job.context_length, batch_size=job.batch_size, exclude_special=job.exclude_special,
-            device=device, on_progress=on_progress, should_stop=_throttled(should_stop, 0.5))
+            device=device, on_progress=on_progress, should_stop=cancel_poller(job))
         if stopped:
             writer.abort()
             Extraction.update(status="cancelled", reason=stopped + " Nothing was kept.", finished_at=utcnow()).where(
@@ -459,12 +452,7 @@ def run_features(job_id: int) -> str:
         def progress(fraction: float) -> None:
             FeatureJob.update(progress=fraction).where(FeatureJob.id == job.id).execute()
 
-        def should_stop() -> str | None:
-            flag = FeatureJob.select(FeatureJob.cancel_requested).where(FeatureJob.id == job.id).scalar()
-            return "Cancelled by the user." if flag else None
-
-        poll = _throttled(should_stop, 0.5)
-        stats = F.latent_stats(sae, x, top_n=job.top_n, should_stop=poll,
+        stats = F.latent_stats(sae, x, top_n=job.top_n, should_stop=cancel_poller(job),
                                on_progress=_throttled_progress(lambda f: progress(0.8 * f)))
         neighbour_idx, neighbour_cos = F.decoder_neighbours(sae)
         progress(0.85)
@@ -478,7 +466,7 @@ def run_features(job_id: int) -> str:
             context_acts = context_acts.reshape(context.shape)
             used = np.unique(index[np.unique(context[context >= 0]), 0])
             texts = _token_texts(job.source.params["model"], used)
-        if (reason := should_stop()):
+        if (reason := cancel_requested(job)):
             raise InterruptedError(reason)
         progress(0.9)
         rows = []

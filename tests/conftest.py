@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -125,6 +126,14 @@ def worker_process(env):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def kill_work_horse(worker_process) -> None:
+    """SIGKILL the worker's work-horse (the forked child running the job), as the OS might."""
+    children = subprocess.run(["pgrep", "-P", str(worker_process.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the work-horse process was not found"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
 
 
 def wait_for(predicate, timeout: float = 120, interval: float = 0.1, message: str = "condition"):

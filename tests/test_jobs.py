@@ -1,15 +1,12 @@
 """Trainings through the real queue: a real Redis, real worker processes, a real SQLite file."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from app.models import ActivationSet, Event, MetricPoint, Training
-from conftest import QUICK_CONFIG, wait_for
+from conftest import QUICK_CONFIG, kill_work_horse, wait_for
 
 
 def create(client, **changes) -> Training:
@@ -111,10 +108,7 @@ def test_cancel_a_queued_training(client, env, redis_client, run_worker):
 def test_worker_killed_mid_run_is_shown_as_failed(client, worker_process):
     run = create(client, total_steps=100_000)
     wait_for(lambda: reload(run).step > 0, message="the run to start")
-    children = subprocess.run(["pgrep", "-P", str(worker_process.pid)], capture_output=True, text=True).stdout.split()
-    assert children, "the work-horse process was not found"
-    for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
+    kill_work_horse(worker_process)
     def failed():
         client.get(f"/trainings/{run.id}/progress")
         return reload(run).status == "failed"
