@@ -95,8 +95,15 @@ def _migration_6_features(db) -> None:
     db.create_tables([ImportedSAE, FeatureJob, FeatureStat])
 
 
+def _migration_7_model_precision(db) -> None:
+    from peewee import CharField
+
+    add_column_if_missing(db, "extraction", "model_dtype", CharField(default="float32"))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
-                              _migration_4_templates, _migration_5_extractions, _migration_6_features]
+                              _migration_4_templates, _migration_5_extractions, _migration_6_features,
+                              _migration_7_model_precision]
 
 
 def migrate() -> int:

@@ -400,6 +400,11 @@ class ExtractionForm(FlaskForm):
     batch_size = IntegerField("Batch size (windows)", default=32, validators=[required(), Range(1, 1024)])
     dtype = SelectField("Stored as", default="float32", choices=[
         SelectChoice("float32", "float32"), SelectChoice("float16", "float16 (half the disk; refused if values overflow)")])
+    model_dtype = SelectField("Model precision", default="float32", choices=[
+        SelectChoice("float32", "float32 (exact; 4 bytes per parameter)"),
+        SelectChoice("bfloat16", "bfloat16 (half the memory: large models on one GPU)"),
+        SelectChoice("float16", "float16 (half the memory)")],
+        description="The weights' precision while the model runs; activations are stored as chosen above.")
     exclude_special = BooleanField("Leave out special tokens (BOS, CLS, SEP)", default=True)
 
     def validate(self, extra_validators=None) -> bool:

@@ -332,7 +332,7 @@ def run_extraction(extraction_id: int) -> str:
         check_corpus(spec)  # a bad corpus fails before the model is loaded
         device = resolve_device(settings["SAE_DEVICE"])
         Extraction.update(device=str(device)).where(Extraction.id == job.id).execute()
-        tokenizer, model = load_model(job.model_name, device)
+        tokenizer, model = load_model(job.model_name, device, job.model_dtype)
         _, layout, n_layers = find_site(model, job.layer, job.site)
         d_in = int(model.config.hidden_size)
         writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)
@@ -354,6 +354,7 @@ def run_extraction(extraction_id: int) -> str:
             "model": job.model_name, "model_path": getattr(model, "name_or_path", "") or job.model_name,
             "architecture": type(model).__name__, "layout": layout.name, "n_layers": n_layers, "layer": job.layer,
             "site": job.site, "site_label": SITES[job.site], "context_length": job.context_length,
+            "model_dtype": job.model_dtype,
             "exclude_special": job.exclude_special, "text": spec.to_dict(), "text_label": spec.describe(),
             "documents": docs, "extraction_id": job.id})
         from .sae.files import holdout_rows

@@ -208,7 +208,8 @@ class Extraction(JobRecord):
     token_budget = IntegerField()
     context_length = IntegerField()
     batch_size = IntegerField()
-    dtype = CharField()  # "float16" or "float32"
+    dtype = CharField()  # how rows are stored: "float16" or "float32"
+    model_dtype = CharField(default="float32")  # the model's weights while it runs: float32, bfloat16, float16
     exclude_special = BooleanField(default=True)
     tokens_done = IntegerField(default=0)
     documents_done = IntegerField(default=0)

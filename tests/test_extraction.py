@@ -160,3 +160,17 @@ def test_a_context_longer_than_the_model_reads_is_refused(tiny_models, tmp_path)
         extract(model, tokenizer, DOCS, writer, layer=0, site="resid", token_budget=100, context_length=300,
                 batch_size=2, exclude_special=True, device=CPU)
     writer.abort()
+
+
+def test_a_model_run_in_bfloat16_gives_the_float32_rows_to_bfloat16_precision(tiny_models, tmp_path):
+    tokenizer, model = load_model(str(tiny_models["gpt2"]), CPU, "bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    writer = ShardWriter(tmp_path / "bf16", 32, "float32")
+    extract(model, tokenizer, DOCS[:10], writer, layer=1, site="resid", token_budget=10**6, context_length=24,
+            batch_size=5, exclude_special=True, device=CPU)
+    meta = writer.commit({})
+    low = np.concatenate(open_shards(writer.final_dir, meta)[0])
+    *_, full, _, _ = run_extract(tiny_models["gpt2"], tmp_path / "f32", docs=DOCS[:10])
+    assert low.dtype == np.float32 and low.shape == full.shape
+    scale = np.abs(full).max()
+    assert np.abs(low - full).max() < 0.05 * scale and not np.array_equal(low, full)

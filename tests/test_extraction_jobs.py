@@ -84,7 +84,7 @@ def test_a_saved_hugging_face_dataset_is_read_by_path_and_a_missing_one_is_an_er
 def post(client, **fields):
     data = {"model_name": "", "layer": "1", "site": "resid", "text_kind": "stdlib", "dataset_split": "train",
             "text_column": "text", "token_budget": "4000", "context_length": "64", "batch_size": "8",
-            "dtype": "float32", "exclude_special": "y", **fields}
+            "dtype": "float32", "model_dtype": "float32", "exclude_special": "y", **fields}
     return client.post("/extractions/", data=data, content_type="multipart/form-data")
 
 
@@ -205,13 +205,15 @@ def test_the_api_starts_an_extraction_and_refuses_bad_fields_by_name(client, env
     assert errors["colour"] == ["Unknown field."] and "form" in errors["text_kind"][0]
     assert "token_budget" in errors and Extraction.select().count() == 0
     ok = client.post("/api/extractions", json={"model_name": str(tiny_models["llama"]), "layer": 2, "site": "mlp",
-                                               "token_budget": 2000, "context_length": 32, "dtype": "float16"})
+                                               "token_budget": 2000, "context_length": 32, "dtype": "float16",
+                                               "model_dtype": "bfloat16"})
     assert ok.status_code == 201, ok.json
     assert run_worker().returncode == 0
     body = client.get(f"/api/extractions/{ok.json['id']}").json
     assert body["status"] == "completed" and body["tokens_done"] == 2000 and body["exclude_special"] is True
     source = ActivationSet.get_by_id(body["source_id"])
     assert source.params["dtype"] == "float16" and source.params["site"] == "mlp" and source.d_in == 32
+    assert body["model_dtype"] == "bfloat16" and source.params["model_dtype"] == "bfloat16"
 
 
 def test_an_extraction_whose_worker_is_killed_is_failed_and_its_partial_store_removed(client, env, worker_process):

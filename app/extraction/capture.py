@@ -190,7 +190,10 @@ class Progress:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def load_model(name: str, device: torch.device):
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name: str, device: torch.device, dtype: str = "float32"):
     """Tokenizer and model (``AutoModel``: the network without its head), by Hub name or local path alike."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoModel, AutoTokenizer
@@ -202,7 +205,7 @@ def load_model(name: str, device: torch.device):
     path = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        model = AutoModel.from_pretrained(path, dtype=MODEL_DTYPES[dtype])
     except Exception as exc:  # noqa: BLE001 - the loader's many error types, for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExtractionError(f"could not load the model {name!r}: {first}") from exc

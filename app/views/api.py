@@ -92,7 +92,7 @@ def cancel(training_id: int):
 
 
 EXTRACTION_FIELDS = ("name", "model_name", "layer", "site", "text_kind", "dataset_name", "dataset_split", "text_column",
-                     "token_budget", "context_length", "batch_size", "dtype", "exclude_special")
+                     "token_budget", "context_length", "batch_size", "dtype", "model_dtype", "exclude_special")
 
 
 def extraction_dict(job: Extraction) -> dict:
@@ -102,6 +102,7 @@ def extraction_dict(job: Extraction) -> dict:
         "site": job.site, "text": job.text, "token_budget": job.token_budget, "tokens_done": job.tokens_done,
         "documents_done": job.documents_done, "tokens_per_s": job.tokens_per_s, "eta_s": job.eta_s,
         "context_length": job.context_length, "batch_size": job.batch_size, "dtype": job.dtype,
+        "model_dtype": job.model_dtype,
         "exclude_special": job.exclude_special, "device": job.device, "source_id": job.activation_set_id,
     }
 

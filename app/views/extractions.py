@@ -80,7 +80,8 @@ def create_extraction(form: ExtractionForm, spec: TextSpec) -> Extraction:
     job = Extraction.create(
         name=(d["name"] or "").strip(), model_name=d["model_name"].strip(), layer=d["layer"], site=d["site"],
         text=spec.to_dict(), token_budget=d["token_budget"], context_length=d["context_length"],
-        batch_size=d["batch_size"], dtype=d["dtype"], exclude_special=bool(d["exclude_special"]))
+        batch_size=d["batch_size"], dtype=d["dtype"], model_dtype=d["model_dtype"],
+        exclude_special=bool(d["exclude_special"]))
     try:
         enqueue_extraction(job, current_app.config)
     except RedisError as exc:
