@@ -68,18 +68,18 @@ def tiny_gpt2(folder: Path):
     return docs
 
 
-def extraction(device: str, folder: Path, docs: list[str], out: Path) -> np.ndarray:
+def extraction(device: str, folder: Path, docs: list[str], out: Path, model_dtype: str = "float32") -> np.ndarray:
     from app.extraction.capture import extract, load_model
     from app.extraction.store import open_shards
 
-    tokenizer, model = load_model(str(folder), torch.device(device))
+    tokenizer, model = load_model(str(folder), torch.device(device), model_dtype)
     writer = ShardWriter(out, model.config.hidden_size, "float32")
     start = time.perf_counter()
     tokens, _, _ = extract(model, tokenizer, docs, writer, layer=1, site="resid", token_budget=10**6,
                            context_length=64, batch_size=16, exclude_special=True, device=torch.device(device))
     elapsed = time.perf_counter() - start
     meta = writer.commit({})
-    print(f"  {device:5s} {tokens:,} tokens in {elapsed:.2f} s")
+    print(f"  {device:5s} {model_dtype:8s} {tokens:,} tokens in {elapsed:.2f} s")
     acts, index = open_shards(out, meta)
     return np.concatenate(acts), np.concatenate(index)
 
@@ -143,6 +143,9 @@ def run_extraction(gpu: str, cuda: bool, tmp: Path) -> None:
         same_rows = np.array_equal(i_gpu, i_cpu)
         diff = float(np.abs(a_gpu - a_cpu).max()) if same_rows else float("nan")
         print(f"  same rows (token, document, position): {same_rows}; max |cuda − cpu| = {diff:.2e}")
+        low, _ = extraction(gpu, folder, docs, Path(tmp) / "x-bf16", "bfloat16")
+        print(f"  bfloat16 model on cuda: max |bf16 − fp32| = {np.abs(low - a_cpu).max():.2e} "
+              f"(largest |activation| {np.abs(a_cpu).max():.2f})")
 
 
 def run_features(gpu: str, cuda: bool) -> None:
@@ -168,7 +171,8 @@ def run_features(gpu: str, cuda: bool) -> None:
         print(f"  frequency max diff {np.abs(g.frequency - c.frequency).max():.2e}; max-activation max diff "
               f"{np.abs(g.max_active - c.max_active).max():.2e}; top rows equal for "
               f"{100 * (g.top_rows == c.top_rows).all(axis=1).mean():.1f}% of latents; example activations max diff "
-              f"{np.abs(g_acts - c_acts).max():.2e}; nearest latent equal for {100 * (g_nb[0][:, 0] == c_nb[0][:, 0]).mean():.1f}%")
+              f"{np.abs(g_acts - c_acts).max():.2e}; nearest latent equal for "
+              f"{100 * (g_nb[0][:, 0] == c_nb[0][:, 0]).mean():.1f}%")
 
 
 if __name__ == "__main__":
