@@ -1,17 +1,24 @@
-"""Start an RQ worker on SAE Studio's queue.
+"""Start an RQ worker on SAE Studio's queue, with its maintenance process beside it.
 
 The parent process only talks to Redis; each job runs in a forked work-horse, which is
-where torch (and CUDA) is first imported. Usage: ``python worker.py [--burst]``.
+where torch (and CUDA) is first imported. Before it takes work the worker sweeps once
+(jobs whose heartbeat stopped become ``interrupted``); a maintenance child process keeps
+sweeping, re-queues jobs Redis lost, records the worker's beat and runs the janitor.
+Usage: ``python worker.py [--burst] [--name NAME]``. SIGTERM is a warm shutdown: a running
+training saves a checkpoint and is left resumable.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
 
-from redis import Redis
-from rq import Queue, Worker
-
 from app.config import load_settings
+from app.db import database, migrate, open_database
+from app.work import lifecycle
+from app.work.worker import make_worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     if "torch" in sys.modules:  # pragma: no cover - a guard for future edits
         raise RuntimeError("the worker's parent process must not import torch")
-    connection = Redis.from_url(settings["REDIS_URL"])
-    queue = Queue(settings["QUEUE_NAME"], connection=connection)
-    worker = Worker([queue], connection=connection, name=args.name)
-    worker.work(burst=args.burst, with_scheduler=False)
+    name = args.name or f"{socket.gethostname()}.{os.getpid()}"
+    open_database(settings["DATABASE_URL"])
+    with database.connection_context():  # closed again before any work-horse is forked
+        migrate()
+        lifecycle.sweep_stale(settings)
+    maintenance = None
+    if not args.burst:
+        maintenance = subprocess.Popen([sys.executable, "-m", "app.work.maintenance", "--parent", str(os.getpid()),
+                                        "--name", name], cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        make_worker(settings, name).work(burst=args.burst, with_scheduler=False)
+    finally:
+        if maintenance is not None:
+            maintenance.terminate()
     return 0
 
 

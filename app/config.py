@@ -12,6 +12,10 @@ def _int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
 def load_settings(overrides: dict | None = None) -> dict:
     """Return the app's settings: environment first, then ``overrides`` on top.
 
@@ -24,6 +28,12 @@ def load_settings(overrides: dict | None = None) -> dict:
     SAE_DEVICE     "auto" (CUDA when available), "cpu" or "cuda[:n]"
     FEATURES_AFTER_TRAINING  1: queue feature statistics when a run completes (1)
     FEATURE_SAMPLE_TOKENS    tokens the feature statistics are computed on (50000)
+    HEARTBEAT_S        how often a running job stamps its row (5)
+    HEARTBEAT_STALE_S  a running job silent this long is marked interrupted (60)
+    SWEEP_INTERVAL_S   how often each worker's maintenance process sweeps and beats (5)
+    JANITOR_INTERVAL_S how often it removes orphaned files (600); JANITOR_MIN_AGE_S: only
+                       files at least this old (3600)
+    REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S   every Redis call's limits (2, 5)
     """
     env = os.environ
     settings = {
@@ -37,6 +47,13 @@ def load_settings(overrides: dict | None = None) -> dict:
         "JOB_TIMEOUT_S": _int("JOB_TIMEOUT_S", 7 * 24 * 3600),
         "FEATURES_AFTER_TRAINING": env.get("FEATURES_AFTER_TRAINING", "1").strip().lower() not in ("0", "false", "no"),
         "FEATURE_SAMPLE_TOKENS": _int("FEATURE_SAMPLE_TOKENS", 50_000),
+        "HEARTBEAT_S": _float("HEARTBEAT_S", 5.0),
+        "HEARTBEAT_STALE_S": _float("HEARTBEAT_STALE_S", 60.0),
+        "SWEEP_INTERVAL_S": _float("SWEEP_INTERVAL_S", 5.0),
+        "JANITOR_INTERVAL_S": _float("JANITOR_INTERVAL_S", 600.0),
+        "JANITOR_MIN_AGE_S": _float("JANITOR_MIN_AGE_S", 3600.0),
+        "REDIS_CONNECT_TIMEOUT_S": _float("REDIS_CONNECT_TIMEOUT_S", 2.0),
+        "REDIS_SOCKET_TIMEOUT_S": _float("REDIS_SOCKET_TIMEOUT_S", 5.0),
     }
     settings.update(overrides or {})
     data_dir = Path(settings["DATA_DIR"])

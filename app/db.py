@@ -101,9 +101,26 @@ def _migration_7_model_precision(db) -> None:
     add_column_if_missing(db, "extraction", "model_dtype", CharField(default="float32"))
 
 
+def _migration_8_durable_work(db) -> None:
+    """Heartbeats and worker names on every job, checkpoint settings, worker beats, 64-bit token counts."""
+    from peewee import CharField, DateTimeField, FloatField, IntegerField
+
+    from .models import WorkerBeat
+
+    for table in ("training", "tune_job", "extraction", "feature_job"):
+        add_column_if_missing(db, table, "heartbeat_at", DateTimeField(null=True))
+        add_column_if_missing(db, table, "worker_name", CharField(null=True))
+    add_column_if_missing(db, "training", "checkpoint_every_steps", IntegerField(default=2000))
+    add_column_if_missing(db, "training", "checkpoint_every_minutes", FloatField(default=5.0))
+    db.create_tables([WorkerBeat])
+    if not isinstance(db, SqliteDatabase):  # SQLite's INTEGER is 64-bit already
+        db.execute_sql("ALTER TABLE training ALTER COLUMN tokens_seen TYPE BIGINT")
+        db.execute_sql("ALTER TABLE metric_point ALTER COLUMN tokens TYPE BIGINT")
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
-                              _migration_7_model_precision]
+                              _migration_7_model_precision, _migration_8_durable_work]
 
 
 def migrate() -> int:

@@ -12,11 +12,10 @@ from flask import current_app
 
 from .devices import device_memory
 from .extraction.capture_names import BUNDLED_MINILM, SITES
+from . import training_config
 from .models import ActivationSet
-from .quality import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+from .training_config import L1_ALPHA_ALIASES, PARAMS, Param
 from .validation import SourceStats, blocking, validate_config
-
-L1_ALPHA_ALIASES = ("sparsity_coefficient", "l1_coefficient")
 
 
 class Range(NumberRange):
@@ -62,78 +61,14 @@ def required(message: str = "This field is required.") -> InputRequired:
 
 
 class TrainingForm(FlaskForm):
-    """A training run's configuration. Field names are the API's and the database's."""
+    """A training run's configuration. Field names are the API's and the database's.
+
+    The hyper-parameters' fields are made from ``app.training_config.PARAMS`` (below the
+    class); only the run's name and its source are declared here.
+    """
 
     name = StringField("Run name", validators=[Optional(), Length(max=200)])
     source_id = SelectField("Activation source", coerce=int, validators=[required()])
-    architecture = SelectField(
-        "Architecture", choices=[SelectChoice("standard", "Standard (ReLU + L1 penalty)"),
-                                 SelectChoice("topk", "TopK (exactly k active)")],
-        default="standard", validators=[required()])
-    latent_dim = IntegerField(
-        "Latents (latent_dim)", default=1024, validators=[required(), Range(16, 1_048_576)],
-        description="Number of SAE features; usually 4× to 64× the activation width d_in.")
-    l1_alpha = FloatField(
-        "Sparsity penalty (l1_alpha)", default=0.003,
-        validators=[RequiredFor("standard", "The sparsity penalty l1_alpha is required for a standard SAE; "
-                                            "without it the features come out dense. 0.003 is a sound start."),
-                    Range(L1_ALPHA_MIN_EXCLUSIVE, L1_ALPHA_MAX, min_exclusive=True)],
-        description="Weight of the L1 term that makes features sparse. Higher → fewer active latents. "
-                    "Not the learning rate. Range: above 0.00001, at most 0.1.")
-    k = IntegerField(
-        "Active latents per token (k)", default=32,
-        validators=[RequiredFor("topk", "k is required for a TopK SAE."), Range(1, 65_536)],
-        description="TopK only: exactly k latents fire for every token.")
-    learning_rate = FloatField(
-        "Learning rate (optimizer step size)", default=0.001, validators=[required(), Range(1e-6, 0.1)],
-        description="Adam's step size. Not the sparsity penalty. Typical: 0.0001 to 0.001.")
-    batch_size = IntegerField("Batch size (tokens per step)", default=512, validators=[required(), Range(16, 65_536)])
-    total_steps = IntegerField("Training steps", default=2000, validators=[required(), Range(10, 10_000_000)])
-    lr_warmup_steps = IntegerField(
-        "Learning-rate warm-up steps", default=100, validators=[required(), Range(0, 10_000_000)],
-        description="The learning rate rises linearly from 0 over these steps.")
-    l1_warmup_steps = IntegerField(
-        "Sparsity warm-up steps", default=200, validators=[required(), Range(0, 10_000_000)],
-        description="l1_alpha rises linearly from 0 over these steps.")
-    target_l0 = FloatField(
-        "Target L0 (fraction of latents)", default=0.02,
-        validators=[required(), Range(0, 0.5, min_exclusive=True)],
-        description="The share of latents you want active per token; 0.01–0.05 is typical.")
-    seed = IntegerField("Random seed", default=0, validators=[required(), Range(0, 2**31 - 1)])
-    log_every = IntegerField("Log metrics every (steps)", default=20, validators=[required(), Range(1, 10_000)])
-    dead_window_tokens = IntegerField(
-        "Dead-latent window (tokens)", default=200_000, validators=[required(), Range(1_000, 1_000_000_000)],
-        description="A latent that has not fired in this many tokens counts as dead.")
-
-    early_stop = BooleanField(
-        "Stop early if still dense", default=True,
-        description="End the run as 'stopped early' if L0 is still above the threshold at the given step.")
-    early_stop_step = IntegerField("Early-stop check at step", default=1000,
-                                   validators=[required(), Range(1, 10_000_000)])
-    early_stop_l0 = FloatField("Early-stop L0 threshold (fraction)", default=0.20,
-                               validators=[required(), Range(0, 1, min_exclusive=True)])
-    steer_l1_alpha = BooleanField(
-        "Steer l1_alpha to hit the target L0", default=False,
-        description="After the sparsity warm-up, adjust l1_alpha within its valid range so L0 settles at the "
-                    "target. The l1_alpha you set is the starting point.")
-    dead_latent_remedy = SelectField(
-        "Dead-latent remedy (standard SAE)",
-        choices=[SelectChoice("none", "None"),
-                 SelectChoice("resample", "Resample: point dead latents at badly reconstructed inputs")],
-        default="none", validators=[required()])
-    plateau_window = IntegerField(
-        "Plateau window (steps)", default=2000, validators=[required(), Range(10, 10_000_000)],
-        description="Warn when the loss has not improved for this many steps.")
-
-    NUMERIC_FIELDS = ("latent_dim", "l1_alpha", "k", "learning_rate", "batch_size", "total_steps",
-                      "lr_warmup_steps", "l1_warmup_steps", "target_l0", "seed", "log_every",
-                      "dead_window_tokens", "early_stop_step", "early_stop_l0", "plateau_window")
-    BOOLEAN_FIELDS = ("early_stop", "steer_l1_alpha")
-    # Settings a script may leave out of a JSON body: their defaults are safe. The
-    # hyperparameters (l1_alpha above all) must always be given.
-    API_DEFAULTED = ("name", "log_every", "dead_window_tokens", "early_stop_step", "early_stop_l0",
-                     "plateau_window", "dead_latent_remedy")
-    CHOICE_FIELDS = ("name", "source_id", "architecture", "dead_latent_remedy")
 
     acknowledge_warnings = BooleanField(
         "Start anyway: I have read the warnings", default=False,
@@ -153,7 +88,7 @@ class TrainingForm(FlaskForm):
                   "l1_warmup_steps", "target_l0")
         if source is None or any(getattr(self, n).data is None for n in needed):
             return []
-        cfg = {name: getattr(self, name).data for name in (*self.NUMERIC_FIELDS, "architecture")}
+        cfg = {name: getattr(self, name).data for name in training_config.NAMES}
         memory = device_memory(current_app.config.get("SAE_DEVICE", "auto"))
         try:
             return validate_config(cfg, SourceStats(source.d_in, source.n_tokens, source.name),
@@ -195,15 +130,9 @@ class TrainingForm(FlaskForm):
 
     def training_fields(self) -> dict:
         """The validated values to store on a new Training row."""
-        data = {name: getattr(self, name).data
-                for name in (*self.CHOICE_FIELDS, *self.NUMERIC_FIELDS, *self.BOOLEAN_FIELDS)}
-        data["name"] = (data["name"] or "").strip()
-        if data["architecture"] == "standard":
-            data["k"] = None
-        else:
-            data["l1_alpha"] = None
-            data["steer_l1_alpha"] = False
-            data["dead_latent_remedy"] = "none"  # TopK always has AuxK
+        data = training_config.normalize({name: getattr(self, name).data for name in training_config.NAMES})
+        data["name"] = (self.name.data or "").strip()
+        data["source_id"] = self.source_id.data
         return data
 
 
@@ -236,14 +165,9 @@ class TemplateForm(FlaskForm):
         return check_cross_fields(self) and ok
 
     def template_config(self) -> dict:
-        from .models import TEMPLATE_FIELDS
-
-        config = {name: getattr(self, name).data for name in TEMPLATE_FIELDS}
-        if config["architecture"] == "standard":
-            config["k"] = None
-        else:
-            config["l1_alpha"] = None
-        return config
+        config = training_config.normalize({name: getattr(self, name).data
+                                            for name in training_config.TEMPLATE_FIELDS})
+        return {name: config[name] for name in training_config.TEMPLATE_FIELDS}
 
 
 def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[str]]]:
@@ -265,14 +189,15 @@ def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[
                 f"l1_alpha and its alias {alias} were both given with different values.")
         else:
             data["l1_alpha"] = value
-    known = set(TrainingForm.NUMERIC_FIELDS) | set(TrainingForm.CHOICE_FIELDS)
+    known = {*training_config.NAMES, "name", "source_id"} - set(training_config.BOOLEAN_FIELDS)
     formdata = MultiDict()
-    for key in TrainingForm.API_DEFAULTED:
+    for key in ("name", *training_config.API_OPTIONAL):
         if key not in data:
-            data[key] = getattr(TrainingForm, key).kwargs.get("default", "")
-    for key in (*TrainingForm.BOOLEAN_FIELDS, "acknowledge_warnings"):
+            data[key] = training_config.BY_NAME[key].default if key != "name" else ""
+    for key in (*training_config.BOOLEAN_FIELDS, "acknowledge_warnings"):
         # A checkbox that is absent means False in HTML; in JSON an absent key keeps the default.
-        value = data.pop(key, getattr(TrainingForm, key).kwargs.get("default", False))
+        default = training_config.BY_NAME[key].default if key in training_config.BY_NAME else False
+        value = data.pop(key, default)
         if not isinstance(value, bool):
             errors.setdefault(key, []).append("Must be true or false.")
         elif value:
@@ -281,29 +206,21 @@ def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[
         if key not in known:
             errors.setdefault(key, []).append("Unknown field.")
             continue
+        param = training_config.BY_NAME.get(key)
         if value is None:
-            unused = (key == "l1_alpha" and data.get("architecture") == "topk") or \
-                     (key == "k" and data.get("architecture", "standard") == "standard")
+            unused = param is not None and not param.applies_to(data.get("architecture", "standard"))
             if not unused:
-                errors.setdefault(key, []).append(NULL_MESSAGES.get(key, "Must not be null."))
+                errors.setdefault(key, []).append((param and param.null_message) or "Must not be null.")
             continue
         if isinstance(value, (bool, dict, list)):
-            errors.setdefault(key, []).append("Must be a number." if key in TrainingForm.NUMERIC_FIELDS
-                                               else "Must be a string.")
+            numeric = param is not None and param.is_numeric or key == "source_id"
+            errors.setdefault(key, []).append("Must be a number." if numeric else "Must be a string.")
             continue
-        if isinstance(value, float) and value.is_integer() and key in _INTEGER_FIELDS:
+        if isinstance(value, float) and value.is_integer() and (key in training_config.INTEGER_FIELDS
+                                                                 or key == "source_id"):
             value = int(value)
         formdata[key] = str(value)
     return formdata, errors
-
-
-NULL_MESSAGES = {
-    "l1_alpha": "Must not be null: the sparsity penalty l1_alpha is required for a standard SAE "
-                "(without it the features come out dense); 0.003 is a sound start.",
-}
-
-_INTEGER_FIELDS = {"latent_dim", "k", "batch_size", "total_steps", "lr_warmup_steps", "l1_warmup_steps",
-                   "seed", "log_every", "dead_window_tokens", "source_id", "early_stop_step", "plateau_window"}
 
 
 class UploadForm(FlaskForm):
@@ -330,21 +247,36 @@ class SyntheticSourceForm(FlaskForm):
         return ok
 
 
-def _share_template_fields() -> None:
-    """TemplateForm takes the training form's own field definitions: one set of rules."""
-    from .models import TEMPLATE_FIELDS
+def param_field(param: Param):
+    """The form field for one hyper-parameter: its label, default, help and range check."""
+    if param.type is bool:
+        return BooleanField(param.label, default=param.default, description=param.help)
+    if param.required_for is None:
+        presence = required()
+    else:
+        presence = RequiredFor(param.required_for, param.required_message or "This field is required.")
+    if param.choices is not None:
+        return SelectField(param.label, choices=[SelectChoice(v, text) for v, text in param.choices],
+                           default=param.default, validators=[presence], description=param.help)
+    kind = IntegerField if param.type is int else FloatField
+    return kind(param.label, default=param.default, description=param.help,
+                validators=[presence, Range(param.min, param.max, min_exclusive=param.min_exclusive)])
 
-    for name in TEMPLATE_FIELDS:
-        setattr(TemplateForm, name, getattr(TrainingForm, name))
+
+def _add_param_fields() -> None:
+    """Give the training form every hyper-parameter, and the template form its share: one set of rules."""
+    for param in PARAMS:
+        setattr(TrainingForm, param.name, param_field(param))
+        if param.template:
+            setattr(TemplateForm, param.name, getattr(TrainingForm, param.name))
 
 
-_share_template_fields()
+_add_param_fields()
 
 
 def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[str]]]:
     """Map one imported template (JSON object) onto the template form, aliases included."""
-    from .models import TEMPLATE_FIELDS
-
+    TEMPLATE_FIELDS = training_config.TEMPLATE_FIELDS
     if not isinstance(payload, dict):
         return None, {"_template": ["Each template must be a JSON object."]}
     errors: dict[str, list[str]] = {}
@@ -356,7 +288,7 @@ def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list
                 errors.setdefault("l1_alpha", []).append(f"l1_alpha and its alias {alias} disagree.")
             data["l1_alpha"] = value
     if data.get("architecture", "standard") == "standard" and data.get("l1_alpha") is None:
-        errors.setdefault("l1_alpha", []).append(NULL_MESSAGES["l1_alpha"])
+        errors.setdefault("l1_alpha", []).append(training_config.BY_NAME["l1_alpha"].null_message)
     formdata = MultiDict()
     for key, value in data.items():
         if key not in (*TEMPLATE_FIELDS, "name", "d_in", "provenance"):

@@ -8,14 +8,16 @@ import datetime as dt
 import json
 
 from peewee import (
-    BooleanField, CharField, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model,
+    BigIntegerField, BooleanField, CharField, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model,
     TextField,
 )
 
+from . import training_config
 from .db import database
 
-STATUSES = ("queued", "running", "completed", "failed", "cancelled", "stopped_early")
+STATUSES = ("queued", "running", "completed", "failed", "cancelled", "stopped_early", "interrupted")
 ACTIVE_STATUSES = ("queued", "running")
+RESUMABLE_STATUSES = ("interrupted", "failed", "cancelled")
 
 
 def utcnow() -> dt.datetime:
@@ -45,6 +47,8 @@ class JobRecord(BaseModel):
     created_at = DateTimeField(default=utcnow)
     started_at = DateTimeField(null=True)
     finished_at = DateTimeField(null=True)
+    heartbeat_at = DateTimeField(null=True)  # stamped by the running job; a stale one means it died
+    worker_name = CharField(null=True)  # the worker that claimed it
 
     @property
     def is_active(self) -> bool:
@@ -84,31 +88,14 @@ class Training(JobRecord):
 
     name = CharField(default="")
     source = ForeignKeyField(ActivationSet, backref="trainings", on_delete="RESTRICT")
-    architecture = CharField()
-    latent_dim = IntegerField()
-    l1_alpha = FloatField(null=True)  # the sparsity penalty; null only for TopK
-    k = IntegerField(null=True)  # TopK only
-    learning_rate = FloatField()
-    batch_size = IntegerField()
-    total_steps = IntegerField()
-    lr_warmup_steps = IntegerField()
-    l1_warmup_steps = IntegerField()
-    target_l0 = FloatField()  # a fraction of latent_dim
-    seed = IntegerField()
-    log_every = IntegerField(default=20)
-    dead_window_tokens = IntegerField(default=200_000)
-    early_stop = BooleanField(default=True)
-    early_stop_step = IntegerField(default=1000)
-    early_stop_l0 = FloatField(default=0.20)
-    steer_l1_alpha = BooleanField(default=False)
-    dead_latent_remedy = CharField(default="none")  # standard SAE: "none" or "resample"
-    plateau_window = IntegerField(default=2000)
+    # The hyper-parameters' columns are made from app.training_config.PARAMS (see
+    # _add_param_columns below), so a new one is one entry there plus its migration.
 
     failed_step = IntegerField(null=True)
     device = CharField(null=True)
     norm_scale = FloatField(null=True)  # c with E‖c·x‖² = d_in
     step = IntegerField(default=0)
-    tokens_seen = IntegerField(default=0)
+    tokens_seen = BigIntegerField(default=0)
     summary = JSONField(null=True)  # final evaluation on held-out activations
 
     class Meta:
@@ -120,21 +107,31 @@ class Training(JobRecord):
 
     def config_dict(self) -> dict:
         """The run's configuration under the form's field names (accepted back by the API)."""
-        return {
-            "name": self.name, "source_id": self.source_id, "architecture": self.architecture,
-            "latent_dim": self.latent_dim, "l1_alpha": self.l1_alpha, "k": self.k,
-            "learning_rate": self.learning_rate, "batch_size": self.batch_size,
-            "total_steps": self.total_steps, "lr_warmup_steps": self.lr_warmup_steps,
-            "l1_warmup_steps": self.l1_warmup_steps, "target_l0": self.target_l0,
-            "seed": self.seed, "log_every": self.log_every,
-            "dead_window_tokens": self.dead_window_tokens, "early_stop": self.early_stop,
-            "early_stop_step": self.early_stop_step, "early_stop_l0": self.early_stop_l0,
-            "steer_l1_alpha": self.steer_l1_alpha, "dead_latent_remedy": self.dead_latent_remedy,
-            "plateau_window": self.plateau_window,
-        }
+        return {"name": self.name, "source_id": self.source_id,
+                **{name: getattr(self, name) for name in training_config.NAMES}}
 
     def latest_metric(self):
         return self.metrics.order_by(MetricPoint.step.desc()).first()
+
+
+def param_column(param: training_config.Param):
+    """The stored column of one hyper-parameter (null where another architecture has no use for it)."""
+    null = param.required_for is not None
+    if param.type is bool:
+        return BooleanField(default=param.default)
+    if param.type is int:
+        return IntegerField(null=null, default=None if null else param.default)
+    if param.type is float:
+        return FloatField(null=null, default=None if null else param.default)
+    return CharField(default=param.default)
+
+
+def _add_param_columns() -> None:
+    for param in training_config.PARAMS:
+        Training._meta.add_field(param.name, param_column(param))
+
+
+_add_param_columns()
 
 
 class MetricPoint(BaseModel):
@@ -142,7 +139,7 @@ class MetricPoint(BaseModel):
 
     training = ForeignKeyField(Training, backref="metrics", on_delete="CASCADE")
     step = IntegerField()
-    tokens = IntegerField()
+    tokens = BigIntegerField()
     loss = FloatField()
     mse = FloatField()
     sparsity_loss = FloatField()
@@ -305,8 +302,7 @@ class Template(BaseModel):
         return {"name": self.name, "d_in": self.d_in, "provenance": self.provenance, **self.config}
 
 
-TEMPLATE_FIELDS = ("architecture", "latent_dim", "l1_alpha", "k", "learning_rate", "batch_size", "total_steps",
-                   "lr_warmup_steps", "l1_warmup_steps", "target_l0")
+TEMPLATE_FIELDS = training_config.TEMPLATE_FIELDS
 PRESET_WIDTHS = (384, 512, 768, 1024, 2048, 2304, 4096)
 
 
@@ -338,8 +334,24 @@ def seed_templates() -> None:
             provenance=f"TopK with k = {k} (L0 = k by construction) and 8× expansion, a common starting point.")
 
 
+class WorkerBeat(BaseModel):
+    """Each worker's latest sign of life, written by the maintenance process beside it.
+
+    Pages read this (never Redis) to say whether queued work will be picked up.
+    """
+
+    name = CharField(unique=True)
+    host = CharField()
+    pid = IntegerField()
+    last_seen = DateTimeField(default=utcnow)
+    queue_error = TextField(null=True)  # why Redis did not answer at the last beat (redacted)
+
+    class Meta:
+        table_name = "worker_beat"
+
+
 ALL_MODELS = [ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
-              FeatureStat]
+              FeatureStat, WorkerBeat]
 
 DEFAULT_SYNTHETIC = {
     "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",

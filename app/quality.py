@@ -9,14 +9,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .training_config import DEFAULT_L1_ALPHA, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+
 GREEN_BELOW = 0.05
 RED_ABOVE = 0.15
 DEAD_RED_FRACTION = 0.5
 DENSE_WARNING_ABOVE = 0.20
 DENSE_LATENT_FREQUENCY = 0.10  # a latent firing on more than 10% of tokens is "dense"
-L1_ALPHA_MIN_EXCLUSIVE = 1e-5
-L1_ALPHA_MAX = 0.1
-DEFAULT_L1_ALPHA = 0.003
 
 GRADE_LABELS = {
     "green": "Sparse",
@@ -101,6 +100,15 @@ class RunSpec:
     plateau_window: int = 2000
     steering: bool = False
     recommended_l1_alpha: float | None = None  # the calibration's value for this run, if known
+
+    @classmethod
+    def of_run(cls, run, recommended_l1_alpha: float | None = None) -> RunSpec:
+        """The spec of a stored run (anything with the training config's attributes)."""
+        return cls(architecture=run.architecture, latent_dim=run.latent_dim, target_l0=run.target_l0,
+                   warmup_steps=max(run.l1_warmup_steps, run.lr_warmup_steps), l1_warmup_steps=run.l1_warmup_steps,
+                   early_stop=run.early_stop, early_stop_step=run.early_stop_step, early_stop_l0=run.early_stop_l0,
+                   plateau_window=run.plateau_window, steering=run.steer_l1_alpha,
+                   recommended_l1_alpha=recommended_l1_alpha)
 
 
 @dataclass
@@ -257,6 +265,23 @@ class RuntimeMonitor:
         self.history = History()
         self._last_fired: dict[str, int] = {}
         self.stop: Finding | None = None
+
+    def state_dict(self) -> dict:
+        """What the rules remember, as plain values (kept in a training's checkpoint)."""
+        h = self.history
+        return {"points": [dict(vars(p)) for p in h.points], "best_loss": h.best_loss,
+                "best_loss_step": h.best_loss_step, "min_loss": h.min_loss,
+                "early_stop_checked": h.early_stop_checked, "last_fired": dict(self._last_fired)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from types import SimpleNamespace
+
+        h = self.history
+        h.points.clear()
+        h.points.extend(SimpleNamespace(**p) for p in state["points"])
+        h.best_loss, h.best_loss_step = float(state["best_loss"]), int(state["best_loss_step"])
+        h.min_loss, h.early_stop_checked = float(state["min_loss"]), bool(state["early_stop_checked"])
+        self._last_fired = {str(k): int(v) for k, v in state["last_fired"].items()}
 
     def observe(self, point) -> list[Finding]:
         """Record ``point``; return the findings to report now."""

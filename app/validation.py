@@ -13,7 +13,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .quality import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, format_target
+from .quality import format_target
+from .training_config import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
 
 CALIBRATION = json.loads((Path(__file__).with_name("calibration.json")).read_text())
 

@@ -30,12 +30,12 @@ class TensorSource(ActivationSource):
     def __init__(self, rows: torch.Tensor) -> None:
         self.rows, self.d_in, self.n_tokens = rows, rows.shape[1], rows.shape[0]
 
-    def batches(self, batch_size, *, seed, device):
+    def batches(self, batch_size, *, seed, device, start=0):
         g = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(self.n_tokens, generator=g)
-            for start in range(0, self.n_tokens - batch_size + 1, batch_size):
-                yield self.rows[order[start:start + batch_size]].to(device)
+            for i in range(0, self.n_tokens - batch_size + 1, batch_size):
+                yield self.rows[order[i:i + batch_size]].to(device)
 
     def sample(self, n, *, device):
         return self.rows[:n].to(device)

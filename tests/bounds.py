@@ -33,6 +33,9 @@ BOUNDS = [
     ("early_stop_l0", 0.01, True, {}), ("early_stop_l0", 0, False, {}),
     ("early_stop_l0", 1, True, {}), ("early_stop_l0", 1.01, False, {}),
     ("plateau_window", 10, True, {}), ("plateau_window", 9, False, {}),
+    ("checkpoint_every_steps", 10, True, {}), ("checkpoint_every_steps", 9, False, {}),
+    ("checkpoint_every_minutes", 0.05, True, {}), ("checkpoint_every_minutes", 0.04, False, {}),
+    ("checkpoint_every_minutes", 1440, True, {}), ("checkpoint_every_minutes", 1441, False, {}),
 ]
 
 

@@ -73,6 +73,10 @@ def env(tmp_path, redis_client, redis_url, monkeypatch):
         "SECRET_KEY": "test-secret",
         "SAE_DEVICE": "cpu",
         "DATABASE_URL": "",
+        # fast heartbeats and sweeps, so the tests see a dead job within seconds
+        "HEARTBEAT_S": "0.5",
+        "HEARTBEAT_STALE_S": "4",
+        "SWEEP_INTERVAL_S": "0.5",
     }
     values["DATABASE_URL"] = f"sqlite:///{tmp_path / 'data' / 'sae_studio.db'}"
     for key, value in values.items():
@@ -161,7 +165,8 @@ QUICK_CONFIG = {
     "learning_rate": 0.001, "batch_size": 256, "total_steps": 200, "lr_warmup_steps": 10, "l1_warmup_steps": 20,
     "target_l0": 0.02, "seed": 0, "log_every": 10, "dead_window_tokens": 20_000,
     "early_stop": True, "early_stop_step": 1000, "early_stop_l0": 0.2, "steer_l1_alpha": False,
-    "dead_latent_remedy": "none", "plateau_window": 2000,
+    "dead_latent_remedy": "none", "plateau_window": 2000, "checkpoint_every_steps": 2000,
+    "checkpoint_every_minutes": 5.0,
     # 256 latents on d_in 256 is not overcomplete (a validator warning): small on purpose, so
     # these tests start it anyway. The validator's own tests start from clean configs.
     "acknowledge_warnings": True,

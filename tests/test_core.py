@@ -148,7 +148,7 @@ def test_trainer_logs_stops_and_is_seeded():
 class ExplodingSource(ActivationSource):
     d_in, n_tokens = 8, None
 
-    def batches(self, batch_size, *, seed, device):
+    def batches(self, batch_size, *, seed, device, start=0):
         step = 0
         while True:
             step += 1

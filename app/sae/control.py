@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..training_config import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+
 
 @dataclass
 class L0Controller:
@@ -39,12 +41,18 @@ class L0Controller:
     max_step_up: float = 0.05
     max_step_down: float = 0.25
     deadband: float = 0.02
-    alpha_min: float = 1.1e-5
-    alpha_max: float = 0.1
+    alpha_min: float = 1.1 * L1_ALPHA_MIN_EXCLUSIVE
+    alpha_max: float = L1_ALPHA_MAX
 
     def __post_init__(self) -> None:
         self._smoothed: float | None = None
         self._prev_error: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha, "smoothed": self._smoothed, "prev_error": self._prev_error}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha, self._smoothed, self._prev_error = state["alpha"], state["smoothed"], state["prev_error"]
 
     def __call__(self, point) -> float:
         """Return the l1_alpha to use from now on, given the latest log point."""

@@ -49,6 +49,13 @@ class DeadLatentTracker:
     def dead_count(self) -> torch.Tensor:
         return self.dead_mask().sum()
 
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "since_fired": self.since_fired}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens_seen = int(state["tokens_seen"])
+        self.since_fired.copy_(state["since_fired"])
+
 
 class WindowAccumulator:
     """Sums per-step quantities as device tensors; read once per logging step.
@@ -79,6 +86,14 @@ class WindowAccumulator:
             self.sums += row
         self.steps += 1
         self.tokens += n
+
+    def state_dict(self) -> dict:
+        """The open window (a run stopped between logging steps carries it into its checkpoint)."""
+        return {"sums": self.sums, "steps": self.steps, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = state["sums"].to(device=self.device, dtype=torch.float64).clone()
+        self.steps, self.tokens = int(state["steps"]), int(state["tokens"])
 
     def read(self) -> dict[str, float]:
         """Means per token over the window, and the window's FVU (batch means as x̄)."""

@@ -22,7 +22,9 @@ class ActivationSource:
     d_in: int
     n_tokens: int | None
 
-    def batches(self, batch_size: int, *, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, *, seed: int, device: torch.device, start: int = 0) -> Iterator[torch.Tensor]:
+        """The batches of a run seeded ``seed``, from its ``start``-th on: batch n is the same
+        whether the iteration began at 0 or at n, so a resumed run reads on where it stopped."""
         raise NotImplementedError
 
     def sample(self, n: int, *, device: torch.device) -> torch.Tensor:
@@ -71,10 +73,14 @@ class SyntheticSource(ActivationSource):
     def _generator(self, seed: int, device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(seed)
 
-    def batches(self, batch_size, *, seed, device):
-        g = self._generator(seed * 1_000_003 + self.seed, device)
+    def batches(self, batch_size, *, seed, device, start=0):
+        # Each batch has its own seed, so batch n is drawn without replaying batches 0..n-1.
+        g = torch.Generator(device=device)
+        n = start
         while True:
+            g.manual_seed(hash((self.seed, seed, n)) % 2**63)
             yield self._generate(batch_size, g, device)
+            n += 1
 
     def sample(self, n, *, device):
         return self._generate(n, self._generator(self.seed + 17, device), device)
@@ -120,14 +126,17 @@ class ShardedArraySource(ActivationSource):
             rows = rows.pin_memory()
         return rows.to(device, non_blocking=True)
 
-    def batches(self, batch_size, *, seed, device):
+    def batches(self, batch_size, *, seed, device, start=0):
         if batch_size > self.n_tokens:
             raise ValueError(f"batch size {batch_size} exceeds the {self.n_tokens} training rows")
-        g = np.random.default_rng(seed)
+        per_epoch = self.n_tokens // batch_size
+        epoch, offset = divmod(start, per_epoch)
         while True:
-            order = g.permutation(self.n_tokens)
-            for start in range(0, self.n_tokens - batch_size + 1, batch_size):
-                yield self._rows(order[start:start + batch_size], device)
+            # Each epoch's permutation comes from (seed, epoch): a resumed run finds its place.
+            order = np.random.default_rng([seed, epoch]).permutation(self.n_tokens)
+            for b in range(offset, per_epoch):
+                yield self._rows(order[b * batch_size:(b + 1) * batch_size], device)
+            epoch, offset = epoch + 1, 0
 
     def sample(self, n, *, device):
         g = np.random.default_rng(12345)

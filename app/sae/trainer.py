@@ -10,61 +10,63 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 
 import torch
+
+from ..training_config import PARAMS
 
 from .metrics import DeadLatentTracker, WindowAccumulator, evaluate
 from .models import SparseAutoencoder, build_sae, resample_dead_latents
 from .sources import ActivationSource, normalization_scale
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. ``l1_alpha`` is the sparsity penalty."""
+def _check(self) -> None:
+    """Raise ``ValueError`` for a config the core cannot train.
 
-    latent_dim: int
-    architecture: str = "standard"
-    l1_alpha: float | None = None
-    k: int | None = None
-    learning_rate: float = 1e-3
-    batch_size: int = 1024
-    total_steps: int = 2000
-    lr_warmup_steps: int = 100
-    l1_warmup_steps: int = 200
-    lr_decay_fraction: float = 0.2  # linear decay to 0 over this final share of the steps
-    seed: int = 0
-    log_every: int = 20
-    dead_window_tokens: int = 200_000
-    grad_clip: float = 1.0
-    dead_latent_remedy: str = "none"  # standard SAE: "none" or "resample" (TopK always uses AuxK)
-    norm_sample_tokens: int = 8192
-    eval_tokens: int = 8192
-    device: str = "auto"
+    The core allows ``l1_alpha = 0`` (a dense baseline); the form's range is stricter.
+    A missing penalty is never defaulted.
+    """
+    if self.architecture == "standard":
+        if self.l1_alpha is None:
+            raise ValueError("l1_alpha (the sparsity penalty) is required for a standard SAE")
+        if not (math.isfinite(self.l1_alpha) and self.l1_alpha >= 0):
+            raise ValueError(f"l1_alpha must be a finite number >= 0, got {self.l1_alpha}")
+    elif self.architecture == "topk":
+        if self.k is None or not 1 <= self.k <= self.latent_dim:
+            raise ValueError(f"k must lie in [1, latent_dim], got {self.k}")
+    else:
+        raise ValueError(f"unknown architecture {self.architecture!r}")
+    if self.dead_latent_remedy not in ("none", "resample"):
+        raise ValueError(f"unknown dead-latent remedy {self.dead_latent_remedy!r}")
+    for name in ("latent_dim", "batch_size", "total_steps", "log_every", "dead_window_tokens",
+                 "checkpoint_every_steps"):
+        if getattr(self, name) < 1:
+            raise ValueError(f"{name} must be at least 1")
+    if not self.learning_rate > 0:
+        raise ValueError("learning_rate must be positive")
 
-    def check(self) -> None:
-        """Raise ``ValueError`` for a config the core cannot train.
 
-        The core allows ``l1_alpha = 0`` (a dense baseline); the form's range is stricter.
-        A missing penalty is never defaulted.
-        """
-        if self.architecture == "standard":
-            if self.l1_alpha is None:
-                raise ValueError("l1_alpha (the sparsity penalty) is required for a standard SAE")
-            if not (math.isfinite(self.l1_alpha) and self.l1_alpha >= 0):
-                raise ValueError(f"l1_alpha must be a finite number >= 0, got {self.l1_alpha}")
-        elif self.architecture == "topk":
-            if self.k is None or not 1 <= self.k <= self.latent_dim:
-                raise ValueError(f"k must lie in [1, latent_dim], got {self.k}")
-        else:
-            raise ValueError(f"unknown architecture {self.architecture!r}")
-        if self.dead_latent_remedy not in ("none", "resample"):
-            raise ValueError(f"unknown dead-latent remedy {self.dead_latent_remedy!r}")
-        for name in ("latent_dim", "batch_size", "total_steps", "log_every", "dead_window_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if not self.learning_rate > 0:
-            raise ValueError("learning_rate must be positive")
+def _config_fields() -> list:
+    """The hyper-parameters the core uses (from ``app.training_config``), then the core's own settings.
+
+    A value that only one architecture uses (``l1_alpha``, ``k``) defaults to None: the
+    penalty is never filled in silently.
+    """
+    fields = [(p.name, p.type | None, field(default=None)) if p.required_for else (p.name, p.type, field(default=p.default))
+              for p in PARAMS if p.core]
+    return fields + [
+        ("lr_decay_fraction", float, field(default=0.2)),  # linear decay to 0 over this final share of the steps
+        ("grad_clip", float, field(default=1.0)),
+        ("norm_sample_tokens", int, field(default=8192)),
+        ("eval_tokens", int, field(default=8192)),
+        ("device", str, field(default="auto")),
+    ]
+
+
+TrainConfig = make_dataclass("TrainConfig", _config_fields(), namespace={"check": _check})
+TrainConfig.__doc__ = ("Everything that defines a training run (``l1_alpha`` is the sparsity penalty): the "
+                       "hyper-parameters of app.training_config, and the core's fixed settings.")
 
 
 @dataclass
@@ -134,6 +136,19 @@ def l1_alpha_at(step: int, cfg: TrainConfig, l1_alpha: float) -> float:
 
 
 LogCallback = Callable[[LogPoint], "str | None"]
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Checkpointing:
+    """When to hand the trainer's whole state to ``save``: every ``every_steps`` steps or
+    ``every_s`` seconds, whichever comes first (checked on logging steps), and when the run
+    stops before its end. ``save`` must write the state out before it returns: its tensors
+    are the live ones."""
+
+    save: Callable[[dict], None]
+    every_steps: int
+    every_s: float
 
 
 def train(source: ActivationSource, cfg: TrainConfig, *,
@@ -141,6 +156,8 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
           on_start: Callable[[dict], None] | None = None,
           should_stop: Callable[[], str | None] | None = None,
           l1_alpha_control: Callable[[LogPoint], float] | None = None,
+          checkpointing: Checkpointing | None = None,
+          resume: dict | None = None,
           ) -> tuple[TrainResult, SparseAutoencoder]:
     """Train an SAE on ``source`` as ``cfg`` says.
 
@@ -150,6 +167,12 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     cheap) and stops the run when it returns a reason. ``l1_alpha_control(point)``, if
     given, returns the l1_alpha to use after each log point. Raises ``NonFiniteLoss``
     when the loss is NaN or Inf.
+
+    ``checkpointing`` saves the state (weights, Adam, schedule, random generators, the
+    dead-latent tracker, the open metric window, the step and with it the source's read
+    position) as it says; ``resume``, a state saved so, continues from it. On the CPU a
+    resumed run takes exactly the steps an uninterrupted one would: same batches, same
+    updates, bit-identical weights.
     """
     cfg.check()
     device = resolve_device(cfg.device)
@@ -158,34 +181,60 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     if source.n_tokens is not None and cfg.batch_size > source.n_tokens:
         raise ValueError(f"batch size {cfg.batch_size} exceeds the source's {source.n_tokens} training tokens")
 
-    scale = normalization_scale(source.sample(cfg.norm_sample_tokens, device=device))
     sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, k=cfg.k, generator=g, device=device)
-    with torch.no_grad():
-        # Start the decoder bias at the mean activation: the first reconstructions are
-        # then the mean rather than the origin.
-        sae.b_dec.copy_(source.sample(cfg.norm_sample_tokens, device=device).mean(dim=0) * scale)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    if on_start:
-        on_start({"device": str(device), "norm_scale": scale, "d_in": source.d_in})
-
     tracker = DeadLatentTracker(cfg.latent_dim, cfg.dead_window_tokens, device)
     window = WindowAccumulator(device)
     base_l1_alpha = cfg.l1_alpha or 0.0
+    resampled, tokens, start_step, last = 0, 0, 0, None
+    if resume is None:
+        scale = normalization_scale(source.sample(cfg.norm_sample_tokens, device=device))
+        with torch.no_grad():
+            # Start the decoder bias at the mean activation: the first reconstructions are
+            # then the mean rather than the origin.
+            sae.b_dec.copy_(source.sample(cfg.norm_sample_tokens, device=device).mean(dim=0) * scale)
+    else:
+        check_resumable(resume, cfg, source.d_in)
+        scale = float(resume["norm_scale"])
+        sae.load_state_dict(resume["sae"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        tracker.load_state_dict(resume["tracker"])
+        window.load_state_dict(resume["window"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        g.set_state(resume["rng"]["generator"])
+        if device.type == "cuda" and resume["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+        base_l1_alpha = float(resume["base_l1_alpha"])
+        resampled, tokens, start_step = int(resume["resampled"]), int(resume["tokens"]), int(resume["step"])
+        last = LogPoint(**resume["last"]) if resume.get("last") else None
+    if on_start:
+        on_start({"device": str(device), "norm_scale": scale, "d_in": source.d_in, "resumed_from": start_step})
+
+    def state(at_step: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "step": at_step, "tokens": tokens, "norm_scale": scale,
+            "architecture": cfg.architecture, "d_in": source.d_in, "latent_dim": cfg.latent_dim,
+            "sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "tracker": tracker.state_dict(), "window": window.state_dict(), "base_l1_alpha": base_l1_alpha,
+            "resampled": resampled, "last": asdict(last) if last else None,
+            "rng": {"torch": torch.get_rng_state(), "generator": g.get_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }
+
     use_aux = cfg.architecture == "topk"
     resample = cfg.architecture == "standard" and cfg.dead_latent_remedy == "resample"
     # Resample once per dead-latent window, never in the last fifth of training (a fresh
     # latent needs time to settle before the run ends).
     resample_every = max(cfg.log_every, math.ceil(cfg.dead_window_tokens / cfg.batch_size))
     resample_until = int(cfg.total_steps * 0.8)
-    resampled = 0
-    batches = source.batches(cfg.batch_size, seed=cfg.seed, device=device)
-    tokens = 0
-    last: LogPoint | None = None
-    window_start = time.perf_counter()
-    result_status, reason, step = "completed", None, 0
+    batches = source.batches(cfg.batch_size, seed=cfg.seed, device=device, start=start_step)
+    window_start = saved_at = time.perf_counter()
+    saved_step = start_step
+    result_status, reason, step = "completed", None, start_step
 
-    for step in range(cfg.total_steps):
+    for step in range(start_step, cfg.total_steps):
         if should_stop is not None:
             reason = should_stop()
             if reason:
@@ -235,9 +284,16 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
                     result_status = "stopped"
                     step += 1
                     break
+            due = (step + 1 - saved_step >= cfg.checkpoint_every_steps
+                   or time.perf_counter() - saved_at >= cfg.checkpoint_every_minutes * 60)
+            if checkpointing is not None and due and step + 1 < cfg.total_steps:
+                checkpointing.save(state(step + 1))
+                saved_at, saved_step = time.perf_counter(), step + 1
     else:
         step = cfg.total_steps
 
+    if checkpointing is not None and result_status == "stopped":
+        checkpointing.save(state(step))
     sae.eval()
     eval_metrics = evaluate(sae, source.eval_rows(cfg.eval_tokens, device=device) * scale)
     eval_metrics["dead"] = int(tracker.dead_count().item()) if tracker.known else None
@@ -245,3 +301,15 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     result = TrainResult(status=result_status, steps=step, tokens=tokens, norm_scale=scale,
                          device=str(device), reason=reason, eval=eval_metrics, last=last)
     return result, sae
+
+
+def check_resumable(state: dict, cfg: TrainConfig, d_in: int) -> None:
+    """Refuse a checkpoint that is not of this run's shape (a changed source, a stray file)."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"the checkpoint's format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+    mine = {"architecture": cfg.architecture, "d_in": d_in, "latent_dim": cfg.latent_dim}
+    theirs = {key: state.get(key) for key in mine}
+    if mine != theirs:
+        raise ValueError(f"the checkpoint holds {theirs}, but this run is {mine}")
+    if not 0 <= int(state["step"]) <= cfg.total_steps:
+        raise ValueError(f"the checkpoint's step {state['step']} lies outside this run's {cfg.total_steps} steps")

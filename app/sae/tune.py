@@ -18,11 +18,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..training_config import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
 from .sources import ActivationSource
 from .trainer import TrainConfig, train
 
 ELASTICITY = 0.75  # −d log L0 / d log l1_alpha in the calibration fit (b = −0.75)
-ALPHA_MIN, ALPHA_MAX = 1.1e-5, 0.1
+ALPHA_MIN, ALPHA_MAX = 1.1 * L1_ALPHA_MIN_EXCLUSIVE, L1_ALPHA_MAX
 COLLAPSED_FVU = 0.9
 
 

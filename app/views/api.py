@@ -2,20 +2,30 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app, request, url_for
-
 from werkzeug.datastructures import MultiDict
 
 from ..forms import ExtractionForm, TrainingForm, json_to_formdata
-from ..jobqueue import request_cancel
-from ..models import Event, Extraction, MetricPoint, Training
+from ..models import ActivationSet, Event, Extraction, ImportedSAE, MetricPoint, Template, Training
+from ..training_config import BY_NAME
+from ..work import deletion, lifecycle
+from ..work.extraction import create_extraction, named_text_spec
+from ..work.queue import QueueUnavailable
+from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
-from .extractions import create_extraction, get_extraction_or_404, named_text_spec
-from .pages import create_training, get_training_or_404, refresh_from_queue
+from .lookup import get_or_404
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 METRIC_FIELDS = ("step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead",
                  "lr", "l1_alpha", "tokens_per_s")
+
+
+def get_training_or_404(training_id: int) -> Training:
+    return get_or_404(Training, training_id, "training")
+
+
+def unavailable(exc: QueueUnavailable) -> tuple[dict, int]:
+    return {"errors": {"_queue": [f"{exc}. Nothing was created; try again once the queue is back."]}}, 503
 
 
 def metric_dict(point: MetricPoint) -> dict:
@@ -28,6 +38,8 @@ def training_dict(run: Training) -> dict:
     return {
         "id": run.id, "url": url_for("pages.detail", training_id=run.id, _external=True),
         "status": run.status, "reason": run.reason, "failed_step": run.failed_step,
+        "heartbeat_at": run.heartbeat_at.isoformat() + "Z" if run.heartbeat_at else None,
+        "worker": run.worker_name, "checkpoint_step": checkpoint_step(run, current_app.config),
         "step": run.step, "total_steps": run.total_steps, "tokens_seen": run.tokens_seen,
         "config": run.config_dict(), "device": run.device, "norm_scale": run.norm_scale,
         "latest_metrics": metric_dict(latest) if latest else None,
@@ -56,7 +68,10 @@ def create():
             errors[name] = list(messages)
     if errors or not valid:
         return {"errors": errors, "findings": [f.to_dict() for f in form.findings]}, 422
-    run = create_training(form)
+    try:
+        run = create_training(form.training_fields(), current_app.config)
+    except QueueUnavailable as exc:
+        return unavailable(exc)
     return {"id": run.id, "status": run.status, "reason": run.reason,
             "url": url_for("pages.detail", training_id=run.id, _external=True),
             "findings": [f.to_dict() for f in form.findings]}, 201
@@ -64,13 +79,12 @@ def create():
 
 @bp.get("/trainings")
 def list_trainings():
-    return {"trainings": [training_dict(refresh_from_queue(r)[0]) for r in Training.select().order_by(Training.id.desc())]}
+    return {"trainings": [training_dict(r) for r in Training.select().order_by(Training.id.desc())]}
 
 
 @bp.get("/trainings/<int:training_id>")
 def show(training_id: int):
-    run, _ = refresh_from_queue(get_training_or_404(training_id))
-    return training_dict(run)
+    return training_dict(get_training_or_404(training_id))
 
 
 @bp.get("/trainings/<int:training_id>/metrics")
@@ -86,9 +100,52 @@ def cancel(training_id: int):
     run = get_training_or_404(training_id)
     if not run.is_active:
         return {"id": run.id, "status": run.status, "error": f"The run has already ended ({run.status})."}, 409
-    request_cancel(run, current_app.config)
+    lifecycle.request_cancel(run)
     run = Training.get_by_id(run.id)
     return {"id": run.id, "status": run.status, "cancel_requested": run.cancel_requested}, 202
+
+
+@bp.post("/trainings/<int:training_id>/resume")
+def resume(training_id: int):
+    """Continue an interrupted, failed or cancelled run from its checkpoint. Body (optional):
+    ``{"learning_rate": 0.0003}`` to resume at another step size."""
+    run = get_training_or_404(training_id)
+    payload = request.get_json(silent=True) or {}
+    if not isinstance(payload, dict) or set(payload) - {"learning_rate"}:
+        return {"errors": {"_body": ["Send nothing, or {\"learning_rate\": <number>}."]}}, 422
+    learning_rate = payload.get("learning_rate")
+    if learning_rate is not None and (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
+                                      or not BY_NAME["learning_rate"].in_range(float(learning_rate))):
+        return {"errors": {"learning_rate": ["Must be a number between 1e-06 and 0.1."]}}, 422
+    try:
+        run = resume_training(run, current_app.config,
+                              learning_rate=None if learning_rate is None else float(learning_rate))
+    except NotResumable as exc:
+        return {"id": run.id, "status": run.status, "error": str(exc)}, 409
+    except QueueUnavailable as exc:
+        return unavailable(exc)
+    return {"id": run.id, "status": run.status, "checkpoint_step": checkpoint_step(run, current_app.config)}, 202
+
+
+DELETABLE = {
+    "trainings": (Training, "training", deletion.delete_training, deletion.plan_training),
+    "sources": (ActivationSet, "activation source", deletion.delete_source, deletion.plan_source),
+    "extractions": (Extraction, "extraction", deletion.delete_extraction, deletion.plan_extraction),
+    "imports": (ImportedSAE, "imported SAE", deletion.delete_imported, deletion.plan_imported),
+    "templates": (Template, "template", deletion.delete_template, deletion.plan_template),
+}
+
+
+@bp.delete("/<any(trainings, sources, extractions, imports, templates):kind>/<int:record_id>")
+def delete(kind: str, record_id: int):
+    """Delete a record and its files; 409 naming what stands in the way (a running job, runs on a source)."""
+    model, what, delete_record, plan = DELETABLE[kind]
+    record = get_or_404(model, record_id, what)
+    try:
+        done = delete_record(record, current_app.config)
+    except deletion.DeleteRefused as exc:
+        return {"error": str(exc), "plan": plan(record, current_app.config).to_dict()}, 409
+    return {"deleted": done.to_dict()}, 200
 
 
 EXTRACTION_FIELDS = ("name", "model_name", "layer", "site", "text_kind", "dataset_name", "dataset_split", "text_column",
@@ -137,10 +194,13 @@ def create_extraction_api():
         errors.setdefault(name, list(messages))
     if errors or not valid:
         return {"errors": errors}, 422
-    job = create_extraction(form, named_text_spec(form.data))
+    try:
+        job = create_extraction(current_app.config, form.data, named_text_spec(form.data))
+    except QueueUnavailable as exc:
+        return unavailable(exc)
     return extraction_dict(job), 201
 
 
 @bp.get("/extractions/<int:extraction_id>")
 def show_extraction(extraction_id: int):
-    return extraction_dict(get_extraction_or_404(extraction_id))
+    return extraction_dict(get_or_404(Extraction, extraction_id, "extraction"))

@@ -4,14 +4,16 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from flask import Blueprint, abort, current_app, redirect, render_template, url_for
-from redis.exceptions import RedisError
+from flask import Blueprint, current_app, redirect, render_template, url_for
 
 from ..extraction.capture_names import SITES
 from ..extraction.text import TEXT_SUFFIXES, TextSourceError, TextSpec, check_corpus
 from ..forms import ExtractionForm
-from ..jobqueue import enqueue_extraction, reconcile, request_cancel
-from ..models import Extraction, utcnow
+from ..models import Extraction
+from ..work import deletion, lifecycle
+from ..work.extraction import create_extraction, named_text_spec
+from ..work.queue import QueueUnavailable
+from .lookup import get_or_404
 
 bp = Blueprint("extractions", __name__, url_prefix="/extractions")
 
@@ -62,40 +64,18 @@ def start():
             return render_index(form, 422)
     else:
         spec = named_text_spec(d)
-    job = create_extraction(form, spec)
+    try:
+        job = create_extraction(current_app.config, d, spec)
+    except QueueUnavailable as exc:
+        if spec.path:
+            Path(spec.path).unlink(missing_ok=True)
+        form.form_errors.append(f"Not started: {exc}. Nothing was kept; try again once the queue is back.")
+        return render_index(form, 503)
     return redirect(url_for("extractions.show", extraction_id=job.id), code=303)
 
 
-def named_text_spec(d: dict) -> TextSpec:
-    """The corpus a validated form names without an upload: a Hugging Face dataset or the stdlib."""
-    if d["text_kind"] == "hf":
-        return TextSpec("hf", dataset=d["dataset_name"].strip(), split=(d["dataset_split"] or "train").strip(),
-                        column=d["text_column"].strip())
-    return TextSpec("stdlib")
-
-
-def create_extraction(form: ExtractionForm, spec: TextSpec) -> Extraction:
-    """Record a validated extraction and queue it; a queue failure is recorded on the row."""
-    d = form.data
-    job = Extraction.create(
-        name=(d["name"] or "").strip(), model_name=d["model_name"].strip(), layer=d["layer"], site=d["site"],
-        text=spec.to_dict(), token_budget=d["token_budget"], context_length=d["context_length"],
-        batch_size=d["batch_size"], dtype=d["dtype"], model_dtype=d["model_dtype"],
-        exclude_special=bool(d["exclude_special"]))
-    try:
-        enqueue_extraction(job, current_app.config)
-    except RedisError as exc:
-        Extraction.update(status="failed", reason=f"Could not reach the job queue: {exc}", finished_at=utcnow()).where(
-            Extraction.id == job.id).execute()
-    return Extraction.get_by_id(job.id)
-
-
 def get_extraction_or_404(extraction_id: int) -> Extraction:
-    job = Extraction.get_or_none(Extraction.id == extraction_id)
-    if job is None:
-        abort(404, description=f"There is no extraction #{extraction_id}.")
-    reconcile(job, current_app.config)
-    return Extraction.get_by_id(extraction_id)
+    return get_or_404(Extraction, extraction_id, "extraction")
 
 
 @bp.get("/<int:extraction_id>")
@@ -111,5 +91,25 @@ def progress(extraction_id: int):
 @bp.post("/<int:extraction_id>/cancel")
 def cancel(extraction_id: int):
     job = get_extraction_or_404(extraction_id)
-    request_cancel(job, current_app.config)
+    lifecycle.request_cancel(job)
     return render_template("_partials/extraction_progress.html", job=Extraction.get_by_id(job.id), sites=SITES)
+
+
+@bp.get("/<int:extraction_id>/delete")
+def confirm_delete(extraction_id: int):
+    job = get_extraction_or_404(extraction_id)
+    return render_template("delete.html", plan=deletion.plan_extraction(job, current_app.config),
+                           action=url_for("extractions.delete", extraction_id=job.id),
+                           back=url_for("extractions.show", extraction_id=job.id))
+
+
+@bp.post("/<int:extraction_id>/delete")
+def delete(extraction_id: int):
+    job = get_extraction_or_404(extraction_id)
+    try:
+        deletion.delete_extraction(job, current_app.config)
+    except deletion.DeleteRefused as exc:
+        return render_template("delete.html", plan=deletion.plan_extraction(job, current_app.config), error=str(exc),
+                               action=url_for("extractions.delete", extraction_id=job.id),
+                               back=url_for("extractions.show", extraction_id=job.id)), 409
+    return redirect(url_for("extractions.index"), code=303)

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import numpy as np
 from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
-from redis.exceptions import RedisError
 
 from .. import charts
 from ..forms import FeatureJobForm, ImportSAEForm
-from ..jobqueue import create_feature_job, reconcile, request_cancel
 from ..models import ActivationSet, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Training
 from ..sae.export import (CFG, SAEFormatError, WEIGHTS, export_files, files_from_zip, hook_name, parse_saelens,
                           read_checkpoint, zip_bytes)
-from .pages import get_training_or_404
+from ..work import deletion, lifecycle
+from ..work.features import create_feature_job
+from ..work.queue import QueueUnavailable
+from .lookup import get_or_404
 
 bp = Blueprint("features", __name__)
 
@@ -28,12 +29,11 @@ SORTS = {"frequency": FeatureStat.frequency, "max": FeatureStat.max_active, "mea
 
 
 def get_job_or_404(job_id: int) -> FeatureJob:
-    job = FeatureJob.get_or_none(FeatureJob.id == job_id)
-    if job is None:
-        abort(404, description=f"There is no feature job #{job_id}.")
-    if reconcile(job, current_app.config):
-        job = FeatureJob.get_by_id(job_id)
-    return job
+    return get_or_404(FeatureJob, job_id, "feature job")
+
+
+def get_training_or_404(training_id: int) -> Training:
+    return get_or_404(Training, training_id, "training")
 
 
 def latest_feature_job(run: Training) -> FeatureJob | None:
@@ -51,8 +51,9 @@ def start_for_run(training_id: int):
     try:
         job = create_feature_job(current_app.config, training=run, source=run.source,
                                  sample_tokens=form.sample_tokens.data)
-    except RedisError:
-        job = latest_feature_job(run)
+    except QueueUnavailable as exc:
+        return render_template("error.html", title="Not started",
+                               message=f"{exc}. Nothing was created; try again once the queue is back."), 503
     return redirect(url_for("features.show", job_id=job.id), code=303)
 
 
@@ -102,7 +103,7 @@ def progress(job_id: int):
 @bp.post("/features/<int:job_id>/cancel")
 def cancel(job_id: int):
     job = get_job_or_404(job_id)
-    request_cancel(job, current_app.config)
+    lifecycle.request_cancel(job)
     return render_template("_partials/feature_progress.html", job=FeatureJob.get_by_id(job.id))
 
 
@@ -212,6 +213,20 @@ def import_sae():
     try:
         job = create_feature_job(current_app.config, imported=imported, source=source,
                                  sample_tokens=form.sample_tokens.data)
-    except RedisError:
-        return redirect(url_for("features.imports"), code=303)
+    except QueueUnavailable:
+        return redirect(url_for("features.imports"), code=303)  # kept: its statistics can be started later
     return redirect(url_for("features.show", job_id=job.id), code=303)
+
+
+@bp.get("/imports/<int:imported_id>/delete")
+def confirm_delete_imported(imported_id: int):
+    sae = get_or_404(ImportedSAE, imported_id, "imported SAE")
+    return render_template("delete.html", plan=deletion.plan_imported(sae, current_app.config),
+                           action=url_for("features.delete_imported", imported_id=sae.id),
+                           back=url_for("features.imports"))
+
+
+@bp.post("/imports/<int:imported_id>/delete")
+def delete_imported(imported_id: int):
+    deletion.delete_imported(get_or_404(ImportedSAE, imported_id, "imported SAE"), current_app.config)
+    return redirect(url_for("features.imports"), code=303)

@@ -58,7 +58,23 @@ def progress_view(run, latest) -> dict:
     }
 
 
+def queue_banner(settings: dict) -> str | None:
+    """What a user should know about the queue, from the workers' beats in the database (never Redis)."""
+    from ..models import WorkerBeat
+
+    limit = utcnow() - dt.timedelta(seconds=3 * settings["SWEEP_INTERVAL_S"] + 15)
+    beats = list(WorkerBeat.select().where(WorkerBeat.last_seen >= limit))
+    if not beats:
+        return ("No worker is running: queued work waits until one starts (`make run` starts one; "
+                "see the README for more).")
+    if all(b.queue_error for b in beats):
+        return (f"{beats[0].queue_error}. Pages show what the database holds; new work cannot be started "
+                "until the queue is back, and queued work then proceeds.")
+    return None
+
+
 def register_filters(app) -> None:
+    app.jinja_env.globals["queue_banner"] = lambda: queue_banner(app.config)
     app.jinja_env.filters["num"] = fmt_num
     app.jinja_env.filters["duration"] = fmt_duration
     app.jinja_env.globals["GRADE_LABELS"] = GRADE_LABELS

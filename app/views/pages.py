@@ -3,61 +3,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
-from redis.exceptions import RedisError
+from flask import Blueprint, current_app, redirect, render_template, request, url_for
 
 from .. import charts
-from ..db import database
 from ..forms import TrainingForm
-from ..jobqueue import enqueue_training, reconcile, request_cancel
-from ..models import Event, MetricPoint, Template, Training, utcnow
+from ..models import Event, MetricPoint, Template, Training
+from ..work import deletion, lifecycle
+from ..work.queue import QueueUnavailable
+from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
+from .lookup import get_or_404
 
 bp = Blueprint("pages", __name__)
 
 
 def get_training_or_404(training_id: int) -> Training:
-    run = Training.get_or_none(Training.id == training_id)
-    if run is None:
-        abort(404, description=f"There is no training #{training_id}.")
-    return run
-
-
-def refresh_from_queue(run: Training) -> tuple[Training, str | None]:
-    """Catch runs whose worker died; return the row and a note if the queue is unreachable."""
-    if not run.is_active:
-        return run, None
-    try:
-        if reconcile(run, current_app.config):
-            run = Training.get_by_id(run.id)
-    except RedisError as exc:
-        return run, f"The job queue (Redis) is unreachable: {exc}. Progress shown is what the database holds."
-    return run, None
-
-
-def create_training(form: TrainingForm) -> Training:
-    """Store a validated form as a queued run and enqueue it.
-
-    If the queue cannot be reached the run is kept, marked failed with the reason.
-    """
-    with database.atomic():
-        run = Training.create(**form.training_fields(), status="queued")
-    try:
-        enqueue_training(run, current_app.config)
-    except RedisError as exc:
-        reason = f"Could not reach the job queue at {current_app.config['REDIS_URL']}: {exc}. Is the worker's Redis running?"
-        Training.update(status="failed", reason=reason, finished_at=utcnow()).where(Training.id == run.id).execute()
-        Event.create(training=run, level="error", code="enqueue", message=reason)
-    return Training.get_by_id(run.id)
+    return get_or_404(Training, training_id, "training")
 
 
 @bp.get("/")
 def index():
     runs = list(Training.select().order_by(Training.id.desc()))
-    rows = []
-    for run in runs:
-        run, _ = refresh_from_queue(run)
-        rows.append((run, progress_view(run, run.latest_metric())))
+    rows = [(run, progress_view(run, run.latest_metric())) for run in runs]
     return render_template("index.html", rows=rows)
 
 
@@ -93,7 +60,11 @@ def create():
     form = TrainingForm()
     if not form.validate_on_submit():
         return render_training_form(form, 422)
-    run = create_training(form)
+    try:
+        run = create_training(form.training_fields(), current_app.config)
+    except QueueUnavailable as exc:
+        form.form_errors.append(f"Not started: {exc}. Nothing was created; try again once the queue is back.")
+        return render_training_form(form, 503)
     return redirect(url_for("pages.detail", training_id=run.id), code=303)
 
 
@@ -136,17 +107,15 @@ def recommend():
 
 @bp.get("/trainings/<int:training_id>")
 def detail(training_id: int):
-    run, queue_note = refresh_from_queue(get_training_or_404(training_id))
-    return render_template("training_detail.html", run=run, queue_note=queue_note, **progress_context(run))
+    run = get_training_or_404(training_id)
+    return render_template("training_detail.html", run=run, **progress_context(run))
 
 
 def progress_context(run: Training) -> dict:
     from ..forms import FeatureJobForm
-    from ..models import FeatureJob
+    from ..models import RESUMABLE_STATUSES, FeatureJob
 
     features_job = run.feature_jobs.order_by(FeatureJob.id.desc()).first()
-    if features_job is not None and reconcile(features_job, current_app.config):
-        features_job = FeatureJob.get_by_id(features_job.id)
     ground_truth = (run.summary or {}).get("ground_truth")
     if features_job is not None and features_job.status == "completed":
         ground_truth = (features_job.summary or {}).get("ground_truth", ground_truth)
@@ -166,25 +135,78 @@ def progress_context(run: Training) -> dict:
         if summary.get("density_histogram") else None,
         "has_checkpoint": checkpoint.exists(), "features_job": features_job, "ground_truth": ground_truth,
         "feature_form": FeatureJobForm(formdata=None),
+        "checkpoint_step": checkpoint_step(run, current_app.config),
+        "resumable": run.status in RESUMABLE_STATUSES and (
+            run.status == "interrupted" or checkpoint_step(run, current_app.config) is not None),
     }
 
 
 @bp.get("/trainings/<int:training_id>/progress")
 def progress(training_id: int):
     """The live fragment. Its polling trigger is left out once the run has ended."""
-    run, queue_note = refresh_from_queue(get_training_or_404(training_id))
-    return render_template("_partials/progress.html", run=run, queue_note=queue_note, **progress_context(run))
+    run = get_training_or_404(training_id)
+    return render_template("_partials/progress.html", run=run, **progress_context(run))
 
 
 @bp.post("/trainings/<int:training_id>/cancel")
 def cancel(training_id: int):
     run = get_training_or_404(training_id)
     if run.is_active:
-        request_cancel(run, current_app.config)
+        lifecycle.request_cancel(run)
     run = Training.get_by_id(run.id)
     if request.htmx:
-        return render_template("_partials/progress.html", run=run, queue_note=None, **progress_context(run))
+        return render_template("_partials/progress.html", run=run, **progress_context(run))
     return redirect(url_for("pages.detail", training_id=run.id), code=303)
+
+
+@bp.post("/trainings/<int:training_id>/resume")
+def resume(training_id: int):
+    """Continue an interrupted, failed or cancelled run from its checkpoint, on the same record."""
+    from ..training_config import BY_NAME
+
+    run = get_training_or_404(training_id)
+    learning_rate, problem, status = None, None, 422
+    raw = request.form.get("learning_rate", "").strip()
+    if raw:
+        try:
+            learning_rate = float(raw)
+        except ValueError:
+            problem = f"The learning rate must be a number (got {raw[:40]!r})."
+        else:
+            if not BY_NAME["learning_rate"].in_range(learning_rate):
+                problem = "The learning rate must lie between 1e-06 and 0.1."
+    if problem is None:
+        try:
+            resume_training(run, current_app.config, learning_rate=learning_rate)
+        except NotResumable as exc:
+            problem, status = str(exc), 409
+        except QueueUnavailable as exc:
+            problem, status = f"Not resumed: {exc}", 503
+    if problem is not None:
+        run = Training.get_by_id(run.id)
+        return render_template("training_detail.html", run=run, resume_error=problem, **progress_context(run)), status
+    return redirect(url_for("pages.detail", training_id=run.id), code=303)
+
+
+@bp.get("/trainings/<int:training_id>/delete")
+def confirm_delete(training_id: int):
+    """Ask once, naming what goes with the run."""
+    run = get_training_or_404(training_id)
+    return render_template("delete.html", plan=deletion.plan_training(run, current_app.config),
+                           action=url_for("pages.delete", training_id=run.id),
+                           back=url_for("pages.detail", training_id=run.id))
+
+
+@bp.post("/trainings/<int:training_id>/delete")
+def delete(training_id: int):
+    run = get_training_or_404(training_id)
+    try:
+        deletion.delete_training(run, current_app.config)
+    except deletion.DeleteRefused as exc:
+        return render_template("delete.html", plan=deletion.plan_training(run, current_app.config), error=str(exc),
+                               action=url_for("pages.delete", training_id=run.id),
+                               back=url_for("pages.detail", training_id=run.id)), 409
+    return redirect(url_for("pages.index"), code=303)
 
 
 @bp.app_errorhandler(404)

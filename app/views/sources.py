@@ -13,6 +13,8 @@ from ..db import database
 from ..forms import SyntheticSourceForm, UploadForm
 from ..models import ActivationSet
 from ..sae.files import ActivationFileError, holdout_rows, inspect_activation_file
+from ..work import deletion
+from .lookup import get_or_404
 
 bp = Blueprint("sources", __name__, url_prefix="/sources")
 
@@ -99,6 +101,25 @@ def synthetic():
              f"~{d['mean_active']:g} active per token",
         kind="synthetic", d_in=d["d_in"], n_tokens=None,
         params={"n_features": d["n_features"], "mean_active": d["mean_active"], "seed": d["seed"]})
+    return redirect(url_for("sources.index"), code=303)
+
+
+@bp.get("/<int:source_id>/delete")
+def confirm_delete(source_id: int):
+    source = get_or_404(ActivationSet, source_id, "activation source")
+    return render_template("delete.html", plan=deletion.plan_source(source, current_app.config),
+                           action=url_for("sources.delete", source_id=source.id), back=url_for("sources.index"))
+
+
+@bp.post("/<int:source_id>/delete")
+def delete(source_id: int):
+    source = get_or_404(ActivationSet, source_id, "activation source")
+    try:
+        deletion.delete_source(source, current_app.config)
+    except deletion.DeleteRefused as exc:
+        return render_template("delete.html", plan=deletion.plan_source(source, current_app.config), error=str(exc),
+                               action=url_for("sources.delete", source_id=source.id),
+                               back=url_for("sources.index")), 409
     return redirect(url_for("sources.index"), code=303)
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
 
 from ..db import database
 from ..forms import TemplateForm, TrainingForm, template_formdata
 from ..models import Template
+from ..work import deletion
 
 bp = Blueprint("templates", __name__, url_prefix="/templates")
 
@@ -70,7 +71,7 @@ def duplicate(template_id: int):
 
 @bp.post("/<int:template_id>/delete")
 def delete(template_id: int):
-    get_template_or_404(template_id).delete_instance()
+    deletion.delete_template(get_template_or_404(template_id), current_app.config)
     return redirect(url_for("templates.index"), code=303)
 
 

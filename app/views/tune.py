@@ -3,21 +3,17 @@ from __future__ import annotations
 
 import math
 
-from flask import Blueprint, abort, current_app, render_template
-from redis.exceptions import RedisError
+from flask import Blueprint, current_app, render_template
 
 from .. import charts
 from ..forms import TrainingForm
-from ..jobqueue import enqueue_tune, request_cancel
-from ..models import TuneJob, utcnow
+from ..models import TuneJob
+from ..work import lifecycle
+from ..work.queue import QueueUnavailable
+from ..work.tune import create_tune
+from .lookup import get_or_404
 
 bp = Blueprint("tune", __name__, url_prefix="/tunes")
-
-PILOT_STEPS = 400
-PILOT_BATCH = 256
-# Pilots are short, so they train at the step size that converges in 400 steps: the L0 a
-# penalty gives at convergence hardly depends on the learning rate, only how fast it gets there.
-PILOT_LEARNING_RATE = 1e-3
 
 
 def tune_context(tune: TuneJob) -> dict:
@@ -42,22 +38,17 @@ def start():
         problems["architecture"] = ["Auto-tune searches l1_alpha, which only a standard SAE uses; TopK's L0 is k."]
     if problems:
         return render_template("_partials/tune.html", tune=None, problems=problems), 422
-    tune = TuneJob.create(source=form.source_id.data, latent_dim=form.latent_dim.data,
-                          target_l0=form.target_l0.data, learning_rate=PILOT_LEARNING_RATE,
-                          batch_size=PILOT_BATCH, pilot_steps=PILOT_STEPS, seed=form.seed.data or 0)
     try:
-        enqueue_tune(tune, current_app.config)
-    except RedisError as exc:
-        TuneJob.update(status="failed", reason=f"Could not reach the job queue: {exc}", finished_at=utcnow()).where(
-            TuneJob.id == tune.id).execute()
-    return render_template("_partials/tune.html", **tune_context(TuneJob.get_by_id(tune.id)))
+        tune = create_tune(current_app.config, source_id=form.source_id.data, latent_dim=form.latent_dim.data,
+                           target_l0=form.target_l0.data, seed=form.seed.data or 0)
+    except QueueUnavailable as exc:
+        return render_template("_partials/tune.html", tune=None,
+                               problems={"queue": [f"Not started: {exc}."]}), 503
+    return render_template("_partials/tune.html", **tune_context(tune))
 
 
 def get_tune_or_404(tune_id: int) -> TuneJob:
-    tune = TuneJob.get_or_none(TuneJob.id == tune_id)
-    if tune is None:
-        abort(404, description=f"There is no auto-tune #{tune_id}.")
-    return tune
+    return get_or_404(TuneJob, tune_id, "auto-tune")
 
 
 @bp.get("/<int:tune_id>")
@@ -68,5 +59,5 @@ def show(tune_id: int):
 @bp.post("/<int:tune_id>/cancel")
 def cancel(tune_id: int):
     tune = get_tune_or_404(tune_id)
-    request_cancel(tune, current_app.config)
+    lifecycle.request_cancel(tune)
     return render_template("_partials/tune.html", **tune_context(TuneJob.get_by_id(tune.id)))

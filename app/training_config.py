@@ -1,0 +1,155 @@
+"""The training configuration, defined once.
+
+Every hyper-parameter of a training run is one ``Param`` below: its name, type, range,
+default, aliases, label and help. The rest is derived from this list:
+
+- the form's fields (``app.forms``) and their range checks,
+- the JSON API's mapping (which keys a script may leave out, aliases, integer coercion),
+- the stored columns of a ``Training`` row and ``Training.config_dict``,
+- the core's ``TrainConfig`` (``app.sae.trainer``),
+- the fields a template holds.
+
+A new hyper-parameter is one entry here plus a migration adding its column. This module is
+pure Python so that the ML core can import it without Flask, RQ or Peewee.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ARCHITECTURES = (("standard", "Standard (ReLU + L1 penalty)"), ("topk", "TopK (exactly k active)"))
+DEAD_LATENT_REMEDIES = (("none", "None"), ("resample", "Resample: point dead latents at badly reconstructed inputs"))
+
+# The sparsity penalty's valid range and default: the one place they are written down.
+L1_ALPHA_MIN_EXCLUSIVE = 1e-5
+L1_ALPHA_MAX = 0.1
+DEFAULT_L1_ALPHA = 0.003
+L1_ALPHA_ALIASES = ("sparsity_coefficient", "l1_coefficient")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter of a training run.
+
+    ``required_for`` names the architecture that needs the value (``None``: every run
+    needs it); for other architectures it is stored as null. ``api_optional`` lets a JSON
+    body leave it out, taking the default (only for settings whose default is always safe:
+    the hyper-parameters that decide sparsity must be given). ``template`` puts it in
+    templates; ``core`` passes it to the trainer's ``TrainConfig``.
+    """
+
+    name: str
+    type: type
+    default: object
+    label: str
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    choices: tuple[tuple[str, str], ...] | None = None
+    aliases: tuple[str, ...] = ()
+    required_for: str | None = None
+    required_message: str | None = None
+    null_message: str | None = None
+    api_optional: bool = False
+    template: bool = False
+    core: bool = True
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.type in (int, float)
+
+    def applies_to(self, architecture: str | None) -> bool:
+        return self.required_for is None or self.required_for == architecture
+
+    def in_range(self, value) -> bool:
+        if self.choices is not None:
+            return value in {c for c, _ in self.choices}
+        if not self.is_numeric:
+            return isinstance(value, self.type)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return False
+        if self.min is not None and (value <= self.min if self.min_exclusive else value < self.min):
+            return False
+        return self.max is None or value <= self.max
+
+
+L1_REQUIRED = ("The sparsity penalty l1_alpha is required for a standard SAE; without it the features come "
+               f"out dense. {DEFAULT_L1_ALPHA:g} is a sound start.")
+
+PARAMS: tuple[Param, ...] = (
+    Param("architecture", str, "standard", "Architecture", choices=ARCHITECTURES, template=True),
+    Param("latent_dim", int, 1024, "Latents (latent_dim)", min=16, max=1_048_576, template=True,
+          help="Number of SAE features; usually 4× to 64× the activation width d_in."),
+    Param("l1_alpha", float, DEFAULT_L1_ALPHA, "Sparsity penalty (l1_alpha)", min=L1_ALPHA_MIN_EXCLUSIVE,
+          max=L1_ALPHA_MAX, min_exclusive=True, aliases=L1_ALPHA_ALIASES, required_for="standard",
+          required_message=L1_REQUIRED, template=True,
+          null_message="Must not be null: the sparsity penalty l1_alpha is required for a standard SAE "
+                       f"(without it the features come out dense); {DEFAULT_L1_ALPHA:g} is a sound start.",
+          help="Weight of the L1 term that makes features sparse. Higher → fewer active latents. "
+               f"Not the learning rate. Range: above {L1_ALPHA_MIN_EXCLUSIVE:.5f}, at most {L1_ALPHA_MAX:g}."),
+    Param("k", int, 32, "Active latents per token (k)", min=1, max=65_536, required_for="topk",
+          required_message="k is required for a TopK SAE.", template=True,
+          help="TopK only: exactly k latents fire for every token."),
+    Param("learning_rate", float, 0.001, "Learning rate (optimizer step size)", min=1e-6, max=0.1, template=True,
+          help="Adam's step size. Not the sparsity penalty. Typical: 0.0001 to 0.001."),
+    Param("batch_size", int, 512, "Batch size (tokens per step)", min=16, max=65_536, template=True),
+    Param("total_steps", int, 2000, "Training steps", min=10, max=10_000_000, template=True),
+    Param("lr_warmup_steps", int, 100, "Learning-rate warm-up steps", min=0, max=10_000_000, template=True,
+          help="The learning rate rises linearly from 0 over these steps."),
+    Param("l1_warmup_steps", int, 200, "Sparsity warm-up steps", min=0, max=10_000_000, template=True,
+          help="l1_alpha rises linearly from 0 over these steps."),
+    Param("target_l0", float, 0.02, "Target L0 (fraction of latents)", min=0, max=0.5, min_exclusive=True,
+          template=True, core=False,
+          help="The share of latents you want active per token; 0.01–0.05 is typical."),
+    Param("seed", int, 0, "Random seed", min=0, max=2**31 - 1),
+    Param("log_every", int, 20, "Log metrics every (steps)", min=1, max=10_000, api_optional=True),
+    Param("dead_window_tokens", int, 200_000, "Dead-latent window (tokens)", min=1_000, max=1_000_000_000,
+          api_optional=True, help="A latent that has not fired in this many tokens counts as dead."),
+    Param("early_stop", bool, True, "Stop early if still dense", core=False,
+          help="End the run as 'stopped early' if L0 is still above the threshold at the given step."),
+    Param("early_stop_step", int, 1000, "Early-stop check at step", min=1, max=10_000_000, api_optional=True,
+          core=False),
+    Param("early_stop_l0", float, 0.20, "Early-stop L0 threshold (fraction)", min=0, max=1, min_exclusive=True,
+          api_optional=True, core=False),
+    Param("steer_l1_alpha", bool, False, "Steer l1_alpha to hit the target L0", core=False,
+          help="After the sparsity warm-up, adjust l1_alpha within its valid range so L0 settles at the "
+               "target. The l1_alpha you set is the starting point."),
+    Param("dead_latent_remedy", str, "none", "Dead-latent remedy (standard SAE)", choices=DEAD_LATENT_REMEDIES,
+          api_optional=True),
+    Param("plateau_window", int, 2000, "Plateau window (steps)", min=10, max=10_000_000, api_optional=True,
+          core=False, help="Warn when the loss has not improved for this many steps."),
+    Param("checkpoint_every_steps", int, 2000, "Checkpoint every (steps)", min=10, max=10_000_000,
+          api_optional=True,
+          help="Save weights, optimizer and data position this often, so a crash loses at most this many steps."),
+    Param("checkpoint_every_minutes", float, 5.0, "Checkpoint every (minutes)", min=0.05, max=1440,
+          api_optional=True,
+          help="…and at least this often by the clock, whichever comes first: at most this much work is lost."),
+)
+
+BY_NAME = {p.name: p for p in PARAMS}
+NAMES = tuple(BY_NAME)
+TEMPLATE_FIELDS = tuple(p.name for p in PARAMS if p.template)
+CORE_FIELDS = tuple(p.name for p in PARAMS if p.core)
+INTEGER_FIELDS = tuple(p.name for p in PARAMS if p.type is int)
+BOOLEAN_FIELDS = tuple(p.name for p in PARAMS if p.type is bool)
+NUMERIC_FIELDS = tuple(p.name for p in PARAMS if p.is_numeric)
+API_OPTIONAL = tuple(p.name for p in PARAMS if p.api_optional)
+
+
+def defaults() -> dict:
+    """Every hyper-parameter's default."""
+    return {p.name: p.default for p in PARAMS}
+
+
+def normalize(config: dict) -> dict:
+    """Null the values that the run's architecture does not use (k for standard, l1_alpha for TopK)."""
+    out = dict(config)
+    arch = out.get("architecture")
+    for p in PARAMS:
+        if p.required_for is not None and not p.applies_to(arch):
+            out[p.name] = None
+    if arch != "standard":
+        out["steer_l1_alpha"] = False
+        out["dead_latent_remedy"] = "none"  # TopK always has AuxK
+    return out

@@ -1,0 +1,108 @@
+"""Extraction: capture a model's activations over a corpus into a store (create, run, finish).
+
+The store is written under ``activations/.partial-<id>`` and renamed into place only when
+complete; a failed, cancelled or interrupted extraction removes it (the sweeper and the
+janitor remove one whose worker died), so nothing half-written is ever left under its name.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..db import database
+from ..models import ActivationSet, Extraction
+from . import lifecycle
+from .lifecycle import retry_write, update_record
+
+USER_ERRORS = ("ExtractionError", "TextSourceError", "StoreError")
+
+
+def named_text_spec(d: dict):
+    """The corpus a validated form names without an upload: a Hugging Face dataset or the stdlib."""
+    from ..extraction.text import TextSpec
+
+    if d["text_kind"] == "hf":
+        return TextSpec("hf", dataset=d["dataset_name"].strip(), split=(d["dataset_split"] or "train").strip(),
+                        column=d["text_column"].strip())
+    return TextSpec("stdlib")
+
+
+def create_extraction(settings: dict, d: dict, spec) -> Extraction:
+    """Record a validated extraction (the form's data ``d``, its corpus ``spec``) and queue it
+    (``QueueUnavailable`` if it can't be)."""
+    return lifecycle.create_and_enqueue(Extraction, {
+        "name": (d["name"] or "").strip(), "model_name": d["model_name"].strip(), "layer": d["layer"],
+        "site": d["site"], "text": spec.to_dict(), "token_budget": d["token_budget"],
+        "context_length": d["context_length"], "batch_size": d["batch_size"], "dtype": d["dtype"],
+        "model_dtype": d["model_dtype"], "exclude_special": bool(d["exclude_special"])}, settings)
+
+
+def run_extraction(extraction_id: int) -> str:
+    """Capture a model's activations over a corpus into a store; on success it becomes a source."""
+    from .training import connect
+
+    settings = connect()
+    job = lifecycle.load(Extraction, extraction_id)
+    if job is None or not lifecycle.claim(job):
+        return job.status if job else "deleted"
+    writer = None
+    try:
+        with lifecycle.Heartbeat(job, settings["HEARTBEAT_S"]) as heartbeat:
+            from ..extraction.capture import SITES, extract, find_site, load_model
+            from ..extraction.store import ShardWriter
+            from ..extraction.text import TextSpec, check_corpus, documents
+            from ..sae.files import holdout_rows
+            from ..sae.trainer import resolve_device
+
+            spec = TextSpec(**job.text)
+            check_corpus(spec)  # a bad corpus fails before the model is loaded
+            device = resolve_device(settings["SAE_DEVICE"])
+            update_record(job, what="device", device=str(device))
+            tokenizer, model = load_model(job.model_name, device, job.model_dtype)
+            _, layout, n_layers = find_site(model, job.layer, job.site)
+            d_in = int(model.config.hidden_size)
+            writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)
+
+            def on_progress(p) -> None:
+                update_record(job, what="progress", tokens_done=p.tokens, documents_done=p.documents,
+                              tokens_per_s=p.tokens_per_s)
+
+            stop_check = lifecycle.StopCheck(job, heartbeat)
+            tokens, docs, stopped = extract(
+                model, tokenizer, documents(spec), writer, layer=job.layer, site=job.site,
+                token_budget=job.token_budget, context_length=job.context_length, batch_size=job.batch_size,
+                exclude_special=job.exclude_special, device=device, on_progress=on_progress, should_stop=stop_check)
+            if stopped:
+                writer.abort()
+                status = "interrupted" if stop_check.interrupted else "cancelled"
+                lifecycle.finish(job, status, reason=stopped + " Nothing was kept.")
+                return status
+            meta = writer.commit({
+                "model": job.model_name, "model_path": getattr(model, "name_or_path", "") or job.model_name,
+                "architecture": type(model).__name__, "layout": layout.name, "n_layers": n_layers,
+                "layer": job.layer, "site": job.site, "site_label": SITES[job.site],
+                "context_length": job.context_length, "model_dtype": job.model_dtype,
+                "exclude_special": job.exclude_special, "text": spec.to_dict(), "text_label": spec.describe(),
+                "documents": docs, "extraction_id": job.id})
+            name = job.name or f"{Path(job.model_name).name} layer {job.layer} {SITES[job.site]}, {spec.describe()}"
+
+            def complete() -> None:
+                with database.atomic():
+                    source = ActivationSet.create(name=name, kind="extracted", d_in=d_in,
+                                                  n_tokens=tokens - holdout_rows(tokens), params=meta,
+                                                  path=f"activations/{job.id}")
+                    Extraction.update(status="completed", activation_set=source, tokens_done=tokens, documents_done=docs,
+                                      finished_at=lifecycle.utcnow()).where(
+                        (Extraction.id == job.id) & (Extraction.status == "running")).execute()
+
+            retry_write(complete, what="complete extraction")
+            return "completed"
+    except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
+        if writer is not None:
+            writer.abort()
+        user_error = type(exc).__name__ in USER_ERRORS
+        lifecycle.fail(job, (str(exc) if user_error else f"{type(exc).__name__}: {exc}") + " Nothing was kept.")
+        if not user_error:
+            raise
+        return "failed"
+    finally:
+        database.close()

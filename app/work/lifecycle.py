@@ -1,0 +1,346 @@
+"""The life every queued record shares: create → enqueue → claim → heartbeat → finish or fail.
+
+The database row is the truth; Redis only carries the job. So:
+
+- a record is created, then enqueued; if the queue is unreachable the row is deleted again
+  and the caller gets ``QueueUnavailable``: nothing half-written is left;
+- a worker ``claim``s a queued row (one worker wins), then a ``Heartbeat`` thread stamps
+  ``heartbeat_at`` every few seconds while it runs;
+- ``sweep_stale`` (run by the maintenance process beside every worker, and at start-up)
+  marks a running row whose heartbeat has stopped ``interrupted``, whatever RQ thinks;
+- cancelling is a database write: a queued row ends at once, a running job sees the flag;
+- every write a worker makes goes through ``retry_write``, so a busy database delays a
+  run but never fails it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from peewee import InterfaceError, OperationalError
+
+from ..db import database
+from ..models import Event, JobRecord, Training, utcnow
+from . import queue
+
+log = logging.getLogger(__name__)
+
+# The job function and the reader's name for each kind of record.
+JOB_FUNCTIONS = {
+    "Training": "app.work.training.run_training",
+    "TuneJob": "app.work.tune.run_tune",
+    "Extraction": "app.work.extraction.run_extraction",
+    "FeatureJob": "app.work.features.run_features",
+}
+KIND_LABELS = {"Training": "training", "TuneJob": "auto-tune", "Extraction": "extraction",
+               "FeatureJob": "feature job"}
+
+
+def job_models() -> list[type[JobRecord]]:
+    from ..models import Extraction, FeatureJob, TuneJob
+
+    return [Training, TuneJob, Extraction, FeatureJob]
+
+
+def label(record: JobRecord) -> str:
+    return KIND_LABELS.get(type(record).__name__, "job")
+
+
+# --- writes that wait out a busy database ---------------------------------------------
+
+RETRYABLE = (OperationalError, InterfaceError)
+
+
+def retry_write(write: Callable[[], object], *, what: str = "write", max_wait_s: float = 900.0):
+    """Run ``write`` until it succeeds, backing off while the database is locked or away.
+
+    SQLite answers "database is locked" after its busy timeout; PostgreSQL may drop the
+    connection. Either way the write is tried again (reconnecting if need be) for up to
+    ``max_wait_s``: a healthy run waits for the database instead of failing.
+    """
+    delay, deadline = 0.05, time.monotonic() + max_wait_s
+    while True:
+        try:
+            return write()
+        except RETRYABLE as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("database busy during %s (%s); retrying in %.2fs", what, exc, delay)
+            _reset_connection()
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _reset_connection() -> None:
+    """Drop a connection that may be broken; the next query opens a fresh one."""
+    try:
+        if not database.is_closed() and not database.in_transaction():
+            database.close()
+    except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped either way
+        pass
+    database.connect(reuse_if_open=True)
+
+
+def update_record(record: JobRecord, *, only_if: tuple[str, ...] | None = None, what: str = "update",
+                  **fields) -> bool:
+    """Write ``fields`` to the record's row (when its status is in ``only_if``); True if a row changed."""
+    model = type(record)
+    query = model.update(**fields).where(model.id == record.id)
+    if only_if is not None:
+        query = query.where(model.status.in_(only_if))
+    return bool(retry_write(query.execute, what=what))
+
+
+def add_event(training_id: int, level: str, code: str, message: str, *, step: int | None = None,
+              suggestion: str | None = None) -> None:
+    retry_write(lambda: Event.create(training=training_id, level=level, code=code, message=message, step=step,
+                                     suggestion=suggestion), what="event")
+
+
+# --- creating and queueing -------------------------------------------------------------
+
+def create_and_enqueue(model: type[JobRecord], fields: dict, settings: dict) -> JobRecord:
+    """Create a queued record and put its job on the queue.
+
+    If the queue cannot be reached the row is deleted again and ``QueueUnavailable`` is
+    raised, so the caller can say why and nothing half-written stays behind. A row whose
+    job is lost later (the web process dies between the two steps, Redis loses its data)
+    is put back on the queue by ``requeue_lost``.
+    """
+    record = retry_write(lambda: model.create(**fields, status="queued"), what="create")
+    try:
+        enqueue(record, settings)
+    except queue.QueueUnavailable:
+        retry_write(lambda: model.delete_by_id(record.id), what="undo create")
+        raise
+    return record
+
+
+def enqueue(record: JobRecord, settings: dict) -> None:
+    """Put a queued record's job on the queue and note its RQ job id on the row."""
+    name = type(record).__name__
+    job_id = queue.enqueue(settings, JOB_FUNCTIONS[name], record.id, f"{name} {record.id}")
+    update_record(record, rq_job_id=job_id, what="note job id")
+    record.rq_job_id = job_id
+
+
+# --- in the worker ---------------------------------------------------------------------
+
+def worker_name() -> str:
+    return os.environ.get("RQ_WORKER_ID") or f"{socket.gethostname()}.{os.getpid()}"
+
+
+def load(model: type[JobRecord], record_id: int) -> JobRecord | None:
+    """The row a job was queued for (None when it was deleted meanwhile)."""
+    return retry_write(lambda: model.get_or_none(model.id == record_id), what="load")
+
+
+def claim(record: JobRecord) -> bool:
+    """Move a queued record to running for this worker; False when it is no longer queued."""
+    now = utcnow()
+    fields = {"status": "running", "heartbeat_at": now, "worker_name": worker_name()}
+    if record.started_at is None:
+        fields["started_at"] = now
+    claimed = update_record(record, only_if=("queued",), what="claim", **fields)
+    if claimed:
+        for key, value in fields.items():
+            setattr(record, key, value)
+    return claimed
+
+
+def finish(record: JobRecord, status: str, **fields) -> bool:
+    """End a running record with ``status``; False if it was no longer running (e.g. swept)."""
+    return update_record(record, only_if=("running",), what=f"finish {status}", status=status,
+                         finished_at=utcnow(), **fields)
+
+
+def fail(record: JobRecord, reason: str, **fields) -> bool:
+    return finish(record, "failed", reason=reason[:4000], **fields)
+
+
+class Heartbeat:
+    """A thread that stamps the record's ``heartbeat_at`` every ``interval_s`` while it runs.
+
+    If the row is no longer ``running`` (a sweeper marked it interrupted, or it was
+    deleted), ``lost`` is set and the job stops at its next check instead of writing over
+    the row. A beat that fails on a busy database is simply skipped.
+    """
+
+    def __init__(self, record: JobRecord, interval_s: float) -> None:
+        self.record, self.interval_s = record, interval_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        model = type(self.record)
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    alive = (model.update(heartbeat_at=utcnow())
+                             .where((model.id == self.record.id) & (model.status == "running")).execute())
+                except RETRYABLE as exc:
+                    log.warning("heartbeat skipped: %s", exc)
+                    _reset_connection()
+                    continue
+                if not alive:
+                    self.lost.set()
+                    return
+        finally:
+            if not database.is_closed():
+                database.close()
+
+
+# The work-horse's SIGTERM (a warm shutdown of the worker, or its parent dying) sets this;
+# every job's stop check reads it, saves what it can, and leaves its record resumable.
+SHUTDOWN = threading.Event()
+SHUTDOWN_REASON = "The worker was shut down"
+
+
+def install_shutdown_handler() -> None:
+    """In the work-horse: SIGTERM asks the job to stop cleanly; the horse also gets SIGTERM
+    when its worker process dies (Linux), so an orphaned job never runs on unsupervised."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: SHUTDOWN.set())
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the heartbeat's parent check still stops it
+        pass
+
+
+def cancel_requested(record: JobRecord) -> str | None:
+    """The reason to stop if the user asked to cancel this record, read from its row now."""
+    model = type(record)
+    flag = retry_write(model.select(model.cancel_requested).where(model.id == record.id).scalar, what="cancel check")
+    return "Cancelled by the user." if flag else None
+
+
+class StopCheck:
+    """A job's ``should_stop``: shutdown, a lost heartbeat, or the user's cancel (read at most
+    every ``interval_s``). ``interrupted`` tells the first two (resumable) from a cancel."""
+
+    def __init__(self, record: JobRecord, heartbeat: Heartbeat | None = None, interval_s: float = 0.5) -> None:
+        self.record, self.heartbeat, self.interval_s = record, heartbeat, interval_s
+        self.parent = os.getppid()
+        self.interrupted: str | None = None
+        self._next = 0.0
+
+    def __call__(self) -> str | None:
+        if SHUTDOWN.is_set() or os.getppid() != self.parent:
+            self.interrupted = f"{SHUTDOWN_REASON} while it ran."
+            return self.interrupted
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            self.interrupted = "The record stopped being 'running' while the job ran (it was swept or deleted)."
+            return self.interrupted
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + self.interval_s
+        return cancel_requested(self.record)
+
+
+# --- from the web or the API -----------------------------------------------------------
+
+def request_cancel(record: JobRecord) -> None:
+    """Cancel a queued record at once; ask a running one to stop at its next check.
+
+    A database write only: a cancelled row's job, when a worker takes it, finds the row no
+    longer queued and does nothing. So cancelling works while Redis is down.
+    """
+    model = type(record)
+    if record.status == "queued":
+        ended = update_record(record, only_if=("queued",), what="cancel", status="cancelled", cancel_requested=True,
+                              reason="Cancelled before it started.", finished_at=utcnow())
+        if ended:
+            if isinstance(record, Training):
+                add_event(record.id, "info", "cancelled", "Cancelled before it started.")
+            return
+        record = model.get_by_id(record.id)
+    if record.is_active:
+        update_record(record, only_if=("running",), what="cancel", cancel_requested=True)
+
+
+# --- sweeping ---------------------------------------------------------------------------
+
+def sweep_stale(settings: dict) -> list[JobRecord]:
+    """Mark every running record whose heartbeat is older than ``HEARTBEAT_STALE_S`` interrupted.
+
+    Whatever RQ thinks of the job (a killed worker, a lost Redis, a rebooted machine), a
+    job that has not stamped its row for that long is not running. A training keeps its
+    last checkpoint and can be resumed; an extraction's partial store is removed.
+    """
+    import datetime as dt
+
+    limit = utcnow() - dt.timedelta(seconds=settings["HEARTBEAT_STALE_S"])
+    swept = []
+    for model in job_models():
+        stale = model.select().where((model.status == "running") & (
+            (model.heartbeat_at < limit) | (model.heartbeat_at.is_null() & (model.started_at < limit))))
+        for record in retry_write(lambda q=stale: list(q), what="sweep"):
+            age = (utcnow() - (record.heartbeat_at or record.started_at)).total_seconds()
+            reason = (f"Interrupted: the {label(record)}'s worker ({record.worker_name or 'unknown'}) stopped "
+                      f"sending heartbeats {age:.0f} s ago (killed, crashed or its machine restarted).")
+            if mark_interrupted(record, reason, settings):
+                swept.append(record)
+    return swept
+
+
+def mark_interrupted(record: JobRecord, reason: str, settings: dict) -> bool:
+    """End a running record as ``interrupted``; trainings say how to resume, extractions drop partial files."""
+    import shutil
+    from pathlib import Path
+
+    extra = {}
+    if isinstance(record, Training):
+        from .training import checkpoint_step
+
+        saved = checkpoint_step(record, settings)
+        reason += (f" The checkpoint at step {saved:,} is kept: press Resume to continue from it."
+                   if saved is not None else " No checkpoint was saved yet: Resume starts it again from step 0.")
+        extra["failed_step"] = record.step
+    if not update_record(record, only_if=("running",), what="interrupt", status="interrupted", reason=reason,
+                         finished_at=utcnow(), **extra):
+        return False
+    if isinstance(record, Training):
+        add_event(record.id, "error", "interrupted", reason, step=record.step)
+    if label(record) == "extraction":
+        shutil.rmtree(Path(settings["DATA_DIR"]) / "activations" / f".partial-{record.id}", ignore_errors=True)
+    return True
+
+
+def requeue_lost(settings: dict, grace_s: float = 30.0) -> list[JobRecord]:
+    """Put back on the queue every queued record whose job Redis no longer holds.
+
+    Covers a Redis that restarted without its data and a web process that died between
+    creating a row and enqueueing it. Rows younger than ``grace_s`` are left alone: their
+    creator may still be enqueueing them.
+    """
+    import datetime as dt
+
+    redis = queue.connection(settings)
+    limit = utcnow() - dt.timedelta(seconds=grace_s)
+    requeued = []
+    for model in job_models():
+        waiting = retry_write(lambda m=model: list(m.select().where((m.status == "queued") & (m.created_at < limit))),
+                              what="requeue scan")
+        for record in waiting:
+            if record.rq_job_id and queue.job_exists(settings, record.rq_job_id, redis):
+                continue
+            enqueue(record, settings)
+            requeued.append(record)
+    return requeued

@@ -1,0 +1,396 @@
+"""Training runs: create, run in the worker, checkpoint, finish, fail, resume.
+
+A run's files live in ``DATA_DIR/runs/<id>/``: ``checkpoint.pt`` (the trainer's whole
+state, replaced atomically every checkpoint interval and when the run stops early; removed
+when it completes) and, once it has ended, ``sae.safetensors``, ``frequencies.npy`` and
+``cfg.json``. Metric points are flushed before each checkpoint is written, and a resumed
+run first drops the points after its checkpoint's step, so the series has no duplicates
+and no gap beyond what the crash lost.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .. import training_config
+from ..config import load_settings
+from ..db import database, open_database
+from ..models import RESUMABLE_STATUSES, ActivationSet, Event, MetricPoint, Training, utcnow
+from . import lifecycle
+from .lifecycle import add_event, retry_write, update_record
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def connect() -> dict:
+    """Settings, with the worker's database connection open."""
+    settings = load_settings()
+    if database.obj is None or database.is_closed():
+        open_database(settings["DATABASE_URL"])
+    database.connect(reuse_if_open=True)
+    return settings
+
+
+def run_folder(run: Training, settings: dict) -> Path:
+    return Path(settings["DATA_DIR"]) / "runs" / str(run.id)
+
+
+def checkpoint_step(run: Training, settings: dict) -> int | None:
+    """The step of the run's saved checkpoint (None if there is none), read without torch."""
+    meta = run_folder(run, settings) / "checkpoint.json"
+    if not (run_folder(run, settings) / CHECKPOINT).exists() or not meta.exists():
+        return None
+    try:
+        return int(json.loads(meta.read_text())["step"])
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+# --- web side ---------------------------------------------------------------------------
+
+def create_training(fields: dict, settings: dict) -> Training:
+    """Store a validated configuration as a queued run and enqueue it (``QueueUnavailable`` if it can't be)."""
+    return lifecycle.create_and_enqueue(Training, fields, settings)
+
+
+class NotResumable(ValueError):
+    """Why this run cannot be resumed (its status, or no checkpoint); safe to show."""
+
+
+def resume_training(run: Training, settings: dict, *, learning_rate: float | None = None) -> Training:
+    """Queue an interrupted, failed or cancelled run again on the same record.
+
+    It continues from its checkpoint (from step 0 when none was saved), keeping its metric
+    points and events. ``learning_rate`` replaces the run's own, e.g. after a non-finite loss.
+    """
+    if run.status not in RESUMABLE_STATUSES:
+        raise NotResumable(f"Only an interrupted, failed or cancelled run can be resumed; this one is {run.status}.")
+    saved = checkpoint_step(run, settings)
+    if run.status != "interrupted" and saved is None:
+        raise NotResumable("This run has no checkpoint to resume from; start a new run from its config instead.")
+    before = {"status": run.status, "reason": run.reason, "finished_at": run.finished_at,
+              "cancel_requested": run.cancel_requested, "failed_step": run.failed_step, "learning_rate": run.learning_rate}
+    changes = {"status": "queued", "reason": None, "finished_at": None, "cancel_requested": False, "failed_step": None}
+    if learning_rate is not None:
+        changes["learning_rate"] = learning_rate
+    if not update_record(run, only_if=RESUMABLE_STATUSES, what="resume", **changes):
+        raise NotResumable("The run changed meanwhile; reload the page.")
+    try:
+        lifecycle.enqueue(Training.get_by_id(run.id), settings)
+    except lifecycle.queue.QueueUnavailable:
+        update_record(run, what="undo resume", **before)
+        raise
+    where = f"its checkpoint at step {saved:,}" if saved is not None else "step 0 (no checkpoint was saved)"
+    lr = f" with learning rate {learning_rate:g} (was {before['learning_rate']:g})" if learning_rate is not None else ""
+    add_event(run.id, "info", "resume", f"Resume requested: continues from {where}{lr}.", step=saved)
+    return Training.get_by_id(run.id)
+
+
+# --- in the worker ----------------------------------------------------------------------
+
+def build_source(source: ActivationSet, data_dir: str):
+    """The core's activation source for a stored ``ActivationSet``."""
+    from ..sae.files import ArrayInfo
+    from ..sae.sources import ArraySource, StoreSource, SyntheticSource
+
+    if source.kind == "synthetic":
+        p = source.params
+        return SyntheticSource(source.d_in, int(p["n_features"]), float(p["mean_active"]), int(p["seed"]))
+    if source.kind == "file":
+        path = Path(data_dir) / source.path
+        if not path.exists():
+            raise FileNotFoundError(f"the activation file {source.path} is missing from the data folder")
+        return ArraySource(path, ArrayInfo(**source.params["array"]))
+    if source.kind == "extracted":
+        return StoreSource(Path(data_dir) / source.path)
+    raise ValueError(f"unknown source kind {source.kind!r}")
+
+
+def train_config(run: Training, device: str):
+    """The core's config: every hyper-parameter the core uses, from the run's row."""
+    from ..sae.trainer import TrainConfig
+
+    return TrainConfig(**{name: getattr(run, name) for name in training_config.CORE_FIELDS},
+                       eval_tokens=16_384, device=device)
+
+
+class MetricWriter:
+    """Buffers metric points and writes them in one short transaction per flush.
+
+    Flushes when ``max_rows`` points are waiting or ``max_age_s`` has passed, so the live
+    page lags by about a second while the database sees a handful of writes per second. A
+    flush waits out a locked database (``retry_write``) and is idempotent: a point already
+    stored for its step is not stored twice.
+    """
+
+    def __init__(self, run: Training, *, max_rows: int = 50, max_age_s: float = 1.0) -> None:
+        self.run, self.max_rows, self.max_age_s = run, max_rows, max_age_s
+        self.rows: list[dict] = []
+        self.events: list[dict] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, point) -> None:
+        self.rows.append({"training": self.run.id, **point.to_dict()})
+        if len(self.rows) >= self.max_rows or time.monotonic() - self.last_flush >= self.max_age_s:
+            self.flush()
+
+    def event(self, level: str, code: str, message: str, *, step: int | None = None,
+              suggestion: str | None = None) -> None:
+        self.events.append({"training": self.run.id, "level": level, "code": code, "message": message,
+                            "step": step, "suggestion": suggestion, "created_at": utcnow()})
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.rows and not self.events:
+            return
+        rows, events = self.rows, self.events
+
+        def write() -> None:
+            with database.atomic():
+                if rows:
+                    MetricPoint.insert_many(rows).on_conflict_ignore().execute()
+                    Training.update(step=rows[-1]["step"], tokens_seen=rows[-1]["tokens"]).where(
+                        Training.id == self.run.id).execute()
+                if events:
+                    Event.insert_many(events).execute()
+
+        retry_write(write, what="metrics")
+        self.rows, self.events = [], []
+        self.last_flush = time.monotonic()
+
+
+class PreflightError(RuntimeError):
+    """The validator, run again in the worker with the real source and device, found an error."""
+
+
+def _preflight(run: Training, source, settings: dict, writer: MetricWriter) -> None:
+    """Check the config again where it will run: errors stop the run, warnings become events."""
+    from ..devices import device_memory
+    from ..validation import SourceStats, validate_config
+
+    memory = device_memory(settings["SAE_DEVICE"])
+    findings = validate_config(run.config_dict(), SourceStats(source.d_in, source.n_tokens, run.source.name),
+                               free_memory_bytes=memory.free_bytes, device=memory.device)
+    errors = [f for f in findings if f.level == "error"]
+    if errors:
+        raise PreflightError("; ".join(f"{f.field}: {f.message}" for f in errors))
+    for f in findings:
+        writer.event(f.level, "preflight", f"{f.field}: {f.message}", step=0, suggestion=f.suggestion)
+
+
+def save_checkpoint(state: dict, run: Training, settings: dict) -> None:
+    """Write the trainer's state atomically: a temporary file, fsync, then rename over the last one."""
+    import torch
+
+    folder = run_folder(run, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{CHECKPOINT}.tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(folder / CHECKPOINT)
+    meta_tmp = folder / "checkpoint.json.tmp"
+    meta_tmp.write_text(json.dumps({"step": int(state["step"]), "tokens": int(state["tokens"]), "saved_at":
+                                    utcnow().isoformat() + "Z"}))
+    meta_tmp.replace(folder / "checkpoint.json")
+
+
+def drop_checkpoint(run: Training, settings: dict) -> None:
+    for name in (CHECKPOINT, "checkpoint.json"):
+        (run_folder(run, settings) / name).unlink(missing_ok=True)
+
+
+def load_checkpoint(run: Training, settings: dict) -> dict | None:
+    import torch
+
+    path = run_folder(run, settings) / CHECKPOINT
+    if not path.exists():
+        return None
+    # weights_only: the file holds tensors, numbers, strings and containers of them, nothing else
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_training(training_id: int) -> str:
+    """Train the SAE of one ``Training`` row (from its checkpoint if it has one); return its final status."""
+    settings = connect()
+    run = lifecycle.load(Training, training_id)
+    if run is None or not lifecycle.claim(run):  # deleted or cancelled while it waited in the queue
+        return run.status if run else "deleted"
+    try:
+        with lifecycle.Heartbeat(run, settings["HEARTBEAT_S"]) as heartbeat:
+            return _train(run, settings, heartbeat)
+    finally:
+        database.close()
+
+
+def _train(run: Training, settings: dict, heartbeat: lifecycle.Heartbeat) -> str:
+    writer = MetricWriter(run)
+    stop_check = lifecycle.StopCheck(run, heartbeat)
+    try:
+        from ..quality import RunSpec, RuntimeMonitor
+        from ..sae.trainer import Checkpointing, train
+        from ..validation import recommended_l1_alpha
+
+        source = build_source(run.source, settings["DATA_DIR"])
+        resume = load_checkpoint(run, settings)
+        if resume is None:
+            _rewind(run, 0, 0)  # a run started again from nothing keeps no earlier points
+            _preflight(run, source, settings, writer)
+        cfg = train_config(run, settings["SAE_DEVICE"])
+        monitor = RuntimeMonitor(RunSpec.of_run(run, recommended_l1_alpha(source.d_in, run.latent_dim,
+                                                                          run.target_l0)))
+        controller = None
+        if run.steer_l1_alpha and run.architecture == "standard":
+            from ..sae.control import L0Controller
+
+            controller = L0Controller(target=run.target_l0, alpha=run.l1_alpha, start_step=run.l1_warmup_steps)
+        if resume is not None:
+            _restore(run, resume, monitor, controller)
+
+        def on_start(info: dict) -> None:
+            retry_write(Training.update(device=info["device"], norm_scale=info["norm_scale"]).where(
+                Training.id == run.id).execute, what="start")
+            if info["resumed_from"]:
+                writer.event("info", "resumed", f"Resumed on {info['device']} from the checkpoint at step "
+                                                f"{info['resumed_from']:,}.", step=info["resumed_from"])
+            else:
+                writer.event("info", "started", f"Training on {info['device']}; activations scaled by "
+                                                f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']}).")
+
+        def on_log(point) -> str | None:
+            writer.add(point)
+            for finding in monitor.observe(point):
+                writer.event(finding.level, finding.code, finding.message, step=point.step,
+                             suggestion=finding.suggestion)
+            return monitor.stop.message if monitor.stop else None
+
+        def save(state: dict) -> None:
+            writer.flush()  # the points up to this step are stored before the checkpoint claims them
+            state["monitor"] = monitor.state_dict()
+            state["controller"] = controller.state_dict() if controller is not None else None
+            save_checkpoint(state, run, settings)
+
+        checkpointing = Checkpointing(save, run.checkpoint_every_steps, run.checkpoint_every_minutes * 60)
+        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=stop_check,
+                            l1_alpha_control=controller, checkpointing=checkpointing, resume=resume)
+        writer.flush()
+        done = {"step": result.steps, "tokens_seen": result.tokens}
+        if stop_check.interrupted:
+            reason = (f"{stop_check.interrupted} A checkpoint was saved at step {result.steps:,}: press Resume to "
+                      "continue from it.")
+            lifecycle.finish(run, "interrupted", reason=reason, **done)
+            writer.event("warning", "interrupted", reason, step=result.steps)
+            return "interrupted"
+        checkpoint = _save_sae(sae, run, result, settings["DATA_DIR"])
+        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha)
+        done["summary"] = summary
+        if result.status == "completed":
+            lifecycle.finish(run, "completed", **done)
+            drop_checkpoint(run, settings)
+            writer.event("info", "completed", f"Training completed. {summary['verdict']['headline']}",
+                         step=result.steps, suggestion=summary["verdict"]["advice"])
+            if settings["FEATURES_AFTER_TRAINING"]:
+                _queue_features(run, settings, writer)
+        elif monitor.stop is not None:
+            stop = monitor.stop
+            reason = f"{stop.message} {stop.suggestion or ''}".strip()
+            if stop.stop == "failed":
+                lifecycle.fail(run, reason, failed_step=result.steps, **done)
+            else:
+                lifecycle.finish(run, "stopped_early", reason=reason, **done)
+                drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on
+        else:
+            lifecycle.finish(run, "cancelled", reason=result.reason, **done)
+            writer.event("info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume "
+                                              "continues the run.", step=result.steps)
+        return retry_write(lambda: Training.get_by_id(run.id).status, what="status")
+    except Exception as exc:  # noqa: BLE001 - every failure ends on the row, then RQ sees it too
+        _record_failure(run, exc, writer, settings)
+        raise
+
+
+def _restore(run: Training, state: dict, monitor, controller) -> None:
+    """Put the app's side of a checkpoint back: the rules' memory, the controller, the stored series."""
+    if state.get("monitor"):
+        monitor.load_state_dict(state["monitor"])
+    if controller is not None and state.get("controller"):
+        controller.load_state_dict(state["controller"])
+    _rewind(run, int(state["step"]), int(state["tokens"]))
+
+
+def _rewind(run: Training, step: int, tokens: int) -> None:
+    """Drop the stored points after ``step``: the resumed run writes them again, once."""
+
+    def rewind() -> None:
+        with database.atomic():
+            MetricPoint.delete().where((MetricPoint.training == run.id) & (MetricPoint.step > step)).execute()
+            Training.update(step=step, tokens_seen=tokens).where(Training.id == run.id).execute()
+
+    retry_write(rewind, what="rewind metrics")
+
+
+def _record_failure(run: Training, exc: Exception, writer: MetricWriter, settings: dict) -> None:
+    step = getattr(exc, "step", None)
+    if step is None:
+        step = retry_write(lambda: Training.get_by_id(run.id).step, what="load step")
+    trainer = sys.modules.get("app.sae.trainer")
+    if trainer is not None and isinstance(exc, trainer.NonFiniteLoss):
+        saved = checkpoint_step(run, settings)
+        reason = f"The loss became NaN or Inf at step {step}; the last good metrics are kept. Lower the learning rate"
+        reason += (f": Resume continues from the last finite checkpoint (step {saved:,}) at a learning rate you "
+                   "choose." if saved is not None else " and start again.")
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    try:
+        writer.flush()
+    except Exception:  # noqa: BLE001 - the failure below matters more than buffered points
+        pass
+    if lifecycle.fail(run, reason, failed_step=step):
+        add_event(run.id, "error", "failed", reason, step=step)
+    traceback.print_exc()
+
+
+def _summary(result, run: Training, checkpoint: str, recommended: float | None) -> dict:
+    """The held-out evaluation, its density histogram and the verdict, as stored on the row."""
+    from ..quality import density_histogram, verdict
+
+    summary = {k: v for k, v in result.eval.items() if k != "frequencies"}
+    summary["density_histogram"] = density_histogram(result.eval["frequencies"])
+    summary["checkpoint"] = checkpoint
+    summary["final_l1_alpha"] = result.last.l1_alpha if result.last else run.l1_alpha
+    summary["verdict"] = verdict(summary, architecture=run.architecture, latent_dim=run.latent_dim,
+                                 target_l0=run.target_l0, l1_alpha=summary["final_l1_alpha"] or None,
+                                 recommended=recommended)
+    return summary
+
+
+def _save_sae(sae, run: Training, result, data_dir: str) -> str:
+    """Save the SAE's weights (normalized space) and what is needed to use them."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    folder = Path(data_dir) / "runs" / str(run.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "sae.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "sae.safetensors")
+    # each latent's firing frequency on the held-out tokens: the export's sparsity file
+    np.save(folder / "frequencies.npy", np.asarray(result.eval["frequencies"], dtype=np.float32))
+    (folder / "cfg.json").write_text(json.dumps({
+        **run.config_dict(), "d_in": sae.d_in, "norm_scale": result.norm_scale, "steps_trained": result.steps}, indent=2))
+    return str((folder / "sae.safetensors").relative_to(data_dir))
+
+
+def _queue_features(run: Training, settings: dict, writer: MetricWriter) -> None:
+    """Queue the feature statistics of a finished run; a queue failure is noted, not fatal."""
+    from .features import create_feature_job
+
+    try:
+        create_feature_job(settings, training=run, source=run.source)
+    except lifecycle.queue.QueueUnavailable as exc:
+        writer.event("warning", "features", f"Could not queue the feature statistics: {exc}")
