@@ -1,0 +1,235 @@
+"""Durable work against real processes: killed work-horses and workers, warm shutdowns, stale
+heartbeats, a locked database, two workers on one queue, lost jobs."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flask import current_app
+from safetensors.torch import load_file
+
+from app.models import Event, MetricPoint, Training, TuneJob, utcnow
+from app.work import lifecycle
+from conftest import QUICK_CONFIG, ROOT, kill_work_horse, wait_for, worker_env
+
+METRIC_COLUMNS = ("step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead", "lr",
+                  "l1_alpha")  # everything but the wall-clock throughput
+
+
+def create(client, **changes) -> Training:
+    response = client.post("/api/trainings", json={**QUICK_CONFIG, **changes})
+    assert response.status_code == 201, response.json
+    return Training.get_by_id(response.json["id"])
+
+
+def reload(run: Training) -> Training:
+    return Training.get_by_id(run.id)
+
+
+def series(run: Training) -> list[tuple]:
+    return [tuple(getattr(p, c) for c in METRIC_COLUMNS) for p in run.metrics.order_by(MetricPoint.step)]
+
+
+def weights(env, run: Training) -> dict:
+    return load_file(str(Path(env["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"))
+
+
+def start_worker(env, name: str | None = None) -> subprocess.Popen:
+    args = [sys.executable, str(ROOT / "worker.py")] + (["--name", name] if name else [])
+    return subprocess.Popen(args, cwd=ROOT, env=worker_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.stdout.read() if proc.stdout else ""
+
+
+# A run long enough to be killed mid-way, with checkpoints every 60 steps.
+DURABLE = {"total_steps": 600, "log_every": 10, "checkpoint_every_steps": 60, "lr_warmup_steps": 20,
+           "l1_warmup_steps": 40, "steer_l1_alpha": True, "dead_window_tokens": 5_000}
+
+
+@pytest.fixture
+def no_feature_jobs(env, monkeypatch):
+    monkeypatch.setenv("FEATURES_AFTER_TRAINING", "0")
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(client, env, run_worker, no_feature_jobs):
+    """The same seed trained straight, and killed with SIGKILL mid-way then resumed, ends with
+    bit-identical weights on the CPU, the same metric series, and the same held-out L0 and FVU."""
+    straight = create(client, name="straight", **DURABLE)
+    assert run_worker().returncode == 0
+    straight = reload(straight)
+    assert straight.status == "completed", straight.reason
+
+    killed = create(client, name="killed", **DURABLE)
+    worker = start_worker(env)
+    try:
+        # past a checkpoint, and some steps beyond it that the kill will lose
+        wait_for(lambda: (r := reload(killed)).step >= 200 and r.step % 60 >= 20, timeout=120, interval=0.02,
+                 message="the run to pass a checkpoint")
+        kill_work_horse(worker)
+        killed = wait_for(lambda: (r := reload(killed)).status == "interrupted" and r, timeout=30,
+                          message="the killed run to be marked interrupted")
+    finally:
+        stop(worker)
+    assert "killed (signal 9)" in killed.reason
+    from app.work.training import checkpoint_step
+
+    saved = checkpoint_step(killed, current_app.config)
+    assert saved is not None and saved % 60 == 0 and killed.step - saved < 60 + 10  # at most one interval lost
+    response = client.post(f"/api/trainings/{killed.id}/resume")
+    assert response.status_code == 202 and response.json["status"] == "queued", response.json
+    assert response.json["checkpoint_step"] == saved
+    assert run_worker().returncode == 0
+    killed = reload(killed)
+    assert killed.status == "completed", killed.reason
+
+    a, b = weights(env, straight), weights(env, killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the weights differ"
+    assert series(killed) == series(straight)  # every point once: none lost, none duplicated
+    for key in ("l0", "fvu", "l0_fraction", "dead"):
+        assert killed.summary[key] == straight.summary[key]
+    codes = [e.code for e in killed.events.order_by(Event.id)]
+    assert "interrupted" in codes and "resume" in codes and "resumed" in codes and codes[-1] == "completed"
+    resumed = Event.get(Event.training == killed, Event.code == "resumed")
+    assert resumed.step == saved
+
+
+def test_sigterm_to_the_worker_checkpoints_and_leaves_the_run_resumable(client, env, run_worker, no_feature_jobs):
+    run = create(client, **{**DURABLE, "total_steps": 400, "checkpoint_every_steps": 1000})
+    worker = start_worker(env)
+    wait_for(lambda: reload(run).step >= 50, timeout=120, message="the run to train")
+    worker.send_signal(signal.SIGTERM)  # RQ's warm shutdown
+    worker.wait(timeout=60)  # the worker exits promptly instead of finishing the run
+    run = reload(run)
+    assert run.status == "interrupted", run.reason
+    assert "shut down" in run.reason and "Resume" in run.reason
+    from app.work.training import checkpoint_step
+
+    assert checkpoint_step(run, current_app.config) == run.step < 400  # nothing was lost: the checkpoint is at the stop
+    assert client.post(f"/api/trainings/{run.id}/resume").status_code == 202
+    assert run_worker().returncode == 0
+    run = reload(run)
+    assert run.status == "completed" and run.step == 400
+    steps = [p.step for p in run.metrics.order_by(MetricPoint.step)]
+    assert steps == list(range(10, 401, 10))
+
+
+def test_killing_the_worker_process_ends_its_run_interrupted(client, env, no_feature_jobs):
+    """Not just the work-horse: the whole worker dies. The horse follows (and checkpoints)."""
+    run = create(client, **{**DURABLE, "total_steps": 100_000})
+    worker = start_worker(env)
+    try:
+        wait_for(lambda: reload(run).step > 20, timeout=120, message="the run to train")
+        os.kill(worker.pid, signal.SIGKILL)
+        run = wait_for(lambda: (r := reload(run)).status == "interrupted" and r, timeout=30,
+                       message="the orphaned run to stop")
+    finally:
+        stop(worker)
+    assert "shut down" in run.reason or "heartbeats" in run.reason
+    api = client.get(f"/api/trainings/{run.id}").json
+    assert api["status"] == "interrupted" and api["checkpoint_step"] is not None
+
+
+def test_a_stale_heartbeat_is_swept_to_interrupted_at_start_up_and_by_the_sweeper(client, env, run_worker):
+    """Whatever RQ left behind (here: nothing at all), a job whose heartbeat stopped is not running."""
+    old = utcnow() - dt.timedelta(seconds=60)
+    run = create(client)
+    tune = TuneJob.create(source=1, latent_dim=256, target_l0=0.02, learning_rate=1e-3, batch_size=256,
+                          pilot_steps=400)
+    for record in (run, tune):
+        type(record).update(status="running", started_at=old, heartbeat_at=old, worker_name="gone.1").where(
+            type(record).id == record.id).execute()
+    fresh = create(client)
+    Training.update(status="running", started_at=utcnow(), heartbeat_at=utcnow()).where(
+        Training.id == fresh.id).execute()
+    # the page does not change it: GETs never write
+    assert client.get(f"/trainings/{run.id}").status_code == 200 and reload(run).status == "running"
+    run_worker()  # a worker sweeps once on start-up
+    run, tune = reload(run), TuneJob.get_by_id(tune.id)
+    assert run.status == "interrupted" and "heartbeats" in run.reason and "gone.1" in run.reason
+    assert tune.status == "interrupted"
+    assert reload(fresh).status == "running"  # a live heartbeat is left alone
+    assert Event.get(Event.training == run, Event.code == "interrupted")
+    # and the sweeper of a running worker catches it once it goes stale
+    Training.update(heartbeat_at=old).where(Training.id == fresh.id).execute()
+    assert [r.id for r in lifecycle.sweep_stale(current_app.config)] == [fresh.id]
+
+
+def test_a_locked_database_delays_a_run_but_never_fails_it(client, env, worker_process, no_feature_jobs):
+    """Another writer holds SQLite's write lock for 12 s (longer than the busy timeout) mid-run."""
+    from peewee import SqliteDatabase
+
+    run = create(client, **{**DURABLE, "total_steps": 500})
+    wait_for(lambda: reload(run).step >= 30, timeout=120, message="the run to train")
+    other = SqliteDatabase(env["DATABASE_URL"].removeprefix("sqlite:///"), pragmas={"busy_timeout": 30_000})
+    other.connect()
+    other.execute_sql("BEGIN IMMEDIATE")
+    time.sleep(12)
+    other.execute_sql("COMMIT")
+    other.close()
+    run = wait_for(lambda: (r := reload(run)).status in ("completed", "failed") and r, timeout=180,
+                   message="the run to end")
+    assert run.status == "completed", run.reason
+    assert [p.step for p in run.metrics.order_by(MetricPoint.step)] == list(range(10, 501, 10))
+
+
+def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_feature_jobs):
+    """Two trainings run at once, one on each worker, while the web process writes too: both
+    complete and every metric row is there exactly once."""
+    runs = [create(client, name=f"parallel-{i}", **{**DURABLE, "total_steps": 800, "seed": i}) for i in range(2)]
+    workers = [start_worker(env, name=f"w{i}-{os.getpid()}") for i in range(2)]
+    stop_writing = threading.Event()
+    written = []
+
+    def web_writes() -> None:
+        while not stop_writing.is_set():
+            response = client.post("/api/trainings", json={**QUICK_CONFIG, "name": "side", "total_steps": 10,
+                                                           "lr_warmup_steps": 0, "l1_warmup_steps": 0})
+            written.append(response.status_code)
+            lifecycle.request_cancel(Training.get_by_id(response.json["id"]))
+            time.sleep(0.05)
+
+    writer = threading.Thread(target=web_writes)
+    try:
+        wait_for(lambda: all(reload(r).status == "running" for r in runs), timeout=120, message="both running")
+        assert len({reload(r).worker_name for r in runs}) == 2  # one on each worker, at the same time
+        writer.start()
+        done = wait_for(lambda: all((x := reload(r)).status not in ("queued", "running") for r in runs)
+                        and [reload(r) for r in runs], timeout=300, message="both to end")
+    finally:
+        stop_writing.set()
+        if writer.is_alive():
+            writer.join()
+        for w in workers:
+            stop(w)
+    for run in done:
+        assert run.status == "completed", run.reason
+        steps = [p.step for p in run.metrics.order_by(MetricPoint.step)]
+        assert steps == list(range(10, 801, 10))
+    assert written and set(written) == {201}
+
+
+def test_a_job_redis_lost_is_queued_again(client, env, redis_client, run_worker, no_feature_jobs):
+    run = create(client, total_steps=50)
+    redis_client.flushdb()  # Redis restarted without its data
+    Training.update(created_at=utcnow() - dt.timedelta(minutes=5)).where(Training.id == run.id).execute()
+    assert [r.id for r in lifecycle.requeue_lost(current_app.config)] == [run.id]
+    assert lifecycle.requeue_lost(current_app.config) == []  # once: its job is there now
+    assert run_worker().returncode == 0
+    assert reload(run).status == "completed"
