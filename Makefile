@@ -15,9 +15,11 @@ REDIS_PORT ?= 6390
 run: install
 	@DATA_DIR="$(DATA_DIR)" PORT="$(PORT)" REDIS_PORT="$(REDIS_PORT)" PY="$(PY)" bash scripts/run.sh
 
-## test: install everything and run the whole test suite (starts its own Redis)
+## test: install everything and run the whole test suite twice, on SQLite and on PostgreSQL
+## (it starts its own Redis and its own PostgreSQL cluster)
 test: install-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	TEST_DATABASE=sqlite $(PY) -m pytest $(PYTEST_ARGS)
+	TEST_DATABASE=postgresql $(PY) -m pytest $(PYTEST_ARGS)
 
 system-deps:
 	@bash scripts/system_deps.sh $(if $(filter test,$(MAKECMDGOALS)),--browser)

@@ -5,12 +5,14 @@ flushed around each test).
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# The suite runs once on SQLite and once on PostgreSQL (`make test` does both): TEST_DATABASE
+# picks the backend for this run.
+BACKEND = os.environ.get("TEST_DATABASE", "sqlite")
 
 
 def free_port() -> int:
@@ -63,8 +70,56 @@ def redis_client(redis_url):
     client.flushdb()
 
 
+def _pg_binary(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    assert found, f"{name} is not installed: run the tests through `make test` (it installs postgresql)"
+    return found
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL cluster of our own in a temp dir on a free port, for the whole session.
+
+    initdb refuses to run as root, so as root the cluster belongs to the ``postgres`` user
+    that Debian's package creates.
+    """
+    if BACKEND != "postgresql":
+        yield None
+        return
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    base = tempfile.mkdtemp(prefix="sae-pg-")
+    if as_user:
+        shutil.chown(base, "postgres")
+    data, port = os.path.join(base, "data"), free_port()
+    subprocess.run([*as_user, _pg_binary("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, _pg_binary("pg_ctl"), "-D", data, "-w", "-l", os.path.join(base, "log"), "-o",
+                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                    "start"], check=True, capture_output=True)
+    yield {"port": port, "base": base}
+    subprocess.run([*as_user, _pg_binary("pg_ctl"), "-D", data, "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
-def env(tmp_path, redis_client, redis_url, monkeypatch):
+def database_url(tmp_path, postgres_server):
+    """A fresh, empty database for one test: a SQLite file, or a new PostgreSQL database."""
+    if postgres_server is None:
+        yield f"sqlite:///{tmp_path / 'data' / 'sae_studio.db'}"
+        return
+    from peewee import PostgresqlDatabase
+
+    name = f"t_{os.getpid()}_{time.monotonic_ns()}"
+    admin = PostgresqlDatabase("postgres", host="127.0.0.1", port=postgres_server["port"], user="postgres")
+    admin.connect()
+    admin.execute_sql(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1:{postgres_server['port']}/{name}"
+    admin.execute_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture
+def env(tmp_path, redis_client, redis_url, database_url, monkeypatch):
     """The environment the web app and its worker processes share in one test."""
     values = {
         "DATA_DIR": str(tmp_path / "data"),
@@ -78,7 +133,7 @@ def env(tmp_path, redis_client, redis_url, monkeypatch):
         "HEARTBEAT_STALE_S": "4",
         "SWEEP_INTERVAL_S": "0.5",
     }
-    values["DATABASE_URL"] = f"sqlite:///{tmp_path / 'data' / 'sae_studio.db'}"
+    values["DATABASE_URL"] = database_url
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values

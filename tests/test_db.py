@@ -1,10 +1,12 @@
 """The schema and its migrations: fresh databases and upgrades end in the same place."""
 from __future__ import annotations
 
-from playhouse.migrate import SqliteMigrator, migrate as run_migrations
+import pytest
+from playhouse.migrate import SchemaMigrator, migrate as run_migrations
 
 from app.db import MIGRATIONS, SchemaVersion, database, migrate
 from app.models import ActivationSet, Template
+from conftest import BACKEND
 
 
 def columns(table: str) -> set[str]:
@@ -18,16 +20,24 @@ def test_fresh_database_is_at_the_latest_version_with_defaults_seeded(app):
     assert ActivationSet.select().count() == 1
 
 
-def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(app):
-    assert database.obj.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert database.obj.execute_sql("PRAGMA busy_timeout").fetchone()[0] >= 5000
+def test_the_database_is_the_backend_under_test(app):
+    """SQLite runs in WAL mode with a busy timeout; PostgreSQL counts tokens in 64 bits."""
+    if BACKEND == "sqlite":
+        assert database.obj.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert database.obj.execute_sql("PRAGMA busy_timeout").fetchone()[0] >= 5000
+    else:
+        assert type(database.obj).__name__ == "PostgresqlDatabase"
+        kinds = dict(database.obj.execute_sql(
+            "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
+            "WHERE column_name IN ('tokens', 'tokens_seen')").fetchall())
+        assert kinds == {"metric_point.tokens": "bigint", "training.tokens_seen": "bigint"}
 
 
 def test_a_version_1_database_is_upgraded(app):
     db = database.obj
     added = ("early_stop", "early_stop_step", "early_stop_l0", "steer_l1_alpha", "dead_latent_remedy",
              "plateau_window")
-    run_migrations(*(SqliteMigrator(db).drop_column("training", name) for name in added))
+    run_migrations(*(SchemaMigrator.from_database(db).drop_column("training", name) for name in added))
     db.execute_sql("DROP TABLE tune_job")
     db.execute_sql("DROP TABLE template")
     SchemaVersion.update(version=1).execute()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from app.models import Event, MetricPoint, Training, TuneJob, utcnow
 from app.work import lifecycle
-from conftest import QUICK_CONFIG, ROOT, kill_work_horse, wait_for, worker_env
+from conftest import BACKEND, QUICK_CONFIG, ROOT, kill_work_horse, wait_for, worker_env
 
 METRIC_COLUMNS = ("step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead", "lr",
                   "l1_alpha")  # everything but the wall-clock throughput
@@ -172,14 +172,20 @@ def test_a_stale_heartbeat_is_swept_to_interrupted_at_start_up_and_by_the_sweepe
 
 
 def test_a_locked_database_delays_a_run_but_never_fails_it(client, env, worker_process, no_feature_jobs):
-    """Another writer holds SQLite's write lock for 12 s (longer than the busy timeout) mid-run."""
-    from peewee import SqliteDatabase
+    """Another writer holds the write lock for 12 s mid-run: on SQLite longer than its busy
+    timeout (the writes fail and are retried); on PostgreSQL an exclusive lock on the tables
+    the run writes to."""
+    from playhouse.db_url import connect
 
     run = create(client, **{**DURABLE, "total_steps": 500})
     wait_for(lambda: reload(run).step >= 30, timeout=120, message="the run to train")
-    other = SqliteDatabase(env["DATABASE_URL"].removeprefix("sqlite:///"), pragmas={"busy_timeout": 30_000})
+    other = connect(env["DATABASE_URL"], **({"pragmas": {"busy_timeout": 30_000}} if BACKEND == "sqlite" else {}))
     other.connect()
-    other.execute_sql("BEGIN IMMEDIATE")
+    if BACKEND == "sqlite":
+        other.execute_sql("BEGIN IMMEDIATE")
+    else:
+        other.execute_sql("BEGIN")
+        other.execute_sql("LOCK TABLE metric_point, training, event IN ACCESS EXCLUSIVE MODE")
     time.sleep(12)
     other.execute_sql("COMMIT")
     other.close()
