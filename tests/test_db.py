@@ -1,7 +1,6 @@
 """The schema and its migrations: fresh databases and upgrades end in the same place."""
 from __future__ import annotations
 
-import pytest
 from playhouse.migrate import SchemaMigrator, migrate as run_migrations
 
 from app.db import MIGRATIONS, SchemaVersion, database, migrate

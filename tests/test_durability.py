@@ -216,7 +216,7 @@ def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_featur
         wait_for(lambda: all(reload(r).status == "running" for r in runs), timeout=120, message="both running")
         assert len({reload(r).worker_name for r in runs}) == 2  # one on each worker, at the same time
         writer.start()
-        done = wait_for(lambda: all((x := reload(r)).status not in ("queued", "running") for r in runs)
+        done = wait_for(lambda: all(reload(r).status not in ("queued", "running") for r in runs)
                         and [reload(r) for r in runs], timeout=300, message="both to end")
     finally:
         stop_writing.set()
@@ -239,3 +239,24 @@ def test_a_job_redis_lost_is_queued_again(client, env, redis_client, run_worker,
     assert lifecycle.requeue_lost(current_app.config) == []  # once: its job is there now
     assert run_worker().returncode == 0
     assert reload(run).status == "completed"
+
+
+def test_a_cancelled_run_resumes_from_its_page_at_a_new_learning_rate(client, env, worker_process, run_worker,
+                                                                      no_feature_jobs):
+    run = create(client, **{**DURABLE, "total_steps": 100_000})
+    wait_for(lambda: reload(run).step >= 30, timeout=120, message="the run to train")
+    client.post(f"/trainings/{run.id}/cancel")
+    run = wait_for(lambda: (r := reload(run)).status == "cancelled" and r, timeout=60, message="cancelled")
+    page = client.get(f"/trainings/{run.id}").get_data(as_text=True)
+    assert f"Resume from step {run.step:,}" in page
+    for bad in ("abc", "5", "nan"):  # refused at the field; nothing changes
+        response = client.post(f"/trainings/{run.id}/resume", data={"learning_rate": bad})
+        assert response.status_code == 422 and 'id="resume-error"' in response.get_data(as_text=True)
+        assert reload(run).status == "cancelled" and reload(run).learning_rate == 0.001
+    assert client.post(f"/trainings/{run.id}/resume", data={"learning_rate": "0.0005"}).status_code == 303
+    resumed = reload(run)
+    assert resumed.status in ("queued", "running") and resumed.learning_rate == 0.0005
+    note = Event.get(Event.training == run, Event.code == "resume").message
+    assert f"step {run.step:,}" in note and "learning rate 0.0005 (was 0.001)" in note
+    again = client.post(f"/api/trainings/{run.id}/resume")
+    assert again.status_code == 409  # already queued or running: not twice

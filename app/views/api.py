@@ -12,7 +12,7 @@ from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
-from .lookup import get_or_404
+from .records import get_or_404
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

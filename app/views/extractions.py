@@ -13,7 +13,7 @@ from ..models import Extraction
 from ..work import deletion, lifecycle
 from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
-from .lookup import get_or_404
+from .records import delete_flow, get_or_404
 
 bp = Blueprint("extractions", __name__, url_prefix="/extractions")
 
@@ -95,21 +95,9 @@ def cancel(extraction_id: int):
     return render_template("_partials/extraction_progress.html", job=Extraction.get_by_id(job.id), sites=SITES)
 
 
-@bp.get("/<int:extraction_id>/delete")
-def confirm_delete(extraction_id: int):
-    job = get_extraction_or_404(extraction_id)
-    return render_template("delete.html", plan=deletion.plan_extraction(job, current_app.config),
-                           action=url_for("extractions.delete", extraction_id=job.id),
-                           back=url_for("extractions.show", extraction_id=job.id))
-
-
-@bp.post("/<int:extraction_id>/delete")
+@bp.route("/<int:extraction_id>/delete", methods=["GET", "POST"])
 def delete(extraction_id: int):
     job = get_extraction_or_404(extraction_id)
-    try:
-        deletion.delete_extraction(job, current_app.config)
-    except deletion.DeleteRefused as exc:
-        return render_template("delete.html", plan=deletion.plan_extraction(job, current_app.config), error=str(exc),
-                               action=url_for("extractions.delete", extraction_id=job.id),
-                               back=url_for("extractions.show", extraction_id=job.id)), 409
-    return redirect(url_for("extractions.index"), code=303)
+    return delete_flow(job, deletion.plan_extraction, deletion.delete_extraction,
+                       action=url_for("extractions.delete", extraction_id=job.id),
+                       back=url_for("extractions.show", extraction_id=job.id), done=url_for("extractions.index"))

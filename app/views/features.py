@@ -19,7 +19,7 @@ from ..sae.export import (CFG, SAEFormatError, WEIGHTS, export_files, files_from
 from ..work import deletion, lifecycle
 from ..work.features import create_feature_job
 from ..work.queue import QueueUnavailable
-from .lookup import get_or_404
+from .records import delete_flow, get_or_404
 
 bp = Blueprint("features", __name__)
 
@@ -218,15 +218,9 @@ def import_sae():
     return redirect(url_for("features.show", job_id=job.id), code=303)
 
 
-@bp.get("/imports/<int:imported_id>/delete")
-def confirm_delete_imported(imported_id: int):
-    sae = get_or_404(ImportedSAE, imported_id, "imported SAE")
-    return render_template("delete.html", plan=deletion.plan_imported(sae, current_app.config),
-                           action=url_for("features.delete_imported", imported_id=sae.id),
-                           back=url_for("features.imports"))
-
-
-@bp.post("/imports/<int:imported_id>/delete")
+@bp.route("/imports/<int:imported_id>/delete", methods=["GET", "POST"])
 def delete_imported(imported_id: int):
-    deletion.delete_imported(get_or_404(ImportedSAE, imported_id, "imported SAE"), current_app.config)
-    return redirect(url_for("features.imports"), code=303)
+    sae = get_or_404(ImportedSAE, imported_id, "imported SAE")
+    return delete_flow(sae, deletion.plan_imported, deletion.delete_imported,
+                       action=url_for("features.delete_imported", imported_id=sae.id),
+                       back=url_for("features.imports"), done=url_for("features.imports"))

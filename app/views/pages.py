@@ -12,7 +12,7 @@ from ..work import deletion, lifecycle
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
-from .lookup import get_or_404
+from .records import delete_flow, get_or_404
 
 bp = Blueprint("pages", __name__)
 
@@ -188,25 +188,13 @@ def resume(training_id: int):
     return redirect(url_for("pages.detail", training_id=run.id), code=303)
 
 
-@bp.get("/trainings/<int:training_id>/delete")
-def confirm_delete(training_id: int):
-    """Ask once, naming what goes with the run."""
-    run = get_training_or_404(training_id)
-    return render_template("delete.html", plan=deletion.plan_training(run, current_app.config),
-                           action=url_for("pages.delete", training_id=run.id),
-                           back=url_for("pages.detail", training_id=run.id))
-
-
-@bp.post("/trainings/<int:training_id>/delete")
+@bp.route("/trainings/<int:training_id>/delete", methods=["GET", "POST"])
 def delete(training_id: int):
+    """Ask once, naming what goes with the run; then delete it and its files."""
     run = get_training_or_404(training_id)
-    try:
-        deletion.delete_training(run, current_app.config)
-    except deletion.DeleteRefused as exc:
-        return render_template("delete.html", plan=deletion.plan_training(run, current_app.config), error=str(exc),
-                               action=url_for("pages.delete", training_id=run.id),
-                               back=url_for("pages.detail", training_id=run.id)), 409
-    return redirect(url_for("pages.index"), code=303)
+    return delete_flow(run, deletion.plan_training, deletion.delete_training,
+                       action=url_for("pages.delete", training_id=run.id),
+                       back=url_for("pages.detail", training_id=run.id), done=url_for("pages.index"))
 
 
 @bp.app_errorhandler(404)

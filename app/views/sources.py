@@ -14,7 +14,7 @@ from ..forms import SyntheticSourceForm, UploadForm
 from ..models import ActivationSet
 from ..sae.files import ActivationFileError, holdout_rows, inspect_activation_file
 from ..work import deletion
-from .lookup import get_or_404
+from .records import delete_flow, get_or_404
 
 bp = Blueprint("sources", __name__, url_prefix="/sources")
 
@@ -104,23 +104,12 @@ def synthetic():
     return redirect(url_for("sources.index"), code=303)
 
 
-@bp.get("/<int:source_id>/delete")
-def confirm_delete(source_id: int):
-    source = get_or_404(ActivationSet, source_id, "activation source")
-    return render_template("delete.html", plan=deletion.plan_source(source, current_app.config),
-                           action=url_for("sources.delete", source_id=source.id), back=url_for("sources.index"))
-
-
-@bp.post("/<int:source_id>/delete")
+@bp.route("/<int:source_id>/delete", methods=["GET", "POST"])
 def delete(source_id: int):
     source = get_or_404(ActivationSet, source_id, "activation source")
-    try:
-        deletion.delete_source(source, current_app.config)
-    except deletion.DeleteRefused as exc:
-        return render_template("delete.html", plan=deletion.plan_source(source, current_app.config), error=str(exc),
-                               action=url_for("sources.delete", source_id=source.id),
-                               back=url_for("sources.index")), 409
-    return redirect(url_for("sources.index"), code=303)
+    return delete_flow(source, deletion.plan_source, deletion.delete_source,
+                       action=url_for("sources.delete", source_id=source.id), back=url_for("sources.index"),
+                       done=url_for("sources.index"))
 
 
 @bp.app_errorhandler(RequestEntityTooLarge)

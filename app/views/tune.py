@@ -11,7 +11,7 @@ from ..models import TuneJob
 from ..work import lifecycle
 from ..work.queue import QueueUnavailable
 from ..work.tune import create_tune
-from .lookup import get_or_404
+from .records import get_or_404
 
 bp = Blueprint("tune", __name__, url_prefix="/tunes")
 

@@ -38,64 +38,60 @@ def create_extraction(settings: dict, d: dict, spec) -> Extraction:
 
 def run_extraction(extraction_id: int) -> str:
     """Capture a model's activations over a corpus into a store; on success it becomes a source."""
-    from .training import connect
+    return lifecycle.run_job(Extraction, extraction_id, _extract)
 
-    settings = connect()
-    job = lifecycle.load(Extraction, extraction_id)
-    if job is None or not lifecycle.claim(job):
-        return job.status if job else "deleted"
+
+def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -> str:
     writer = None
     try:
-        with lifecycle.Heartbeat(job, settings["HEARTBEAT_S"]) as heartbeat:
-            from ..extraction.capture import SITES, extract, find_site, load_model
-            from ..extraction.store import ShardWriter
-            from ..extraction.text import TextSpec, check_corpus, documents
-            from ..sae.files import holdout_rows
-            from ..sae.trainer import resolve_device
+        from ..extraction.capture import SITES, extract, find_site, load_model
+        from ..extraction.store import ShardWriter
+        from ..extraction.text import TextSpec, check_corpus, documents
+        from ..sae.files import holdout_rows
+        from ..sae.trainer import resolve_device
 
-            spec = TextSpec(**job.text)
-            check_corpus(spec)  # a bad corpus fails before the model is loaded
-            device = resolve_device(settings["SAE_DEVICE"])
-            update_record(job, what="device", device=str(device))
-            tokenizer, model = load_model(job.model_name, device, job.model_dtype)
-            _, layout, n_layers = find_site(model, job.layer, job.site)
-            d_in = int(model.config.hidden_size)
-            writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)
+        spec = TextSpec(**job.text)
+        check_corpus(spec)  # a bad corpus fails before the model is loaded
+        device = resolve_device(settings["SAE_DEVICE"])
+        update_record(job, what="device", device=str(device))
+        tokenizer, model = load_model(job.model_name, device, job.model_dtype)
+        _, layout, n_layers = find_site(model, job.layer, job.site)
+        d_in = int(model.config.hidden_size)
+        writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)
 
-            def on_progress(p) -> None:
-                update_record(job, what="progress", tokens_done=p.tokens, documents_done=p.documents,
-                              tokens_per_s=p.tokens_per_s)
+        def on_progress(p) -> None:
+            update_record(job, what="progress", tokens_done=p.tokens, documents_done=p.documents,
+                          tokens_per_s=p.tokens_per_s)
 
-            stop_check = lifecycle.StopCheck(job, heartbeat)
-            tokens, docs, stopped = extract(
-                model, tokenizer, documents(spec), writer, layer=job.layer, site=job.site,
-                token_budget=job.token_budget, context_length=job.context_length, batch_size=job.batch_size,
-                exclude_special=job.exclude_special, device=device, on_progress=on_progress, should_stop=stop_check)
-            if stopped:
-                writer.abort()
-                status = "interrupted" if stop_check.interrupted else "cancelled"
-                lifecycle.finish(job, status, reason=stopped + " Nothing was kept.")
-                return status
-            meta = writer.commit({
-                "model": job.model_name, "model_path": getattr(model, "name_or_path", "") or job.model_name,
-                "architecture": type(model).__name__, "layout": layout.name, "n_layers": n_layers,
-                "layer": job.layer, "site": job.site, "site_label": SITES[job.site],
-                "context_length": job.context_length, "model_dtype": job.model_dtype,
-                "exclude_special": job.exclude_special, "text": spec.to_dict(), "text_label": spec.describe(),
-                "documents": docs, "extraction_id": job.id})
-            name = job.name or f"{Path(job.model_name).name} layer {job.layer} {SITES[job.site]}, {spec.describe()}"
+        tokens, docs, stopped = extract(
+            model, tokenizer, documents(spec), writer, layer=job.layer, site=job.site,
+            token_budget=job.token_budget, context_length=job.context_length, batch_size=job.batch_size,
+            exclude_special=job.exclude_special, device=device, on_progress=on_progress, should_stop=stop_check)
+        if stopped:
+            writer.abort()
+            status = "interrupted" if stop_check.interrupted else "cancelled"
+            lifecycle.finish(job, status, reason=stopped + " Nothing was kept.")
+            return status
+        meta = writer.commit({
+            "model": job.model_name, "model_path": getattr(model, "name_or_path", "") or job.model_name,
+            "architecture": type(model).__name__, "layout": layout.name, "n_layers": n_layers,
+            "layer": job.layer, "site": job.site, "site_label": SITES[job.site],
+            "context_length": job.context_length, "model_dtype": job.model_dtype,
+            "exclude_special": job.exclude_special, "text": spec.to_dict(), "text_label": spec.describe(),
+            "documents": docs, "extraction_id": job.id})
+        name = job.name or f"{Path(job.model_name).name} layer {job.layer} {SITES[job.site]}, {spec.describe()}"
 
-            def complete() -> None:
-                with database.atomic():
-                    source = ActivationSet.create(name=name, kind="extracted", d_in=d_in,
-                                                  n_tokens=tokens - holdout_rows(tokens), params=meta,
-                                                  path=f"activations/{job.id}")
-                    Extraction.update(status="completed", activation_set=source, tokens_done=tokens, documents_done=docs,
-                                      finished_at=lifecycle.utcnow()).where(
-                        (Extraction.id == job.id) & (Extraction.status == "running")).execute()
+        def complete() -> None:
+            with database.atomic():
+                source = ActivationSet.create(name=name, kind="extracted", d_in=d_in,
+                                              n_tokens=tokens - holdout_rows(tokens), params=meta,
+                                              path=f"activations/{job.id}")
+                Extraction.update(status="completed", activation_set=source, tokens_done=tokens, documents_done=docs,
+                                  finished_at=lifecycle.utcnow()).where(
+                    (Extraction.id == job.id) & (Extraction.status == "running")).execute()
 
-            retry_write(complete, what="complete extraction")
-            return "completed"
+        retry_write(complete, what="complete extraction")
+        return "completed"
     except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
         if writer is not None:
             writer.abort()
@@ -104,5 +100,3 @@ def run_extraction(extraction_id: int) -> str:
         if not user_error:
             raise
         return "failed"
-    finally:
-        database.close()

@@ -28,15 +28,12 @@ def create_feature_job(settings: dict, *, source, training=None, imported=None,
 
 def run_features(job_id: int) -> str:
     """Statistics, top examples with context, neighbours and ground-truth recovery of an SAE's latents."""
-    from .training import connect
+    return lifecycle.run_job(FeatureJob, job_id, _run)
 
-    settings = connect()
-    job = lifecycle.load(FeatureJob, job_id)
-    if job is None or not lifecycle.claim(job):
-        return job.status if job else "deleted"
+
+def _run(job: FeatureJob, settings: dict, stop_check: lifecycle.StopCheck) -> str:
     try:
-        with lifecycle.Heartbeat(job, settings["HEARTBEAT_S"]) as heartbeat:
-            return _features(job, settings, lifecycle.StopCheck(job, heartbeat))
+        return _features(job, settings, stop_check)
     except InterruptedError as exc:
         retry_write(FeatureStat.delete().where(FeatureStat.job == job.id).execute, what="drop partial stats")
         status = "interrupted" if lifecycle.SHUTDOWN.is_set() else "cancelled"
@@ -49,8 +46,6 @@ def run_features(job_id: int) -> str:
         if not user_error:
             raise
         return "failed"
-    finally:
-        database.close()
 
 
 def _features(job: FeatureJob, settings: dict, stop_check) -> str:

@@ -131,6 +131,34 @@ def enqueue(record: JobRecord, settings: dict) -> None:
 
 # --- in the worker ---------------------------------------------------------------------
 
+def connect() -> dict:
+    """In a job: the settings, with this process's database connection open."""
+    from ..config import load_settings
+    from ..db import open_database
+
+    settings = load_settings()
+    if database.obj is None or database.is_closed():
+        open_database(settings["DATABASE_URL"])
+    database.connect(reuse_if_open=True)
+    return settings
+
+
+def run_job(model: type[JobRecord], record_id: int, body: Callable[[JobRecord, dict, StopCheck], str]) -> str:
+    """The one way a job runs: claim its queued row, stamp heartbeats while ``body`` works,
+    close the connection whatever happens. ``body(record, settings, stop_check)`` returns the
+    final status and records its own outcome; a row deleted or cancelled while it waited is
+    left alone."""
+    settings = connect()
+    try:
+        record = load(model, record_id)
+        if record is None or not claim(record):
+            return record.status if record else "deleted"
+        with Heartbeat(record, settings["HEARTBEAT_S"]) as heartbeat:
+            return body(record, settings, StopCheck(record, heartbeat))
+    finally:
+        database.close()
+
+
 def worker_name() -> str:
     return os.environ.get("RQ_WORKER_ID") or f"{socket.gethostname()}.{os.getpid()}"
 

@@ -17,22 +17,12 @@ import traceback
 from pathlib import Path
 
 from .. import training_config
-from ..config import load_settings
-from ..db import database, open_database
+from ..db import database
 from ..models import RESUMABLE_STATUSES, ActivationSet, Event, MetricPoint, Training, utcnow
 from . import lifecycle
 from .lifecycle import add_event, retry_write, update_record
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def connect() -> dict:
-    """Settings, with the worker's database connection open."""
-    settings = load_settings()
-    if database.obj is None or database.is_closed():
-        open_database(settings["DATABASE_URL"])
-    database.connect(reuse_if_open=True)
-    return settings
 
 
 def run_folder(run: Training, settings: dict) -> Path:
@@ -217,20 +207,11 @@ def load_checkpoint(run: Training, settings: dict) -> dict | None:
 
 def run_training(training_id: int) -> str:
     """Train the SAE of one ``Training`` row (from its checkpoint if it has one); return its final status."""
-    settings = connect()
-    run = lifecycle.load(Training, training_id)
-    if run is None or not lifecycle.claim(run):  # deleted or cancelled while it waited in the queue
-        return run.status if run else "deleted"
-    try:
-        with lifecycle.Heartbeat(run, settings["HEARTBEAT_S"]) as heartbeat:
-            return _train(run, settings, heartbeat)
-    finally:
-        database.close()
+    return lifecycle.run_job(Training, training_id, _train)
 
 
-def _train(run: Training, settings: dict, heartbeat: lifecycle.Heartbeat) -> str:
+def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> str:
     writer = MetricWriter(run)
-    stop_check = lifecycle.StopCheck(run, heartbeat)
     try:
         from ..quality import RunSpec, RuntimeMonitor
         from ..sae.trainer import Checkpointing, train

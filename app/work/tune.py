@@ -1,7 +1,6 @@
 """Auto-tune: pilot trainings that search l1_alpha for a target L0 (create, run, finish)."""
 from __future__ import annotations
 
-from ..db import database
 from ..models import TuneJob
 from . import lifecycle
 from .lifecycle import update_record
@@ -22,47 +21,41 @@ def create_tune(settings: dict, *, source_id: int, latent_dim: int, target_l0: f
 
 def run_tune(tune_id: int) -> str:
     """Run an auto-tune's pilots, recording each on the row as it finishes."""
-    from .training import build_source, connect
+    return lifecycle.run_job(TuneJob, tune_id, _tune)
 
-    settings = connect()
-    tune = lifecycle.load(TuneJob, tune_id)
-    if tune is None or not lifecycle.claim(tune):
-        return tune.status if tune else "deleted"
+
+def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str:
     try:
-        with lifecycle.Heartbeat(tune, settings["HEARTBEAT_S"]) as heartbeat:
-            from ..sae.tune import tune_l1_alpha
-            from ..validation import recommended_l1_alpha
+        from ..sae.tune import tune_l1_alpha
+        from ..validation import recommended_l1_alpha
+        from .training import build_source
 
-            source = build_source(tune.source, settings["DATA_DIR"])
-            pilots: list[dict] = []
-            stop_check = lifecycle.StopCheck(tune, heartbeat)
+        source = build_source(tune.source, settings["DATA_DIR"])
+        pilots: list[dict] = []
 
-            def on_pilot(pilot, index: int) -> None:
-                pilots.append(pilot.to_dict())
-                update_record(tune, what="pilot", pilots=pilots)
+        def on_pilot(pilot, index: int) -> None:
+            pilots.append(pilot.to_dict())
+            update_record(tune, what="pilot", pilots=pilots)
 
-            best, _, outcome = tune_l1_alpha(
-                source, latent_dim=tune.latent_dim, target=tune.target_l0,
-                start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0),
-                learning_rate=tune.learning_rate, batch_size=tune.batch_size, pilot_steps=tune.pilot_steps,
-                max_pilots=tune.max_pilots, seed=tune.seed, device=settings["SAE_DEVICE"],
-                on_pilot=on_pilot, should_stop=stop_check)
-            if stop_check.interrupted:
-                lifecycle.finish(tune, "interrupted", reason=f"{stop_check.interrupted} Start the auto-tune again.")
-            elif outcome == "found":
-                lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha)
-            elif outcome in ("exhausted", "edge"):
-                why = (f"in {tune.max_pilots} pilots" if outcome == "exhausted"
-                       else "before reaching the edge of the valid range")
-                reason = (f"No pilot landed within ±20% of the target {why}; the closest gave "
-                          f"L0 {100 * best.l0_fraction:.2f}% (FVU {best.fvu:.2f}) at l1_alpha {best.l1_alpha:.3g}.")
-                lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha, reason=reason)
-            else:
-                lifecycle.finish(tune, "cancelled", reason=outcome)
+        best, _, outcome = tune_l1_alpha(
+            source, latent_dim=tune.latent_dim, target=tune.target_l0,
+            start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0),
+            learning_rate=tune.learning_rate, batch_size=tune.batch_size, pilot_steps=tune.pilot_steps,
+            max_pilots=tune.max_pilots, seed=tune.seed, device=settings["SAE_DEVICE"],
+            on_pilot=on_pilot, should_stop=stop_check)
+        if stop_check.interrupted:
+            lifecycle.finish(tune, "interrupted", reason=f"{stop_check.interrupted} Start the auto-tune again.")
+        elif outcome == "found":
+            lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha)
+        elif outcome in ("exhausted", "edge"):
+            why = (f"in {tune.max_pilots} pilots" if outcome == "exhausted"
+                   else "before reaching the edge of the valid range")
+            reason = (f"No pilot landed within ±20% of the target {why}; the closest gave "
+                      f"L0 {100 * best.l0_fraction:.2f}% (FVU {best.fvu:.2f}) at l1_alpha {best.l1_alpha:.3g}.")
+            lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha, reason=reason)
+        else:
+            lifecycle.finish(tune, "cancelled", reason=outcome)
         return lifecycle.retry_write(lambda: TuneJob.get_by_id(tune.id).status, what="status")
     except Exception as exc:  # noqa: BLE001 - recorded on the row, then re-raised for RQ
         lifecycle.fail(tune, f"{type(exc).__name__}: {exc}")
         raise
-    finally:
-        database.close()
-

@@ -1,0 +1,29 @@
+"""Record helpers shared by the blueprints (this module holds no routes): find one or 404,
+and the ask-once-then-delete flow."""
+from __future__ import annotations
+
+from flask import abort, current_app, redirect, render_template, request
+
+from ..work import deletion
+
+
+def get_or_404(model, record_id: int, what: str):
+    """The ``model`` row with ``record_id``, or a 404 that names ``what`` was looked for."""
+    record = model.get_or_none(model.id == record_id)
+    if record is None:
+        abort(404, description=f"There is no {what} #{record_id}.")
+    return record
+
+
+def delete_flow(record, plan, delete, *, action: str, back: str, done: str):
+    """GET: the confirmation page, naming what goes with the record (or why it can't go).
+    POST: delete it and go to ``done``, or show the page again with the refusal (409)."""
+    settings = current_app.config
+    if request.method == "POST":
+        try:
+            delete(record, settings)
+        except deletion.DeleteRefused as exc:
+            return render_template("delete.html", plan=plan(record, settings), error=str(exc), action=action,
+                                   back=back), 409
+        return redirect(done, code=303)
+    return render_template("delete.html", plan=plan(record, settings), action=action, back=back)
