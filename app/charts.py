@@ -109,9 +109,9 @@ def line_chart(title: str, series: list[Series], *, width: int = 460, height: in
     return Markup("".join(parts))
 
 
-def l0_chart(metrics, target_l0: float, total_steps: int) -> Markup:
-    """L0 fraction over steps, with the target and the grade bands."""
-    pts = [(m.step, m.l0_fraction) for m in metrics]
+def l0_chart(series, target_l0: float, total_steps: int) -> Markup:
+    """L0 fraction over steps (a ``ChartSeries``), with the target and the grade bands."""
+    pts = series.points("l0_fraction")
     ymax = max([target_l0 * 2, RED_ABOVE * 1.2] + [y for _, y in pts])
     target = Series("target", [(0, target_l0), (max(total_steps, 1), target_l0)], "#555", dashed=True)
     return line_chart("L0 fraction (share of latents active)", [Series("L0", pts, "#2563eb"), target],
@@ -120,18 +120,18 @@ def l0_chart(metrics, target_l0: float, total_steps: int) -> Markup:
                              (RED_ABOVE, 1.0, "#dc2626")], x_max=total_steps)
 
 
-def loss_chart(metrics, total_steps: int) -> Markup:
+def loss_chart(series, total_steps: int) -> Markup:
     """Total loss and its reconstruction term over steps, log scale."""
     return line_chart("Loss (log scale)", [
-        Series("loss", [(m.step, m.loss) for m in metrics], "#7c3aed"),
-        Series("MSE term", [(m.step, m.mse) for m in metrics], "#0891b2", dashed=True),
+        Series("loss", series.points("loss"), "#7c3aed"),
+        Series("MSE term", series.points("mse"), "#0891b2", dashed=True),
     ], log_y=True, x_max=total_steps)
 
 
-def l1_alpha_chart(metrics, total_steps: int) -> Markup:
+def l1_alpha_chart(series, total_steps: int) -> Markup:
     """The sparsity penalty in force at each log point (it moves when steering is on)."""
     return line_chart("l1_alpha (sparsity penalty), log scale",
-                      [Series("l1_alpha", [(m.step, m.l1_alpha) for m in metrics], "#db2777")],
+                      [Series("l1_alpha", series.points("l1_alpha"), "#db2777")],
                       log_y=True, x_max=total_steps)
 
 

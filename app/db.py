@@ -118,9 +118,24 @@ def _migration_8_durable_work(db) -> None:
         db.execute_sql("ALTER TABLE metric_point ALTER COLUMN tokens TYPE BIGINT")
 
 
+def _migration_9_precision_and_chart(db) -> None:
+    from peewee import CharField
+
+    from .models import JSONField
+
+    # runs from before the setting trained in float32
+    add_column_if_missing(db, "training", "precision", CharField(default="float32"))
+    add_column_if_missing(db, "training", "chart", JSONField(null=True))
+    from .models import Template
+
+    for template in Template.select():  # templates are complete configs: give the older ones the default
+        if "precision" not in template.config:
+            Template.update(config={**template.config, "precision": "auto"}).where(Template.id == template.id).execute()
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
-                              _migration_7_model_precision, _migration_8_durable_work]
+                              _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart]
 
 
 def migrate() -> int:

@@ -289,6 +289,9 @@ def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list
             data["l1_alpha"] = value
     if data.get("architecture", "standard") == "standard" and data.get("l1_alpha") is None:
         errors.setdefault("l1_alpha", []).append(training_config.BY_NAME["l1_alpha"].null_message)
+    for key in TEMPLATE_FIELDS:  # settings added since a file was exported take their safe default
+        if key not in data and training_config.BY_NAME[key].api_optional:
+            data[key] = training_config.BY_NAME[key].default
     formdata = MultiDict()
     for key, value in data.items():
         if key not in (*TEMPLATE_FIELDS, "name", "d_in", "provenance"):

@@ -97,6 +97,7 @@ class Training(JobRecord):
     step = IntegerField(default=0)
     tokens_seen = BigIntegerField(default=0)
     summary = JSONField(null=True)  # final evaluation on held-out activations
+    chart = JSONField(null=True)  # app.chart_series state: the charted metrics, bounded, extremes kept
 
     class Meta:
         table_name = "training"
@@ -318,7 +319,7 @@ def seed_templates() -> None:
         target = k / latent
         lr = 1e-3 if latent <= 16_384 else float(f"{1e-3 * math.sqrt(16_384 / latent):.2g}")
         common = {"latent_dim": latent, "learning_rate": lr, "batch_size": 4096, "total_steps": 30_000,
-                  "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "target_l0": round(target, 6)}
+                  "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "target_l0": round(target, 6), "precision": "auto"}
         alpha = float(f"{recommended_l1_alpha(d_in, latent, target):.2g}")
         extrapolated = d_in > 512
         Template.create(

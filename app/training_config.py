@@ -18,6 +18,10 @@ import math
 from dataclasses import dataclass
 
 ARCHITECTURES = (("standard", "Standard (ReLU + L1 penalty)"), ("topk", "TopK (exactly k active)"))
+PRECISIONS = (("auto", "Auto: bfloat16 where the device computes it fast, else float32"),
+              ("float32", "float32"),
+              ("bfloat16", "bfloat16 autocast (weights, optimizer and metrics stay float32)"),
+              ("tf32", "TF32 matmuls (CUDA; float32 elsewhere)"))
 DEAD_LATENT_REMEDIES = (("none", "None"), ("resample", "Resample: point dead latents at badly reconstructed inputs"))
 
 # The sparsity penalty's valid range and default: the one place they are written down.
@@ -119,6 +123,9 @@ PARAMS: tuple[Param, ...] = (
           api_optional=True),
     Param("plateau_window", int, 2000, "Plateau window (steps)", min=10, max=10_000_000, api_optional=True,
           core=False, help="Warn when the loss has not improved for this many steps."),
+    Param("precision", str, "auto", "Precision of the matmuls", choices=PRECISIONS, template=True, api_optional=True,
+          help="bfloat16 runs the SAE's matrix products in bfloat16 with float32 master weights; "
+               "the loss, L0 and FVU are accumulated in float32."),
     Param("checkpoint_every_steps", int, 2000, "Checkpoint every (steps)", min=10, max=10_000_000,
           api_optional=True,
           help="Save weights, optimizer and data position this often, so a crash loses at most this many steps."),

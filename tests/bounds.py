@@ -36,6 +36,7 @@ BOUNDS = [
     ("checkpoint_every_steps", 10, True, {}), ("checkpoint_every_steps", 9, False, {}),
     ("checkpoint_every_minutes", 0.05, True, {}), ("checkpoint_every_minutes", 0.04, False, {}),
     ("checkpoint_every_minutes", 1440, True, {}), ("checkpoint_every_minutes", 1441, False, {}),
+    ("precision", "bfloat16", True, {}), ("precision", "float64", False, {}),
 ]
 
 

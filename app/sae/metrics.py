@@ -12,8 +12,31 @@ import math
 import torch
 
 
-def l0_per_token(f: torch.Tensor) -> torch.Tensor:
+class SparseLatents:
+    """The latents of a batch as ``k`` (index, value) pairs per token: what a sparse TopK step
+    produces. Answers what the metrics need without building the dense ``[batch, d_sae]`` matrix."""
+
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> None:
+        self.indices, self.values, self.d_sae = indices, values, d_sae
+        self.shape = (values.shape[0], d_sae)
+
+    def detach(self) -> SparseLatents:
+        return self
+
+    def fired(self) -> torch.Tensor:
+        """Per latent: did it fire on any token of the batch."""
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=self.values.device)
+        return fired.index_fill_(0, self.indices[self.values > 0], True)
+
+    def dense(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device).scatter_(
+            -1, self.indices, self.values)
+
+
+def l0_per_token(f) -> torch.Tensor:
     """Number of active latents for each token (a float tensor of shape [batch])."""
+    if isinstance(f, SparseLatents):
+        return (f.values > 0).sum(dim=-1, dtype=torch.float32)
     return (f > 0).sum(dim=-1, dtype=torch.float32)
 
 
@@ -32,8 +55,8 @@ class DeadLatentTracker:
         self.tokens_seen = 0
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
 
-    def update(self, f: torch.Tensor) -> None:
-        fired = (f > 0).any(dim=0)
+    def update(self, f) -> None:
+        fired = f.fired() if isinstance(f, SparseLatents) else (f > 0).any(dim=0)
         self.since_fired += f.shape[0]
         self.since_fired.masked_fill_(fired, 0)
         self.tokens_seen += f.shape[0]

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .metrics import SparseLatents
+from .sparse_topk import TopKEncode, sparse_decode
+
 ARCHITECTURES = ("standard", "topk")
 
 
@@ -121,11 +124,15 @@ class TopKSAE(SparseAutoencoder):
     architecture = "topk"
 
     def __init__(self, d_in: int, d_sae: int, *, k: int, aux_coeff: float = 1 / 32,
-                 generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> None:
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                 sparse: bool = True) -> None:
         super().__init__(d_in, d_sae, generator=generator, device=device)
         if not 1 <= k <= d_sae:
             raise ValueError(f"k must lie in [1, {d_sae}], got {k}")
         self.k, self.aux_coeff = k, aux_coeff
+        # sparse: the training step touches only the k chosen latents per token (sparse_topk);
+        # dense: the same maths with dense matrices (kept as the reference the tests compare to)
+        self.sparse = sparse
         with torch.no_grad():
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
             self.W_enc.copy_(self.W_dec.t())
@@ -137,8 +144,14 @@ class TopKSAE(SparseAutoencoder):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._topk(self.pre_activation(x), self.k)
 
+    @property
+    def k_aux(self) -> int:
+        return max(1, min(self.d_in // 2, self.d_sae))
+
     def loss(self, x: torch.Tensor, *, l1_alpha: float | torch.Tensor = 0.0,
              dead_mask: torch.Tensor | None = None) -> tuple[LossParts, torch.Tensor, torch.Tensor]:
+        if self.sparse:
+            return self._sparse_loss(x, dead_mask)
         pre = self.pre_activation(x)
         f = self._topk(pre, self.k)
         x_hat = self.decode(f)
@@ -146,6 +159,22 @@ class TopKSAE(SparseAutoencoder):
         l1 = (f * self.decoder_norms()).sum(dim=-1).mean().detach()
         aux = self.aux_loss(x, x_hat, pre, dead_mask)
         return LossParts(mse + aux, mse, aux, l1), x_hat, f
+
+    def _sparse_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None):
+        values, indices, aux_values, aux_indices = TopKEncode.apply(
+            x - self.b_dec, self.W_enc, self.b_enc, self.k, dead_mask, self.k_aux)
+        acts = torch.relu(values).float()
+        x_hat = sparse_decode(indices, acts, self.W_dec, self.b_dec)
+        mse = (x - x_hat).pow(2).sum(dim=-1).mean() / self.d_in
+        l1 = (acts * self.decoder_norms()[indices]).sum(dim=-1).mean().detach()
+        if dead_mask is None:
+            aux = torch.zeros((), device=x.device)
+        else:
+            aux_acts = torch.relu(torch.nan_to_num(aux_values.float(), nan=0.0, neginf=0.0))
+            residual = (x - x_hat).detach()
+            aux_hat = sparse_decode(aux_indices, aux_acts, self.W_dec, torch.zeros_like(self.b_dec))
+            aux = self.aux_coeff * (residual - aux_hat).pow(2).sum(dim=-1).mean() / self.d_in * dead_mask.any()
+        return LossParts(mse + aux, mse, aux, l1), x_hat, SparseLatents(indices, acts.detach(), self.d_sae)
 
     def after_step(self) -> None:
         with torch.no_grad():
@@ -188,12 +217,13 @@ def resample_dead_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
 
 
 def build_sae(architecture: str, d_in: int, d_sae: int, *, k: int | None = None,
-              generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> SparseAutoencoder:
+              generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+              sparse_topk: bool = True) -> SparseAutoencoder:
     """Construct the SAE named by ``architecture`` ("standard" or "topk")."""
     if architecture == "standard":
         return StandardSAE(d_in, d_sae, generator=generator, device=device)
     if architecture == "topk":
         if k is None:
             raise ValueError("a TopK SAE needs k")
-        return TopKSAE(d_in, d_sae, k=k, generator=generator, device=device)
+        return TopKSAE(d_in, d_sae, k=k, generator=generator, device=device, sparse=sparse_topk)
     raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")

@@ -7,6 +7,7 @@ host-device synchronisation.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -117,6 +118,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses on ``device``: "auto" is bfloat16 where matmuls run fast in it
+    (CUDA from compute capability 8, CPUs with AVX512-BF16 or AMX), else float32; "tf32" is
+    float32 off CUDA."""
+    if precision == "auto":
+        if device.type == "cuda":
+            fast = torch.cuda.get_device_capability(device)[0] >= 8
+        else:
+            fast = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return "bfloat16" if fast else "float32"
+    if precision == "tf32" and device.type != "cuda":
+        return "float32"
+    return precision
+
+
+def precision_context(precision: str, device: torch.device):
+    """The context a training step runs in: bfloat16 autocast, TF32 matmuls, or plain float32."""
+    if precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    return contextlib.nullcontext()
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up from 0, constant, then linear decay to 0 over the last steps."""
     if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
@@ -209,8 +234,11 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
         base_l1_alpha = float(resume["base_l1_alpha"])
         resampled, tokens, start_step = int(resume["resampled"]), int(resume["tokens"]), int(resume["step"])
         last = LogPoint(**resume["last"]) if resume.get("last") else None
+    precision = resolve_precision(cfg.precision, device)
+    step_context = precision_context(precision, device)
     if on_start:
-        on_start({"device": str(device), "norm_scale": scale, "d_in": source.d_in, "resumed_from": start_step})
+        on_start({"device": str(device), "norm_scale": scale, "d_in": source.d_in, "resumed_from": start_step,
+                  "precision": precision})
 
     def state(at_step: int) -> dict:
         return {
@@ -232,6 +260,9 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     batches = source.batches(cfg.batch_size, seed=cfg.seed, device=device, start=start_step)
     window_start = saved_at = time.perf_counter()
     saved_step = start_step
+    # AuxK runs only while latents are dead; whether any are is read on logging steps, where
+    # the host reads the device anyway, so the step itself never waits for the answer.
+    aux_active = use_aux and tracker.known and bool(tracker.dead_count().item())
     result_status, reason, step = "completed", None, start_step
 
     for step in range(start_step, cfg.total_steps):
@@ -242,8 +273,9 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
                 break
         x = next(batches) * scale
         alpha = l1_alpha_at(step, cfg, base_l1_alpha)
-        dead_mask = tracker.dead_mask() if use_aux else None
-        parts, x_hat, f = sae.loss(x, l1_alpha=alpha, dead_mask=dead_mask)
+        dead_mask = tracker.dead_mask() if aux_active else None
+        with step_context:
+            parts, x_hat, f = sae.loss(x, l1_alpha=alpha, dead_mask=dead_mask)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -266,11 +298,12 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
             if not math.isfinite(values["loss"]):
                 raise NonFiniteLoss(step + 1, last)
             elapsed = max(time.perf_counter() - window_start, 1e-9)
+            dead = int(tracker.dead_count().item()) if tracker.known else None
+            aux_active = use_aux and bool(dead)
             last = LogPoint(
                 step=step + 1, tokens=tokens, loss=values["loss"], mse=values["mse"],
                 sparsity_loss=values["sparsity_loss"], l1=values["l1"], l0=values["l0"],
-                l0_fraction=values["l0"] / cfg.latent_dim, fvu=values["fvu"],
-                dead=int(tracker.dead_count().item()) if tracker.known else None,
+                l0_fraction=values["l0"] / cfg.latent_dim, fvu=values["fvu"], dead=dead,
                 lr=lr_used, l1_alpha=alpha,
                 tokens_per_s=window.tokens / elapsed,
             )

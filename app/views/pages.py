@@ -6,6 +6,7 @@ from pathlib import Path
 from flask import Blueprint, current_app, redirect, render_template, request, url_for
 
 from .. import charts
+from ..chart_series import KEYS as SERIES_KEYS, ChartSeries, from_points
 from ..forms import TrainingForm
 from ..models import Event, MetricPoint, Template, Training
 from ..work import deletion, lifecycle
@@ -111,6 +112,15 @@ def detail(training_id: int):
     return render_template("training_detail.html", run=run, **progress_context(run))
 
 
+def chart_series(run: Training) -> ChartSeries:
+    """The run's charted metrics: from its row (bounded, kept by the worker), or, for a run
+    recorded before that, from its points."""
+    if run.chart:
+        return ChartSeries(state=run.chart)
+    return from_points(run.metrics.select(MetricPoint.step, *(getattr(MetricPoint, k) for k in SERIES_KEYS))
+                       .order_by(MetricPoint.step))
+
+
 def progress_context(run: Training) -> dict:
     from ..forms import FeatureJobForm
     from ..models import RESUMABLE_STATUSES, FeatureJob
@@ -120,17 +130,17 @@ def progress_context(run: Training) -> dict:
     if features_job is not None and features_job.status == "completed":
         ground_truth = (features_job.summary or {}).get("ground_truth", ground_truth)
     checkpoint = Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"
-    metrics = list(run.metrics.order_by(MetricPoint.step))
-    latest = metrics[-1] if metrics else None
+    latest = run.latest_metric()
+    series = chart_series(run)
     summary = run.summary or {}
     return {
         "latest": latest,
         "view": progress_view(run, latest),
         "verdict": summary.get("verdict"),
         "events": list(run.events.order_by(Event.id.desc()).limit(50)),
-        "l0_chart": charts.l0_chart(metrics, run.target_l0, run.total_steps),
-        "loss_chart": charts.loss_chart(metrics, run.total_steps),
-        "l1_alpha_chart": charts.l1_alpha_chart(metrics, run.total_steps) if run.architecture == "standard" else None,
+        "l0_chart": charts.l0_chart(series, run.target_l0, run.total_steps),
+        "loss_chart": charts.loss_chart(series, run.total_steps),
+        "l1_alpha_chart": charts.l1_alpha_chart(series, run.total_steps) if run.architecture == "standard" else None,
         "histogram_chart": charts.histogram_chart(summary["density_histogram"])
         if summary.get("density_histogram") else None,
         "has_checkpoint": checkpoint.exists(), "features_job": features_job, "ground_truth": ground_truth,
@@ -216,15 +226,15 @@ def compare():
     configs = [r.config_dict() for r in runs]
     keys = [k for k in configs[0] if k != "name"]
     rows = [(k, [c[k] for c in configs], len({repr(c[k]) for c in configs}) > 1) for k in keys]
-    series = {r.id: list(r.metrics.order_by(MetricPoint.step)) for r in runs}
-    l0 = charts.overlay_chart("L0 fraction", [(labels[r.id], [(m.step, m.l0_fraction) for m in series[r.id]])
-                                              for r in runs], y_percent=True)
-    fvu = charts.overlay_chart("FVU (unexplained variance)", [(labels[r.id], [(m.step, m.fvu) for m in series[r.id]])
+    series = {r.id: chart_series(r) for r in runs}
+    l0 = charts.overlay_chart("L0 fraction", [(labels[r.id], series[r.id].points("l0_fraction")) for r in runs],
+                              y_percent=True)
+    fvu = charts.overlay_chart("FVU (unexplained variance)", [(labels[r.id], series[r.id].points("fvu"))
                                                               for r in runs])
     finished = Training.select().where(Training.summary.is_null(False))
     frontier = charts.scatter_chart("All finished runs: sparsity vs reconstruction", [
         (t.summary.get("l0_fraction"), t.summary.get("fvu"), f"#{t.id}", t.id in labels) for t in finished])
-    summaries = [(r, progress_view(r, series[r.id][-1] if series[r.id] else None)) for r in runs]
+    summaries = [(r, progress_view(r, r.latest_metric())) for r in runs]
     colors = {r.id: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(runs)}
     return render_template("compare.html", runs=runs, rows=rows, l0_chart=l0, fvu_chart=fvu,
                            frontier=frontier, summaries=summaries, labels=labels, colors=colors,

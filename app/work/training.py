@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from .. import training_config
+from ..chart_series import ChartSeries
 from ..db import database
 from ..models import RESUMABLE_STATUSES, ActivationSet, Event, MetricPoint, Training, utcnow
 from . import lifecycle
@@ -119,12 +120,15 @@ class MetricWriter:
 
     def __init__(self, run: Training, *, max_rows: int = 50, max_age_s: float = 1.0) -> None:
         self.run, self.max_rows, self.max_age_s = run, max_rows, max_age_s
+        # the live page's charts, kept on the run's row: bounded, whatever the run's length
+        self.series = ChartSeries()
         self.rows: list[dict] = []
         self.events: list[dict] = []
         self.last_flush = time.monotonic()
 
     def add(self, point) -> None:
         self.rows.append({"training": self.run.id, **point.to_dict()})
+        self.series.add(point)
         if len(self.rows) >= self.max_rows or time.monotonic() - self.last_flush >= self.max_age_s:
             self.flush()
 
@@ -143,8 +147,8 @@ class MetricWriter:
             with database.atomic():
                 if rows:
                     MetricPoint.insert_many(rows).on_conflict_ignore().execute()
-                    Training.update(step=rows[-1]["step"], tokens_seen=rows[-1]["tokens"]).where(
-                        Training.id == self.run.id).execute()
+                    Training.update(step=rows[-1]["step"], tokens_seen=rows[-1]["tokens"],
+                                    chart=self.series.state()).where(Training.id == self.run.id).execute()
                 if events:
                     Event.insert_many(events).execute()
 
@@ -232,6 +236,8 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
             controller = L0Controller(target=run.target_l0, alpha=run.l1_alpha, start_step=run.l1_warmup_steps)
         if resume is not None:
             _restore(run, resume, monitor, controller)
+            if resume.get("chart"):
+                writer.series = ChartSeries(state=resume["chart"])
 
         def on_start(info: dict) -> None:
             retry_write(Training.update(device=info["device"], norm_scale=info["norm_scale"]).where(
@@ -240,7 +246,7 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
                 writer.event("info", "resumed", f"Resumed on {info['device']} from the checkpoint at step "
                                                 f"{info['resumed_from']:,}.", step=info["resumed_from"])
             else:
-                writer.event("info", "started", f"Training on {info['device']}; activations scaled by "
+                writer.event("info", "started", f"Training on {info['device']} in {info['precision']}; activations scaled by "
                                                 f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']}).")
 
         def on_log(point) -> str | None:
@@ -253,6 +259,7 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
         def save(state: dict) -> None:
             writer.flush()  # the points up to this step are stored before the checkpoint claims them
             state["monitor"] = monitor.state_dict()
+            state["chart"] = writer.series.state()
             state["controller"] = controller.state_dict() if controller is not None else None
             save_checkpoint(state, run, settings)
 
@@ -310,7 +317,10 @@ def _rewind(run: Training, step: int, tokens: int) -> None:
     def rewind() -> None:
         with database.atomic():
             MetricPoint.delete().where((MetricPoint.training == run.id) & (MetricPoint.step > step)).execute()
-            Training.update(step=step, tokens_seen=tokens).where(Training.id == run.id).execute()
+            changes = {"step": step, "tokens_seen": tokens}
+            if step == 0:
+                changes["chart"] = None
+            Training.update(**changes).where(Training.id == run.id).execute()
 
     retry_write(rewind, what="rewind metrics")
 
