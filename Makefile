@@ -56,6 +56,9 @@ calibrate: install
 ## benchmarks: the speed figures, each beside its baseline
 benchmarks: install
 	$(PY) benchmarks/validator_speed.py
+	$(PY) benchmarks/trainer_vs_saelens.py
+	$(PY) benchmarks/progress_fragment.py
+	$(PY) benchmarks/fault_drill.py
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/extraction_throughput.py
 	$(PY) benchmarks/ground_truth_recovery.py

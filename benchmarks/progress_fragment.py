@@ -89,7 +89,7 @@ def poll(url: str, seconds: float, interval: float | None, out: list[float], err
 
 def percentiles(ms: list[float]) -> str:
     ms = sorted(ms)
-    q = statistics.quantiles(ms, n=100)
+    q = statistics.quantiles(ms, n=100, method="inclusive")
     return f"n {len(ms):>5}  p50 {q[49]:6.1f} ms  p95 {q[94]:6.1f} ms  p99 {q[98]:6.1f} ms  max {ms[-1]:6.1f} ms"
 
 

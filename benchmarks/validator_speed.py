@@ -37,10 +37,12 @@ def main() -> None:
                       "learning_rate": "0.0003", "batch_size": "4096", "total_steps": "30000",
                       "lr_warmup_steps": "1000", "l1_warmup_steps": "1500", "target_l0": "0.01", "seed": "0",
                       "log_every": "20", "dead_window_tokens": "200000", "early_stop_step": "1000",
-                      "early_stop_l0": "0.2", "plateau_window": "2000", "dead_latent_remedy": "none"})
+                      "early_stop_l0": "0.2", "plateau_window": "2000", "dead_latent_remedy": "none",
+                      "checkpoint_every_steps": "2000", "checkpoint_every_minutes": "5", "precision": "auto"})
     cfg = {k: (float(v) if "." in v else int(v)) if v[0].isdigit() else v for k, v in data.items()}
+    cfg.update(early_stop=True, steer_l1_alpha=False)
     with app.test_request_context(method="POST", data=data):
-        fields = per_call_ms(lambda: TrainingForm(formdata=data)._validate_fields())
+        fields = per_call_ms(lambda: TrainingForm(formdata=data).validate_fields())
         rules = per_call_ms(lambda: validate_config(cfg, SourceStats(768, 10_000_000), free_memory_bytes=2**34))
         full = per_call_ms(lambda: TrainingForm(formdata=data).validate())
     print(f"field validation only (baseline): {fields:7.3f} ms per config")
