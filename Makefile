@@ -54,7 +54,7 @@ calibrate: install
 	cd benchmarks && ../$(PY) calibrate_l1_alpha.py
 
 ## benchmarks: the speed figures, each beside its baseline
-benchmarks: install
+benchmarks: install-test
 	$(PY) benchmarks/validator_speed.py
 	$(PY) benchmarks/trainer_vs_saelens.py
 	$(PY) benchmarks/progress_fragment.py
