@@ -226,3 +226,17 @@ QUICK_CONFIG = {
     # these tests start it anyway. The validator's own tests start from clean configs.
     "acknowledge_warnings": True,
 }
+
+
+def create_run(client, **changes):
+    """A training queued through the API with QUICK_CONFIG and ``changes``."""
+    from app.models import Training
+
+    response = client.post("/api/trainings", json={**QUICK_CONFIG, **changes})
+    assert response.status_code == 201, response.json
+    return Training.get_by_id(response.json["id"])
+
+
+def reload(record):
+    """The record as the database holds it now."""
+    return type(record).get_by_id(record.id)

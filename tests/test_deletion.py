@@ -12,13 +12,7 @@ from flask import current_app
 
 from app.models import ActivationSet, Event, FeatureJob, ImportedSAE, MetricPoint, Template, Training
 from app.work import janitor
-from conftest import QUICK_CONFIG
-
-
-def create(client, **changes) -> Training:
-    response = client.post("/api/trainings", json={**QUICK_CONFIG, **changes})
-    assert response.status_code == 201, response.json
-    return Training.get_by_id(response.json["id"])
+from conftest import create_run
 
 
 def upload(client, env) -> ActivationSet:
@@ -33,7 +27,7 @@ def upload(client, env) -> ActivationSet:
 
 def test_delete_a_finished_run_asks_once_and_removes_its_rows_and_files(client, env, run_worker, monkeypatch):
     monkeypatch.setenv("FEATURES_AFTER_TRAINING", "1")
-    run = create(client)
+    run = create_run(client)
     run_worker()
     run = Training.get_by_id(run.id)
     assert run.status == "completed" and FeatureJob.select().where(FeatureJob.training == run.id).count() == 1
@@ -52,7 +46,7 @@ def test_delete_a_finished_run_asks_once_and_removes_its_rows_and_files(client, 
 
 def test_a_running_run_and_a_used_source_are_refused_naming_why(client, env):
     source = upload(client, env)
-    run = create(client, source_id=source.id, latent_dim=64)
+    run = create_run(client, source_id=source.id, latent_dim=64)
     Training.update(status="running").where(Training.id == run.id).execute()
     refused = client.delete(f"/api/trainings/{run.id}")
     assert refused.status_code == 409 and "cancel it first" in refused.json["error"]
@@ -69,7 +63,7 @@ def test_a_running_run_and_a_used_source_are_refused_naming_why(client, env):
 
 
 def test_a_queued_run_deleted_before_a_worker_takes_it_does_nothing(client, env, run_worker):
-    run = create(client)
+    run = create_run(client)
     assert client.delete(f"/api/trainings/{run.id}").status_code == 200
     done = run_worker()
     assert done.returncode == 0 and Training.select().count() == 0
@@ -105,7 +99,7 @@ def test_the_janitor_removes_only_old_files_that_nothing_owns(client, env):
     old = time.time() - 7200
     for path in (orphan_partial, orphan_run, half_written, data / source.path):
         os.utime(path, (old, old))
-    create(client)  # run #1 exists: its folder stays, its stray .tmp goes
+    create_run(client)  # run #1 exists: its folder stays, its stray .tmp goes
     removed = set(janitor.clean(current_app.config))
     assert removed == {"activations/.partial-77", "runs/999", "runs/1/checkpoint.pt.tmp"}
     assert (data / source.path).exists() and young.exists() and (data / "runs" / "1").exists()

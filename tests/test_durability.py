@@ -19,20 +19,11 @@ from safetensors.torch import load_file
 from app.models import Event, MetricPoint, Training, TuneJob, utcnow
 from app.work import lifecycle
 from app.work.training import checkpoint_step
-from conftest import BACKEND, QUICK_CONFIG, ROOT, kill_work_horse, wait_for, worker_env
+from conftest import (BACKEND, QUICK_CONFIG, ROOT, create_run, kill_work_horse, reload, wait_for,
+                      worker_env)
 
 METRIC_COLUMNS = ("step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead", "lr",
                   "l1_alpha")  # everything but the wall-clock throughput
-
-
-def create(client, **changes) -> Training:
-    response = client.post("/api/trainings", json={**QUICK_CONFIG, **changes})
-    assert response.status_code == 201, response.json
-    return Training.get_by_id(response.json["id"])
-
-
-def reload(run: Training) -> Training:
-    return Training.get_by_id(run.id)
 
 
 def series(run: Training) -> list[tuple]:
@@ -72,12 +63,12 @@ def no_feature_jobs(env, monkeypatch):
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(client, env, run_worker, no_feature_jobs):
     """The same seed trained straight, and killed with SIGKILL mid-way then resumed, ends with
     bit-identical weights on the CPU, the same metric series, and the same held-out L0 and FVU."""
-    straight = create(client, name="straight", **DURABLE)
+    straight = create_run(client, name="straight", **DURABLE)
     assert run_worker().returncode == 0
     straight = reload(straight)
     assert straight.status == "completed", straight.reason
 
-    killed = create(client, name="killed", **DURABLE)
+    killed = create_run(client, name="killed", **DURABLE)
     worker = start_worker(env)
     try:
         # past a few checkpoints; the kill then lands somewhere in the next interval
@@ -111,7 +102,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(client, env, r
 
 
 def test_sigterm_to_the_worker_checkpoints_and_leaves_the_run_resumable(client, env, no_feature_jobs):
-    run = create(client, **{**DURABLE, "total_steps": 100_000, "checkpoint_every_steps": 100_000})
+    run = create_run(client, **{**DURABLE, "total_steps": 100_000, "checkpoint_every_steps": 100_000})
     worker = start_worker(env)
     wait_for(lambda: reload(run).step >= 50, timeout=120, message="the run to train")
     worker.send_signal(signal.SIGTERM)  # RQ's warm shutdown
@@ -136,7 +127,7 @@ def test_sigterm_to_the_worker_checkpoints_and_leaves_the_run_resumable(client, 
 
 def test_killing_the_worker_process_ends_its_run_interrupted(client, env, no_feature_jobs):
     """Not just the work-horse: the whole worker dies. The horse follows (and checkpoints)."""
-    run = create(client, **{**DURABLE, "total_steps": 100_000})
+    run = create_run(client, **{**DURABLE, "total_steps": 100_000})
     worker = start_worker(env)
     try:
         wait_for(lambda: reload(run).step > 20, timeout=120, message="the run to train")
@@ -153,13 +144,13 @@ def test_killing_the_worker_process_ends_its_run_interrupted(client, env, no_fea
 def test_a_stale_heartbeat_is_swept_to_interrupted_at_start_up_and_by_the_sweeper(client, env, run_worker):
     """Whatever RQ left behind (here: nothing at all), a job whose heartbeat stopped is not running."""
     old = utcnow() - dt.timedelta(seconds=60)
-    run = create(client)
+    run = create_run(client)
     tune = TuneJob.create(source=1, latent_dim=256, target_l0=0.02, learning_rate=1e-3, batch_size=256,
                           pilot_steps=400)
     for record in (run, tune):
         type(record).update(status="running", started_at=old, heartbeat_at=old, worker_name="gone.1").where(
             type(record).id == record.id).execute()
-    fresh = create(client)
+    fresh = create_run(client)
     Training.update(status="running", started_at=utcnow(), heartbeat_at=utcnow()).where(
         Training.id == fresh.id).execute()
     # the page does not change it: GETs never write
@@ -181,7 +172,7 @@ def test_a_locked_database_delays_a_run_but_never_fails_it(client, env, worker_p
     the run writes to."""
     from playhouse.db_url import connect
 
-    run = create(client, **{**DURABLE, "total_steps": 3000})
+    run = create_run(client, **{**DURABLE, "total_steps": 3000})
     wait_for(lambda: reload(run).step >= 30, timeout=120, message="the run to train")
     other = connect(env["DATABASE_URL"], **({"pragmas": {"busy_timeout": 30_000}} if BACKEND == "sqlite" else {}))
     other.connect()
@@ -203,7 +194,7 @@ def test_a_locked_database_delays_a_run_but_never_fails_it(client, env, worker_p
 def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_feature_jobs):
     """Two trainings run at once, one on each worker, while the web process writes too: both
     complete and every metric row is there exactly once."""
-    runs = [create(client, name=f"parallel-{i}", **{**DURABLE, "total_steps": 800, "seed": i}) for i in range(2)]
+    runs = [create_run(client, name=f"parallel-{i}", **{**DURABLE, "total_steps": 800, "seed": i}) for i in range(2)]
     workers = [start_worker(env, name=f"w{i}-{os.getpid()}") for i in range(2)]
     stop_writing = threading.Event()
     written = []
@@ -237,7 +228,7 @@ def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_featur
 
 
 def test_a_job_redis_lost_is_queued_again(client, env, redis_client, run_worker, no_feature_jobs):
-    run = create(client, total_steps=50)
+    run = create_run(client, total_steps=50)
     redis_client.flushdb()  # Redis restarted without its data
     Training.update(created_at=utcnow() - dt.timedelta(minutes=5)).where(Training.id == run.id).execute()
     assert [r.id for r in lifecycle.requeue_lost(current_app.config)] == [run.id]
@@ -248,7 +239,7 @@ def test_a_job_redis_lost_is_queued_again(client, env, redis_client, run_worker,
 
 def test_a_cancelled_run_resumes_from_its_page_at_a_new_learning_rate(client, env, worker_process, run_worker,
                                                                       no_feature_jobs):
-    run = create(client, **{**DURABLE, "total_steps": 100_000})
+    run = create_run(client, **{**DURABLE, "total_steps": 100_000})
     wait_for(lambda: reload(run).step >= 30, timeout=120, message="the run to train")
     client.post(f"/trainings/{run.id}/cancel")
     run = wait_for(lambda: (r := reload(run)).status == "cancelled" and r, timeout=60, message="cancelled")

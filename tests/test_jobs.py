@@ -5,22 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app.models import ActivationSet, Event, MetricPoint, Training
-from conftest import QUICK_CONFIG, kill_work_horse, wait_for
-
-
-def create(client, **changes) -> Training:
-    response = client.post("/api/trainings", json={**QUICK_CONFIG, **changes})
-    assert response.status_code == 201, response.json
-    return Training.get_by_id(response.json["id"])
-
-
-def reload(run: Training) -> Training:
-    return Training.get_by_id(run.id)
+from app.models import ActivationSet, Event, MetricPoint
+from conftest import create_run, kill_work_horse, reload, wait_for
 
 
 def test_training_runs_to_completed_through_the_queue(client, env, run_worker):
-    run = create(client)
+    run = create_run(client)
     done = run_worker()
     assert done.returncode == 0, done.stderr
     run = reload(run)
@@ -41,7 +31,7 @@ def test_training_runs_to_completed_through_the_queue(client, env, run_worker):
 
 
 def test_topk_training_runs_through_the_queue(client, run_worker):
-    run = create(client, architecture="topk", k=8, l1_alpha=None)
+    run = create_run(client, architecture="topk", k=8, l1_alpha=None)
     assert run_worker().returncode == 0
     run = reload(run)
     assert run.status == "completed", run.reason
@@ -58,7 +48,7 @@ def test_training_that_raises_ends_failed_with_the_reason(client, env, run_worke
     assert up.status_code == 303
     source = ActivationSet.get(ActivationSet.kind == "file")
     (Path(env["DATA_DIR"]) / source.path).unlink()  # the file vanishes before the job starts
-    run = create(client, source_id=source.id)
+    run = create_run(client, source_id=source.id)
     run_worker()
     run = reload(run)
     assert run.status == "failed"
@@ -76,7 +66,7 @@ def test_uploaded_source_trains(client, env, run_worker):
     client.post("/sources/upload", data={"file": (io.BytesIO(save({"x": rows})), "acts.safetensors")},
                 content_type="multipart/form-data")
     source = ActivationSet.get(ActivationSet.kind == "file")
-    run = create(client, source_id=source.id, latent_dim=128, total_steps=50, log_every=10)
+    run = create_run(client, source_id=source.id, latent_dim=128, total_steps=50, log_every=10)
     run_worker()
     run = reload(run)
     assert run.status == "completed", run.reason
@@ -84,7 +74,7 @@ def test_uploaded_source_trains(client, env, run_worker):
 
 
 def test_cancel_a_running_training(client, worker_process):
-    run = create(client, total_steps=100_000, log_every=10)
+    run = create_run(client, total_steps=100_000, log_every=10)
     wait_for(lambda: reload(run).step > 0, message="the run to log its first metrics")
     response = client.post(f"/trainings/{run.id}/cancel", headers={"HX-Request": "true"})
     assert response.status_code == 200 and "Stopping" in response.get_data(as_text=True)
@@ -92,12 +82,12 @@ def test_cancel_a_running_training(client, worker_process):
     assert run.reason == "Cancelled by the user." and 0 < run.step < 100_000
     assert run.summary and run.summary["checkpoint"]  # what was trained is kept
     # The worker stays healthy and takes the next job.
-    second = create(client)
+    second = create_run(client)
     wait_for(lambda: reload(second).status == "completed", message="the next run to complete")
 
 
 def test_cancel_a_queued_training(client, env, redis_client, run_worker):
-    run = create(client)
+    run = create_run(client)
     response = client.post(f"/api/trainings/{run.id}/cancel")
     assert response.status_code == 202 and response.json["status"] == "cancelled"
     run_worker()
@@ -106,7 +96,7 @@ def test_cancel_a_queued_training(client, env, redis_client, run_worker):
 
 
 def test_work_horse_killed_mid_run_is_shown_as_interrupted(client, worker_process):
-    run = create(client, total_steps=100_000)
+    run = create_run(client, total_steps=100_000)
     wait_for(lambda: reload(run).step > 0, message="the run to start")
     kill_work_horse(worker_process)
     # the worker notices at once; nothing has to open the page for it
@@ -118,7 +108,7 @@ def test_work_horse_killed_mid_run_is_shown_as_interrupted(client, worker_proces
 
 
 def test_progress_fragment_polls_while_active_and_stops_when_done(client, run_worker):
-    run = create(client)
+    run = create_run(client)
     queued = client.get(f"/trainings/{run.id}/progress").get_data(as_text=True)
     assert 'hx-trigger="every 2s"' in queued and "waiting for a worker" in queued
     assert "L0 not measured yet" in queued and "Cancel training" in queued
@@ -135,7 +125,7 @@ def test_progress_fragment_polls_while_active_and_stops_when_done(client, run_wo
 
 
 def test_list_page_shows_runs_with_status_and_grade(client, run_worker):
-    create(client, name="alpha-run")
+    create_run(client, name="alpha-run")
     run_worker()
     html = client.get("/").get_data(as_text=True)
     assert "alpha-run" in html and "completed" in html and "badge grade-" in html

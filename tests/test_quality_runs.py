@@ -4,18 +4,12 @@ from __future__ import annotations
 import re
 
 from app.models import Event, MetricPoint, Training
-from conftest import QUICK_CONFIG
-
-
-def create(client, **changes) -> Training:
-    response = client.post("/api/trainings", json={**QUICK_CONFIG, **changes})
-    assert response.status_code == 201, response.json
-    return Training.get_by_id(response.json["id"])
+from conftest import create_run
 
 
 def test_a_dense_run_fires_the_dense_rule_and_stops_early(client, env, run_worker):
     # The smallest penalty the form allows is, for this source, no penalty at all.
-    run = create(client, l1_alpha=1.1e-5, latent_dim=512, total_steps=3000, early_stop_step=300,
+    run = create_run(client, l1_alpha=1.1e-5, latent_dim=512, total_steps=3000, early_stop_step=300,
                  lr_warmup_steps=10, l1_warmup_steps=50)
     assert run_worker().returncode == 0
     run = Training.get_by_id(run.id)
@@ -40,7 +34,7 @@ def test_a_dense_run_fires_the_dense_rule_and_stops_early(client, env, run_worke
 
 
 def test_finished_run_page_shows_verdict_and_histogram(client, run_worker):
-    run = create(client, latent_dim=512, total_steps=600, batch_size=256, l1_warmup_steps=60)
+    run = create_run(client, latent_dim=512, total_steps=600, batch_size=256, l1_warmup_steps=60)
     run_worker()
     run = Training.get_by_id(run.id)
     assert run.status == "completed", run.reason
@@ -56,7 +50,7 @@ def test_finished_run_page_shows_verdict_and_histogram(client, run_worker):
 
 
 def test_comparison_of_three_runs(client, run_worker):
-    runs = [create(client, name=f"penalty {a}", l1_alpha=a) for a in (0.001, 0.003, 0.01)]
+    runs = [create_run(client, name=f"penalty {a}", l1_alpha=a) for a in (0.001, 0.003, 0.01)]
     run_worker()
     assert all(Training.get_by_id(r.id).status == "completed" for r in runs)
     html = client.get("/compare?" + "&".join(f"ids={r.id}" for r in runs)).get_data(as_text=True)
@@ -71,7 +65,7 @@ def test_comparison_of_three_runs(client, run_worker):
 
 
 def test_steering_changes_l1_alpha_and_records_it(client, run_worker):
-    run = create(client, latent_dim=512, total_steps=400, l1_alpha=0.0005, steer_l1_alpha=True,
+    run = create_run(client, latent_dim=512, total_steps=400, l1_alpha=0.0005, steer_l1_alpha=True,
                  l1_warmup_steps=50, target_l0=0.03)
     run_worker()
     run = Training.get_by_id(run.id)
