@@ -84,7 +84,7 @@ def test_every_page_renders_with_redis_down_and_work_resumes_when_it_is_back(dow
     own_redis["proc"].wait(timeout=10)
     ids = {"training_id": done.id, "extraction_id": extraction.id, "job_id": feature_job.id, "latent": 0,
            "tune_id": tune.id, "template_id": Template.select().first().id, "source_id": 1, "imported_id": imported.id,
-           "record_id": done.id}
+           "record_id": done.id, "kind": "templates"}
     urls = every_get_route(down_app, ids) + [f"/trainings/{run.id}", f"/trainings/{run.id}/progress",
                                              "/api/trainings"]
     statuses = {url: client.get(url).status_code for url in urls}
@@ -108,6 +108,23 @@ def test_every_page_renders_with_redis_down_and_work_resumes_when_it_is_back(dow
     # cancelling a queued run is a database write: it works without Redis
     cancel = client.post(f"/trainings/{run.id}/cancel")
     assert cancel.status_code == 303 and Training.get_by_id(run.id).status == "cancelled"
+
+    # every state-changing route, given nothing or junk: a 4xx or a 503 with the reason, never a 500,
+    # and no job row appears
+    counts = {m: m.select().count() for m in (Training, TuneJob, Extraction, FeatureJob, ImportedSAE)}
+    posted = {}
+    for rule in sorted(down_app.url_map.iter_rules(), key=lambda r: ("delete" in r.rule, r.rule)):
+        for method in ("POST", "DELETE"):
+            if method not in rule.methods:
+                continue
+            url = rule.rule
+            for arg in rule.arguments:
+                url = re.sub(rf"<(?:[a-z]+(?:\([^)]*\))?:)?{arg}>", str(ids.get(arg, 1)), url)
+            posted[f"{method} {url}"] = client.open(url, method=method, data={"x": "1"}).status_code
+    assert not [u for u, s in posted.items() if s >= 500 and s != 503], posted
+    assert len(posted) >= 20
+    for model, before in counts.items():
+        assert model.select().count() <= before, model
 
     # Redis back: new work starts again
     own_redis["proc"] = start_redis(own_redis["port"], own_redis["dir"])

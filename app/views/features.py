@@ -213,8 +213,10 @@ def import_sae():
     try:
         job = create_feature_job(current_app.config, imported=imported, source=source,
                                  sample_tokens=form.sample_tokens.data)
-    except QueueUnavailable:
-        return redirect(url_for("features.imports"), code=303)  # kept: its statistics can be started later
+    except QueueUnavailable as exc:  # the import is its statistics: without the queue, nothing is kept
+        deletion.delete_imported(imported, current_app.config)
+        form.form_errors.append(f"Not imported: {exc}. Nothing was kept; try again once the queue is back.")
+        return render_imports(form, 503)
     return redirect(url_for("features.show", job_id=job.id), code=303)
 
 
