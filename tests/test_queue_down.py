@@ -50,17 +50,18 @@ def down_app(own_redis, env):
         yield app
 
 
-def every_get_route(app, ids: dict[str, int]) -> list[str]:
+def fill(rule, ids: dict) -> str:
+    """The rule's URL with the ids of records that exist in place of its arguments."""
+    url = rule.rule
+    for arg in rule.arguments:
+        url = re.sub(rf"<(?:[a-z]+(?:\([^)]*\))?:)?{arg}>", str(ids.get(arg, 1)), url)
+    return url
+
+
+def every_get_route(app, ids: dict) -> list[str]:
     """Every GET route of the app, with ids of records that exist filled in."""
-    urls = []
-    for rule in app.url_map.iter_rules():
-        if "GET" not in rule.methods or rule.endpoint == "static":
-            continue
-        url = rule.rule
-        for arg in rule.arguments:
-            url = re.sub(rf"<(?:[a-z]+(?:\([^)]*\))?:)?{arg}>", str(ids.get(arg, 1)), url)
-        urls.append(url)
-    return sorted(set(urls))
+    return sorted({fill(rule, ids) for rule in app.url_map.iter_rules()
+                   if "GET" in rule.methods and rule.endpoint != "static"})
 
 
 def test_every_page_renders_with_redis_down_and_work_resumes_when_it_is_back(down_app, own_redis, env):
@@ -117,9 +118,7 @@ def test_every_page_renders_with_redis_down_and_work_resumes_when_it_is_back(dow
         for method in ("POST", "DELETE"):
             if method not in rule.methods:
                 continue
-            url = rule.rule
-            for arg in rule.arguments:
-                url = re.sub(rf"<(?:[a-z]+(?:\([^)]*\))?:)?{arg}>", str(ids.get(arg, 1)), url)
+            url = fill(rule, ids)
             posted[f"{method} {url}"] = client.open(url, method=method, data={"x": "1"}).status_code
     assert not [u for u, s in posted.items() if s >= 500 and s != 503], posted
     assert len(posted) >= 20
