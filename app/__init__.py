@@ -38,9 +38,12 @@ def create_app(config: dict | None = None):
     csrf = CSRFProtect(app)
     Htmx(app)
 
-    from .views import api, extractions, features, pages, sources, templates, tune
+    from . import security
+    from .views import api, auth, extractions, features, pages, sources, templates, tune
     from .views.formatting import register_filters
 
+    security.init_app(app)
+    app.register_blueprint(auth.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(sources.bp)
     app.register_blueprint(api.bp)

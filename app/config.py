@@ -34,6 +34,15 @@ def load_settings(overrides: dict | None = None) -> dict:
     JANITOR_INTERVAL_S how often it removes orphaned files (600); JANITOR_MIN_AGE_S: only
                        files at least this old (3600)
     REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S   every Redis call's limits (2, 5)
+    TRUSTED_HOSTS  comma-separated Host names the app answers to (localhost, 127.0.0.1, ::1, and
+                   EXTERNAL_URL's host); any other Host header gets a 400 (DNS rebinding)
+    EXTERNAL_URL   the app's URL as the team reaches it (https://sae.example.org); used in the
+                   API's links and, when https, for Secure cookies
+    TRUST_PROXY    1: trust one reverse proxy's X-Forwarded-For/Proto/Host (only behind one)
+    MAX_BODY_KB    largest request body except uploads (1024)
+    MODEL_ROOTS, DATASET_ROOTS   colon-separated folders local models and datasets may be read
+                   from (DATA_DIR/models and DATA_DIR/datasets; the Hugging Face cache is always allowed)
+    MAX_MODEL_GB   largest model an extraction may load (40)
     """
     env = os.environ
     settings = {
@@ -54,6 +63,13 @@ def load_settings(overrides: dict | None = None) -> dict:
         "JANITOR_MIN_AGE_S": _float("JANITOR_MIN_AGE_S", 3600.0),
         "REDIS_CONNECT_TIMEOUT_S": _float("REDIS_CONNECT_TIMEOUT_S", 2.0),
         "REDIS_SOCKET_TIMEOUT_S": _float("REDIS_SOCKET_TIMEOUT_S", 5.0),
+        "TRUSTED_HOSTS": [h.strip() for h in env.get("TRUSTED_HOSTS", "").split(",") if h.strip()],
+        "EXTERNAL_URL": env.get("EXTERNAL_URL", "").rstrip("/"),
+        "TRUST_PROXY": env.get("TRUST_PROXY", "0").strip().lower() in ("1", "true", "yes"),
+        "MAX_BODY_KB": _int("MAX_BODY_KB", 1024),
+        "MODEL_ROOTS": [p for p in env.get("MODEL_ROOTS", "").split(":") if p],
+        "DATASET_ROOTS": [p for p in env.get("DATASET_ROOTS", "").split(":") if p],
+        "MAX_MODEL_GB": _float("MAX_MODEL_GB", 40.0),
     }
     settings.update(overrides or {})
     data_dir = Path(settings["DATA_DIR"])
@@ -62,6 +78,13 @@ def load_settings(overrides: dict | None = None) -> dict:
         settings["DATABASE_URL"] = f"sqlite:///{data_dir / 'sae_studio.db'}"
     if not settings["SECRET_KEY"]:
         settings["SECRET_KEY"] = _persistent_secret(data_dir / "secret_key")
+    settings["MODEL_ROOTS"] = settings["MODEL_ROOTS"] or [str(data_dir / "models")]
+    settings["DATASET_ROOTS"] = settings["DATASET_ROOTS"] or [str(data_dir / "datasets")]
+    if not settings["TRUSTED_HOSTS"]:
+        from urllib.parse import urlsplit
+
+        external = urlsplit(settings["EXTERNAL_URL"]).hostname if settings["EXTERNAL_URL"] else None
+        settings["TRUSTED_HOSTS"] = ["localhost", "127.0.0.1", "::1", "[::1]"] + ([external] if external else [])
     return settings
 
 

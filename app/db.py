@@ -133,9 +133,22 @@ def _migration_9_precision_and_chart(db) -> None:
             Template.update(config={**template.config, "precision": "auto"}).where(Template.id == template.id).execute()
 
 
+def _migration_10_accounts(db) -> None:
+    """Users, API tokens, and who created each record."""
+    from peewee import ForeignKeyField
+
+    from .models import ApiToken, User
+
+    db.create_tables([User, ApiToken])
+    for table in ("activation_set", "training", "tune_job", "extraction", "imported_sae", "feature_job", "template"):
+        add_column_if_missing(db, table, "created_by_id",
+                              ForeignKeyField(User, field=User.id, null=True, on_delete="SET NULL"))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
-                              _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart]
+                              _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
+                              _migration_10_accounts]
 
 
 def migrate() -> int:

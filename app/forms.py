@@ -5,7 +5,8 @@ import math
 
 from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
-from wtforms import BooleanField, FileField, FloatField, IntegerField, SelectChoice, SelectField, StringField
+from wtforms import (BooleanField, FileField, FloatField, IntegerField, PasswordField, SelectChoice, SelectField,
+                     StringField)
 from wtforms.validators import InputRequired, Length, NumberRange, Optional, StopValidation
 
 from flask import current_app
@@ -393,3 +394,21 @@ class ImportSAEForm(FlaskForm):
         super().__init__(*args, **kwargs)
         self.source_id.choices = [SelectChoice(s.id, s.describe())
                                   for s in ActivationSet.select().order_by(ActivationSet.id)]
+
+
+class LoginForm(FlaskForm):
+    username = StringField("Username", validators=[InputRequired("Enter your username."), Length(max=64)])
+    password = PasswordField("Password", validators=[InputRequired("Enter your password."), Length(max=1000)])
+
+
+class UserForm(FlaskForm):
+    """An admin adds a team member; the password is generated when left empty and shown once."""
+
+    username = StringField("Username", validators=[InputRequired("Name the user."), Length(max=64)])
+    password = PasswordField("Password (empty: generate one)", validators=[Optional(), Length(min=10, max=1000)])
+    is_admin = BooleanField("Admin (may change anyone's records and add users)", default=False)
+
+
+class TokenForm(FlaskForm):
+    name = StringField("Token name", validators=[InputRequired("Name the token, e.g. the script using it."),
+                                                 Length(max=100)])

@@ -37,7 +37,48 @@ class BaseModel(Model):
         database = database
 
 
-class JobRecord(BaseModel):
+class User(BaseModel):
+    """A member of the team. Everyone sees everything; only a record's creator or an admin
+    may cancel, resume or delete it."""
+
+    username = CharField(unique=True)
+    password_hash = CharField()
+    is_admin = BooleanField(default=False)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "app_user"
+
+
+class ApiToken(BaseModel):
+    """A personal token for the JSON API; only its SHA-256 is stored."""
+
+    user = ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
+    name = CharField()
+    token_hash = CharField(unique=True)
+    prefix = CharField()  # the first characters, so a user can tell tokens apart
+    created_at = DateTimeField(default=utcnow)
+    last_used_at = DateTimeField(null=True)
+    revoked_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "api_token"
+
+
+class Owned(BaseModel):
+    """A record someone created: shown with their name, changed only by them or an admin."""
+
+    created_by = ForeignKeyField(User, null=True, on_delete="SET NULL")
+
+    def may_change(self, user) -> bool:
+        return user is not None and (user.is_admin or self.created_by_id == user.id)
+
+    @property
+    def creator(self) -> str:
+        return self.created_by.username if self.created_by_id else "—"
+
+
+class JobRecord(Owned):
     """What every queued piece of work has: a status, a reason, a cancel flag, its RQ job, times."""
 
     status = CharField(default="queued", index=True)
@@ -55,7 +96,7 @@ class JobRecord(BaseModel):
         return self.status in ACTIVE_STATUSES
 
 
-class ActivationSet(BaseModel):
+class ActivationSet(Owned):
     """Where training activations come from: a synthetic generator or a file on disk."""
 
     name = CharField()
@@ -229,7 +270,7 @@ class Extraction(JobRecord):
         return min(self.tokens_done / self.token_budget, 1.0) if self.token_budget else 0.0
 
 
-class ImportedSAE(BaseModel):
+class ImportedSAE(Owned):
     """An SAE brought in from elsewhere in the SAELens layout, kept under DATA_DIR/imported/<id>/."""
 
     name = CharField()
@@ -286,7 +327,7 @@ class FeatureStat(BaseModel):
         indexes = ((("job", "latent"), True),)
 
 
-class Template(BaseModel):
+class Template(Owned):
     """A named set of hyperparameters that fills the training form."""
 
     name = CharField()
@@ -351,7 +392,7 @@ class WorkerBeat(BaseModel):
         table_name = "worker_beat"
 
 
-ALL_MODELS = [ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
+ALL_MODELS = [User, ApiToken, ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
               FeatureStat, WorkerBeat]
 
 DEFAULT_SYNTHETIC = {

@@ -148,9 +148,32 @@ def app(env):
         yield app
 
 
+def sign_in(client, user) -> str:
+    """Sign ``client`` in as ``user`` for pages (session) and the API (a bearer token); return the token."""
+    from app.auth import create_token
+
+    with client.session_transaction() as session:
+        session["user_id"] = user.id
+        session["password_hash"] = user.password_hash[-16:]
+    _, token = create_token(user, "tests")
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return token
+
+
+def signed_in_client(app, username: str = "tester", *, is_admin: bool = True):
+    """A test client signed in as a new user (an admin unless said otherwise)."""
+    from app.auth import create_user
+
+    user, _ = create_user(username, "correct horse battery", is_admin=is_admin)
+    client = app.test_client()
+    sign_in(client, user)
+    client.user = user
+    return client
+
+
 @pytest.fixture
 def client(app):
-    return app.test_client()
+    return signed_in_client(app)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from rq import Queue
 
 from app.models import Training
 from bounds import BOUNDS, bound_id
-from conftest import QUICK_CONFIG
+from conftest import QUICK_CONFIG, signed_in_client
 
 
 def form_data(**changes) -> dict:
@@ -125,7 +125,7 @@ def test_csrf_is_enforced_on_the_html_form(env, redis_client):
 
     app = create_app({"TESTING": True})
     with app.app_context():
-        response = app.test_client().post("/trainings", data=form_data())
+        response = signed_in_client(app).post("/trainings", data=form_data())
         assert response.status_code == 400
         assert Training.select().count() == 0
 

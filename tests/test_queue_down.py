@@ -12,7 +12,7 @@ import pytest
 from redis import Redis
 
 from app.models import ActivationSet, Extraction, FeatureJob, ImportedSAE, Template, Training, TuneJob
-from conftest import QUICK_CONFIG, free_port
+from conftest import QUICK_CONFIG, free_port, signed_in_client
 
 
 def start_redis(port: int, workdir) -> subprocess.Popen:
@@ -65,7 +65,7 @@ def every_get_route(app, ids: dict) -> list[str]:
 
 
 def test_every_page_renders_with_redis_down_and_work_resumes_when_it_is_back(down_app, own_redis, env):
-    client = down_app.test_client()
+    client = signed_in_client(down_app)
     queued = client.post("/api/trainings", json=QUICK_CONFIG)
     assert queued.status_code == 201
     run = Training.get_by_id(queued.json["id"])
@@ -143,7 +143,7 @@ def test_a_redis_that_never_answers_costs_seconds_not_a_hung_request(env, monkey
                       "REDIS_URL": f"redis://127.0.0.1:{port}/0", "REDIS_SOCKET_TIMEOUT_S": 1.0})
     with app.app_context():
         started = time.monotonic()
-        response = app.test_client().post("/api/trainings", json=QUICK_CONFIG)
+        response = signed_in_client(app).post("/api/trainings", json=QUICK_CONFIG)
         elapsed = time.monotonic() - started
     listener.close()
     assert response.status_code == 503 and elapsed < 10

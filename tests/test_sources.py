@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from app.models import ActivationSet
 from app.sae.files import ActivationFileError, inspect_activation_file
+from conftest import signed_in_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +120,7 @@ def test_file_over_the_size_limit_is_refused(env, redis_client):
 
     app = create_app({"TESTING": True, "WTF_CSRF_ENABLED": False, "MAX_UPLOAD_MB": 1})
     with app.app_context():
-        response = upload(app.test_client(), "big.npy", npy_bytes(np.zeros((40_000, 16), dtype=np.float32)))
+        response = upload(signed_in_client(app), "big.npy", npy_bytes(np.zeros((40_000, 16), dtype=np.float32)))
         assert response.status_code == 413
         assert "larger than the limit" in upload_error(response)
         assert stored_files(env) == []
@@ -138,13 +139,21 @@ def test_safetensors_with_several_unnamed_tensors_is_refused(tmp_path):
 
 
 def test_web_process_never_imports_torch(env):
-    code = ("import sys; from app import create_app; app = create_app({'TESTING': True}); "
-            "c = app.test_client(); [c.get(u) for u in ('/', '/trainings/new', '/sources/', '/api/trainings')]; "
-            "print('torch' in sys.modules)")
+    code = ("import sys\nfrom app import create_app\napp = create_app({'TESTING': True})\n"
+            "with app.app_context():\n"
+            "    from app.auth import create_token, create_user\n"
+            "    user, _ = create_user('viewer', 'a long password')\n"
+            "    c = app.test_client()\n"
+            "    with c.session_transaction() as s:\n"
+            "        s['user_id'], s['password_hash'] = user.id, user.password_hash[-16:]\n"
+            "    bearer = {'Authorization': 'Bearer ' + create_token(user, 't')[1]}\n"
+            "    codes = [c.get(u, headers=bearer).status_code for u in ('/', '/trainings/new', '/sources/', "
+            "'/api/trainings')]\n"
+            "print(codes, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**__import__('os').environ, **env})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert out.stdout.strip().splitlines()[-1] == "[200, 200, 200, 200] False"
 
 
 def test_synthetic_source_form(client):

@@ -1,9 +1,10 @@
 """The JSON API for scripts: the same form validation as the HTML form."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, request, url_for
+from flask import Blueprint, current_app, g, request, url_for
 from werkzeug.datastructures import MultiDict
 
+from ..auth import require_change
 from ..forms import ExtractionForm, TrainingForm, json_to_formdata
 from ..models import ActivationSet, Event, Extraction, ImportedSAE, MetricPoint, Template, Training
 from ..training_config import BY_NAME
@@ -69,7 +70,7 @@ def create():
     if errors or not valid:
         return {"errors": errors, "findings": [f.to_dict() for f in form.findings]}, 422
     try:
-        run = create_training(form.training_fields(), current_app.config)
+        run = create_training({**form.training_fields(), "created_by": g.user.id}, current_app.config)
     except QueueUnavailable as exc:
         return unavailable(exc)
     return {"id": run.id, "status": run.status, "reason": run.reason,
@@ -100,6 +101,7 @@ def cancel(training_id: int):
     run = get_training_or_404(training_id)
     if not run.is_active:
         return {"id": run.id, "status": run.status, "error": f"The run has already ended ({run.status})."}, 409
+    require_change(run)
     lifecycle.request_cancel(run)
     run = Training.get_by_id(run.id)
     return {"id": run.id, "status": run.status, "cancel_requested": run.cancel_requested}, 202
@@ -117,6 +119,7 @@ def resume(training_id: int):
     if learning_rate is not None and (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
                                       or not BY_NAME["learning_rate"].in_range(float(learning_rate))):
         return {"errors": {"learning_rate": ["Must be a number between 1e-06 and 0.1."]}}, 422
+    require_change(run)
     try:
         run = resume_training(run, current_app.config,
                               learning_rate=None if learning_rate is None else float(learning_rate))
@@ -141,6 +144,7 @@ def delete(kind: str, record_id: int):
     """Delete a record and its files; 409 naming what stands in the way (a running job, runs on a source)."""
     model, what, delete_record, plan = DELETABLE[kind]
     record = get_or_404(model, record_id, what)
+    require_change(record)
     try:
         done = delete_record(record, current_app.config)
     except deletion.DeleteRefused as exc:
@@ -195,7 +199,7 @@ def create_extraction_api():
     if errors or not valid:
         return {"errors": errors}, 422
     try:
-        job = create_extraction(current_app.config, form.data, named_text_spec(form.data))
+        job = create_extraction(current_app.config, form.data, named_text_spec(form.data), created_by=g.user.id)
     except QueueUnavailable as exc:
         return unavailable(exc)
     return extraction_dict(job), 201

@@ -4,8 +4,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from flask import Blueprint, current_app, redirect, render_template, url_for
+from flask import Blueprint, current_app, g, redirect, render_template, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from ..auth import require_change
 from ..extraction.capture_names import SITES
 from ..extraction.text import TEXT_SUFFIXES, TextSourceError, TextSpec, check_corpus
 from ..forms import ExtractionForm
@@ -65,7 +67,7 @@ def start():
     else:
         spec = named_text_spec(d)
     try:
-        job = create_extraction(current_app.config, d, spec)
+        job = create_extraction(current_app.config, d, spec, created_by=g.user.id)
     except QueueUnavailable as exc:
         if spec.path:
             Path(spec.path).unlink(missing_ok=True)
@@ -91,6 +93,7 @@ def progress(extraction_id: int):
 @bp.post("/<int:extraction_id>/cancel")
 def cancel(extraction_id: int):
     job = get_extraction_or_404(extraction_id)
+    require_change(job)
     lifecycle.request_cancel(job)
     return render_template("_partials/extraction_progress.html", job=Extraction.get_by_id(job.id), sites=SITES)
 
@@ -101,3 +104,11 @@ def delete(extraction_id: int):
     return delete_flow(job, deletion.plan_extraction, deletion.delete_extraction,
                        action=url_for("extractions.delete", extraction_id=job.id),
                        back=url_for("extractions.show", extraction_id=job.id), done=url_for("extractions.index"))
+
+
+@bp.errorhandler(RequestEntityTooLarge)
+def too_large(error):
+    form = ExtractionForm(formdata=None)
+    form.text_file.errors = [f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} "
+                             "MB. Nothing was kept."]
+    return render_index(form, 413)

@@ -9,9 +9,11 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import charts
+from ..auth import require_change
 from ..forms import FeatureJobForm, ImportSAEForm
 from ..models import ActivationSet, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Training
 from ..sae.export import (CFG, SAEFormatError, WEIGHTS, export_files, files_from_zip, hook_name, parse_saelens,
@@ -49,7 +51,7 @@ def start_for_run(training_id: int):
     if not form.validate_on_submit():
         abort(422, description="; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
     try:
-        job = create_feature_job(current_app.config, training=run, source=run.source,
+        job = create_feature_job(current_app.config, training=run, source=run.source, created_by=g.user.id,
                                  sample_tokens=form.sample_tokens.data)
     except QueueUnavailable as exc:
         return render_template("error.html", title="Not started",
@@ -103,6 +105,7 @@ def progress(job_id: int):
 @bp.post("/features/<int:job_id>/cancel")
 def cancel(job_id: int):
     job = get_job_or_404(job_id)
+    require_change(job)
     lifecycle.request_cancel(job)
     return render_template("_partials/feature_progress.html", job=FeatureJob.get_by_id(job.id))
 
@@ -208,10 +211,10 @@ def import_sae():
     for name in (CFG, WEIGHTS):
         (folder / name).write_bytes(files[name])
     name = (form.name.data or "").strip() or form.file.data.filename or "imported SAE"
-    imported = ImportedSAE.create(name=name, architecture=sae.architecture, d_in=sae.d_in, d_sae=sae.d_sae, k=sae.k,
+    imported = ImportedSAE.create(name=name, created_by=g.user.id, architecture=sae.architecture, d_in=sae.d_in, d_sae=sae.d_sae, k=sae.k,
                                   cfg=sae.cfg, path=str(folder.relative_to(current_app.config["DATA_DIR"])))
     try:
-        job = create_feature_job(current_app.config, imported=imported, source=source,
+        job = create_feature_job(current_app.config, imported=imported, source=source, created_by=g.user.id,
                                  sample_tokens=form.sample_tokens.data)
     except QueueUnavailable as exc:  # the import is its statistics: without the queue, nothing is kept
         deletion.delete_imported(imported, current_app.config)
@@ -226,3 +229,13 @@ def delete_imported(imported_id: int):
     return delete_flow(sae, deletion.plan_imported, deletion.delete_imported,
                        action=url_for("features.delete_imported", imported_id=sae.id),
                        back=url_for("features.imports"), done=url_for("features.imports"))
+
+
+@bp.errorhandler(RequestEntityTooLarge)
+def too_large(error):
+    if request.endpoint != "features.import_sae":
+        raise error
+    form = ImportSAEForm(formdata=None)
+    form.file.errors = [f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} MB. "
+                        "Nothing was kept."]
+    return render_imports(form, 413)

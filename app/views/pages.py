@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
 
 from .. import charts
 from ..chart_series import KEYS as SERIES_KEYS, ChartSeries, from_points
+from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import Event, MetricPoint, Template, Training
 from ..work import deletion, lifecycle
@@ -62,7 +63,7 @@ def create():
     if not form.validate_on_submit():
         return render_training_form(form, 422)
     try:
-        run = create_training(form.training_fields(), current_app.config)
+        run = create_training({**form.training_fields(), "created_by": g.user.id}, current_app.config)
     except QueueUnavailable as exc:
         form.form_errors.append(f"Not started: {exc}. Nothing was created; try again once the queue is back.")
         return render_training_form(form, 503)
@@ -161,6 +162,7 @@ def progress(training_id: int):
 @bp.post("/trainings/<int:training_id>/cancel")
 def cancel(training_id: int):
     run = get_training_or_404(training_id)
+    require_change(run)
     if run.is_active:
         lifecycle.request_cancel(run)
     run = Training.get_by_id(run.id)
@@ -175,6 +177,7 @@ def resume(training_id: int):
     from ..training_config import BY_NAME
 
     run = get_training_or_404(training_id)
+    require_change(run)
     learning_rate, problem, status = None, None, 422
     raw = request.form.get("learning_rate", "").strip()
     if raw:
@@ -205,13 +208,6 @@ def delete(training_id: int):
     return delete_flow(run, deletion.plan_training, deletion.delete_training,
                        action=url_for("pages.delete", training_id=run.id),
                        back=url_for("pages.detail", training_id=run.id), done=url_for("pages.index"))
-
-
-@bp.app_errorhandler(404)
-def not_found(error):
-    if request.path.startswith("/api/"):
-        return {"error": getattr(error, "description", "Not found.")}, 404
-    return render_template("error.html", title="Not found", message=error.description), 404
 
 
 @bp.get("/compare")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import abort, current_app, redirect, render_template, request
 
+from ..auth import require_change
 from ..work import deletion
 
 
@@ -20,6 +21,7 @@ def delete_flow(record, plan, delete, *, action: str, back: str, done: str):
     POST: delete it and go to ``done``, or show the page again with the refusal (409)."""
     settings = current_app.config
     if request.method == "POST":
+        require_change(record)
         try:
             delete(record, settings)
         except deletion.DeleteRefused as exc:

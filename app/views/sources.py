@@ -6,7 +6,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from flask import Blueprint, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, g, redirect, render_template, url_for
+
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..db import database
@@ -44,7 +45,7 @@ def _convert_pt(src: Path, dst: Path) -> None:
         raise ActivationFileError(lines[-1] if lines else "the .pt file could not be read")
 
 
-def store_upload(file_storage, name: str) -> ActivationSet:
+def store_upload(file_storage, name: str, *, created_by: int | None = None) -> ActivationSet:
     """Check an uploaded file and keep it under DATA_DIR/sources; keep nothing on failure."""
     data_dir = Path(current_app.config["DATA_DIR"])
     filename = file_storage.filename or ""
@@ -68,6 +69,7 @@ def store_upload(file_storage, name: str) -> ActivationSet:
         kept.replace(final)
         with database.atomic():
             return ActivationSet.create(
+                created_by=created_by,
                 name=name or Path(filename).name, kind="file", d_in=info.d_in,
                 n_tokens=info.rows - holdout_rows(info.rows),
                 params={"array": info.to_dict(), "original_name": Path(filename).name},
@@ -83,7 +85,7 @@ def upload():
     if not form.validate_on_submit():
         return render_sources(upload_form=form, status=422)
     try:
-        store_upload(form.file.data, (form.name.data or "").strip())
+        store_upload(form.file.data, (form.name.data or "").strip(), created_by=g.user.id)
     except ActivationFileError as exc:
         form.file.errors.append(f"Refused: {exc}. Nothing was kept.")
         return render_sources(upload_form=form, status=422)
@@ -97,6 +99,7 @@ def synthetic():
         return render_sources(synthetic_form=form, status=422)
     d = form.data
     ActivationSet.create(
+        created_by=g.user.id,
         name=f"Synthetic: {d['n_features']:,} ground-truth features in d_in {d['d_in']}, "
              f"~{d['mean_active']:g} active per token",
         kind="synthetic", d_in=d["d_in"], n_tokens=None,
@@ -112,10 +115,9 @@ def delete(source_id: int):
                        done=url_for("sources.index"))
 
 
-@bp.app_errorhandler(RequestEntityTooLarge)
+@bp.errorhandler(RequestEntityTooLarge)
 def too_large(error):
-    if request.path.startswith("/api/"):
-        return {"errors": {"_body": ["The request is too large."]}}, 413
+    """An upload over the limit: said at the file field, nothing kept."""
     form = UploadForm(formdata=None)
     form.file.errors = [
         f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} MB. Nothing was kept."]

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 
 from ..db import database
 from ..forms import TemplateForm, TrainingForm, template_formdata
+from ..auth import require_change
 from ..models import Template
 from ..work import deletion
 
@@ -42,7 +43,7 @@ def save_from_form():
         return render_template("_partials/template_saved.html", template=None, problems=problems), 422
     training = TrainingForm()
     source = training.sources.get(training.source_id.data)
-    template = Template.create(name=form.name.data.strip(), d_in=source.d_in if source else None,
+    template = Template.create(name=form.name.data.strip(), created_by=g.user.id, d_in=source.d_in if source else None,
                                config=form.template_config(), provenance=form.provenance.data or "saved from the form")
     return render_template("_partials/template_saved.html", template=template, problems=None)
 
@@ -54,6 +55,7 @@ def edit(template_id: int):
         form = TemplateForm(data={"name": template.name, "d_in": template.d_in, "provenance": template.provenance,
                                   **{k: v for k, v in template.config.items() if v is not None}})
     else:
+        require_change(template)
         form = TemplateForm()
         if form.validate():
             Template.update(name=form.name.data.strip(), d_in=form.d_in.data, provenance=form.provenance.data or "",
@@ -65,13 +67,15 @@ def edit(template_id: int):
 @bp.post("/<int:template_id>/duplicate")
 def duplicate(template_id: int):
     t = get_template_or_404(template_id)
-    Template.create(name=f"{t.name} (copy)", d_in=t.d_in, config=t.config, provenance=t.provenance, builtin=False)
+    Template.create(name=f"{t.name} (copy)", created_by=g.user.id, d_in=t.d_in, config=t.config, provenance=t.provenance, builtin=False)
     return redirect(url_for("templates.index"), code=303)
 
 
 @bp.post("/<int:template_id>/delete")
 def delete(template_id: int):
-    deletion.delete_template(get_template_or_404(template_id), current_app.config)
+    template = get_template_or_404(template_id)
+    require_change(template)
+    deletion.delete_template(template, current_app.config)
     return redirect(url_for("templates.index"), code=303)
 
 
@@ -126,5 +130,5 @@ def import_templates():
         return render_list(import_errors=errors + ["Nothing was imported."], status=422)
     with database.atomic():
         for row in rows:
-            Template.create(**row)
+            Template.create(**row, created_by=g.user.id)
     return redirect(url_for("templates.index"), code=303)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, current_app, g, render_template
 
 from .. import charts
+from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import TuneJob
 from ..work import lifecycle
@@ -39,7 +40,7 @@ def start():
     if problems:
         return render_template("_partials/tune.html", tune=None, problems=problems), 422
     try:
-        tune = create_tune(current_app.config, source_id=form.source_id.data, latent_dim=form.latent_dim.data,
+        tune = create_tune(current_app.config, created_by=g.user.id, source_id=form.source_id.data, latent_dim=form.latent_dim.data,
                            target_l0=form.target_l0.data, seed=form.seed.data or 0)
     except QueueUnavailable as exc:
         return render_template("_partials/tune.html", tune=None,
@@ -59,5 +60,6 @@ def show(tune_id: int):
 @bp.post("/<int:tune_id>/cancel")
 def cancel(tune_id: int):
     tune = get_tune_or_404(tune_id)
+    require_change(tune)
     lifecycle.request_cancel(tune)
     return render_template("_partials/tune.html", **tune_context(TuneJob.get_by_id(tune.id)))

@@ -26,11 +26,11 @@ def named_text_spec(d: dict):
     return TextSpec("stdlib")
 
 
-def create_extraction(settings: dict, d: dict, spec) -> Extraction:
+def create_extraction(settings: dict, d: dict, spec, *, created_by: int | None = None) -> Extraction:
     """Record a validated extraction (the form's data ``d``, its corpus ``spec``) and queue it
     (``QueueUnavailable`` if it can't be)."""
     return lifecycle.create_and_enqueue(Extraction, {
-        "name": (d["name"] or "").strip(), "model_name": d["model_name"].strip(), "layer": d["layer"],
+        "created_by": created_by, "name": (d["name"] or "").strip(), "model_name": d["model_name"].strip(), "layer": d["layer"],
         "site": d["site"], "text": spec.to_dict(), "token_budget": d["token_budget"],
         "context_length": d["context_length"], "batch_size": d["batch_size"], "dtype": d["dtype"],
         "model_dtype": d["model_dtype"], "exclude_special": bool(d["exclude_special"])}, settings)

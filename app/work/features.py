@@ -16,13 +16,13 @@ INSERT_BATCH = 200
 
 
 def create_feature_job(settings: dict, *, source, training=None, imported=None,
-                       sample_tokens: int | None = None) -> FeatureJob:
+                       sample_tokens: int | None = None, created_by: int | None = None) -> FeatureJob:
     """Create and queue a feature-statistics job for a run's SAE or an imported one."""
     if sample_tokens is None:
         sample_tokens = settings["FEATURE_SAMPLE_TOKENS"]
     if source.total_rows is not None:
         sample_tokens = min(sample_tokens, source.total_rows)
-    return lifecycle.create_and_enqueue(FeatureJob, {"training": training, "imported": imported, "source": source,
+    return lifecycle.create_and_enqueue(FeatureJob, {"created_by": created_by, "training": training, "imported": imported, "source": source,
                                                      "sample_tokens": sample_tokens}, settings)
 
 

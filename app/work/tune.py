@@ -12,10 +12,11 @@ PILOT_BATCH = 256
 PILOT_LEARNING_RATE = 1e-3
 
 
-def create_tune(settings: dict, *, source_id: int, latent_dim: int, target_l0: float, seed: int) -> TuneJob:
+def create_tune(settings: dict, *, source_id: int, latent_dim: int, target_l0: float, seed: int,
+                created_by: int | None = None) -> TuneJob:
     """Record an auto-tune and queue it (``QueueUnavailable`` if it can't be)."""
     return lifecycle.create_and_enqueue(TuneJob, {
-        "source": source_id, "latent_dim": latent_dim, "target_l0": target_l0, "learning_rate": PILOT_LEARNING_RATE,
+        "created_by": created_by, "source": source_id, "latent_dim": latent_dim, "target_l0": target_l0, "learning_rate": PILOT_LEARNING_RATE,
         "batch_size": PILOT_BATCH, "pilot_steps": PILOT_STEPS, "seed": seed}, settings)
 
 

@@ -1,0 +1,139 @@
+"""The web app's guards, installed by ``init_app``: sign-in on every route, body limits that fit
+each route, trusted hosts, a reverse proxy only when told, security headers, Secure cookies
+behind TLS, clear 4xx pages instead of 5xx for bad input, and the ``users`` CLI."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from flask import current_app, render_template, request
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+
+from . import auth
+
+# Routes that take a file: they keep the upload limit; every other body is small.
+UPLOAD_ENDPOINTS = {"sources.upload", "extractions.start", "features.import_sae", "templates.import_templates"}
+TEMPLATE_IMPORT_LIMIT = 2**20
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'self'; object-src 'none'")
+
+
+def init_app(app) -> None:
+    settings = app.config
+    app.config["TRUSTED_HOSTS"] = settings["TRUSTED_HOSTS"]
+    app.config["SESSION_COOKIE_HTTPONLY"] = True
+    app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    app.config["SESSION_COOKIE_SECURE"] = settings["EXTERNAL_URL"].startswith("https://")
+    if settings["EXTERNAL_URL"]:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(settings["EXTERNAL_URL"])
+        app.config.setdefault("PREFERRED_URL_SCHEME", parts.scheme)
+    if settings["TRUST_PROXY"]:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
+
+    @app.before_request
+    def _limit_body():
+        if request.endpoint == "templates.import_templates":
+            request.max_content_length = TEMPLATE_IMPORT_LIMIT
+        elif request.endpoint not in UPLOAD_ENDPOINTS:
+            request.max_content_length = settings["MAX_BODY_KB"] * 1024
+
+    app.before_request(auth.check_request)
+
+    @app.after_request
+    def _headers(response):
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if request.is_secure:
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        return response
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(error):
+        upload = request.endpoint in UPLOAD_ENDPOINTS and request.endpoint != "templates.import_templates"
+        limit = (settings["MAX_UPLOAD_MB"] * 2**20 if upload else
+                 TEMPLATE_IMPORT_LIMIT if request.endpoint == "templates.import_templates" else
+                 settings["MAX_BODY_KB"] * 1024)
+        what = "The file" if upload or request.endpoint == "templates.import_templates" else "The request"
+        message = f"{what} is larger than the limit of {limit / 2**20:,.1f} MB. Nothing was kept."
+        return _error(413, "Too large", message)
+
+    for code, title in ((400, "Bad request"), (401, "Sign in first"), (403, "Not allowed"), (404, "Not found"),
+                        (405, "Not allowed here"), (409, "Conflict"), (422, "Not valid")):
+        app.register_error_handler(code, lambda error, c=code, t=title: _error(c, t, _describe(error)))
+
+    @app.cli.group("users")
+    def users():
+        """Team accounts: create users, list them."""
+
+    @users.command("create")
+    @click.argument("username")
+    @click.option("--admin", is_flag=True, help="may change anyone's records and add users")
+    @click.option("--password-stdin", is_flag=True, help="read the password from standard input (else generated)")
+    def create_user(username, admin, password_stdin):
+        """Create a user; a generated password is printed once."""
+        from .db import database
+
+        password = click.get_text_stream("stdin").readline().rstrip("\n") if password_stdin else None
+        with database.connection_context():
+            try:
+                user, password = auth.create_user(username, password, is_admin=admin)
+            except auth.AccountError as exc:
+                raise click.ClickException(str(exc)) from exc
+        click.echo(f"Created {'admin ' if user.is_admin else ''}{user.username}; password: {password}")
+
+    @users.command("list")
+    def list_users():
+        from .db import database
+        from .models import User
+
+        with database.connection_context():
+            for user in User.select().order_by(User.username):
+                click.echo(f"{user.username}{' (admin)' if user.is_admin else ''}")
+
+    @users.command("ensure-admin")
+    def ensure_admin():
+        """If there is no user yet, create "admin" with a one-time password, print it and keep it
+        (mode 0600) in DATA_DIR/initial-admin-password until it is used or changed."""
+        from .db import database
+        from .models import User
+
+        path = Path(current_app.config["DATA_DIR"]) / "initial-admin-password"
+        with database.connection_context():
+            if User.select().exists():
+                if path.exists():
+                    click.echo(f"Sign in as admin with the password in {path}")
+                return
+            _, password = auth.create_user("admin", is_admin=True)
+        path.write_text(password + "\n")
+        os.chmod(path, 0o600)
+        click.echo(f"First sign-in: user admin, password {password} (also in {path}; add your team under Users)")
+
+    @users.command("count")
+    def count_users():
+        from .db import database
+        from .models import User
+
+        with database.connection_context():
+            click.echo(str(User.select().count()))
+
+
+def _describe(error) -> str:
+    if isinstance(error, HTTPException) and error.description and error.description != type(error).description:
+        return error.description
+    if isinstance(error, BadRequest):
+        return "The request could not be read."
+    return getattr(error, "description", None) or "The request was refused."
+
+
+def _error(code: int, title: str, message: str):
+    if request.path.startswith("/api/"):
+        return {"error": message}, code
+    return render_template("error.html", title=title, message=message), code
