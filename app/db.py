@@ -60,10 +60,10 @@ def add_column_if_missing(db, table: str, name: str, field) -> None:
 
 
 def _migration_2_quality_control(db) -> None:
-    from peewee import BooleanField, CharField, FloatField, IntegerField
+    from peewee import BooleanField, CharField, DoubleField, IntegerField
 
     for name, field in (("early_stop", BooleanField(default=True)), ("early_stop_step", IntegerField(default=1000)),
-                        ("early_stop_l0", FloatField(default=0.20)), ("steer_l1_alpha", BooleanField(default=False)),
+                        ("early_stop_l0", DoubleField(default=0.20)), ("steer_l1_alpha", BooleanField(default=False)),
                         ("dead_latent_remedy", CharField(default="none")),
                         ("plateau_window", IntegerField(default=2000))):
         add_column_if_missing(db, "training", name, field)
@@ -103,7 +103,7 @@ def _migration_7_model_precision(db) -> None:
 
 def _migration_8_durable_work(db) -> None:
     """Heartbeats and worker names on every job, checkpoint settings, worker beats, 64-bit token counts."""
-    from peewee import CharField, DateTimeField, FloatField, IntegerField
+    from peewee import CharField, DateTimeField, DoubleField, IntegerField
 
     from .models import WorkerBeat
 
@@ -111,7 +111,7 @@ def _migration_8_durable_work(db) -> None:
         add_column_if_missing(db, table, "heartbeat_at", DateTimeField(null=True))
         add_column_if_missing(db, table, "worker_name", CharField(null=True))
     add_column_if_missing(db, "training", "checkpoint_every_steps", IntegerField(default=2000))
-    add_column_if_missing(db, "training", "checkpoint_every_minutes", FloatField(default=5.0))
+    add_column_if_missing(db, "training", "checkpoint_every_minutes", DoubleField(default=5.0))
     db.create_tables([WorkerBeat])
     if not isinstance(db, SqliteDatabase):  # SQLite's INTEGER is 64-bit already
         db.execute_sql("ALTER TABLE training ALTER COLUMN tokens_seen TYPE BIGINT")
@@ -133,7 +133,17 @@ def _migration_9_precision_and_chart(db) -> None:
             Template.update(config={**template.config, "precision": "auto"}).where(Template.id == template.id).execute()
 
 
-def _migration_10_accounts(db) -> None:
+def _migration_10_double_precision(db) -> None:
+    """PostgreSQL: every REAL column becomes DOUBLE PRECISION (SQLite's REAL is a double already)."""
+    if isinstance(db, SqliteDatabase):
+        return
+    columns = db.execute_sql("SELECT table_name, column_name FROM information_schema.columns "
+                             "WHERE table_schema = current_schema() AND data_type = 'real'").fetchall()
+    for table, column in columns:
+        db.execute_sql(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE DOUBLE PRECISION')
+
+
+def _migration_11_accounts(db) -> None:
     """Users, API tokens, and who created each record."""
     from peewee import ForeignKeyField
 
@@ -148,7 +158,7 @@ def _migration_10_accounts(db) -> None:
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
-                              _migration_10_accounts]
+                              _migration_10_double_precision, _migration_11_accounts]
 
 
 def migrate() -> int:

@@ -8,12 +8,15 @@ import datetime as dt
 import json
 
 from peewee import (
-    BigIntegerField, BooleanField, CharField, DateTimeField, FloatField, ForeignKeyField, IntegerField, Model,
+    BigIntegerField, BooleanField, CharField, DateTimeField, DoubleField, ForeignKeyField, IntegerField, Model,
     TextField,
 )
 
 from . import training_config
 from .db import database
+
+# Every real number is a double: Peewee's FloatField is PostgreSQL's 4-byte REAL, which would
+# store l1_alpha 0.0119524564 as 0.011952456.
 
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "stopped_early", "interrupted")
 ACTIVE_STATUSES = ("queued", "running")
@@ -134,7 +137,7 @@ class Training(JobRecord):
 
     failed_step = IntegerField(null=True)
     device = CharField(null=True)
-    norm_scale = FloatField(null=True)  # c with E‖c·x‖² = d_in
+    norm_scale = DoubleField(null=True)  # c with E‖c·x‖² = d_in
     step = IntegerField(default=0)
     tokens_seen = BigIntegerField(default=0)
     summary = JSONField(null=True)  # final evaluation on held-out activations
@@ -164,7 +167,7 @@ def param_column(param: training_config.Param):
     if param.type is int:
         return IntegerField(null=null, default=None if null else param.default)
     if param.type is float:
-        return FloatField(null=null, default=None if null else param.default)
+        return DoubleField(null=null, default=None if null else param.default)
     return CharField(default=param.default)
 
 
@@ -182,17 +185,17 @@ class MetricPoint(BaseModel):
     training = ForeignKeyField(Training, backref="metrics", on_delete="CASCADE")
     step = IntegerField()
     tokens = BigIntegerField()
-    loss = FloatField()
-    mse = FloatField()
-    sparsity_loss = FloatField()
-    l1 = FloatField()
-    l0 = FloatField()
-    l0_fraction = FloatField()
-    fvu = FloatField()
+    loss = DoubleField()
+    mse = DoubleField()
+    sparsity_loss = DoubleField()
+    l1 = DoubleField()
+    l0 = DoubleField()
+    l0_fraction = DoubleField()
+    fvu = DoubleField()
     dead = IntegerField(null=True)
-    lr = FloatField()
-    l1_alpha = FloatField()
-    tokens_per_s = FloatField()
+    lr = DoubleField()
+    l1_alpha = DoubleField()
+    tokens_per_s = DoubleField()
 
     class Meta:
         table_name = "metric_point"
@@ -223,14 +226,14 @@ class TuneJob(JobRecord):
 
     source = ForeignKeyField(ActivationSet, backref="tunes", on_delete="RESTRICT")
     latent_dim = IntegerField()
-    target_l0 = FloatField()
-    learning_rate = FloatField()
+    target_l0 = DoubleField()
+    learning_rate = DoubleField()
     batch_size = IntegerField()
     pilot_steps = IntegerField()
     max_pilots = IntegerField(default=8)
     seed = IntegerField(default=0)
     pilots = JSONField(default=list)  # [{"l1_alpha", "l0_fraction", "fvu"}], in the order run
-    result_l1_alpha = FloatField(null=True)
+    result_l1_alpha = DoubleField(null=True)
 
     class Meta:
         table_name = "tune_job"
@@ -252,7 +255,7 @@ class Extraction(JobRecord):
     exclude_special = BooleanField(default=True)
     tokens_done = IntegerField(default=0)
     documents_done = IntegerField(default=0)
-    tokens_per_s = FloatField(null=True)
+    tokens_per_s = DoubleField(null=True)
     device = CharField(null=True)
     activation_set = ForeignKeyField(ActivationSet, null=True, backref="extractions", on_delete="SET NULL")
 
@@ -295,7 +298,7 @@ class FeatureJob(JobRecord):
     sample_tokens = IntegerField()
     top_n = IntegerField(default=10)
     context = IntegerField(default=8)  # tokens either side of an example
-    progress = FloatField(default=0.0)  # 0..1
+    progress = DoubleField(default=0.0)  # 0..1
     summary = JSONField(null=True)  # tokens, never fired, density histogram, ground-truth recovery
 
     class Meta:
@@ -313,11 +316,11 @@ class FeatureStat(BaseModel):
 
     job = ForeignKeyField(FeatureJob, backref="stats", on_delete="CASCADE")
     latent = IntegerField()
-    frequency = FloatField()
-    mean_active = FloatField()
-    max_active = FloatField()
+    frequency = DoubleField()
+    mean_active = DoubleField()
+    max_active = DoubleField()
     match_feature = IntegerField(null=True)  # synthetic sources: best ground-truth feature
-    match_cosine = FloatField(null=True)
+    match_cosine = DoubleField(null=True)
     top_tokens = TextField(default="")  # the top examples' tokens, for search
     examples = JSONField(default=list)  # [{"row", "act", "tokens": [[text, act], ...]}]
     neighbours = JSONField(default=list)  # [[latent, cosine], ...]

@@ -30,6 +30,9 @@ def test_the_database_is_the_backend_under_test(app):
             "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
             "WHERE column_name IN ('tokens', 'tokens_seen')").fetchall())
         assert kinds == {"metric_point.tokens": "bigint", "training.tokens_seen": "bigint"}
+        reals = database.obj.execute_sql("SELECT count(*) FROM information_schema.columns "
+                                         "WHERE table_schema = current_schema() AND data_type = 'real'").fetchone()
+        assert reals == (0,)  # every real number is stored as a double
 
 
 def test_a_version_1_database_is_upgraded(app):
