@@ -128,7 +128,7 @@ def _migration_9_precision_and_chart(db) -> None:
     add_column_if_missing(db, "training", "chart", JSONField(null=True))
     from .models import Template
 
-    for template in Template.select():  # templates are complete configs: give the older ones the default
+    for template in Template.select(Template.id, Template.config):  # complete configs: older ones get the default
         if "precision" not in template.config:
             Template.update(config={**template.config, "precision": "auto"}).where(Template.id == template.id).execute()
 
