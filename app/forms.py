@@ -346,11 +346,14 @@ class ExtractionForm(FlaskForm):
     def validate(self, extra_validators=None) -> bool:
         from .extraction.hub import ModelNameError, layer_count, max_positions, model_config
 
+        from .paths import PathRefused, resolve
+
         ok = super().validate(extra_validators)
         if not self.model_name.errors and self.model_name.data:
             try:
-                config = model_config(self.model_name.data)
-            except ModelNameError as exc:
+                name = self.model_name.data.strip()
+                config = model_config(name if name == BUNDLED_MINILM else resolve(name, current_app.config, "model"))
+            except (ModelNameError, PathRefused) as exc:
                 self.model_name.errors.append(str(exc))
                 return False
             layers = layer_count(config) if config else None
@@ -369,6 +372,12 @@ class ExtractionForm(FlaskForm):
         if self.text_kind.data == "hf" and not (self.dataset_name.data or "").strip():
             self.dataset_name.errors.append("Name a dataset (a Hub name or a save_to_disk folder).")
             ok = False
+        elif self.text_kind.data == "hf":
+            try:
+                resolve(self.dataset_name.data, current_app.config, "dataset")
+            except PathRefused as exc:
+                self.dataset_name.errors.append(str(exc))
+                ok = False
         if self.text_kind.data in ("file", "hf") and not (self.text_column.data or "").strip():
             self.text_column.errors.append("Name the column that holds the text.")
             ok = False

@@ -128,6 +128,8 @@ def env(tmp_path, redis_client, redis_url, database_url, monkeypatch):
         "SECRET_KEY": "test-secret",
         "SAE_DEVICE": "cpu",
         "DATABASE_URL": "",
+        # the tests' own models and datasets live in their temp folders: those are the allowed roots
+        "MODEL_ROOTS": str(tmp_path.parent), "DATASET_ROOTS": str(tmp_path.parent),
         # fast heartbeats and sweeps, so the tests see a dead job within seconds
         "HEARTBEAT_S": "0.5",
         "HEARTBEAT_STALE_S": "4",

@@ -96,7 +96,11 @@ def field_errors(response, name) -> str:
 
 
 @pytest.mark.parametrize("fields, name, message", [
-    ({"model_name": "/no/such/folder"}, "model_name", "There is no folder /no/such/folder."),
+    # a path outside the model folders gets one answer, whether it exists, is a file or not
+    *[({"model_name": path}, "model_name", "neither a Hugging Face Hub name (like org/name) nor a folder under this "
+       "app&#39;s model folders") for path in ("/no/such/folder", "/etc/passwd", "/root", "../../etc", "~")],
+    *[({"text_kind": "hf", "dataset_name": path}, "dataset_name", "nor a folder under this app&#39;s dataset "
+       "folders") for path in ("/etc", "/no/such/dataset", "../x")],
     ({"model_name": "no-such-org/no-such-model"}, "model_name",
      "not in the Hugging Face cache, and the app is offline"),
     ({"layer": "3"}, "layer", "Out of range: the model has 3 layers (0 to 2)."),

@@ -6,14 +6,17 @@ janitor remove one whose worker died), so nothing half-written is ever left unde
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from .. import paths
 from ..db import database
+from ..extraction.capture_names import BUNDLED_MINILM
 from ..models import ActivationSet, Extraction
 from . import lifecycle
 from .lifecycle import retry_write, update_record
 
-USER_ERRORS = ("ExtractionError", "TextSourceError", "StoreError")
+USER_ERRORS = ("ExtractionError", "TextSourceError", "StoreError", "PathRefused")
 
 
 def named_text_spec(d: dict):
@@ -51,10 +54,14 @@ def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -
         from ..sae.trainer import resolve_device
 
         spec = TextSpec(**job.text)
+        if spec.kind == "hf":  # the web checked the name; the worker checks again where it reads
+            spec = replace(spec, dataset=paths.resolve(spec.dataset, settings, "dataset"))
+        model_name = job.model_name if job.model_name == BUNDLED_MINILM else paths.resolve(job.model_name, settings,
+                                                                                            "model")
         check_corpus(spec)  # a bad corpus fails before the model is loaded
         device = resolve_device(settings["SAE_DEVICE"])
         update_record(job, what="device", device=str(device))
-        tokenizer, model = load_model(job.model_name, device, job.model_dtype)
+        tokenizer, model = load_model(model_name, device, job.model_dtype)
         _, layout, n_layers = find_site(model, job.layer, job.site)
         d_in = int(model.config.hidden_size)
         writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)

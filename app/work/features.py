@@ -163,6 +163,12 @@ def _token_texts(model_name: str, ids) -> dict[int, str]:
 
     from ..extraction.capture import resolve_model
 
+    from .. import paths
+    from ..config import load_settings
+    from ..extraction.capture_names import BUNDLED_MINILM
+
+    if model_name != BUNDLED_MINILM:
+        model_name = paths.resolve(model_name, load_settings(), "model")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
     anchor = tokenizer("the", add_special_tokens=False)["input_ids"][:1]
     prefix = tokenizer.decode(anchor)
