@@ -108,8 +108,8 @@ def _same_origin(origin: str) -> bool:
 def check_request():
     """Run before every request: find the user, or answer 401/redirect; refuse foreign origins."""
     g.user = None
-    if request.endpoint in OPEN_ENDPOINTS:
-        return None
+    if request.endpoint in OPEN_ENDPOINTS or request.routing_exception is not None:
+        return None  # no such route (or an untrusted Host): Flask answers 404/400 next, naming nothing
     if request.path.startswith("/api/"):
         header = request.headers.get("Authorization", "")
         scheme, _, plain = header.partition(" ")

@@ -87,8 +87,8 @@ class TrainingForm(FlaskForm):
         source = self.sources.get(self.source_id.data)
         needed = ("latent_dim", "learning_rate", "batch_size", "total_steps", "lr_warmup_steps",
                   "l1_warmup_steps", "target_l0")
-        if source is None or any(getattr(self, n).data is None for n in needed):
-            return []
+        if source is None or any(getattr(self, n).data is None or getattr(self, n).errors for n in needed):
+            return []  # a field that did not parse or is out of range: its own error says why
         cfg = {name: getattr(self, name).data for name in training_config.NAMES}
         memory = device_memory(current_app.config.get("SAE_DEVICE", "auto"))
         try:

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 import click
-from flask import current_app, render_template, request
+from flask import Response, current_app, render_template, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from werkzeug.routing import IntegerConverter
 
 from . import auth
 
@@ -16,12 +17,22 @@ from . import auth
 UPLOAD_ENDPOINTS = {"sources.upload", "extractions.start", "features.import_sae", "templates.import_templates"}
 TEMPLATE_IMPORT_LIMIT = 2**20
 
+class BoundedInt(IntegerConverter):
+    """Route ids fit a database integer: a longer number is simply no page (404), never an overflow."""
+
+    def __init__(self, url_map, *args, **kwargs):
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(url_map, *args, **kwargs)
+
+
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'self'; object-src 'none'")
 
 
 def init_app(app) -> None:
+    """Install the guards; call before the blueprints are registered (the id converter is bounded)."""
     settings = app.config
+    app.url_map.converters["int"] = BoundedInt
     app.config["TRUSTED_HOSTS"] = settings["TRUSTED_HOSTS"]
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
@@ -64,6 +75,10 @@ def init_app(app) -> None:
         what = "The file" if upload or request.endpoint == "templates.import_templates" else "The request"
         message = f"{what} is larger than the limit of {limit / 2**20:,.1f} MB. Nothing was kept."
         return _error(413, "Too large", message)
+
+    @app.errorhandler(RecursionError)
+    def _too_deep(error):
+        return _error(400, "Bad request", "The data is nested too deeply to read.")
 
     for code, title in ((400, "Bad request"), (401, "Sign in first"), (403, "Not allowed"), (404, "Not found"),
                         (405, "Not allowed here"), (409, "Conflict"), (422, "Not valid")):
@@ -136,4 +151,6 @@ def _describe(error) -> str:
 def _error(code: int, title: str, message: str):
     if request.path.startswith("/api/"):
         return {"error": message}, code
+    if request.url_rule is None and code == 400:  # e.g. an untrusted Host: no page links can be built
+        return Response(f"{title}: {message}\n", code, mimetype="text/plain")
     return render_template("error.html", title=title, message=message), code

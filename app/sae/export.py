@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def zip_bytes(files: dict[str, bytes], folder: str) -> bytes:
     return out.getvalue()
 
 
+MAX_INFLATION = 200  # float weights compress a few times at most; more is a bomb
+
+
 def files_from_zip(data: bytes, *, max_bytes: int) -> dict[str, bytes]:
     """cfg.json, sae_weights.safetensors and (if there) sparsity.safetensors from a zip, in any one folder."""
     try:
@@ -103,16 +107,34 @@ def files_from_zip(data: bytes, *, max_bytes: int) -> dict[str, bytes]:
     except zipfile.BadZipFile as exc:
         raise SAEFormatError("not a zip file") from exc
     found: dict[str, bytes] = {}
+    total = 0
     with zf:
         for info in zf.infolist():
             name = Path(info.filename).name
             if name in (CFG, WEIGHTS, SPARSITY) and not info.is_dir():
                 if info.file_size > max_bytes:
                     raise SAEFormatError(f"{name} is larger than the limit of {max_bytes:,} bytes")
+                if info.file_size > MAX_INFLATION * max(info.compress_size, 1) and info.file_size > 2**20:
+                    raise SAEFormatError(f"{name} inflates more than {MAX_INFLATION}:1; a zip bomb is not an SAE")
                 if name in found:
                     raise SAEFormatError(f"the zip holds more than one {name}; put one SAE in it")
-                found[name] = zf.read(info)
+                found[name] = _read_member(zf, info, min(info.file_size, max_bytes - total))
+                total += len(found[name])
     return found
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """The member's bytes, read in chunks and never past ``limit`` (a zip's sizes can lie)."""
+    out = io.BytesIO()
+    try:
+        with zf.open(info) as fh:
+            while chunk := fh.read(2**20):
+                out.write(chunk)
+                if out.tell() > limit:
+                    raise SAEFormatError(f"{Path(info.filename).name} is larger than it says or than the limit")
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise SAEFormatError(f"the zip is damaged ({type(exc).__name__}: {str(exc)[:80]})") from exc
+    return out.getvalue()
 
 
 def parse_saelens(files: dict[str, bytes]) -> tuple[LoadedSAE, np.ndarray | None]:
@@ -122,7 +144,7 @@ def parse_saelens(files: dict[str, bytes]) -> tuple[LoadedSAE, np.ndarray | None
             raise SAEFormatError(f"{name} is missing (expected {CFG} and {WEIGHTS}, as SAELens writes them)")
     try:
         cfg = json.loads(files[CFG])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise SAEFormatError(f"{CFG} is not valid JSON") from exc
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{CFG} is not a JSON object")

@@ -65,9 +65,14 @@ def _safetensors_info(path: Path) -> ArrayInfo:
             raise ActivationFileError("not a .safetensors file (bad header length)")
         try:
             header = json.loads(fh.read(header_len))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ActivationFileError("not a .safetensors file (header is not JSON)") from exc
+    if not isinstance(header, dict):
+        raise ActivationFileError("not a .safetensors file (the header is not a JSON object)")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    bad = [k for k, v in tensors.items() if not isinstance(v, dict)]
+    if bad:
+        raise ActivationFileError(f"not a .safetensors file (entry {str(bad[0])[:40]!r} is not a tensor)")
     if not tensors:
         raise ActivationFileError("the .safetensors file holds no tensor")
     if len(tensors) > 1:
@@ -84,13 +89,22 @@ def _safetensors_info(path: Path) -> ArrayInfo:
         raise ActivationFileError(
             f"tensor {name!r} has dtype {spec.get('dtype')}; expected F16, F32 or F64")
     shape = spec.get("shape")
-    if not isinstance(shape, list) or len(shape) != 2:
-        raise ActivationFileError(f"expected a 2-D tensor (tokens × d_in), got shape {shape}")
-    start, end = spec["data_offsets"]
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_count(v) for v in shape):
+        raise ActivationFileError(f"expected a 2-D tensor (tokens × d_in), got shape {str(shape)[:40]}")
+    offsets = spec.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(v) for v in offsets) \
+            or offsets[0] > offsets[1]:
+        raise ActivationFileError("the .safetensors file's data offsets are missing or invalid")
+    start, end = offsets
     rows, d_in = int(shape[0]), int(shape[1])
     if end - start != rows * d_in * np.dtype(dtype).itemsize or 8 + header_len + end > size:
         raise ActivationFileError("the .safetensors file is truncated or inconsistent")
     return ArrayInfo("safetensors", dtype, rows, d_in, 8 + header_len + start)
+
+
+def _count(value) -> bool:
+    """A non-negative integer of sane size (JSON may hold anything)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 
 def holdout_rows(rows: int, *, fraction: float = 0.05, cap: int = 16384) -> int:

@@ -13,7 +13,7 @@ from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
-from .records import get_or_404
+from .records import get_or_404, id_arg
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -91,7 +91,7 @@ def show(training_id: int):
 @bp.get("/trainings/<int:training_id>/metrics")
 def metrics(training_id: int):
     run = get_training_or_404(training_id)
-    since = request.args.get("since", type=int, default=0)
+    since = id_arg("since") or 0
     points = run.metrics.where(MetricPoint.step > since).order_by(MetricPoint.step)
     return {"id": run.id, "latent_dim": run.latent_dim, "points": [metric_dict(p) for p in points]}
 

@@ -21,7 +21,7 @@ from ..sae.export import (CFG, SAEFormatError, WEIGHTS, export_files, files_from
 from ..work import deletion, lifecycle
 from ..work.features import create_feature_job
 from ..work.queue import QueueUnavailable
-from .records import delete_flow, get_or_404
+from .records import delete_flow, get_or_404, id_arg
 
 bp = Blueprint("features", __name__)
 
@@ -80,7 +80,7 @@ def show(job_id: int):
     sort = sort if sort in SORTS else "frequency"
     order = "asc" if request.args.get("order") == "asc" else "desc"
     q = request.args.get("q", "").strip()[:200]
-    page = max(1, request.args.get("page", 1, type=int) or 1)
+    page = min(max(1, id_arg("page") or 1), 10**6)
     query = _list_query(job, sort, order, q) if job.status == "completed" else None
     total = query.count() if query is not None else 0
     latents = list(query.paginate(page, PAGE_SIZE)) if query is not None else []

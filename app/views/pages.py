@@ -14,7 +14,7 @@ from ..work import deletion, lifecycle
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
-from .records import delete_flow, get_or_404
+from .records import delete_flow, get_or_404, id_arg, id_args
 
 bp = Blueprint("pages", __name__)
 
@@ -40,20 +40,20 @@ def render_training_form(form: TrainingForm, status: int = 200, *, source_run=No
 def new_training():
     """The form: blank with defaults, from a template (``?template=``) or from a run (``?from=``)."""
     form, source_run, template = TrainingForm(), None, None
-    if request.args.get("template", "").isdigit():
-        template = Template.get_or_none(Template.id == int(request.args["template"]))
+    if id_arg("template") is not None:
+        template = Template.get_or_none(Template.id == id_arg("template"))
         if template is not None:
             form = TrainingForm(data={k: v for k, v in template.config.items() if v is not None})
-    if request.args.get("from", "").isdigit():
-        source_run = Training.get_or_none(Training.id == int(request.args["from"]))
+    if id_arg("from") is not None:
+        source_run = Training.get_or_none(Training.id == id_arg("from"))
         if source_run is not None:
             data = {k: v for k, v in source_run.config_dict().items() if v is not None}
             suggested = request.args.get("l1_alpha", type=float)
             if suggested is not None:
                 data["l1_alpha"] = suggested
             form = TrainingForm(data=data)
-    if request.args.get("source_id", "").isdigit():
-        form.source_id.data = int(request.args["source_id"])  # "Train an SAE on it" after an extraction
+    if id_arg("source_id") is not None:
+        form.source_id.data = id_arg("source_id")  # "Train an SAE on it" after an extraction
     return render_training_form(form, source_run=source_run, template=template)
 
 
@@ -103,6 +103,7 @@ def recommend():
     for field in form:
         field.errors = []
         field.reason = reasons.get(field.name)
+    form.validate_fields()  # errors for what the recommendation left invalid, not for what it replaced
     form.attach_findings(form.preflight())
     return render_template("_partials/training_form_body.html", form=form, recommended=bool(reasons))
 
@@ -213,7 +214,7 @@ def delete(training_id: int):
 @bp.get("/compare")
 def compare():
     """Runs side by side: configs (differences marked), curves overlaid, and the frontier."""
-    ids = [i for i in request.args.getlist("ids", type=int)]
+    ids = id_args("ids")
     runs = list(Training.select().where(Training.id.in_(ids)).order_by(Training.id)) if ids else []
     if len(runs) < 2:
         return render_template("error.html", title="Choose runs to compare",

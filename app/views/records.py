@@ -8,6 +8,19 @@ from ..auth import require_change
 from ..work import deletion
 
 
+MAX_ID = 2**63 - 1
+
+
+def id_arg(name: str) -> int | None:
+    """A record id from the query string: ASCII digits within range, else None."""
+    raw = request.args.get(name, "")
+    return int(raw) if raw.isascii() and raw.isdigit() and int(raw) <= MAX_ID else None
+
+
+def id_args(name: str) -> list[int]:
+    return [int(v) for v in request.args.getlist(name) if v.isascii() and v.isdigit() and int(v) <= MAX_ID]
+
+
 def get_or_404(model, record_id: int, what: str):
     """The ``model`` row with ``record_id``, or a 404 that names ``what`` was looked for."""
     record = model.get_or_none(model.id == record_id)
