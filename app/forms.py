@@ -347,13 +347,17 @@ class ExtractionForm(FlaskForm):
         from .extraction.hub import ModelNameError, layer_count, max_positions, model_config
 
         from .paths import PathRefused, resolve
+        from .work.resources import TooLarge, check_model_size
 
         ok = super().validate(extra_validators)
         if not self.model_name.errors and self.model_name.data:
             try:
                 name = self.model_name.data.strip()
-                config = model_config(name if name == BUNDLED_MINILM else resolve(name, current_app.config, "model"))
-            except (ModelNameError, PathRefused) as exc:
+                resolved = name if name == BUNDLED_MINILM else resolve(name, current_app.config, "model")
+                config = model_config(resolved)
+                if name != BUNDLED_MINILM:
+                    check_model_size(current_app.config, resolved)
+            except (ModelNameError, PathRefused, TooLarge) as exc:
                 self.model_name.errors.append(str(exc))
                 return False
             layers = layer_count(config) if config else None

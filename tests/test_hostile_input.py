@@ -186,3 +186,71 @@ def test_pages_carry_security_headers(client):
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Referrer-Policy"] == "same-origin"
+
+
+def test_a_text_file_without_blank_lines_is_read_in_bounded_pieces(tmp_path):
+    from app.extraction.text import MAX_DOCUMENT_CHARS, TextSpec, documents
+
+    path = tmp_path / "one-line.txt"
+    path.write_text("word " * (MAX_DOCUMENT_CHARS // 2))  # 2.5 MB on a single line
+    pieces = list(documents(TextSpec("file", path=str(path))))
+    assert len(pieces) == 3 and max(map(len, pieces)) <= MAX_DOCUMENT_CHARS
+    assert "".join(pieces) == path.read_text()
+
+
+def test_an_auto_tune_that_cannot_fit_is_refused_at_its_field(client):
+    big = client.post("/sources/synthetic", data={"d_in": "16384", "n_features": "1000", "mean_active": "5",
+                                                  "seed": "0"})
+    assert big.status_code == 303
+    source = ActivationSet.select().order_by(ActivationSet.id.desc()).get()
+    response = client.post("/tunes/", data=form_data_for_tune(source.id, latent_dim=1_048_576))
+    assert response.status_code == 422 and "needs about" in response.get_data(as_text=True)
+    from app.models import TuneJob
+
+    assert TuneJob.select().count() == 0
+
+
+def form_data_for_tune(source_id: int, **changes) -> dict:
+    data = {k: ("y" if v is True else str(v)) for k, v in QUICK_CONFIG.items() if v is not False and v is not None}
+    return {**data, "source_id": str(source_id), **{k: str(v) for k, v in changes.items()}}
+
+
+def test_a_model_over_the_size_limit_is_refused_before_any_download(env, tiny_models, monkeypatch):
+    monkeypatch.setenv("MAX_MODEL_GB", "0.000001")  # about 1 KB: every real model is over it
+    from app import create_app
+
+    app = create_app({"TESTING": True, "WTF_CSRF_ENABLED": False, "SERVER_NAME": "localhost"})
+    with app.app_context():
+        client = signed_in_client(app)
+        response = client.post("/extractions/", data={"model_name": str(tiny_models["gpt2"]), "layer": "0",
+                                                      "site": "resid", "text_kind": "stdlib", "token_budget": "2048",
+                                                      "context_length": "32", "batch_size": "4", "dtype": "float32",
+                                                      "model_dtype": "float32"})
+        assert response.status_code == 422 and "over this app&#39;s limit" in response.get_data(as_text=True)
+        from app.models import Extraction
+
+        assert Extraction.select().count() == 0
+
+
+def test_reasons_never_show_credentials_or_server_paths(client, env):
+    from app.work import lifecycle
+
+    run = create_run(client)
+    Training.update(status="running").where(Training.id == run.id).execute()
+    lifecycle.fail(run, f"ConnectionError: redis://:hunter2secret@10.0.0.5:6379/0 refused; "
+                        f"file {env['DATA_DIR']}/runs/{run.id}/sae.safetensors")
+    reason = client.get(f"/api/trainings/{run.id}").json["reason"]
+    assert "hunter2secret" not in reason and "redis://:***@" in reason
+    assert env["DATA_DIR"] not in reason and f"DATA_DIR/runs/{run.id}" in reason
+
+
+def test_api_links_use_the_configured_external_url(env, monkeypatch):
+    monkeypatch.setenv("EXTERNAL_URL", "https://sae.example.org")
+    from app import create_app
+
+    app = create_app({"TESTING": True, "WTF_CSRF_ENABLED": False, "SERVER_NAME": "localhost"})
+    with app.app_context():
+        client = signed_in_client(app)
+        body = client.post("/api/trainings", json=QUICK_CONFIG).json
+        assert body["url"] == f"https://sae.example.org/trainings/{body['id']}"
+        assert app.config["SESSION_COOKIE_SECURE"] is True  # behind TLS the session cookie is Secure

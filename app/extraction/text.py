@@ -88,20 +88,29 @@ def _missing_column(column: str, found) -> TextSourceError:
     return TextSourceError(f"there is no text column {column!r}; the columns are: {names}", "text_column")
 
 
+MAX_DOCUMENT_CHARS = 1_000_000  # a longer document is cut into pieces this long (windows are far shorter)
+
+
 def _txt(path: Path) -> Iterator[str]:
+    """Paragraphs (separated by blank lines), each at most MAX_DOCUMENT_CHARS: a file with no
+    blank line, or no line break at all, is read piece by piece, never whole."""
     with path.open("rb") as fh:
         head = fh.read(8192)
     if b"\x00" in head:
         raise TextSourceError("the file looks binary (it holds NUL bytes), not UTF-8 text")
     paragraph: list[str] = []
+    size = 0
     with path.open("r", encoding="utf-8", errors="strict", newline=None) as fh:
         try:
-            for line in fh:
+            while line := fh.readline(MAX_DOCUMENT_CHARS):
                 if line.strip():
                     paragraph.append(line.rstrip("\n"))
-                elif paragraph:
+                    size += len(line)
+                    if size < MAX_DOCUMENT_CHARS:
+                        continue
+                if paragraph:
                     yield "\n".join(paragraph)
-                    paragraph = []
+                    paragraph, size = [], 0
         except UnicodeDecodeError as exc:
             raise TextSourceError(f"the file is not UTF-8 text ({exc.reason})") from exc
     if paragraph:

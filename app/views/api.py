@@ -1,7 +1,7 @@
 """The JSON API for scripts: the same form validation as the HTML form."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, request, url_for
+from flask import Blueprint, current_app, g, request
 from werkzeug.datastructures import MultiDict
 
 from ..auth import require_change
@@ -13,7 +13,7 @@ from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
-from .records import get_or_404, id_arg
+from .records import external_url, get_or_404, id_arg
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -37,7 +37,7 @@ def training_dict(run: Training) -> dict:
     latest = run.latest_metric()
     view = progress_view(run, latest)
     return {
-        "id": run.id, "url": url_for("pages.detail", training_id=run.id, _external=True),
+        "id": run.id, "url": external_url("pages.detail", training_id=run.id),
         "status": run.status, "reason": run.reason, "failed_step": run.failed_step,
         "heartbeat_at": run.heartbeat_at.isoformat() + "Z" if run.heartbeat_at else None,
         "worker": run.worker_name, "checkpoint_step": checkpoint_step(run, current_app.config),
@@ -74,7 +74,7 @@ def create():
     except QueueUnavailable as exc:
         return unavailable(exc)
     return {"id": run.id, "status": run.status, "reason": run.reason,
-            "url": url_for("pages.detail", training_id=run.id, _external=True),
+            "url": external_url("pages.detail", training_id=run.id),
             "findings": [f.to_dict() for f in form.findings]}, 201
 
 
@@ -158,7 +158,7 @@ EXTRACTION_FIELDS = ("name", "model_name", "layer", "site", "text_kind", "datase
 
 def extraction_dict(job: Extraction) -> dict:
     return {
-        "id": job.id, "url": url_for("extractions.show", extraction_id=job.id, _external=True),
+        "id": job.id, "url": external_url("extractions.show", extraction_id=job.id),
         "status": job.status, "reason": job.reason, "model_name": job.model_name, "layer": job.layer,
         "site": job.site, "text": job.text, "token_budget": job.token_budget, "tokens_done": job.tokens_done,
         "documents_done": job.documents_done, "tokens_per_s": job.tokens_per_s, "eta_s": job.eta_s,

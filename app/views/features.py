@@ -21,6 +21,7 @@ from ..sae.export import (CFG, SAEFormatError, WEIGHTS, export_files, files_from
 from ..work import deletion, lifecycle
 from ..work.features import create_feature_job
 from ..work.queue import QueueUnavailable
+from ..work.resources import TooLarge, check_memory, feature_bytes
 from .records import delete_flow, get_or_404, id_arg
 
 bp = Blueprint("features", __name__)
@@ -50,6 +51,11 @@ def start_for_run(training_id: int):
     form = FeatureJobForm()
     if not form.validate_on_submit():
         abort(422, description="; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+    try:
+        check_memory(current_app.config, feature_bytes(run.source.d_in, run.latent_dim, form.sample_tokens.data, 10),
+                     "The feature statistics", "Sample fewer tokens.")
+    except TooLarge as exc:
+        abort(422, description=f"sample_tokens: {exc}")
     try:
         job = create_feature_job(current_app.config, training=run, source=run.source, created_by=g.user.id,
                                  sample_tokens=form.sample_tokens.data)
@@ -204,6 +210,12 @@ def import_sae():
     if source.d_in != sae.d_in:
         form.source_id.errors.append(f"The SAE reads d_in {sae.d_in}, but this source has d_in {source.d_in}: "
                                      "choose activations of the width it was trained on. Nothing was kept.")
+        return render_imports(form, 422)
+    try:
+        check_memory(current_app.config, feature_bytes(sae.d_in, sae.d_sae, form.sample_tokens.data, 10),
+                     "The feature statistics", "Sample fewer tokens.")
+    except TooLarge as exc:
+        form.sample_tokens.errors.append(f"{exc} Nothing was kept.")
         return render_imports(form, 422)
     token = uuid.uuid4().hex
     folder = Path(current_app.config["DATA_DIR"]) / "imported" / token

@@ -2,7 +2,7 @@
 and the ask-once-then-delete flow."""
 from __future__ import annotations
 
-from flask import abort, current_app, redirect, render_template, request
+from flask import abort, current_app, redirect, render_template, request, url_for
 
 from ..auth import require_change
 from ..work import deletion
@@ -19,6 +19,12 @@ def id_arg(name: str) -> int | None:
 
 def id_args(name: str) -> list[int]:
     return [int(v) for v in request.args.getlist(name) if v.isascii() and v.isdigit() and int(v) <= MAX_ID]
+
+
+def external_url(endpoint: str, **values) -> str:
+    """An absolute link for the API: under EXTERNAL_URL when configured, never from a client's Host alone."""
+    base = current_app.config.get("EXTERNAL_URL")
+    return base + url_for(endpoint, **values) if base else url_for(endpoint, _external=True, **values)
 
 
 def get_or_404(model, record_id: int, what: str):

@@ -11,7 +11,8 @@ from ..forms import TrainingForm
 from ..models import TuneJob
 from ..work import lifecycle
 from ..work.queue import QueueUnavailable
-from ..work.tune import create_tune
+from ..work.resources import TooLarge, check_memory, tune_bytes
+from ..work.tune import PILOT_BATCH, create_tune
 from .records import get_or_404
 
 bp = Blueprint("tune", __name__, url_prefix="/tunes")
@@ -37,6 +38,13 @@ def start():
     problems = {n: getattr(form, n).errors for n in needed if getattr(form, n).errors}
     if form.architecture.data != "standard":
         problems["architecture"] = ["Auto-tune searches l1_alpha, which only a standard SAE uses; TopK's L0 is k."]
+    source = form.sources.get(form.source_id.data)
+    if not problems and source is not None:
+        try:
+            check_memory(current_app.config, tune_bytes(source.d_in, form.latent_dim.data, PILOT_BATCH),
+                         "An auto-tune pilot", "Lower latent_dim.")
+        except TooLarge as exc:
+            problems["latent_dim"] = [str(exc)]
     if problems:
         return render_template("_partials/tune.html", tune=None, problems=problems), 422
     try:

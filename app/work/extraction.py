@@ -15,8 +15,9 @@ from ..extraction.capture_names import BUNDLED_MINILM
 from ..models import ActivationSet, Extraction
 from . import lifecycle
 from .lifecycle import retry_write, update_record
+from .resources import check_model_size
 
-USER_ERRORS = ("ExtractionError", "TextSourceError", "StoreError", "PathRefused")
+USER_ERRORS = ("ExtractionError", "TextSourceError", "StoreError", "PathRefused", "TooLarge")
 
 
 def named_text_spec(d: dict):
@@ -58,6 +59,8 @@ def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -
             spec = replace(spec, dataset=paths.resolve(spec.dataset, settings, "dataset"))
         model_name = job.model_name if job.model_name == BUNDLED_MINILM else paths.resolve(job.model_name, settings,
                                                                                             "model")
+        if model_name != BUNDLED_MINILM:
+            check_model_size(settings, model_name)  # before anything is downloaded
         check_corpus(spec)  # a bad corpus fails before the model is loaded
         device = resolve_device(settings["SAE_DEVICE"])
         update_record(job, what="device", device=str(device))

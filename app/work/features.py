@@ -10,8 +10,9 @@ from ..models import FeatureJob, FeatureStat, Training
 from ..quality import density_histogram
 from . import lifecycle
 from .lifecycle import retry_write, update_record
+from .resources import check_memory, feature_bytes
 
-USER_ERRORS = ("FeatureError", "SAEFormatError", "StoreError")
+USER_ERRORS = ("FeatureError", "SAEFormatError", "StoreError", "TooLarge")
 INSERT_BATCH = 200
 
 
@@ -67,6 +68,8 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
     if source.d_in != loaded.d_in:
         raise F.FeatureError(f"the SAE reads d_in {loaded.d_in} but the source {job.source.name!r} has d_in "
                              f"{source.d_in}")
+    check_memory(settings, feature_bytes(loaded.d_in, loaded.d_sae, job.sample_tokens, job.top_n),
+                 "The feature statistics", "Sample fewer tokens.")
     sae = F.to_module(loaded, device)
     x, index = _sample_rows(source, job.sample_tokens, device)
     x = x * loaded.norm_scale

@@ -98,6 +98,7 @@ def update_record(record: JobRecord, *, only_if: tuple[str, ...] | None = None, 
 
 def add_event(training_id: int, level: str, code: str, message: str, *, step: int | None = None,
               suggestion: str | None = None) -> None:
+    message = redact(message)
     retry_write(lambda: Event.create(training=training_id, level=level, code=code, message=message, step=step,
                                      suggestion=suggestion), what="event")
 
@@ -181,8 +182,24 @@ def claim(record: JobRecord) -> bool:
     return claimed
 
 
+def redact(text: str | None) -> str | None:
+    """A reason as shown to users: no credentials in URLs, no absolute server paths."""
+    from ..config import ROOT
+
+    if not text:
+        return text
+    text = queue.redact(text)
+    for path, label in ((os.environ.get("DATA_DIR"), "DATA_DIR"), (str(ROOT), "<app>"),
+                        (os.path.expanduser("~"), "~")):
+        if path and len(path) > 1:
+            text = text.replace(path, label)
+    return text
+
+
 def finish(record: JobRecord, status: str, **fields) -> bool:
     """End a running record with ``status``; False if it was no longer running (e.g. swept)."""
+    if "reason" in fields:
+        fields["reason"] = redact(fields["reason"])
     return update_record(record, only_if=("running",), what=f"finish {status}", status=status,
                          finished_at=utcnow(), **fields)
 

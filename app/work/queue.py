@@ -23,9 +23,9 @@ class QueueUnavailable(RuntimeError):
     """Redis could not be reached or refused the call; the message is safe to show."""
 
 
-def redact(url: str) -> str:
-    """The URL without its password (``redis://:secret@host`` → ``redis://:***@host``)."""
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url or "")
+def redact(text: str) -> str:
+    """The text with every URL's password masked (``redis://:secret@host`` → ``redis://:***@host``)."""
+    return re.sub(r"(//[^:/@\s]*:)[^@/\s]*@", r"\1***@", text or "")
 
 
 def connection(settings: dict) -> Redis:

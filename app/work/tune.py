@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..models import TuneJob
 from . import lifecycle
 from .lifecycle import update_record
+from .resources import TooLarge, check_memory, tune_bytes
 
 PILOT_STEPS = 400
 PILOT_BATCH = 256
@@ -32,6 +33,8 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
         from .training import build_source
 
         source = build_source(tune.source, settings["DATA_DIR"])
+        check_memory(settings, tune_bytes(source.d_in, tune.latent_dim, tune.batch_size), "An auto-tune pilot",
+                     "Lower latent_dim.")
         pilots: list[dict] = []
 
         def on_pilot(pilot, index: int) -> None:
@@ -57,6 +60,9 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
         else:
             lifecycle.finish(tune, "cancelled", reason=outcome)
         return lifecycle.retry_write(lambda: TuneJob.get_by_id(tune.id).status, what="status")
+    except TooLarge as exc:
+        lifecycle.fail(tune, str(exc))
+        return "failed"
     except Exception as exc:  # noqa: BLE001 - recorded on the row, then re-raised for RQ
         lifecycle.fail(tune, f"{type(exc).__name__}: {exc}")
         raise
