@@ -18,11 +18,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
+USER, PASSWORD = "tester", "correct horse battery"
+
+
 @pytest.fixture
 def live_server(env):
     from app import create_app
+    from app.auth import create_user
 
     app = create_app({"TESTING": True})
+    with app.app_context():
+        from app.db import database
+
+        with database.connection_context():
+            create_user(USER, PASSWORD, is_admin=True)
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -30,8 +39,17 @@ def live_server(env):
     server.shutdown()
 
 
+def sign_in(page, base: str, username: str, password: str) -> None:
+    page.goto(base + "/login")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("#sign-in")
+    page.wait_for_selector("#account")
+
+
 @pytest.fixture
-def page(tmp_path):
+def page(tmp_path, live_server):
+    """A headless Chromium page, signed in as the admin the live server was started with."""
     from playwright.sync_api import sync_playwright
 
     executable = shutil.which("chromium")
@@ -40,6 +58,7 @@ def page(tmp_path):
         browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 1000})
         page.set_default_timeout(20_000)
+        sign_in(page, live_server, USER, PASSWORD)
         yield page
         browser.close()
 
@@ -202,3 +221,43 @@ def test_dataset_markup_in_feature_examples_renders_as_text(live_server, worker_
     assert page.input_value("#q") == "<script>alert(1)</script>"
     assert "matching “<script>alert(1)</script>”" in page.inner_text("#feature-count")
     assert page.evaluate("window.__xss") is None
+
+
+def test_a_second_user_sees_a_run_but_cannot_cancel_it(live_server, worker_process, page):
+    page.goto(live_server + "/trainings/new")
+    page.fill("#total_steps", "100000")
+    page.click("#start")
+    if page.locator("#acknowledge_warnings").count():  # a warning on this config: start anyway
+        page.check("#acknowledge_warnings")
+        page.click("#start")
+    page.wait_for_url(re.compile(r"/trainings/\d+$"))
+    run_url = page.url
+    assert page.locator("#cancel").count() == 1 and page.inner_text("#creator") == USER
+
+    # the admin adds a team member in the UI
+    page.goto(live_server + "/users/")
+    page.fill("#username", "viewer")
+    page.fill("#password", "another long password")
+    page.click("#add-user")
+    page.wait_for_selector("#created-user")
+    page.click("#sign-out")
+    page.wait_for_url(re.compile(r"/login"))
+
+    sign_in(page, live_server, "viewer", "another long password")
+    page.goto(run_url)
+    assert page.inner_text("#creator") == USER  # one team: the run is there to see
+    assert page.locator("#progress").count() == 1
+    assert page.locator("#cancel").count() == 0 and page.locator("#delete-run").count() == 0
+    # and the server refuses it even when asked directly, with the page's own CSRF token
+    status = page.evaluate("""async (url) => {
+        const headers = JSON.parse(document.body.getAttribute('hx-headers'));
+        const r = await fetch(url + '/cancel', {method: 'POST', headers});
+        return r.status; }""", run_url)
+    assert status == 403
+    assert page.evaluate("async (url) => (await fetch(url + '/progress')).status", run_url) == 200
+    # the admin can still stop it
+    page.click("#sign-out")
+    sign_in(page, live_server, USER, PASSWORD)
+    page.goto(run_url)
+    page.click("#cancel")
+    assert wait_until_ended(page, "#progress", seconds=60) == "cancelled"
