@@ -69,17 +69,18 @@ def fill(points: int) -> int:
     return run.id
 
 
-def poll(url: str, seconds: float, interval: float | None, out: list[float], errors: list[str]) -> None:
+def poll(url: str, seconds: float, interval: float | None, out: list[float], errors: list[str],
+         cookie: str) -> None:
     deadline = time.monotonic() + seconds
     if interval:
         time.sleep(random.random() * interval)
     while time.monotonic() < deadline:
         started = time.perf_counter()
         try:
-            with urllib.request.urlopen(url, timeout=30) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers={"Cookie": cookie}), timeout=30) as response:
                 response.read()
-                if response.status != 200:
-                    errors.append(str(response.status))
+                if response.status != 200 or not response.geturl().endswith("/progress"):
+                    errors.append(f"{response.status} {response.geturl()}")  # e.g. sent to sign in
         except Exception as exc:  # noqa: BLE001 - counted, not fatal
             errors.append(type(exc).__name__)
         out.append((time.perf_counter() - started) * 1000)
@@ -116,6 +117,13 @@ def main() -> int:
         from app.chart_series import from_points
         from app.models import MetricPoint, Training
 
+        from app.auth import create_user
+
+        user, _ = create_user("bench", "a long benchmark password")
+        # the pollers are a signed-in user: the session cookie the app would have set
+        serializer = app.session_interface.get_signing_serializer(app)
+        cookie = f"{app.config['SESSION_COOKIE_NAME']}=" + serializer.dumps(
+            {"user_id": user.id, "password_hash": user.password_hash[-16:]})
         run = Training.get_by_id(big)
         started = time.perf_counter()
         rows = list(run.metrics.order_by(MetricPoint.step))
@@ -131,7 +139,7 @@ def main() -> int:
     try:
         for _ in range(200):
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/trainings/{small}/progress", timeout=2).read()
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.1)
@@ -144,7 +152,7 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}/trainings/{run_id}/progress"
             latencies: list[float] = []
             errors: list[str] = []
-            threads = [threading.Thread(target=poll, args=(url, seconds, interval, latencies, errors))
+            threads = [threading.Thread(target=poll, args=(url, seconds, interval, latencies, errors, cookie))
                        for _ in range(args.pollers)]
             for t in threads:
                 t.start()
