@@ -108,8 +108,14 @@ def _same_origin(origin: str) -> bool:
 def check_request():
     """Run before every request: find the user, or answer 401/redirect; refuse foreign origins."""
     g.user = None
-    if request.endpoint in OPEN_ENDPOINTS or request.routing_exception is not None:
+    if request.routing_exception is not None:
         return None  # no such route (or an untrusted Host): Flask answers 404/400 next, naming nothing
+    if request.method not in ("GET", "HEAD", "OPTIONS") and not request.path.startswith("/api/"):
+        origin = request.headers.get("Origin")
+        if origin is not None and not _same_origin(origin):
+            abort(403, description="This request came from another site; nothing was changed.")
+    if request.endpoint in OPEN_ENDPOINTS:
+        return None
     if request.path.startswith("/api/"):
         header = request.headers.get("Authorization", "")
         scheme, _, plain = header.partition(" ")
@@ -119,10 +125,6 @@ def check_request():
                              "Account → API tokens)."}, 401
         g.user = user
         return None
-    if request.method not in ("GET", "HEAD", "OPTIONS"):
-        origin = request.headers.get("Origin")
-        if origin is not None and not _same_origin(origin):
-            abort(403, description="This request came from another site; nothing was changed.")
     user_id = session.get("user_id")
     user = User.get_or_none(User.id == user_id) if isinstance(user_id, int) else None
     if user is None or session.get("password_hash") != user.password_hash[-16:]:

@@ -254,3 +254,37 @@ def test_api_links_use_the_configured_external_url(env, monkeypatch):
         body = client.post("/api/trainings", json=QUICK_CONFIG).json
         assert body["url"] == f"https://sae.example.org/trainings/{body['id']}"
         assert app.config["SESSION_COOKIE_SECURE"] is True  # behind TLS the session cookie is Secure
+
+
+def test_a_cross_site_post_to_any_state_changing_route_changes_nothing(app, client):
+    run = create_run(client)
+    before = counts()
+    statuses = {}
+    for rule in app.url_map.iter_rules():
+        for method in rule.methods & {"POST", "DELETE"}:
+            url = rule.rule.replace("<any(trainings, sources, extractions, imports, templates):kind>", "trainings")
+            for arg in rule.arguments:
+                url = url.replace(f"<int:{arg}>", str(run.id)).replace(f"<{arg}>", str(run.id))
+            headers = {"Origin": "https://evil.example"}
+            if url.startswith("/api/"):  # a browser on another site has the cookie, never the token
+                response = app.test_client().open(url, method=method, headers=headers, data={"x": "1"})
+            else:
+                response = client.open(url, method=method, headers=headers, data={"x": "1"})
+            statuses[f"{method} {url}"] = response.status_code
+    assert all(s in (401, 403) for s in statuses.values()), statuses
+    assert len(statuses) >= 25 and counts() == before
+    assert Training.get_by_id(run.id).status == "queued"
+
+
+def test_the_worker_runs_only_the_apps_own_jobs(env, run_worker, tmp_path):
+    from rq import Queue
+
+    from app.work.queue import SERIALIZER, connection
+
+    marker = tmp_path / "pwned"
+    queue = Queue(env["QUEUE_NAME"], connection=connection(env | {"REDIS_URL": env["REDIS_URL"]}), serializer=SERIALIZER)
+    job = queue.enqueue("pathlib.Path.touch", str(marker))
+    run_worker()
+    job.refresh()
+    assert not marker.exists() and job.get_status() == "failed"
+    assert "not a SAE Studio job function" in job.latest_result().exc_string

@@ -15,7 +15,7 @@ from ..extraction.capture_names import BUNDLED_MINILM
 from ..models import ActivationSet, Extraction
 from . import lifecycle
 from .lifecycle import retry_write, update_record
-from .resources import check_model_size
+from .resources import check_memory, check_model_size, model_bytes
 
 USER_ERRORS = ("ExtractionError", "TextSourceError", "StoreError", "PathRefused", "TooLarge")
 
@@ -61,6 +61,10 @@ def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -
                                                                                             "model")
         if model_name != BUNDLED_MINILM:
             check_model_size(settings, model_name)  # before anything is downloaded
+            size = model_bytes(model_name)
+            if size:  # the weights at the chosen precision, and room for the activations
+                share = 0.5 if job.model_dtype in ("bfloat16", "float16") else 1.0
+                check_memory(settings, int(1.3 * size * share), "The model", "Choose bfloat16, or a smaller model.")
         check_corpus(spec)  # a bad corpus fails before the model is loaded
         device = resolve_device(settings["SAE_DEVICE"])
         update_record(job, what="device", device=str(device))
