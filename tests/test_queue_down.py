@@ -33,11 +33,11 @@ def own_redis(tmp_path, monkeypatch):
     """A Redis of this test's own, which the test stops and starts again."""
     port = free_port()
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
-    proc = start_redis(port, tmp_path)
-    yield {"port": port, "proc": proc, "dir": tmp_path}
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=10)
+    state = {"port": port, "proc": start_redis(port, tmp_path), "dir": tmp_path}
+    yield state
+    if state["proc"].poll() is None:  # the one the test started last
+        state["proc"].terminate()
+        state["proc"].wait(timeout=10)
 
 
 @pytest.fixture
@@ -91,7 +91,6 @@ def test_every_page_renders_with_redis_down_and_work_resumes_when_it_is_back(dow
                                              "/api/trainings"]
     statuses = {url: client.get(url).status_code for url in urls}
     assert not [u for u, s in statuses.items() if s >= 500], statuses
-    print(statuses)
     page = client.get(f"/trainings/{run.id}").get_data(as_text=True)
     assert "queue-banner" in page
 
