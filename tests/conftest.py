@@ -198,18 +198,34 @@ def run_worker(env):
     return run
 
 
-@pytest.fixture
-def worker_process(env):
-    """A real RQ worker process running in the background for the whole test."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=ROOT, env=worker_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield proc
+def start_worker(env: dict, name: str | None = None) -> subprocess.Popen:
+    """A real worker process (with its maintenance process) in the background; its output goes to a
+    log file in the data folder, so a long test never blocks it on a full pipe."""
+    Path(env["DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+    log = open(Path(env["DATA_DIR"]) / f"worker-{name or time.monotonic_ns()}.log", "ab")  # noqa: SIM115
+    args = [sys.executable, str(ROOT / "worker.py")] + (["--name", name] if name else [])
+    proc = subprocess.Popen(args, cwd=ROOT, env=worker_env(env), stdout=log, stderr=subprocess.STDOUT)
+    log.close()  # the child holds its own descriptor
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    """A warm shutdown (SIGTERM), and SIGKILL if that takes too long."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def worker_process(env):
+    """A real RQ worker process running in the background for the whole test."""
+    proc = start_worker(env)
+    yield proc
+    stop_worker(proc)
 
 
 def kill_work_horse(worker_process) -> None:

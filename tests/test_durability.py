@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,8 +17,8 @@ from safetensors.torch import load_file
 from app.models import Event, MetricPoint, Training, TuneJob, utcnow
 from app.work import lifecycle
 from app.work.training import checkpoint_step
-from conftest import (BACKEND, QUICK_CONFIG, ROOT, create_run, kill_work_horse, reload, wait_for,
-                      worker_env)
+from conftest import (BACKEND, QUICK_CONFIG, create_run, kill_work_horse, reload, start_worker, stop_worker,
+                      wait_for)
 
 METRIC_COLUMNS = ("step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead", "lr",
                   "l1_alpha")  # everything but the wall-clock throughput
@@ -32,22 +30,6 @@ def series(run: Training) -> list[tuple]:
 
 def weights(env, run: Training) -> dict:
     return load_file(str(Path(env["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"))
-
-
-def start_worker(env, name: str | None = None) -> subprocess.Popen:
-    args = [sys.executable, str(ROOT / "worker.py")] + (["--name", name] if name else [])
-    return subprocess.Popen(args, cwd=ROOT, env=worker_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.stdout.read() if proc.stdout else ""
 
 
 # A run long enough to be killed mid-way, with checkpoints every 60 steps.
@@ -79,7 +61,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(client, env, r
         killed = wait_for(lambda: (r := reload(killed)).status == "interrupted" and r, timeout=30,
                           message="the killed run to be marked interrupted")
     finally:
-        stop(worker)
+        stop_worker(worker)
     assert "killed (signal 9)" in killed.reason
     saved = checkpoint_step(killed, current_app.config)
     assert saved is not None and saved % 60 == 0 and killed.step - saved < 60 + 10  # at most one interval lost
@@ -119,7 +101,7 @@ def test_sigterm_to_the_worker_checkpoints_and_leaves_the_run_resumable(client, 
         client.post(f"/api/trainings/{run.id}/cancel")
         run = wait_for(lambda: (r := reload(run)).status == "cancelled" and r, timeout=60, message="cancelled")
     finally:
-        stop(worker)
+        stop_worker(worker)
     assert Event.get(Event.training == run, Event.code == "resumed").step == stopped_at
     steps = [p.step for p in run.metrics.order_by(MetricPoint.step)]
     assert steps == list(range(10, steps[-1] + 1, 10))  # one series: no gap, no duplicate at the seam
@@ -135,7 +117,7 @@ def test_killing_the_worker_process_ends_its_run_interrupted(client, env, no_fea
         run = wait_for(lambda: (r := reload(run)).status == "interrupted" and r, timeout=30,
                        message="the orphaned run to stop")
     finally:
-        stop(worker)
+        stop_worker(worker)
     assert "shut down" in run.reason or "heartbeats" in run.reason
     api = client.get(f"/api/trainings/{run.id}").json
     assert api["status"] == "interrupted" and api["checkpoint_step"] is not None
@@ -219,7 +201,7 @@ def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_featur
         if writer.is_alive():
             writer.join()
         for w in workers:
-            stop(w)
+            stop_worker(w)
     for run in done:
         assert run.status == "completed", run.reason
         steps = [p.step for p in run.metrics.order_by(MetricPoint.step)]
