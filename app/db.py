@@ -155,10 +155,24 @@ def _migration_11_accounts(db) -> None:
                               ForeignKeyField(User, field=User.id, null=True, on_delete="SET NULL"))
 
 
+def _migration_12_architectures(db) -> None:
+    """BatchTopK, JumpReLU and Matryoshka: their settings (null on runs of other architectures)."""
+    from .models import param_column
+    from .training_config import BY_NAME
+
+    for name in ("l0_coefficient", "jumprelu_bandwidth", "matryoshka_prefixes"):
+        add_column_if_missing(db, "training", name, param_column(BY_NAME[name]))
+    from .models import ActivationSet, seed_hard_source
+
+    if not ActivationSet.select().where(ActivationSet.name.startswith("Synthetic (hierarchical)")).exists():
+        seed_hard_source()  # migration 1 seeds it on a fresh database
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
-                              _migration_10_double_precision, _migration_11_accounts]
+                              _migration_10_double_precision, _migration_11_accounts,
+                              _migration_12_architectures]
 
 
 def migrate() -> int:

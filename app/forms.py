@@ -40,21 +40,34 @@ class Range(NumberRange):
 
 
 class RequiredFor(InputRequired):
-    """Required when the form's architecture is ``architecture``; otherwise optional."""
+    """Required when the form's architecture is one of ``architectures``; otherwise optional."""
 
     field_flags = {}
 
-    def __init__(self, architecture: str, message: str) -> None:
+    def __init__(self, architectures: tuple[str, ...], message: str) -> None:
         super().__init__(message=message)
-        self.architecture = architecture
+        self.architectures = architectures
 
     def __call__(self, form, field):
-        if form.architecture.data == self.architecture:
+        if form.architecture.data in self.architectures:
             return super().__call__(form, field)
         if not field.raw_data or not str(field.raw_data[0]).strip():
             field.errors[:] = []
             field.data = None
             raise StopValidation()
+
+
+class Parsed:
+    """A free-text value its parser accepts; the parser's ValueError is the field's message."""
+
+    def __init__(self, parse) -> None:
+        self.parse = parse
+
+    def __call__(self, form, field):
+        try:
+            self.parse(field.data)
+        except ValueError as error:
+            raise StopValidation(str(error)) from None
 
 
 def required(message: str = "This field is required.") -> InputRequired:
@@ -146,10 +159,23 @@ def check_cross_fields(form) -> bool:
             if not f.errors and f.data is not None and f.data > steps:
                 f.errors.append(f"Must not exceed the training steps ({steps:,}).")
                 ok = False
-    if form.architecture.data == "topk" and not form.k.errors and not form.latent_dim.errors \
-            and form.k.data is not None and form.latent_dim.data is not None and form.k.data > form.latent_dim.data:
-        form.k.errors.append(f"k must not exceed latent_dim ({form.latent_dim.data:,}).")
+    latent = form.latent_dim.data if not form.latent_dim.errors else None
+    arch = form.architecture.data
+    if arch in training_config.K_ARCHITECTURES and not form.k.errors and latent is not None \
+            and form.k.data is not None and form.k.data > latent:
+        form.k.errors.append(f"k must not exceed latent_dim ({latent:,}).")
         ok = False
+    prefixes = form.matryoshka_prefixes
+    if arch == "matryoshka" and not prefixes.errors and latent is not None:
+        sizes = training_config.parse_prefixes(prefixes.data)
+        if sizes and sizes[-1] >= latent:
+            prefixes.errors.append(f"Each prefix must be smaller than latent_dim ({latent:,}); the whole "
+                                   "dictionary is always the last level.")
+            ok = False
+        elif sizes and form.k.data and not form.k.errors and sizes[0] < 2 * form.k.data:
+            prefixes.errors.append(f"The smallest prefix ({sizes[0]:,}) must hold at least 2·k = "
+                                   f"{2 * form.k.data:,} latents, or it cannot reconstruct on its own.")
+            ok = False
     return ok
 
 
@@ -239,11 +265,19 @@ class SyntheticSourceForm(FlaskForm):
     mean_active = FloatField("Mean active features per token", default=5.0,
                              validators=[required(), Range(0, 1_000, min_exclusive=True)])
     seed = IntegerField("Seed", default=0, validators=[required(), Range(0, 2**31 - 1)])
+    structure = SelectField("Structure", default="independent", validators=[required()], choices=[
+        ("independent", "Independent features, uniform frequencies (easy)"),
+        ("hierarchical", "Hierarchy, correlated firing and Zipfian frequencies (hard, after SynthSAEBench)")])
 
     def validate(self, extra_validators=None) -> bool:
         ok = super().validate(extra_validators)
         if ok and self.mean_active.data > self.n_features.data:
             self.mean_active.errors.append("Must not exceed the number of features.")
+            ok = False
+        if ok and self.structure.data == "hierarchical" and (self.n_features.data < 4
+                                                             or self.mean_active.data > self.n_features.data / 4):
+            self.mean_active.errors.append("A hierarchical source needs at least 4 features and at most a quarter "
+                                           "of them active per token.")
             ok = False
         return ok
 
@@ -252,6 +286,9 @@ def param_field(param: Param):
     """The form field for one hyper-parameter: its label, default, help and range check."""
     if param.type is bool:
         return BooleanField(param.label, default=param.default, description=param.help)
+    if param.parse is not None:
+        return StringField(param.label, default=param.default, description=param.help,
+                           validators=[Optional(), Length(max=200), Parsed(training_config.PARSERS[param.parse])])
     if param.required_for is None:
         presence = required()
     else:

@@ -150,6 +150,10 @@ class Training(JobRecord):
     def target_l0_count(self) -> float:
         return self.target_l0 * self.latent_dim
 
+    @property
+    def matryoshka_levels(self) -> tuple[int, ...]:
+        return training_config.matryoshka_levels(self.matryoshka_prefixes or "", self.latent_dim)
+
     def config_dict(self) -> dict:
         """The run's configuration under the form's field names (accepted back by the API)."""
         return {"name": self.name, "source_id": self.source_id,
@@ -168,7 +172,7 @@ def param_column(param: training_config.Param):
         return IntegerField(null=null, default=None if null else param.default)
     if param.type is float:
         return DoubleField(null=null, default=None if null else param.default)
-    return CharField(default=param.default)
+    return CharField(null=null, default=None if null else param.default)
 
 
 def _add_param_columns() -> None:
@@ -404,8 +408,23 @@ DEFAULT_SYNTHETIC = {
 }
 
 
+HARD_SYNTHETIC = {
+    "name": "Synthetic (hierarchical): 2,048 ground-truth features in d_in 256, hierarchy, correlation, "
+            "Zipfian frequencies, ~15 active per token",
+    "d_in": 256, "n_features": 2048, "mean_active": 16.0, "seed": 0, "structure": "hierarchical",
+}
+
+
 def seed_default_sources() -> None:
     """The embedded default source, so a first training needs nothing downloaded."""
     spec = dict(DEFAULT_SYNTHETIC)
+    ActivationSet.create(
+        name=spec.pop("name"), kind="synthetic", d_in=spec.pop("d_in"), n_tokens=None, params=spec)
+    seed_hard_source()
+
+
+def seed_hard_source() -> None:
+    """The built-in harder ground truth (hierarchy, correlation, Zipf): what SAE benchmarks test on."""
+    spec = dict(HARD_SYNTHETIC)
     ActivationSet.create(
         name=spec.pop("name"), kind="synthetic", d_in=spec.pop("d_in"), n_tokens=None, params=spec)

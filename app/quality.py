@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .training_config import DEFAULT_L1_ALPHA, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+from .training_config import DEFAULT_L1_ALPHA, K_ARCHITECTURES, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
 
 GREEN_BELOW = 0.05
 RED_ABOVE = 0.15
@@ -176,6 +176,24 @@ def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
                    f"{move} l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}, or switch on 'steer l1_alpha'.")
 
 
+@rule("jumprelu_off_target")
+def jumprelu_off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """JumpReLU trains to the target: L0 settled more than 1.5× away from it means the penalty lost."""
+    if spec.architecture != "jumprelu":
+        return None
+    before = history.ago(TREND_POINTS)
+    if before is None or before.l0_fraction <= 0:
+        return None
+    settled = abs(math.log(max(point.l0_fraction, 1e-9) / before.l0_fraction)) < math.log(1.1)
+    ratio = point.l0_fraction / spec.target_l0
+    if not settled or 1 / 1.5 <= ratio <= 1.5:
+        return None
+    return Finding("warning", "off_target",
+                   f"L0 has settled {ratio:.2f}× the target: {format_l0(point.l0, spec.latent_dim)}, "
+                   f"{format_target(spec.target_l0, spec.latent_dim)}.",
+                   "Raise the L0 penalty weight (l0_coefficient) tenfold, or lower the learning rate.")
+
+
 @rule("dead")
 def dead_rule(spec: RunSpec, history: History, point) -> Finding | None:
     """More than half the latents dead, with the trend."""
@@ -188,7 +206,8 @@ def dead_rule(spec: RunSpec, history: History, point) -> Finding | None:
         trend = (f", up {change:,} in the last {point.step - before.step:,} steps" if change > 0 else
                  f", down {-change:,} in the last {point.step - before.step:,} steps" if change < 0 else ", steady")
     tip = ("Lower l1_alpha (the sparsity penalty) or switch on the dead-latent remedy."
-           if spec.architecture == "standard" else "Lower the learning rate or raise k.")
+           if spec.architecture == "standard" else "Lower the learning rate or raise k."
+           if spec.architecture in K_ARCHITECTURES else "Lower the learning rate, or raise the target L0.")
     share = point.dead / spec.latent_dim
     return Finding("warning", "dead", f"{point.dead:,} of {spec.latent_dim:,} latents ({share:.0%}) are dead{trend}.", tip)
 
@@ -328,23 +347,39 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
     ev = f"{100 * (1 - fvu):.1f}% of the variance explained"
     l0_text = format_l0(summary["l0"], latent_dim)
     suggested = suggest_l1_alpha(l1_alpha, l0f, target_l0, recommended) if l1_alpha else None
+    target_k = max(1, round(target_l0 * latent_dim))
+
+    def sparser() -> str:
+        if architecture == "standard":
+            return f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}."
+        if architecture in K_ARCHITECTURES:
+            return f"Lower k to about {target_k}."
+        if l0f > 1.5 * target_l0:
+            return "L0 ended above the target it trains to: raise the L0 penalty weight (l0_coefficient) tenfold."
+        return f"Lower the target L0 (now {100 * target_l0:.2g}%): JumpReLU trains to it."
+
+    def denser() -> str:
+        if architecture == "standard":
+            return f"Lower l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}."
+        if architecture in K_ARCHITECTURES:
+            return f"Raise k to about {target_k}."
+        return "Raise the L0 penalty weight (l0_coefficient) tenfold: L0 ended below the target it trains to."
+
     if dead is not None and dead > DEAD_RED_FRACTION * latent_dim:
         headline = f"More than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
         advice = ("Lower l1_alpha" + (f" to about {clamp_l1_alpha(l1_alpha / 3):.3g}" if l1_alpha else "")
                   + " and switch on the dead-latent remedy." if architecture == "standard"
-                  else "Lower the learning rate or raise k.")
+                  else "Lower the learning rate or raise k." if architecture in K_ARCHITECTURES
+                  else "Lower the learning rate, or raise the target L0.")
     elif l0f > RED_ABOVE:
         headline = f"Dense: {l0_text}, {ev}. These features are unlikely to be interpretable."
-        advice = (f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}." if architecture == "standard"
-                  else f"Lower k to about {max(1, round(target_l0 * latent_dim))}.")
+        advice = sparser()
     elif l0f < target_l0 / 3 and fvu > 0.3:
         headline = f"Over-sparse: {l0_text} with only {ev}; the penalty is crushing the reconstruction."
-        advice = (f"Lower l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}." if architecture == "standard"
-                  else f"Raise k to about {max(1, round(target_l0 * latent_dim))}.")
+        advice = denser()
     elif g == "yellow":
         headline = f"Borderline: {l0_text}, {ev}. Sparse enough to browse, denser than most useful SAEs."
-        advice = (f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}." if architecture == "standard"
-                  else f"Lower k to about {max(1, round(target_l0 * latent_dim))}.")
+        advice = sparser()
     else:
         headline = f"Sparse: {l0_text}, {ev}."
         if fvu > 0.2:

@@ -17,7 +17,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ARCHITECTURES = (("standard", "Standard (ReLU + L1 penalty)"), ("topk", "TopK (exactly k active)"))
+ARCHITECTURES = (("standard", "Standard (ReLU + L1 penalty)"),
+                 ("topk", "TopK (exactly k active per token)"),
+                 ("batchtopk", "BatchTopK (k active per token on average over the batch)"),
+                 ("jumprelu", "JumpReLU (learned thresholds, trained to the target L0)"),
+                 ("matryoshka", "Matryoshka BatchTopK (nested prefixes; against feature absorption)"))
+# The architectures whose sparsity is set by k (each token keeps k latents, exactly or on average);
+# the standard SAE's is set by the penalty l1_alpha and JumpReLU's by the target L0 itself.
+K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
+# The architectures that select latents by batch top-k in training and by a threshold at inference.
+THRESHOLD_ARCHITECTURES = ("batchtopk", "jumprelu", "matryoshka")
 PRECISIONS = (("auto", "Auto: bfloat16 where the device computes it fast, else float32"),
               ("float32", "float32"),
               ("bfloat16", "bfloat16 autocast (weights, optimizer and metrics stay float32)"),
@@ -35,7 +44,7 @@ L1_ALPHA_ALIASES = ("sparsity_coefficient", "l1_coefficient")
 class Param:
     """One hyper-parameter of a training run.
 
-    ``required_for`` names the architecture that needs the value (``None``: every run
+    ``required_for`` names the architectures that need the value (``None``: every run
     needs it); for other architectures it is stored as null. ``api_optional`` lets a JSON
     body leave it out, taking the default (only for settings whose default is always safe:
     the hyper-parameters that decide sparsity must be given). ``template`` puts it in
@@ -52,23 +61,30 @@ class Param:
     min_exclusive: bool = False
     choices: tuple[tuple[str, str], ...] | None = None
     aliases: tuple[str, ...] = ()
-    required_for: str | None = None
+    required_for: tuple[str, ...] | None = None
     required_message: str | None = None
     null_message: str | None = None
     api_optional: bool = False
     template: bool = False
     core: bool = True
+    parse: str | None = None  # a free-text value: the name of its parser in PARSERS
 
     @property
     def is_numeric(self) -> bool:
         return self.type in (int, float)
 
     def applies_to(self, architecture: str | None) -> bool:
-        return self.required_for is None or self.required_for == architecture
+        return self.required_for is None or architecture in self.required_for
 
     def in_range(self, value) -> bool:
         if self.choices is not None:
             return value in {c for c, _ in self.choices}
+        if self.parse is not None:
+            try:
+                PARSERS[self.parse](value)
+            except (TypeError, ValueError):
+                return False
+            return True
         if not self.is_numeric:
             return isinstance(value, self.type)
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -86,15 +102,16 @@ PARAMS: tuple[Param, ...] = (
     Param("latent_dim", int, 1024, "Latents (latent_dim)", min=16, max=1_048_576, template=True,
           help="Number of SAE features; usually 4× to 64× the activation width d_in."),
     Param("l1_alpha", float, DEFAULT_L1_ALPHA, "Sparsity penalty (l1_alpha)", min=L1_ALPHA_MIN_EXCLUSIVE,
-          max=L1_ALPHA_MAX, min_exclusive=True, aliases=L1_ALPHA_ALIASES, required_for="standard",
+          max=L1_ALPHA_MAX, min_exclusive=True, aliases=L1_ALPHA_ALIASES, required_for=("standard",),
           required_message=L1_REQUIRED, template=True,
           null_message="Must not be null: the sparsity penalty l1_alpha is required for a standard SAE "
                        f"(without it the features come out dense); {DEFAULT_L1_ALPHA:g} is a sound start.",
           help="Weight of the L1 term that makes features sparse. Higher → fewer active latents. "
                f"Not the learning rate. Range: above {L1_ALPHA_MIN_EXCLUSIVE:.5f}, at most {L1_ALPHA_MAX:g}."),
-    Param("k", int, 32, "Active latents per token (k)", min=1, max=65_536, required_for="topk",
-          required_message="k is required for a TopK SAE.", template=True,
-          help="TopK only: exactly k latents fire for every token."),
+    Param("k", int, 32, "Active latents per token (k)", min=1, max=65_536, required_for=K_ARCHITECTURES,
+          required_message="k is required for a TopK, BatchTopK or Matryoshka SAE.", template=True,
+          help="TopK: exactly k latents fire for every token. BatchTopK and Matryoshka: k per token on "
+               "average (the k·batch largest activations of the batch)."),
     Param("learning_rate", float, 0.001, "Learning rate (optimizer step size)", min=1e-6, max=0.1, template=True,
           help="Adam's step size. Not the sparsity penalty. Typical: 0.0001 to 0.001."),
     Param("batch_size", int, 512, "Batch size (tokens per step)", min=16, max=65_536, template=True),
@@ -104,8 +121,23 @@ PARAMS: tuple[Param, ...] = (
     Param("l1_warmup_steps", int, 200, "Sparsity warm-up steps", min=0, max=10_000_000, template=True,
           help="l1_alpha rises linearly from 0 over these steps."),
     Param("target_l0", float, 0.02, "Target L0 (fraction of latents)", min=0, max=0.5, min_exclusive=True,
-          template=True, core=False,
-          help="The share of latents you want active per token; 0.01–0.05 is typical."),
+          template=True,
+          help="The share of latents you want active per token; 0.01–0.05 is typical. A JumpReLU SAE "
+               "trains to it."),
+    Param("l0_coefficient", float, 1.0, "L0 penalty weight (JumpReLU)", min=0, max=1000, min_exclusive=True,
+          required_for=("jumprelu",), api_optional=True, template=True,
+          required_message="The L0 penalty weight is required for a JumpReLU SAE; 1 is a sound start.",
+          help="JumpReLU only: weight of the penalty (L0 / target − 1)² that holds the mean L0 at the target."),
+    Param("jumprelu_bandwidth", float, 0.05, "Threshold bandwidth ε (JumpReLU)", min=0, max=10,
+          min_exclusive=True, required_for=("jumprelu",), api_optional=True, template=True,
+          required_message="The bandwidth is required for a JumpReLU SAE; 0.05 is a sound start.",
+          help="JumpReLU only: width of the rectangle kernel through which the thresholds get their "
+               "gradient (the straight-through estimator)."),
+    Param("matryoshka_prefixes", str, "", "Nested prefix sizes (Matryoshka)", required_for=("matryoshka",),
+          api_optional=True, template=True, parse="prefixes",
+          help="Matryoshka only: comma-separated latent counts, each prefix of the dictionary trained to "
+               "reconstruct on its own; the whole dictionary is always the last level. Empty: 1/16, 1/8, "
+               "1/4 and 1/2 of the latents."),
     Param("seed", int, 0, "Random seed", min=0, max=2**31 - 1),
     Param("log_every", int, 20, "Log metrics every (steps)", min=1, max=10_000, api_optional=True),
     Param("dead_window_tokens", int, 200_000, "Dead-latent window (tokens)", min=1_000, max=1_000_000_000,
@@ -134,6 +166,36 @@ PARAMS: tuple[Param, ...] = (
           help="…and at least this often by the clock, whichever comes first: at most this much work is lost."),
 )
 
+def parse_prefixes(text) -> tuple[int, ...]:
+    """Matryoshka prefix sizes from "128, 512" (empty: the default); raises ValueError with a message."""
+    if text is None or not str(text).strip():
+        return ()
+    if len(str(text)) > 200:
+        raise ValueError("At most 200 characters.")
+    sizes = []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip().replace("_", "")
+        if not part.isdigit():
+            raise ValueError(f"{part!r} is not a whole number: list latent counts separated by commas, e.g. 128, 512.")
+        sizes.append(int(part))
+    if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
+        raise ValueError("The prefix sizes must be positive and increasing, e.g. 128, 512.")
+    if len(sizes) > 16:
+        raise ValueError("At most 16 prefixes.")
+    return tuple(sizes)
+
+
+def matryoshka_levels(prefixes, latent_dim: int) -> tuple[int, ...]:
+    """Every level's size, the whole dictionary last: the user's prefixes, or 1/16, 1/8, 1/4, 1/2 of it."""
+    sizes = parse_prefixes(prefixes)
+    if not sizes:
+        sizes = tuple(sorted({max(1, latent_dim // d) for d in (16, 8, 4, 2)}))
+    sizes = tuple(s for s in sizes if s < latent_dim)
+    return (*sizes, latent_dim)
+
+
+PARSERS = {"prefixes": parse_prefixes}
+
 BY_NAME = {p.name: p for p in PARAMS}
 NAMES = tuple(BY_NAME)
 TEMPLATE_FIELDS = tuple(p.name for p in PARAMS if p.template)
@@ -158,5 +220,5 @@ def normalize(config: dict) -> dict:
             out[p.name] = None
     if arch != "standard":
         out["steer_l1_alpha"] = False
-        out["dead_latent_remedy"] = "none"  # TopK always has AuxK
+        out["dead_latent_remedy"] = "none"  # TopK-style SAEs have AuxK; JumpReLU its thresholds
     return out

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .quality import format_target
-from .training_config import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+from .training_config import K_ARCHITECTURES, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, matryoshka_levels
 
+ARCH_NAMES = {"standard": "A standard SAE", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU",
+              "matryoshka": "Matryoshka BatchTopK"}
 CALIBRATION = json.loads((Path(__file__).with_name("calibration.json")).read_text())
 
 # Bands around the calibrated recommendation; outside them the outcome is predictable.
@@ -68,6 +70,8 @@ def memory_estimate_bytes(d_in: int, latent_dim: int, batch_size: int, architect
     per_token = 6 * latent_dim + 4 * d_in  # pre-activations, codes, their grads, AuxK scratch; x and x̂
     if architecture == "topk":
         per_token += 2 * latent_dim
+    elif architecture in ("batchtopk", "matryoshka", "jumprelu"):
+        per_token += 4 * latent_dim  # dense selection or the threshold's step and kernel, and their grads
     return 4 * (4 * params + batch_size * per_token)
 
 
@@ -125,9 +129,25 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                     + ("features this dense are rarely interpretable." if target > 0.15
                        else "so few active latents usually cost most of the reconstruction."),
                     "Use 0.01–0.05.", 0.02))
-    if arch == "topk" and k is not None and count > k:
-        add(Finding("error", "target_l0", f"TopK fixes L0 at k = {k}, so a target of {count:,.0f} latents per token "
-                    "is unreachable.", f"Set the target to k / latent_dim = {k / latent:.3g}.", _round(k / latent)))
+    if arch in K_ARCHITECTURES and k is not None and count > k:
+        how = "fixes L0 at k" if arch == "topk" else "keeps k latents per token on average, so L0 = k"
+        add(Finding("error", "target_l0", f"{ARCH_NAMES[arch]} {how} = {k}, so a target of {count:,.0f} latents per "
+                    "token is unreachable.", f"Set the target to k / latent_dim = {k / latent:.3g}.", _round(k / latent)))
+    if arch == "jumprelu":
+        if cfg.get("l0_coefficient") is not None and cfg["l0_coefficient"] < 0.1:
+            add(Finding("warning", "l0_coefficient", f"An L0 penalty weight of {cfg['l0_coefficient']:g} holds L0 only "
+                        "loosely to the target: expect the run to drift denser than the target.", "Use 1.", 1.0))
+        if cfg.get("jumprelu_bandwidth") is not None and not 0.005 <= cfg["jumprelu_bandwidth"] <= 0.5:
+            add(Finding("warning", "jumprelu_bandwidth", f"A bandwidth of {cfg['jumprelu_bandwidth']:g} is far from the "
+                        "scale of the normalized pre-activations (about 1): "
+                        + ("too few of them fall inside it for the thresholds to learn."
+                           if cfg["jumprelu_bandwidth"] < 0.005 else "the thresholds' gradient blurs across most of them."),
+                        "Use 0.05.", 0.05))
+    if arch == "matryoshka" and k is not None:
+        levels = matryoshka_levels(cfg.get("matryoshka_prefixes") or "", latent)
+        if len(levels) > 1 and levels[0] < 2 * k:
+            add(Finding("warning", "matryoshka_prefixes", f"The smallest level holds {levels[0]:,} latents for k = {k}: "
+                        "it cannot reconstruct much on its own.", f"Use at least {2 * k:,} latents for it."))
 
     if latent <= d_in:
         add(Finding("warning", "latent_dim", f"{latent:,} latents for d_in {d_in} is not overcomplete: an SAE this "
@@ -136,7 +156,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     elif latent > 64 * d_in:
         add(Finding("warning", "latent_dim", f"{latent:,} latents is {latent / d_in:.0f}× d_in {d_in}, beyond the "
                     "64× at which most latents stay dead or split hairs.", f"Use at most {64 * d_in:,}.", 64 * d_in))
-    if arch == "topk" and k is not None and k > 0.1 * latent:
+    if arch in K_ARCHITECTURES and k is not None and k > 0.1 * latent:
         add(Finding("warning", "k", f"k = {k} is {100 * k / latent:.0f}% of the latents: the codes will be dense.",
                     f"Use about {max(1, round(0.02 * latent))}.", max(1, round(0.02 * latent))))
 
@@ -222,6 +242,10 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
         out["l1_alpha"] = (_round(rec), f"calibrated for {latent_dim:,} latents on d_in {source.d_in} at "
                                         f"{format_target(target_l0, latent_dim)} "
                                         f"({CALIBRATION.get('runs_fitted', 0)} measured runs)")
-    else:
-        out["k"] = (max(1, round(target_l0 * latent_dim)), f"TopK's L0 is k: {format_target(target_l0, latent_dim)}")
+    elif architecture in K_ARCHITECTURES:
+        out["k"] = (max(1, round(target_l0 * latent_dim)), f"{ARCH_NAMES[architecture]}'s L0 is k: "
+                                                           f"{format_target(target_l0, latent_dim)}")
+    elif architecture == "jumprelu":
+        out["l0_coefficient"] = (1.0, "holds the mean L0 within a few percent of the target "
+                                      "(benchmarks/architectures.py)")
     return out

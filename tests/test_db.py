@@ -14,9 +14,10 @@ def columns(table: str) -> set[str]:
 
 def test_fresh_database_is_at_the_latest_version_with_defaults_seeded(app):
     assert SchemaVersion.get().version == len(MIGRATIONS)
-    assert ActivationSet.select().count() == 1 and Template.select().count() > 0
+    # the easy synthetic default and the hierarchical one
+    assert ActivationSet.select().count() == 2 and Template.select().count() > 0
     assert migrate() == len(MIGRATIONS)  # running again changes nothing
-    assert ActivationSet.select().count() == 1
+    assert ActivationSet.select().count() == 2
 
 
 def test_the_database_is_the_backend_under_test(app):

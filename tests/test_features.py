@@ -20,12 +20,14 @@ from planted import planted_store, reader_weights, saelens_zip
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
 def test_latent_statistics_equal_a_brute_force_computation(architecture):
     torch.manual_seed(0)
-    sae = build_sae(architecture, 16, 48, k=4 if architecture == "topk" else None)
+    sae = build_sae(architecture, 16, 48, k=4 if architecture == "topk" else None).eval()
     with torch.no_grad():
         sae.b_enc.add_(-0.05)
+        if architecture == "jumprelu":
+            sae.threshold.copy_(torch.rand(48) * 0.3)
     x = torch.randn(3000, 16)
     stats = F.latent_stats(sae, x, top_n=5, chunk=512)  # chunks exercise the running top-k
     with torch.no_grad():
@@ -189,12 +191,13 @@ def test_an_sae_of_another_width_is_refused_at_the_source(client, env):
     assert not imported.exists() or not any(imported.iterdir())
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu", "matryoshka"])
 def test_an_exported_sae_loads_in_saelens_and_computes_what_ours_does(client, env, run_worker, tmp_path,
                                                                      architecture):
     import sae_lens
-    run = train(client, run_worker, architecture=architecture, k=8 if architecture == "topk" else None,
-                l1_alpha=None if architecture == "topk" else 0.003)
+    k = 8 if architecture in ("topk", "batchtopk", "matryoshka") else None
+    run = train(client, run_worker, architecture=architecture, k=k,
+                l1_alpha=0.003 if architecture == "standard" else None)
     response = client.get(f"/trainings/{run.id}/export/saelens.zip")
     assert response.status_code == 200 and response.mimetype == "application/zip"
     with zipfile.ZipFile(io.BytesIO(response.data)) as zf:
@@ -220,7 +223,13 @@ def test_an_exported_sae_loads_in_saelens_and_computes_what_ours_does(client, en
     assert density.shape == (256,) and (density <= 0).all()
     # and our import reads it back: the same numbers, now acting on raw activations
     back, back_density = parse_saelens({p.name: p.read_bytes() for p in folder.iterdir()})
-    assert back.architecture == architecture and back.norm_scale == 1.0
+    thresholded = architecture in ("batchtopk", "jumprelu", "matryoshka")
+    # BatchTopK and Matryoshka are JumpReLUs at inference, and export as such, as SAELens does
+    assert back.architecture == ("jumprelu" if thresholded else architecture) and back.norm_scale == 1.0
+    assert json.loads((folder / "cfg.json").read_text())["metadata"].get("trained_as") == (
+        architecture if architecture in ("batchtopk", "matryoshka") else None)
+    if thresholded:
+        assert f_ours.count_nonzero() > 0 and (f_ours > 0).sum(dim=1).float().mean() < 0.5 * 256
     np.testing.assert_allclose(back_density, density)
 
 

@@ -84,8 +84,34 @@ def test_topk_runs_get_no_dense_warning():
 
 
 def test_rules_form_one_registry():
-    assert [code for code, _ in RULES] == ["dense", "off_target", "dead", "race_to_zero", "exploding", "plateau",
-                                          "early_stop"]
+    assert [code for code, _ in RULES] == ["dense", "off_target", "jumprelu_off_target", "dead", "race_to_zero",
+                                          "exploding", "plateau", "early_stop"]
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka", "jumprelu"])
+def test_l1_rules_stay_silent_for_architectures_without_l1(architecture):
+    """Dense, race-to-zero and early stop are about the L1 penalty: a TopK-style or JumpReLU run has none."""
+    m = monitor(architecture=architecture, warmup_steps=0, early_stop=True, early_stop_step=10)
+    stream = [point(10 * i, 0.5, fvu=0.1 * i) for i in range(1, 10)]
+    assert not [f.code for p in stream for f in m.observe(p) if f.code in ("dense", "early_stop", "race_to_zero")]
+
+
+def test_a_jumprelu_run_that_settles_off_its_target_is_told_to_raise_the_penalty():
+    m = monitor(architecture="jumprelu", warmup_steps=0)
+    [finding] = [f for p in [point(10 * i, 0.05) for i in range(1, 9)] for f in m.observe(p)]
+    assert finding.code == "off_target" and "2.50× the target" in finding.message
+    assert "l0_coefficient" in finding.suggestion
+    assert codes(monitor(architecture="jumprelu", warmup_steps=0), [point(10 * i, 0.025) for i in range(1, 9)]) == []
+
+
+def test_verdict_advice_names_each_architectures_knob():
+    dense = {"l0": 300, "l0_fraction": 0.3, "fvu": 0.05, "dead": 0}
+    assert "Lower k to about 20" in verdict(dense, architecture="batchtopk", latent_dim=1000, target_l0=0.02,
+                                            l1_alpha=None)["advice"]
+    assert "l0_coefficient" in verdict(dense, architecture="jumprelu", latent_dim=1000, target_l0=0.02,
+                                       l1_alpha=None)["advice"]
+    assert "Lower the target L0" in verdict(dense, architecture="jumprelu", latent_dim=1000, target_l0=0.25,
+                                            l1_alpha=None)["advice"]
 
 
 def test_off_target_rule_both_ways():

@@ -29,7 +29,9 @@ SPARSITY = "sparsity.safetensors"
 # TransformerLens hook names, which SAELens metadata uses, for our capture sites.
 HOOK_NAMES = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
               "attn": "blocks.{layer}.hook_attn_out"}
-SUPPORTED = ("standard", "topk")
+SUPPORTED = ("standard", "topk", "jumprelu")
+# Ours that SAELens knows as a JumpReLU: the thresholds they use at inference are the SAE.
+AS_JUMPRELU = ("batchtopk", "jumprelu", "matryoshka")
 MIN_FREQUENCY = 1e-10  # log10 density of a latent that never fired: -10, as SAELens' sparsity files do
 
 
@@ -55,6 +57,7 @@ def read_checkpoint(folder: Path | str) -> LoadedSAE:
     folder = Path(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
     weights = load((folder / "sae.safetensors").read_bytes())
+    weights = {name: value for name, value in weights.items() if name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
     return LoadedSAE(cfg["architecture"], int(cfg["d_in"]), int(cfg["latent_dim"]), cfg.get("k"), weights,
                      float(cfg["norm_scale"]), cfg)
 
@@ -66,11 +69,16 @@ def folded(sae: LoadedSAE) -> dict[str, np.ndarray]:
     return {"W_enc": (w["W_enc"].astype(np.float64) * c).astype(np.float32),
             "W_dec": (w["W_dec"].astype(np.float64) / c).astype(np.float32),
             "b_enc": w["b_enc"].astype(np.float32),
-            "b_dec": (w["b_dec"].astype(np.float64) / c).astype(np.float32)}
+            "b_dec": (w["b_dec"].astype(np.float64) / c).astype(np.float32),
+            # folding leaves every pre-activation as it was, so the thresholds stay as they are
+            **({"threshold": w["threshold"].astype(np.float32)} if "threshold" in w else {})}
 
 
 def saelens_cfg(sae: LoadedSAE, metadata: dict) -> dict:
-    cfg = {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
+    architecture = "jumprelu" if sae.architecture in AS_JUMPRELU else sae.architecture
+    if sae.architecture != architecture:
+        metadata = {**metadata, "trained_as": sae.architecture}
+    cfg = {"architecture": architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": {"sae_lens_version": "6.0.0", **metadata}}
     if sae.architecture == "topk":
@@ -150,7 +158,8 @@ def parse_saelens(files: dict[str, bytes]) -> tuple[LoadedSAE, np.ndarray | None
         raise SAEFormatError(f"{CFG} is not a JSON object")
     architecture = cfg.get("architecture", "standard")
     if architecture not in SUPPORTED:
-        raise SAEFormatError(f"architecture {architecture!r} is not supported; this app reads standard and topk SAEs")
+        raise SAEFormatError(f"architecture {architecture!r} is not supported; this app reads standard, topk and "
+                             "jumprelu SAEs")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SAEFormatError(f"normalize_activations {cfg['normalize_activations']!r} is not supported; export "
                              "the SAE with the normalization folded into its weights")
@@ -174,6 +183,8 @@ def parse_saelens(files: dict[str, bytes]) -> tuple[LoadedSAE, np.ndarray | None
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         raise SAEFormatError(f"{WEIGHTS} is not a readable safetensors file") from exc
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if architecture == "jumprelu":
+        shapes["threshold"] = (d_sae,)
     for name, shape in shapes.items():
         if name not in weights:
             raise SAEFormatError(f"{WEIGHTS} has no tensor {name}")

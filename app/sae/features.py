@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .export import LoadedSAE
-from .models import SparseAutoencoder, build_sae
+from .models import SparseAutoencoder, inference_sae
 
 RECOVERED_COSINE = 0.9
 
@@ -29,9 +29,11 @@ class FeatureError(ValueError):
 
 
 def to_module(loaded: LoadedSAE, device: torch.device) -> SparseAutoencoder:
-    sae = build_sae(loaded.architecture, loaded.d_in, loaded.d_sae, k=loaded.k, device=device)
+    sae = inference_sae(loaded.architecture, loaded.d_in, loaded.d_sae, k=loaded.k, device=device)
+    names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold") if hasattr(sae, "threshold") else (
+        "W_enc", "W_dec", "b_enc", "b_dec")
     with torch.no_grad():
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        for name in names:
             getattr(sae, name).copy_(torch.from_numpy(np.ascontiguousarray(loaded.weights[name])))
     return sae.eval()
 
@@ -76,7 +78,7 @@ def latent_stats(sae: SparseAutoencoder, x: torch.Tensor, *, top_n: int, chunk: 
                 thresholds[start:start + len(pre)] = cut
                 f = sae._topk(pre, sae.k)
             else:
-                f = torch.relu(pre)
+                f = sae.activate(pre)
             fired = f > 0
             count += fired.sum(dim=0)
             total += f.sum(dim=0, dtype=torch.float64)
@@ -131,8 +133,10 @@ def latent_activations_at(sae: SparseAutoencoder, x: torch.Tensor, latents: np.n
             xs = x[idx.clamp(min=0)]  # [B, M, d_in]
             pre = torch.einsum("bmd,db->bm", xs - sae.b_dec, sae.W_enc[:, lat]) + sae.b_enc[lat].unsqueeze(1)
             act = torch.relu(pre)
-            if thr is not None:
+            if thr is not None:  # TopK: a row's cut between its k-th and (k+1)-th pre-activation
                 act = torch.where(pre > thr[idx.clamp(min=0)], act, torch.zeros_like(act))
+            if hasattr(sae, "threshold"):  # JumpReLU (and BatchTopK at inference): each latent's own threshold
+                act = torch.where(pre > sae.threshold[lat].unsqueeze(1), act, torch.zeros_like(act))
             out[start:start + block] = torch.where(valid, act, torch.zeros_like(act)).cpu().numpy()
     return out
 
@@ -161,6 +165,23 @@ class Recovery:
     mmcs: float  # mean over ground-truth features of the best cosine any latent reaches
     recovered: float  # share of ground-truth features some latent matches above RECOVERED_COSINE
     n_features: int
+    mcc: float | None = None  # mean |cosine| of a one-to-one (Hungarian) matching of latents to features
+
+
+MCC_MAX_PAIRS = 2**24  # latents × features up to which the one-to-one matching is computed (a second or so)
+
+
+def mean_correlation_coefficient(similarity: np.ndarray) -> float:
+    """MCC: the mean |cosine| over the best one-to-one matching of latents (rows) to features (columns).
+
+    Unlike MMCS, one latent cannot stand in for several features: a dictionary whose latents
+    are mixtures of features scores low even if each feature has some latent near it.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    magnitude = np.abs(similarity)
+    rows, cols = linear_sum_assignment(magnitude, maximize=True)
+    return float(magnitude[rows, cols].mean())
 
 
 def ground_truth_recovery(sae: SparseAutoencoder, features: torch.Tensor, *, block: int = 2048) -> Recovery:
@@ -172,10 +193,15 @@ def ground_truth_recovery(sae: SparseAutoencoder, features: torch.Tensor, *, blo
         best_feature = torch.empty(sae.d_sae, dtype=torch.long, device=w.device)
         best_cosine = torch.empty(sae.d_sae, device=w.device)
         per_feature = torch.full((len(feats),), -1.0, device=w.device)
+        keep = sae.d_sae * len(feats) <= MCC_MAX_PAIRS
+        full = np.zeros((sae.d_sae, len(feats)), dtype=np.float32) if keep else None
         for start in range(0, sae.d_sae, block):
             sims = w[start:start + block] @ feats.t()
+            if full is not None:
+                full[start:start + block] = sims.float().cpu().numpy()
             values, indices = sims.max(dim=1)
             best_feature[start:start + block], best_cosine[start:start + block] = indices, values
             per_feature = torch.maximum(per_feature, sims.max(dim=0).values)
     return Recovery(best_feature.cpu().numpy(), best_cosine.cpu().numpy(), float(per_feature.mean()),
-                    float((per_feature > RECOVERED_COSINE).float().mean()), len(feats))
+                    float((per_feature > RECOVERED_COSINE).float().mean()), len(feats),
+                    mean_correlation_coefficient(full) if full is not None else None)

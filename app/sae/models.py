@@ -1,4 +1,4 @@
-"""Sparse autoencoders: the standard ReLU SAE and the TopK SAE.
+"""Sparse autoencoders: standard (ReLU + L1), TopK, BatchTopK, JumpReLU and Matryoshka BatchTopK.
 
 Both work in normalized activation space (see DESIGN.md): the trainer multiplies raw
 activations by the source's scale ``c`` before they reach the model.
@@ -15,7 +15,9 @@ from torch import nn
 from .metrics import SparseLatents
 from .sparse_topk import TopKEncode, sparse_decode
 
-ARCHITECTURES = ("standard", "topk")
+from ..training_config import ARCHITECTURES as _CHOICES, K_ARCHITECTURES, THRESHOLD_ARCHITECTURES, matryoshka_levels
+
+ARCHITECTURES = tuple(name for name, _ in _CHOICES)
 
 
 @dataclass
@@ -53,8 +55,12 @@ class SparseAutoencoder(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The latents at inference from the pre-activations."""
         raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_activation(x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(x_hat, f)``: the reconstruction and the latent activations."""
@@ -88,6 +94,10 @@ class SparseAutoencoder(nn.Module):
     def after_step(self) -> None:
         """Hook run after each optimizer step (constraints on the weights)."""
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups (one, at ``lr``, unless a subclass needs more)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
 
 class StandardSAE(SparseAutoencoder):
     """ReLU SAE trained with the decoder-norm-weighted L1 penalty of DESIGN.md.
@@ -99,8 +109,8 @@ class StandardSAE(SparseAutoencoder):
 
     architecture = "standard"
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.pre_activation(x))
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
 
     def loss(self, x: torch.Tensor, *, l1_alpha: float | torch.Tensor,
              dead_mask: torch.Tensor | None = None) -> tuple[LossParts, torch.Tensor, torch.Tensor]:
@@ -141,8 +151,8 @@ class TopKSAE(SparseAutoencoder):
         values, indices = pre.topk(k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._topk(self.pre_activation(x), self.k)
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return self._topk(pre, self.k)
 
     @property
     def k_aux(self) -> int:
@@ -179,6 +189,219 @@ class TopKSAE(SparseAutoencoder):
     def after_step(self) -> None:
         with torch.no_grad():
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK SAE: in training, the ``k · batch`` largest activations of the whole batch are kept,
+    so a token keeps k latents on average but more when it holds more and fewer when it holds less.
+
+    At inference a token cannot see its batch, so the SAE becomes a JumpReLU: a latent fires when
+    its pre-activation exceeds ``threshold``. The threshold is an exponential moving average
+    (rate ``threshold_rate``) of the batch's cut, the smallest activation the batch top-k kept.
+    That cut is one value for the whole batch, so every latent's threshold is that value (with
+    unit-norm decoder rows, the selection needs no per-latent scale); it is stored per latent,
+    the layout JumpReLU SAEs export in.
+    """
+
+    architecture = "batchtopk"
+    threshold_rate = 0.01
+
+    def __init__(self, d_in: int, d_sae: int, *, k: int, aux_coeff: float = 1 / 32,
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> None:
+        super().__init__(d_in, d_sae, k=k, aux_coeff=aux_coeff, generator=generator, device=device, sparse=False)
+        self.register_buffer("threshold", torch.zeros(d_sae, device=device))
+        self.register_buffer("threshold_seen", torch.zeros((), dtype=torch.bool, device=device))
+
+    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        acts = torch.relu(pre)
+        flat = acts.flatten()
+        values, indices = flat.topk(min(self.k * acts.shape[0], flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter_(0, indices, values).view_as(acts)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.batch_topk(pre)
+        return pre * (pre > self.threshold.to(pre.dtype))
+
+    @torch.no_grad()
+    def update_threshold(self, f: torch.Tensor) -> None:
+        """Move the threshold toward this batch's cut; no host sync (a batch with nothing kept is skipped)."""
+        f = f.detach().float()
+        cut = f.masked_fill(f <= 0, float("inf")).min()
+        found = torch.isfinite(cut)
+        cut = torch.where(found, cut, torch.zeros_like(cut))
+        moved = torch.where(self.threshold_seen, (1 - self.threshold_rate) * self.threshold + self.threshold_rate * cut,
+                            cut.expand_as(self.threshold))
+        self.threshold.copy_(torch.where(found, moved, self.threshold))
+        self.threshold_seen.logical_or_(found)
+
+    def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = self.pre_activation(x)
+        f = self.batch_topk(pre)
+        self.update_threshold(f)
+        return pre, f
+
+    def loss(self, x: torch.Tensor, *, l1_alpha: float | torch.Tensor = 0.0,
+             dead_mask: torch.Tensor | None = None) -> tuple[LossParts, torch.Tensor, torch.Tensor]:
+        pre, f = self._select(x)
+        x_hat = self.decode(f)
+        mse = (x - x_hat).pow(2).sum(dim=-1).mean() / self.d_in
+        l1 = (f * self.decoder_norms()).sum(dim=-1).mean().detach()
+        aux = self.aux_loss(x, x_hat, pre, dead_mask)
+        return LossParts(mse + aux, mse, aux, l1), x_hat, f
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE: every prefix of the dictionary (``levels``, the whole last)
+    reconstructs the input on its own, so general features settle in the early latents and
+    specific ones cannot absorb them. The loss is the sum of every level's reconstruction term
+    (plus AuxK); the reported ``mse`` is the whole dictionary's. Selection and inference are
+    BatchTopK's.
+    """
+
+    architecture = "matryoshka"
+
+    def __init__(self, d_in: int, d_sae: int, *, k: int, levels: tuple[int, ...] = (), aux_coeff: float = 1 / 32,
+                 generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> None:
+        super().__init__(d_in, d_sae, k=k, aux_coeff=aux_coeff, generator=generator, device=device)
+        levels = tuple(levels) or matryoshka_levels("", d_sae)
+        if list(levels) != sorted(set(levels)) or levels[0] < 1 or levels[-1] != d_sae:
+            raise ValueError(f"matryoshka levels must increase and end at d_sae {d_sae}, got {levels}")
+        self.levels = levels
+
+    def loss(self, x: torch.Tensor, *, l1_alpha: float | torch.Tensor = 0.0,
+             dead_mask: torch.Tensor | None = None) -> tuple[LossParts, torch.Tensor, torch.Tensor]:
+        pre, f = self._select(x)
+        x_hat = self.b_dec.expand_as(x)
+        levels_mse, start = [], 0
+        for end in self.levels:  # each level adds its segment of the dictionary to the previous one's
+            x_hat = x_hat + f[:, start:end] @ self.W_dec[start:end]
+            levels_mse.append((x - x_hat).pow(2).sum(dim=-1).mean() / self.d_in)
+            start = end
+        mse = levels_mse[-1]
+        l1 = (f * self.decoder_norms()).sum(dim=-1).mean().detach()
+        aux = self.aux_loss(x, x_hat, pre, dead_mask)
+        return LossParts(torch.stack(levels_mse).sum() + aux, mse, aux, l1), x_hat, f
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre · H(pre − θ)``; θ's gradient through the rectangle kernel of width ε (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = (pre > threshold) * grad
+        kernel = _rectangle((pre.float() - threshold) / eps)
+        grad_threshold = -(threshold / eps * kernel * grad.float()).sum(dim=0)
+        return grad_pre.to(pre.dtype), grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre − θ)``, the count behind L0. Its gradient reaches θ; with ``to_input`` also the
+    pre-activation, with the opposite sign (Anthropic's variant; off here, as in DeepMind's)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth, to_input=True):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth, ctx.to_input = bandwidth, to_input
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        ste = _rectangle((pre.float() - threshold) / eps) * grad.float() / eps
+        return (ste.to(pre.dtype) if ctx.to_input else None), -ste.sum(dim=0), None, None
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """JumpReLU SAE trained to a target L0.
+
+    A latent fires when its pre-activation exceeds its own learned ``threshold`` θ:
+    ``f = pre · H(pre − θ)``. H has no useful gradient, so θ learns through a straight-through
+    estimator: in the backward pass H's derivative is the rectangle kernel ``K((pre − θ)/ε)/ε``
+    of bandwidth ε (``bandwidth``), for both the JumpReLU output and the L0 count.
+
+    Loss per batch: ``(1/d_in)·‖x − x̂‖² + l0_coefficient · (L̄0 / L0_target − 1)²``, with L̄0
+    the batch's mean count of active latents (through the estimator) and L0_target the form's
+    target in latents. The penalty is the quadratic form Gemma Scope 2 trains to a target with,
+    taken on the batch mean rather than per token (the target is a mean; a token with more in
+    it may use more latents) and measured relative to the target so that one coefficient suits
+    every width. The penalty's gradient reaches the thresholds only (as in DeepMind's JumpReLU).
+
+    Three choices make it land on the target without tuning (measured on the synthetic sources:
+    ``benchmarks/architectures.py``):
+
+    - the thresholds start at each latent's quantile that puts the mean L0 at the target on a
+      sample (``calibrate_thresholds``), so training starts on target instead of climbing to it;
+    - they learn at ``threshold_lr_scale`` (30×) the learning rate: under Adam a threshold moves
+      about one learning rate per step, while the encoder moves a pre-activation by up to
+      lr·‖x‖₁. At equal rates the pre-activations outran the thresholds and L0 fell to a fifth
+      of its target (4 of 20 latents);
+    - the encoder starts at a tenth of the decoder's transpose, so the first reconstructions
+      undershoot rather than overshoot (overshooting taught the encoder to shrink everything).
+
+    Decoder rows are kept at unit norm.
+    """
+
+    architecture = "jumprelu"
+    ste_to_input = False
+    threshold_lr_scale = 30.0
+
+    def __init__(self, d_in: int, d_sae: int, *, target_l0: float = 1.0, l0_coefficient: float = 1.0,
+                 bandwidth: float = 0.05, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(d_in, d_sae, generator=generator, device=device)
+        if not 0 < target_l0 <= d_sae:
+            raise ValueError(f"the target L0 must lie in (0, {d_sae}] latents, got {target_l0}")
+        self.target_l0, self.l0_coefficient, self.bandwidth = float(target_l0), float(l0_coefficient), float(bandwidth)
+        with torch.no_grad():
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+            self.W_enc.copy_(0.1 * self.W_dec.t())
+        self.threshold = nn.Parameter(torch.full((d_sae,), 0.1, device=device))
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold.to(pre.dtype))
+
+    def param_groups(self, lr: float) -> list[dict]:
+        rest = [p for name, p in self.named_parameters() if name != "threshold"]
+        return [{"params": rest, "lr": lr}, {"params": [self.threshold], "lr": lr * self.threshold_lr_scale}]
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, x: torch.Tensor, *, block: int = 8192) -> None:
+        """Set each latent's threshold to the pre-activation it exceeds on target_l0 / d_sae of ``x``."""
+        rank = max(1, min(x.shape[0], round(x.shape[0] * self.target_l0 / self.d_sae)))
+        for start in range(0, self.d_sae, block):
+            pre = (x - self.b_dec) @ self.W_enc[:, start:start + block] + self.b_enc[start:start + block]
+            cut = pre.topk(rank, dim=0).values[-1]
+            self.threshold[start:start + block] = cut.clamp_min(1e-3)
+
+    def loss(self, x: torch.Tensor, *, l1_alpha: float | torch.Tensor = 0.0,
+             dead_mask: torch.Tensor | None = None) -> tuple[LossParts, torch.Tensor, torch.Tensor]:
+        pre = self.pre_activation(x)
+        f = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
+        x_hat = self.decode(f)
+        mse = (x - x_hat).pow(2).sum(dim=-1).mean() / self.d_in
+        mean_l0 = _Step.apply(pre, self.threshold, self.bandwidth, self.ste_to_input).float().sum(dim=-1).mean()
+        sparsity = self.l0_coefficient * (mean_l0 / self.target_l0 - 1).pow(2)
+        l1 = (f.detach() * self.decoder_norms().detach()).sum(dim=-1).mean()
+        return LossParts(mse + sparsity, mse, sparsity, l1), x_hat, f
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+            self.threshold.clamp_(min=0.0)
 
 
 @torch.no_grad()
@@ -218,12 +441,32 @@ def resample_dead_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
 
 def build_sae(architecture: str, d_in: int, d_sae: int, *, k: int | None = None,
               generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-              sparse_topk: bool = True) -> SparseAutoencoder:
-    """Construct the SAE named by ``architecture`` ("standard" or "topk")."""
+              sparse_topk: bool = True, target_l0: float | None = None, l0_coefficient: float = 1.0,
+              bandwidth: float = 0.05, levels: tuple[int, ...] = ()) -> SparseAutoencoder:
+    """Construct the SAE named by ``architecture`` (one of ``ARCHITECTURES``).
+
+    ``target_l0`` is in latents (JumpReLU). A BatchTopK or Matryoshka SAE loaded for use only
+    (not training) is the JumpReLU its thresholds make it: see ``inference_sae``.
+    """
     if architecture == "standard":
         return StandardSAE(d_in, d_sae, generator=generator, device=device)
+    if architecture in K_ARCHITECTURES and k is None:
+        raise ValueError(f"a {architecture} SAE needs k")
     if architecture == "topk":
-        if k is None:
-            raise ValueError("a TopK SAE needs k")
         return TopKSAE(d_in, d_sae, k=k, generator=generator, device=device, sparse=sparse_topk)
+    if architecture == "batchtopk":
+        return BatchTopKSAE(d_in, d_sae, k=k, generator=generator, device=device)
+    if architecture == "matryoshka":
+        return MatryoshkaSAE(d_in, d_sae, k=k, levels=levels, generator=generator, device=device)
+    if architecture == "jumprelu":
+        return JumpReLUSAE(d_in, d_sae, target_l0=target_l0 or 1.0, l0_coefficient=l0_coefficient,
+                           bandwidth=bandwidth, generator=generator, device=device)
     raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
+
+
+def inference_sae(architecture: str, d_in: int, d_sae: int, *, k: int | None = None,
+                  device: torch.device | str = "cpu") -> SparseAutoencoder:
+    """An SAE to load finished weights into: every thresholded architecture is a JumpReLU at inference."""
+    if architecture in THRESHOLD_ARCHITECTURES:
+        return JumpReLUSAE(d_in, d_sae, device=device).eval()
+    return build_sae(architecture, d_in, d_sae, k=k, device=device).eval()

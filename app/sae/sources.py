@@ -89,6 +89,100 @@ class SyntheticSource(ActivationSource):
         return self._generate(n, self._generator(self.seed + 29, device), device)
 
 
+class HierarchicalSource(SyntheticSource):
+    """A harder ground truth: hierarchy, correlated firing and Zipfian frequencies.
+
+    Our own generator after the recipe of SynthSAEBench (which ``sae_lens.synthetic`` also
+    implements); it draws only on torch, so the app needs no SAELens.
+
+    - **Zipfian frequencies:** feature i's marginal firing probability is proportional to
+      ``rank^(−zipf_exponent)`` over a random ranking, scaled so that ``mean_active`` features
+      fire per token on average (before the hierarchy prunes).
+    - **Hierarchy:** ``n_roots`` trees of depth 2, ``branching`` children per node. A child
+      can fire only when its parent fires (its conditional probability is its marginal over its
+      parent's, so parents are the more frequent); half the parents' children are mutually
+      exclusive (at most one fires). The other features are independent.
+    - **Correlation:** firing is decided by a Gaussian copula with a low-rank correlation
+      (rank ``rank``, each feature loading ``correlation`` on it), so some features fire together.
+    - **Magnitudes:** folded normal, mean about 1 (|N(1, 0.5²)|).
+
+    Directions are random unit vectors, ``n_features`` of them in ``d_in`` (superposition when
+    there are more features than dimensions).
+    """
+
+    def __init__(self, d_in: int, n_features: int, mean_active: float, seed: int = 0, *, n_roots: int | None = None,
+                 branching: int = 3, zipf_exponent: float = 0.5, rank: int = 16, correlation: float = 0.5) -> None:
+        if d_in < 1 or n_features < 4:
+            raise ValueError("d_in must be positive and n_features at least 4")
+        if not 0 < mean_active <= n_features / 4:
+            raise ValueError("mean_active must lie in (0, n_features / 4]")
+        self.d_in, self.n_features, self.mean_active, self.seed = d_in, n_features, mean_active, seed
+        g = torch.Generator().manual_seed(seed)
+        directions = torch.randn(n_features, d_in, generator=g)
+        self.features = directions / directions.norm(dim=1, keepdim=True)
+        n_roots = n_roots if n_roots is not None else max(1, n_features // 32)
+        # trees first: roots, then their children, then grandchildren; the rest independent
+        parent = torch.full((n_features,), -1, dtype=torch.long)
+        level_of = torch.zeros(n_features, dtype=torch.long)
+        exclusive = torch.zeros(n_features, dtype=torch.bool)  # a parent whose children exclude each other
+        nodes, nxt = list(range(min(n_roots, n_features))), min(n_roots, n_features)
+        for depth in (1, 2):
+            children = []
+            for node in nodes:
+                for _ in range(branching):
+                    if nxt >= n_features:
+                        break
+                    parent[nxt], level_of[nxt] = node, depth
+                    children.append(nxt)
+                    nxt += 1
+                exclusive[node] = bool(torch.rand((), generator=g) < 0.5)
+            nodes = children
+        self.parent, self.level_of, self.exclusive = parent, level_of, exclusive
+        # Zipfian marginals over a random ranking; the larger ones go to the upper levels, so a
+        # parent is always more frequent than its children
+        values = (torch.arange(n_features, dtype=torch.float64) + 1).pow(-zipf_exponent)
+        values = values * mean_active / values.sum()
+        order = torch.argsort(level_of * n_features + torch.randperm(n_features, generator=g))
+        marginal = torch.empty(n_features, dtype=torch.float64)
+        marginal[order] = values
+        self.marginal = marginal.clamp(max=0.9).float()
+        conditional = self.marginal.clone()
+        has_parent = parent >= 0
+        conditional[has_parent] = (self.marginal[has_parent] / self.marginal[parent[has_parent]]).clamp(max=1.0)
+        self.conditional = conditional
+        self.cutoff = torch.distributions.Normal(0.0, 1.0).icdf(conditional.double().clamp(1e-12, 1 - 1e-12)).float()
+        loadings = torch.randn(n_features, rank, generator=g)
+        self.loadings = correlation * loadings / loadings.norm(dim=1, keepdim=True)
+        self.noise_scale = math.sqrt(1 - correlation ** 2)
+        self.levels = [torch.nonzero(level_of == d).flatten() for d in (0, 1, 2)]
+
+    def firing(self, n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Which features fire on each of ``n`` tokens: a boolean [n, n_features]."""
+        loadings, cutoff = self.loadings.to(device), self.cutoff.to(device)
+        shared = torch.randn(n, loadings.shape[1], generator=g, device=device)
+        z = shared @ loadings.t() + self.noise_scale * torch.randn(n, self.n_features, generator=g, device=device)
+        fire = z < cutoff
+        parent, exclusive = self.parent.to(device), self.exclusive.to(device)
+        for level in self.levels[1:]:
+            if level.numel() == 0:
+                continue
+            level = level.to(device)
+            p = parent[level]
+            on = fire[:, level] & fire[:, p]
+            # a mutually exclusive parent keeps only its firing child with the lowest z
+            score = torch.where(on, z[:, level], torch.full_like(z[:, level], float("inf")))
+            best = torch.full((n, self.n_features), float("inf"), device=device)
+            best.scatter_reduce_(1, p.expand(n, -1), score, reduce="amin")
+            keep = ~exclusive[p] | (score <= best.gather(1, p.expand(n, -1)))
+            fire[:, level] = on & keep
+        return fire
+
+    def _generate(self, n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+        fire = self.firing(n, g, device)
+        magnitude = (1.0 + 0.5 * torch.randn(n, self.n_features, generator=g, device=device)).abs()
+        return (fire * magnitude) @ self.features.to(device)
+
+
 class ShardedArraySource(ActivationSource):
     """Rows of one or more 2-D float arrays on disk (rows = tokens), read memory-mapped.
 

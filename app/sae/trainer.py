@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, make_dataclass
 
 import torch
 
-from ..training_config import PARAMS
+from ..training_config import K_ARCHITECTURES, PARAMS, matryoshka_levels, parse_prefixes
 
 from .metrics import DeadLatentTracker, WindowAccumulator, evaluate
 from .models import SparseAutoencoder, build_sae, resample_dead_latents
@@ -33,9 +33,20 @@ def _check(self) -> None:
             raise ValueError("l1_alpha (the sparsity penalty) is required for a standard SAE")
         if not (math.isfinite(self.l1_alpha) and self.l1_alpha >= 0):
             raise ValueError(f"l1_alpha must be a finite number >= 0, got {self.l1_alpha}")
-    elif self.architecture == "topk":
+    elif self.architecture in K_ARCHITECTURES:
         if self.k is None or not 1 <= self.k <= self.latent_dim:
             raise ValueError(f"k must lie in [1, latent_dim], got {self.k}")
+        if self.architecture == "matryoshka":
+            sizes = parse_prefixes(self.matryoshka_prefixes)
+            if sizes and sizes[-1] >= self.latent_dim:
+                raise ValueError(f"matryoshka prefixes must be smaller than latent_dim, got {sizes}")
+    elif self.architecture == "jumprelu":
+        if self.target_l0 is None or not 0 < self.target_l0 * self.latent_dim <= self.latent_dim:
+            raise ValueError(f"a JumpReLU SAE needs a target L0 in (0, 1], got {self.target_l0}")
+        for name in ("l0_coefficient", "jumprelu_bandwidth"):
+            value = getattr(self, name)
+            if value is None or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number for a JumpReLU SAE, got {value}")
     else:
         raise ValueError(f"unknown architecture {self.architecture!r}")
     if self.dead_latent_remedy not in ("none", "resample"):
@@ -206,8 +217,11 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     if source.n_tokens is not None and cfg.batch_size > source.n_tokens:
         raise ValueError(f"batch size {cfg.batch_size} exceeds the source's {source.n_tokens} training tokens")
 
-    sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, k=cfg.k, generator=g, device=device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate)
+    sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, k=cfg.k, generator=g, device=device,
+                    target_l0=(cfg.target_l0 or 0) * cfg.latent_dim, l0_coefficient=cfg.l0_coefficient or 1.0,
+                    bandwidth=cfg.jumprelu_bandwidth or 0.05,
+                    levels=matryoshka_levels(cfg.matryoshka_prefixes, cfg.latent_dim))
+    optimizer = torch.optim.Adam(sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     tracker = DeadLatentTracker(cfg.latent_dim, cfg.dead_window_tokens, device)
     window = WindowAccumulator(device)
@@ -218,7 +232,10 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
         with torch.no_grad():
             # Start the decoder bias at the mean activation: the first reconstructions are
             # then the mean rather than the origin.
-            sae.b_dec.copy_(source.sample(cfg.norm_sample_tokens, device=device).mean(dim=0) * scale)
+            sample = source.sample(cfg.norm_sample_tokens, device=device) * scale
+            sae.b_dec.copy_(sample.mean(dim=0))
+            if hasattr(sae, "calibrate_thresholds"):  # JumpReLU starts at its target L0
+                sae.calibrate_thresholds(sample)
     else:
         check_resumable(resume, cfg, source.d_in)
         scale = float(resume["norm_scale"])
@@ -251,7 +268,7 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
 
-    use_aux = cfg.architecture == "topk"
+    use_aux = cfg.architecture in K_ARCHITECTURES
     resample = cfg.architecture == "standard" and cfg.dead_latent_remedy == "resample"
     # Resample once per dead-latent window, never in the last fifth of training (a fresh
     # latent needs time to settle before the run ends).

@@ -121,7 +121,7 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
     summary = {"n_tokens": stats.n_tokens, "never_fired": int((stats.frequency == 0).sum()),
                "density_histogram": density_histogram(stats.frequency.tolist())}
     if recovery is not None:
-        summary["ground_truth"] = {"mmcs": recovery.mmcs, "recovered": recovery.recovered,
+        summary["ground_truth"] = {"mmcs": recovery.mmcs, "mcc": recovery.mcc, "recovered": recovery.recovered,
                                    "n_features": recovery.n_features, "threshold": F.RECOVERED_COSINE}
     # Short transactions, one batch of rows each, so a run writing beside this job never waits
     # long for the lock. The browser shows a job's rows only once it is completed.

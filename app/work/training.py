@@ -86,11 +86,12 @@ def resume_training(run: Training, settings: dict, *, learning_rate: float | Non
 def build_source(source: ActivationSet, data_dir: str):
     """The core's activation source for a stored ``ActivationSet``."""
     from ..sae.files import ArrayInfo
-    from ..sae.sources import ArraySource, StoreSource, SyntheticSource
+    from ..sae.sources import ArraySource, HierarchicalSource, StoreSource, SyntheticSource
 
     if source.kind == "synthetic":
         p = source.params
-        return SyntheticSource(source.d_in, int(p["n_features"]), float(p["mean_active"]), int(p["seed"]))
+        kind = HierarchicalSource if p.get("structure") == "hierarchical" else SyntheticSource
+        return kind(source.d_in, int(p["n_features"]), float(p["mean_active"]), int(p["seed"]))
     if source.kind == "file":
         path = Path(data_dir) / source.path
         if not path.exists():

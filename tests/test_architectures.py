@@ -1,0 +1,171 @@
+"""BatchTopK, JumpReLU and Matryoshka BatchTopK: their maths, their targets, the harder ground truth."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.sae.features import ground_truth_recovery, mean_correlation_coefficient
+from app.sae.models import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, build_sae
+from app.sae.sources import HierarchicalSource, SyntheticSource
+from app.sae.trainer import Checkpointing, TrainConfig, train
+from app.training_config import matryoshka_levels, parse_prefixes
+
+CPU = torch.device("cpu")
+
+
+def test_batchtopk_keeps_k_per_token_on_average_and_thresholds_at_inference():
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(16, 64, k=4)
+    x = torch.randn(32, 16)
+    parts, x_hat, f = sae.loss(x)
+    assert int((f > 0).sum()) == 4 * 32  # k·batch over the whole batch...
+    per_token = (f > 0).sum(dim=1)
+    assert per_token.min() < per_token.max()  # ...not k for every token
+    pre = sae.pre_activation(x)
+    cut = f[f > 0].min()
+    # the first batch sets the threshold to its cut; every kept value is at or above it
+    torch.testing.assert_close(sae.threshold, torch.full((64,), float(cut.detach())))
+    assert ((torch.relu(pre) >= cut) == (f > 0)).all()
+    f2 = sae.batch_topk(sae.pre_activation(x * 2))
+    cut2 = float(f2[f2 > 0].min())
+    sae.loss(x * 2)  # then an exponential moving average at rate 0.01
+    assert float(sae.threshold[0]) == pytest.approx(0.99 * float(cut) + 0.01 * cut2, rel=1e-5)
+    sae.eval()
+    with torch.no_grad():
+        inference = sae.encode(x)
+    expected = pre * (pre > sae.threshold)
+    torch.testing.assert_close(inference, expected.detach())
+
+
+def test_matryoshka_loss_is_the_sum_of_every_nested_level():
+    torch.manual_seed(1)
+    sae = MatryoshkaSAE(8, 32, k=3, levels=(4, 12, 32))
+    x = torch.randn(20, 8)
+    parts, x_hat, f = sae.loss(x)
+    expected = []
+    for size in (4, 12, 32):
+        recon = f[:, :size] @ sae.W_dec[:size] + sae.b_dec
+        expected.append((x - recon).pow(2).sum(dim=-1).mean() / 8)
+    torch.testing.assert_close(parts.mse, expected[-1])
+    torch.testing.assert_close(parts.total, sum(expected) + parts.sparsity)
+    torch.testing.assert_close(x_hat, f @ sae.W_dec + sae.b_dec)
+    assert matryoshka_levels("", 1024) == (64, 128, 256, 512, 1024)
+    assert matryoshka_levels("100, 300", 1024) == (100, 300, 1024)
+    with pytest.raises(ValueError, match="increasing"):
+        parse_prefixes("300, 100")
+    with pytest.raises(ValueError, match="whole number"):
+        parse_prefixes("1e3")
+
+
+def test_jumprelu_straight_through_gradients_follow_the_rectangle_kernel():
+    sae = JumpReLUSAE(2, 3, target_l0=1.0, l0_coefficient=2.0, bandwidth=0.5)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2, 3))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_dec.copy_(torch.eye(3, 2))
+        sae.threshold.copy_(torch.tensor([1.0, 1.0, 1.0]))
+    # pre-activations: latent 0 at 1.1 (fires, inside the kernel), latent 1 at 2.0 (fires, outside), 2 at 0
+    x = torch.tensor([[1.1, 2.0]])
+    parts, _, f = sae.loss(x)
+    assert f.tolist() == [[pytest.approx(1.1), 2.0, 0.0]]
+    sae.zero_grad()
+    parts.sparsity.backward()
+    # mean L0 = 2, target 1: d/dθ_0 of 2·(L0/1 − 1)² = 4·(2 − 1) · (−K/ε) = −4 · 2 = −8; others outside the kernel
+    torch.testing.assert_close(sae.threshold.grad, torch.tensor([-8.0, 0.0, 0.0]))
+    assert sae.W_enc.grad is None or float(sae.W_enc.grad.abs().sum()) == 0.0  # the penalty reaches θ only
+    sae.zero_grad()
+    parts, _, f = sae.loss(x)
+    parts.mse.backward()
+    # mse = ((x − x̂)²).sum/2 with x̂ = (1.1, 2.0): zero error, so the reconstruction's θ-gradient is 0 too
+    torch.testing.assert_close(sae.threshold.grad, torch.zeros(3))
+
+
+def test_jumprelu_thresholds_start_at_the_target_quantile():
+    torch.manual_seed(2)
+    sae = JumpReLUSAE(16, 200, target_l0=10)
+    x = torch.randn(4000, 16)
+    sae.calibrate_thresholds(x)
+    with torch.no_grad():
+        l0 = (sae.encode(x) > 0).sum(dim=1).float().mean()
+    assert float(l0) == pytest.approx(10, rel=0.05)
+
+
+def small_config(architecture: str, **changes) -> TrainConfig:
+    k = 10 if architecture in ("topk", "batchtopk", "matryoshka") else None
+    base = dict(architecture=architecture, latent_dim=512, batch_size=256, total_steps=1500, learning_rate=1e-3,
+                lr_warmup_steps=50, l1_warmup_steps=100, target_l0=10 / 512, k=k, log_every=100,
+                l0_coefficient=1.0 if architecture == "jumprelu" else None,
+                jumprelu_bandwidth=0.05 if architecture == "jumprelu" else None,
+                matryoshka_prefixes="" if architecture == "matryoshka" else None, precision="float32", device="cpu")
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu", "matryoshka"])
+def test_trained_to_the_target_l0_without_tuning(architecture):
+    """Held-out L0 (thresholds, no batch) within ±10% of the target, reconstruction well under the mean's."""
+    result, sae = train(SyntheticSource(64, 256, 4, 0), small_config(architecture))
+    assert result.eval["l0"] == pytest.approx(10, rel=0.10)
+    assert result.eval["fvu"] < 0.25
+    assert not sae.training  # evaluated as it will be used
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu", "matryoshka"])
+def test_a_resumed_run_matches_an_uninterrupted_one(architecture):
+    source = SyntheticSource(32, 64, 3, 0)
+    cfg = small_config(architecture, latent_dim=128, batch_size=64, total_steps=60, log_every=10,
+                       checkpoint_every_steps=20, target_l0=4 / 128, k=4 if architecture != "jumprelu" else None)
+    _, straight = train(source, cfg)
+    saved = []
+    stop_at = iter(range(1000))
+    train(source, cfg, checkpointing=Checkpointing(lambda s: saved.append(torch.load(_roundtrip(s), weights_only=False)),
+                                                   every_steps=20, every_s=1e9),
+          should_stop=lambda: "stop" if next(stop_at) == 35 else None)
+    assert saved[-1]["step"] == 35
+    _, resumed = train(source, cfg, resume=saved[-1])
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
+
+
+def _roundtrip(state: dict):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_hierarchical_source_keeps_its_structure():
+    source = HierarchicalSource(64, 512, 12, seed=3)
+    g = torch.Generator().manual_seed(0)
+    fire = source.firing(20_000, g, CPU)
+    children = torch.nonzero(source.parent >= 0).flatten()
+    assert children.numel() > 0
+    assert not (fire[:, children] & ~fire[:, source.parent[children]]).any()  # a child never fires alone
+    for node in torch.nonzero(source.exclusive).flatten()[:20]:
+        kids = torch.nonzero(source.parent == node).flatten()
+        assert (fire[:, kids].sum(dim=1) <= 1).all()  # mutually exclusive children
+    frequency = fire.float().mean(dim=0)
+    top, bottom = frequency.sort(descending=True).values[[0, -1]]
+    assert top > 50 * max(float(bottom), 1e-5)  # Zipfian: frequencies span orders of magnitude
+    assert 6 < float(fire.sum(dim=1).float().mean()) <= 12
+    independent = torch.nonzero((source.parent < 0) & (source.level_of == 0)).flatten()[:200]
+    corr = np.corrcoef(fire[:, independent].float().numpy().T)
+    assert np.nanmax(np.abs(corr - np.eye(len(independent)))) > 0.05  # correlated firing
+    x = source._generate(100, torch.Generator().manual_seed(1), CPU)
+    assert x.shape == (100, 64) and torch.isfinite(x).all()
+
+
+def test_mcc_is_a_one_to_one_matching():
+    # two latents on the same feature: MMCS calls both features found, MCC does not
+    similarity = np.array([[1.0, 0.2], [0.99, 0.1]])
+    assert mean_correlation_coefficient(similarity) == pytest.approx((0.2 + 0.99) / 2)
+    features = torch.eye(4)
+    sae = build_sae("topk", 4, 4, k=1)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(4)[[2, 0, 3, 1]] * -3)  # a permutation, sign and scale do not matter
+    recovery = ground_truth_recovery(sae, features)
+    assert recovery.mcc == pytest.approx(1.0)
