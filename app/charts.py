@@ -166,8 +166,8 @@ PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#b
 
 
 def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, width: int = 560,
-                  height: int = 300) -> Markup:
-    """L0 fraction (log x) against FVU (y); ``points`` are (x, y, label, highlighted)."""
+                  height: int = 300, y_label: str = "FVU", empty: str = "no completed runs yet") -> Markup:
+    """L0 fraction (log x) against ``y_label`` (FVU by default); ``points`` are (x, y, label, highlighted)."""
     left, right, top, bottom = 52, 16, 26, 34
     pw, ph = width - left - right, height - top - bottom
     good = [(x, y, lab, hi) for x, y, lab, hi in points if x and x > 0 and y is not None and math.isfinite(y)]
@@ -175,17 +175,18 @@ def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, w
              f'aria-label="{escape(title)}"><text x="{left}" y="16" class="chart-title">{escape(title)}</text>']
     if not good:
         parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" class="chart-empty">'
-                     'no completed runs yet</text></svg>')
+                     f'{escape(empty)}</text></svg>')
         return Markup("".join(parts))
     lx = [math.log10(x) for x, *_ in good]
     x_lo, x_hi = math.floor(min(lx + [math.log10(GREEN_BELOW)])), math.ceil(max(lx + [-0.5]))
     y_hi = max(max(y for _, y, *_ in good) * 1.1, 0.05)
+    y_lo = min(0.0, min(y for _, y, *_ in good) * 1.1)
 
     def sx(v):
         return left + (math.log10(v) - x_lo) / (x_hi - x_lo) * pw
 
     def sy(v):
-        return top + ph - v / y_hi * ph
+        return top + ph - (v - y_lo) / (y_hi - y_lo) * ph
 
     for edge, color in ((GREEN_BELOW, "#16a34a"), (RED_ABOVE, "#dc2626")):
         parts.append(f'<line x1="{sx(edge):.1f}" x2="{sx(edge):.1f}" y1="{top}" y2="{top + ph}" stroke="{color}" '
@@ -193,15 +194,15 @@ def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, w
     for e in range(x_lo, x_hi + 1):
         parts.append(f'<text x="{sx(10 ** e):.1f}" y="{top + ph + 14}" text-anchor="middle" class="tick">'
                      f'{100 * 10 ** e:g}%</text>')
-    for t in _ticks(0, y_hi):
+    for t in _ticks(y_lo, y_hi):
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="grid"/>'
                      f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{t:.3g}</text>')
     parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">L0 fraction (log)</text>'
-                 f'<text x="{left - 40}" y="{top - 6}" class="tick">FVU</text>')
+                 f'<text x="{left - 40}" y="{top - 6}" class="tick">{escape(y_label)}</text>')
     for x, y, label, highlighted in sorted(good, key=lambda p: p[3]):
         color = "#dc2626" if highlighted else "#94a3b8"
         parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{5 if highlighted else 4}" fill="{color}" '
-                     f'opacity="0.85"><title>{escape(label)}: L0 {100 * x:.2f}%, FVU {y:.3f}</title></circle>')
+                     f'opacity="0.85"><title>{escape(label)}: L0 {100 * x:.2f}%, {escape(y_label)} {y:.3f}</title></circle>')
         if highlighted:
             parts.append(f'<text x="{sx(x) + 7:.1f}" y="{sy(y) - 6:.1f}" class="tick">{escape(label)}</text>')
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/></svg>')

@@ -28,6 +28,8 @@ def load_settings(overrides: dict | None = None) -> dict:
     SAE_DEVICE     "auto" (CUDA when available), "cpu" or "cuda[:n]"
     FEATURES_AFTER_TRAINING  1: queue feature statistics when a run completes (1)
     FEATURE_SAMPLE_TOKENS    tokens the feature statistics are computed on (50000)
+    DOWNSTREAM_TOKENS  held-out tokens a downstream evaluation splices the SAE into (8192); one
+                       is queued when a run on an extraction completes (with FEATURES_AFTER_TRAINING)
     HEARTBEAT_S        how often a running job stamps its row (5)
     HEARTBEAT_STALE_S  a running job silent this long is marked interrupted (60)
     SWEEP_INTERVAL_S   how often each worker's maintenance process sweeps and beats (5)
@@ -56,6 +58,7 @@ def load_settings(overrides: dict | None = None) -> dict:
         "JOB_TIMEOUT_S": _int("JOB_TIMEOUT_S", 7 * 24 * 3600),
         "FEATURES_AFTER_TRAINING": env.get("FEATURES_AFTER_TRAINING", "1").strip().lower() not in ("0", "false", "no"),
         "FEATURE_SAMPLE_TOKENS": _int("FEATURE_SAMPLE_TOKENS", 50_000),
+        "DOWNSTREAM_TOKENS": _int("DOWNSTREAM_TOKENS", 8192),
         "HEARTBEAT_S": _float("HEARTBEAT_S", 5.0),
         "HEARTBEAT_STALE_S": _float("HEARTBEAT_STALE_S", 60.0),
         "SWEEP_INTERVAL_S": _float("SWEEP_INTERVAL_S", 5.0),

@@ -168,11 +168,18 @@ def _migration_12_architectures(db) -> None:
         seed_hard_source()  # migration 1 seeds it on a fresh database
 
 
+def _migration_13_downstream(db) -> None:
+    """Downstream evaluations: a run's SAE spliced into its model."""
+    from .models import DownstreamEval
+
+    db.create_tables([DownstreamEval])
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
                               _migration_10_double_precision, _migration_11_accounts,
-                              _migration_12_architectures]
+                              _migration_12_architectures, _migration_13_downstream]
 
 
 def migrate() -> int:

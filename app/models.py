@@ -383,6 +383,19 @@ def seed_templates() -> None:
             provenance=f"TopK with k = {k} (L0 = k by construction) and 8× expansion, a common starting point.")
 
 
+class DownstreamEval(JobRecord):
+    """What a run's SAE does to the model it was trained on: its reconstruction spliced in at the
+    hook on held-out text (``app.extraction.splice``); the results land in ``summary``."""
+
+    training = ForeignKeyField(Training, backref="downstream_evals", on_delete="CASCADE")
+    token_budget = IntegerField()
+    progress = DoubleField(default=0.0)  # 0..1
+    summary = JSONField(null=True)
+
+    class Meta:
+        table_name = "downstream_eval"
+
+
 class WorkerBeat(BaseModel):
     """Each worker's latest sign of life, written by the maintenance process beside it.
 
@@ -400,7 +413,7 @@ class WorkerBeat(BaseModel):
 
 
 ALL_MODELS = [User, ApiToken, ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
-              FeatureStat, WorkerBeat]
+              FeatureStat, WorkerBeat, DownstreamEval]
 
 DEFAULT_SYNTHETIC = {
     "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",

@@ -255,6 +255,14 @@ def tiny_models(tmp_path_factory):
     return build_all(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def trained_gpt2(tmp_path_factory):
+    """A tiny GPT-2 trained briefly on docstrings (its loss depends on its activations)."""
+    from tiny_models import build_trained_gpt2
+
+    return build_trained_gpt2(tmp_path_factory.mktemp("trained"))
+
+
 # A configuration that trains in a few seconds on two CPU cores.
 QUICK_CONFIG = {
     "name": "quick", "source_id": 1, "architecture": "standard", "latent_dim": 256, "l1_alpha": 0.003, "k": 16,

@@ -59,3 +59,29 @@ def build_all(root: Path) -> dict[str, Path]:
         model.save_pretrained(folder)
         paths[name] = folder
     return paths
+
+
+def build_trained_gpt2(root: Path, steps: int = 150) -> Path:
+    """A tiny GPT-2 trained for a few seconds on standard-library docstrings: its next-token loss
+    depends on its activations, so splicing a good SAE in must land between clean and ablated."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(bos=False)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=3, n_head=4, n_positions=256,
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    ids = [t for doc in itertools.islice(stdlib_docstrings(), 400) for t in tokenizer(doc)["input_ids"]]
+    data = torch.tensor(ids[:len(ids) // 64 * 64]).view(-1, 64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = data[torch.randint(len(data), (16,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = root / "gpt2-trained"
+    tokenizer.save_pretrained(folder)
+    model.eval().save_pretrained(folder)
+    return folder

@@ -36,6 +36,17 @@ class ActivationSource:
         raise NotImplementedError
 
 
+def feature_seed(seed: int) -> int:
+    """The seed of a synthetic source's true directions: never one a run's seed can be.
+
+    An SAE draws its initial decoder with ``torch.randn`` from its run's seed; had the source
+    drawn its directions the same way from the same number, the SAE would start on the answer
+    (a run of seed 0 on the seed-0 source scored MMCS 1.0 before training). Run seeds lie in
+    [0, 2³¹); torch's CPU generator keeps 32 bits of a seed, so the source's lies in [2³¹, 2³²).
+    """
+    return 2**31 + (seed * 2654435761) % 2**31
+
+
 class SyntheticSource(ActivationSource):
     """Activations built from known ground-truth features, for tests and the default run.
 
@@ -53,7 +64,7 @@ class SyntheticSource(ActivationSource):
         if not 0 < mean_active <= n_features:
             raise ValueError("mean_active must lie in (0, n_features]")
         self.d_in, self.n_features, self.mean_active, self.seed = d_in, n_features, mean_active, seed
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(feature_seed(seed))
         directions = torch.randn(n_features, d_in, generator=g)
         self.features = directions / directions.norm(dim=1, keepdim=True)
         self.slots = min(n_features, max(4, math.ceil(3 * mean_active)))
@@ -117,7 +128,7 @@ class HierarchicalSource(SyntheticSource):
         if not 0 < mean_active <= n_features / 4:
             raise ValueError("mean_active must lie in (0, n_features / 4]")
         self.d_in, self.n_features, self.mean_active, self.seed = d_in, n_features, mean_active, seed
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(feature_seed(seed))
         directions = torch.randn(n_features, d_in, generator=g)
         self.features = directions / directions.norm(dim=1, keepdim=True)
         n_roots = n_roots if n_roots is not None else max(1, n_features // 32)

@@ -130,6 +130,39 @@ def resume(training_id: int):
     return {"id": run.id, "status": run.status, "checkpoint_step": checkpoint_step(run, current_app.config)}, 202
 
 
+def downstream_dict(job) -> dict:
+    return {"id": job.id, "training_id": job.training_id, "status": job.status, "reason": job.reason,
+            "progress": job.progress, "token_budget": job.token_budget, "result": job.summary}
+
+
+@bp.post("/trainings/<int:training_id>/downstream")
+def start_downstream(training_id: int):
+    """Queue a downstream evaluation of the run's SAE. Body (optional): ``{"tokens": 8192}``."""
+    from ..work.downstream import create_downstream, why_not
+
+    run = get_training_or_404(training_id)
+    payload = request.get_json(silent=True) or {}
+    if not isinstance(payload, dict) or set(payload) - {"tokens"}:
+        return {"errors": {"_body": ["Send nothing, or {\"tokens\": <whole number>}."]}}, 422
+    tokens = payload.get("tokens")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or not 256 <= tokens <= 1_000_000):
+        return {"errors": {"tokens": ["Must be a whole number between 256 and 1,000,000."]}}, 422
+    if (reason := why_not(run, current_app.config)) is not None:
+        return {"id": run.id, "error": reason}, 409
+    try:
+        job = create_downstream(current_app.config, run, token_budget=tokens, created_by=g.user.id)
+    except QueueUnavailable as exc:
+        return unavailable(exc)
+    return downstream_dict(job), 202
+
+
+@bp.get("/downstream/<int:job_id>")
+def show_downstream(job_id: int):
+    from ..models import DownstreamEval
+
+    return downstream_dict(get_or_404(DownstreamEval, job_id, "downstream evaluation"))
+
+
 DELETABLE = {
     "trainings": (Training, "training", deletion.delete_training, deletion.plan_training),
     "sources": (ActivationSet, "activation source", deletion.delete_source, deletion.plan_source),

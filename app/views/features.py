@@ -143,9 +143,21 @@ def _run_sae_files(run: Training) -> dict[str, bytes]:
         "sae_studio": {"run_id": run.id, "source": run.source.name, "norm_scale_folded": sae.norm_scale,
                        "l1_alpha": run.l1_alpha, "steps": run.step, "special_tokens_excluded": meta.get("exclude_special"),
                        "held_out_l0_fraction": (run.summary or {}).get("l0_fraction"),
-                       "held_out_fvu": (run.summary or {}).get("fvu")},
+                       "held_out_fvu": (run.summary or {}).get("fvu"),
+                       "architecture": run.architecture, "k": run.k, "target_l0": run.target_l0,
+                       "downstream": _downstream_metadata((run.summary or {}).get("downstream"))},
     }
     return export_files(sae, frequencies, metadata)
+
+
+def _downstream_metadata(result: dict | None) -> dict | None:
+    """The downstream evaluation's figures as the export carries them (SAEBench's "core" names)."""
+    if not result:
+        return None
+    keys = ("ce_clean", "ce_spliced", "ce_ablated", "ce_loss_score", "kl_spliced", "kl_ablated", "kl_score",
+            "damage_spliced", "damage_ablated", "fidelity_score", "l2_ratio", "cosine", "relative_reconstruction_bias",
+            "fvu", "tokens")
+    return {key: result[key] for key in keys if key in result}
 
 
 @bp.get("/trainings/<int:training_id>/export/saelens.zip")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
 
 from .. import charts
 from ..chart_series import KEYS as SERIES_KEYS, ChartSeries, from_points
@@ -125,7 +125,8 @@ def chart_series(run: Training) -> ChartSeries:
 
 def progress_context(run: Training) -> dict:
     from ..forms import FeatureJobForm
-    from ..models import RESUMABLE_STATUSES, FeatureJob
+    from ..models import RESUMABLE_STATUSES, DownstreamEval, FeatureJob
+    from ..work.downstream import why_not
 
     features_job = run.feature_jobs.order_by(FeatureJob.id.desc()).first()
     ground_truth = (run.summary or {}).get("ground_truth")
@@ -146,11 +147,28 @@ def progress_context(run: Training) -> dict:
         "histogram_chart": charts.histogram_chart(summary["density_histogram"])
         if summary.get("density_histogram") else None,
         "has_checkpoint": checkpoint.exists(), "features_job": features_job, "ground_truth": ground_truth,
+        "downstream_job": run.downstream_evals.order_by(DownstreamEval.id.desc()).first(),
+        "downstream": summary.get("downstream"), "downstream_why_not": why_not(run, current_app.config),
         "feature_form": FeatureJobForm(formdata=None),
         "checkpoint_step": checkpoint_step(run, current_app.config),
         "resumable": run.status in RESUMABLE_STATUSES and (
             run.status == "interrupted" or checkpoint_step(run, current_app.config) is not None),
     }
+
+
+@bp.post("/trainings/<int:training_id>/downstream")
+def start_downstream(training_id: int):
+    from ..work.downstream import create_downstream, why_not
+
+    run = get_training_or_404(training_id)
+    if (reason := why_not(run, current_app.config)) is not None:
+        abort(409, description=reason)
+    try:
+        create_downstream(current_app.config, run, created_by=g.user.id)
+    except QueueUnavailable as exc:
+        return render_template("error.html", title="Not started",
+                               message=f"{exc}. Nothing was created; try again once the queue is back."), 503
+    return redirect(url_for("pages.detail", training_id=run.id) + "#downstream", code=303)
 
 
 @bp.get("/trainings/<int:training_id>/progress")
@@ -231,8 +249,18 @@ def compare():
     finished = Training.select().where(Training.summary.is_null(False))
     frontier = charts.scatter_chart("All finished runs: sparsity vs reconstruction", [
         (t.summary.get("l0_fraction"), t.summary.get("fvu"), f"#{t.id}", t.id in labels) for t in finished])
+    def downstream_score(t):
+        return ((t.summary or {}).get("downstream") or {}).get("score")
+
+    scored = [t for t in finished if downstream_score(t) is not None]
+    model_frontier = charts.scatter_chart(
+        "Runs evaluated on their model: sparsity vs what survives the splice",
+        [(t.summary.get("l0_fraction"), downstream_score(t), f"#{t.id}", t.id in labels) for t in scored],
+        y_label="downstream score", empty="no run evaluated on its model yet")
     summaries = [(r, progress_view(r, r.latest_metric())) for r in runs]
     colors = {r.id: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(runs)}
     return render_template("compare.html", runs=runs, rows=rows, l0_chart=l0, fvu_chart=fvu,
-                           frontier=frontier, summaries=summaries, labels=labels, colors=colors,
+                           frontier=frontier, model_frontier=model_frontier,
+                           has_downstream=any((r.summary or {}).get("downstream") for r in runs),
+                           summaries=summaries, labels=labels, colors=colors,
                            has_ground_truth=any((r.summary or {}).get("ground_truth") for r in runs))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..db import database
-from ..models import (ActivationSet, Event, Extraction, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Template,
+from ..models import (ActivationSet, DownstreamEval, Event, Extraction, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Template,
                       Training, TuneJob)
 from .lifecycle import retry_write
 
@@ -50,6 +50,12 @@ def plan_training(run: Training, settings: dict) -> DeletePlan:
     plan.also = [_count(points, "metric point"), _count(events, "event")]
     if jobs:
         plan.also.append(_count(jobs, "feature-statistics job"))
+    evaluations = list(run.downstream_evals)
+    if evaluations:
+        plan.also.append(_count(len(evaluations), "downstream evaluation"))
+        running = [e for e in evaluations if e.status == "running"]
+        if running and not plan.refused:
+            plan.refused = f"A downstream evaluation of it is running ({_ids(running)}): cancel it first."
     plan.files = [Path(settings["DATA_DIR"]) / "runs" / str(run.id)]
     return plan
 
@@ -132,6 +138,7 @@ def delete_training(run: Training, settings: dict) -> DeletePlan:
             _feature_jobs_delete(FeatureJob.select(FeatureJob.id).where(FeatureJob.training == run.id))
             MetricPoint.delete().where(MetricPoint.training == run.id).execute()
             Event.delete().where(Event.training == run.id).execute()
+            DownstreamEval.delete().where(DownstreamEval.training == run.id).execute()
             # a queued run's job finds no row when a worker takes it, and does nothing
             if not Training.delete().where((Training.id == run.id) & (Training.status != "running")).execute():
                 raise DeleteRefused("The run started meanwhile: cancel it first, then delete it.")

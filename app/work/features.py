@@ -33,20 +33,11 @@ def run_features(job_id: int) -> str:
 
 
 def _run(job: FeatureJob, settings: dict, stop_check: lifecycle.StopCheck) -> str:
-    try:
-        return _features(job, settings, stop_check)
-    except InterruptedError as exc:
+    def drop_partial() -> None:
         retry_write(FeatureStat.delete().where(FeatureStat.job == job.id).execute, what="drop partial stats")
-        status = "interrupted" if lifecycle.SHUTDOWN.is_set() else "cancelled"
-        lifecycle.finish(job, status, reason=str(exc))
-        return status
-    except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
-        retry_write(FeatureStat.delete().where(FeatureStat.job == job.id).execute, what="drop partial stats")
-        user_error = type(exc).__name__ in USER_ERRORS
-        lifecycle.fail(job, str(exc) if user_error else f"{type(exc).__name__}: {exc}")
-        if not user_error:
-            raise
-        return "failed"
+
+    return lifecycle.guarded(job, lambda: _features(job, settings, stop_check), user_errors=USER_ERRORS,
+                             cleanup=drop_partial)
 
 
 def _features(job: FeatureJob, settings: dict, stop_check) -> str:

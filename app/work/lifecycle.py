@@ -36,15 +36,16 @@ JOB_FUNCTIONS = {
     "TuneJob": "app.work.tune.run_tune",
     "Extraction": "app.work.extraction.run_extraction",
     "FeatureJob": "app.work.features.run_features",
+    "DownstreamEval": "app.work.downstream.run_downstream",
 }
 KIND_LABELS = {"Training": "training", "TuneJob": "auto-tune", "Extraction": "extraction",
-               "FeatureJob": "feature job"}
+               "FeatureJob": "feature job", "DownstreamEval": "downstream evaluation"}
 
 
 def job_models() -> list[type[JobRecord]]:
-    from ..models import Extraction, FeatureJob, TuneJob
+    from ..models import DownstreamEval, Extraction, FeatureJob, TuneJob
 
-    return [Training, TuneJob, Extraction, FeatureJob]
+    return [Training, TuneJob, Extraction, FeatureJob, DownstreamEval]
 
 
 def label(record: JobRecord) -> str:
@@ -194,6 +195,29 @@ def redact(text: str | None) -> str | None:
         if path and len(path) > 1:
             text = text.replace(path, label)
     return text
+
+
+def guarded(job: JobRecord, work: Callable[[], str], *, user_errors: tuple[str, ...],
+            cleanup: Callable[[], None] | None = None) -> str:
+    """Run a job's ``work`` and close the record however it ends: ``InterruptedError`` (the stop
+    check said so) ends it interrupted or cancelled, any other exception fails it with its message,
+    and ``cleanup`` runs first. Errors named in ``user_errors`` are the user's: recorded, not raised."""
+    try:
+        return work()
+    except InterruptedError as exc:
+        if cleanup is not None:
+            cleanup()
+        status = "interrupted" if SHUTDOWN.is_set() else "cancelled"
+        finish(job, status, reason=str(exc))
+        return status
+    except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
+        if cleanup is not None:
+            cleanup()
+        user_error = type(exc).__name__ in user_errors
+        fail(job, str(exc) if user_error else f"{type(exc).__name__}: {exc}")
+        if not user_error:
+            raise
+        return "failed"
 
 
 def finish(record: JobRecord, status: str, **fields) -> bool:

@@ -285,6 +285,8 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
                          step=result.steps, suggestion=summary["verdict"]["advice"])
             if settings["FEATURES_AFTER_TRAINING"]:
                 _queue_features(run, settings, writer)
+                if run.source.kind == "extracted":
+                    _queue_downstream(run, settings, writer)
         elif monitor.stop is not None:
             stop = monitor.stop
             reason = f"{stop.message} {stop.suggestion or ''}".strip()
@@ -376,6 +378,16 @@ def _save_sae(sae, run: Training, result, data_dir: str) -> str:
     (folder / "cfg.json").write_text(json.dumps({
         **run.config_dict(), "d_in": sae.d_in, "norm_scale": result.norm_scale, "steps_trained": result.steps}, indent=2))
     return str((folder / "sae.safetensors").relative_to(data_dir))
+
+
+def _queue_downstream(run: Training, settings: dict, writer: MetricWriter) -> None:
+    """Queue the downstream evaluation of a finished run on an extraction; a queue failure is noted."""
+    from .downstream import create_downstream
+
+    try:
+        create_downstream(settings, run)
+    except lifecycle.queue.QueueUnavailable as exc:
+        writer.event("warning", "downstream", f"Could not queue the downstream evaluation: {exc}")
 
 
 def _queue_features(run: Training, settings: dict, writer: MetricWriter) -> None:
