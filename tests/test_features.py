@@ -155,7 +155,8 @@ def test_a_feature_job_can_be_cancelled_and_fails_with_its_reason(client, env, t
     (b"not a zip", "not a zip file"),
     (zip_bytes({"cfg.json": b"{}"}, "x"), "sae_weights.safetensors is missing"),
     ("shape", "W_enc has shape (16, 8); d_in 16 and d_sae 9 need (16, 9)"),
-    ("jumprelu", "architecture 'jumprelu' is not supported"),
+    ("gated", "architecture 'gated' is not supported"),
+    ("jumprelu", "sae_weights.safetensors has no tensor threshold"),  # a JumpReLU needs its thresholds
 ])
 def test_an_sae_that_cannot_be_read_is_refused_at_the_file(client, env, bad, message):
     weights = {"W_enc": np.zeros((16, 8), np.float32), "W_dec": np.zeros((8, 16), np.float32),
@@ -165,9 +166,9 @@ def test_an_sae_that_cannot_be_read_is_refused_at_the_file(client, env, bad, mes
         cfg = json.loads(files["cfg.json"])
         files["cfg.json"] = json.dumps({**cfg, "d_sae": 9}).encode()
         bad = zip_bytes(files, "x")
-    elif bad == "jumprelu":
+    elif bad in ("gated", "jumprelu"):
         files = export_files(LoadedSAE("standard", 16, 8, None, weights, 1.0, {}), None, {})
-        files["cfg.json"] = json.dumps({**json.loads(files["cfg.json"]), "architecture": "jumprelu"}).encode()
+        files["cfg.json"] = json.dumps({**json.loads(files["cfg.json"]), "architecture": bad}).encode()
         bad = zip_bytes(files, "x")
     response = client.post("/imports/", data={"file": (io.BytesIO(bad), "x.zip"), "source_id": "1",
                                               "sample_tokens": "5000"},
