@@ -162,10 +162,16 @@ def _migration_12_architectures(db) -> None:
 
     for name in ("l0_coefficient", "jumprelu_bandwidth", "matryoshka_prefixes"):
         add_column_if_missing(db, "training", name, param_column(BY_NAME[name]))
-    from .models import ActivationSet, seed_hard_source
+    from .models import ActivationSet, Template, complete, seed_architecture_presets, seed_hard_source
 
     if not ActivationSet.select().where(ActivationSet.name.startswith("Synthetic (hierarchical)")).exists():
         seed_hard_source()  # migration 1 seeds it on a fresh database
+    for template in Template.select(Template.id, Template.config):  # older templates get the new fields
+        Template.update(config=complete(template.config)).where(Template.id == template.id).execute()
+    if not Template.select().where(Template.builtin == True, Template.name.contains("JumpReLU")).exists():  # noqa: E712
+        for preset in list(Template.select().where(Template.builtin == True, Template.name.contains("TopK k="))):  # noqa: E712
+            common = {key: value for key, value in preset.config.items() if key not in ("architecture", "k", "l1_alpha")}
+            seed_architecture_presets(preset.d_in, preset.config["latent_dim"], preset.config["k"], common)
 
 
 def _migration_13_downstream(db) -> None:

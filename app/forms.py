@@ -265,9 +265,9 @@ class SyntheticSourceForm(FlaskForm):
     mean_active = FloatField("Mean active features per token", default=5.0,
                              validators=[required(), Range(0, 1_000, min_exclusive=True)])
     seed = IntegerField("Seed", default=0, validators=[required(), Range(0, 2**31 - 1)])
-    structure = SelectField("Structure", default="independent", validators=[required()], choices=[
-        ("independent", "Independent features, uniform frequencies (easy)"),
-        ("hierarchical", "Hierarchy, correlated firing and Zipfian frequencies (hard, after SynthSAEBench)")])
+    structure = SelectField("Structure", default="independent", validators=[Optional()], choices=[
+        SelectChoice("independent", "Independent features, uniform frequencies (easy)"),
+        SelectChoice("hierarchical", "Hierarchy, correlated firing and Zipfian frequencies (hard, after SynthSAEBench)")])
 
     def validate(self, extra_validators=None) -> bool:
         ok = super().validate(extra_validators)

@@ -372,15 +372,42 @@ def seed_templates() -> None:
         extrapolated = d_in > 512
         Template.create(
             name=f"d_in {d_in} · standard · {latent:,} latents", d_in=d_in, builtin=True,
-            config={"architecture": "standard", "l1_alpha": alpha, "k": None, **common},
+            config=complete({"architecture": "standard", "l1_alpha": alpha, "k": None, **common}),
             provenance=(f"l1_alpha from the calibration fit ({CALIBRATION.get('runs_fitted', 0)} measured runs, "
                         "benchmarks/calibrate_l1_alpha.py)" + ("; at this width the fit is extrapolated: watch the "
                                                              "first run's early-stop check and verdict." if extrapolated
                                                              else ".")))
         Template.create(
             name=f"d_in {d_in} · TopK k={k} · {latent:,} latents", d_in=d_in, builtin=True,
-            config={"architecture": "topk", "l1_alpha": None, "k": k, **common},
+            config=complete({"architecture": "topk", "l1_alpha": None, "k": k, **common}),
             provenance=f"TopK with k = {k} (L0 = k by construction) and 8× expansion, a common starting point.")
+        seed_architecture_presets(d_in, latent, k, common)
+
+
+def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict) -> None:
+    """BatchTopK, JumpReLU and Matryoshka presets for one width (the same L0 as its TopK preset)."""
+    presets = (
+        ("batchtopk", f"BatchTopK k={k}", {"k": k},
+         f"BatchTopK with k = {k} on average per token (L0 = k by construction; a threshold at inference)."),
+        ("jumprelu", f"JumpReLU target {k} latents", {"l0_coefficient": 1.0, "jumprelu_bandwidth": 0.05},
+         f"JumpReLU trained to a target L0 of {k} latents: the L0 penalty holds it there "
+         "(benchmarks/architectures.py: within 3% of the target without tuning)."),
+        ("matryoshka", f"Matryoshka k={k}", {"k": k, "matryoshka_prefixes": ""},
+         f"Matryoshka BatchTopK, k = {k}; prefixes of 1/16, 1/8, 1/4 and 1/2 of the latents each reconstruct "
+         "alone, which keeps general features from being absorbed by specific ones."),
+    )
+    for architecture, title, settings, provenance in presets:
+        Template.create(name=f"d_in {d_in} · {title} · {latent:,} latents", d_in=d_in, builtin=True,
+                        config=complete({"architecture": architecture, "l1_alpha": None, **common, **settings}),
+                        provenance=provenance)
+
+
+def complete(config: dict) -> dict:
+    """A template's config with every template field (defaults, then nulls where the architecture has no use)."""
+    full = {name: training_config.BY_NAME[name].default for name in training_config.TEMPLATE_FIELDS}
+    full.update(config)
+    return {name: value for name, value in training_config.normalize(full).items()
+            if name in training_config.TEMPLATE_FIELDS}
 
 
 class DownstreamEval(JobRecord):

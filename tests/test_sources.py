@@ -163,3 +163,10 @@ def test_synthetic_source_form(client):
     response = client.post("/sources/synthetic", data={"d_in": 64, "n_features": 2, "mean_active": 3, "seed": 1})
     assert response.status_code == 422
     assert 'data-field="mean_active"' in response.get_data(as_text=True)
+    hard = {"d_in": 32, "n_features": 256, "mean_active": 8, "seed": 2, "structure": "hierarchical"}
+    assert client.post("/sources/synthetic", data=hard).status_code == 303
+    source = ActivationSet.get(ActivationSet.d_in == 32)
+    assert source.params["structure"] == "hierarchical" and source.name.startswith("Synthetic (hierarchical)")
+    too_dense = client.post("/sources/synthetic", data={**hard, "mean_active": 100})
+    assert too_dense.status_code == 422 and "at most a quarter" in too_dense.get_data(as_text=True)
+    assert client.post("/sources/synthetic", data={**hard, "structure": "fractal"}).status_code == 422

@@ -98,14 +98,15 @@ def synthetic():
     if not form.validate_on_submit():
         return render_sources(synthetic_form=form, status=422)
     d = form.data
-    hard = d["structure"] == "hierarchical"
+    structure = d["structure"] or "independent"
+    hard = structure == "hierarchical"
     ActivationSet.create(
         created_by=g.user.id,
         name=f"Synthetic{' (hierarchical)' if hard else ''}: {d['n_features']:,} ground-truth features in d_in "
              f"{d['d_in']}, ~{d['mean_active']:g} active per token",
         kind="synthetic", d_in=d["d_in"], n_tokens=None,
         params={"n_features": d["n_features"], "mean_active": d["mean_active"], "seed": d["seed"],
-                "structure": d["structure"]})
+                "structure": structure})
     return redirect(url_for("sources.index"), code=303)
 
 
