@@ -129,8 +129,8 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                     + ("features this dense are rarely interpretable." if target > 0.15
                        else "so few active latents usually cost most of the reconstruction."),
                     "Use 0.01–0.05.", 0.02))
-    if arch in K_ARCHITECTURES and k is not None and count > k:
-        how = "fixes L0 at k" if arch == "topk" else "keeps k latents per token on average, so L0 = k"
+    if arch in K_ARCHITECTURES and k is not None and round(count) > k:  # a target typed as a fraction rounds
+        how = "fixes L0 at k" if arch == "topk" else "keeps k latents per token on average: L0 is k"
         add(Finding("error", "target_l0", f"{ARCH_NAMES[arch]} {how} = {k}, so a target of {count:,.0f} latents per "
                     "token is unreachable.", f"Set the target to k / latent_dim = {k / latent:.3g}.", _round(k / latent)))
     if arch == "jumprelu":

@@ -209,3 +209,25 @@ def test_recommended_steps_let_l0_settle_and_small_sources_get_smaller_batches()
     tiny = recommend_settings(SourceStats(384, 20_000), latent_dim=1536, target_l0=0.02, architecture="standard",
                               on_gpu=False)
     assert tiny["batch_size"][0] == 64 and tiny["total_steps"][0] == 2000
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka"])
+def test_a_k_architecture_is_held_to_the_target_k_can_reach(architecture):
+    base = sound(architecture=architecture, l1_alpha=None, latent_dim=512, k=15)
+    assert fired({**base, "target_l0": 0.03}) == []  # 15.4 latents: k = 15 is that target, typed as a fraction
+    [finding] = validate_config({**base, "target_l0": 0.04}, SYNTH)
+    assert (finding.level, finding.field) == ("error", "target_l0") and "unreachable" in finding.message
+    assert finding.suggested_value == pytest.approx(15 / 512, rel=0.02)  # two significant figures
+
+
+def test_jumprelu_settings_far_from_their_scale_are_warned_about():
+    base = sound(architecture="jumprelu", l1_alpha=None, l0_coefficient=1.0, jumprelu_bandwidth=0.05)
+    assert fired(base) == []
+    assert fired({**base, "l0_coefficient": 0.01}) == [("warning", "l0_coefficient")]
+    assert fired({**base, "jumprelu_bandwidth": 3.0}) == [("warning", "jumprelu_bandwidth")]
+    tiny_prefix = sound(architecture="matryoshka", l1_alpha=None, k=32, matryoshka_prefixes="40, 512")
+    assert fired(tiny_prefix) == [("warning", "matryoshka_prefixes")]
+    recommended = recommend_settings(SYNTH, latent_dim=1024, target_l0=0.02, architecture="jumprelu", on_gpu=False)
+    assert "l1_alpha" not in recommended and recommended["l0_coefficient"][0] == 1.0
+    assert recommend_settings(SYNTH, latent_dim=1024, target_l0=0.02, architecture="batchtopk",
+                              on_gpu=False)["k"][0] == 20
