@@ -389,7 +389,7 @@ def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict) -> N
     presets = (
         ("batchtopk", f"BatchTopK k={k}", {"k": k},
          f"BatchTopK with k = {k} on average per token (L0 = k by construction; a threshold at inference)."),
-        ("jumprelu", f"JumpReLU target {k} latents", {"l0_coefficient": 1.0, "jumprelu_bandwidth": 0.05},
+        ("jumprelu", f"JumpReLU target {k} latents", {"l0_coefficient": 10.0, "jumprelu_bandwidth": 0.05},
          f"JumpReLU trained to a target L0 of {k} latents: the L0 penalty holds it there "
          "(benchmarks/architectures.py: within 3% of the target without tuning)."),
         ("matryoshka", f"Matryoshka k={k}", {"k": k, "matryoshka_prefixes": ""},

@@ -124,9 +124,9 @@ PARAMS: tuple[Param, ...] = (
           template=True,
           help="The share of latents you want active per token; 0.01–0.05 is typical. A JumpReLU SAE "
                "trains to it."),
-    Param("l0_coefficient", float, 1.0, "L0 penalty weight (JumpReLU)", min=0, max=1000, min_exclusive=True,
+    Param("l0_coefficient", float, 10.0, "L0 penalty weight (JumpReLU)", min=0, max=1000, min_exclusive=True,
           required_for=("jumprelu",), api_optional=True, template=True,
-          required_message="The L0 penalty weight is required for a JumpReLU SAE; 1 is a sound start.",
+          required_message="The L0 penalty weight is required for a JumpReLU SAE; 10 is a sound start.",
           help="JumpReLU only: weight of the penalty (L0 / target − 1)² that holds the mean L0 at the target."),
     Param("jumprelu_bandwidth", float, 0.05, "Threshold bandwidth ε (JumpReLU)", min=0, max=10,
           min_exclusive=True, required_for=("jumprelu",), api_optional=True, template=True,

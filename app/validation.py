@@ -134,9 +134,9 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
         add(Finding("error", "target_l0", f"{ARCH_NAMES[arch]} {how} = {k}, so a target of {count:,.0f} latents per "
                     "token is unreachable.", f"Set the target to k / latent_dim = {k / latent:.3g}.", _round(k / latent)))
     if arch == "jumprelu":
-        if cfg.get("l0_coefficient") is not None and cfg["l0_coefficient"] < 0.1:
+        if cfg.get("l0_coefficient") is not None and cfg["l0_coefficient"] < 1:
             add(Finding("warning", "l0_coefficient", f"An L0 penalty weight of {cfg['l0_coefficient']:g} holds L0 only "
-                        "loosely to the target: expect the run to drift denser than the target.", "Use 1.", 1.0))
+                        "loosely to the target: expect the run to drift off it.", "Use 10.", 10.0))
         if cfg.get("jumprelu_bandwidth") is not None and not 0.005 <= cfg["jumprelu_bandwidth"] <= 0.5:
             add(Finding("warning", "jumprelu_bandwidth", f"A bandwidth of {cfg['jumprelu_bandwidth']:g} is far from the "
                         "scale of the normalized pre-activations (about 1): "
@@ -246,6 +246,6 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
         out["k"] = (max(1, round(target_l0 * latent_dim)), f"{ARCH_NAMES[architecture]}'s L0 is k: "
                                                            f"{format_target(target_l0, latent_dim)}")
     elif architecture == "jumprelu":
-        out["l0_coefficient"] = (1.0, "holds the mean L0 within a few percent of the target "
+        out["l0_coefficient"] = (10.0, "holds the mean L0 within a few percent of the target "
                                       "(benchmarks/architectures.py)")
     return out

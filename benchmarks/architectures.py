@@ -5,9 +5,11 @@ The source has hierarchy, correlated firing and Zipfian frequencies (``Hierarchi
 2,048 true features in d_in 256, about 15 active per token. Each SAE has 2,048 latents and
 sees the same stream of 1.5M training samples (the same batches, normalized to E‖x‖² = d_in
 for both). L0 is matched by construction where the architecture allows it (k = 16 for TopK,
-BatchTopK and Matryoshka; target 16 for JumpReLU, SAELens in its quadratic "target L0" mode);
-the standard SAEs take our calibrated l1_alpha (SAELens's MSE is summed over d_in where ours
-is averaged, so its coefficient is d_in × ours). SAELens's SAEs are evaluated as SAELens loads
+BatchTopK and Matryoshka; target 16 for JumpReLU, SAELens in its quadratic "target L0" mode).
+Our standard SAE starts at the calibrated l1_alpha and steers it to the target L0 (the form's
+"steer l1_alpha"); SAELens's standard SAE, which cannot steer, gets the penalty ours ended at
+(``--saelens-l1``: its MSE is summed over d_in where ours is averaged, so its coefficient is
+d_in × ours). Both trainers get the same learning rate, warm-up and decay. SAELens's SAEs are evaluated as SAELens loads
 them for use (saved and loaded back: BatchTopK and Matryoshka become JumpReLUs), ours as we
 export them.
 
@@ -61,18 +63,24 @@ def measure(sae, source, x_eval) -> dict:
 
 
 def run_ours(arch: str, source, args, x_eval) -> dict:
+    from app.sae.control import L0Controller
+
     steps = args.samples // args.batch
     target = args.k / args.latents
     cfg = TrainConfig(architecture=arch, latent_dim=args.latents, batch_size=args.batch, total_steps=steps,
-                      learning_rate=1e-3, lr_warmup_steps=steps // 20, l1_warmup_steps=steps // 20,
+                      learning_rate=args.lr, lr_warmup_steps=steps // 20, l1_warmup_steps=steps // 20,
                       target_l0=target, k=args.k if arch in ("topk", "batchtopk", "matryoshka") else None,
                       l1_alpha=recommended_l1_alpha(args.d_in, args.latents, target) if arch == "standard" else None,
-                      l0_coefficient=1.0 if arch == "jumprelu" else None,
+                      l0_coefficient=10.0 if arch == "jumprelu" else None,
                       jumprelu_bandwidth=0.05 if arch == "jumprelu" else None,
                       matryoshka_prefixes="" if arch == "matryoshka" else None,
-                      precision="float32", log_every=100, device="cpu")
-    _, sae = train(source, cfg)
-    return measure(sae.eval(), source, x_eval)
+                      precision="float32", log_every=50, device="cpu")
+    steer = L0Controller(target=target, alpha=cfg.l1_alpha, start_step=cfg.l1_warmup_steps) if arch == "standard" else None
+    result, sae = train(source, cfg, l1_alpha_control=steer)
+    row = measure(sae.eval(), source, x_eval)
+    if steer is not None:
+        row["final_l1_alpha"] = steer.alpha
+    return row
 
 
 def run_saelens(arch: str, source, args, x_eval, scale: float) -> dict:
@@ -89,7 +97,7 @@ def run_saelens(arch: str, source, args, x_eval, scale: float) -> dict:
     steps = args.samples // args.batch
     common = {"d_in": args.d_in, "d_sae": args.latents, "device": "cpu"}
     if arch == "standard":
-        alpha = recommended_l1_alpha(args.d_in, args.latents, args.k / args.latents)
+        alpha = args.saelens_l1 or recommended_l1_alpha(args.d_in, args.latents, args.k / args.latents)
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**common, l1_coefficient=args.d_in * alpha,
                                                             l1_warm_up_steps=steps // 20))
     elif arch == "topk":
@@ -105,7 +113,7 @@ def run_saelens(arch: str, source, args, x_eval, scale: float) -> dict:
                                                             target_l0=float(args.k)))
     batches = (b * scale for b in source.batches(args.batch, seed=0, device=CPU))
     # the same schedule as ours: 5% warm-up, linear decay over the last 20%
-    cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch, lr=1e-3,
+    cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch, lr=args.lr,
                            lr_end=1e-6, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5, device="cpu",
                            logger=LoggingConfig(log_to_wandb=False))
     trained = SAETrainer(cfg, sae, batches).fit()
@@ -124,20 +132,42 @@ def main() -> int:
     parser.add_argument("--latents", type=int, default=2048)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--samples", type=int, default=1_500_000)
-    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--saelens-l1", type=float, default=None,
+                        help="our l1_alpha for SAELens's standard SAE (default: the run of ours in the results file)")
+    parser.add_argument("--ours-from", default=None,
+                        help="a results file holding our standard run, for --saelens-l1 (when run in parallel)")
+    parser.add_argument("--merge", nargs="+", default=None, help="merge these results files into --out and stop")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "architectures.json"))
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        merged: dict = {}
+        for name in args.merge:
+            part = json.loads(Path(name).read_text())
+            merged.setdefault("setup", part["setup"])
+            merged.setdefault("runs", {}).update(part.get("runs", {}))
+        order = [f"{a}/{w}" for a in ARCHITECTURES for w in ("ours", "saelens")]
+        merged["runs"] = {key: merged["runs"][key] for key in order if key in merged["runs"]}
+        out.write_text(json.dumps(merged, indent=2))
+        out.with_suffix(".md").write_text(table(merged))
+        print(table(merged))
+        return 0
 
     source = HierarchicalSource(args.d_in, args.features, 16.0, seed=0)
     scale = normalization_scale(source.sample(8192, device=CPU))
     x_eval = source.eval_rows(16_384, device=CPU) * scale
-    out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results["setup"] = {"source": f"HierarchicalSource(d_in={args.d_in}, n_features={args.features}, mean_active=16)",
                         "latents": args.latents, "k_or_target": args.k, "samples": args.samples, "batch": args.batch,
+                        "learning_rate": args.lr,
                         "torch_threads": torch.get_num_threads()}
     for arch in args.only.split(","):
         for who in args.contenders.split(","):
+            if arch == "standard" and who == "saelens" and args.saelens_l1 is None:
+                theirs = json.loads(Path(args.ours_from).read_text()) if args.ours_from else results
+                args.saelens_l1 = theirs.get("runs", {}).get("standard/ours", {}).get("final_l1_alpha")
             started = time.perf_counter()
             row = run_ours(arch, source, args, x_eval) if who == "ours" else run_saelens(arch, source, args, x_eval, scale)
             row["seconds"] = round(time.perf_counter() - started, 1)
@@ -145,7 +175,25 @@ def main() -> int:
             print(f"{arch:<11} {who:<8} L0 {row['l0']:6.2f}  FVU {row['fvu']:.4f}  MCC {row['mcc']:.3f}  "
                   f"MMCS {row['mmcs']:.3f}  never fired {row['never_fired']:5d}  {row['seconds']:.0f} s", flush=True)
             out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(table(results))
+    print(table(results))
     return 0
+
+
+def table(results: dict) -> str:
+    """The runs as a Markdown table, ours beside SAELens's for each architecture."""
+    setup = results["setup"]
+    lines = [f"{setup['source']}; {setup['latents']:,} latents; {setup['samples']:,} training samples in batches of "
+             f"{setup['batch']:,} at learning rate {setup.get('learning_rate')}; k or target L0 {setup['k_or_target']}; "
+             "held-out: 16,384 tokens; "
+             f"{setup['torch_threads']} CPU thread(s).", "",
+             "| architecture | trainer | L0 | FVU | MCC | MMCS | never fired | seconds |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, row in results.get("runs", {}).items():
+        arch, who = key.split("/")
+        lines.append(f"| {arch} | {'SAELens' if who == 'saelens' else 'ours'} | {row['l0']:.2f} | {row['fvu']:.3f} | "
+                     f"{row['mcc']:.3f} | {row['mmcs']:.3f} | {row['never_fired']:,} | {row['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -221,13 +221,13 @@ def test_a_k_architecture_is_held_to_the_target_k_can_reach(architecture):
 
 
 def test_jumprelu_settings_far_from_their_scale_are_warned_about():
-    base = sound(architecture="jumprelu", l1_alpha=None, l0_coefficient=1.0, jumprelu_bandwidth=0.05)
+    base = sound(architecture="jumprelu", l1_alpha=None, l0_coefficient=10.0, jumprelu_bandwidth=0.05)
     assert fired(base) == []
-    assert fired({**base, "l0_coefficient": 0.01}) == [("warning", "l0_coefficient")]
+    assert fired({**base, "l0_coefficient": 0.3}) == [("warning", "l0_coefficient")]
     assert fired({**base, "jumprelu_bandwidth": 3.0}) == [("warning", "jumprelu_bandwidth")]
     tiny_prefix = sound(architecture="matryoshka", l1_alpha=None, k=32, matryoshka_prefixes="40, 512")
     assert fired(tiny_prefix) == [("warning", "matryoshka_prefixes")]
     recommended = recommend_settings(SYNTH, latent_dim=1024, target_l0=0.02, architecture="jumprelu", on_gpu=False)
-    assert "l1_alpha" not in recommended and recommended["l0_coefficient"][0] == 1.0
+    assert "l1_alpha" not in recommended and recommended["l0_coefficient"][0] == 10.0
     assert recommend_settings(SYNTH, latent_dim=1024, target_l0=0.02, architecture="batchtopk",
                               on_gpu=False)["k"][0] == 20

@@ -218,7 +218,7 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
         raise ValueError(f"batch size {cfg.batch_size} exceeds the source's {source.n_tokens} training tokens")
 
     sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, k=cfg.k, generator=g, device=device,
-                    target_l0=(cfg.target_l0 or 0) * cfg.latent_dim, l0_coefficient=cfg.l0_coefficient or 1.0,
+                    target_l0=(cfg.target_l0 or 0) * cfg.latent_dim, l0_coefficient=cfg.l0_coefficient or 10.0,
                     bandwidth=cfg.jumprelu_bandwidth or 0.05,
                     levels=matryoshka_levels(cfg.matryoshka_prefixes, cfg.latent_dim))
     optimizer = torch.optim.Adam(sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
@@ -268,7 +268,7 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
 
-    use_aux = cfg.architecture in K_ARCHITECTURES
+    use_aux = cfg.architecture in K_ARCHITECTURES or cfg.architecture == "jumprelu"
     resample = cfg.architecture == "standard" and cfg.dead_latent_remedy == "resample"
     # Resample once per dead-latent window, never in the last fifth of training (a fresh
     # latent needs time to settle before the run ends).
