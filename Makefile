@@ -62,6 +62,8 @@ benchmarks: install-test
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/extraction_throughput.py
 	$(PY) benchmarks/ground_truth_recovery.py
+	$(PY) benchmarks/downstream_minilm.py
+	$(PY) benchmarks/architectures.py
 
 clean:
 	rm -rf $(VENV) static/vendor

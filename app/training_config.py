@@ -110,6 +110,7 @@ PARAMS: tuple[Param, ...] = (
                f"Not the learning rate. Range: above {L1_ALPHA_MIN_EXCLUSIVE:.5f}, at most {L1_ALPHA_MAX:g}."),
     Param("k", int, 32, "Active latents per token (k)", min=1, max=65_536, required_for=K_ARCHITECTURES,
           required_message="k is required for a TopK, BatchTopK or Matryoshka SAE.", template=True,
+          null_message="Must not be null: k is required for a TopK, BatchTopK or Matryoshka SAE.",
           help="TopK: exactly k latents fire for every token. BatchTopK and Matryoshka: k per token on "
                "average (the k·batch largest activations of the batch)."),
     Param("learning_rate", float, 0.001, "Learning rate (optimizer step size)", min=1e-6, max=0.1, template=True,

@@ -172,3 +172,23 @@ def test_mcc_is_a_one_to_one_matching():
         sae.W_dec.copy_(torch.eye(4)[[2, 0, 3, 1]] * -3)  # a permutation, sign and scale do not matter
     recovery = ground_truth_recovery(sae, features)
     assert recovery.mcc == pytest.approx(1.0)
+
+
+def test_the_api_takes_each_architecture_and_names_a_bad_setting_at_its_field(client):
+    from conftest import QUICK_CONFIG
+
+    body = {**QUICK_CONFIG, "architecture": "jumprelu", "l1_alpha": None, "k": None}
+    for key in ("l0_coefficient", "jumprelu_bandwidth", "matryoshka_prefixes"):
+        body.pop(key, None)
+    created = client.post("/api/trainings", json=body)
+    assert created.status_code == 201, created.json
+    config = client.get(f"/api/trainings/{created.json['id']}").json["config"]
+    assert config["l0_coefficient"] == 10.0 and config["jumprelu_bandwidth"] == 0.05 and config["k"] is None
+    matryoshka = {**QUICK_CONFIG, "architecture": "matryoshka", "l1_alpha": None, "k": 8, "latent_dim": 256}
+    for prefixes, message in (("64, 32", "increasing"), ("128, 256", "smaller than latent_dim"),
+                              ("8, 64", "at least 2·k"), ("a lot", "whole number")):
+        refused = client.post("/api/trainings", json={**matryoshka, "matryoshka_prefixes": prefixes})
+        assert refused.status_code == 422 and message in " ".join(refused.json["errors"]["matryoshka_prefixes"])
+    assert client.post("/api/trainings", json={**matryoshka, "matryoshka_prefixes": "32, 128"}).status_code == 201
+    no_k = client.post("/api/trainings", json={**matryoshka, "k": None})
+    assert no_k.status_code == 422 and "k is required" in no_k.json["errors"]["k"][0]

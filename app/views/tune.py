@@ -37,7 +37,8 @@ def start():
     needed = ("source_id", "latent_dim", "target_l0")
     problems = {n: getattr(form, n).errors for n in needed if getattr(form, n).errors}
     if form.architecture.data != "standard":
-        problems["architecture"] = ["Auto-tune searches l1_alpha, which only a standard SAE uses; TopK's L0 is k."]
+        problems["architecture"] = ["Auto-tune searches l1_alpha, which only a standard SAE uses: TopK, BatchTopK "
+                                    "and Matryoshka have L0 = k, and JumpReLU trains to the target L0 itself."]
     source = form.sources.get(form.source_id.data)
     if not problems and source is not None:
         try:
