@@ -74,7 +74,8 @@ def run_ours(arch: str, source, args, x_eval) -> dict:
                       l0_coefficient=10.0 if arch == "jumprelu" else None,
                       jumprelu_bandwidth=0.05 if arch == "jumprelu" else None,
                       matryoshka_prefixes="" if arch == "matryoshka" else None,
-                      precision="float32", log_every=50, device="cpu")
+                      precision="float32", log_every=50, device="cpu",
+                      **({"dead_window_tokens": args.dead_window} if args.dead_window else {}))
     steer = L0Controller(target=target, alpha=cfg.l1_alpha, start_step=cfg.l1_warmup_steps) if arch == "standard" else None
     result, sae = train(source, cfg, l1_alpha_control=steer)
     row = measure(sae.eval(), source, x_eval)
@@ -115,7 +116,8 @@ def run_saelens(arch: str, source, args, x_eval, scale: float) -> dict:
     # the same schedule as ours: 5% warm-up, linear decay over the last 20%
     cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch, lr=args.lr,
                            lr_end=1e-6, lr_warm_up_steps=steps // 20, lr_decay_steps=steps // 5, device="cpu",
-                           logger=LoggingConfig(log_to_wandb=False))
+                           logger=LoggingConfig(log_to_wandb=False),
+                           **({"dead_feature_window": max(1, args.dead_window // args.batch)} if args.dead_window else {}))
     trained = SAETrainer(cfg, sae, batches).fit()
     with tempfile.TemporaryDirectory() as folder:
         trained.save_inference_model(folder)
@@ -139,6 +141,9 @@ def main() -> int:
     parser.add_argument("--ours-from", default=None,
                         help="a results file holding our standard run, for --saelens-l1 (when run in parallel)")
     parser.add_argument("--merge", nargs="+", default=None, help="merge these results files into --out and stop")
+    parser.add_argument("--dead-window", type=int, default=None,
+                        help="tokens a latent may stay silent before AuxK treats it as dead (ours: dead_window_tokens, "
+                             "default 200,000; SAELens: dead_feature_window, the same in steps)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "architectures.json"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -149,6 +154,7 @@ def main() -> int:
             merged.setdefault("setup", part["setup"])
             merged.setdefault("runs", {}).update(part.get("runs", {}))
         order = [f"{a}/{w}" for a in ARCHITECTURES for w in ("ours", "saelens")]
+        order += sorted(key for key in merged["runs"] if key not in order)
         merged["runs"] = {key: merged["runs"][key] for key in order if key in merged["runs"]}
         out.write_text(json.dumps(merged, indent=2))
         out.with_suffix(".md").write_text(table(merged))
@@ -171,7 +177,8 @@ def main() -> int:
             started = time.perf_counter()
             row = run_ours(arch, source, args, x_eval) if who == "ours" else run_saelens(arch, source, args, x_eval, scale)
             row["seconds"] = round(time.perf_counter() - started, 1)
-            results.setdefault("runs", {})[f"{arch}/{who}"] = row
+            label = f"{arch}, dead window {args.dead_window:,}" if args.dead_window else arch
+            results.setdefault("runs", {})[f"{label}/{who}"] = row
             print(f"{arch:<11} {who:<8} L0 {row['l0']:6.2f}  FVU {row['fvu']:.4f}  MCC {row['mcc']:.3f}  "
                   f"MMCS {row['mmcs']:.3f}  never fired {row['never_fired']:5d}  {row['seconds']:.0f} s", flush=True)
             out.write_text(json.dumps(results, indent=2))
