@@ -156,17 +156,23 @@ def dense_rule(spec: RunSpec, history: History, point) -> Finding | None:
         f"Increase l1_alpha (the sparsity penalty) from {point.l1_alpha:.3g} to about {suggestion:.3g}.")
 
 
+def settled_ratio(spec: RunSpec, history: History, point, *, drift: float) -> float | None:
+    """L0 over its target, once L0 has moved less than ``drift``× over the last few points (else None)."""
+    before = history.ago(TREND_POINTS)
+    if before is None or before.l0_fraction <= 0:
+        return None
+    if abs(math.log(max(point.l0_fraction, 1e-9) / before.l0_fraction)) >= math.log(drift):
+        return None
+    return point.l0_fraction / spec.target_l0
+
+
 @rule("off_target")
 def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
     """L0 more than 3× or less than ⅓ of the target, once it has settled."""
     if spec.architecture != "standard" or spec.steering:
         return None
-    before = history.ago(TREND_POINTS)
-    if before is None or before.l0_fraction <= 0:
-        return None
-    settled = abs(math.log(max(point.l0_fraction, 1e-9) / before.l0_fraction)) < math.log(1.25)
-    ratio = point.l0_fraction / spec.target_l0
-    if not settled or 1 / 3 <= ratio <= 3 or point.l0_fraction > DENSE_WARNING_ABOVE:
+    ratio = settled_ratio(spec, history, point, drift=1.25)
+    if ratio is None or 1 / 3 <= ratio <= 3 or point.l0_fraction > DENSE_WARNING_ABOVE:
         return None  # above 20% the dense rule has already said it
     suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0, spec.recommended_l1_alpha)
     move, size = ("Increase", f"{ratio:.1f}×") if ratio > 3 else ("Lower", f"only {ratio:.2f}×")
@@ -181,12 +187,8 @@ def jumprelu_off_target_rule(spec: RunSpec, history: History, point) -> Finding 
     """JumpReLU trains to the target: L0 settled more than 1.5× away from it means the penalty lost."""
     if spec.architecture != "jumprelu":
         return None
-    before = history.ago(TREND_POINTS)
-    if before is None or before.l0_fraction <= 0:
-        return None
-    settled = abs(math.log(max(point.l0_fraction, 1e-9) / before.l0_fraction)) < math.log(1.1)
-    ratio = point.l0_fraction / spec.target_l0
-    if not settled or 1 / 1.5 <= ratio <= 1.5:
+    ratio = settled_ratio(spec, history, point, drift=1.1)
+    if ratio is None or 1 / 1.5 <= ratio <= 1.5:
         return None
     return Finding("warning", "off_target",
                    f"L0 has settled {ratio:.2f}× the target: {format_l0(point.l0, spec.latent_dim)}, "
