@@ -166,7 +166,7 @@ PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#b
 
 
 def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, width: int = 560,
-                  height: int = 300, y_label: str = "FVU", empty: str = "no completed runs yet") -> Markup:
+                  height: int = 300, y_label: str = "FVU") -> Markup:
     """L0 fraction (log x) against ``y_label`` (FVU by default); ``points`` are (x, y, label, highlighted)."""
     left, right, top, bottom = 52, 16, 26, 34
     pw, ph = width - left - right, height - top - bottom
@@ -175,7 +175,7 @@ def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, w
              f'aria-label="{escape(title)}"><text x="{left}" y="16" class="chart-title">{escape(title)}</text>']
     if not good:
         parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle" class="chart-empty">'
-                     f'{escape(empty)}</text></svg>')
+                     'no completed runs yet</text></svg>')
         return Markup("".join(parts))
     lx = [math.log10(x) for x, *_ in good]
     x_lo, x_hi = math.floor(min(lx + [math.log10(GREEN_BELOW)])), math.ceil(max(lx + [-0.5]))

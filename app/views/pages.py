@@ -256,7 +256,7 @@ def compare():
     model_frontier = charts.scatter_chart(
         "Runs evaluated on their model: sparsity vs what survives the splice",
         [(t.summary.get("l0_fraction"), downstream_score(t), f"#{t.id}", t.id in labels) for t in scored],
-        y_label="downstream score", empty="no run evaluated on its model yet")
+        y_label="downstream score") if scored else None
     summaries = [(r, progress_view(r, r.latest_metric())) for r in runs]
     colors = {r.id: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(runs)}
     return render_template("compare.html", runs=runs, rows=rows, l0_chart=l0, fvu_chart=fvu,
