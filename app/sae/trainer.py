@@ -228,11 +228,12 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     base_l1_alpha = cfg.l1_alpha or 0.0
     resampled, tokens, start_step, last = 0, 0, 0, None
     if resume is None:
-        scale = normalization_scale(source.sample(cfg.norm_sample_tokens, device=device))
+        raw = source.sample(cfg.norm_sample_tokens, device=device)  # read once: it sets c, b_dec and θ
+        scale = normalization_scale(raw)
         with torch.no_grad():
             # Start the decoder bias at the mean activation: the first reconstructions are
             # then the mean rather than the origin.
-            sample = source.sample(cfg.norm_sample_tokens, device=device) * scale
+            sample = raw * scale
             sae.b_dec.copy_(sample.mean(dim=0))
             if hasattr(sae, "calibrate_thresholds"):  # JumpReLU starts at its target L0
                 sae.calibrate_thresholds(sample)
