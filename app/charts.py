@@ -74,13 +74,17 @@ def line_chart(title: str, series: list[Series], *, width: int = 460, height: in
     def sy(y):
         return top + ph - (min(max(y, lo), hi) - lo) / (hi - lo) * ph
 
-    for b_lo, b_hi, color in bands or []:
+    for band in bands or []:
+        b_lo, b_hi, color = band[:3]
         y_a, y_b = sy(tf(min(b_hi, 10 ** hi if log_y else hi))), sy(tf(max(b_lo, 1e-300) if log_y else b_lo))
         parts.append(f'<rect x="{left}" y="{y_a:.1f}" width="{pw}" height="{max(y_b - y_a, 0):.1f}" '
                      f'fill="{color}" opacity="0.12"/>')
+        if len(band) > 3 and y_b - y_a > 10:  # a label inside the band, at its top right
+            parts.append(f'<text x="{left + pw - 4}" y="{y_a + 11:.1f}" text-anchor="end" class="tick band-label" '
+                         f'fill="{color}">{escape(band[3])}</text>')
     y_ticks = list(range(int(lo), int(hi) + 1)) if log_y else _ticks(lo, hi)
     for t in y_ticks:
-        label = f"{t * 100:.3g}%" if y_percent else _fmt(t, log_y)
+        label = (f"{100 * 10 ** t:g}%" if log_y else f"{t * 100:.3g}%") if y_percent else _fmt(t, log_y)
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="grid"/>'
                      f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{label}</text>')
     for t in _ticks(x0, x1):
@@ -109,15 +113,26 @@ def line_chart(title: str, series: list[Series], *, width: int = 460, height: in
     return Markup("".join(parts))
 
 
+GRADE_BANDS = [(0, GREEN_BELOW, "#16a34a", f"sparse < {100 * GREEN_BELOW:g}%"),
+               (GREEN_BELOW, RED_ABOVE, "#ca8a04", "borderline"),
+               (RED_ABOVE, 1.0, "#dc2626", f"dense > {100 * RED_ABOVE:g}%")]
+
+
 def l0_chart(series, target_l0: float, total_steps: int) -> Markup:
-    """L0 fraction over steps (a ``ChartSeries``), with the target and the grade bands."""
+    """L0 fraction over steps (a ``ChartSeries``), with the target and the grade bands.
+
+    The axis is logarithmic: a run falls from 50% to 2% in its first steps, and on a linear
+    axis the final L0 and its target would sit on top of each other at the bottom. The
+    legend gives the latest L0 and the target as numbers.
+    """
     pts = series.points("l0_fraction")
-    ymax = max([target_l0 * 2, RED_ABOVE * 1.2] + [y for _, y in pts])
-    target = Series("target", [(0, target_l0), (max(total_steps, 1), target_l0)], "#555", dashed=True)
-    return line_chart("L0 fraction (share of latents active)", [Series("L0", pts, "#2563eb"), target],
-                      y_min=0, y_max=min(ymax, 1.0), y_percent=True,
-                      bands=[(0, GREEN_BELOW, "#16a34a"), (GREEN_BELOW, RED_ABOVE, "#ca8a04"),
-                             (RED_ABOVE, 1.0, "#dc2626")], x_max=total_steps)
+    positive = [y for _, y in pts if y and y > 0]
+    low = min(positive + [target_l0]) / 2
+    target = Series(f"target {100 * target_l0:.3g}%", [(0, target_l0), (max(total_steps, 1), target_l0)], "#555",
+                    dashed=True)
+    now = f"L0 (now {100 * positive[-1]:.3g}%)" if positive and pts[-1][1] == positive[-1] else "L0"
+    return line_chart("L0 fraction (share of latents active), log scale", [Series(now, pts, "#2563eb"), target],
+                      log_y=True, y_min=low, y_max=1.0, y_percent=True, bands=GRADE_BANDS, x_max=total_steps)
 
 
 def loss_chart(series, total_steps: int) -> Markup:
@@ -162,12 +177,18 @@ def histogram_chart(hist: dict, *, width: int = 460, height: int = 200,
     return Markup("".join(parts))
 
 
-PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"]
+# Colours that tell runs apart. None is the green, yellow or red of a grade, so that a run's
+# colour is never read as its quality (the grade is shown beside it, as a badge).
+PALETTE = ["#2563eb", "#7c3aed", "#0891b2", "#334155", "#c026d3", "#4338ca", "#0f766e", "#78716c"]
 
 
-def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, width: int = 560,
+def scatter_chart(title: str, points: list[tuple[float, float, str, str | None]], *, width: int = 560,
                   height: int = 300, y_label: str = "FVU") -> Markup:
-    """L0 fraction (log x) against ``y_label`` (FVU by default); ``points`` are (x, y, label, highlighted)."""
+    """L0 fraction (log x) against ``y_label`` (FVU by default).
+
+    ``points`` are (x, y, label, colour): a run drawn in its colour is one being compared
+    (labelled); ``None`` draws it grey, for context.
+    """
     left, right, top, bottom = 52, 16, 26, 34
     pw, ph = width - left - right, height - top - bottom
     good = [(x, y, lab, hi) for x, y, lab, hi in points if x and x > 0 and y is not None and math.isfinite(y)]
@@ -188,9 +209,11 @@ def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, w
     def sy(v):
         return top + ph - (v - y_lo) / (y_hi - y_lo) * ph
 
-    for edge, color in ((GREEN_BELOW, "#16a34a"), (RED_ABOVE, "#dc2626")):
+    for edge, color, text, anchor, shift in ((GREEN_BELOW, "#16a34a", f"sparse < {100 * GREEN_BELOW:g}%", "end", -4),
+                                             (RED_ABOVE, "#dc2626", f"dense > {100 * RED_ABOVE:g}%", "start", 4)):
         parts.append(f'<line x1="{sx(edge):.1f}" x2="{sx(edge):.1f}" y1="{top}" y2="{top + ph}" stroke="{color}" '
-                     'stroke-dasharray="4 3"/>')
+                     f'stroke-dasharray="4 3"/><text x="{sx(edge) + shift:.1f}" y="{top + 11}" text-anchor="{anchor}" '
+                     f'class="tick band-label" fill="{color}">{escape(text)}</text>')
     for e in range(x_lo, x_hi + 1):
         parts.append(f'<text x="{sx(10 ** e):.1f}" y="{top + ph + 14}" text-anchor="middle" class="tick">'
                      f'{100 * 10 ** e:g}%</text>')
@@ -199,8 +222,9 @@ def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, w
                      f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{t:.3g}</text>')
     parts.append(f'<text x="{left + pw}" y="{height - 2}" text-anchor="end" class="tick">L0 fraction (log)</text>'
                  f'<text x="{left - 40}" y="{top - 6}" class="tick">{escape(y_label)}</text>')
-    for x, y, label, highlighted in sorted(good, key=lambda p: p[3]):
-        color = "#dc2626" if highlighted else "#94a3b8"
+    for x, y, label, run_color in sorted(good, key=lambda p: p[3] is not None):
+        highlighted = run_color is not None
+        color = run_color or "#94a3b8"
         parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{5 if highlighted else 4}" fill="{color}" '
                      f'opacity="0.85"><title>{escape(label)}: L0 {100 * x:.2f}%, {escape(y_label)} {y:.3f}</title></circle>')
         if highlighted:
@@ -210,7 +234,8 @@ def scatter_chart(title: str, points: list[tuple[float, float, str, bool]], *, w
 
 
 def overlay_chart(title: str, runs: list[tuple[str, list[tuple[float, float]]]], *, log_y: bool = False,
-                  y_percent: bool = False) -> Markup:
+                  y_percent: bool = False, bands=None, y_min: float | None = None, y_max: float | None = None) -> Markup:
     """One line per run, colours from the palette in the order given."""
     series = [Series(label, pts, PALETTE[i % len(PALETTE)]) for i, (label, pts) in enumerate(runs)]
-    return line_chart(title, series, log_y=log_y, y_min=None if log_y else 0, y_percent=y_percent, legend=False)
+    return line_chart(title, series, log_y=log_y, y_min=y_min if log_y else 0, y_max=y_max, y_percent=y_percent,
+                      legend=False, bands=bands)

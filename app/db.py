@@ -181,11 +181,25 @@ def _migration_13_downstream(db) -> None:
     db.create_tables([DownstreamEval])
 
 
+def _migration_14_l0_model(db) -> None:
+    """The L0 model replaces the old calibration: an auto-tune knows the length of the run it tunes
+    for, and the built-in standard presets take the model's l1_alpha with steering on."""
+    from peewee import IntegerField
+
+    from .models import Template, refresh_standard_preset
+
+    add_column_if_missing(db, "tune_job", "run_steps", IntegerField(null=True))
+    for preset in Template.select().where(Template.builtin == True):  # noqa: E712
+        if preset.config.get("architecture") == "standard":
+            refresh_standard_preset(preset)
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
                               _migration_10_double_precision, _migration_11_accounts,
-                              _migration_12_architectures, _migration_13_downstream]
+                              _migration_12_architectures, _migration_13_downstream,
+                              _migration_14_l0_model]
 
 
 def migrate() -> int:

@@ -16,7 +16,7 @@ from .extraction.capture_names import BUNDLED_MINILM, SITES
 from . import training_config
 from .models import ActivationSet
 from .training_config import L1_ALPHA_ALIASES, PARAMS, Param
-from .validation import SourceStats, blocking, validate_config
+from .validation import Finding, SourceStats, blocking, validate_config
 
 
 class Range(NumberRange):
@@ -102,7 +102,8 @@ class TrainingForm(FlaskForm):
                   "l1_warmup_steps", "target_l0")
         if source is None or any(getattr(self, n).data is None or getattr(self, n).errors for n in needed):
             return []  # a field that did not parse or is out of range: its own error says why
-        cfg = {name: getattr(self, name).data for name in training_config.NAMES}
+        # A value its own field rejected is not judged again: its error is the one finding about it.
+        cfg = {name: None if getattr(self, name).errors else getattr(self, name).data for name in training_config.NAMES}
         memory = device_memory(current_app.config.get("SAE_DEVICE", "auto"))
         try:
             return validate_config(cfg, SourceStats(source.d_in, source.n_tokens, source.name),
@@ -110,11 +111,27 @@ class TrainingForm(FlaskForm):
         except (TypeError, ValueError, ZeroDivisionError):
             return []  # a field out of range; its own error says why
 
-    def attach_findings(self, findings) -> None:
-        """Give each field the findings that concern it (templates show them beside it)."""
+    def attach_findings(self, findings, *, with_errors: bool = False) -> None:
+        """Give each field the findings that concern it (templates show them beside it).
+
+        On a full page a field's errors are drawn by the field itself; the live hints
+        (``with_errors``) replace only the findings boxes, so there each error, the field's
+        own and the validator's, is a finding of level "error": what the submit would say.
+        """
         self.findings = findings
         for field in self:
-            field.findings = [f for f in findings if f.field == field.name and f.level != "error"]
+            mine = [f for f in findings if f.field == field.name]
+            if with_errors:
+                field.findings = [Finding("error", field.name, e) for e in field.errors
+                                  if all(e != f.message for f in mine)] + mine
+            else:
+                field.findings = [f for f in mine if f.level != "error"]
+
+    def first_render(self) -> None:
+        """Findings for a form shown with values already in it (defaults, a template, a run, a source)."""
+        if self.source_id.data is None and self.sources:
+            self.source_id.data = next(iter(self.sources))
+        self.attach_findings(self.preflight())
 
     def validate(self, extra_validators=None) -> bool:
         ok = self.validate_fields(extra_validators)
@@ -336,6 +353,9 @@ def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list
             errors.setdefault(key, []).append("Unknown field.")
         elif value is None or value == "":
             continue
+        elif isinstance(value, bool) and key in training_config.BOOLEAN_FIELDS:
+            if value:
+                formdata[key] = "y"  # a checkbox: present when on, absent when off
         elif isinstance(value, (bool, dict, list)):
             errors.setdefault(key, []).append("Wrong type.")
         else:

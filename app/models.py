@@ -235,6 +235,7 @@ class TuneJob(JobRecord):
     batch_size = IntegerField()
     pilot_steps = IntegerField()
     max_pilots = IntegerField(default=8)
+    run_steps = IntegerField(null=True)  # the length of the run it tunes for: pilots are projected to it
     seed = IntegerField(default=0)
     pilots = JSONField(default=list)  # [{"l1_alpha", "l0_fraction", "fvu"}], in the order run
     result_l1_alpha = DoubleField(null=True)
@@ -355,11 +356,25 @@ TEMPLATE_FIELDS = training_config.TEMPLATE_FIELDS
 PRESET_WIDTHS = (384, 512, 768, 1024, 2048, 2304, 4096)
 
 
+def refresh_standard_preset(preset: Template) -> None:
+    """Give a built-in standard preset the L0 model's l1_alpha for its length, with steering on, and save it."""
+    from .l0_model import CALIBRATION
+    from .validation import recommended_l1_alpha
+
+    c = preset.config
+    steps = c["total_steps"]
+    alpha = float(f"{recommended_l1_alpha(preset.d_in, c['latent_dim'], c['target_l0'], steps):.2g}")
+    preset.config = complete({**c, "l1_alpha": alpha, "steer_l1_alpha": True})
+    preset.provenance = (f"l1_alpha from the L0 model for {steps:,} steps ({CALIBRATION['runs_fitted']} measured "
+                         "runs, benchmarks/calibrate_l1_alpha.py), with steering on to close what the model misses"
+                         + ("; at this width the model is extrapolated: watch the first run's early-stop check and "
+                            "verdict." if preset.d_in > 1024 else "."))
+    preset.save()
+
+
 def seed_templates() -> None:
     """Presets for common model widths and both architectures, l1_alpha from the calibration."""
     import math
-
-    from .validation import CALIBRATION, recommended_l1_alpha
 
     for d_in in PRESET_WIDTHS:
         latent = 8 * d_in
@@ -368,15 +383,9 @@ def seed_templates() -> None:
         lr = 1e-3 if latent <= 16_384 else float(f"{1e-3 * math.sqrt(16_384 / latent):.2g}")
         common = {"latent_dim": latent, "learning_rate": lr, "batch_size": 4096, "total_steps": 30_000,
                   "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "target_l0": round(target, 6), "precision": "auto"}
-        alpha = float(f"{recommended_l1_alpha(d_in, latent, target):.2g}")
-        extrapolated = d_in > 512
-        Template.create(
-            name=f"d_in {d_in} · standard · {latent:,} latents", d_in=d_in, builtin=True,
-            config=complete({"architecture": "standard", "l1_alpha": alpha, "k": None, **common}),
-            provenance=(f"l1_alpha from the calibration fit ({CALIBRATION.get('runs_fitted', 0)} measured runs, "
-                        "benchmarks/calibrate_l1_alpha.py)" + ("; at this width the fit is extrapolated: watch the "
-                                                             "first run's early-stop check and verdict." if extrapolated
-                                                             else ".")))
+        preset = Template(name=f"d_in {d_in} · standard · {latent:,} latents", d_in=d_in, builtin=True,
+                          config=complete({"architecture": "standard", "l1_alpha": None, "k": None, **common}))
+        refresh_standard_preset(preset)
         Template.create(
             name=f"d_in {d_in} · TopK k={k} · {latent:,} latents", d_in=d_in, builtin=True,
             config=complete({"architecture": "topk", "l1_alpha": None, "k": k, **common}),

@@ -9,9 +9,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import l0_model
 from .training_config import DEFAULT_L1_ALPHA, K_ARCHITECTURES, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
 
 GREEN_BELOW = 0.05
+OFF_TARGET = 1.5  # a run that ends further than this factor from its target says so
 RED_ABOVE = 0.15
 DEAD_RED_FRACTION = 0.5
 DENSE_WARNING_ABOVE = 0.20
@@ -20,9 +22,10 @@ DENSE_LATENT_FREQUENCY = 0.10  # a latent firing on more than 10% of tokens is "
 GRADE_LABELS = {
     "green": "Sparse",
     "yellow": "Borderline",
-    "red": "Dense or dead",
+    "red": "Dense",
     None: "No data yet",
 }
+DEAD_LABEL = "Dead latents"  # red for the other reason: say which
 
 
 def grade(l0_fraction: float | None, dead: int | None, latent_dim: int) -> str | None:
@@ -36,6 +39,14 @@ def grade(l0_fraction: float | None, dead: int | None, latent_dim: int) -> str |
     if l0_fraction <= RED_ABOVE:
         return "yellow"
     return "red"
+
+
+def grade_label(l0_fraction: float | None, dead: int | None, latent_dim: int) -> str:
+    """The badge's word: which problem a red grade is ("Dense" or "Dead latents"), or the grade's name."""
+    g = grade(l0_fraction, dead, latent_dim)
+    if g == "red" and dead is not None and dead > DEAD_RED_FRACTION * latent_dim:
+        return DEAD_LABEL
+    return GRADE_LABELS[g]
 
 
 def format_l0(l0: float, latent_dim: int) -> str:
@@ -100,15 +111,29 @@ class RunSpec:
     plateau_window: int = 2000
     steering: bool = False
     recommended_l1_alpha: float | None = None  # the calibration's value for this run, if known
+    d_in: int | None = None  # with total_steps: lets advice project L0 to the end of the run
+    total_steps: int | None = None
 
     @classmethod
-    def of_run(cls, run, recommended_l1_alpha: float | None = None) -> RunSpec:
+    def of_run(cls, run, recommended_l1_alpha: float | None = None, d_in: int | None = None) -> RunSpec:
         """The spec of a stored run (anything with the training config's attributes)."""
         return cls(architecture=run.architecture, latent_dim=run.latent_dim, target_l0=run.target_l0,
                    warmup_steps=max(run.l1_warmup_steps, run.lr_warmup_steps), l1_warmup_steps=run.l1_warmup_steps,
                    early_stop=run.early_stop, early_stop_step=run.early_stop_step, early_stop_l0=run.early_stop_l0,
                    plateau_window=run.plateau_window, steering=run.steer_l1_alpha,
-                   recommended_l1_alpha=recommended_l1_alpha)
+                   recommended_l1_alpha=recommended_l1_alpha, d_in=d_in, total_steps=run.total_steps)
+
+    def l1_fix(self, l1_alpha: float, l0_now: float, step: int) -> tuple[float, float]:
+        """(the L0 expected at the end of the run, the l1_alpha that ends it at the target).
+
+        L0 keeps falling while the penalty acts: the L0 model carries what a run measures at
+        ``step`` to its last step before the correction is read off, so advice given a
+        tenth of the way in is not the advice for a run that has ended.
+        """
+        if self.d_in is None or not self.total_steps:
+            return l0_now, suggest_l1_alpha(l1_alpha, l0_now, self.target_l0, self.recommended_l1_alpha)
+        projected = l0_now * l0_model.progress_ratio(l1_alpha, self.d_in, self.latent_dim, step, self.total_steps)
+        return projected, l0_model.corrected_alpha(l1_alpha, projected, self.target_l0, self.d_in, self.latent_dim)
 
 
 @dataclass
@@ -149,7 +174,7 @@ def dense_rule(spec: RunSpec, history: History, point) -> Finding | None:
     before = history.ago(TREND_POINTS)
     if before is None or point.l0_fraction < 0.9 * before.l0_fraction:
         return None
-    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0, spec.recommended_l1_alpha)
+    _, suggestion = spec.l1_fix(point.l1_alpha, point.l0_fraction, point.step)
     return Finding(
         "warning", "dense",
         f"Features are dense: {format_l0(point.l0, spec.latent_dim)}, {format_target(spec.target_l0, spec.latent_dim)}.",
@@ -174,7 +199,9 @@ def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
     ratio = settled_ratio(spec, history, point, drift=1.25)
     if ratio is None or 1 / 3 <= ratio <= 3 or point.l0_fraction > DENSE_WARNING_ABOVE:
         return None  # above 20% the dense rule has already said it
-    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0, spec.recommended_l1_alpha)
+    projected, suggestion = spec.l1_fix(point.l1_alpha, point.l0_fraction, point.step)
+    if 1 / 3 <= projected / spec.target_l0 <= 3:
+        return None  # on course: it is expected to end within 3× of the target
     move, size = ("Increase", f"{ratio:.1f}×") if ratio > 3 else ("Lower", f"only {ratio:.2f}×")
     return Finding("warning", "off_target",
                    f"L0 is {size} the target: {format_l0(point.l0, spec.latent_dim)}, "
@@ -267,7 +294,7 @@ def early_stop_rule(spec: RunSpec, history: History, point) -> Finding | None:
     history.early_stop_checked = True
     if point.l0_fraction <= spec.early_stop_l0:
         return None
-    suggestion = suggest_l1_alpha(point.l1_alpha, point.l0_fraction, spec.target_l0, spec.recommended_l1_alpha)
+    _, suggestion = spec.l1_fix(point.l1_alpha, point.l0_fraction, point.step)
     return Finding("error", "early_stop",
                    f"Stopped early at step {point.step:,}: still dense, {format_l0(point.l0, spec.latent_dim)} "
                    f"(threshold {100 * spec.early_stop_l0:.0f}%).",
@@ -341,54 +368,119 @@ def density_histogram(frequencies, *, low: float = -6.0, high: float = 0.0, widt
     return {"low": low, "width": width, "counts": counts, "never_fired": never}
 
 
+@dataclass
+class RunProgress:
+    """How far a run got and what it was set to: what advice computed from it must account for."""
+
+    steps_done: int
+    total_steps: int
+    warmup_steps: int = 0  # the sparsity warm-up (standard SAE) or the learning-rate warm-up
+    d_in: int | None = None
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.steps_done < self.warmup_steps
+
+    @property
+    def finished(self) -> bool:
+        return self.steps_done >= self.total_steps
+
+
 def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: float,
-            l1_alpha: float | None, recommended: float | None = None) -> dict:
-    """The grade, a plain-language headline and the one change most likely to improve the run."""
+            l1_alpha: float | None, recommended: float | None = None, progress: RunProgress | None = None) -> dict:
+    """The grade, a plain-language headline and the one change most likely to improve the run.
+
+    ``l1_alpha`` is the penalty in force at the end (the steered value, or the configured one
+    once the warm-up is over). With ``progress`` the advice accounts for a run that stopped
+    short: inside its warm-up nothing about the penalty can be judged yet; after it, L0 is
+    carried to the run's last step by the L0 model before a correction is suggested.
+    """
     l0f, fvu, dead = summary["l0_fraction"], summary["fvu"], summary.get("dead")
     g = grade(l0f, dead, latent_dim)
     ev = f"{100 * (1 - fvu):.1f}% of the variance explained"
     l0_text = format_l0(summary["l0"], latent_dim)
-    suggested = suggest_l1_alpha(l1_alpha, l0f, target_l0, recommended) if l1_alpha else None
     target_k = max(1, round(target_l0 * latent_dim))
+    standard = architecture == "standard"
+
+    if progress is not None and progress.in_warmup:
+        what = "sparsity" if standard else "learning-rate"
+        return {"grade": None, "suggested_l1_alpha": None,
+                "headline": (f"Stopped inside its {what} warm-up, at step {progress.steps_done:,} of "
+                             f"{progress.warmup_steps:,}: {l0_text}, but "
+                             + ("the penalty was not yet at full strength, so " if standard else "")
+                             + "this says nothing yet about where the run would settle."),
+                "advice": "Resume it or run it longer: no setting can be judged from a run this short."}
+
+    expected, expected_note = l0f, ""
+    fix_alpha = l1_alpha
+    if standard and l1_alpha and progress is not None and progress.d_in and not progress.finished:
+        expected = l0f * l0_model.progress_ratio(l1_alpha, progress.d_in, latent_dim, progress.steps_done,
+                                                 progress.total_steps)
+        expected_note = (f" It stopped at step {progress.steps_done:,} of {progress.total_steps:,}; at this "
+                         f"l1_alpha the L0 model expects it to end near {100 * expected:.2g}%.")
+
+    def corrected() -> float | None:
+        if not (standard and fix_alpha):
+            return None
+        if progress is not None and progress.d_in:
+            return l0_model.corrected_alpha(fix_alpha, expected, target_l0, progress.d_in, latent_dim)
+        return suggest_l1_alpha(fix_alpha, expected, target_l0, recommended)
+
+    suggested = corrected()
+    off = expected / target_l0 if target_l0 else 1.0
+    off_text = (f"{off:.1f}× the target" if off > 1 else f"{1 / off:.1f}× below the target") if off > 0 else ""
 
     def sparser() -> str:
-        if architecture == "standard":
-            return f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}."
+        if standard:
+            return f"Increase l1_alpha from {fix_alpha:.3g} to about {suggested:.3g}."
         if architecture in K_ARCHITECTURES:
             return f"Lower k to about {target_k}."
-        if l0f > 1.5 * target_l0:
+        if l0f > OFF_TARGET * target_l0:
             return "L0 ended above the target it trains to: raise the L0 penalty weight (l0_coefficient) tenfold."
         return f"Lower the target L0 (now {100 * target_l0:.2g}%): JumpReLU trains to it."
 
     def denser() -> str:
-        if architecture == "standard":
-            return f"Lower l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}."
+        if standard:
+            return f"Lower l1_alpha from {fix_alpha:.3g} to about {suggested:.3g}."
         if architecture in K_ARCHITECTURES:
             return f"Raise k to about {target_k}."
         return "Raise the L0 penalty weight (l0_coefficient) tenfold: L0 ended below the target it trains to."
 
+    keep_suggestion = True
     if dead is not None and dead > DEAD_RED_FRACTION * latent_dim:
-        headline = f"More than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
-        advice = ("Lower l1_alpha" + (f" to about {clamp_l1_alpha(l1_alpha / 3):.3g}" if l1_alpha else "")
-                  + " and switch on the dead-latent remedy." if architecture == "standard"
+        headline = f"Dead latents: more than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
+        if standard and fix_alpha:
+            suggested = clamp_l1_alpha(min(suggested or fix_alpha, fix_alpha / 3))
+        advice = (f"Lower l1_alpha to about {suggested:.3g} and switch on the dead-latent remedy." if standard and fix_alpha
+                  else "Lower l1_alpha and switch on the dead-latent remedy." if standard
                   else "Lower the learning rate or raise k." if architecture in K_ARCHITECTURES
                   else "Lower the learning rate, or raise the target L0.")
-    elif l0f > RED_ABOVE:
-        headline = f"Dense: {l0_text}, {ev}. These features are unlikely to be interpretable."
+    elif expected > RED_ABOVE:
+        headline = f"Dense: {l0_text}, {ev}. These features are unlikely to be interpretable.{expected_note}"
         advice = sparser()
-    elif l0f < target_l0 / 3 and fvu > 0.3:
-        headline = f"Over-sparse: {l0_text} with only {ev}; the penalty is crushing the reconstruction."
+    elif expected < target_l0 / 3 and fvu > 0.3:
+        headline = (f"Over-sparse: {l0_text} with only {ev}; the penalty is crushing the reconstruction."
+                    f"{expected_note}")
         advice = denser()
-    elif g == "yellow":
-        headline = f"Borderline: {l0_text}, {ev}. Sparse enough to browse, denser than most useful SAEs."
+    elif off > OFF_TARGET or (0 < off < 1 / OFF_TARGET):
+        where = "is expected to end" if expected_note else "ended"
+        label = "Borderline" if grade(expected, dead, latent_dim) == "yellow" else "Sparse"
+        headline = f"{label} but off target: {l0_text}, {ev}; it {where} {off_text}.{expected_note}"
+        advice = sparser() if off > 1 else denser()
+    elif g == "yellow" or grade(expected, dead, latent_dim) == "yellow":
+        headline = f"Borderline: {l0_text}, {ev}. Sparse enough to browse, denser than most useful SAEs.{expected_note}"
         advice = sparser()
     else:
-        headline = f"Sparse: {l0_text}, {ev}."
-        if fvu > 0.2:
+        keep_suggestion = False
+        headline = f"Sparse: {l0_text}, {ev}; on target.{expected_note}"
+        if progress is not None and not progress.finished:
+            advice = "Resume it: it is on course for its target."
+        elif fvu > 0.2:
             advice = "Reconstruction is weak: train for more steps or add latents."
         elif summary.get("dense_latents", 0) > 0.01 * latent_dim:
             advice = (f"{summary['dense_latents']:,} latents fire on more than 10% of tokens: "
                       "a little more l1_alpha may split them.")
         else:
             advice = "Nothing pressing: inspect the features."
-    return {"grade": g, "headline": headline, "advice": advice, "suggested_l1_alpha": suggested}
+    return {"grade": g, "headline": headline, "advice": advice,
+            "suggested_l1_alpha": suggested if keep_suggestion else None}

@@ -149,7 +149,7 @@ PARAMS: tuple[Param, ...] = (
           core=False),
     Param("early_stop_l0", float, 0.20, "Early-stop L0 threshold (fraction)", min=0, max=1, min_exclusive=True,
           api_optional=True, core=False),
-    Param("steer_l1_alpha", bool, False, "Steer l1_alpha to hit the target L0", core=False,
+    Param("steer_l1_alpha", bool, False, "Steer l1_alpha to hit the target L0", core=False, template=True,
           help="After the sparsity warm-up, adjust l1_alpha within its valid range so L0 settles at the "
                "target. The l1_alpha you set is the starting point."),
     Param("dead_latent_remedy", str, "none", "Dead-latent remedy (standard SAE)", choices=DEAD_LATENT_REMEDIES,

@@ -13,16 +13,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .quality import format_target
+from . import l0_model
+from .quality import RED_ABOVE, format_target
 from .training_config import K_ARCHITECTURES, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, matryoshka_levels
 
 ARCH_NAMES = {"standard": "A standard SAE", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU",
               "matryoshka": "Matryoshka BatchTopK"}
-CALIBRATION = json.loads((Path(__file__).with_name("calibration.json")).read_text())
-
-# Bands around the calibrated recommendation; outside them the outcome is predictable.
-DENSE_BELOW = 1 / 5
-DEAD_ABOVE = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,22 +42,18 @@ class SourceStats:
     name: str = ""
 
 
-def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float) -> float:
-    """The l1_alpha that the calibration predicts gives ``target_l0``, inside (1e-5, 0.1].
-
-    Inverts the fit ``log L0 = a + b·log α + c·log d_in + e·log(latent_dim/d_in)``
-    measured by ``benchmarks/calibrate_l1_alpha.py`` (coefficients in calibration.json).
-    """
-    c = CALIBRATION
-    log_alpha = (math.log(target_l0) - c["a"] - c["c"] * math.log(d_in) - c["e"] * math.log(latent_dim / d_in)) / c["b"]
-    return float(min(L1_ALPHA_MAX, max(2 * L1_ALPHA_MIN_EXCLUSIVE, math.exp(log_alpha))))
+def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float, steps: int = 3000) -> float:
+    """The l1_alpha that the L0 model says ends a run of ``steps`` at ``target_l0``, inside (1e-5, 0.1]."""
+    return l0_model.alpha_for(target_l0, d_in, latent_dim, steps)
 
 
-def predicted_l0_fraction(d_in: int, latent_dim: int, l1_alpha: float) -> float:
-    """The calibration's forward prediction (useful regime only: 0.3%–30%)."""
-    c = CALIBRATION
-    log_l0 = c["a"] + c["b"] * math.log(l1_alpha) + c["c"] * math.log(d_in) + c["e"] * math.log(latent_dim / d_in)
-    return min(1.0, math.exp(log_l0))
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.2g}%" if fraction < 0.1 else f"{100 * fraction:.0f}%"
+
+
+def expected_l0_text(low: float, mid: float, high: float) -> str:
+    """"expected L0 ≈ 38% (25–50%)"."""
+    return f"expected L0 ≈ {_pct(mid)} ({_pct(low)}–{_pct(high)})"
 
 
 def memory_estimate_bytes(d_in: int, latent_dim: int, batch_size: int, architecture: str) -> int:
@@ -93,27 +85,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     target, lr, alpha, k = cfg["target_l0"], cfg["learning_rate"], cfg.get("l1_alpha"), cfg.get("k")
 
     if arch == "standard" and alpha is not None:
-        rec = recommended_l1_alpha(d_in, latent, target)
-        ratio = alpha / rec
-        if alpha == lr:
-            add(Finding("warning", "l1_alpha",
-                        f"l1_alpha equals the learning rate ({alpha:g}). Did you swap them? l1_alpha is the sparsity "
-                        "penalty, not a step size.", f"Set l1_alpha to about {rec:.2g}.", _round(rec)))
-        elif alpha < 1e-3 and lr >= 3e-3 and lr / alpha >= 10:
-            add(Finding("warning", "l1_alpha",
-                        f"l1_alpha {alpha:g} looks like a learning rate and learning_rate {lr:g} like a penalty. "
-                        "Did you swap them?", f"Set l1_alpha to about {rec:.2g} and learning_rate to about 0.001.",
-                        _round(rec)))
-        elif ratio < DENSE_BELOW:
-            add(Finding("warning", "l1_alpha",
-                        f"l1_alpha {alpha:g} is {1 / ratio:.0f}× below the calibrated {rec:.2g} for {latent:,} latents "
-                        f"on d_in {d_in} at {format_target(target, latent)}: features will likely be dense.",
-                        f"Use about {rec:.2g}.", _round(rec)))
-        elif ratio > DEAD_ABOVE:
-            add(Finding("warning", "l1_alpha",
-                        f"l1_alpha {alpha:g} is {ratio:.0f}× above the calibrated {rec:.2g} for {latent:,} latents "
-                        f"on d_in {d_in} at {format_target(target, latent)}: latents will likely die.",
-                        f"Use about {rec:.2g}.", _round(rec)))
+        _penalty_findings(add, cfg, d_in)
     if lr > 0.01:
         add(Finding("warning", "learning_rate",
                     f"A learning rate of {lr:g} is far above what SAEs train stably with; losses tend to explode.",
@@ -168,6 +140,12 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                     f"{steps:,} steps: the penalty is at full strength for too little of the run to reach sparse "
                     "features.", f"Use about {steps // 20:,}.", steps // 20))
 
+    run_tokens = steps * batch
+    window = cfg.get("dead_window_tokens")
+    if window and run_tokens < 2 * window:
+        add(Finding("info", "dead_window_tokens", f"The run sees {run_tokens:,} tokens, fewer than twice the dead-latent "
+                    f"window of {window:,}: a latent will count as dead after {max(1, run_tokens // 2):,} tokens "
+                    "without firing (half the run), so that the count is known by the end."))
     if source.n_tokens is not None:
         needed = steps * batch
         epochs = needed / source.n_tokens
@@ -192,6 +170,48 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     return findings
 
 
+def _penalty_findings(add, cfg: dict, d_in: int) -> None:
+    """What the L0 model expects of this l1_alpha, and the swap with the learning rate.
+
+    A predicted L0 whose range reaches red (above 15%) is a warning whatever else the
+    config says; so is one 5× or more below the target. Otherwise the prediction is shown
+    as information beside the field, with the value that lands on the target if it misses.
+    """
+    latent, steps, target, lr, alpha = (cfg["latent_dim"], cfg["total_steps"], cfg["target_l0"],
+                                        cfg["learning_rate"], cfg["l1_alpha"])
+    rec = recommended_l1_alpha(d_in, latent, target, steps)
+    low, mid, high = l0_model.predict_range(alpha, d_in, latent, steps)
+    expected = expected_l0_text(low, mid, high)
+    fix, value = f"Set l1_alpha to about {rec:.2g} (expected to end at the target).", _round(rec)
+    steering = bool(cfg.get("steer_l1_alpha"))
+    if alpha == lr:
+        add(Finding("warning", "l1_alpha", f"l1_alpha equals the learning rate ({alpha:g}). Did you swap them? "
+                    f"l1_alpha is the sparsity penalty, not a step size; at {alpha:g}, {expected}.", fix, value))
+    elif alpha < 1e-3 and lr >= 3e-3 and lr / alpha >= 10:
+        add(Finding("warning", "l1_alpha", f"l1_alpha {alpha:g} looks like a learning rate and learning_rate {lr:g} "
+                    f"like a penalty. Did you swap them? At this l1_alpha, {expected}.",
+                    f"Set l1_alpha to about {rec:.2g} and learning_rate to about 0.001.", value))
+    elif high > RED_ABOVE and not steering:
+        verdict = "dense" if mid > RED_ABOVE else "possibly dense"
+        add(Finding("warning", "l1_alpha", f"At l1_alpha {alpha:g} for {latent:,} latents on d_in {d_in} over "
+                    f"{steps:,} steps, {expected}: {verdict}. The {format_target(target, latent)} needs a "
+                    "stronger penalty.", fix, value))
+    elif mid < target / 5 and not steering:
+        add(Finding("warning", "l1_alpha", f"At l1_alpha {alpha:g}, {expected}, {target / mid:.0f}× below the "
+                    f"{format_target(target, latent)}: latents will likely die and the reconstruction suffer.",
+                    fix, value))
+    elif steering:
+        add(Finding("info", "l1_alpha", f"Steering is on: it moves l1_alpha after the warm-up until L0 holds the "
+                    f"{format_target(target, latent)}. Left alone, this l1_alpha would give {expected}.",
+                    None if high <= RED_ABOVE and mid >= target / 5 else fix,
+                    None if high <= RED_ABOVE and mid >= target / 5 else value))
+    else:
+        off = mid / target
+        add(Finding("info", "l1_alpha", f"{expected[0].upper()}{expected[1:]} over {steps:,} steps "
+                    f"({format_target(target, latent)}).",
+                    fix if not 1 / 1.5 <= off <= 1.5 else None, value if not 1 / 1.5 <= off <= 1.5 else None))
+
+
 def _round(value: float) -> float:
     """Two significant figures: what a person would type."""
     if value == 0:
@@ -206,6 +226,7 @@ def blocking(findings: list[Finding], *, acknowledged: bool) -> list[Finding]:
 
 MIN_SETTLE_STEPS = 2000
 MAX_SETTLE_PASSES = 5
+MIN_BATCH = 64
 
 
 def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float, architecture: str,
@@ -221,9 +242,12 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
         # A small source gets smaller batches, so those steps stay within a few passes.
         fit = 2 ** int(math.log2(max(1, source.n_tokens * MAX_SETTLE_PASSES // MIN_SETTLE_STEPS)))
         if fit < batch:
-            batch = max(64, fit)
+            batch = max(MIN_BATCH, fit)
+            passes = MIN_SETTLE_STEPS * batch / source.n_tokens
             why_batch = (f"small enough that {MIN_SETTLE_STEPS:,} steps take at most {MAX_SETTLE_PASSES} passes over "
-                         f"the source's {source.n_tokens:,} tokens")
+                         f"the source's {source.n_tokens:,} tokens" if passes <= MAX_SETTLE_PASSES else
+                         f"the smallest that still averages out noise; even so {MIN_SETTLE_STEPS:,} steps pass over "
+                         f"the source's {source.n_tokens:,} tokens {passes:.1f} times (extract more tokens to avoid it)")
         steps = max(MIN_SETTLE_STEPS, min(50_000, 3 * source.n_tokens // batch))
         why_steps = (f"three passes over the source's {source.n_tokens:,} tokens, and at least {MIN_SETTLE_STEPS:,} "
                      "steps: L0 reaches the calibrated level only then (up to 50,000 steps)")
@@ -238,10 +262,14 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
                                                   "kills latents before they find features"),
     }
     if architecture == "standard":
-        rec = recommended_l1_alpha(source.d_in, latent_dim, target_l0)
-        out["l1_alpha"] = (_round(rec), f"calibrated for {latent_dim:,} latents on d_in {source.d_in} at "
-                                        f"{format_target(target_l0, latent_dim)} "
-                                        f"({CALIBRATION.get('runs_fitted', 0)} measured runs)")
+        rec = recommended_l1_alpha(source.d_in, latent_dim, target_l0, steps)
+        fit = l0_model.CALIBRATION
+        out["l1_alpha"] = (_round(rec), f"from the L0 model for {latent_dim:,} latents on d_in {source.d_in} at "
+                                        f"{format_target(target_l0, latent_dim)} after {steps:,} steps "
+                                        f"(fitted on {fit['runs_fitted']} runs; steering corrects what it misses)")
+        out["steer_l1_alpha"] = (True, "the model is right to within about "
+                                       f"{l0_model.band():.1f}× on sources it never saw; steering closes the rest "
+                                       "once the warm-up is over")
     elif architecture in K_ARCHITECTURES:
         out["k"] = (max(1, round(target_l0 * latent_dim)), f"{ARCH_NAMES[architecture]}'s L0 is k: "
                                                            f"{format_target(target_l0, latent_dim)}")

@@ -1,13 +1,21 @@
-"""Sweep l1_alpha with our loss and fit the recommendation l1_alpha(d_in, latent_dim, target_l0).
+"""Sweep l1_alpha over the whole L0 curve and fit the model the validator predicts L0 with.
 
-Usage: python benchmarks/calibrate_l1_alpha.py [--steps 800] [--refit]
-(--refit fits again from the CSV without training.)
-Writes benchmarks/results/l1_alpha_sweep.csv (every run), app/calibration.json (the fit)
-and benchmarks/results/l1_alpha_curve.svg (L0 against l1_alpha, one line per setting).
+Usage:
+    python benchmarks/calibrate_l1_alpha.py sweep --plan fit [--shard 0/2]
+    python benchmarks/calibrate_l1_alpha.py sweep --plan heldout [--shard 1/2]
+    python benchmarks/calibrate_l1_alpha.py fit
 
-The fit is linear in logs over the runs in the regime targets live in (0.3% < L0 < 10%):
-    log L0_fraction = a + b·log l1_alpha + c·log d_in + e·log(latent_dim / d_in)
-and the recommendation inverts it for a target L0, clamped to the valid range.
+``sweep`` trains every config of a plan (one CPU thread per process; shards split a plan
+between processes) and appends one row per run to ``benchmarks/results/l1_alpha_<plan>.csv``;
+a config already in the file is skipped, so a sweep that is stopped carries on where it was.
+``fit`` fits ``app.l0_model`` on the fit plan's rows, scores it on the held-out plan's rows
+(sources, widths and lengths the fit never saw), and writes ``app/calibration.json`` (the
+coefficients, the error per source and what the fit was measured on),
+``benchmarks/results/l1_alpha_heldout.md`` and ``benchmarks/results/l1_alpha_curve.svg``.
+
+The plans cover the dense regime (l1_alpha down to 2e-5, where half the latents fire), the
+dead one (0.1), widths d_in 64 to 1,024, expansions 4× to 32× and run lengths 300 to 3,000
+steps, so the model learns how L0 climbs toward dense and that longer runs end sparser.
 """
 from __future__ import annotations
 
@@ -15,110 +23,154 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from app.charts import PALETTE, Series, line_chart  # noqa: E402
 from app.sae.files import inspect_activation_file  # noqa: E402
-from app.sae.sources import ArraySource, SyntheticSource  # noqa: E402
+from app.sae.sources import ArraySource, HierarchicalSource, SyntheticSource  # noqa: E402
 from app.sae.trainer import TrainConfig, train  # noqa: E402
 
-ALPHAS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
-EXPANSIONS = [4, 8]
-USEFUL = (0.003, 0.10)  # the regime targets are asked for; above it L0 saturates toward dense
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path("/tmp/sae-calibration-cache")
+BATCH = 256
+WIDE = [2e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1]
+NARROW = [3e-5, 3e-4, 1e-3, 3e-3, 1e-2, 0.05]
+HELD = [5e-5, 5e-4, 2e-3, 6e-3, 0.02]
+
+# (source key, expansions, l1_alphas, run lengths in steps)
+PLANS = {
+    "fit": [
+        ("syn64", [4, 8, 16, 32], WIDE, [300, 1000, 3000]),
+        ("syn128", [4, 8, 16, 32], WIDE, [400, 1500]),
+        ("syn256", [4, 8, 16], NARROW, [400, 1500]),
+        ("hierarchical", [4, 8], NARROW, [400, 1500]),
+        ("minilm3", [4, 8], NARROW, [500]),
+        ("minilm3", [4], NARROW, [1500]),
+        ("syn512", [4, 8], NARROW, [500]),
+        ("syn512", [4], NARROW, [1500]),
+        ("syn1024", [4], NARROW, [500]),
+    ],
+    # Sources, widths and lengths the fit never sees.
+    "heldout": [
+        ("syn96", [4, 16], HELD, [2000]),
+        ("syn192", [8, 16, 32], HELD + [1e-4], [1000]),
+        ("minilm5", [4, 8], HELD, [800]),
+        ("syn768", [4], HELD, [600]),
+    ],
+}
 
 
-def sources(tmp: Path):
-    yield "synthetic d_in 128, 3 active", SyntheticSource(128, 256, 3, seed=1)
-    yield "synthetic d_in 256, 5 active", SyntheticSource(256, 512, 5, seed=0)
-    yield "synthetic d_in 512, 12 active", SyntheticSource(512, 1024, 12, seed=2)
-    from minilm_acts import minilm_activations
+def source(key: str):
+    """The activation source a plan names: synthetic ones are generated, MiniLM's are extracted once and cached."""
+    synthetic = {"syn64": (64, 128, 2, 11), "syn96": (96, 192, 3, 17), "syn128": (128, 256, 3, 1),
+                 "syn192": (192, 512, 6, 19), "syn256": (256, 512, 5, 0), "syn512": (512, 1024, 12, 2),
+                 "syn768": (768, 2048, 16, 23), "syn1024": (1024, 2048, 24, 3)}
+    if key in synthetic:
+        d_in, n_features, active, seed = synthetic[key]
+        return (f"synthetic d_in {d_in}, {n_features} features, {active} active",
+                SyntheticSource(d_in, n_features, active, seed=seed))
+    if key == "hierarchical":  # the built-in hard source
+        return "hierarchical d_in 256, 2048 features, 16 active", HierarchicalSource(256, 2048, 16.0, 0)
+    layer = int(key.removeprefix("minilm"))
+    path = CACHE / f"minilm_layer{layer}.npy"
+    if not path.exists():
+        from minilm_acts import minilm_activations
 
-    acts = minilm_activations(150_000)
-    np.save(tmp / "minilm.npy", acts)
-    info = inspect_activation_file(tmp / "minilm.npy", min_rows=1024, max_bytes=2**34)
-    yield "MiniLM-L6 layer 3 residual, stdlib docstrings", ArraySource(tmp / "minilm.npy", info)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.npy")  # two shards may extract at once: the last rename wins
+        np.save(partial, minilm_activations(150_000, layer=layer))
+        os.replace(partial, path)
+    info = inspect_activation_file(path, min_rows=1024, max_bytes=2**34)
+    return f"MiniLM-L6 layer {layer} residual, stdlib docstrings", ArraySource(path, info)
 
 
-def fit(rows: list[dict]) -> dict:
-    useful = [r for r in rows if USEFUL[0] < r["l0_fraction"] < USEFUL[1]]
-    X = np.array([[1.0, math.log(r["l1_alpha"]), math.log(r["d_in"]), math.log(r["latent_dim"] / r["d_in"])]
-                  for r in useful])
-    y = np.array([math.log(r["l0_fraction"]) for r in useful])
-    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    residual = y - X @ coef
-    return {"a": coef[0], "b": coef[1], "c": coef[2], "e": coef[3], "runs_fitted": len(useful),
-            "rms_log_error": float(np.sqrt(np.mean(residual ** 2)))}
+def configs(plan: str):
+    for key, expansions, alphas, lengths in PLANS[plan]:
+        for expansion in expansions:
+            for steps in lengths:
+                for alpha in alphas:
+                    yield key, expansion, steps, alpha
+
+
+def cost(cfg) -> float:
+    key, expansion, steps, _ = cfg
+    d_in = {"hierarchical": 256}.get(key) or (384 if key.startswith("minilm") else int(key.removeprefix("syn")))
+    return d_in * d_in * expansion * steps
+
+
+def read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as fh:
+        return [{**r, "d_in": int(r["d_in"]), "latent_dim": int(r["latent_dim"]), "l1_alpha": float(r["l1_alpha"]),
+                 "steps": int(r["steps"]), "batch_size": int(r["batch_size"]), "l0_fraction": float(r["l0_fraction"]),
+                 "fvu": float(r["fvu"]), "dead_fraction": float(r["dead_fraction"])} for r in csv.DictReader(fh)]
+
+
+FIELDS = ["key", "source", "d_in", "latent_dim", "l1_alpha", "steps", "batch_size", "l0_fraction", "fvu",
+          "dead_fraction", "seconds"]
+
+
+def sweep(plan: str, shard: int, shards: int) -> None:
+    torch.set_num_threads(1)
+    path = RESULTS / f"l1_alpha_{plan}.part{shard}.csv"
+    done = {(r["key"], r["latent_dim"] // r["d_in"], r["steps"], r["l1_alpha"]) for r in read(path)}
+    todo = sorted(configs(plan), key=cost)[shard::shards]
+    sources: dict = {}
+    for key, expansion, steps, alpha in todo:
+        if (key, expansion, steps, alpha) in done:
+            continue
+        if key not in sources:
+            sources[key] = source(key)
+        name, src = sources[key]
+        cfg = TrainConfig(architecture="standard", latent_dim=src.d_in * expansion, l1_alpha=alpha, batch_size=BATCH,
+                          total_steps=steps, lr_warmup_steps=max(10, steps // 20),
+                          l1_warmup_steps=max(10, steps // 20), log_every=100, device="cpu", seed=0)
+        t = time.time()
+        result, _ = train(src, cfg)
+        row = {"key": key, "source": name, "d_in": src.d_in, "latent_dim": cfg.latent_dim, "l1_alpha": alpha,
+               "steps": steps, "batch_size": BATCH, "l0_fraction": result.eval["l0_fraction"],
+               "fvu": result.eval["fvu"], "dead_fraction": result.eval["never_fired"] / cfg.latent_dim,
+               "seconds": round(time.time() - t, 1)}
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        print(f"{key:12s} {expansion:2d}x {steps:5d} steps l1_alpha={alpha:<7g} L0={row['l0_fraction']:.4f} "
+              f"FVU={row['fvu']:.3f} ({row['seconds']:.0f}s)", flush=True)
+
+
+def rows_of(plan: str) -> list[dict]:
+    return [r for part in sorted(RESULTS.glob(f"l1_alpha_{plan}.part*.csv")) for r in read(part)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--refit", action="store_true", help="fit the saved sweep again; train nothing")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sweep")
+    s.add_argument("--plan", choices=sorted(PLANS), required=True)
+    s.add_argument("--shard", default="0/1", help="i/n: this process runs every n-th config from the i-th")
+    sub.add_parser("fit")
     args = parser.parse_args()
-    out = ROOT / "benchmarks" / "results"
-    if args.refit:
-        with (out / "l1_alpha_sweep.csv").open() as fh:
-            rows = [{**r, "d_in": int(r["d_in"]), "latent_dim": int(r["latent_dim"]), "l1_alpha": float(r["l1_alpha"]),
-                     "steps": int(r["steps"]), "batch_size": int(r["batch_size"]),
-                     "l0_fraction": float(r["l0_fraction"]), "fvu": float(r["fvu"])} for r in csv.DictReader(fh)]
-        write_outputs(rows, rows[0]["steps"], rows[0]["batch_size"], refit_only=True)
-        return
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, source in sources(Path(tmp)):
-            for expansion in EXPANSIONS:
-                for alpha in ALPHAS:
-                    cfg = TrainConfig(latent_dim=source.d_in * expansion, l1_alpha=alpha, batch_size=args.batch,
-                                      total_steps=args.steps, lr_warmup_steps=20, l1_warmup_steps=args.steps // 10,
-                                      log_every=100, device="cpu")
-                    t = time.time()
-                    result, _ = train(source, cfg)
-                    row = {"source": name, "d_in": source.d_in, "latent_dim": cfg.latent_dim, "l1_alpha": alpha,
-                           "steps": args.steps, "batch_size": args.batch,
-                           "l0_fraction": result.eval["l0_fraction"], "fvu": result.eval["fvu"]}
-                    rows.append(row)
-                    print(f"{name:48s} {expansion}x l1_alpha={alpha:<7g} L0={row['l0_fraction']:.4f} "
-                          f"FVU={row['fvu']:.3f} ({time.time() - t:.0f}s)", flush=True)
-    write_outputs(rows, args.steps, args.batch)
+    if args.command == "sweep":
+        i, n = (int(x) for x in args.shard.split("/"))
+        sweep(args.plan, i, n)
+    else:
+        from calibration_report import report
 
+        report(rows_of("fit"), rows_of("heldout"))
 
-def write_outputs(rows: list[dict], steps: int, batch: int, *, refit_only: bool = False) -> None:
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    if not refit_only:
-        with (out / "l1_alpha_sweep.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    coefficients = fit(rows)
-    coefficients["provenance"] = (f"fitted on {len(rows)} runs of {steps} steps (batch {batch}): "
-                                  + "; ".join(sorted({r['source'] for r in rows}))
-                                  + f"; expansions {EXPANSIONS}; l1_alpha {ALPHAS}")
-    (ROOT / "app" / "calibration.json").write_text(json.dumps(coefficients, indent=2) + "\n")
-    print(json.dumps(coefficients, indent=2))
-    series = []
-    for i, key in enumerate(sorted({(r["source"], r["latent_dim"]) for r in rows})):
-        pts = [(math.log10(r["l1_alpha"]), r["l0_fraction"]) for r in rows if (r["source"], r["latent_dim"]) == key]
-        short = ("MiniLM" if key[0].startswith("MiniLM") else "syn" + key[0].split("d_in ")[1].split(",")[0])
-        d_in = next(r["d_in"] for r in rows if r["source"] == key[0])
-        series.append(Series(f"{short} {key[1] // d_in}x", pts, PALETTE[i % len(PALETTE)]))
-    svg = str(line_chart("L0 fraction against l1_alpha (log-log)", series, log_y=True, width=1000, height=380,
-                         x_label="log10 l1_alpha"))
-    # Standalone, the SVG carries the few chart styles the app's stylesheet gives it.
-    style = ("<style>.grid{stroke:#eef2f7}.frame{fill:none;stroke:#d1d5db}.tick{font-size:11px;fill:#4b5563}"
-             ".chart-title{font-size:13px;font-weight:600;fill:#111827}</style>")
-    svg = svg.replace("<svg ", '<svg style="background:#fff;font-family:sans-serif" ', 1)
-    svg = svg.replace(">", ">" + style, 1)
-    (out / "l1_alpha_curve.svg").write_text(svg)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.quality import RULES, RunSpec, RuntimeMonitor, density_histogram, format_l0, grade, suggest_l1_alpha, verdict
+from app import l0_model
+from app.quality import (RULES, RunProgress, RunSpec, RuntimeMonitor, density_histogram, format_l0, grade, grade_label,
+                         suggest_l1_alpha, verdict)
 from app.sae.trainer import LogPoint
 
 
@@ -180,3 +182,60 @@ def test_verdicts_say_what_to_change():
     crushed = verdict({**base, "l0": 2, "l0_fraction": 0.002, "fvu": 0.6}, architecture="standard",
                       latent_dim=1000, target_l0=0.02, l1_alpha=0.05)
     assert crushed["headline"].startswith("Over-sparse") and "Lower l1_alpha" in crushed["advice"]
+
+
+def test_a_run_stopped_inside_its_warm_up_says_so_and_suggests_nothing():
+    """The issue's case: cancelled at step 160 of a 200-step sparsity warm-up, L0 still 40%."""
+    summary = {"l0": 410, "l0_fraction": 0.40, "fvu": 0.02, "dead": None, "dense_latents": 300}
+    v = verdict(summary, architecture="standard", latent_dim=1024, target_l0=0.02, l1_alpha=0.0024,
+                progress=RunProgress(steps_done=160, total_steps=2000, warmup_steps=200, d_in=256))
+    assert v["grade"] is None and v["suggested_l1_alpha"] is None
+    assert "inside its sparsity warm-up, at step 160 of 200" in v["headline"]
+    assert "l1_alpha" not in v["advice"] and "Dense" not in v["headline"]
+
+
+def test_a_run_stopped_short_is_judged_by_where_it_would_end():
+    """Stopped at step 300 of 20,000 at 10% L0: the model expects it to fall, so the fix is milder than 5×."""
+    summary = {"l0": 102, "l0_fraction": 0.10, "fvu": 0.03, "dead": 0, "dense_latents": 0}
+    progress = RunProgress(steps_done=300, total_steps=20_000, warmup_steps=100, d_in=256)
+    v = verdict(summary, architecture="standard", latent_dim=1024, target_l0=0.02, l1_alpha=0.003, progress=progress)
+    expected = 0.10 * l0_model.progress_ratio(0.003, 256, 1024, 300, 20_000)
+    assert expected < 0.10 and f"expects it to end near {100 * expected:.2g}%" in v["headline"]
+    naive = verdict(summary, architecture="standard", latent_dim=1024, target_l0=0.02, l1_alpha=0.003)
+    assert v["suggested_l1_alpha"] < naive["suggested_l1_alpha"]
+
+
+@pytest.mark.parametrize("l0_fraction,move", [(0.0083, "Lower"), (0.045, "Increase")])
+def test_a_finished_run_off_its_target_says_so_with_the_corrected_penalty(l0_fraction, move):
+    """The issue's case: 9 latents of a target of 20 said "Nothing pressing"; so would 46 of 20."""
+    summary = {"l0": l0_fraction * 1024, "l0_fraction": l0_fraction, "fvu": 0.05, "dead": 0, "dense_latents": 0}
+    progress = RunProgress(steps_done=2000, total_steps=2000, warmup_steps=200, d_in=256)
+    v = verdict(summary, architecture="standard", latent_dim=1024, target_l0=0.02, l1_alpha=0.0068, progress=progress)
+    assert "off target" in v["headline"] and "Nothing pressing" not in v["advice"]
+    assert v["advice"].startswith(f"{move} l1_alpha from 0.0068 to about")
+    corrected = v["suggested_l1_alpha"]
+    assert (corrected < 0.0068) if move == "Lower" else (corrected > 0.0068)
+    # the correction moves along the model's curve: from there the model expects the target
+    shifted = l0_model.predict(corrected, 256, 1024, 2000) / l0_model.predict(0.0068, 256, 1024, 2000) * l0_fraction
+    assert shifted == pytest.approx(0.02, rel=0.25)
+    for arch in ("topk", "batchtopk"):
+        k = verdict(summary, architecture=arch, latent_dim=1024, target_l0=0.02, l1_alpha=None, progress=progress)
+        assert "off target" in k["headline"] and "k to about 20" in k["advice"]
+    on = verdict({**summary, "l0": 22, "l0_fraction": 22 / 1024}, architecture="standard", latent_dim=1024,
+                 target_l0=0.02, l1_alpha=0.0068, progress=progress)
+    assert "on target" in on["headline"] and on["suggested_l1_alpha"] is None
+
+
+def test_the_badge_names_the_problem():
+    assert grade_label(0.5, 0, 1000) == "Dense"
+    assert grade_label(0.01, 700, 1000) == "Dead latents"
+    assert grade_label(0.01, 0, 1000) == "Sparse" and grade_label(0.1, 0, 1000) == "Borderline"
+
+
+def test_advice_during_the_run_accounts_for_how_far_it_got():
+    """The dense rule at step 1,000 of 50,000 suggests less than the bare ratio would."""
+    spec = RunSpec(architecture="standard", latent_dim=1024, target_l0=0.02, warmup_steps=100, d_in=256,
+                   total_steps=50_000)
+    projected, alpha = spec.l1_fix(0.003, 0.25, 1000)
+    assert projected < 0.25 and alpha < suggest_l1_alpha(0.003, 0.25, 0.02)
+    assert spec.l1_fix(0.003, 0.25, 50_000)[0] == 0.25  # at the end, what was measured is what it ends at

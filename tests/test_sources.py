@@ -97,7 +97,8 @@ def test_pt_with_pickled_code_is_refused_without_running_it(client, env, tmp_pat
 @pytest.mark.parametrize("name,payload,reason", [
     ("one_d.npy", npy_bytes(np.zeros(5000, dtype=np.float32)), "2-D"),
     ("ints.npy", npy_bytes(np.zeros((2048, 4), dtype=np.int64)), "float"),
-    ("objects.npy", npy_bytes(np.array([[{"a": 1}]] * 2048, dtype=object)), "not a plain numeric"),
+    ("objects.npy", npy_bytes(np.array([[{"a": 1}]] * 2048, dtype=object)), "holds Python objects, not numbers"),
+    ("renamed.npy", b"token,activation\n1,0.5\n2,0.25\n", "this is a text file (it begins"),
     ("short.npy", npy_bytes(good_array(rows=100)), "at least 1,024"),
     ("nan.npy", npy_bytes(np.where(np.arange(2048)[:, None] == 1500, np.nan, good_array())), "NaN or Inf (first at row 1,500)"),
     ("inf.npy", npy_bytes(np.full((2048, 4), np.inf, dtype=np.float32)), "NaN or Inf"),
@@ -111,6 +112,7 @@ def test_bad_files_are_refused_with_the_reason_and_nothing_kept(client, env, nam
     assert response.status_code == 422
     message = upload_error(response)
     assert reason in message and "Nothing was kept" in message
+    assert "pickle" not in message  # never point a user at unsafe loading
     assert stored_files(env) == []
     assert ActivationSet.select().where(ActivationSet.kind == "file").count() == 0
 

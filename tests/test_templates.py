@@ -5,7 +5,10 @@ import io
 import json
 import re
 
+import pytest
+
 from app.models import PRESET_WIDTHS, Template
+from app.validation import recommended_l1_alpha
 from conftest import QUICK_CONFIG
 
 
@@ -21,9 +24,11 @@ def test_presets_are_seeded_for_common_widths_with_provenance(client):
     for t in presets:
         assert t.provenance
         if t.config["architecture"] == "standard":
-            assert 1e-5 < t.config["l1_alpha"] <= 0.1
+            assert 1e-5 < t.config["l1_alpha"] <= 0.1 and t.config["steer_l1_alpha"] is True
+            assert t.config["l1_alpha"] == pytest.approx(recommended_l1_alpha(
+                t.d_in, t.config["latent_dim"], t.config["target_l0"], t.config["total_steps"]), rel=0.05)
     html = client.get("/templates/").get_data(as_text=True)
-    assert "d_in 768 · standard" in html and "calibration fit" in html
+    assert "d_in 768 · standard" in html and "from the L0 model for 30,000 steps" in html
 
 
 def test_create_use_export_import_round_trip(client):

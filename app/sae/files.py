@@ -36,10 +36,36 @@ class ArrayInfo:
         return asdict(self)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _not_npy(head: bytes) -> str:
+    """Why a file named .npy is not one, in terms of what it is."""
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return (f"this is a text file (it begins {first!r}), not a NumPy array: write the activations with "
+                "numpy.save(path, array), which gives a binary .npy file")
+    return ("not a .npy file: it does not begin with NumPy's header (\\x93NUMPY); write the activations with "
+            "numpy.save(path, array)")
+
+
 def _npy_info(path: Path) -> ArrayInfo:
+    with path.open("rb") as fh:
+        head = fh.read(256)
+    if not head.startswith(NPY_MAGIC):
+        raise ActivationFileError(_not_npy(head))
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
+        if "pickle" in str(exc) or "Python objects" in str(exc):  # an object array: never loaded, since unpickling runs code
+            raise ActivationFileError("the .npy file holds Python objects, not numbers; save a float array "
+                                      "(for example array.astype('float32'))") from exc
         raise ActivationFileError(f"not a plain numeric .npy array ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         raise ActivationFileError(f"not a readable .npy file ({exc})") from exc

@@ -153,6 +153,15 @@ def precision_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def dead_window(cfg) -> int:
+    """The dead-latent window the run can fill: the configured one, or half the run's tokens if it is shorter.
+
+    A run that never sees the configured window would otherwise end with its dead latents
+    "not yet known"; half the run leaves the second half to count them over.
+    """
+    return max(1, min(cfg.dead_window_tokens, cfg.total_steps * cfg.batch_size // 2))
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up from 0, constant, then linear decay to 0 over the last steps."""
     if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
@@ -223,7 +232,7 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
                     levels=matryoshka_levels(cfg.matryoshka_prefixes, cfg.latent_dim))
     optimizer = torch.optim.Adam(sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    tracker = DeadLatentTracker(cfg.latent_dim, cfg.dead_window_tokens, device)
+    tracker = DeadLatentTracker(cfg.latent_dim, dead_window(cfg), device)
     window = WindowAccumulator(device)
     base_l1_alpha = cfg.l1_alpha or 0.0
     resampled, tokens, start_step, last = 0, 0, 0, None
@@ -256,7 +265,7 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     step_context = precision_context(precision, device)
     if on_start:
         on_start({"device": str(device), "norm_scale": scale, "d_in": source.d_in, "resumed_from": start_step,
-                  "precision": precision})
+                  "precision": precision, "dead_window": dead_window(cfg)})
 
     def state(at_step: int) -> dict:
         return {

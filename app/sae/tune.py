@@ -8,6 +8,10 @@ interpolates between the nearest two on the log–log line, kept strictly inside
 (falling back to bisection). It stops when a pilot is within ``tolerance`` of the target,
 or when the next guess repeats one already tried (the edge of the valid range).
 
+Pilots are short; the run they tune is not, and L0 keeps falling while the penalty acts. So
+each pilot's L0 is projected to the full run's length (``project``: the L0 model's
+run-length term) and the search aims the projection, not the pilot's own L0, at the target.
+
 A pilot whose reconstruction has collapsed (FVU above 0.9) counts as too sparse whatever
 its L0: with the decoder-norm-weighted penalty a crushed SAE can keep latents "firing"
 through decoder rows shrunk to nothing.
@@ -28,17 +32,23 @@ COLLAPSED_FVU = 0.9
 
 
 def too_dense(pilot: Pilot, target: float) -> bool:
-    return pilot.l0_fraction > target and pilot.fvu <= COLLAPSED_FVU
+    return pilot.expected > target and pilot.fvu <= COLLAPSED_FVU
 
 
 @dataclass
 class Pilot:
     l1_alpha: float
-    l0_fraction: float
+    l0_fraction: float  # measured at the pilot's end
     fvu: float
+    projected: float | None = None  # the L0 the full run is expected to end at with this l1_alpha
+
+    @property
+    def expected(self) -> float:
+        return self.l0_fraction if self.projected is None else self.projected
 
     def to_dict(self) -> dict:
-        return {"l1_alpha": self.l1_alpha, "l0_fraction": self.l0_fraction, "fvu": self.fvu}
+        return {"l1_alpha": self.l1_alpha, "l0_fraction": self.l0_fraction, "fvu": self.fvu,
+                "projected": self.projected}
 
 
 def next_alpha(pilots: list[Pilot], target: float) -> float:
@@ -47,7 +57,7 @@ def next_alpha(pilots: list[Pilot], target: float) -> float:
     sparse = [p for p in pilots if not too_dense(p, target)]  # penalty too strong
     last = pilots[-1]
     if not dense or not sparse:
-        ratio = max(last.l0_fraction, 1e-6) / target
+        ratio = max(last.expected, 1e-6) / target
         if last.fvu > COLLAPSED_FVU:
             ratio = min(ratio, 0.1)  # collapsed: back off tenfold
         factor = min(10.0, max(0.1, ratio ** (1 / ELASTICITY)))
@@ -55,7 +65,7 @@ def next_alpha(pilots: list[Pilot], target: float) -> float:
     lo = max(dense, key=lambda p: p.l1_alpha)  # strongest penalty still too dense
     hi = min(sparse, key=lambda p: p.l1_alpha)  # weakest penalty already too sparse
     a_lo, a_hi = math.log(lo.l1_alpha), math.log(hi.l1_alpha)
-    y_lo, y_hi = math.log(max(lo.l0_fraction, 1e-6)), math.log(max(hi.l0_fraction, 1e-6))
+    y_lo, y_hi = math.log(max(lo.expected, 1e-6)), math.log(max(hi.expected, 1e-6))
     guess = (a_lo + a_hi) / 2
     if y_lo != y_hi:
         guess = a_lo + (math.log(target) - y_lo) * (a_hi - a_lo) / (y_hi - y_lo)
@@ -68,9 +78,13 @@ def next_alpha(pilots: list[Pilot], target: float) -> float:
 def tune_l1_alpha(source: ActivationSource, *, latent_dim: int, target: float, start: float,
                   learning_rate: float = 1e-3, batch_size: int = 256, pilot_steps: int = 400,
                   max_pilots: int = 8, tolerance: float = 0.2, seed: int = 0, device: str = "auto",
+                  project: Callable[[float, float], float] | None = None,
                   on_pilot: Callable[[Pilot, int], None] | None = None,
                   should_stop: Callable[[], str | None] | None = None) -> tuple[Pilot | None, list[Pilot], str]:
-    """Run pilots until one lands within ``tolerance`` of ``target``.
+    """Run pilots until one is expected to land within ``tolerance`` of ``target``.
+
+    ``project(l1_alpha, pilot_l0)`` gives the L0 the full run would end at; without it the
+    pilots are taken at their word.
 
     Returns ``(best pilot, all pilots, outcome)`` where outcome is "found", "exhausted"
     (``max_pilots`` run without landing; the best is the closest), "edge" (the search
@@ -87,11 +101,12 @@ def tune_l1_alpha(source: ActivationSource, *, latent_dim: int, target: float, s
         result, _ = train(source, cfg, should_stop=should_stop)
         if result.status == "stopped":
             return _closest(pilots, target), pilots, result.reason or "stopped"
-        pilot = Pilot(alpha, result.eval["l0_fraction"], result.eval["fvu"])
+        measured = result.eval["l0_fraction"]
+        pilot = Pilot(alpha, measured, result.eval["fvu"], project(alpha, measured) if project else None)
         pilots.append(pilot)
         if on_pilot:
             on_pilot(pilot, i)
-        if abs(pilot.l0_fraction / target - 1) <= tolerance and pilot.fvu <= COLLAPSED_FVU:
+        if abs(pilot.expected / target - 1) <= tolerance and pilot.fvu <= COLLAPSED_FVU:
             return pilot, pilots, "found"
         alpha = next_alpha(pilots, target)
         if any(abs(math.log(alpha / p.l1_alpha)) < 0.01 for p in pilots):
@@ -104,4 +119,4 @@ def _closest(pilots: list[Pilot], target: float) -> Pilot | None:
     usable = [p for p in pilots if p.fvu <= COLLAPSED_FVU] or pilots
     if not usable:
         return None
-    return min(usable, key=lambda p: abs(math.log(max(p.l0_fraction, 1e-9) / target)))
+    return min(usable, key=lambda p: abs(math.log(max(p.expected, 1e-9) / target)))

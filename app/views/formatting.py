@@ -5,7 +5,7 @@ import datetime as dt
 import math
 
 from ..models import utcnow
-from ..quality import GRADE_LABELS, format_l0, format_target, grade
+from ..quality import GRADE_LABELS, format_l0, format_target, grade, grade_label
 
 
 def fmt_num(value, digits: int = 3) -> str:
@@ -51,7 +51,7 @@ def progress_view(run, latest) -> dict:
     g = grade(l0_fraction, dead, run.latent_dim)
     return {
         "percent": 100.0 * step / run.total_steps if run.total_steps else 0.0,
-        "elapsed": elapsed, "eta": eta, "grade": g, "grade_label": GRADE_LABELS[g],
+        "elapsed": elapsed, "eta": eta, "grade": g, "grade_label": grade_label(l0_fraction, dead, run.latent_dim),
         "l0_text": format_l0(l0, run.latent_dim) if l0 is not None else "L0 not measured yet",
         "target_text": format_target(run.target_l0, run.latent_dim),
         "l0": l0, "l0_fraction": l0_fraction, "fvu": fvu, "dead": dead, "measured_on": measured_on,

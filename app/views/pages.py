@@ -54,6 +54,7 @@ def new_training():
             form = TrainingForm(data=data)
     if id_arg("source_id") is not None:
         form.source_id.data = id_arg("source_id")  # "Train an SAE on it" after an extraction
+    form.first_render()
     return render_training_form(form, source_run=source_run, template=template)
 
 
@@ -75,7 +76,7 @@ def form_hints():
     """Live help and the validator's findings beside the form's fields (htmx, on every change)."""
     form = TrainingForm()
     form.validate_fields()
-    form.attach_findings(form.preflight())
+    form.attach_findings(form.preflight(), with_errors=True)
     return render_template("_partials/form_hints.html", form=form, oob=True)
 
 
@@ -242,23 +243,26 @@ def compare():
     keys = [k for k in configs[0] if k != "name"]
     rows = [(k, [c[k] for c in configs], len({repr(c[k]) for c in configs}) > 1) for k in keys]
     series = {r.id: chart_series(r) for r in runs}
-    l0 = charts.overlay_chart("L0 fraction", [(labels[r.id], series[r.id].points("l0_fraction")) for r in runs],
-                              y_percent=True)
+    l0_points = [y for r in runs for _, y in series[r.id].points("l0_fraction") if y and y > 0]
+    l0 = charts.overlay_chart("L0 fraction, log scale", [(labels[r.id], series[r.id].points("l0_fraction"))
+                                                         for r in runs],
+                              y_percent=True, log_y=True, bands=charts.GRADE_BANDS, y_max=1.0,
+                              y_min=min(l0_points + [min(r.target_l0 for r in runs)]) / 2)
     fvu = charts.overlay_chart("FVU (unexplained variance)", [(labels[r.id], series[r.id].points("fvu"))
                                                               for r in runs])
+    colors = {r.id: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(runs)}
     finished = Training.select().where(Training.summary.is_null(False))
     frontier = charts.scatter_chart("All finished runs: sparsity vs reconstruction", [
-        (t.summary.get("l0_fraction"), t.summary.get("fvu"), f"#{t.id}", t.id in labels) for t in finished])
+        (t.summary.get("l0_fraction"), t.summary.get("fvu"), f"#{t.id}", colors.get(t.id)) for t in finished])
     def downstream_score(t):
         return ((t.summary or {}).get("downstream") or {}).get("score")
 
     scored = [t for t in finished if downstream_score(t) is not None]
     model_frontier = charts.scatter_chart(
         "Runs evaluated on their model: sparsity vs what survives the splice",
-        [(t.summary.get("l0_fraction"), downstream_score(t), f"#{t.id}", t.id in labels) for t in scored],
+        [(t.summary.get("l0_fraction"), downstream_score(t), f"#{t.id}", colors.get(t.id)) for t in scored],
         y_label="downstream score") if scored else None
     summaries = [(r, progress_view(r, r.latest_metric())) for r in runs]
-    colors = {r.id: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(runs)}
     return render_template("compare.html", runs=runs, rows=rows, l0_chart=l0, fvu_chart=fvu,
                            frontier=frontier, model_frontier=model_frontier,
                            has_downstream=any((r.summary or {}).get("downstream") for r in runs),

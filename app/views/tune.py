@@ -20,9 +20,12 @@ bp = Blueprint("tune", __name__, url_prefix="/tunes")
 
 def tune_context(tune: TuneJob) -> dict:
     pts = [(math.log10(p["l1_alpha"]), p["l0_fraction"]) for p in tune.pilots or []]
+    projected = [(math.log10(p["l1_alpha"]), p["projected"]) for p in tune.pilots or [] if p.get("projected")]
     chart = charts.line_chart(
         "Pilots: L0 fraction against l1_alpha", [
-            charts.Series("pilots", sorted(pts), "#2563eb"),
+            charts.Series("pilot's own L0", sorted(pts), "#2563eb"),
+            *([charts.Series(f"expected after {tune.run_steps:,} steps", sorted(projected), "#16a34a")]
+              if projected and tune.run_steps else []),
             charts.Series("target", [(min(x for x, _ in pts) - 0.1, tune.target_l0),
                                      (max(x for x, _ in pts) + 0.1, tune.target_l0)], "#555", dashed=True),
         ], log_y=True, x_label="log10 l1_alpha", width=420, height=200) if pts else None
@@ -50,7 +53,8 @@ def start():
         return render_template("_partials/tune.html", tune=None, problems=problems), 422
     try:
         tune = create_tune(current_app.config, created_by=g.user.id, source_id=form.source_id.data, latent_dim=form.latent_dim.data,
-                           target_l0=form.target_l0.data, seed=form.seed.data or 0)
+                           target_l0=form.target_l0.data, seed=form.seed.data or 0,
+                           run_steps=form.total_steps.data if not form.total_steps.errors else None)
     except QueueUnavailable as exc:
         return render_template("_partials/tune.html", tune=None,
                                problems={"queue": [f"Not started: {exc}."]}), 503

@@ -228,8 +228,8 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
             _rewind(run, 0, 0)  # a run started again from nothing keeps no earlier points
             _preflight(run, source, settings, writer)
         cfg = train_config(run, settings["SAE_DEVICE"])
-        monitor = RuntimeMonitor(RunSpec.of_run(run, recommended_l1_alpha(source.d_in, run.latent_dim,
-                                                                          run.target_l0)))
+        monitor = RuntimeMonitor(RunSpec.of_run(
+            run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps), d_in=source.d_in))
         controller = None
         if run.steer_l1_alpha and run.architecture == "standard":
             from ..sae.control import L0Controller
@@ -247,8 +247,12 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
                 writer.event("info", "resumed", f"Resumed on {info['device']} from the checkpoint at step "
                                                 f"{info['resumed_from']:,}.", step=info["resumed_from"])
             else:
+                window = ("" if info["dead_window"] >= run.dead_window_tokens else
+                          f" The run sees fewer than twice the dead-latent window's {run.dead_window_tokens:,} tokens: "
+                          f"a latent counts as dead after {info['dead_window']:,} tokens without firing (half the run).")
                 writer.event("info", "started", f"Training on {info['device']} in {info['precision']}; activations scaled by "
-                                                f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']}).")
+                                                f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']})."
+                                                + window)
 
         def on_log(point) -> str | None:
             writer.add(point)
@@ -276,7 +280,7 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
             writer.event("warning", "interrupted", reason, step=result.steps)
             return "interrupted"
         checkpoint = _save_sae(sae, run, result, settings["DATA_DIR"])
-        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha)
+        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, source.d_in)
         done["summary"] = summary
         if result.status == "completed":
             lifecycle.finish(run, "completed", **done)
@@ -349,9 +353,9 @@ def _record_failure(run: Training, exc: Exception, writer: MetricWriter, setting
     traceback.print_exc()
 
 
-def _summary(result, run: Training, checkpoint: str, recommended: float | None) -> dict:
+def _summary(result, run: Training, checkpoint: str, recommended: float | None, d_in: int) -> dict:
     """The held-out evaluation, its density histogram and the verdict, as stored on the row."""
-    from ..quality import density_histogram, verdict
+    from ..quality import RunProgress, density_histogram, verdict
 
     summary = {k: v for k, v in result.eval.items() if k != "frequencies"}
     summary["density_histogram"] = density_histogram(result.eval["frequencies"])
@@ -359,7 +363,10 @@ def _summary(result, run: Training, checkpoint: str, recommended: float | None) 
     summary["final_l1_alpha"] = result.last.l1_alpha if result.last else run.l1_alpha
     summary["verdict"] = verdict(summary, architecture=run.architecture, latent_dim=run.latent_dim,
                                  target_l0=run.target_l0, l1_alpha=summary["final_l1_alpha"] or None,
-                                 recommended=recommended)
+                                 recommended=recommended, progress=RunProgress(
+                                     steps_done=result.steps, total_steps=run.total_steps, d_in=d_in,
+                                     warmup_steps=run.l1_warmup_steps if run.architecture == "standard"
+                                     else run.lr_warmup_steps))
     return summary
 
 
