@@ -144,7 +144,7 @@ def test_guardrails_in_the_form_as_the_user_types(live_server, page):
     # The original incident: the learning rate typed into l1_alpha as well.
     page.fill("#learning_rate", "0.0003")
     page.fill("#l1_alpha", "0.0003")
-    warning = page.locator('.finding[data-finding="l1_alpha"]')
+    warning = page.locator('.finding-warning[data-finding="l1_alpha"]')
     warning.wait_for()
     assert "swap" in warning.inner_text()
 
@@ -156,12 +156,75 @@ def test_guardrails_in_the_form_as_the_user_types(live_server, page):
     page.locator('[data-reason="l1_alpha"]').wait_for()
     assert page.input_value("#learning_rate") == "0.001"
     assert float(page.input_value("#l1_alpha")) > 0.0003
-    assert page.locator('.finding[data-finding="l1_alpha"]').count() == 0
+    assert page.locator('.finding-warning[data-finding="l1_alpha"]').count() == 0
+    assert page.is_checked("#steer_l1_alpha")  # the recommendation steers to the target
+    assert "Steering is on" in page.inner_text('#findings-l1_alpha')
 
     page.select_option("#template", label="d_in 768 · TopK k=32 · 6,144 latents")
     page.wait_for_url(re.compile(r"template=\d+"))
     assert page.input_value("#latent_dim") == "6144" and page.input_value("#k") == "32"
     assert "Filled from the template" in page.inner_text("#template-note")
+
+
+def test_hints_are_the_submit_s_findings_from_the_first_render(live_server, page):
+    # Opened as "Train an SAE on it" opens it: the expected L0 is beside l1_alpha before anything is typed.
+    page.goto(live_server + "/trainings/new?source_id=1")
+    assert re.search(r"Expected L0 ≈ [\d.]+%", page.inner_text("#findings-l1_alpha"))
+    # an empty required field is a hint, worded as the submit words it
+    page.fill("#l1_alpha", "")
+    hint = page.locator("#findings-l1_alpha .finding-error")
+    hint.wait_for()
+    live = hint.inner_text()
+    page.click("#start")
+    error = page.locator('.error[data-field="l1_alpha"]')
+    error.wait_for()
+    assert error.inner_text() in live and "required" in live
+    # out of range: an error as typed and on submit; never a warning about what the value would do
+    page.fill("#l1_alpha", "0.5")
+    page.wait_for_selector("#findings-l1_alpha .finding-error:has-text('at most 0.1')")
+    assert page.locator("#findings-l1_alpha .finding-warning").count() == 0
+    page.click("#start")
+    page.wait_for_selector(".error[data-field='l1_alpha']:has-text('at most 0.1')")
+
+
+def start_run(page, base: str, fields: dict) -> str:
+    """Fill the form, start (anyway, if it warns), and return the run page's address."""
+    page.goto(base + "/trainings/new")
+    for selector, value in fields.items():
+        page.fill(selector, value)
+    page.click("#start")
+    if page.locator("#acknowledge_warnings").count() and not page.url.rstrip("/").split("/")[-1].isdigit():
+        page.check("#acknowledge_warnings")
+        page.click("#start")
+    page.wait_for_url(re.compile(r"/trainings/\d+$"))
+    return page.url
+
+
+def test_run_page_and_comparison_read_at_a_glance(live_server, worker_process, page):
+    urls = [start_run(page, live_server, {"#latent_dim": "256", "#batch_size": "128", "#total_steps": "300",
+                                          "#lr_warmup_steps": "10", "#l1_warmup_steps": "20", "#l1_alpha": alpha})
+            for alpha in ("0.02", "0.0001")]
+    for url in urls:
+        page.goto(url)
+        assert wait_until_ended(page, "#progress", seconds=120) == "completed", page.inner_text("#progress")
+    # the dense run: the badge says which problem; the chart shows final L0 and target apart, on a log axis
+    badge = page.inner_text("#grade")
+    assert badge in ("Dense", "Dead latents", "Borderline", "Sparse") and badge != "Dense or dead"
+    chart = page.locator("#progress svg.chart").first
+    title = chart.get_attribute("aria-label")
+    assert "log scale" in title
+    legend = chart.text_content()
+    assert re.search(r"L0 \(now [\d.]+%\)", legend) and "target 2%" in legend
+    assert "sparse < 5%" in legend and "dense > 15%" in legend
+    ids = [u.rsplit("/", 1)[1] for u in urls]
+    page.goto(live_server + f"/compare?ids={ids[0]}&ids={ids[1]}")
+    grade_colours = {"#16a34a", "#ca8a04", "#dc2626"}
+    swatches = [page.get_attribute(f'[data-run-colour="{i}"]', "style") for i in ids]
+    colours = [re.search(r"#[0-9a-f]{6}", s).group(0) for s in swatches]
+    assert len(set(colours)) == 2 and not set(colours) & grade_colours
+    frontier = page.inner_text(".frontier")
+    assert "sparse < 5%" in frontier and "dense > 15%" in frontier
+    assert page.locator("table.compare-config .badge").count() == 2  # the grades, apart from the colours
 
 
 def test_extract_real_activations_then_train_to_a_green_grade(live_server, worker_process, page, tmp_path):
