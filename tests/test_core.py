@@ -11,7 +11,7 @@ from app.sae.metrics import DeadLatentTracker, evaluate, fvu, l0_per_token
 from app.sae.models import StandardSAE, TopKSAE, build_sae
 from app.sae.sources import ActivationSource, ArraySource, SyntheticSource, normalization_scale
 from app.sae.files import inspect_activation_file
-from app.sae.trainer import NonFiniteLoss, TrainConfig, l1_alpha_at, lr_factor, train
+from app.sae.trainer import NonFiniteLoss, TrainConfig, dead_window, l1_alpha_at, lr_factor, train
 
 # The review's two outcome tests, at a size that trains in well under a minute on 2 cores.
 OUTCOME_SOURCE = dict(d_in=256, n_features=512, mean_active=5, seed=0)
@@ -125,6 +125,20 @@ def test_synthetic_source_has_the_requested_density():
     assert x.shape == (4096, 32)
     assert x.pow(2).sum(1).mean().item() == pytest.approx(8, rel=0.15)
     assert torch.equal(src.eval_rows(16, device=torch.device("cpu")), src.eval_rows(16, device=torch.device("cpu")))
+
+
+def test_a_run_shorter_than_the_dead_latent_window_still_counts_its_dead_latents():
+    """45 steps of 64 tokens never see a window of 200,000: the count is made over half the run instead."""
+    src = SyntheticSource(d_in=16, n_features=32, mean_active=3)
+    cfg = TrainConfig(latent_dim=64, l1_alpha=0.01, batch_size=64, total_steps=45, lr_warmup_steps=5,
+                      l1_warmup_steps=5, log_every=10, dead_window_tokens=200_000, device="cpu")
+    assert dead_window(cfg) == 45 * 64 // 2
+    points, starts = [], []
+    train(src, cfg, on_log=points.append, on_start=starts.append)
+    assert starts[0]["dead_window"] == 1440
+    assert points[0].dead is None and points[-1].dead is not None
+    long = TrainConfig(**{**vars(cfg), "total_steps": 10_000})
+    assert dead_window(long) == 200_000  # a run that fills the window keeps it
 
 
 def test_trainer_logs_stops_and_is_seeded():

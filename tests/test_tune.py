@@ -49,6 +49,20 @@ def test_auto_tune_reaches_the_band_through_the_worker(client, run_worker):
     assert html.count("<tr>") == len(tune.pilots) + 1  # every pilot is listed
 
 
+def test_auto_tune_aims_the_run_not_its_pilots(client, run_worker):
+    """For a 3,000-step run the pilots (400 steps) must end denser than the target: the run keeps falling."""
+    client.post("/tunes/", data=form(target_l0=0.02, total_steps=3000, lr_warmup_steps=100, l1_warmup_steps=150))
+    done = run_worker()
+    assert done.returncode == 0, done.stderr[-2000:]
+    tune = TuneJob.get()
+    assert tune.status == "completed" and tune.run_steps == 3000, tune.reason
+    last = tune.pilots[-1]
+    assert last["projected"] < last["l0_fraction"]
+    assert abs(last["projected"] / 0.02 - 1) <= 0.2 and tune.result_l1_alpha == last["l1_alpha"]
+    html = client.get(f"/tunes/{tune.id}").get_data(as_text=True)
+    assert "Expected after 3,000 steps" in html and "projected to a run of 3,000 steps" in html
+
+
 def test_auto_tune_refuses_topk_and_bad_fields(client):
     response = client.post("/tunes/", data=form(architecture="topk", k=8))
     assert response.status_code == 422 and "only a standard SAE" in response.get_data(as_text=True)
