@@ -182,13 +182,13 @@ def _migration_13_downstream(db) -> None:
 
 
 def _migration_14_l0_model(db) -> None:
-    """The L0 model replaces the old calibration: an auto-tune knows the length of the run it tunes
-    for, and the built-in standard presets take the model's l1_alpha with steering on."""
+    """The L0 model replaces the old calibration: an auto-tune knows the run it tunes for, and the built-in standard presets take the model's l1_alpha with steering on."""
     from peewee import IntegerField
 
     from .models import Template, refresh_standard_preset
 
     add_column_if_missing(db, "tune_job", "run_steps", IntegerField(null=True))
+    add_column_if_missing(db, "tune_job", "run_batch", IntegerField(null=True))
     for preset in Template.select().where(Template.builtin == True):  # noqa: E712
         if preset.config.get("architecture") == "standard":
             refresh_standard_preset(preset)

@@ -16,7 +16,7 @@ from .extraction.capture_names import BUNDLED_MINILM, SITES
 from . import training_config
 from .models import ActivationSet
 from .training_config import L1_ALPHA_ALIASES, PARAMS, Param
-from .validation import Finding, SourceStats, blocking, validate_config
+from .validation import Finding, blocking, validate_config
 
 
 class Range(NumberRange):
@@ -106,7 +106,7 @@ class TrainingForm(FlaskForm):
         cfg = {name: None if getattr(self, name).errors else getattr(self, name).data for name in training_config.NAMES}
         memory = device_memory(current_app.config.get("SAE_DEVICE", "auto"))
         try:
-            return validate_config(cfg, SourceStats(source.d_in, source.n_tokens, source.name),
+            return validate_config(cfg, source.stats(),
                                    free_memory_bytes=memory.free_bytes, device=memory.device)
         except (TypeError, ValueError, ZeroDivisionError):
             return []  # a field out of range; its own error says why

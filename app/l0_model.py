@@ -4,14 +4,20 @@ The model, fitted by ``benchmarks/calibrate_l1_alpha.py`` on a sweep that covers
 whole curve (dense regime included) and scored on sources it never saw::
 
     L0_fraction = m · σ(z)
-    z = a + b·ln l1_alpha + c·ln d_in + e·ln(latent_dim / d_in) + g·ln total_steps
+    z = a + b·ln l1_alpha + c·ln d_in + e·ln(latent_dim / d_in) + g·ln total_steps + k·ln batch_size
     m = exp(m0 + h·ln(latent_dim / d_in))
 
 σ is the logistic function. With a weak penalty z is large and L0 saturates at the ceiling
 m (about half the latents: a ReLU encoder with no penalty fires on half its inputs); with
 a strong one L0 ≈ m·e^z falls as a power of l1_alpha, and further the longer the run
-(g < 0: L0 keeps falling while the penalty acts). The coefficients and the held-out error
+(g < 0: L0 keeps falling while the penalty acts) and the larger its batches (k < 0). The coefficients and the held-out error
 per source are in ``app/calibration.json``; the error sets the range around a prediction.
+
+A source's own runs refine it: each completed run (and each auto-tune pilot) on a source
+says how far that source lies from the model's curve, as a shift of z; the mean shift,
+shrunk toward 0 while there are few runs (``source_offset``), is added to z for every later
+prediction on the source. The hierarchical built-in source, for one, ends about 1.7× denser
+than the model's average source at the same l1_alpha.
 
 Pure Python: the validator, the recommendations, the verdict and auto-tune all read it.
 """
@@ -28,21 +34,22 @@ COEF = CALIBRATION["model"]
 ALPHA_LOW = 2 * L1_ALPHA_MIN_EXCLUSIVE  # the smallest l1_alpha a recommendation gives
 
 
-def fitted_steps(steps: int) -> int:
-    """``steps`` brought inside the run lengths the sweep measured.
+def _inside(value: int, key: str) -> int:
+    """``value`` brought inside the range of run lengths (or batch sizes) the sweep measured.
 
     Past the longest measured run the model does not extrapolate the fall of L0 (it would
     keep falling as a power of the length forever): it takes L0 as settled there, and
-    steering, on in the recommendations, corrects what is left.
+    steering, on in the recommendations, corrects what is left. Likewise for the batch.
     """
-    low, high = CALIBRATION.get("steps_range", (1, 10**9))
-    return int(min(max(steps, low), high))
+    low, high = CALIBRATION[key]
+    return int(min(max(value, low), high))
 
 
-def _z(l1_alpha: float, d_in: int, latent_dim: int, steps: int) -> float:
+def _z(l1_alpha: float, d_in: int, latent_dim: int, steps: int, batch: int) -> float:
     c = COEF
     return (c["a"] + c["b"] * math.log(l1_alpha) + c["c"] * math.log(d_in)
-            + c["e"] * math.log(latent_dim / d_in) + c["g"] * math.log(fitted_steps(steps)))
+            + c["e"] * math.log(latent_dim / d_in) + c["g"] * math.log(_inside(steps, "steps_range"))
+            + c["k"] * math.log(_inside(batch, "batch_range")))
 
 
 def ceiling(d_in: int, latent_dim: int) -> float:
@@ -50,9 +57,9 @@ def ceiling(d_in: int, latent_dim: int) -> float:
     return min(1.0, math.exp(COEF["m0"] + COEF["h"] * math.log(latent_dim / d_in)))
 
 
-def predict(l1_alpha: float, d_in: int, latent_dim: int, steps: int) -> float:
-    """The L0 fraction a run ends at."""
-    z = _z(l1_alpha, d_in, latent_dim, steps)
+def predict(l1_alpha: float, d_in: int, latent_dim: int, steps: int, batch: int, offset: float = 0.0) -> float:
+    """The L0 fraction a run of ``steps`` steps of ``batch`` tokens ends at (``offset``: the source's shift)."""
+    z = _z(l1_alpha, d_in, latent_dim, steps, batch) + offset
     return ceiling(d_in, latent_dim) / (1 + math.exp(-z)) if z > -700 else 0.0
 
 
@@ -61,28 +68,23 @@ def band() -> float:
     return math.exp(CALIBRATION["band_log"])
 
 
-def predict_range(l1_alpha: float, d_in: int, latent_dim: int, steps: int) -> tuple[float, float, float]:
+def predict_range(l1_alpha: float, d_in: int, latent_dim: int, steps: int, batch: int,
+                  offset: float = 0.0) -> tuple[float, float, float]:
     """(low, expected, high) L0 fractions; the high end never above the ceiling."""
-    mid = predict(l1_alpha, d_in, latent_dim, steps)
+    mid = predict(l1_alpha, d_in, latent_dim, steps, batch, offset)
     return mid / band(), mid, min(ceiling(d_in, latent_dim), mid * band())
 
 
-def elasticity(l1_alpha: float, d_in: int, latent_dim: int, steps: int) -> float:
-    """d ln L0 / d ln l1_alpha at this point (negative; near 0 in the saturated dense regime)."""
-    z = _z(l1_alpha, d_in, latent_dim, steps)
-    return COEF["b"] * (1 - 1 / (1 + math.exp(-z)))
-
-
-def alpha_for(target: float, d_in: int, latent_dim: int, steps: int) -> float:
-    """The l1_alpha the model says ends a run of ``steps`` at ``target``, inside the valid range."""
+def alpha_for(target: float, d_in: int, latent_dim: int, steps: int, batch: int, offset: float = 0.0) -> float:
+    """The l1_alpha the model says ends a run of ``steps`` × ``batch`` at ``target``, inside the valid range."""
     lo, hi = math.log(ALPHA_LOW), math.log(L1_ALPHA_MAX)
-    if predict(math.exp(hi), d_in, latent_dim, steps) >= target:
+    if predict(math.exp(hi), d_in, latent_dim, steps, batch, offset) >= target:
         return L1_ALPHA_MAX
-    if predict(math.exp(lo), d_in, latent_dim, steps) <= target:
+    if predict(math.exp(lo), d_in, latent_dim, steps, batch, offset) <= target:
         return ALPHA_LOW
     for _ in range(60):  # L0 falls monotonically with l1_alpha: bisect in log space
         mid = (lo + hi) / 2
-        if predict(math.exp(mid), d_in, latent_dim, steps) > target:
+        if predict(math.exp(mid), d_in, latent_dim, steps, batch, offset) > target:
             lo = mid
         else:
             hi = mid
@@ -107,12 +109,34 @@ def corrected_alpha(l1_alpha: float, observed: float, target: float, d_in: int, 
     return min(L1_ALPHA_MAX, max(ALPHA_LOW, l1_alpha * math.exp(factor)))
 
 
-def progress_ratio(l1_alpha: float, d_in: int, latent_dim: int, steps_done: int, steps_total: int) -> float:
-    """How much lower (≤ 1) L0 ends after ``steps_total`` than after ``steps_done`` at the same l1_alpha.
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
-    The model's run-length term applied to a run (or a pilot) that stopped short.
+
+def run_shift(l1_alpha: float, d_in: int, latent_dim: int, steps: int, batch: int, measured: float) -> float | None:
+    """How far one measured run lies from the model's curve, in z (None for a run that says nothing)."""
+    if not 1e-4 < measured < 1 or not 0 < l1_alpha:
+        return None
+    top = ceiling(d_in, latent_dim)
+    return _logit(min(measured / top, 0.99)) - _logit(min(predict(l1_alpha, d_in, latent_dim, steps, batch) / top,
+                                                           0.99))
+
+
+MAX_SHIFT = 3.0  # about 20× in the sparse regime: beyond it a run is broken, not informative
+
+
+def source_offset(shifts: list[float]) -> float:
+    """The shift to apply on a source, from its runs' shifts: their mean, shrunk toward 0 as one
+    run at the model's curve would (so a single odd run moves predictions only halfway)."""
+    kept = [max(-MAX_SHIFT, min(MAX_SHIFT, s)) for s in shifts]
+    return sum(kept) / (len(kept) + 1) if kept else 0.0
+
+
+def progress_ratio(l1_alpha: float, d_in: int, latent_dim: int, done: tuple[int, int],
+                   whole: tuple[int, int]) -> float:
+    """How L0 after the run ``whole`` compares with L0 after ``done`` (each (steps, batch)), same l1_alpha.
+
+    The model's run-length and batch terms applied to a run that stopped short (same batch)
+    or to a pilot (shorter, smaller batches) standing in for the real run.
     """
-    if fitted_steps(steps_done) >= fitted_steps(steps_total):
-        return 1.0
-    return (predict(l1_alpha, d_in, latent_dim, steps_total)
-            / max(predict(l1_alpha, d_in, latent_dim, steps_done), 1e-12))
+    return predict(l1_alpha, d_in, latent_dim, *whole) / max(predict(l1_alpha, d_in, latent_dim, *done), 1e-12)

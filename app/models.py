@@ -126,6 +126,36 @@ class ActivationSet(Owned):
         tokens = "unbounded stream" if self.n_tokens is None else f"{self.n_tokens:,} tokens"
         return f"{self.name} (d_in {self.d_in}, {tokens})"
 
+    def stats(self):
+        """What the validator knows of this source, with the L0 model's shift learned from its runs.
+
+        Every completed standard run on it (at its final l1_alpha) and every auto-tune pilot
+        says how far this source lies from the model's curve; the last 50 runs and 20 tunes count.
+        """
+        from . import l0_model
+        from .validation import SourceStats
+
+        shifts = []
+        runs = (Training.select().where((Training.source == self.id) & (Training.architecture == "standard")
+                                        & (Training.status == "completed") & Training.summary.is_null(False))
+                .order_by(Training.id.desc()).limit(50))
+        for run in runs:
+            summary = run.summary or {}
+            alpha = summary.get("final_l1_alpha") or run.l1_alpha
+            if alpha and summary.get("fvu", 1.0) <= 0.9 and summary.get("l0_fraction") is not None:
+                shifts.append(l0_model.run_shift(alpha, self.d_in, run.latent_dim, run.total_steps, run.batch_size,
+                                                 summary["l0_fraction"]))
+        tunes = (TuneJob.select().where((TuneJob.source == self.id) & (TuneJob.status == "completed"))
+                 .order_by(TuneJob.id.desc()).limit(20))
+        for tune in tunes:
+            for pilot in tune.pilots or []:
+                if pilot.get("fvu", 1.0) <= 0.9:
+                    shifts.append(l0_model.run_shift(pilot["l1_alpha"], self.d_in, tune.latent_dim, tune.pilot_steps,
+                                                     tune.batch_size, pilot["l0_fraction"]))
+        shifts = [s for s in shifts if s is not None]
+        return SourceStats(self.d_in, self.n_tokens, self.name, l0_offset=l0_model.source_offset(shifts),
+                           runs_seen=len(shifts))
+
 
 class Training(JobRecord):
     """One SAE training run: its configuration, its state and its outcome."""
@@ -235,7 +265,8 @@ class TuneJob(JobRecord):
     batch_size = IntegerField()
     pilot_steps = IntegerField()
     max_pilots = IntegerField(default=8)
-    run_steps = IntegerField(null=True)  # the length of the run it tunes for: pilots are projected to it
+    run_steps = IntegerField(null=True)  # the run it tunes for (steps × batch): pilots are projected to it
+    run_batch = IntegerField(null=True)
     seed = IntegerField(default=0)
     pilots = JSONField(default=list)  # [{"l1_alpha", "l0_fraction", "fvu"}], in the order run
     result_l1_alpha = DoubleField(null=True)
@@ -363,7 +394,7 @@ def refresh_standard_preset(preset: Template) -> None:
 
     c = preset.config
     steps = c["total_steps"]
-    alpha = float(f"{recommended_l1_alpha(preset.d_in, c['latent_dim'], c['target_l0'], steps):.2g}")
+    alpha = float(f"{recommended_l1_alpha(preset.d_in, c['latent_dim'], c['target_l0'], steps, c['batch_size']):.2g}")
     preset.config = complete({**c, "l1_alpha": alpha, "steer_l1_alpha": True})
     preset.provenance = (f"l1_alpha from the L0 model for {steps:,} steps ({CALIBRATION['runs_fitted']} measured "
                          "runs, benchmarks/calibrate_l1_alpha.py), with steering on to close what the model misses"

@@ -113,6 +113,7 @@ class RunSpec:
     recommended_l1_alpha: float | None = None  # the calibration's value for this run, if known
     d_in: int | None = None  # with total_steps: lets advice project L0 to the end of the run
     total_steps: int | None = None
+    batch_size: int = 1024
 
     @classmethod
     def of_run(cls, run, recommended_l1_alpha: float | None = None, d_in: int | None = None) -> RunSpec:
@@ -121,7 +122,8 @@ class RunSpec:
                    warmup_steps=max(run.l1_warmup_steps, run.lr_warmup_steps), l1_warmup_steps=run.l1_warmup_steps,
                    early_stop=run.early_stop, early_stop_step=run.early_stop_step, early_stop_l0=run.early_stop_l0,
                    plateau_window=run.plateau_window, steering=run.steer_l1_alpha,
-                   recommended_l1_alpha=recommended_l1_alpha, d_in=d_in, total_steps=run.total_steps)
+                   recommended_l1_alpha=recommended_l1_alpha, d_in=d_in, total_steps=run.total_steps,
+                   batch_size=run.batch_size)
 
     def l1_fix(self, l1_alpha: float, l0_now: float, step: int) -> tuple[float, float]:
         """(the L0 expected at the end of the run, the l1_alpha that ends it at the target).
@@ -132,7 +134,8 @@ class RunSpec:
         """
         if self.d_in is None or not self.total_steps:
             return l0_now, suggest_l1_alpha(l1_alpha, l0_now, self.target_l0, self.recommended_l1_alpha)
-        projected = l0_now * l0_model.progress_ratio(l1_alpha, self.d_in, self.latent_dim, step, self.total_steps)
+        projected = l0_now * l0_model.progress_ratio(l1_alpha, self.d_in, self.latent_dim, (step, self.batch_size),
+                                                     (self.total_steps, self.batch_size))
         return projected, l0_model.corrected_alpha(l1_alpha, projected, self.target_l0, self.d_in, self.latent_dim)
 
 
@@ -376,6 +379,7 @@ class RunProgress:
     total_steps: int
     warmup_steps: int = 0  # the sparsity warm-up (standard SAE) or the learning-rate warm-up
     d_in: int | None = None
+    batch_size: int = 1024
 
     @property
     def in_warmup(self) -> bool:
@@ -414,8 +418,9 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
     expected, expected_note = l0f, ""
     fix_alpha = l1_alpha
     if standard and l1_alpha and progress is not None and progress.d_in and not progress.finished:
-        expected = l0f * l0_model.progress_ratio(l1_alpha, progress.d_in, latent_dim, progress.steps_done,
-                                                 progress.total_steps)
+        expected = l0f * l0_model.progress_ratio(l1_alpha, progress.d_in, latent_dim,
+                                                 (progress.steps_done, progress.batch_size),
+                                                 (progress.total_steps, progress.batch_size))
         expected_note = (f" It stopped at step {progress.steps_done:,} of {progress.total_steps:,}; at this "
                          f"l1_alpha the L0 model expects it to end near {100 * expected:.2g}%.")
 

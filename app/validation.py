@@ -8,14 +8,12 @@ before the first step.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from . import l0_model
 from .quality import RED_ABOVE, format_target
-from .training_config import K_ARCHITECTURES, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, matryoshka_levels
+from .training_config import K_ARCHITECTURES, matryoshka_levels
 
 ARCH_NAMES = {"standard": "A standard SAE", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU",
               "matryoshka": "Matryoshka BatchTopK"}
@@ -40,11 +38,17 @@ class SourceStats:
     d_in: int
     n_tokens: int | None  # None: an unbounded (generated) stream
     name: str = ""
+    l0_offset: float = 0.0  # the L0 model's shift for this source, learned from its earlier runs
+    runs_seen: int = 0  # how many runs that shift is learned from
 
 
-def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float, steps: int = 3000) -> float:
-    """The l1_alpha that the L0 model says ends a run of ``steps`` at ``target_l0``, inside (1e-5, 0.1]."""
-    return l0_model.alpha_for(target_l0, d_in, latent_dim, steps)
+def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float, steps: int = 3000,
+                         batch_size: int = 1024) -> float:
+    """The l1_alpha that the L0 model says ends a run of ``steps`` × ``batch_size`` at ``target_l0``.
+
+    Inside (1e-5, 0.1]. The defaults are the recommended run on a CPU.
+    """
+    return l0_model.alpha_for(target_l0, d_in, latent_dim, steps, batch_size)
 
 
 def _pct(fraction: float) -> str:
@@ -85,7 +89,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     target, lr, alpha, k = cfg["target_l0"], cfg["learning_rate"], cfg.get("l1_alpha"), cfg.get("k")
 
     if arch == "standard" and alpha is not None:
-        _penalty_findings(add, cfg, d_in)
+        _penalty_findings(add, cfg, source)
     if lr > 0.01:
         add(Finding("warning", "learning_rate",
                     f"A learning rate of {lr:g} is far above what SAEs train stably with; losses tend to explode.",
@@ -170,7 +174,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     return findings
 
 
-def _penalty_findings(add, cfg: dict, d_in: int) -> None:
+def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
     """What the L0 model expects of this l1_alpha, and the swap with the learning rate.
 
     A predicted L0 whose range reaches red (above 15%) is a warning whatever else the
@@ -179,9 +183,12 @@ def _penalty_findings(add, cfg: dict, d_in: int) -> None:
     """
     latent, steps, target, lr, alpha = (cfg["latent_dim"], cfg["total_steps"], cfg["target_l0"],
                                         cfg["learning_rate"], cfg["l1_alpha"])
-    rec = recommended_l1_alpha(d_in, latent, target, steps)
-    low, mid, high = l0_model.predict_range(alpha, d_in, latent, steps)
+    batch, d_in, offset = cfg["batch_size"], source.d_in, source.l0_offset
+    rec = l0_model.alpha_for(target, d_in, latent, steps, batch, offset)
+    low, mid, high = l0_model.predict_range(alpha, d_in, latent, steps, batch, offset)
     expected = expected_l0_text(low, mid, high)
+    if source.runs_seen:
+        expected += f", after {source.runs_seen} earlier run{'s' if source.runs_seen > 1 else ''} on this source"
     fix, value = f"Set l1_alpha to about {rec:.2g} (expected to end at the target).", _round(rec)
     steering = bool(cfg.get("steer_l1_alpha"))
     if alpha == lr:
@@ -262,11 +269,14 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
                                                   "kills latents before they find features"),
     }
     if architecture == "standard":
-        rec = recommended_l1_alpha(source.d_in, latent_dim, target_l0, steps)
+        rec = l0_model.alpha_for(target_l0, source.d_in, latent_dim, steps, batch, source.l0_offset)
         fit = l0_model.CALIBRATION
+        learned = (f", corrected by {source.runs_seen} earlier run{'s' if source.runs_seen > 1 else ''} on this source"
+                   if source.runs_seen else "")
         out["l1_alpha"] = (_round(rec), f"from the L0 model for {latent_dim:,} latents on d_in {source.d_in} at "
                                         f"{format_target(target_l0, latent_dim)} after {steps:,} steps "
-                                        f"(fitted on {fit['runs_fitted']} runs; steering corrects what it misses)")
+                                        f"(fitted on {fit['runs_fitted']} runs{learned}; steering corrects what "
+                                        "it misses)")
         out["steer_l1_alpha"] = (True, "the model is right to within about "
                                        f"{l0_model.band():.1f}× on sources it never saw; steering closes the rest "
                                        "once the warm-up is over")

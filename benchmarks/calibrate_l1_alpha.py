@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import os
 import sys
 import time
@@ -46,7 +44,7 @@ WIDE = [2e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1]
 NARROW = [3e-5, 3e-4, 1e-3, 3e-3, 1e-2, 0.05]
 HELD = [5e-5, 5e-4, 2e-3, 6e-3, 0.02]
 
-# (source key, expansions, l1_alphas, run lengths in steps)
+# (source key, expansions, l1_alphas, run lengths in steps[, batch size; BATCH if left out])
 PLANS = {
     "fit": [
         ("syn64", [4, 8, 16, 32], WIDE, [300, 1000, 3000]),
@@ -58,6 +56,12 @@ PLANS = {
         ("syn512", [4, 8], NARROW, [500]),
         ("syn512", [4], NARROW, [1500]),
         ("syn1024", [4], NARROW, [500]),
+    ],
+    # The same sources at batch 1,024 (what the recommendations give on a CPU): the model's batch term.
+    "fit_batch": [
+        ("syn64", [8], WIDE, [300, 1000], 1024),
+        ("syn128", [4], NARROW, [400, 1500], 1024),
+        ("syn256", [4], NARROW, [1500], 1024),
     ],
     # Sources, widths and lengths the fit never sees.
     "heldout": [
@@ -94,17 +98,17 @@ def source(key: str):
 
 
 def configs(plan: str):
-    for key, expansions, alphas, lengths in PLANS[plan]:
+    for key, expansions, alphas, lengths, *batch in PLANS[plan]:
         for expansion in expansions:
             for steps in lengths:
                 for alpha in alphas:
-                    yield key, expansion, steps, alpha
+                    yield key, expansion, steps, alpha, (batch[0] if batch else BATCH)
 
 
 def cost(cfg) -> float:
-    key, expansion, steps, _ = cfg
+    key, expansion, steps, _, batch = cfg
     d_in = {"hierarchical": 256}.get(key) or (384 if key.startswith("minilm") else int(key.removeprefix("syn")))
-    return d_in * d_in * expansion * steps
+    return d_in * d_in * expansion * steps * batch
 
 
 def read(path: Path) -> list[dict]:
@@ -123,22 +127,22 @@ FIELDS = ["key", "source", "d_in", "latent_dim", "l1_alpha", "steps", "batch_siz
 def sweep(plan: str, shard: int, shards: int) -> None:
     torch.set_num_threads(1)
     path = RESULTS / f"l1_alpha_{plan}.part{shard}.csv"
-    done = {(r["key"], r["latent_dim"] // r["d_in"], r["steps"], r["l1_alpha"]) for r in read(path)}
+    done = {(r["key"], r["latent_dim"] // r["d_in"], r["steps"], r["l1_alpha"], r["batch_size"]) for r in read(path)}
     todo = sorted(configs(plan), key=cost)[shard::shards]
     sources: dict = {}
-    for key, expansion, steps, alpha in todo:
-        if (key, expansion, steps, alpha) in done:
+    for key, expansion, steps, alpha, batch in todo:
+        if (key, expansion, steps, alpha, batch) in done:
             continue
         if key not in sources:
             sources[key] = source(key)
         name, src = sources[key]
-        cfg = TrainConfig(architecture="standard", latent_dim=src.d_in * expansion, l1_alpha=alpha, batch_size=BATCH,
+        cfg = TrainConfig(architecture="standard", latent_dim=src.d_in * expansion, l1_alpha=alpha, batch_size=batch,
                           total_steps=steps, lr_warmup_steps=max(10, steps // 20),
                           l1_warmup_steps=max(10, steps // 20), log_every=100, device="cpu", seed=0)
         t = time.time()
         result, _ = train(src, cfg)
         row = {"key": key, "source": name, "d_in": src.d_in, "latent_dim": cfg.latent_dim, "l1_alpha": alpha,
-               "steps": steps, "batch_size": BATCH, "l0_fraction": result.eval["l0_fraction"],
+               "steps": steps, "batch_size": batch, "l0_fraction": result.eval["l0_fraction"],
                "fvu": result.eval["fvu"], "dead_fraction": result.eval["never_fired"] / cfg.latent_dim,
                "seconds": round(time.time() - t, 1)}
         new = not path.exists()
@@ -147,7 +151,7 @@ def sweep(plan: str, shard: int, shards: int) -> None:
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        print(f"{key:12s} {expansion:2d}x {steps:5d} steps l1_alpha={alpha:<7g} L0={row['l0_fraction']:.4f} "
+        print(f"{key:12s} {expansion:2d}x {steps:5d}×{batch} l1_alpha={alpha:<7g} L0={row['l0_fraction']:.4f} "
               f"FVU={row['fvu']:.3f} ({row['seconds']:.0f}s)", flush=True)
 
 
@@ -169,7 +173,7 @@ def main() -> None:
     else:
         from calibration_report import report
 
-        report(rows_of("fit"), rows_of("heldout"))
+        report(rows_of("fit") + rows_of("fit_batch"), rows_of("heldout"))
 
 
 if __name__ == "__main__":

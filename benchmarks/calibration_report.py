@@ -18,23 +18,28 @@ from scipy.optimize import least_squares
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-NAMES = ("a", "b", "c", "e", "g", "m0", "h")
+NAMES = ("a", "b", "c", "e", "g", "k", "m0", "h")
 FLOOR = 1e-4  # below this L0 a run is dead, not sparse: no point in fitting its logarithm
+COLLAPSED_FVU = 0.9  # a run that reconstructs (almost) nothing has collapsed: its L0 is noise
+
+
+def usable(r: dict) -> bool:
+    return r["l0_fraction"] > FLOOR and r["fvu"] <= COLLAPSED_FVU
 
 
 def model_log_l0(p, rows) -> np.ndarray:
-    a, b, c, e, g, m0, h = p
+    a, b, c, e, g, k, m0, h = p
     x = np.array([[math.log(r["l1_alpha"]), math.log(r["d_in"]), math.log(r["latent_dim"] / r["d_in"]),
-                   math.log(r["steps"])] for r in rows])
-    z = a + b * x[:, 0] + c * x[:, 1] + e * x[:, 2] + g * x[:, 3]
+                   math.log(r["steps"]), math.log(r["batch_size"])] for r in rows])
+    z = a + b * x[:, 0] + c * x[:, 1] + e * x[:, 2] + g * x[:, 3] + k * x[:, 4]
     return m0 + h * x[:, 2] - np.logaddexp(0.0, -z)
 
 
 def fit(rows: list[dict]) -> dict:
-    rows = [r for r in rows if r["l0_fraction"] > FLOOR]
+    rows = [r for r in rows if usable(r)]
     y = np.log([r["l0_fraction"] for r in rows])
-    starts = ([-6.0, -1.0, 0.0, 0.0, -0.3, math.log(0.6), -0.1], [-3.0, -0.8, 0.2, -0.2, -0.5, -0.5, -0.1],
-              [4.0, -1.0, -1.0, 0.0, -1.0, 0.0, 0.0])  # least squares on logs; the best of a few starts
+    starts = ([-6.0, -1.0, 0.0, 0.0, -0.3, 0.0, math.log(0.6), -0.1], [-3.0, -0.8, 0.2, -0.2, -0.5, -0.5, -0.5, -0.1],
+              [4.0, -1.0, -1.0, 0.0, -1.0, 0.0, 0.0, 0.0])  # least squares on logs; the best of a few starts
     solved = min((least_squares(lambda p: model_log_l0(p, rows) - y, np.array(s)) for s in starts),
                  key=lambda s: s.cost)
     coef = dict(zip(NAMES, map(float, solved.x)))
@@ -48,7 +53,7 @@ def errors(coef: dict, rows: list[dict]) -> dict:
     out = {}
     by = defaultdict(list)
     for r in rows:
-        if r["l0_fraction"] > FLOOR:
+        if usable(r):
             by[r["source"]].append(r)
     for name, group in sorted(by.items()):
         d = model_log_l0(p, group) - np.log([r["l0_fraction"] for r in group])
@@ -90,6 +95,7 @@ def report(fit_rows: list[dict], held_rows: list[dict]) -> None:
     worst = max([v["rms_log"] for v in result["heldout_error"].values()] or [result["fit_rms_log"]])
     result["band_log"] = max(worst, result["fit_rms_log"])
     result["steps_range"] = [min(r["steps"] for r in fit_rows), max(r["steps"] for r in fit_rows)]
+    result["batch_range"] = [min(r["batch_size"] for r in fit_rows), max(r["batch_size"] for r in fit_rows)]
     result["provenance"] = (f"fitted on {result['runs_fitted']} runs (batch {fit_rows[0]['batch_size']}, "
                             f"{min(r['steps'] for r in fit_rows)}–{max(r['steps'] for r in fit_rows)} steps, "
                             f"l1_alpha {min(r['l1_alpha'] for r in fit_rows):g}–{max(r['l1_alpha'] for r in fit_rows):g}"
@@ -123,6 +129,7 @@ def chart(rows: list[dict]) -> None:
     from app.charts import PALETTE, Series, line_chart
 
     series = []
+    rows = [r for r in rows if r["batch_size"] == 256]  # the batch every source was swept at
     keys = sorted({(r["source"], r["latent_dim"], r["steps"]) for r in rows})
     longest = {}
     for source, latent, steps in keys:  # one line per source: its narrowest width at its longest run
@@ -135,7 +142,7 @@ def chart(rows: list[dict]) -> None:
         d_in = next(r["d_in"] for r in rows if r["source"] == source)
         colour = PALETTE[i % len(PALETTE)]
         series.append(Series(f"{source.split(',')[0]} {latent // d_in}x {steps}", pts, colour))
-        model = [(x, l0_model.predict(10 ** x, d_in, latent, steps)) for x in np.linspace(-4.7, -1, 30)]
+        model = [(x, l0_model.predict(10 ** x, d_in, latent, steps, 256)) for x in np.linspace(-4.7, -1, 30)]
         series.append(Series("  model", model, colour))
     svg = str(line_chart("L0 fraction against l1_alpha: measured and the model (log-log)", series, log_y=True,
                          width=1000, height=420, x_label="log10 l1_alpha"))

@@ -84,12 +84,13 @@ def main() -> None:
                "batch_size": settings["batch_size"], "total_steps": settings["total_steps"]}
         row["recommended"] = run(src, settings, latent, args.target, l1_alpha=settings["l1_alpha"], steer=True)
         print(name, "recommended", row["recommended"], flush=True)
-        alpha = recommended_l1_alpha(src.d_in, latent, args.target, settings["total_steps"])
+        alpha = recommended_l1_alpha(src.d_in, latent, args.target, settings["total_steps"], settings["batch_size"])
         row["model_only"] = run(src, settings, latent, args.target, l1_alpha=alpha, steer=False)
         print(name, "model only", row["model_only"], flush=True)
 
         def project(a: float, pilot_l0: float) -> float:
-            return pilot_l0 * l0_model.progress_ratio(a, src.d_in, latent, PILOT_STEPS, settings["total_steps"])
+            return pilot_l0 * l0_model.progress_ratio(a, src.d_in, latent, (PILOT_STEPS, PILOT_BATCH),
+                                                      (settings["total_steps"], settings["batch_size"]))
 
         best, pilots, outcome = tune_l1_alpha(src, latent_dim=latent, target=args.target, start=alpha,
                                               learning_rate=PILOT_LEARNING_RATE, batch_size=PILOT_BATCH,

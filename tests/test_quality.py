@@ -199,7 +199,7 @@ def test_a_run_stopped_short_is_judged_by_where_it_would_end():
     summary = {"l0": 102, "l0_fraction": 0.10, "fvu": 0.03, "dead": 0, "dense_latents": 0}
     progress = RunProgress(steps_done=300, total_steps=20_000, warmup_steps=100, d_in=256)
     v = verdict(summary, architecture="standard", latent_dim=1024, target_l0=0.02, l1_alpha=0.003, progress=progress)
-    expected = 0.10 * l0_model.progress_ratio(0.003, 256, 1024, 300, 20_000)
+    expected = 0.10 * l0_model.progress_ratio(0.003, 256, 1024, (300, 1024), (20_000, 1024))
     assert expected < 0.10 and f"expects it to end near {100 * expected:.2g}%" in v["headline"]
     naive = verdict(summary, architecture="standard", latent_dim=1024, target_l0=0.02, l1_alpha=0.003)
     assert v["suggested_l1_alpha"] < naive["suggested_l1_alpha"]
@@ -216,7 +216,8 @@ def test_a_finished_run_off_its_target_says_so_with_the_corrected_penalty(l0_fra
     corrected = v["suggested_l1_alpha"]
     assert (corrected < 0.0068) if move == "Lower" else (corrected > 0.0068)
     # the correction moves along the model's curve: from there the model expects the target
-    shifted = l0_model.predict(corrected, 256, 1024, 2000) / l0_model.predict(0.0068, 256, 1024, 2000) * l0_fraction
+    shifted = (l0_model.predict(corrected, 256, 1024, 2000, 1024) / l0_model.predict(0.0068, 256, 1024, 2000, 1024)
+               * l0_fraction)
     assert shifted == pytest.approx(0.02, rel=0.25)
     for arch in ("topk", "batchtopk"):
         k = verdict(summary, architecture=arch, latent_dim=1024, target_l0=0.02, l1_alpha=None, progress=progress)

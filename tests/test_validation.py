@@ -20,7 +20,8 @@ def sound(**changes) -> dict:
            "batch_size": 512, "total_steps": 2000, "lr_warmup_steps": 100, "l1_warmup_steps": 100, "k": None}
     cfg.update(changes)
     if "l1_alpha" not in changes:
-        cfg["l1_alpha"] = recommended_l1_alpha(256, cfg["latent_dim"], cfg["target_l0"], cfg["total_steps"])
+        cfg["l1_alpha"] = recommended_l1_alpha(256, cfg["latent_dim"], cfg["target_l0"], cfg["total_steps"],
+                                               cfg["batch_size"])
     return cfg
 
 
@@ -41,7 +42,7 @@ def test_the_issue_dense_config_is_flagged_whatever_the_learning_rate():
     wide = SourceStats(d_in=768, n_tokens=None)
     [finding] = [f for f in validate_config(sound(latent_dim=8192, l1_alpha=0.0003), wide) if f.field == "l1_alpha"]
     assert finding.level == "warning" and re.search(r"expected L0 ≈ \d+% \(\d+%–\d+%\): dense", finding.message)
-    assert finding.suggested_value == pytest.approx(recommended_l1_alpha(768, 8192, 0.02, 2000), rel=0.05)
+    assert finding.suggested_value == pytest.approx(recommended_l1_alpha(768, 8192, 0.02, 2000, 512), rel=0.05)
 
 
 def test_a_weak_penalty_is_flagged_however_long_the_run_and_a_long_run_needs_less():
@@ -71,7 +72,7 @@ def test_values_typical_of_the_other_field_are_caught_as_a_swap():
 
 @pytest.mark.parametrize("factor,words", [(1 / 20, "dense"), (20, "die")])
 def test_penalty_far_from_the_calibration(factor, words):
-    rec = recommended_l1_alpha(256, 1024, 0.02, 2000)
+    rec = recommended_l1_alpha(256, 1024, 0.02, 2000, 512)
     findings = [f for f in validate_config(sound(l1_alpha=min(0.1, rec * factor)), SYNTH) if f.field == "l1_alpha"]
     assert len(findings) == 1 and findings[0].level == "warning" and words in findings[0].message
     assert findings[0].suggested_value == pytest.approx(rec, rel=0.05)
@@ -95,7 +96,8 @@ def test_penalty_far_from_the_calibration(factor, words):
 def test_each_rule_fires_on_its_config(changes, expected):
     cfg = sound(**changes)
     if cfg["architecture"] == "standard":
-        cfg["l1_alpha"] = recommended_l1_alpha(256, cfg["latent_dim"], cfg["target_l0"])
+        cfg["l1_alpha"] = recommended_l1_alpha(256, cfg["latent_dim"], cfg["target_l0"], cfg["total_steps"],
+                                               cfg["batch_size"])
     assert expected in fired(cfg)
 
 
@@ -143,7 +145,8 @@ def test_recommended_settings_come_with_reasons():
 
 def form(**changes) -> dict:
     data = {**QUICK_CONFIG, "latent_dim": 1024,
-            "l1_alpha": round(recommended_l1_alpha(256, 1024, 0.02, QUICK_CONFIG["total_steps"]), 4),
+            "l1_alpha": round(recommended_l1_alpha(256, 1024, 0.02, QUICK_CONFIG["total_steps"],
+                                                   QUICK_CONFIG["batch_size"]), 4),
             "acknowledge_warnings": False, **changes}
     return {k: "" if v is None else ("y" if v is True else str(v)) for k, v in data.items() if v is not False}
 
@@ -191,7 +194,7 @@ def test_recommended_settings_button_fills_the_form(client):
     html = client.post("/trainings/recommend", data=form(l1_alpha=0.05, latent_dim=2048)).get_data(as_text=True)
     steps = recommend_settings(SYNTH, latent_dim=2048, target_l0=0.02, architecture="standard",
                                on_gpu=False)["total_steps"][0]
-    expected = float(f"{recommended_l1_alpha(256, 2048, 0.02, steps):.2g}")
+    expected = float(f"{recommended_l1_alpha(256, 2048, 0.02, steps, 1024):.2g}")
     assert re.search(rf'id="l1_alpha"[^>]*value="{expected}"', html), expected
     assert 'data-reason="l1_alpha">Recommended: from the L0 model for 2,048 latents' in html
     assert re.search(r'<input[^>]*checked[^>]*id="steer_l1_alpha"', html)
@@ -223,7 +226,7 @@ def test_calibration_predicts_a_setting_it_was_not_fitted_on():
     from app.sae.trainer import TrainConfig, train
 
     target = 0.02
-    alpha = recommended_l1_alpha(256, 1536, target, 800)
+    alpha = recommended_l1_alpha(256, 1536, target, 800, 512)
     result, _ = train(SyntheticSource(256, 768, 8, seed=5),
                       TrainConfig(latent_dim=1536, l1_alpha=alpha, batch_size=512, total_steps=800,
                                   lr_warmup_steps=40, l1_warmup_steps=40, log_every=100, device="cpu"))
@@ -268,3 +271,31 @@ def test_jumprelu_settings_far_from_their_scale_are_warned_about():
     assert "l1_alpha" not in recommended and recommended["l0_coefficient"][0] == 10.0
     assert recommend_settings(SYNTH, latent_dim=1024, target_l0=0.02, architecture="batchtopk",
                               on_gpu=False)["k"][0] == 20
+
+
+def test_a_source_s_own_runs_correct_the_model_for_it(client):
+    """A run that ended 3× denser than the model expected moves the next recommendation on that source only."""
+    from app import l0_model
+    from app.models import ActivationSet
+
+    source, other = ActivationSet.get_by_id(1), ActivationSet.get_by_id(2)
+    fresh = source.stats()
+    assert (fresh.l0_offset, fresh.runs_seen) == (0.0, 0)
+    config = {k: v for k, v in QUICK_CONFIG.items() if k not in ("acknowledge_warnings", "source_id")}
+    config.update(latent_dim=1024, total_steps=3000, batch_size=1024, l1_alpha=0.005)
+    expected = l0_model.predict(0.005, 256, 1024, 3000, 1024)
+    Training.create(**config, source=1, status="completed",
+                    summary={"l0": 3 * expected * 1024, "l0_fraction": 3 * expected, "fvu": 0.1, "dead": 0,
+                             "final_l1_alpha": 0.005})
+    learned = source.stats()
+    assert learned.runs_seen == 1 and learned.l0_offset > 0
+    assert other.stats().runs_seen == 0  # the other source is untouched
+    # halfway toward what the run measured: one run is evidence, not the truth
+    corrected = l0_model.predict(0.005, 256, 1024, 3000, 1024, learned.l0_offset)
+    assert expected < corrected < 3 * expected
+    before = recommend_settings(fresh, latent_dim=1024, target_l0=0.02, architecture="standard", on_gpu=False)
+    after = recommend_settings(learned, latent_dim=1024, target_l0=0.02, architecture="standard", on_gpu=False)
+    assert after["l1_alpha"][0] > before["l1_alpha"][0] and "corrected by 1 earlier run" in after["l1_alpha"][1]
+    html = client.post("/trainings/hints", data=form(l1_alpha=0.005, total_steps=3000, batch_size=1024)).get_data(
+        as_text=True)
+    assert "after 1 earlier run on this source" in html

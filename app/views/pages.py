@@ -84,7 +84,7 @@ def form_hints():
 def recommend():
     """Fill the form with settings that work for the chosen source and latent_dim (htmx)."""
     from ..devices import device_memory
-    from ..validation import SourceStats, recommend_settings
+    from ..validation import recommend_settings
 
     form = TrainingForm()
     form.validate_fields()
@@ -94,7 +94,7 @@ def recommend():
     reasons = {}
     if source is not None and latent_dim and target:
         on_gpu = device_memory(current_app.config.get("SAE_DEVICE", "auto")).device.startswith("cuda")
-        settings = recommend_settings(SourceStats(source.d_in, source.n_tokens, source.name), latent_dim=latent_dim,
+        settings = recommend_settings(source.stats(), latent_dim=latent_dim,
                                       target_l0=target, architecture=form.architecture.data, on_gpu=on_gpu)
         for name, (value, why) in settings.items():
             field = getattr(form, name)

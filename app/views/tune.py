@@ -54,7 +54,8 @@ def start():
     try:
         tune = create_tune(current_app.config, created_by=g.user.id, source_id=form.source_id.data, latent_dim=form.latent_dim.data,
                            target_l0=form.target_l0.data, seed=form.seed.data or 0,
-                           run_steps=form.total_steps.data if not form.total_steps.errors else None)
+                           run_steps=form.total_steps.data if not form.total_steps.errors else None,
+                           run_batch=form.batch_size.data if not form.batch_size.errors else None)
     except QueueUnavailable as exc:
         return render_template("_partials/tune.html", tune=None,
                                problems={"queue": [f"Not started: {exc}."]}), 503

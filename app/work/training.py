@@ -162,13 +162,13 @@ class PreflightError(RuntimeError):
     """The validator, run again in the worker with the real source and device, found an error."""
 
 
-def _preflight(run: Training, source, settings: dict, writer: MetricWriter) -> None:
+def _preflight(run: Training, settings: dict, writer: MetricWriter) -> None:
     """Check the config again where it will run: errors stop the run, warnings become events."""
     from ..devices import device_memory
-    from ..validation import SourceStats, validate_config
+    from ..validation import validate_config
 
     memory = device_memory(settings["SAE_DEVICE"])
-    findings = validate_config(run.config_dict(), SourceStats(source.d_in, source.n_tokens, run.source.name),
+    findings = validate_config(run.config_dict(), run.source.stats(),
                                free_memory_bytes=memory.free_bytes, device=memory.device)
     errors = [f for f in findings if f.level == "error"]
     if errors:
@@ -226,10 +226,11 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
         resume = load_checkpoint(run, settings)
         if resume is None:
             _rewind(run, 0, 0)  # a run started again from nothing keeps no earlier points
-            _preflight(run, source, settings, writer)
+            _preflight(run, settings, writer)
         cfg = train_config(run, settings["SAE_DEVICE"])
         monitor = RuntimeMonitor(RunSpec.of_run(
-            run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps), d_in=source.d_in))
+            run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps, run.batch_size),
+            d_in=source.d_in))
         controller = None
         if run.steer_l1_alpha and run.architecture == "standard":
             from ..sae.control import L0Controller
@@ -365,6 +366,7 @@ def _summary(result, run: Training, checkpoint: str, recommended: float | None, 
                                  target_l0=run.target_l0, l1_alpha=summary["final_l1_alpha"] or None,
                                  recommended=recommended, progress=RunProgress(
                                      steps_done=result.steps, total_steps=run.total_steps, d_in=d_in,
+                                     batch_size=run.batch_size,
                                      warmup_steps=run.l1_warmup_steps if run.architecture == "standard"
                                      else run.lr_warmup_steps))
     return summary

@@ -14,12 +14,13 @@ PILOT_LEARNING_RATE = 1e-3
 
 
 def create_tune(settings: dict, *, source_id: int, latent_dim: int, target_l0: float, seed: int,
-                run_steps: int | None = None, created_by: int | None = None) -> TuneJob:
-    """Record an auto-tune for a run of ``run_steps`` and queue it (``QueueUnavailable`` if it can't be)."""
+                run_steps: int | None = None, run_batch: int | None = None, created_by: int | None = None) -> TuneJob:
+    """Record an auto-tune for a run of ``run_steps`` × ``run_batch`` and queue it (``QueueUnavailable`` if it
+    can't be)."""
     return lifecycle.create_and_enqueue(TuneJob, {
         "created_by": created_by, "source": source_id, "latent_dim": latent_dim, "target_l0": target_l0,
         "learning_rate": PILOT_LEARNING_RATE, "batch_size": PILOT_BATCH, "pilot_steps": PILOT_STEPS, "seed": seed,
-        "run_steps": max(PILOT_STEPS, run_steps or PILOT_STEPS)}, settings)
+        "run_steps": max(PILOT_STEPS, run_steps or PILOT_STEPS), "run_batch": run_batch or PILOT_BATCH}, settings)
 
 
 def run_tune(tune_id: int) -> str:
@@ -43,15 +44,16 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
             pilots.append(pilot.to_dict())
             update_record(tune, what="pilot", pilots=pilots)
 
-        run_steps = tune.run_steps or tune.pilot_steps
+        run_steps, run_batch = tune.run_steps or tune.pilot_steps, tune.run_batch or tune.batch_size
 
         def project(alpha: float, pilot_l0: float) -> float:
             """The pilot's L0 carried to the run's length by the L0 model's run-length term."""
-            return pilot_l0 * l0_model.progress_ratio(alpha, source.d_in, tune.latent_dim, tune.pilot_steps, run_steps)
+            return pilot_l0 * l0_model.progress_ratio(alpha, source.d_in, tune.latent_dim,
+                                                      (tune.pilot_steps, tune.batch_size), (run_steps, run_batch))
 
         best, _, outcome = tune_l1_alpha(
             source, latent_dim=tune.latent_dim, target=tune.target_l0, project=project,
-            start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0, run_steps),
+            start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0, run_steps, run_batch),
             learning_rate=tune.learning_rate, batch_size=tune.batch_size, pilot_steps=tune.pilot_steps,
             max_pilots=tune.max_pilots, seed=tune.seed, device=settings["SAE_DEVICE"],
             on_pilot=on_pilot, should_stop=stop_check)
@@ -64,7 +66,7 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
                    else "before reaching the edge of the valid range")
             reason = (f"No pilot was expected to land within ±20% of the target {why}; the closest, l1_alpha "
                       f"{best.l1_alpha:.3g}, measured L0 {100 * best.l0_fraction:.2f}% (FVU {best.fvu:.2f}) and is "
-                      f"expected to end a {run_steps:,}-step run at {100 * best.expected:.2f}%.")
+                      f"expected to end a run of {run_steps:,} steps of {run_batch:,} at {100 * best.expected:.2f}%.")
             lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha, reason=reason)
         else:
             lifecycle.finish(tune, "cancelled", reason=outcome)
