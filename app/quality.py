@@ -416,7 +416,6 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
                 "advice": "Resume it or run it longer: no setting can be judged from a run this short."}
 
     expected, expected_note = l0f, ""
-    fix_alpha = l1_alpha
     if standard and l1_alpha and progress is not None and progress.d_in and not progress.finished:
         expected = l0f * l0_model.progress_ratio(l1_alpha, progress.d_in, latent_dim,
                                                  (progress.steps_done, progress.batch_size),
@@ -425,11 +424,11 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
                          f"l1_alpha the L0 model expects it to end near {100 * expected:.2g}%.")
 
     def corrected() -> float | None:
-        if not (standard and fix_alpha):
+        if not (standard and l1_alpha):
             return None
         if progress is not None and progress.d_in:
-            return l0_model.corrected_alpha(fix_alpha, expected, target_l0, progress.d_in, latent_dim)
-        return suggest_l1_alpha(fix_alpha, expected, target_l0, recommended)
+            return l0_model.corrected_alpha(l1_alpha, expected, target_l0, progress.d_in, latent_dim)
+        return suggest_l1_alpha(l1_alpha, expected, target_l0, recommended)
 
     suggested = corrected()
     off = expected / target_l0 if target_l0 else 1.0
@@ -437,7 +436,7 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
 
     def sparser() -> str:
         if standard:
-            return f"Increase l1_alpha from {fix_alpha:.3g} to about {suggested:.3g}."
+            return f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}."
         if architecture in K_ARCHITECTURES:
             return f"Lower k to about {target_k}."
         if l0f > OFF_TARGET * target_l0:
@@ -446,7 +445,7 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
 
     def denser() -> str:
         if standard:
-            return f"Lower l1_alpha from {fix_alpha:.3g} to about {suggested:.3g}."
+            return f"Lower l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}."
         if architecture in K_ARCHITECTURES:
             return f"Raise k to about {target_k}."
         return "Raise the L0 penalty weight (l0_coefficient) tenfold: L0 ended below the target it trains to."
@@ -454,9 +453,9 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
     keep_suggestion = True
     if dead is not None and dead > DEAD_RED_FRACTION * latent_dim:
         headline = f"Dead latents: more than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
-        if standard and fix_alpha:
-            suggested = clamp_l1_alpha(min(suggested or fix_alpha, fix_alpha / 3))
-        advice = (f"Lower l1_alpha to about {suggested:.3g} and switch on the dead-latent remedy." if standard and fix_alpha
+        if standard and l1_alpha:
+            suggested = clamp_l1_alpha(min(suggested or l1_alpha, l1_alpha / 3))
+        advice = (f"Lower l1_alpha to about {suggested:.3g} and switch on the dead-latent remedy." if standard and l1_alpha
                   else "Lower l1_alpha and switch on the dead-latent remedy." if standard
                   else "Lower the learning rate or raise k." if architecture in K_ARCHITECTURES
                   else "Lower the learning rate, or raise the target L0.")

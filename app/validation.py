@@ -191,6 +191,7 @@ def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
         expected += f", after {source.runs_seen} earlier run{'s' if source.runs_seen > 1 else ''} on this source"
     fix, value = f"Set l1_alpha to about {rec:.2g} (expected to end at the target).", _round(rec)
     steering = bool(cfg.get("steer_l1_alpha"))
+    dense, starved = high > RED_ABOVE, mid < target / 5
     if alpha == lr:
         add(Finding("warning", "l1_alpha", f"l1_alpha equals the learning rate ({alpha:g}). Did you swap them? "
                     f"l1_alpha is the sparsity penalty, not a step size; at {alpha:g}, {expected}.", fix, value))
@@ -198,25 +199,23 @@ def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
         add(Finding("warning", "l1_alpha", f"l1_alpha {alpha:g} looks like a learning rate and learning_rate {lr:g} "
                     f"like a penalty. Did you swap them? At this l1_alpha, {expected}.",
                     f"Set l1_alpha to about {rec:.2g} and learning_rate to about 0.001.", value))
-    elif high > RED_ABOVE and not steering:
+    elif steering:  # the controller moves l1_alpha to the target: the prediction is where it starts from
+        add(Finding("info", "l1_alpha", f"Steering is on: it moves l1_alpha after the warm-up until L0 holds the "
+                    f"{format_target(target, latent)}. Left alone, this l1_alpha would give {expected}.",
+                    *((fix, value) if dense or starved else (None, None))))
+    elif dense:
         verdict = "dense" if mid > RED_ABOVE else "possibly dense"
         add(Finding("warning", "l1_alpha", f"At l1_alpha {alpha:g} for {latent:,} latents on d_in {d_in} over "
                     f"{steps:,} steps, {expected}: {verdict}. The {format_target(target, latent)} needs a "
                     "stronger penalty.", fix, value))
-    elif mid < target / 5 and not steering:
+    elif starved:
         add(Finding("warning", "l1_alpha", f"At l1_alpha {alpha:g}, {expected}, {target / mid:.0f}× below the "
-                    f"{format_target(target, latent)}: latents will likely die and the reconstruction suffer.",
+                    f"{format_target(target, latent)}: the reconstruction will suffer and latents will likely die.",
                     fix, value))
-    elif steering:
-        add(Finding("info", "l1_alpha", f"Steering is on: it moves l1_alpha after the warm-up until L0 holds the "
-                    f"{format_target(target, latent)}. Left alone, this l1_alpha would give {expected}.",
-                    None if high <= RED_ABOVE and mid >= target / 5 else fix,
-                    None if high <= RED_ABOVE and mid >= target / 5 else value))
     else:
-        off = mid / target
+        on_target = 1 / 1.5 <= mid / target <= 1.5
         add(Finding("info", "l1_alpha", f"{expected[0].upper()}{expected[1:]} over {steps:,} steps "
-                    f"({format_target(target, latent)}).",
-                    fix if not 1 / 1.5 <= off <= 1.5 else None, value if not 1 / 1.5 <= off <= 1.5 else None))
+                    f"({format_target(target, latent)}).", *((None, None) if on_target else (fix, value))))
 
 
 def _round(value: float) -> float:
