@@ -8,10 +8,11 @@ and trains the full run they describe, three ways:
 - ``recommended``: exactly what the button fills in (the model's l1_alpha for that run
   length, steering on);
 - ``model only``: the same, steering off (the L0 model's prediction on its own);
-- ``auto-tune``: the answer of an auto-tune (pilots of 400 steps projected to the run's
-  length), steering off.
+- ``auto-tune``: the answer of an auto-tune (pilots of a quarter of the run at its batch,
+  each carried to the run's length by the L0 model), steering off.
 
-Usage: python benchmarks/recommendations.py [--target 0.02] [--only KEY ...]
+Usage: python benchmarks/recommendations.py [--target 0.02] [--only WORD ...] [--modes MODE ...]
+(``--modes`` re-measures only those columns of the sources already in the results.)
 Writes benchmarks/results/recommendations.{json,md}. One CPU thread.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from app.sae.sources import HierarchicalSource, SyntheticSource  # noqa: E402
 from app.sae.trainer import TrainConfig, train  # noqa: E402
 from app.sae.tune import tune_l1_alpha  # noqa: E402
 from app.validation import SourceStats, recommend_settings, recommended_l1_alpha  # noqa: E402
-from app.work.tune import PILOT_BATCH, PILOT_LEARNING_RATE, PILOT_STEPS  # noqa: E402
+from app.work.tune import PILOT_LEARNING_RATE, pilot_plan  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LANDS = 1.5  # within this factor of the target
@@ -69,10 +70,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", type=float, default=0.02)
     parser.add_argument("--only", nargs="*", default=None, help="source names containing these words")
+    parser.add_argument("--modes", nargs="*", default=["recommended", "model_only", "auto_tune"])
+    parser.add_argument("--results", default="recommendations.json",
+                        help="the JSON file in benchmarks/results to read and update (two processes: two files)")
+    parser.add_argument("--table", nargs="*", default=None,
+                        help="write the table from these JSON files in benchmarks/results; train nothing")
     args = parser.parse_args()
+    if args.table is not None:
+        write_table([r for f in args.table for r in json.loads((RESULTS / f).read_text())])
+        return
     torch.set_num_threads(1)
-    path = RESULTS / "recommendations.json"
+    path = RESULTS / args.results
     rows = json.loads(path.read_text()) if path.exists() else []
+
+    def save(row: dict) -> None:
+        nonlocal rows
+        rows = [r for r in rows if (r["source"], r["target"]) != (row["source"], row["target"])] + [row]
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+
     for name, role, src in sources():
         if args.only and not any(w in name for w in args.only):
             continue
@@ -80,26 +95,33 @@ def main() -> None:
         stats = SourceStats(src.d_in, src.n_tokens, name)
         settings = {k: v for k, (v, _) in recommend_settings(stats, latent_dim=latent, target_l0=args.target,
                                                              architecture="standard", on_gpu=False).items()}
-        row = {"source": name, "role": role, "d_in": src.d_in, "latent_dim": latent, "target": args.target,
+        old = next((r for r in rows if (r["source"], r["target"]) == (name, args.target)), {})
+        row = {**old, "source": name, "role": role, "d_in": src.d_in, "latent_dim": latent, "target": args.target,
                "batch_size": settings["batch_size"], "total_steps": settings["total_steps"]}
-        row["recommended"] = run(src, settings, latent, args.target, l1_alpha=settings["l1_alpha"], steer=True)
-        print(name, "recommended", row["recommended"], flush=True)
+        if "recommended" in args.modes:
+            row["recommended"] = run(src, settings, latent, args.target, l1_alpha=settings["l1_alpha"], steer=True)
+            print(name, "recommended", row["recommended"], flush=True)
+            save(row)
         alpha = recommended_l1_alpha(src.d_in, latent, args.target, settings["total_steps"], settings["batch_size"])
-        row["model_only"] = run(src, settings, latent, args.target, l1_alpha=alpha, steer=False)
-        print(name, "model only", row["model_only"], flush=True)
+        if "model_only" in args.modes:
+            row["model_only"] = run(src, settings, latent, args.target, l1_alpha=alpha, steer=False)
+            print(name, "model only", row["model_only"], flush=True)
+            save(row)
+
+        pilot = pilot_plan(settings["total_steps"], settings["batch_size"])
 
         def project(a: float, pilot_l0: float) -> float:
-            return pilot_l0 * l0_model.progress_ratio(a, src.d_in, latent, (PILOT_STEPS, PILOT_BATCH),
+            return pilot_l0 * l0_model.progress_ratio(a, src.d_in, latent, pilot,
                                                       (settings["total_steps"], settings["batch_size"]))
 
-        best, pilots, outcome = tune_l1_alpha(src, latent_dim=latent, target=args.target, start=alpha,
-                                              learning_rate=PILOT_LEARNING_RATE, batch_size=PILOT_BATCH,
-                                              pilot_steps=PILOT_STEPS, project=project, device="cpu")
-        row["auto_tune"] = {**run(src, settings, latent, args.target, l1_alpha=best.l1_alpha, steer=False),
-                            "pilots": len(pilots), "outcome": outcome}
-        print(name, "auto-tune", row["auto_tune"], flush=True)
-        rows = [r for r in rows if (r["source"], r["target"]) != (name, args.target)] + [row]
-        path.write_text(json.dumps(rows, indent=2) + "\n")
+        if "auto_tune" in args.modes:
+            best, pilots, outcome = tune_l1_alpha(src, latent_dim=latent, target=args.target, start=alpha,
+                                                  learning_rate=PILOT_LEARNING_RATE, batch_size=pilot[1],
+                                                  pilot_steps=pilot[0], project=project, device="cpu")
+            row["auto_tune"] = {**run(src, settings, latent, args.target, l1_alpha=best.l1_alpha, steer=False),
+                                "pilots": len(pilots), "pilot": list(pilot), "outcome": outcome}
+            print(name, "auto-tune", row["auto_tune"], flush=True)
+            save(row)
     write_table(rows)
 
 
@@ -109,13 +131,15 @@ def write_table(rows: list[dict]) -> None:
              "| source | role | latents | steps × batch | recommended (steering on) | model only (steering off) "
              "| auto-tune's answer (steering off) |", "| --- | --- | ---: | --- | --- | --- | --- |"]
 
-    def cell(r: dict) -> str:
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "not measured"
         return (f"L0 {100 * r['l0_fraction']:.2f}% ({r['ratio']:.2f}×, {'lands' if r['lands'] else 'misses'}), "
                 f"l1_alpha {r['l1_alpha']:.2g}" + (f"→{r['final_l1_alpha']:.2g}"
                                                    if not math.isclose(r["final_l1_alpha"], r["l1_alpha"]) else ""))
     for r in rows:
         lines.append(f"| {r['source']} | {r['role']} | {r['latent_dim']:,} | {r['total_steps']:,} × {r['batch_size']} "
-                     f"| {cell(r['recommended'])} | {cell(r['model_only'])} | {cell(r['auto_tune'])} |")
+                     f"| {cell(r.get('recommended'))} | {cell(r.get('model_only'))} | {cell(r.get('auto_tune'))} |")
     (RESULTS / "recommendations.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -43,7 +43,7 @@ def test_auto_tune_reaches_the_band_through_the_worker(client, run_worker):
     assert tune.status == "completed", tune.reason
     assert 1 <= len(tune.pilots) <= 8
     last = tune.pilots[-1]
-    assert abs(last["l0_fraction"] / 0.02 - 1) <= 0.2 and tune.result_l1_alpha == last["l1_alpha"]
+    assert abs(last["projected"] / 0.02 - 1) <= 0.2 and tune.result_l1_alpha == last["l1_alpha"]
     html = client.get(f"/tunes/{tune.id}").get_data(as_text=True)
     assert "hx-trigger" not in html and 'id="use-tuned"' in html
     assert html.count("<tr>") == len(tune.pilots) + 1  # every pilot is listed

@@ -12,7 +12,7 @@ from ..models import TuneJob
 from ..work import lifecycle
 from ..work.queue import QueueUnavailable
 from ..work.resources import TooLarge, check_memory, tune_bytes
-from ..work.tune import PILOT_BATCH, create_tune
+from ..work.tune import create_tune, pilot_plan
 from .records import get_or_404
 
 bp = Blueprint("tune", __name__, url_prefix="/tunes")
@@ -45,7 +45,8 @@ def start():
     source = form.sources.get(form.source_id.data)
     if not problems and source is not None:
         try:
-            check_memory(current_app.config, tune_bytes(source.d_in, form.latent_dim.data, PILOT_BATCH),
+            batch = pilot_plan(None, form.batch_size.data if not form.batch_size.errors else None)[1]
+            check_memory(current_app.config, tune_bytes(source.d_in, form.latent_dim.data, batch),
                          "An auto-tune pilot", "Lower latent_dim.")
         except TooLarge as exc:
             problems["latent_dim"] = [str(exc)]
