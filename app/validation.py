@@ -178,8 +178,9 @@ def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
     """What the L0 model expects of this l1_alpha, and the swap with the learning rate.
 
     A predicted L0 whose range reaches red (above 15%) is a warning whatever else the
-    config says; so is one 5× or more below the target. Otherwise the prediction is shown
-    as information beside the field, with the value that lands on the target if it misses.
+    config says; so is an expected L0 more than 3× above the target or 5× below it.
+    Otherwise the prediction is shown as information beside the field, with the value that
+    lands on the target if it misses by more than 1.5×.
     """
     latent, steps, target, lr, alpha = (cfg["latent_dim"], cfg["total_steps"], cfg["target_l0"],
                                         cfg["learning_rate"], cfg["l1_alpha"])
@@ -191,7 +192,7 @@ def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
         expected += f", after {source.runs_seen} earlier run{'s' if source.runs_seen > 1 else ''} on this source"
     fix, value = f"Set l1_alpha to about {rec:.2g} (expected to end at the target).", _round(rec)
     steering = bool(cfg.get("steer_l1_alpha"))
-    dense, starved = high > RED_ABOVE, mid < target / 5
+    dense, starved, over = high > RED_ABOVE, mid < target / 5, mid > 3 * target
     if alpha == lr:
         add(Finding("warning", "l1_alpha", f"l1_alpha equals the learning rate ({alpha:g}). Did you swap them? "
                     f"l1_alpha is the sparsity penalty, not a step size; at {alpha:g}, {expected}.", fix, value))
@@ -202,12 +203,16 @@ def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
     elif steering:  # the controller moves l1_alpha to the target: the prediction is where it starts from
         add(Finding("info", "l1_alpha", f"Steering is on: it moves l1_alpha after the warm-up until L0 holds the "
                     f"{format_target(target, latent)}. Left alone, this l1_alpha would give {expected}.",
-                    *((fix, value) if dense or starved else (None, None))))
+                    *((fix, value) if dense or starved or over else (None, None))))
     elif dense:
         verdict = "dense" if mid > RED_ABOVE else "possibly dense"
         add(Finding("warning", "l1_alpha", f"At l1_alpha {alpha:g} for {latent:,} latents on d_in {d_in} over "
                     f"{steps:,} steps, {expected}: {verdict}. The {format_target(target, latent)} needs a "
                     "stronger penalty.", fix, value))
+    elif over:
+        add(Finding("warning", "l1_alpha", f"At l1_alpha {alpha:g} for {latent:,} latents over {steps:,} steps, "
+                    f"{expected}: {mid / target:.1f}× the {format_target(target, latent)}, denser than the SAE "
+                    "asked for.", fix, value))
     elif starved:
         add(Finding("warning", "l1_alpha", f"At l1_alpha {alpha:g}, {expected}, {target / mid:.0f}× below the "
                     f"{format_target(target, latent)}: the reconstruction will suffer and latents will likely die.",

@@ -38,12 +38,21 @@ def test_the_recommended_config_is_silent_but_for_its_expected_l0():
 
 
 def test_the_issue_dense_config_is_flagged_whatever_the_learning_rate():
-    """d_in 768, 8,192 latents, l1_alpha 0.0003, learning rate 0.001: the sweep measured 37–54% L0 there."""
+    """d_in 768, 8,192 latents, l1_alpha 0.0003, learning rate 0.001, the form's 2,000 steps of 512.
+
+    Measured (one run, ~5 true features active): L0 13.1% at the end, 22% at step 1,000; the
+    old calibration said nothing at all. Short runs of it are dense, this one ends 6.5× its target.
+    """
     wide = SourceStats(d_in=768, n_tokens=None)
     [finding] = [f for f in validate_config(sound(latent_dim=8192, l1_alpha=0.0003), wide) if f.field == "l1_alpha"]
-    assert finding.level == "warning"
-    assert re.search(r"expected L0 ≈ [\d.]+% \([\d.]+%–[\d.]+%\): (possibly )?dense", finding.message), finding.message
-    assert finding.suggested_value == pytest.approx(recommended_l1_alpha(768, 8192, 0.02, 2000, 512), rel=0.05)
+    assert finding.level == "warning" and finding.suggested_value > 0.0003
+    low, high = (float(x) / 100 for x in re.search(r"expected L0 ≈ [\d.]+% \(([\d.]+)%–([\d.]+)%\)",
+                                                   finding.message).groups())
+    assert low <= 0.131 <= high  # what the run measured lies in the range shown
+    shorter = sound(latent_dim=8192, l1_alpha=0.0003, total_steps=800, batch_size=256)
+    [finding] = [f for f in validate_config(shorter, wide) if f.field == "l1_alpha"]
+    assert finding.level == "warning" and "dense" in finding.message
+    assert finding.suggested_value == pytest.approx(recommended_l1_alpha(768, 8192, 0.02, 800, 256), rel=0.05)
 
 
 def test_a_weak_penalty_is_flagged_however_long_the_run_and_a_long_run_needs_less():
@@ -221,17 +230,26 @@ def test_acknowledged_warnings_are_recorded_on_the_run(client, run_worker):
 
 
 @pytest.mark.slow
-def test_calibration_predicts_a_setting_it_was_not_fitted_on():
-    """Synthetic source at a density (8 active of 768) and latent_dim (6× d_in) outside the fit."""
+def test_the_recommendation_lands_on_a_source_it_was_not_fitted_on():
+    """Synthetic source at a density (8 active of 768) and latent_dim (6× d_in) outside the fit.
+
+    The recommendation is the model's l1_alpha with steering on. The model alone ends 2.2×
+    below the target on this source (its held-out sources lie up to ~2× off its curve, RMS):
+    steering is what lands it.
+    """
+    from app.sae.control import L0Controller
     from app.sae.sources import SyntheticSource
     from app.sae.trainer import TrainConfig, train
 
-    target = 0.02
-    alpha = recommended_l1_alpha(256, 1536, target, 800, 512)
-    result, _ = train(SyntheticSource(256, 768, 8, seed=5),
-                      TrainConfig(latent_dim=1536, l1_alpha=alpha, batch_size=512, total_steps=800,
-                                  lr_warmup_steps=40, l1_warmup_steps=40, log_every=100, device="cpu"))
-    assert target / 1.5 <= result.eval["l0_fraction"] <= target * 1.5, (alpha, result.eval["l0_fraction"])
+    target, source = 0.02, SyntheticSource(256, 768, 8, seed=5)
+    settings = recommend_settings(SourceStats(256, None), latent_dim=1536, target_l0=target, architecture="standard",
+                                  on_gpu=False)
+    assert settings["steer_l1_alpha"][0] is True
+    cfg = TrainConfig(latent_dim=1536, l1_alpha=settings["l1_alpha"][0], batch_size=512, total_steps=1000,
+                      lr_warmup_steps=50, l1_warmup_steps=50, log_every=20, device="cpu")
+    controller = L0Controller(target=target, alpha=cfg.l1_alpha, start_step=cfg.l1_warmup_steps)
+    result, _ = train(source, cfg, l1_alpha_control=controller)
+    assert target / 1.5 <= result.eval["l0_fraction"] <= target * 1.5, (cfg.l1_alpha, result.eval["l0_fraction"])
 
 
 def test_recommended_steps_let_l0_settle_and_small_sources_get_smaller_batches():
