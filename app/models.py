@@ -404,7 +404,7 @@ def refresh_standard_preset(preset: Template) -> None:
 
 
 def seed_templates() -> None:
-    """Presets for common model widths and both architectures, l1_alpha from the calibration."""
+    """Presets for common model widths and every architecture, l1_alpha from the L0 model."""
     import math
 
     for d_in in PRESET_WIDTHS:

@@ -69,7 +69,7 @@ def suggest_l1_alpha(current: float, observed_fraction: float, target_fraction: 
 
     Raising l1_alpha lowers L0 roughly in proportion over the useful range (DESIGN.md's
     sweep), so scale the penalty by observed/target, at most tenfold per suggestion. A run
-    more than 10× too dense is pointed at least at the calibrated ``recommended`` value
+    more than 10× too dense is pointed at least at the L0 model's ``recommended`` value
     (the default 0.003 when none is known): a penalty that weak was never in the running.
     """
     floor = recommended or DEFAULT_L1_ALPHA
@@ -110,7 +110,7 @@ class RunSpec:
     early_stop_l0: float = DENSE_WARNING_ABOVE
     plateau_window: int = 2000
     steering: bool = False
-    recommended_l1_alpha: float | None = None  # the calibration's value for this run, if known
+    recommended_l1_alpha: float | None = None  # the L0 model's value for this run, if known
     d_in: int | None = None  # with total_steps: lets advice project L0 to the end of the run
     total_steps: int | None = None
     batch_size: int = 1024

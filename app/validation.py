@@ -248,7 +248,7 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
     if source.n_tokens is None:
         steps, why_steps = (20_000 if on_gpu else 3000), "the synthetic stream never repeats; enough steps to settle"
     else:
-        # L0 settles slowly: the calibrated l1_alpha is reached after about MIN_SETTLE_STEPS
+        # L0 settles slowly: the target is reached after about MIN_SETTLE_STEPS
         # (MiniLM, 1,536 latents: 4× the target at 300 steps, 1.5× at 1,000, 1.03× at 2,000).
         # A small source gets smaller batches, so those steps stay within a few passes.
         fit = 2 ** int(math.log2(max(1, source.n_tokens * MAX_SETTLE_PASSES // MIN_SETTLE_STEPS)))
@@ -261,7 +261,7 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
                          f"the source's {source.n_tokens:,} tokens {passes:.1f} times (extract more tokens to avoid it)")
         steps = max(MIN_SETTLE_STEPS, min(50_000, 3 * source.n_tokens // batch))
         why_steps = (f"three passes over the source's {source.n_tokens:,} tokens, and at least {MIN_SETTLE_STEPS:,} "
-                     "steps: L0 reaches the calibrated level only then (up to 50,000 steps)")
+                     "steps: L0 settles only then (up to 50,000 steps)")
     lr = 1e-3 if latent_dim <= 16_384 else _round(1e-3 * math.sqrt(16_384 / latent_dim))
     out: dict[str, tuple[float | int, str]] = {
         "learning_rate": (lr, "Adam at 1e-3 trains SAEs stably up to 16k latents; larger dictionaries take a "

@@ -3,7 +3,7 @@
 Each pilot trains a fresh SAE for a few hundred steps and measures its L0 on held-out
 activations. The search works in log space: while only one side of the target is known it
 steps by the ratio observed/target raised to 1/0.7 (the elasticity of L0 in l1_alpha,
-measured by the calibration sweep), at most tenfold; once pilots lie on both sides it
+deliberately gentler than the L0 model's sparse-regime slope), at most tenfold; once pilots lie on both sides it
 interpolates between the nearest two on the log–log line, kept strictly inside the bracket
 (falling back to bisection). It stops when a pilot is within ``tolerance`` of the target,
 or when the next guess repeats one already tried (the edge of the valid range).
@@ -26,7 +26,9 @@ from ..training_config import L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
 from .sources import ActivationSource
 from .trainer import TrainConfig, train
 
-ELASTICITY = 0.75  # −d log L0 / d log l1_alpha in the calibration fit (b = −0.75)
+# −d log L0 / d log l1_alpha assumed for a one-sided step. The L0 model's slope is −1.1 where L0 is
+# small and flattens toward 0 where it is dense, so a gentler 0.75 steps further out of the dense regime.
+ELASTICITY = 0.75
 ALPHA_MIN, ALPHA_MAX = 1.1 * L1_ALPHA_MIN_EXCLUSIVE, L1_ALPHA_MAX
 COLLAPSED_FVU = 0.9
 
