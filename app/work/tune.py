@@ -62,7 +62,7 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
         run_steps, run_batch = tune.run_steps or tune.pilot_steps, tune.run_batch or tune.batch_size
 
         def project(alpha: float, pilot_l0: float) -> float:
-            """The pilot's L0 carried to the run's length by the L0 model's run-length term."""
+            """The pilot's L0 carried to the run's steps and batch by the L0 model."""
             return pilot_l0 * l0_model.progress_ratio(alpha, source.d_in, tune.latent_dim,
                                                       (tune.pilot_steps, tune.batch_size), (run_steps, run_batch))
 
