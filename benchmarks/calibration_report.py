@@ -61,6 +61,18 @@ def errors(coef: dict, rows: list[dict]) -> dict:
     return out
 
 
+def coverage(rows: list[dict]) -> tuple[int, int]:
+    """How many usable runs measured an L0 inside the range the validator shows for them."""
+    from app import l0_model
+
+    inside = total = 0
+    for r in filter(usable, rows):
+        low, _, high = l0_model.predict_range(r["l1_alpha"], r["d_in"], r["latent_dim"], r["steps"], r["batch_size"])
+        total += 1
+        inside += low <= r["l0_fraction"] <= high * (1 + 1e-9)
+    return inside, total
+
+
 def validator_score(rows: list[dict]) -> dict:
     """Which held-out configs the validator warns about, against what they measured."""
     from app import validation
@@ -108,13 +120,16 @@ def report(fit_rows: list[dict], held_rows: list[dict]) -> None:
     importlib.reload(app.l0_model)
     importlib.reload(app.validation)
     score = validator_score(held_rows)
+    (held_in, held_n), (fit_in, fit_n) = coverage(held_rows), coverage(fit_rows)
     lines = ["# The L0 model: held-out error and the validator's warnings", "",
              f"Fitted on {result['runs_fitted']} runs; coefficients in `app/calibration.json`.", "",
              "| source | role | runs | RMS error (×) | bias (×) |", "| --- | --- | ---: | ---: | ---: |"]
     for role, table in (("fit", result["fit_error"]), ("held out", result["heldout_error"])):
         for name, v in table.items():
             lines.append(f"| {name} | {role} | {v['runs']} | {math.exp(v['rms_log']):.2f} | {math.exp(v['bias_log']):.2f} |")
-    lines += ["", f"Band drawn around a prediction: ×/÷ {math.exp(result['band_log']):.2f} (the worst source's RMS error).",
+    lines += ["", f"Band drawn around a prediction: ×/÷ {math.exp(result['band_log']):.2f} (the worst source's RMS error). "
+              f"The measured L0 lay inside the range shown for {held_in} of {held_n} held-out runs and {fit_in} of "
+              f"{fit_n} fitted ones.",
               "", f"Validator on {len(held_rows)} held-out configs (target 2%, fixed l1_alpha):", "",
               f"- measured L0 above 15%: {score['dense_runs']} configs, warned for {score['dense_warned']}",
               f"- measured L0 below 5%: {score['sparse_runs']} configs, warned (falsely) for {score['sparse_warned']}"]
