@@ -91,6 +91,15 @@ def alpha_for(target: float, d_in: int, latent_dim: int, steps: int, batch: int,
     return math.exp((lo + hi) / 2)
 
 
+SATURATED = 0.99  # share of the ceiling above which L0 says nothing more about the penalty
+
+
+def _logit(share: float) -> float:
+    """z for an L0 that is ``share`` of the ceiling (capped just below it)."""
+    share = min(share, SATURATED)
+    return math.log(share / (1 - share))
+
+
 def corrected_alpha(l1_alpha: float, observed: float, target: float, d_in: int, latent_dim: int,
                     *, max_factor: float = 10.0) -> float:
     """The l1_alpha that moves a run which ended at ``observed`` to ``target``.
@@ -101,16 +110,10 @@ def corrected_alpha(l1_alpha: float, observed: float, target: float, d_in: int, 
     if observed <= 0:
         return max(ALPHA_LOW, l1_alpha / max_factor)
     top = ceiling(d_in, latent_dim)
-    observed, target = min(observed / top, 0.999), min(target / top, 0.999)
     # Move along the model's curve, shifted to pass through what this run measured.
-    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
-    log_alpha = math.log(l1_alpha) + (logit(target) - logit(observed)) / COEF["b"]
+    log_alpha = math.log(l1_alpha) + (_logit(target / top) - _logit(observed / top)) / COEF["b"]
     factor = max(-math.log(max_factor), min(math.log(max_factor), log_alpha - math.log(l1_alpha)))
     return min(L1_ALPHA_MAX, max(ALPHA_LOW, l1_alpha * math.exp(factor)))
-
-
-def _logit(p: float) -> float:
-    return math.log(p / (1 - p))
 
 
 def run_shift(l1_alpha: float, d_in: int, latent_dim: int, steps: int, batch: int, measured: float) -> float | None:
@@ -118,8 +121,7 @@ def run_shift(l1_alpha: float, d_in: int, latent_dim: int, steps: int, batch: in
     if not 1e-4 < measured < 1 or not 0 < l1_alpha:
         return None
     top = ceiling(d_in, latent_dim)
-    return _logit(min(measured / top, 0.99)) - _logit(min(predict(l1_alpha, d_in, latent_dim, steps, batch) / top,
-                                                           0.99))
+    return _logit(measured / top) - _logit(predict(l1_alpha, d_in, latent_dim, steps, batch) / top)
 
 
 MAX_SHIFT = 3.0  # about 20× in the sparse regime: beyond it a run is broken, not informative
