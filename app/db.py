@@ -194,12 +194,25 @@ def _migration_14_l0_model(db) -> None:
             refresh_standard_preset(preset)
 
 
+def _migration_15_fencing(db) -> None:
+    """One writer per record: an attempt number (fencing token) on every job record, the attempt
+    on each metric point and event, and the checkpoint in force on the run's row."""
+    from peewee import CharField, IntegerField
+
+    for table in ("training", "tune_job", "extraction", "feature_job", "downstream_eval"):
+        add_column_if_missing(db, table, "attempt", IntegerField(default=0))
+    add_column_if_missing(db, "training", "checkpoint_name", CharField(null=True))
+    add_column_if_missing(db, "training", "checkpoint_at", IntegerField(null=True))
+    add_column_if_missing(db, "metric_point", "attempt", IntegerField(null=True))
+    add_column_if_missing(db, "event", "attempt", IntegerField(null=True))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
                               _migration_10_double_precision, _migration_11_accounts,
                               _migration_12_architectures, _migration_13_downstream,
-                              _migration_14_l0_model]
+                              _migration_14_l0_model, _migration_15_fencing]
 
 
 def migrate() -> int:

@@ -93,6 +93,9 @@ class JobRecord(Owned):
     finished_at = DateTimeField(null=True)
     heartbeat_at = DateTimeField(null=True)  # stamped by the running job; a stale one means it died
     worker_name = CharField(null=True)  # the worker that claimed it
+    # The fencing token: each claim of the row adds one. Every write a job makes is conditional on
+    # the attempt it claimed still being this one (docs/design.md, "One writer per record").
+    attempt = IntegerField(default=0)
 
     @property
     def is_active(self) -> bool:
@@ -172,6 +175,10 @@ class Training(JobRecord):
     tokens_seen = BigIntegerField(default=0)
     summary = JSONField(null=True)  # final evaluation on held-out activations
     chart = JSONField(null=True)  # app.chart_series state: the charted metrics, bounded, extremes kept
+    # The checkpoint in force: a file of the run's folder named by the attempt and step that wrote
+    # it, committed here by a write conditional on that attempt (so a stale process's file never is).
+    checkpoint_name = CharField(null=True)
+    checkpoint_at = IntegerField(null=True)  # its step
 
     class Meta:
         table_name = "training"
@@ -230,6 +237,7 @@ class MetricPoint(BaseModel):
     lr = DoubleField()
     l1_alpha = DoubleField()
     tokens_per_s = DoubleField()
+    attempt = IntegerField(null=True)  # the claim of the run that wrote it
 
     class Meta:
         table_name = "metric_point"
@@ -250,6 +258,7 @@ class Event(BaseModel):
     message = TextField()
     suggestion = TextField(null=True)
     created_at = DateTimeField(default=utcnow)
+    attempt = IntegerField(null=True)  # the claim of the run that wrote it (null: written from the web)
 
     class Meta:
         table_name = "event"

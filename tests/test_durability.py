@@ -54,7 +54,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(client, env, r
     worker = start_worker(env)
     try:
         # past a few checkpoints; the kill then lands somewhere in the next interval
-        wait_for(lambda: (checkpoint_step(killed, current_app.config) or 0) >= 180, timeout=120, interval=0.02,
+        wait_for(lambda: (checkpoint_step(reload(killed), current_app.config) or 0) >= 180, timeout=120, interval=0.02,
                  message="the run to pass a checkpoint")
         time.sleep(0.3)
         kill_work_horse(worker)

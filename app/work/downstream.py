@@ -12,7 +12,7 @@ from ..db import database
 from ..extraction.capture_names import BUNDLED_MINILM, SITES
 from ..models import DownstreamEval, Training
 from . import lifecycle
-from .lifecycle import retry_write, update_record
+from .lifecycle import retry_write
 
 USER_ERRORS = ("ExtractionError", "TextSourceError", "PathRefused", "TooLarge", "DownstreamError")
 
@@ -77,7 +77,7 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
             yield doc
 
     def progress(fraction: float) -> None:
-        update_record(job, what="progress", progress=fraction)
+        lifecycle.fenced_update(job, what="progress", progress=fraction)
 
     try:
         result = downstream_eval(model, tokenizer, causal, sae, norm_scale=run.norm_scale, layer=int(meta["layer"]),

@@ -14,7 +14,7 @@ from ..db import database
 from ..extraction.capture_names import BUNDLED_MINILM
 from ..models import ActivationSet, Extraction
 from . import lifecycle
-from .lifecycle import retry_write, update_record
+from .lifecycle import retry_write
 from .resources import check_memory, check_model_size, model_bytes
 
 USER_ERRORS = ("ExtractionError", "TextSourceError", "StoreError", "PathRefused", "TooLarge")
@@ -67,15 +67,15 @@ def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -
                 check_memory(settings, int(1.3 * size * share), "The model", "Choose bfloat16, or a smaller model.")
         check_corpus(spec)  # a bad corpus fails before the model is loaded
         device = resolve_device(settings["SAE_DEVICE"])
-        update_record(job, what="device", device=str(device))
+        lifecycle.fenced_update(job, what="device", device=str(device))
         tokenizer, model = load_model(model_name, device, job.model_dtype)
         _, layout, n_layers = find_site(model, job.layer, job.site)
         d_in = int(model.config.hidden_size)
         writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)
 
         def on_progress(p) -> None:
-            update_record(job, what="progress", tokens_done=p.tokens, documents_done=p.documents,
-                          tokens_per_s=p.tokens_per_s)
+            lifecycle.fenced_update(job, what="progress", tokens_done=p.tokens, documents_done=p.documents,
+                                    tokens_per_s=p.tokens_per_s)
 
         tokens, docs, stopped = extract(
             model, tokenizer, documents(spec), writer, layer=job.layer, site=job.site,
@@ -100,12 +100,17 @@ def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -
                 source = ActivationSet.create(name=name, kind="extracted", d_in=d_in,
                                               n_tokens=tokens - holdout_rows(tokens), params=meta,
                                               path=f"activations/{job.id}")
-                Extraction.update(status="completed", activation_set=source, tokens_done=tokens, documents_done=docs,
-                                  finished_at=lifecycle.utcnow()).where(
-                    (Extraction.id == job.id) & (Extraction.status == "running")).execute()
+                if not Extraction.update(status="completed", activation_set=source, tokens_done=tokens,
+                                         documents_done=docs, finished_at=lifecycle.utcnow()).where(
+                        lifecycle.current(job)).execute():
+                    raise lifecycle.superseded(job, "its completion")  # rolls the new source back too
 
         retry_write(complete, what="complete extraction")
         return "completed"
+    except lifecycle.Superseded:
+        if writer is not None:
+            writer.abort()
+        return "superseded"
     except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
         if writer is not None:
             writer.abort()

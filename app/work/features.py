@@ -9,7 +9,7 @@ from ..db import database
 from ..models import FeatureJob, FeatureStat, Training
 from ..quality import density_histogram
 from . import lifecycle
-from .lifecycle import retry_write, update_record
+from .lifecycle import retry_write
 from .resources import check_memory, feature_bytes
 
 USER_ERRORS = ("FeatureError", "SAEFormatError", "StoreError", "TooLarge")
@@ -66,7 +66,7 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
     x = x * loaded.norm_scale
 
     def progress(fraction: float) -> None:
-        update_record(job, what="progress", progress=fraction)
+        lifecycle.fenced_update(job, what="progress", progress=fraction)
 
     stats = F.latent_stats(sae, x, top_n=job.top_n, should_stop=stop_check,
                            on_progress=_throttled_progress(lambda f: progress(0.8 * f)))

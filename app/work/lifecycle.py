@@ -10,7 +10,12 @@ The database row is the truth; Redis only carries the job. So:
   marks a running row whose heartbeat has stopped ``interrupted``, whatever RQ thinks;
 - cancelling is a database write: a queued row ends at once, a running job sees the flag;
 - every write a worker makes goes through ``retry_write``, so a busy database delays a
-  run but never fails it.
+  run but never fails it;
+- one writer per record: each claim adds one to the row's ``attempt`` (a fencing token), and
+  every write a job makes (heartbeat, progress, metrics, events, checkpoint, its end) is
+  conditional on that attempt still being the row's, and the row still running, in the same
+  statement or transaction. A process that was stopped, swept and woke up after another
+  worker resumed its record finds itself ``Superseded`` and stops without writing.
 """
 from __future__ import annotations
 
@@ -98,10 +103,40 @@ def update_record(record: JobRecord, *, only_if: tuple[str, ...] | None = None, 
 
 
 def add_event(training_id: int, level: str, code: str, message: str, *, step: int | None = None,
-              suggestion: str | None = None) -> None:
+              suggestion: str | None = None, attempt: int | None = None) -> None:
+    """An event written from the web or by the sweeper (a job writes its own through ``MetricWriter``)."""
     message = redact(message)
     retry_write(lambda: Event.create(training=training_id, level=level, code=code, message=message, step=step,
-                                     suggestion=suggestion), what="event")
+                                     suggestion=suggestion, attempt=attempt), what="event")
+
+
+# --- one writer per record --------------------------------------------------------------
+
+class Superseded(RuntimeError):
+    """This process's claim of a record is no longer the current one (it was swept, resumed
+    elsewhere, deleted, or it already ended): it must stop at once and write nothing more."""
+
+
+def current(record: JobRecord):
+    """The condition every write of a job carries: its row, its attempt, and the status the job
+    last set itself (``running`` until it ends the record; after that, the final status)."""
+    model = type(record)
+    status = getattr(record, "_ended_as", None) or "running"
+    return (model.id == record.id) & (model.attempt == record.attempt) & (model.status == status)
+
+
+def fenced_update(record: JobRecord, *, what: str = "write", **fields) -> None:
+    """Write ``fields`` to the row if this process still holds it; else raise ``Superseded``."""
+    model = type(record)
+    if not retry_write(model.update(**fields).where(current(record)).execute, what=what):
+        raise superseded(record, what)
+
+
+def superseded(record: JobRecord, what: str) -> Superseded:
+    message = (f"{label(record)} {record.id}: attempt {record.attempt} is no longer the record's current one; "
+               f"{what} not written, the job stops here")
+    log.warning(message)
+    return Superseded(message)
 
 
 # --- creating and queueing -------------------------------------------------------------
@@ -171,15 +206,20 @@ def load(model: type[JobRecord], record_id: int) -> JobRecord | None:
 
 
 def claim(record: JobRecord) -> bool:
-    """Move a queued record to running for this worker; False when it is no longer queued."""
+    """Move a queued record to running for this worker under the next attempt number; False when
+    it is no longer queued (or another claim came first)."""
+    model = type(record)
     now = utcnow()
-    fields = {"status": "running", "heartbeat_at": now, "worker_name": worker_name()}
+    fields = {"status": "running", "heartbeat_at": now, "worker_name": worker_name(), "attempt": record.attempt + 1}
     if record.started_at is None:
         fields["started_at"] = now
-    claimed = update_record(record, only_if=("queued",), what="claim", **fields)
+    query = model.update(**fields).where((model.id == record.id) & (model.status == "queued")
+                                         & (model.attempt == record.attempt))
+    claimed = bool(retry_write(query.execute, what="claim"))
     if claimed:
         for key, value in fields.items():
             setattr(record, key, value)
+        record._ended_as = None
     return claimed
 
 
@@ -204,6 +244,8 @@ def guarded(job: JobRecord, work: Callable[[], str], *, user_errors: tuple[str, 
     and ``cleanup`` runs first. Errors named in ``user_errors`` are the user's: recorded, not raised."""
     try:
         return work()
+    except Superseded:
+        return "superseded"  # logged where it was found; the record is another attempt's now
     except InterruptedError as exc:
         if cleanup is not None:
             cleanup()
@@ -220,12 +262,28 @@ def guarded(job: JobRecord, work: Callable[[], str], *, user_errors: tuple[str, 
         return "failed"
 
 
-def finish(record: JobRecord, status: str, **fields) -> bool:
-    """End a running record with ``status``; False if it was no longer running (e.g. swept)."""
+def finish(record: JobRecord, status: str, *, event: dict | None = None, **fields) -> bool:
+    """End the record this process holds with ``status`` (and, for a training, its closing
+    ``event`` in the same transaction); False, with nothing written, if the process no longer
+    holds it (swept, resumed elsewhere, deleted)."""
     if "reason" in fields:
         fields["reason"] = redact(fields["reason"])
-    return update_record(record, only_if=("running",), what=f"finish {status}", status=status,
-                         finished_at=utcnow(), **fields)
+    model = type(record)
+
+    def write() -> bool:
+        with database.atomic():
+            if not model.update(status=status, finished_at=utcnow(), **fields).where(current(record)).execute():
+                return False
+            if event is not None:
+                Event.create(training=record.id, attempt=record.attempt, **{**event, "message": redact(event["message"])})
+            return True
+
+    ended = retry_write(write, what=f"finish {status}")
+    if ended:
+        record._ended_as = status
+    else:
+        superseded(record, f"its end ({status})")
+    return ended
 
 
 def fail(record: JobRecord, reason: str, **fields) -> bool:
@@ -258,9 +316,10 @@ class Heartbeat:
         model = type(self.record)
         try:
             while not self._stop.wait(self.interval_s):
+                if getattr(self.record, "_ended_as", None):
+                    return  # the job ended its record; nothing is left to stamp
                 try:
-                    alive = (model.update(heartbeat_at=utcnow())
-                             .where((model.id == self.record.id) & (model.status == "running")).execute())
+                    alive = model.update(heartbeat_at=utcnow()).where(current(self.record)).execute()
                 except RETRYABLE as exc:
                     log.warning("heartbeat skipped: %s", exc)
                     _reset_connection()
@@ -314,8 +373,7 @@ class StopCheck:
             self.interrupted = f"{SHUTDOWN_REASON} while it ran."
             return self.interrupted
         if self.heartbeat is not None and self.heartbeat.lost.is_set():
-            self.interrupted = "The record stopped being 'running' while the job ran (it was swept or deleted)."
-            return self.interrupted
+            raise superseded(self.record, "the heartbeat")
         now = time.monotonic()
         if now < self._next:
             return None
@@ -355,25 +413,29 @@ def sweep_stale(settings: dict) -> list[JobRecord]:
     """
     import datetime as dt
 
-    limit = utcnow() - dt.timedelta(seconds=settings["HEARTBEAT_STALE_S"])
     swept = []
     for model in job_models():
-        stale = model.select().where((model.status == "running") & (
-            (model.heartbeat_at < limit) | (model.heartbeat_at.is_null() & (model.started_at < limit))))
+        limit = utcnow() - dt.timedelta(seconds=settings["HEARTBEAT_STALE_S"])
+        silent = (model.heartbeat_at < limit) | (model.heartbeat_at.is_null() & (model.started_at < limit))
+        stale = model.select().where((model.status == "running") & silent)
         for record in retry_write(lambda q=stale: list(q), what="sweep"):
             age = (utcnow() - (record.heartbeat_at or record.started_at)).total_seconds()
             reason = (f"Interrupted: the {label(record)}'s worker ({record.worker_name or 'unknown'}) stopped "
-                      f"sending heartbeats {age:.0f} s ago (killed, crashed or its machine restarted).")
-            if mark_interrupted(record, reason, settings):
+                      f"sending heartbeats {age:.0f} s ago (killed, crashed, stopped or its machine restarted).")
+            # the heartbeat is read again in the UPDATE itself: a job that beat since the select stays running
+            if mark_interrupted(record, reason, settings, only_if_silent=silent):
                 swept.append(record)
     return swept
 
 
-def mark_interrupted(record: JobRecord, reason: str, settings: dict) -> bool:
-    """End a running record as ``interrupted``; trainings say how to resume, extractions drop partial files."""
+def mark_interrupted(record: JobRecord, reason: str, settings: dict, *, only_if_silent=None) -> bool:
+    """End the attempt of a running record that ``record`` was read with as ``interrupted`` (only
+    while its heartbeat is still silent, when ``only_if_silent`` says what silent is); trainings
+    say how to resume, extractions drop partial files."""
     import shutil
     from pathlib import Path
 
+    model = type(record)
     extra = {}
     if isinstance(record, Training):
         from .training import checkpoint_step
@@ -382,11 +444,18 @@ def mark_interrupted(record: JobRecord, reason: str, settings: dict) -> bool:
         reason += (f" The checkpoint at step {saved:,} is kept: press Resume to continue from it."
                    if saved is not None else " No checkpoint was saved yet: Resume starts it again from step 0.")
         extra["failed_step"] = record.step
-    if not update_record(record, only_if=("running",), what="interrupt", status="interrupted", reason=reason,
-                         finished_at=utcnow(), **extra):
+    where = (model.id == record.id) & (model.status == "running") & (model.attempt == record.attempt)
+    if isinstance(record, Training):
+        # the reason names the checkpoint read above: one committed since then leaves the row alone
+        where &= (Training.checkpoint_at.is_null() if record.checkpoint_at is None
+                  else Training.checkpoint_at == record.checkpoint_at)
+    if only_if_silent is not None:
+        where &= only_if_silent
+    query = model.update(status="interrupted", reason=reason, finished_at=utcnow(), **extra).where(where)
+    if not retry_write(query.execute, what="interrupt"):
         return False
     if isinstance(record, Training):
-        add_event(record.id, "error", "interrupted", reason, step=record.step)
+        add_event(record.id, "error", "interrupted", reason, step=record.step, attempt=record.attempt)
     if label(record) == "extraction":
         shutil.rmtree(Path(settings["DATA_DIR"]) / "activations" / f".partial-{record.id}", ignore_errors=True)
     return True

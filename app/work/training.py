@@ -1,16 +1,22 @@
 """Training runs: create, run in the worker, checkpoint, finish, fail, resume.
 
-A run's files live in ``DATA_DIR/runs/<id>/``: ``checkpoint.pt`` (the trainer's whole
-state, replaced atomically every checkpoint interval and when the run stops early; removed
-when it completes) and, once it has ended, ``sae.safetensors``, ``frequencies.npy`` and
-``cfg.json``. Metric points are flushed before each checkpoint is written, and a resumed
-run first drops the points after its checkpoint's step, so the series has no duplicates
-and no gap beyond what the crash lost.
+A run's files live in ``DATA_DIR/runs/<id>/``: checkpoints (the trainer's whole state, saved
+every checkpoint interval and when the run stops early; removed when it completes) and, once
+it has ended, ``sae.safetensors``, ``frequencies.npy`` and ``cfg.json``.
+
+A checkpoint file is named by the attempt and step that wrote it (``checkpoint-a3-s1200-<nonce>.pt``)
+and is never written twice. It is in force once the run's row names it, which only a write
+conditional on the writer's attempt does (``lifecycle.current``): a process that lost its
+claim may leave a file behind, never the checkpoint a resume reads. Metric points are
+flushed before each checkpoint is committed, and a resumed run first drops the points after
+its checkpoint's step, so the series has no duplicates and no gap beyond what the crash lost.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import sys
 import time
 import traceback
@@ -21,22 +27,35 @@ from ..chart_series import ChartSeries
 from ..db import database
 from ..models import RESUMABLE_STATUSES, ActivationSet, Event, MetricPoint, Training, utcnow
 from . import lifecycle
-from .lifecycle import add_event, retry_write, update_record
+from .lifecycle import Superseded, add_event, current, retry_write, update_record
 
-CHECKPOINT = "checkpoint.pt"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # before checkpoints were named by attempt (with checkpoint.json beside it)
+CHECKPOINT_NAME = re.compile(r"checkpoint-a(\d+)-s(\d+)-([0-9a-f]{8})\.pt")
 
 
 def run_folder(run: Training, settings: dict) -> Path:
     return Path(settings["DATA_DIR"]) / "runs" / str(run.id)
 
 
+def checkpoint_path(run: Training, settings: dict) -> Path | None:
+    """The checkpoint file in force for the run as ``run`` was read (None if there is none)."""
+    folder = run_folder(run, settings)
+    if run.checkpoint_name:
+        path = folder / run.checkpoint_name
+        return path if path.exists() else None
+    legacy = folder / LEGACY_CHECKPOINT
+    return legacy if legacy.exists() and (folder / "checkpoint.json").exists() else None
+
+
 def checkpoint_step(run: Training, settings: dict) -> int | None:
-    """The step of the run's saved checkpoint (None if there is none), read without torch."""
-    meta = run_folder(run, settings) / "checkpoint.json"
-    if not (run_folder(run, settings) / CHECKPOINT).exists() or not meta.exists():
+    """The step of the run's checkpoint in force (None if there is none), read without torch."""
+    path = checkpoint_path(run, settings)
+    if path is None:
         return None
+    if run.checkpoint_name:
+        return run.checkpoint_at
     try:
-        return int(json.loads(meta.read_text())["step"])
+        return int(json.loads((path.parent / "checkpoint.json").read_text())["step"])
     except (ValueError, KeyError, OSError):
         return None
 
@@ -140,21 +159,29 @@ class MetricWriter:
         self.flush()
 
     def flush(self) -> None:
+        """Write the waiting points and events, if this process still holds the run; ``Superseded`` if not."""
         if not self.rows and not self.events:
             return
-        rows, events = self.rows, self.events
+        rows, events, run = self.rows, self.events, self.run
+        for row in rows:
+            row["attempt"] = run.attempt
+        for event in events:
+            event["attempt"] = run.attempt
 
         def write() -> None:
             with database.atomic():
+                # the guard comes first, so it also holds the row against a sweep until the commit
+                changes = ({"step": rows[-1]["step"], "tokens_seen": rows[-1]["tokens"], "chart": self.series.state()}
+                           if rows else {"heartbeat_at": utcnow()})
+                if not Training.update(**changes).where(current(run)).execute():
+                    raise lifecycle.superseded(run, f"{len(rows)} metric points and {len(events)} events")
                 if rows:
                     MetricPoint.insert_many(rows).on_conflict_ignore().execute()
-                    Training.update(step=rows[-1]["step"], tokens_seen=rows[-1]["tokens"],
-                                    chart=self.series.state()).where(Training.id == self.run.id).execute()
                 if events:
                     Event.insert_many(events).execute()
 
-        retry_write(write, what="metrics")
         self.rows, self.events = [], []
+        retry_write(write, what="metrics")
         self.last_flush = time.monotonic()
 
 
@@ -178,33 +205,55 @@ def _preflight(run: Training, settings: dict, writer: MetricWriter) -> None:
 
 
 def save_checkpoint(state: dict, run: Training, settings: dict) -> None:
-    """Write the trainer's state atomically: a temporary file, fsync, then rename over the last one."""
+    """Write the trainer's state to a file of this attempt's own (a temporary file, fsync, rename),
+    then commit it on the row by a write conditional on the attempt. A process that no longer
+    holds the run removes its file and gets ``Superseded``; the live one removes the older files."""
     import torch
 
     folder = run_folder(run, settings)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{CHECKPOINT}.tmp"
+    step = int(state["step"])
+    # unique even when a stale process of the same attempt saves the same step again: removing its
+    # own file must never remove the one in force
+    name = f"checkpoint-a{run.attempt}-s{step}-{secrets.token_hex(4)}.pt"
+    tmp = folder / f"{name}.tmp"
     with open(tmp, "wb") as fh:
         torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    tmp.replace(folder / CHECKPOINT)
-    meta_tmp = folder / "checkpoint.json.tmp"
-    meta_tmp.write_text(json.dumps({"step": int(state["step"]), "tokens": int(state["tokens"]), "saved_at":
-                                    utcnow().isoformat() + "Z"}))
-    meta_tmp.replace(folder / "checkpoint.json")
+    tmp.replace(folder / name)
+    try:
+        lifecycle.fenced_update(run, what=f"checkpoint at step {step}", checkpoint_name=name, checkpoint_at=step,
+                                heartbeat_at=utcnow())
+    except Superseded:
+        (folder / name).unlink(missing_ok=True)
+        raise
+    run.checkpoint_name, run.checkpoint_at = name, step
+    _remove_checkpoints(folder, up_to_attempt=run.attempt, keep=name)
+
+
+def _remove_checkpoints(folder: Path, *, up_to_attempt: int, keep: str | None = None) -> None:
+    """Remove checkpoint files of attempts up to ``up_to_attempt`` (never a later attempt's) but ``keep``."""
+    for path in folder.glob("checkpoint*"):
+        match = CHECKPOINT_NAME.fullmatch(path.name.removesuffix(".tmp"))
+        if path.name == keep or (match is None and path.name not in (LEGACY_CHECKPOINT, "checkpoint.json")):
+            continue
+        if match is None or int(match.group(1)) <= up_to_attempt:
+            path.unlink(missing_ok=True)
 
 
 def drop_checkpoint(run: Training, settings: dict) -> None:
-    for name in (CHECKPOINT, "checkpoint.json"):
-        (run_folder(run, settings) / name).unlink(missing_ok=True)
+    """Forget the checkpoint of a run this process ended (completed or stopped early) and remove its files."""
+    lifecycle.fenced_update(run, what="drop checkpoint", checkpoint_name=None, checkpoint_at=None)
+    run.checkpoint_name = run.checkpoint_at = None
+    _remove_checkpoints(run_folder(run, settings), up_to_attempt=run.attempt)
 
 
 def load_checkpoint(run: Training, settings: dict) -> dict | None:
     import torch
 
-    path = run_folder(run, settings) / CHECKPOINT
-    if not path.exists():
+    path = checkpoint_path(run, settings)
+    if path is None:
         return None
     # weights_only: the file holds tensors, numbers, strings and containers of them, nothing else
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -242,8 +291,7 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
                 writer.series = ChartSeries(state=resume["chart"])
 
         def on_start(info: dict) -> None:
-            retry_write(Training.update(device=info["device"], norm_scale=info["norm_scale"]).where(
-                Training.id == run.id).execute, what="start")
+            lifecycle.fenced_update(run, what="start", device=info["device"], norm_scale=info["norm_scale"])
             if info["resumed_from"]:
                 writer.event("info", "resumed", f"Resumed on {info['device']} from the checkpoint at step "
                                                 f"{info['resumed_from']:,}.", step=info["resumed_from"])
@@ -277,17 +325,18 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
         if stop_check.interrupted:
             reason = (f"{stop_check.interrupted} A checkpoint was saved at step {result.steps:,}: press Resume to "
                       "continue from it.")
-            lifecycle.finish(run, "interrupted", reason=reason, **done)
-            writer.event("warning", "interrupted", reason, step=result.steps)
+            lifecycle.finish(run, "interrupted", reason=reason, **done,
+                             event=closing_event("warning", "interrupted", reason, step=result.steps))
             return "interrupted"
         checkpoint = _save_sae(sae, run, result, settings["DATA_DIR"])
         summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, source.d_in)
         done["summary"] = summary
         if result.status == "completed":
-            lifecycle.finish(run, "completed", **done)
+            if not lifecycle.finish(run, "completed", **done, event=closing_event(
+                    "info", "completed", f"Training completed. {summary['verdict']['headline']}", step=result.steps,
+                    suggestion=summary["verdict"]["advice"])):
+                return "superseded"
             drop_checkpoint(run, settings)
-            writer.event("info", "completed", f"Training completed. {summary['verdict']['headline']}",
-                         step=result.steps, suggestion=summary["verdict"]["advice"])
             if settings["FEATURES_AFTER_TRAINING"]:
                 _queue_features(run, settings, writer)
                 if run.source.kind == "extracted":
@@ -301,13 +350,21 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
                 lifecycle.finish(run, "stopped_early", reason=reason, **done)
                 drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on
         else:
-            lifecycle.finish(run, "cancelled", reason=result.reason, **done)
-            writer.event("info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume "
-                                              "continues the run.", step=result.steps)
-        return retry_write(lambda: Training.get_by_id(run.id).status, what="status")
+            lifecycle.finish(run, "cancelled", reason=result.reason, **done, event=closing_event(
+                "info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume continues the run.",
+                step=result.steps))
+        return getattr(run, "_ended_as", None) or "superseded"
+    except Superseded:
+        return "superseded"  # logged where it was found; another attempt holds the run
     except Exception as exc:  # noqa: BLE001 - every failure ends on the row, then RQ sees it too
         _record_failure(run, exc, writer, settings)
         raise
+
+
+def closing_event(level: str, code: str, message: str, *, step: int | None = None,
+                  suggestion: str | None = None) -> dict:
+    """The event written with a run's end, in the same transaction."""
+    return {"level": level, "code": code, "message": message, "step": step, "suggestion": suggestion}
 
 
 def _restore(run: Training, state: dict, monitor, controller) -> None:
@@ -324,11 +381,12 @@ def _rewind(run: Training, step: int, tokens: int) -> None:
 
     def rewind() -> None:
         with database.atomic():
-            MetricPoint.delete().where((MetricPoint.training == run.id) & (MetricPoint.step > step)).execute()
             changes = {"step": step, "tokens_seen": tokens}
             if step == 0:
                 changes["chart"] = None
-            Training.update(**changes).where(Training.id == run.id).execute()
+            if not Training.update(**changes).where(current(run)).execute():
+                raise lifecycle.superseded(run, "the rewind of its metrics")
+            MetricPoint.delete().where((MetricPoint.training == run.id) & (MetricPoint.step > step)).execute()
 
     retry_write(rewind, what="rewind metrics")
 
@@ -349,8 +407,7 @@ def _record_failure(run: Training, exc: Exception, writer: MetricWriter, setting
         writer.flush()
     except Exception:  # noqa: BLE001 - the failure below matters more than buffered points
         pass
-    if lifecycle.fail(run, reason, failed_step=step):
-        add_event(run.id, "error", "failed", reason, step=step)
+    lifecycle.fail(run, reason, failed_step=step, event=closing_event("error", "failed", reason, step=step))
     traceback.print_exc()
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from ..models import TuneJob
 from . import lifecycle
-from .lifecycle import update_record
 from .resources import TooLarge, check_memory, tune_bytes
 
 PILOT_STEPS = 400  # the shortest pilot
@@ -57,7 +56,7 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
 
         def on_pilot(pilot, index: int) -> None:
             pilots.append(pilot.to_dict())
-            update_record(tune, what="pilot", pilots=pilots)
+            lifecycle.fenced_update(tune, what="pilot", pilots=pilots)
 
         run_steps, run_batch = tune.run_steps or tune.pilot_steps, tune.run_batch or tune.batch_size
 
@@ -86,6 +85,8 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
         else:
             lifecycle.finish(tune, "cancelled", reason=outcome)
         return lifecycle.retry_write(lambda: TuneJob.get_by_id(tune.id).status, what="status")
+    except lifecycle.Superseded:
+        return "superseded"  # another attempt holds the record: nothing more is written
     except TooLarge as exc:
         lifecycle.fail(tune, str(exc))
         return "failed"

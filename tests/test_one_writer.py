@@ -1,0 +1,311 @@
+"""One writer per run, whatever the processes do.
+
+Every claim of a record takes the next attempt number (a fencing token), and every write a
+job makes is conditional on its attempt still being the row's. These tests stop a real
+work-horse with SIGSTOP until it has been swept (and, with two workers, until another worker
+has resumed the run), wake it, and check that it writes nothing more: no metric point, no
+event, no checkpoint, no status. A Hypothesis state machine then drives claims, heartbeats,
+sweeps, resumes, cancels and late writes in any order against the real database.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from flask import current_app
+from hypothesis import HealthCheck, settings as hsettings, strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule, run_state_machine_as_test
+
+from app.models import Event, MetricPoint, Training, utcnow
+from app.work import lifecycle
+from app.work.training import CHECKPOINT_NAME, MetricWriter, checkpoint_step, resume_training, save_checkpoint
+from conftest import create_run, reload, start_worker, stop_worker, wait_for
+
+LONG = {"total_steps": 1_000_000, "log_every": 10, "checkpoint_every_steps": 50, "lr_warmup_steps": 20,
+        "l1_warmup_steps": 40, "steer_l1_alpha": True, "dead_window_tokens": 5_000}
+STALE_LOG = "is no longer the record's current one"
+
+
+@pytest.fixture
+def no_feature_jobs(env, monkeypatch):
+    monkeypatch.setenv("FEATURES_AFTER_TRAINING", "0")
+
+
+def work_horse(worker) -> int:
+    """The pid of the worker's work-horse (its other child is the maintenance process)."""
+    def find():
+        pids = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+        horses = [int(p) for p in pids if b"maintenance" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        return horses[0] if horses else None
+    return wait_for(find, timeout=30, message="the work-horse")
+
+
+def worker_log(env, name: str) -> str:
+    return (Path(env["DATA_DIR"]) / f"worker-{name}.log").read_text(errors="replace")
+
+
+def checkpoint_files(env, run) -> set[str]:
+    folder = Path(env["DATA_DIR"]) / "runs" / str(run.id)
+    return {p.name for p in folder.glob("checkpoint*")}
+
+
+def snapshot(run) -> dict:
+    run = reload(run)
+    return {"status": run.status, "reason": run.reason, "step": run.step, "attempt": run.attempt,
+            "checkpoint": (run.checkpoint_name, run.checkpoint_at), "finished_at": run.finished_at,
+            "events": [(e.id, e.code, e.attempt) for e in run.events.order_by(Event.id)],
+            "points": run.metrics.count()}
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_a_horse_swept_while_stopped_writes_nothing_when_it_wakes(client, env, no_feature_jobs):
+    """One worker: the horse is stopped until the sweeper marks its run interrupted. Woken, it
+    stops at its next write and leaves the row, the events, the points and the checkpoint as
+    the sweep left them; Resume then continues from that checkpoint."""
+    run = create_run(client, **LONG)
+    worker = start_worker(env, name="solo")
+    try:
+        wait_for(lambda: (checkpoint_step(reload(run), current_app.config) or 0) >= 100, timeout=120,
+                 message="the run to pass two checkpoints")
+        horse = work_horse(worker)
+        os.kill(horse, signal.SIGSTOP)
+        try:
+            wait_for(lambda: reload(run).status == "interrupted", timeout=60, message="the sweep")
+            swept = snapshot(run)
+            files = checkpoint_files(env, run)
+        finally:
+            os.kill(horse, signal.SIGCONT)
+        wait_for(lambda: STALE_LOG in worker_log(env, "solo"), timeout=60, message="the woken horse to give up")
+        wait_for(lambda: process_gone(horse), timeout=60, message="the woken horse to exit")
+        assert snapshot(run) == swept  # not a point, an event, a checkpoint or a status more
+        assert checkpoint_files(env, run) == files
+        saved = swept["checkpoint"][1]
+        assert f"checkpoint at step {saved:,} is kept" in swept["reason"]  # and the reason still says so
+        assert swept["events"][-1][1:] == ("interrupted", 1)
+
+        assert client.post(f"/api/trainings/{run.id}/resume").status_code == 202
+        wait_for(lambda: reload(run).step >= saved + 60, timeout=120, message="the resumed run to train on")
+        assert Event.get(Event.training == run.id, Event.code == "resumed").step == saved
+        client.post(f"/api/trainings/{run.id}/cancel")
+        wait_for(lambda: reload(run).status == "cancelled", timeout=60, message="the cancel")
+    finally:
+        stop_worker(worker)
+    run = reload(run)
+    assert run.attempt == 2
+    steps = [p.step for p in run.metrics.order_by(MetricPoint.step)]
+    assert steps == list(range(10, steps[-1] + 1, 10))  # one series: no gap, no duplicate at the seam
+
+
+def test_two_workers_a_stopped_horse_cannot_write_over_the_one_that_resumed_its_run(client, env, no_feature_jobs):
+    """The issue's scenario: worker A's horse is stopped past the stale limit, the run is swept,
+    resumed, and claimed by worker B; then A's horse wakes. Only B writes from then on: one
+    'cancelled' event, and the row's step, the checkpoint in force and the events agree."""
+    run = create_run(client, **LONG)
+    a = start_worker(env, name="a")
+    b = None
+    try:
+        wait_for(lambda: (checkpoint_step(reload(run), current_app.config) or 0) >= 50, timeout=120,
+                 message="the run to pass a checkpoint")
+        horse = work_horse(a)
+        os.kill(horse, signal.SIGSTOP)
+        try:
+            wait_for(lambda: reload(run).status == "interrupted", timeout=60, message="the sweep")
+            swept = snapshot(run)
+            assert client.post(f"/api/trainings/{run.id}/resume").status_code == 202
+            b = start_worker(env, name="b")
+            wait_for(lambda: (r := reload(run)).status == "running" and r.attempt == 2
+                     and r.step >= swept["checkpoint"][1] + 20, timeout=120, message="worker B to resume the run")
+        finally:
+            os.kill(horse, signal.SIGCONT)
+        wait_for(lambda: STALE_LOG in worker_log(env, "a"), timeout=60, message="A's horse to give up")
+        wait_for(lambda: process_gone(horse), timeout=60, message="A's horse to exit")
+        assert reload(run).worker_name == "b"
+        client.post(f"/api/trainings/{run.id}/cancel")
+        run = wait_for(lambda: (r := reload(run)).status == "cancelled" and r, timeout=60, message="the cancel")
+    finally:
+        for worker in (a, b):
+            if worker is not None:
+                stop_worker(worker)
+    events = list(run.events.order_by(Event.id))
+    assert [e.code for e in events].count("cancelled") == 1
+    interrupted = next(e for e in events if e.code == "interrupted")
+    assert all(e.attempt in (2, None) for e in events if e.id > interrupted.id)  # nothing from attempt 1 after it
+    # the row, the checkpoint in force and the last event agree on where the run stopped
+    assert run.checkpoint_at == run.step == events[-1].step
+    assert CHECKPOINT_NAME.fullmatch(run.checkpoint_name).group(1) == "2"
+    assert checkpoint_files(env, run) == {run.checkpoint_name}
+    points = list(run.metrics.order_by(MetricPoint.step))
+    assert [p.step for p in points] == list(range(10, points[-1].step + 1, 10))
+    assert all(p.attempt == 2 for p in points if p.step > swept["checkpoint"][1])
+
+
+# --- the state machine ------------------------------------------------------------------
+
+class Writers(RuleBasedStateMachine):
+    """Workers claim, beat, flush points and events, checkpoint and end one run; a sweeper marks
+    it interrupted; a user resumes and cancels it. Late writes from any earlier claim can land
+    at any moment. The model predicts which writes are accepted: only the current attempt's,
+    while the run is running (or, after it ended the run itself, in the status it set)."""
+
+    processes = Bundle("processes")
+
+    def __init__(self, client, settings):
+        super().__init__()
+        self.settings = settings
+        self.run = create_run(client, name="machine")
+        self.attempt, self.status = 0, "queued"
+        self.step, self.checkpoint = 0, None  # (name, step) the row should name
+        self.events: dict[int | None, int] = {}  # attempt -> accepted events
+        self.last_writer = 0  # the highest attempt that has had a write accepted
+        self.point_writers: set[int] = set()  # the attempts whose metric points were accepted
+
+    def row(self) -> Training:
+        return reload(self.run)
+
+    def accepts(self, p) -> bool:
+        return p.attempt == self.attempt and self.status == (getattr(p, "_ended_as", None) or "running")
+
+    def written(self, p, accepted: bool, expected: bool) -> None:
+        assert accepted == expected, (p.attempt, self.attempt, self.status)
+        if accepted:
+            assert p.attempt >= self.last_writer  # never an earlier claim after a later one
+            self.last_writer = p.attempt
+
+    @rule(target=processes)
+    def claim(self):
+        copy = self.row()
+        if self.status != "queued":
+            assert not lifecycle.claim(copy)
+            return multiple()
+        assert lifecycle.claim(copy)
+        assert not lifecycle.claim(self.row())  # a second worker that read the row too loses
+        self.attempt += 1
+        self.status = "running"
+        return copy
+
+    @rule(p=processes)
+    def heartbeat(self, p):
+        expected = self.accepts(p)
+        try:
+            lifecycle.fenced_update(p, what="heartbeat", heartbeat_at=utcnow())
+            accepted = True
+        except lifecycle.Superseded:
+            accepted = False
+        self.written(p, accepted, expected)
+
+    @rule(p=processes, steps=st.integers(1, 3))
+    def flush(self, p, steps):
+        expected = self.accepts(p)
+        writer = MetricWriter(p)
+        start = self.row().step
+        for i in range(1, steps + 1):
+            writer.rows.append({"training": p.id, "step": start + 10 * i, "tokens": 100 * (start + 10 * i),
+                                "loss": 1.0, "mse": 1.0, "sparsity_loss": 0.0, "l1": 0.0, "l0": 1.0,
+                                "l0_fraction": 0.01, "fvu": 0.5, "dead": 0, "lr": 1e-3, "l1_alpha": 1e-3,
+                                "tokens_per_s": 1.0})
+        writer.events.append({"training": p.id, "level": "info", "code": "tick", "message": "tick",
+                              "step": start + 10 * steps, "suggestion": None, "created_at": utcnow()})
+        try:
+            writer.flush()
+            accepted = True
+        except lifecycle.Superseded:
+            accepted = False
+        self.written(p, accepted, expected)
+        if accepted:
+            self.events[p.attempt] = self.events.get(p.attempt, 0) + 1
+            self.step = start + 10 * steps
+            self.point_writers.add(p.attempt)
+
+    @rule(p=processes)
+    def checkpoint(self, p):
+        expected = self.accepts(p)
+        step = self.row().step
+        try:
+            save_checkpoint({"step": step, "tokens": 100 * step}, p, self.settings)
+            accepted = True
+        except lifecycle.Superseded:
+            accepted = False
+        self.written(p, accepted, expected)
+        if accepted:
+            assert CHECKPOINT_NAME.fullmatch(p.checkpoint_name).group(1, 2) == (str(p.attempt), str(step))
+            self.checkpoint = (p.checkpoint_name, step)
+
+    @rule(p=processes, status=st.sampled_from(["completed", "cancelled", "failed"]))
+    def end(self, p, status):
+        expected = self.accepts(p)
+        accepted = lifecycle.finish(p, status, reason="ended" if status != "completed" else None,
+                                    event={"level": "info", "code": status, "message": status, "step": None,
+                                           "suggestion": None})
+        self.written(p, accepted, expected)
+        if accepted:
+            self.status = status
+            self.events[p.attempt] = self.events.get(p.attempt, 0) + 1
+
+    @rule()
+    def silence_then_sweep(self):
+        """The running process stops beating (stopped, or its machine is gone) past the stale limit."""
+        old = utcnow() - dt.timedelta(seconds=3600)
+        Training.update(heartbeat_at=old).where(Training.id == self.run.id).execute()
+        swept = self.run.id in {r.id for r in lifecycle.sweep_stale(self.settings) if isinstance(r, Training)}
+        assert swept == (self.status == "running")
+        if swept:
+            self.status = "interrupted"
+            self.events[self.attempt] = self.events.get(self.attempt, 0) + 1
+
+    @rule()
+    def resume(self):
+        resumable = self.status == "interrupted" or (self.status in ("failed", "cancelled") and self.checkpoint)
+        try:
+            resume_training(self.row(), self.settings)
+            resumed = True
+        except Exception as exc:  # noqa: BLE001 - NotResumable, asserted below
+            assert type(exc).__name__ == "NotResumable", exc
+            resumed = False
+        assert resumed == bool(resumable)
+        if resumed:
+            self.status = "queued"
+            self.events[None] = self.events.get(None, 0) + 1
+
+    @rule()
+    def cancel(self):
+        lifecycle.request_cancel(self.row())
+        if self.status == "queued":
+            self.status = "cancelled"
+            self.events[None] = self.events.get(None, 0) + 1
+
+    @invariant()
+    def the_row_the_checkpoint_and_the_events_agree(self):
+        row = self.row()
+        assert (row.attempt, row.status) == (self.attempt, self.status)
+        assert row.step == self.step
+        assert (row.checkpoint_name, row.checkpoint_at) == (self.checkpoint or (None, None))
+        files = {p.name for p in (Path(self.settings["DATA_DIR"]) / "runs" / str(row.id)).glob("checkpoint*")}
+        assert files == ({self.checkpoint[0]} if self.checkpoint else set())
+        counted: dict[int | None, int] = {}
+        for event in row.events:
+            counted[event.attempt] = counted.get(event.attempt, 0) + 1
+        assert counted == {k: v for k, v in self.events.items() if v}
+        assert {p.attempt for p in row.metrics} <= self.point_writers
+
+
+def test_the_state_machine_never_accepts_two_writers(client, env):
+    settings = current_app.config
+
+    class Machine(Writers):
+        def __init__(self):
+            super().__init__(client, settings)
+
+    run_state_machine_as_test(Machine, settings=hsettings(
+        max_examples=60, stateful_step_count=20, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]))
