@@ -150,7 +150,8 @@ def test_a_job_with_a_foreign_callback_is_refused_and_the_callback_never_runs(en
     assert job.get_status() == "failed"
     reason = job.latest_result().exc_string
     assert f"Refused: the job's {kind} callback 'hostile_callbacks.mark' is not one of SAE Studio's" in reason
-    assert f"job {job.id} refused: Refused: the job's {kind} callback" in done.stdout + done.stderr  # logged with the reason
+    logged = done.stdout + done.stderr
+    assert f"job {job.id} refused: Refused: the job's {kind} callback" in logged  # the worker's log says why
 
 
 def test_a_job_depending_on_a_foreign_job_is_refused(env, redis_client, tmp_path):

@@ -117,7 +117,11 @@ def test_make_run_restarts_what_dies_keeps_serving_without_redis_and_stops_every
     os.kill(worker, signal.SIGKILL)
     new_worker = wait_for(lambda: (w := child(proc.pid, "worker.py")) and w != worker and w, timeout=60,
                           message="a new worker")
-    assert f"worker (pid {worker}) was killed by signal 9" in supervisor_log.read_text()
+    assert f"worker (pid {worker}) was killed by signal 9; restarting it in 0.2s" in supervisor_log.read_text()
+    os.kill(new_worker, signal.SIGKILL)  # again, soon after: the back-off doubles
+    worker, new_worker = new_worker, wait_for(lambda: (w := child(proc.pid, "worker.py")) and w != new_worker and w,
+                                              timeout=60, message="another new worker")
+    assert f"worker (pid {worker}) was killed by signal 9; restarting it in 0.4s" in supervisor_log.read_text()
 
     # Redis killed: the web server keeps answering, and Redis is started again with its password
     redis_pid = wait_for(lambda: child(proc.pid, "redis-server"), timeout=30, message="Redis")
@@ -149,14 +153,31 @@ def test_make_run_restarts_what_dies_keeps_serving_without_redis_and_stops_every
     assert {str(p.relative_to(data)) for p in data.rglob("*") if p.is_dir() and mode(p) != 0o700} == set()
 
     # SIGTERM (what Ctrl-C sends as SIGINT) stops everything: no process of it is left
-    family = wait_for(lambda: (f := descendants(proc.pid)) and any("app.work.maintenance" in c for c in f.values()) and f,
-                      timeout=60, message="the new worker's maintenance process")
+    def with_maintenance():
+        family = descendants(proc.pid)
+        return any("app.work.maintenance" in c for c in family.values()) and family
+
+    family = wait_for(with_maintenance, timeout=60, message="the new worker's maintenance process")
     assert any("gunicorn" in c for c in family.values())
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
     left = {pid: cmd for pid, cmd in family.items() if pid in processes()}
     assert left == {}, left
     assert "stopped" in supervisor_log.read_text().splitlines()[-1]
+
+
+def test_ctrl_c_stops_everything_once_it_is_up(started):
+    proc = started["proc"]
+
+    def with_maintenance():
+        family = descendants(proc.pid)
+        return any("app.work.maintenance" in c for c in family.values()) and family
+
+    family = wait_for(with_maintenance, timeout=60, message="the worker's maintenance process")
+    assert any("redis-server" in c for c in family.values()) and any("gunicorn" in c for c in family.values())
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=90) == 0
+    assert {pid: cmd for pid, cmd in family.items() if pid in processes()} == {}
 
 
 # --- the check at start -----------------------------------------------------------------------
