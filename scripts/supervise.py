@@ -7,8 +7,9 @@ execs this. It starts each program in a session of its own and watches them:
   ``SUPERVISOR_BACKOFF_S`` (1 s) up to ``SUPERVISOR_BACKOFF_MAX_S`` (60 s), and is reset once
   it has stayed up ``SUPERVISOR_STEADY_S`` (60 s). Each exit and restart is logged, here and
   in ``DATA_DIR/logs/supervisor.log``. What a dead program leaves in its session (a worker's
-  work-horse and maintenance process, gunicorn's workers) gets SIGTERM first — a horse saves
-  its checkpoint and ends its run ``interrupted`` — then SIGKILL.
+  work-horse and maintenance process, gunicorn's workers) gets SIGTERM at once — a horse saves
+  its checkpoint and ends its run ``interrupted`` — and SIGKILL if it is still there
+  ``SUPERVISOR_STOP_GRACE_S`` later; the other programs are watched meanwhile.
 - Redis going away takes nothing else down: the web server keeps answering (pages render with
   the banner) and the worker waits for it, while Redis is started again.
 - SIGINT (Ctrl-C) or SIGTERM stops everything: the web server and the worker first (the
@@ -113,6 +114,7 @@ class Program:
         self.backoff = BACKOFF_S
         self.restart_at: float | None = 0.0  # start at once
         self.restarts = 0
+        self.leftovers: list[tuple[int, float]] = []  # (session of a dead run of it, when to SIGKILL what is left)
 
     def start(self) -> None:
         out = subprocess.DEVNULL
@@ -144,11 +146,20 @@ class Program:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             if now - self.started_at >= STEADY_S:
                 self.backoff = BACKOFF_S
-            self.stop_leftovers()
             log(f"{self.name} (pid {self.proc.pid}) {how}; restarting it in {self.backoff:g}s")
+            if session_members(self.proc.pid):  # e.g. a work-horse: SIGTERM makes it checkpoint and end
+                signal_session(self.proc.pid, signal.SIGTERM)
+                self.leftovers.append((self.proc.pid, now + STOP_GRACE_S))
             self.restart_at = now + self.backoff
             self.backoff = min(self.backoff * 2, BACKOFF_MAX_S)
             self.restarts += 1
+        for sid, deadline in list(self.leftovers):
+            if not session_members(sid):
+                self.leftovers.remove((sid, deadline))
+            elif now >= deadline:
+                log(f"{self.name}: killing what its earlier run left behind (session {sid})")
+                signal_session(sid, signal.SIGKILL)
+                self.leftovers.remove((sid, deadline))
         if self.restart_at is not None and now >= self.restart_at:
             try:
                 self.start()
@@ -157,29 +168,31 @@ class Program:
                 self.restart_at = now + self.backoff
                 self.backoff = min(self.backoff * 2, BACKOFF_MAX_S)
 
+    def sessions(self) -> list[int]:
+        return ([self.proc.pid] if self.proc is not None else []) + [sid for sid, _ in self.leftovers]
+
     def stop_leftovers(self, grace: float = 10.0) -> None:
-        """What the program left in its session: SIGTERM, then SIGKILL after ``grace``."""
-        if self.proc is None:
-            return
-        sid = self.proc.pid
-        if not session_members(sid):
-            return
-        signal_session(sid, signal.SIGTERM)
+        """What the program (and its earlier runs) left in their sessions: SIGTERM, then SIGKILL after ``grace``."""
+        for sid in self.sessions():
+            signal_session(sid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while session_members(sid) and time.monotonic() < deadline:
-            self.proc.poll()  # our own child is reaped here, so it leaves the list
+        while any(session_members(sid) for sid in self.sessions()) and time.monotonic() < deadline:
+            if self.proc is not None:
+                self.proc.poll()  # our own child is reaped here, so it leaves the list
             time.sleep(0.1)
-        if session_members(sid):
-            log(f"{self.name}: killing what is left of it")
-            signal_session(sid, signal.SIGKILL)
+        for sid in self.sessions():
+            if session_members(sid):
+                log(f"{self.name}: killing what is left of it (session {sid})")
+                signal_session(sid, signal.SIGKILL)
+        self.leftovers.clear()
 
     def terminate(self) -> None:
         if self.alive():
             self.proc.terminate()
 
     def kill(self) -> None:
-        if self.proc is not None:
-            signal_session(self.proc.pid, signal.SIGKILL)
+        for sid in self.sessions():
+            signal_session(sid, signal.SIGKILL)
 
 
 class Supervisor:

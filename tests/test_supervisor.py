@@ -123,6 +123,12 @@ def test_make_run_restarts_what_dies_keeps_serving_without_redis_and_stops_every
                                               timeout=60, message="another new worker")
     assert f"worker (pid {worker}) was killed by signal 9; restarting it in 0.4s" in supervisor_log.read_text()
 
+    def listening() -> bool:  # the new worker is past its start-up (where it needs Redis to register)
+        log = (data / "logs" / "worker.log").read_text()
+        return "Listening on" in log.partition(f"started with PID {new_worker}")[2]
+
+    wait_for(listening, timeout=60, message="the new worker to listen")
+
     # Redis killed: the web server keeps answering, and Redis is started again with its password
     redis_pid = wait_for(lambda: child(proc.pid, "redis-server"), timeout=30, message="Redis")
     os.kill(redis_pid, signal.SIGKILL)
