@@ -37,12 +37,16 @@ class Failures:
         try:
             result = step()
         except Exception as exc:  # noqa: BLE001 - one part must not stop the others
-            count = self.parts.get(part, (0, ""))[0] + 1
-            self.parts[part] = (count, queue.redact(f"{type(exc).__name__}: {exc}")[:500])
-            log.exception("maintenance part %r failed (%d round(s) in a row)", part, count)
+            self.record(part, exc)
             return None
         self.parts.pop(part, None)
         return result
+
+    def record(self, part: str, exc: Exception) -> None:
+        """Count one more failed round of ``part`` and log it, with its traceback."""
+        count = self.parts.get(part, (0, ""))[0] + 1
+        self.parts[part] = (count, queue.redact(f"{type(exc).__name__}: {exc}")[:500])
+        log.error("maintenance part %r failed (%d round(s) in a row)", part, count, exc_info=exc)
 
     @property
     def rounds(self) -> int:
@@ -112,17 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     while os.getppid() == args.parent:
         try:
             with database.connection_context():
+                failures.parts.pop("round", None)  # connected: this round's beat can say so
                 due = time.monotonic() - last_janitor >= settings["JANITOR_INTERVAL_S"]
                 report = run_once(settings, args.name, janitor=due, failures=failures)
                 if due:
                     last_janitor = time.monotonic()
             if any(report.get(k) for k in ("swept", "requeued", "cleaned")):
                 log.info("%s", report)
-        except Exception:  # noqa: BLE001 - maintenance must outlive a bad round (e.g. no connection)
-            failures.parts["round"] = (failures.parts.get("round", (0, ""))[0] + 1, "the round could not start")
-            log.exception("maintenance round failed")
-        else:
-            failures.parts.pop("round", None)
+        except Exception as exc:  # noqa: BLE001 - maintenance must outlive a bad round (e.g. no connection)
+            failures.record("round", exc)  # counted and logged like any part
         time.sleep(settings["SWEEP_INTERVAL_S"])
     return 0
 
