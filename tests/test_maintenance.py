@@ -111,7 +111,7 @@ def test_a_part_that_keeps_failing_is_shown_to_admins_until_it_works_again(app, 
         maintenance.run_once(current_app.config, "w1", janitor=True, failures=failures)
         page = admin.get("/").get_data(as_text=True)
         assert ('id="maintenance-banner"' in page) == (round_ >= 3), round_  # MAINTENANCE_FAILURES_SHOWN
-    assert "janitor: PermissionError: cannot remove runs/7/checkpoint.pt (3 in a row)" in page
+    assert "janitor: PermissionError: cannot remove DATA_DIR/runs/7/checkpoint.pt (3 in a row)" in page
     assert data_dir not in page  # no server path
     assert 'id="maintenance-banner"' not in user.get("/").get_data(as_text=True)  # not a user's to fix
 

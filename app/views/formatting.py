@@ -77,7 +77,7 @@ def admin_banners(settings: dict) -> list[tuple[str, str]]:
     """What an admin should fix on the server: (element id, text) for each.
 
     A live worker whose maintenance part has failed ``MAINTENANCE_FAILURES_SHOWN`` rounds in a row
-    (its beat says which and why; server paths are shown relative to DATA_DIR), and a DATA_DIR
+    (its beat says which and why, with credentials and server paths redacted), and a DATA_DIR
     that other accounts on the machine can read.
     """
     from ..config import data_dir_exposure
@@ -89,9 +89,8 @@ def admin_banners(settings: dict) -> list[tuple[str, str]]:
                                              WorkerBeat.maintenance_failures >= settings["MAINTENANCE_FAILURES_SHOWN"])
                    .order_by(WorkerBeat.name))
     if failing:
-        details = "; ".join(f"worker {b.name}: {b.maintenance_error}" for b in failing)
-        details = details.replace(str(settings["DATA_DIR"]).rstrip("/") + "/", "").replace(str(settings["DATA_DIR"]),
-                                                                                           "DATA_DIR")
+        details = "; ".join(f"worker {b.name}: {b.maintenance_error}" for b in failing)  # redacted when recorded
+        details = details.replace(str(settings["DATA_DIR"]), "DATA_DIR")
         shown.append(("maintenance-banner", "Maintenance keeps failing, so interrupted work may not be noticed or "
                       f"orphaned files removed (see the worker's log): {details}"))
     exposed = data_dir_exposure(settings["DATA_DIR"])

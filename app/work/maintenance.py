@@ -45,7 +45,7 @@ class Failures:
     def record(self, part: str, exc: Exception) -> None:
         """Count one more failed round of ``part`` and log it, with its traceback."""
         count = self.parts.get(part, (0, ""))[0] + 1
-        self.parts[part] = (count, queue.redact(f"{type(exc).__name__}: {exc}")[:500])
+        self.parts[part] = (count, lifecycle.redact(f"{type(exc).__name__}: {exc}")[:500])  # no passwords or paths
         log.error("maintenance part %r failed (%d round(s) in a row)", part, count, exc_info=exc)
 
     @property
