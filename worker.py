@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 
-from app.config import load_settings
+from app.config import data_dir_exposure, load_settings
 from app.db import database, migrate, open_database
 from app.work import lifecycle
 from app.work.worker import make_worker
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in sys.modules:  # pragma: no cover - a guard for future edits
         raise RuntimeError("the worker's parent process must not import torch")
     name = args.name or f"{socket.gethostname()}.{os.getpid()}"
+    exposed = data_dir_exposure(settings["DATA_DIR"])
+    if exposed:  # a warning, not a refusal: see data_dir_exposure
+        print(f"WARNING: {exposed}", file=sys.stderr, flush=True)
     open_database(settings["DATABASE_URL"])
     with database.connection_context():  # closed again before any work-horse is forked
         migrate()

@@ -13,7 +13,7 @@ def create_app(config: dict | None = None):
     from flask_wtf.csrf import CSRFProtect
     from htmx_flask import Htmx
 
-    from .config import ROOT, load_settings
+    from .config import ROOT, data_dir_exposure, load_settings
     from .db import database, migrate, open_database
 
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
@@ -21,6 +21,9 @@ def create_app(config: dict | None = None):
     app.config.update(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_UPLOAD_MB"] * 2**20 + 2**20
     app.config["WTF_CSRF_TIME_LIMIT"] = None
+    exposed = data_dir_exposure(settings["DATA_DIR"])
+    if exposed:  # loud, and again on every page an admin opens (see formatting.admin_banners)
+        app.logger.warning("WARNING: %s", exposed)
 
     open_database(settings["DATABASE_URL"])
     with database.connection_context():

@@ -35,6 +35,8 @@ def load_settings(overrides: dict | None = None) -> dict:
     SWEEP_INTERVAL_S   how often each worker's maintenance process sweeps and beats (5)
     JANITOR_INTERVAL_S how often it removes orphaned files (600); JANITOR_MIN_AGE_S: only
                        files at least this old (3600)
+    MAINTENANCE_FAILURES_SHOWN  admins see a maintenance part (sweep, re-queue, beat, janitor)
+                       in the banner once it has failed this many rounds in a row (3)
     REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S   every Redis call's limits (2, 5)
     TRUSTED_HOSTS  comma-separated Host names the app answers to (localhost, 127.0.0.1, ::1, and
                    EXTERNAL_URL's host); any other Host header gets a 400 (DNS rebinding)
@@ -64,6 +66,7 @@ def load_settings(overrides: dict | None = None) -> dict:
         "SWEEP_INTERVAL_S": _float("SWEEP_INTERVAL_S", 5.0),
         "JANITOR_INTERVAL_S": _float("JANITOR_INTERVAL_S", 600.0),
         "JANITOR_MIN_AGE_S": _float("JANITOR_MIN_AGE_S", 3600.0),
+        "MAINTENANCE_FAILURES_SHOWN": _int("MAINTENANCE_FAILURES_SHOWN", 3),
         "REDIS_CONNECT_TIMEOUT_S": _float("REDIS_CONNECT_TIMEOUT_S", 2.0),
         "REDIS_SOCKET_TIMEOUT_S": _float("REDIS_SOCKET_TIMEOUT_S", 5.0),
         "TRUSTED_HOSTS": [h.strip() for h in env.get("TRUSTED_HOSTS", "").split(",") if h.strip()],
@@ -76,9 +79,10 @@ def load_settings(overrides: dict | None = None) -> dict:
     }
     settings.update(overrides or {})
     data_dir = Path(settings["DATA_DIR"])
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one is private; see data_dir_exposure
     if not settings["DATABASE_URL"]:
         settings["DATABASE_URL"] = f"sqlite:///{data_dir / 'sae_studio.db'}"
+        _private_file(data_dir / "sae_studio.db")  # SQLite gives its -wal and -shm files the same mode
     if not settings["SECRET_KEY"]:
         settings["SECRET_KEY"] = _persistent_secret(data_dir / "secret_key")
     settings["MODEL_ROOTS"] = settings["MODEL_ROOTS"] or [str(data_dir / "models")]
@@ -91,9 +95,41 @@ def load_settings(overrides: dict | None = None) -> dict:
     return settings
 
 
+def _private_file(path: Path) -> None:
+    """Create ``path`` empty and readable by its owner only (0600), unless it is there."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def _persistent_secret(path: Path) -> str:
-    """A random key kept on disk, so sessions survive restarts without configuration."""
-    if not path.exists():
+    """A random key kept on disk (mode 0600), so sessions survive restarts without configuration."""
+    if not path.exists() or not path.read_text().strip():
+        _private_file(path)
         path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
     return path.read_text().strip()
+
+
+def data_dir_exposure(data_dir: str | Path) -> str | None:
+    """Why other accounts on this machine can reach DATA_DIR's files (the database, password
+    hashes, uploads, the secret key), or None when they cannot.
+
+    DATA_DIR is exposed to its group or to everyone when its mode lets them in and every folder
+    above it lets them through (a private parent folder, like a 0700 home, keeps it private).
+    ``make run`` sets DATA_DIR to 0700 and its files to 0600; the app and the worker only warn
+    (they never change modes themselves: a deliberate group setup stays possible).
+    """
+    path = Path(data_dir).resolve()
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    exposed = []
+    for who, bits, search in (("its group", 0o070, 0o010), ("every account", 0o007, 0o001)):
+        if mode & bits & 0o055 and all(p.stat().st_mode & search for p in path.parents):
+            exposed.append(who)
+    if not exposed:
+        return None
+    return (f"DATA_DIR is mode {mode:04o}: {' and '.join(exposed)} on this machine can read the database, "
+            "uploads and keys. Run `chmod -R go-rwx` on it (`make run` does this), or keep it under a private folder.")

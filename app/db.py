@@ -207,12 +207,21 @@ def _migration_15_fencing(db) -> None:
     add_column_if_missing(db, "event", "attempt", IntegerField(null=True))
 
 
+def _migration_16_maintenance_failures(db) -> None:
+    """A worker's beat records the maintenance parts that keep failing, for the banner."""
+    from peewee import IntegerField, TextField
+
+    add_column_if_missing(db, "worker_beat", "maintenance_error", TextField(null=True))
+    add_column_if_missing(db, "worker_beat", "maintenance_failures", IntegerField(default=0))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
                               _migration_10_double_precision, _migration_11_accounts,
                               _migration_12_architectures, _migration_13_downstream,
-                              _migration_14_l0_model, _migration_15_fencing]
+                              _migration_14_l0_model, _migration_15_fencing,
+                              _migration_16_maintenance_failures]
 
 
 def migrate() -> int:

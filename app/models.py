@@ -483,6 +483,8 @@ class WorkerBeat(BaseModel):
     pid = IntegerField()
     last_seen = DateTimeField(default=utcnow)
     queue_error = TextField(null=True)  # why Redis did not answer at the last beat (redacted)
+    maintenance_error = TextField(null=True)  # the maintenance parts failing now, and why (redacted)
+    maintenance_failures = IntegerField(default=0)  # how many rounds in a row the worst of them has failed
 
     class Meta:
         table_name = "worker_beat"

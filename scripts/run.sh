@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Start SAE Studio: a private, password-protected Redis, one RQ worker and the web server.
+# Start SAE Studio: a private, password-protected Redis, one RQ worker and the web server, kept
+# up by scripts/supervise.py (a program that dies is started again, with a back-off).
 # Ctrl-C stops all three.
 set -euo pipefail
 : "${DATA_DIR:?}" "${PORT:?}" "${REDIS_PORT:?}" "${PY:?}"
 HOST="${HOST:-127.0.0.1}"
 WEB_WORKERS="${WEB_WORKERS:-2}"
-export DATA_DIR
+export DATA_DIR HOST PORT REDIS_PORT PY WEB_WORKERS
+
+# Everything under DATA_DIR is this account's alone: the database (password hashes), uploads,
+# logs, the secret key and the Redis password. New files 0600 and folders 0700 (umask, inherited
+# by every program started from here); existing ones are brought to that too.
+umask 077
 mkdir -p "$DATA_DIR/redis" "$DATA_DIR/logs"
+chmod 700 "$DATA_DIR" && chmod -R go-rwx "$DATA_DIR" \
+  || echo "Warning: could not make $DATA_DIR private (chmod -R go-rwx); other accounts may read it." >&2
 
 # The queue's password: generated once, kept in DATA_DIR (mode 0600).
 pwfile="$DATA_DIR/redis-password"
 if [[ ! -s "$pwfile" ]]; then
-  (umask 077; "$PY" -c "import secrets; print(secrets.token_hex(24))" >"$pwfile")
+  "$PY" -c "import secrets; print(secrets.token_hex(24))" >"$pwfile"
 fi
 chmod 600 "$pwfile"
 REDIS_PASSWORD="$(cat "$pwfile")"
+export REDIS_PASSWORD
 export REDIS_URL="${REDIS_URL:-redis://:${REDIS_PASSWORD}@127.0.0.1:${REDIS_PORT}/0}"
 
 case "$HOST" in
@@ -22,29 +31,20 @@ case "$HOST" in
   *) loopback=0 ;;
 esac
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
-
+SUPERVISE_REDIS=1
 if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || redis-cli -p "$REDIS_PORT" ping 2>&1 | grep -q NOAUTH; then
   # Something answers on the port: use it only if it is ours (it knows our password).
   if REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG \
       && ! redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
-    echo "Redis on port $REDIS_PORT is this app's (it knows the password in $pwfile): using it"
+    echo "Redis on port $REDIS_PORT is this app's (it knows the password in $pwfile): using it (not supervised)"
+    SUPERVISE_REDIS=0
   else
     echo "Port $REDIS_PORT is taken by a Redis this app did not start (or one without a password)." >&2
     echo "Stop it, or run with REDIS_PORT=<a free port>." >&2
     exit 1
   fi
-else
-  # The password goes in through a config on stdin, never on the command line.
-  printf 'requirepass %s\n' "$REDIS_PASSWORD" | redis-server - --port "$REDIS_PORT" --bind 127.0.0.1 \
-    --dir "$DATA_DIR/redis" --save 60 1 --daemonize no --logfile "$DATA_DIR/logs/redis.log" &
-  pids+=($!)
-  for _ in $(seq 50); do REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-  REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p "$REDIS_PORT" ping >/dev/null \
-    || { echo "Redis did not start; see $DATA_DIR/logs/redis.log"; exit 1; }
 fi
+export SUPERVISE_REDIS
 
 "$PY" -m flask --app app init-db
 if [[ $loopback == 1 ]]; then
@@ -58,18 +58,6 @@ elif [[ -z "${TRUSTED_HOSTS:-}" && -z "${EXTERNAL_URL:-}" ]]; then
   echo "team uses to reach it; requests naming any other host are refused." >&2
   exit 1
 fi
-"$PY" worker.py >>"$DATA_DIR/logs/worker.log" 2>&1 &
-pids+=($!)
-"$PY" -m gunicorn --bind "$HOST:$PORT" --workers "$WEB_WORKERS" --threads 4 --access-logfile "$DATA_DIR/logs/access.log" \
-  "app:create_app()" >>"$DATA_DIR/logs/web.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do
-  "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/health')" 2>/dev/null && break
-  sleep 0.2
-done
-echo
-echo "SAE Studio is running at http://$HOST:$PORT/"
-echo "  data: $DATA_DIR   logs: $DATA_DIR/logs   Redis: port $REDIS_PORT (password in $pwfile)"
-echo "  Ctrl-C stops the web server, the worker and Redis."
-wait -n "${pids[@]}"
-echo "A process exited; stopping the others (see $DATA_DIR/logs)."
+# The supervisor starts Redis (unless ours was already up), the worker and the web server, restarts
+# any that dies, and stops them all on Ctrl-C (SIGINT) or SIGTERM.
+exec "$PY" "$(dirname "$0")/supervise.py"

@@ -93,13 +93,20 @@ def test_the_janitor_removes_only_old_files_that_nothing_owns(client, env):
     half_written = data / "runs" / "1" / "checkpoint.pt.tmp"
     half_written.parent.mkdir(parents=True)
     half_written.write_bytes(b"x")
+    # checkpoints: the one the row names stays; one no row names (its writer lost its claim, or was
+    # killed before it committed it) goes
+    in_force, uncommitted = (data / "runs" / "1" / f"checkpoint-a{a}-s60-0123abcd.pt" for a in (2, 1))
+    for path in (in_force, uncommitted):
+        path.write_bytes(b"x")
     young = data / "uploads" / "in-flight.npy"
     young.parent.mkdir(parents=True, exist_ok=True)
     young.write_bytes(b"x")
     old = time.time() - 7200
-    for path in (orphan_partial, orphan_run, half_written, data / source.path):
+    for path in (orphan_partial, orphan_run, half_written, in_force, uncommitted, data / source.path):
         os.utime(path, (old, old))
-    create_run(client)  # run #1 exists: its folder stays, its stray .tmp goes
+    run = create_run(client)  # run #1 exists: its folder stays, its stray .tmp goes
+    Training.update(checkpoint_name=in_force.name, checkpoint_at=60).where(Training.id == run.id).execute()
     removed = set(janitor.clean(current_app.config))
-    assert removed == {"activations/.partial-77", "runs/999", "runs/1/checkpoint.pt.tmp"}
-    assert (data / source.path).exists() and young.exists() and (data / "runs" / "1").exists()
+    assert removed == {"activations/.partial-77", "runs/999", "runs/1/checkpoint.pt.tmp",
+                       f"runs/1/{uncommitted.name}"}
+    assert (data / source.path).exists() and young.exists() and in_force.exists()

@@ -73,8 +73,35 @@ def queue_banner(settings: dict) -> str | None:
     return None
 
 
+def admin_banners(settings: dict) -> list[tuple[str, str]]:
+    """What an admin should fix on the server: (element id, text) for each.
+
+    A live worker whose maintenance part has failed ``MAINTENANCE_FAILURES_SHOWN`` rounds in a row
+    (its beat says which and why, with credentials and server paths redacted), and a DATA_DIR
+    that other accounts on the machine can read.
+    """
+    from ..config import data_dir_exposure
+    from ..models import WorkerBeat
+
+    shown = []
+    limit = utcnow() - dt.timedelta(seconds=3 * settings["SWEEP_INTERVAL_S"] + 15)
+    failing = list(WorkerBeat.select().where(WorkerBeat.last_seen >= limit,
+                                             WorkerBeat.maintenance_failures >= settings["MAINTENANCE_FAILURES_SHOWN"])
+                   .order_by(WorkerBeat.name))
+    if failing:
+        details = "; ".join(f"worker {b.name}: {b.maintenance_error}" for b in failing)  # redacted when recorded
+        details = details.replace(str(settings["DATA_DIR"]), "DATA_DIR")
+        shown.append(("maintenance-banner", "Maintenance keeps failing, so interrupted work may not be noticed or "
+                      f"orphaned files removed (see the worker's log): {details}"))
+    exposed = data_dir_exposure(settings["DATA_DIR"])
+    if exposed:
+        shown.append(("data-dir-banner", exposed))
+    return shown
+
+
 def register_filters(app) -> None:
     app.jinja_env.globals["queue_banner"] = lambda: queue_banner(app.config)
+    app.jinja_env.globals["admin_banners"] = lambda: admin_banners(app.config)
     app.jinja_env.filters["num"] = fmt_num
     app.jinja_env.filters["duration"] = fmt_duration
     app.jinja_env.globals["GRADE_LABELS"] = GRADE_LABELS

@@ -9,6 +9,7 @@ import os
 import signal
 
 from rq import Worker
+from rq.worker import WorkerStatus
 
 from ..db import database
 from . import lifecycle, queue
@@ -18,19 +19,90 @@ class UnknownJob(RuntimeError):
     """A job on the queue names a function that is not one of SAE Studio's."""
 
 
+# Functions a job may name as its on_success / on_failure / on_stopped callback. SAE Studio
+# enqueues none (each job records its own outcome on its row), so none is allowed.
+CALLBACK_FUNCTIONS: frozenset[str] = frozenset()
+
+
+def refusal(job, *, connection=None, serializer=None, _seen: frozenset = frozenset()) -> str | None:
+    """Why the worker must not run ``job``, or None when it is one of SAE Studio's own.
+
+    Everything a job can make the worker import and call is checked: its function (a plain
+    function, not a method of a stored instance), its success, failure and stopped callbacks,
+    its webhooks (HTTP requests the worker would send) and each job it depends on (by the same
+    rules; one that Redis no longer holds cannot be checked, so it is refused too).
+    """
+    from redis.exceptions import RedisError
+
+    try:
+        return _refusal(job, connection, serializer, _seen)
+    except RedisError:
+        raise  # Redis trouble is not the job's fault: RQ's own handling applies
+    except Exception as exc:  # noqa: BLE001 - a job that cannot even be read is not run
+        return f"the job could not be read ({type(exc).__name__})."
+
+
+def _refusal(job, connection, serializer, _seen: frozenset) -> str | None:
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    if job.func_name not in lifecycle.JOB_FUNCTIONS.values():
+        return f"{job.func_name!r} is not a SAE Studio job function."
+    if job.instance is not None:
+        return f"{job.func_name!r} is called on a stored object, which SAE Studio never does."
+    for kind in ("success", "failure", "stopped"):
+        name = getattr(job, f"_{kind}_callback_name", None)
+        if name and name not in CALLBACK_FUNCTIONS:
+            return f"the job's on_{kind} callback {name!r} is not one of SAE Studio's functions."
+    if getattr(job, "webhooks", None):
+        return "the job has webhooks, which SAE Studio never sends."
+    for dependency_id in getattr(job, "_dependency_ids", None) or []:
+        if dependency_id in _seen:
+            return f"the job's dependencies loop back to job {dependency_id!r}."
+        try:
+            dependency = Job.fetch(dependency_id, connection=connection or job.connection,
+                                   serializer=serializer or job.serializer)
+        except NoSuchJobError:
+            return f"the job depends on job {dependency_id!r}, which Redis no longer holds, so it cannot be checked."
+        why = refusal(dependency, connection=connection, serializer=serializer, _seen=_seen | {job.id})
+        if why:
+            return f"the job depends on job {dependency_id!r}, which is refused: {why}"
+    return None
+
+
 class StudioWorker(Worker):
     """An RQ ``Worker`` that
 
-    - runs only the app's own job functions (anything else on the queue fails with a reason),
+    - runs only the app's own job functions, with no callbacks, webhooks or foreign
+      dependencies (``refusal``): anything else on the queue fails with the reason, logged,
+      before a work-horse is forked and without running any of it,
     - on its first SIGTERM (a warm shutdown) passes it on to the work-horse, whose job then
       saves a checkpoint and ends its record ``interrupted`` instead of running on for hours,
     - marks the record ``interrupted`` at once when its work-horse is killed outright.
     """
 
+    def _refuse(self, job, queue_, execution) -> bool:
+        """Fail ``job`` without running it, its callbacks or its webhooks, when it is not ours."""
+        why = refusal(job, connection=self.connection, serializer=self.serializer)
+        if why is None:
+            return False
+        reason = f"Refused: {why}"
+        self.log.warning("Worker %s: job %s refused: %s", self.name, job.id, reason)
+        job.webhooks = []  # a refused job sends nothing anywhere
+        self.handle_job_failure(job, queue=queue_, exc_string=reason, execution=execution)
+        return True
+
+    def execute_job(self, job, queue_) -> None:
+        """Refuse a foreign job here, in the worker's own process: no work-horse is forked for it."""
+        if refusal(job, connection=self.connection, serializer=self.serializer) is not None:
+            execution = self.prepare_execution(job)
+            self._refuse(job, queue_, execution)
+            self.set_state(WorkerStatus.IDLE)
+            return
+        super().execute_job(job, queue_)
+
     def perform_job(self, job, queue_, execution) -> bool:
-        if job.func_name not in lifecycle.JOB_FUNCTIONS.values():
-            self.handle_job_failure(job, queue=queue_, exc_string=f"Refused: {job.func_name!r} is not a SAE Studio "
-                                                                  "job function.", execution=execution)
+        if self._refuse(job, queue_, execution):  # checked again in the work-horse, in case
             return False
         return super().perform_job(job, queue_, execution)
 
