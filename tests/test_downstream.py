@@ -119,3 +119,18 @@ def test_a_run_on_a_synthetic_source_says_why_it_cannot_be_evaluated(client, env
     page = client.get(f"/trainings/{run.json['id']}").get_data(as_text=True)
     assert 'id="downstream-why-not"' in page and 'id="evaluate-downstream"' not in page
     assert DownstreamEval.select().count() == 0
+
+
+def test_the_comparison_shows_an_encoders_evaluation_which_has_no_kl_score(client):
+    """MiniLM's evaluation (hidden-state fidelity) has no KL score: the comparison of such a run
+    with any other renders, with its score, and no KL row (it answered 500 before)."""
+    encoder = client.post("/api/trainings", json=QUICK_CONFIG).json["id"]
+    other = client.post("/api/trainings", json=QUICK_CONFIG).json["id"]
+    result = {"score": 0.912, "score_name": "hidden-state fidelity", "fidelity_score": 0.912, "l2_ratio": 0.97,
+              "cosine": 0.95, "headline": "Spliced into the encoder, it avoids 91% of the damage."}
+    Training.update(summary={"l0_fraction": 0.02, "fvu": 0.2, "downstream": result}).where(
+        Training.id == encoder).execute()
+    response = client.get(f"/compare?ids={encoder}&ids={other}")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert "0.912" in html and "hidden-state fidelity" in html and "KL score" not in html

@@ -266,5 +266,8 @@ def compare():
     return render_template("compare.html", runs=runs, rows=rows, l0_chart=l0, fvu_chart=fvu,
                            frontier=frontier, model_frontier=model_frontier,
                            has_downstream=any((r.summary or {}).get("downstream") for r in runs),
+                           # an encoder's evaluation has no KL score (it has no next-token distribution)
+                           has_kl=any(((r.summary or {}).get("downstream") or {}).get("kl_score") is not None
+                                      for r in runs),
                            summaries=summaries, labels=labels, colors=colors,
                            has_ground_truth=any((r.summary or {}).get("ground_truth") for r in runs))
