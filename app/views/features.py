@@ -12,7 +12,7 @@ import numpy as np
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .. import charts
+from .. import charts, security
 from ..auth import require_change
 from ..forms import FeatureJobForm, ImportSAEForm
 from ..models import ActivationSet, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Training
@@ -258,7 +258,7 @@ def delete_imported(imported_id: int):
 @bp.errorhandler(RequestEntityTooLarge)
 def too_large(error):
     if request.endpoint != "features.import_sae":
-        raise error
+        return security.too_large(error)
     form = ImportSAEForm(formdata=None)
     form.file.errors = [f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} MB. "
                         "Nothing was kept."]
