@@ -32,11 +32,18 @@ class Range(NumberRange):
             value <= self.min if self.min_exclusive else value < self.min)
         too_high = value is not None and self.max is not None and value > self.max
         if value is None or (isinstance(value, float) and not math.isfinite(value)) or too_low or too_high:
-            low = f"greater than {self.min:g}" if self.min_exclusive else f"at least {self.min:g}"
+            low = f"greater than {_bound(self.min)}" if self.min_exclusive else f"at least {_bound(self.min)}"
             bounds = " and ".join(p for p in (
                 low if self.min is not None else "",
-                f"at most {self.max:g}" if self.max is not None else "") if p)
-            raise StopValidation(self.message or f"Must be {bounds} (got {field.raw_data[0] if field.raw_data else value}).")
+                f"at most {_bound(self.max)}" if self.max is not None else "") if p)
+            got = str(field.raw_data[0] if field.raw_data else value)
+            got = got if len(got) <= 40 else f"{got[:20]}… ({len(got):,} characters)"
+            raise StopValidation(self.message or f"Must be {bounds} (got {got}).")
+
+
+def _bound(x) -> str:
+    """A range's bound as people write it: 2,147,483,647 rather than 2.14748e+09; 0.1 and 1e-06 as they are."""
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) >= 10_000 else f"{x:g}"
 
 
 class RequiredFor(InputRequired):
