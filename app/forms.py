@@ -376,8 +376,8 @@ class ExtractionForm(FlaskForm):
     name = StringField("Name", validators=[Optional(), Length(max=200)],
                        description="Optional; the activation source is named after model, layer and site otherwise.")
     model_name = StringField("Model", default=BUNDLED_MINILM, validators=[InputRequired("Name a model."), Length(max=500)],
-                             description=f"A Hugging Face Hub name (e.g. gpt2, EleutherAI/pythia-70m), a local folder "
-                                         f"written by save_pretrained, or {BUNDLED_MINILM} (a 6-layer BERT encoder that "
+                             description=f"A Hugging Face Hub name (e.g. gpt2, EleutherAI/pythia-70m), a folder under "
+                                         f"this app's model folders written by save_pretrained, or {BUNDLED_MINILM} (a 6-layer BERT encoder that "
                                          "ships with the app: no download).")
     layer = IntegerField("Layer", default=3, validators=[required(), Range(0, 1000)],
                          description="Block index, from 0.")
@@ -389,8 +389,8 @@ class ExtractionForm(FlaskForm):
     text_file = FileField("Text file", description=".txt: documents separated by blank lines; .jsonl, .csv and "
                                                    ".parquet: one document per record, in the text column.")
     dataset_name = StringField("Dataset", validators=[Optional(), Length(max=500)],
-                               description="A Hub name (read from the local cache when offline) or a folder written "
-                                           "by Dataset.save_to_disk.")
+                               description="A Hub name (read from the local cache when offline) or a folder under this "
+                                           "app's dataset folders written by Dataset.save_to_disk.")
     dataset_split = StringField("Split", default="train", validators=[Optional(), Length(max=100)])
     text_column = StringField("Text column", default="text", validators=[Optional(), Length(max=200)])
     token_budget = IntegerField("Tokens to extract", default=200_000, validators=[required(), Range(1_024, 2_000_000_000)])

@@ -1,8 +1,9 @@
 """Checks on a model name the web process can make without torch: does it exist, how deep is it.
 
-A model is named as on the Hugging Face Hub, given as a local folder (``save_pretrained``
-output), or is the bundled MiniLM. Its ``config.json`` is read from the folder or from the
-local Hugging Face cache; a Hub name that is not cached can only be checked by the job
+A model is named as on the Hugging Face Hub, given as a folder under the model roots
+(``save_pretrained`` output, resolved to an absolute path by ``app.paths`` first), or is the
+bundled MiniLM. A name that is not absolute is a Hub id and is never looked up relative to the
+working directory. Its ``config.json`` is read from the folder or from the local Hugging Face cache; a Hub name that is not cached can only be checked by the job
 itself, unless the app is offline, when it cannot be loaded at all.
 """
 from __future__ import annotations
