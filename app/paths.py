@@ -99,7 +99,10 @@ def resolve(name: str, settings: dict, kind: str) -> str:
     if (long := too_long(name)) is not None:
         raise long
     allowed = roots(settings, kind)
-    given = Path(name).expanduser() if name.startswith("~") else Path(name)
+    try:
+        given = Path(name).expanduser() if name.startswith("~") else Path(name)
+    except RuntimeError:  # ~someone who has no home here
+        raise refusal(kind) from None
     if given.is_absolute():
         folder = _under_a_root(given, allowed)
         if folder is None:
