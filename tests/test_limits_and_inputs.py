@@ -194,6 +194,7 @@ def working_dir_with_data(tmp_path, env, monkeypatch):
     ({"model_name": "data/org/.."}, "model_name", REFUSED + " model folders"),
     ({"model_name": ".hidden/model"}, "model_name", REFUSED + " model folders"),
     ({"model_name": "org--x/model"}, "model_name", REFUSED + " model folders"),
+    ({"model_name": "~no-such-user-here/model"}, "model_name", REFUSED + " model folders"),
     ({"model_name": "a" * 256}, "model_name", "Too long: a Hub name has at most 96 characters"),
     ({"model_name": "org/" + "a" * 256}, "model_name", "Too long"),
     ({"model_name": "/" + "a" * 256 + "/model"}, "model_name", "Too long"),
@@ -347,3 +348,23 @@ def test_a_latent_number_in_range_still_searches(client):
     assert client.get(f"/features/{job.id}", query_string={"q": "3"}).status_code == 200
     assert "1 latent matching" in client.get(f"/features/{job.id}", query_string={"q": "3"}).get_data(as_text=True)
     assert client.get(f"/features/{job.id}", query_string={"q": str(2**31 - 1)}).status_code == 200
+
+
+def test_a_real_worker_refuses_a_name_that_names_its_working_directory(app, env, run_worker):
+    """A record written before these checks (or by hand) meets them again where the worker reads:
+    the worker runs in the app's folder, which holds ``tests/conftest.py`` and ``app/``."""
+    from app.extraction.text import TextSpec
+    from app.work.extraction import create_extraction
+
+    d = {"name": "", "layer": 0, "site": "resid", "token_budget": 2048, "context_length": 32, "batch_size": 4,
+         "dtype": "float32", "model_dtype": "float32", "exclude_special": True}
+    by_model = create_extraction(app.config, {**d, "model_name": "tests/conftest.py"}, TextSpec("stdlib"))
+    by_dataset = create_extraction(app.config, {**d, "model_name": "bundled:all-MiniLM-L6-v2"},
+                                   TextSpec("hf", dataset="app", split="train", column="text"))
+    done = run_worker()
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job in (by_model, by_dataset):
+        job = Extraction.get_by_id(job.id)
+        assert job.status == "failed" and "neither a Hugging Face Hub name" in job.reason, job.reason
+        assert "conftest" not in job.reason.replace("tests/conftest.py", "") and "/work" not in job.reason
+        assert job.activation_set_id is None
