@@ -19,7 +19,6 @@ def create_app(config: dict | None = None):
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     settings = load_settings(config)
     app.config.update(settings)
-    app.config["MAX_CONTENT_LENGTH"] = settings["MAX_UPLOAD_MB"] * 2**20 + 2**20
     app.config["WTF_CSRF_TIME_LIMIT"] = None
     exposed = data_dir_exposure(settings["DATA_DIR"])
     if exposed:  # loud, and again on every page an admin opens (see formatting.admin_banners)
@@ -38,10 +37,12 @@ def create_app(config: dict | None = None):
         if not database.is_closed():
             database.close()
 
+    from . import security
+
+    security.install_body_limits(app)  # before CSRFProtect, whose hook reads the form
     csrf = CSRFProtect(app)
     Htmx(app)
 
-    from . import security
     from .views import api, auth, extractions, features, pages, sources, templates, tune
     from .views.formatting import register_filters
 

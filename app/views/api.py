@@ -116,13 +116,17 @@ def resume(training_id: int):
     if not isinstance(payload, dict) or set(payload) - {"learning_rate"}:
         return {"errors": {"_body": ["Send nothing, or {\"learning_rate\": <number>}."]}}, 422
     learning_rate = payload.get("learning_rate")
-    if learning_rate is not None and (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
-                                      or not BY_NAME["learning_rate"].in_range(float(learning_rate))):
-        return {"errors": {"learning_rate": ["Must be a number between 1e-06 and 0.1."]}}, 422
+    if learning_rate is not None:
+        number = isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
+        try:  # an integer too large for a float (a 310-digit one) is simply out of range
+            learning_rate = float(learning_rate) if number else None
+        except OverflowError:
+            learning_rate = None
+        if learning_rate is None or not BY_NAME["learning_rate"].in_range(learning_rate):
+            return {"errors": {"learning_rate": ["Must be a number between 1e-06 and 0.1."]}}, 422
     require_change(run)
     try:
-        run = resume_training(run, current_app.config,
-                              learning_rate=None if learning_rate is None else float(learning_rate))
+        run = resume_training(run, current_app.config, learning_rate=learning_rate)
     except NotResumable as exc:
         return {"id": run.id, "status": run.status, "error": str(exc)}, 409
     except QueueUnavailable as exc:

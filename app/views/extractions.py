@@ -4,9 +4,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from flask import Blueprint, current_app, g, redirect, render_template, url_for
+from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .. import security
 from ..auth import require_change
 from ..extraction.capture_names import SITES
 from ..extraction.text import TEXT_SUFFIXES, TextSourceError, TextSpec, check_corpus
@@ -108,6 +109,8 @@ def delete(extraction_id: int):
 
 @bp.errorhandler(RequestEntityTooLarge)
 def too_large(error):
+    if request.endpoint != "extractions.start":
+        return security.too_large(error)
     form = ExtractionForm(formdata=None)
     form.text_file.errors = [f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} "
                              "MB. Nothing was kept."]

@@ -12,7 +12,7 @@ import numpy as np
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .. import charts
+from .. import charts, security
 from ..auth import require_change
 from ..forms import FeatureJobForm, ImportSAEForm
 from ..models import ActivationSet, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Training
@@ -27,6 +27,7 @@ from .records import delete_flow, get_or_404, id_arg
 bp = Blueprint("features", __name__)
 
 PAGE_SIZE = 50
+MAX_LATENT = 2**31 - 1  # latent numbers are database integers; a larger number names no latent
 SORTS = {"frequency": FeatureStat.frequency, "max": FeatureStat.max_active, "mean": FeatureStat.mean_active,
          "match": FeatureStat.match_cosine, "latent": FeatureStat.latent}
 
@@ -87,15 +88,18 @@ def show(job_id: int):
     order = "asc" if request.args.get("order") == "asc" else "desc"
     q = request.args.get("q", "").strip()[:200]
     page = min(max(1, id_arg("page") or 1), 10**6)
-    query = _list_query(job, sort, order, q) if job.status == "completed" else None
+    q_error = None
+    if job.status == "completed" and re.fullmatch(r"\d+", q) and (len(q) > 10 or int(q) > MAX_LATENT):
+        q_error = f"No latent has this number: latent numbers run from 0 to at most {MAX_LATENT:,}."
+    query = _list_query(job, sort, order, q) if job.status == "completed" and q_error is None else None
     total = query.count() if query is not None else 0
     latents = list(query.paginate(page, PAGE_SIZE)) if query is not None else []
     summary = job.summary or {}
     histogram = charts.histogram_chart(summary["density_histogram"], title="Latent density on the sample") \
         if summary.get("density_histogram") else None
     return render_template("features.html", job=job, latents=latents, total=total, page=page, sort=sort,
-                           order=order, q=q, pages=max(1, -(-total // PAGE_SIZE)), histogram=histogram,
-                           page_size=PAGE_SIZE, sorts=SORTS)
+                           order=order, q=q, q_error=q_error, pages=max(1, -(-total // PAGE_SIZE)),
+                           histogram=histogram, page_size=PAGE_SIZE, sorts=SORTS), 422 if q_error else 200
 
 
 @bp.get("/features/<int:job_id>/progress")
@@ -258,7 +262,7 @@ def delete_imported(imported_id: int):
 @bp.errorhandler(RequestEntityTooLarge)
 def too_large(error):
     if request.endpoint != "features.import_sae":
-        raise error
+        return security.too_large(error)
     form = ImportSAEForm(formdata=None)
     form.file.errors = [f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} MB. "
                         "Nothing was kept."]

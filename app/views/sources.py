@@ -6,10 +6,11 @@ import sys
 import uuid
 from pathlib import Path
 
-from flask import Blueprint, current_app, g, redirect, render_template, url_for
+from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .. import security
 from ..db import database
 from ..forms import SyntheticSourceForm, UploadForm
 from ..models import ActivationSet
@@ -121,6 +122,8 @@ def delete(source_id: int):
 @bp.errorhandler(RequestEntityTooLarge)
 def too_large(error):
     """An upload over the limit: said at the file field, nothing kept."""
+    if request.endpoint != "sources.upload":
+        return security.too_large(error)
     form = UploadForm(formdata=None)
     form.file.errors = [
         f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} MB. Nothing was kept."]

@@ -17,6 +17,9 @@ from .records import get_or_404
 
 bp = Blueprint("tune", __name__, url_prefix="/tunes")
 
+# The form's other fields an auto-tune reads: the seed, and the run it aims at (steps, batch).
+OPTIONAL = ("seed", "total_steps", "batch_size")
+
 
 def tune_context(tune: TuneJob) -> dict:
     pts = [(math.log10(p["l1_alpha"]), p["l0_fraction"]) for p in tune.pilots or []]
@@ -39,6 +42,10 @@ def start():
     form.validate_fields()
     needed = ("source_id", "latent_dim", "target_l0")
     problems = {n: getattr(form, n).errors for n in needed if getattr(form, n).errors}
+    for name in OPTIONAL:  # left empty, each takes its default; given, it must be in range
+        field = getattr(form, name)
+        if field.errors and field.raw_data and str(field.raw_data[0]).strip():
+            problems[name] = field.errors
     if form.architecture.data != "standard":
         problems["architecture"] = ["Auto-tune searches l1_alpha, which only a standard SAE uses: TopK, BatchTopK "
                                     "and Matryoshka have L0 = k, and JumpReLU trains to the target L0 itself."]
@@ -54,7 +61,7 @@ def start():
         return render_template("_partials/tune.html", tune=None, problems=problems), 422
     try:
         tune = create_tune(current_app.config, created_by=g.user.id, source_id=form.source_id.data, latent_dim=form.latent_dim.data,
-                           target_l0=form.target_l0.data, seed=form.seed.data or 0,
+                           target_l0=form.target_l0.data, seed=(form.seed.data if not form.seed.errors else None) or 0,
                            run_steps=form.total_steps.data if not form.total_steps.errors else None,
                            run_batch=form.batch_size.data if not form.batch_size.errors else None)
     except QueueUnavailable as exc:

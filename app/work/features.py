@@ -12,7 +12,7 @@ from . import lifecycle
 from .lifecycle import retry_write
 from .resources import check_memory, feature_bytes
 
-USER_ERRORS = ("FeatureError", "SAEFormatError", "StoreError", "TooLarge")
+USER_ERRORS = ("FeatureError", "SAEFormatError", "StoreError", "TooLarge", "PathRefused")
 INSERT_BATCH = 200
 
 

@@ -39,7 +39,9 @@ def model_bytes(path: str) -> int | None:
     """The size of a model's weight files: a local folder's, or a Hub model's from its metadata
     (None when it cannot be known here: offline and not cached)."""
     folder = Path(path)
-    if folder.is_dir():
+    if folder.is_absolute():  # a folder resolved under the model roots; anything else is a Hub id
+        if not folder.is_dir():
+            return None
         return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     try:
         from huggingface_hub import HfApi
