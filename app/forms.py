@@ -479,6 +479,22 @@ class UserForm(FlaskForm):
     is_admin = BooleanField("Admin (may change anyone's records and add users)", default=False)
 
 
+class PasswordChangeForm(FlaskForm):
+    """Every user changes their own password; the current one is asked for first."""
+
+    current_password = PasswordField("Current password", validators=[InputRequired("Enter your current password."),
+                                                                      Length(max=1000)])
+    new_password = PasswordField("New password", validators=[
+        InputRequired("Enter a new password."),
+        Length(min=10, max=1000, message="A password needs 10 to 1000 characters.")],
+        description="At least 10 characters; a few unrelated words are easy to remember and hard to guess.")
+    confirm_password = PasswordField("New password again", validators=[InputRequired("Type the new password again.")])
+
+    def validate_confirm_password(self, field):
+        if self.new_password.data and field.data != self.new_password.data:
+            raise StopValidation("The two new passwords differ.")
+
+
 class TokenForm(FlaskForm):
     name = StringField("Token name", validators=[InputRequired("Name the token, e.g. the script using it."),
                                                  Length(max=100)])

@@ -36,6 +36,12 @@ def init_app(app) -> None:
     app.config["TRUSTED_HOSTS"] = settings["TRUSTED_HOSTS"]
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    # The cookie only carries a session id; the server ends sessions (app/auth.py). The browser's
+    # copy expires with the absolute lifetime and is not pushed further on every request.
+    import datetime as dt
+
+    app.config["PERMANENT_SESSION_LIFETIME"] = dt.timedelta(hours=float(settings["SESSION_MAX_HOURS"]))
+    app.config["SESSION_REFRESH_EACH_REQUEST"] = False
     app.config["SESSION_COOKIE_SECURE"] = settings["EXTERNAL_URL"].startswith("https://")
     if settings["EXTERNAL_URL"]:
         from urllib.parse import urlsplit
