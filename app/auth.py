@@ -108,12 +108,15 @@ def forget_initial_password(password_hash: str) -> None:
 SEEN_RESOLUTION = dt.timedelta(minutes=1)  # last_seen_at is written at most once a minute per session
 
 
+TEN_YEARS_H = 24 * 3653  # a longer setting is taken as ten years (no date arithmetic overflows)
+
+
 def _idle_limit() -> dt.timedelta:
-    return dt.timedelta(minutes=float(current_app.config["SESSION_IDLE_MINUTES"]))
+    return dt.timedelta(hours=min(float(current_app.config["SESSION_IDLE_MINUTES"]) / 60, TEN_YEARS_H))
 
 
 def _absolute_limit() -> dt.timedelta:
-    return dt.timedelta(hours=float(current_app.config["SESSION_MAX_HOURS"]))
+    return dt.timedelta(hours=min(float(current_app.config["SESSION_MAX_HOURS"]), TEN_YEARS_H))
 
 
 def new_session(user: User) -> str:
@@ -122,8 +125,8 @@ def new_session(user: User) -> str:
     now = utcnow()
     UserSession.create(key_hash=_digest(plain), user=user, created_at=now, last_seen_at=now)
     # a user's ended or expired sessions are cleared out when they sign in again
-    UserSession.delete().where((UserSession.user == user.id) & (
-        (UserSession.created_at < now - _absolute_limit()) | (UserSession.last_seen_at < now - _idle_limit()))).execute()
+    expired = (UserSession.created_at < now - _absolute_limit()) | (UserSession.last_seen_at < now - _idle_limit())
+    UserSession.delete().where((UserSession.user == user.id) & expired).execute()
     return plain
 
 
@@ -157,12 +160,9 @@ def session_user(plain) -> User | None:
     return row.user
 
 
-def end_sessions(user_id: int, *, keep_current: bool = False) -> int:
-    """End every session of a user (but this browser's when ``keep_current``); return how many."""
-    query = UserSession.delete().where(UserSession.user == user_id)
-    if keep_current and g.get("session_key"):
-        query = query.where(UserSession.key_hash != g.session_key)
-    return query.execute()
+def end_sessions(user_id: int) -> int:
+    """End every session of a user; return how many there were."""
+    return UserSession.delete().where(UserSession.user == user_id).execute()
 
 
 def sign_out() -> None:
@@ -245,7 +245,8 @@ FORGET_AFTER = dt.timedelta(hours=1)  # a key's count starts over after an hour 
 
 def _throttle_keys(username: str, address: str | None) -> dict[str, int]:
     config = current_app.config
-    keys = {"addr:" + (address or "unknown")[:100]: int(config["LOGIN_FAILURES_PER_ADDRESS"])}
+    address = "".join(c for c in (address or "unknown") if c.isprintable())[:100]
+    keys = {"addr:" + address: int(config["LOGIN_FAILURES_PER_ADDRESS"])}
     name = (username or "").strip()[:100]
     if name:
         keys["user:" + name] = int(config["LOGIN_FAILURES_PER_ACCOUNT"])
@@ -266,7 +267,7 @@ def _lock_for(failures: int, limit: int) -> dt.timedelta | None:
     if failures < limit:
         return None
     base = float(current_app.config["LOGIN_LOCKOUT_S"])
-    return min(LOCK_CAP, dt.timedelta(seconds=base * 2 ** min(failures - limit, 20)))
+    return dt.timedelta(seconds=min(LOCK_CAP.total_seconds(), base * 2 ** min(failures - limit, 20)))
 
 
 def record_sign_in_failure(username: str, address: str | None) -> None:

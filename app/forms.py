@@ -470,6 +470,11 @@ class LoginForm(FlaskForm):
     username = StringField("Username", validators=[InputRequired("Enter your username."), Length(max=64)])
     password = PasswordField("Password", validators=[InputRequired("Enter your password."), Length(max=1000)])
 
+    def validate_username(self, field):
+        # no user can have such a name (see auth.create_user), and a NUL would not even reach PostgreSQL
+        if not all(c.isalnum() or c in "._-@" for c in (field.data or "").strip()):
+            raise StopValidation("A username is 1 to 64 letters, digits or . _ - @.")
+
 
 class UserForm(FlaskForm):
     """An admin adds a team member; the password is generated when left empty and shown once."""

@@ -40,7 +40,8 @@ def init_app(app) -> None:
     # copy expires with the absolute lifetime and is not pushed further on every request.
     import datetime as dt
 
-    app.config["PERMANENT_SESSION_LIFETIME"] = dt.timedelta(hours=float(settings["SESSION_MAX_HOURS"]))
+    app.config["PERMANENT_SESSION_LIFETIME"] = dt.timedelta(hours=min(float(settings["SESSION_MAX_HOURS"]),
+                                                                      auth.TEN_YEARS_H))
     app.config["SESSION_REFRESH_EACH_REQUEST"] = False
     app.config["SESSION_COOKIE_SECURE"] = settings["EXTERNAL_URL"].startswith("https://")
     if settings["EXTERNAL_URL"]:

@@ -421,3 +421,15 @@ def test_a_database_from_before_sessions_is_upgraded(app):
     assert "disabled_at" in {c.name for c in db.get_columns("app_user")}
     client = signed_in(app, "ada")
     assert client.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("username, password", [
+    ("ada\x00", PASSWORD), ("a\x00b", "x"), ("ada", "pass\x00word1234"), ("ünïcødé", PASSWORD), ("a" * 65, PASSWORD),
+    ("ada", "p" * 1001), ("", ""), ("ada\r\nX-Evil: 1", PASSWORD), ("'; DROP TABLE app_user; --", PASSWORD),
+])
+def test_odd_sign_in_input_is_a_4xx_at_its_field(app, username, password):
+    create_user("ada", PASSWORD)
+    response = login(app.test_client(), username, password)
+    assert 400 <= response.status_code < 500
+    assert 'class="error" data-field=' in response.get_data(as_text=True)
+    assert User.select().count() == 1 and not UserSession.select().exists()
