@@ -118,7 +118,8 @@ def init_app(app) -> None:
 
         with database.connection_context():
             for user in User.select().order_by(User.username):
-                click.echo(f"{user.username}{' (admin)' if user.is_admin else ''}")
+                click.echo(f"{user.username}{' (admin)' if user.is_admin else ''}"
+                           f"{' (disabled)' if user.is_disabled else ''}")
 
     @users.command("ensure-admin")
     def ensure_admin():

@@ -372,7 +372,7 @@ OFF_SITE = [
     "http:evil.example", "https:/evil.example", "javascript:alert(1)", "evil.example", "%09//evil.example",
     "%20//evil.example", "/%252F%252Fevil.example", "/%00/evil.example", "/%E2%80%A8/evil.example",
     "/%C2%85/evil.example", "///evil.example", "/%20/evil.example", "." + "/" * 3 + "evil.example",
-    "/" + "a" * 5000,
+    pytest.param("/" + "a" * 5000, id="a-path-of-5000-characters"),
 ]
 
 
@@ -425,7 +425,7 @@ def test_a_database_from_before_sessions_is_upgraded(app):
 
 @pytest.mark.parametrize("username, password", [
     ("ada\x00", PASSWORD), ("a\x00b", "x"), ("ada", "pass\x00word1234"), ("ünïcødé", PASSWORD), ("a" * 65, PASSWORD),
-    ("ada", "p" * 1001), ("", ""), ("ada\r\nX-Evil: 1", PASSWORD), ("'; DROP TABLE app_user; --", PASSWORD),
+    pytest.param("ada", "p" * 1001, id="a-password-of-1001-characters"), ("", ""), ("ada\r\nX-Evil: 1", PASSWORD), ("'; DROP TABLE app_user; --", PASSWORD),
 ])
 def test_odd_sign_in_input_is_a_4xx_at_its_field(app, username, password):
     create_user("ada", PASSWORD)
@@ -433,3 +433,26 @@ def test_odd_sign_in_input_is_a_4xx_at_its_field(app, username, password):
     assert 400 <= response.status_code < 500
     assert 'class="error" data-field=' in response.get_data(as_text=True)
     assert User.select().count() == 1 and not UserSession.select().exists()
+
+
+def test_a_flood_of_parallel_guesses_loses_no_count(app):
+    """Eight threads guessing at once: every failure is counted (no lost update, no 5xx), and the
+    account ends up locked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    create_user("ada", PASSWORD)
+
+    def guess(i: int) -> int:
+        with app.app_context():
+            client = app.test_client()
+            client.environ_base["REMOTE_ADDR"] = f"10.2.0.{i % 8}"
+            return login(client, "ada", f"guess number {i}").status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(guess, range(40)))
+    assert set(codes) <= {401, 429}, codes
+    counted = LoginThrottle.get(LoginThrottle.key == "user:ada").failures
+    assert counted == codes.count(401) >= 5
+    addresses = LoginThrottle.select().where(LoginThrottle.key.startswith("addr:10.2.0."))
+    assert sum(row.failures for row in addresses) == codes.count(401)
+    assert login(app.test_client(), "ada").status_code == 429
