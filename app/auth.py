@@ -192,11 +192,13 @@ def _write_lock():
 
 
 def _other_active_admins(user_id: int) -> int:
-    query = User.select(User.id).where((User.is_admin == True) & User.disabled_at.is_null()  # noqa: E712
-                                       & (User.id != user_id))
+    # PostgreSQL: lock every active admin's row, the target's too, in one order, so a second
+    # transaction waits here and then counts what the first one left (no deadlock, no race)
+    query = (User.select(User.id).where((User.is_admin == True) & User.disabled_at.is_null())  # noqa: E712
+             .order_by(User.id))
     if not is_sqlite():
         query = query.for_update()
-    return len(list(query))
+    return sum(1 for row in query if row.id != user_id)
 
 
 LAST_ADMIN = "{name} is the last active admin: make another user an admin first, or nobody could manage accounts."
@@ -205,7 +207,9 @@ LAST_ADMIN = "{name} is the last active admin: make another user an admin first,
 def set_disabled(user: User, disabled: bool) -> None:
     """Disable (every session and API token stops working, sign-in is refused) or enable a user."""
     with _write_lock():
-        if disabled and user.is_admin and not _other_active_admins(user.id):
+        others = _other_active_admins(user.id)
+        user = User.get_by_id(user.id)  # as it is now, under the lock
+        if disabled and user.is_admin and not others:
             raise AccountError(LAST_ADMIN.format(name=user.username))
         User.update(disabled_at=utcnow() if disabled else None).where(User.id == user.id).execute()
         if disabled:
@@ -215,7 +219,9 @@ def set_disabled(user: User, disabled: bool) -> None:
 def set_admin(user: User, is_admin: bool) -> None:
     """Promote or demote; a demoted admin's sessions end, so admin pages go at once."""
     with _write_lock():
-        if not is_admin and user.is_admin and user.disabled_at is None and not _other_active_admins(user.id):
+        others = _other_active_admins(user.id)
+        user = User.get_by_id(user.id)
+        if not is_admin and user.is_admin and user.disabled_at is None and not others:
             raise AccountError(LAST_ADMIN.format(name=user.username))
         User.update(is_admin=is_admin).where(User.id == user.id).execute()
         if not is_admin:

@@ -456,3 +456,31 @@ def test_a_flood_of_parallel_guesses_loses_no_count(app):
     addresses = LoginThrottle.select().where(LoginThrottle.key.startswith("addr:10.2.0."))
     assert sum(row.failures for row in addresses) == codes.count(401)
     assert login(app.test_client(), "ada").status_code == 429
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one(app):
+    """The last-admin check and the change are one locked step: two admins removing each other
+    at the same moment leave exactly one admin, and neither request is a 5xx."""
+    import threading
+
+    for round_ in range(3):
+        first = signed_in_client(app, f"first{round_}")
+        second = signed_in_client(app, f"second{round_}")
+        User.update(is_admin=False).where(User.id.not_in([first.user.id, second.user.id])).execute()
+        barrier = threading.Barrier(2)
+        codes = {}
+
+        def demote(actor, target):
+            with app.app_context():
+                barrier.wait()
+                codes[actor.user.username] = actor.post(f"/users/{target.user.id}/demote").status_code
+
+        threads = [threading.Thread(target=demote, args=(first, second)),
+                   threading.Thread(target=demote, args=(second, first))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # the loser is refused as the last admin (409), or its session had already ended (401)
+        assert sorted(codes.values())[0] == 303 and sorted(codes.values())[1] in (401, 409), codes
+        assert User.select().where(User.is_admin == True).count() == 1  # noqa: E712
