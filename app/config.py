@@ -47,6 +47,10 @@ def load_settings(overrides: dict | None = None) -> dict:
     MODEL_ROOTS, DATASET_ROOTS   colon-separated folders local models and datasets may be read
                    from (DATA_DIR/models and DATA_DIR/datasets; the Hugging Face cache is always allowed)
     MAX_MODEL_GB   largest model an extraction may load (40)
+    SESSION_IDLE_MINUTES  a signed-in browser unused this long is signed out (480: a working day)
+    SESSION_MAX_HOURS     every session ends this long after sign-in, however busy (168: a week)
+    LOGIN_FAILURES_PER_ACCOUNT, LOGIN_FAILURES_PER_ADDRESS   failed sign-ins before a lock (5, 20)
+    LOGIN_LOCKOUT_S       the first lock's length; each further failure doubles it, up to 15 min (30)
     """
     env = os.environ
     settings = {
@@ -76,6 +80,11 @@ def load_settings(overrides: dict | None = None) -> dict:
         "MODEL_ROOTS": [p for p in env.get("MODEL_ROOTS", "").split(":") if p],
         "DATASET_ROOTS": [p for p in env.get("DATASET_ROOTS", "").split(":") if p],
         "MAX_MODEL_GB": _float("MAX_MODEL_GB", 40.0),
+        "SESSION_IDLE_MINUTES": _float("SESSION_IDLE_MINUTES", 480.0),
+        "SESSION_MAX_HOURS": _float("SESSION_MAX_HOURS", 168.0),
+        "LOGIN_FAILURES_PER_ACCOUNT": _int("LOGIN_FAILURES_PER_ACCOUNT", 5),
+        "LOGIN_FAILURES_PER_ADDRESS": _int("LOGIN_FAILURES_PER_ADDRESS", 20),
+        "LOGIN_LOCKOUT_S": _float("LOGIN_LOCKOUT_S", 30.0),
     }
     settings.update(overrides or {})
     data_dir = Path(settings["DATA_DIR"])

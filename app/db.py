@@ -215,13 +215,48 @@ def _migration_16_maintenance_failures(db) -> None:
     add_column_if_missing(db, "worker_beat", "maintenance_failures", IntegerField(default=0))
 
 
+def _migration_17_sessions(db) -> None:
+    """Sessions that can be ended: disabled accounts, a server-side session table, and the
+    sign-in throttle's counters. Self-contained (its own table definitions, not the live models)."""
+    from peewee import CharField, DateTimeField, ForeignKeyField, IntegerField
+
+    add_column_if_missing(db, "app_user", "disabled_at", DateTimeField(null=True))
+
+    class _User(Model):
+        class Meta:
+            database = db
+            table_name = "app_user"
+
+    class _UserSession(Model):
+        key_hash = CharField(unique=True)
+        user = ForeignKeyField(_User, on_delete="CASCADE", column_name="user_id")
+        created_at = DateTimeField()
+        last_seen_at = DateTimeField()
+
+        class Meta:
+            database = db
+            table_name = "user_session"
+
+    class _LoginThrottle(Model):
+        key = CharField(unique=True)
+        failures = IntegerField(default=0)
+        last_failure_at = DateTimeField(index=True)
+        locked_until = DateTimeField(null=True)
+
+        class Meta:
+            database = db
+            table_name = "login_throttle"
+
+    db.create_tables([_UserSession, _LoginThrottle])  # IF NOT EXISTS: a fresh database has them from migration 1
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
                               _migration_10_double_precision, _migration_11_accounts,
                               _migration_12_architectures, _migration_13_downstream,
                               _migration_14_l0_model, _migration_15_fencing,
-                              _migration_16_maintenance_failures]
+                              _migration_16_maintenance_failures, _migration_17_sessions]
 
 
 def migrate() -> int:

@@ -477,6 +477,11 @@ class LoginForm(FlaskForm):
     username = StringField("Username", validators=[InputRequired("Enter your username."), Length(max=64)])
     password = PasswordField("Password", validators=[InputRequired("Enter your password."), Length(max=1000)])
 
+    def validate_username(self, field):
+        # no user can have such a name (see auth.create_user), and a NUL would not even reach PostgreSQL
+        if not all(c.isalnum() or c in "._-@" for c in (field.data or "").strip()):
+            raise StopValidation("A username is 1 to 64 letters, digits or . _ - @.")
+
 
 class UserForm(FlaskForm):
     """An admin adds a team member; the password is generated when left empty and shown once."""
@@ -484,6 +489,22 @@ class UserForm(FlaskForm):
     username = StringField("Username", validators=[InputRequired("Name the user."), Length(max=64)])
     password = PasswordField("Password (empty: generate one)", validators=[Optional(), Length(min=10, max=1000)])
     is_admin = BooleanField("Admin (may change anyone's records and add users)", default=False)
+
+
+class PasswordChangeForm(FlaskForm):
+    """Every user changes their own password; the current one is asked for first."""
+
+    current_password = PasswordField("Current password", validators=[InputRequired("Enter your current password."),
+                                                                      Length(max=1000)])
+    new_password = PasswordField("New password", validators=[
+        InputRequired("Enter a new password."),
+        Length(min=10, max=1000, message="A password needs 10 to 1000 characters.")],
+        description="At least 10 characters; a few unrelated words are easy to remember and hard to guess.")
+    confirm_password = PasswordField("New password again", validators=[InputRequired("Type the new password again.")])
+
+    def validate_confirm_password(self, field):
+        if self.new_password.data and field.data != self.new_password.data:
+            raise StopValidation("The two new passwords differ.")
 
 
 class TokenForm(FlaskForm):

@@ -48,9 +48,14 @@ class User(BaseModel):
     password_hash = CharField()
     is_admin = BooleanField(default=False)
     created_at = DateTimeField(default=utcnow)
+    disabled_at = DateTimeField(null=True)  # set: no sign-in, no session, no API token
 
     class Meta:
         table_name = "app_user"
+
+    @property
+    def is_disabled(self) -> bool:
+        return self.disabled_at is not None
 
 
 class ApiToken(BaseModel):
@@ -66,6 +71,31 @@ class ApiToken(BaseModel):
 
     class Meta:
         table_name = "api_token"
+
+
+class UserSession(BaseModel):
+    """A signed-in browser. The cookie carries a random id; only its SHA-256 is stored, so ending
+    a session is deleting its row (sign-out, a password change, an admin's disable or demote)."""
+
+    key_hash = CharField(unique=True)
+    user = ForeignKeyField(User, backref="sessions", on_delete="CASCADE")
+    created_at = DateTimeField(default=utcnow)  # the absolute lifetime counts from here
+    last_seen_at = DateTimeField(default=utcnow)  # the idle lifetime from here (kept to a minute)
+
+    class Meta:
+        table_name = "user_session"
+
+
+class LoginThrottle(BaseModel):
+    """Failed sign-ins per key ("user:NAME" or "addr:IP") and the lock they earned."""
+
+    key = CharField(unique=True)
+    failures = IntegerField(default=0)
+    last_failure_at = DateTimeField(index=True)
+    locked_until = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "login_throttle"
 
 
 class Owned(BaseModel):
@@ -490,7 +520,7 @@ class WorkerBeat(BaseModel):
         table_name = "worker_beat"
 
 
-ALL_MODELS = [User, ApiToken, ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
+ALL_MODELS = [User, ApiToken, UserSession, LoginThrottle, ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
               FeatureStat, WorkerBeat, DownstreamEval]
 
 DEFAULT_SYNTHETIC = {

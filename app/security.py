@@ -103,6 +103,13 @@ def init_app(app) -> None:
     app.config["TRUSTED_HOSTS"] = settings["TRUSTED_HOSTS"]
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    # The cookie only carries a session id; the server ends sessions (app/auth.py). The browser's
+    # copy expires with the absolute lifetime and is not pushed further on every request.
+    import datetime as dt
+
+    app.config["PERMANENT_SESSION_LIFETIME"] = dt.timedelta(hours=min(float(settings["SESSION_MAX_HOURS"]),
+                                                                      auth.TEN_YEARS_H))
+    app.config["SESSION_REFRESH_EACH_REQUEST"] = False
     app.config["SESSION_COOKIE_SECURE"] = settings["EXTERNAL_URL"].startswith("https://")
     if settings["EXTERNAL_URL"]:
         from urllib.parse import urlsplit
@@ -163,7 +170,8 @@ def init_app(app) -> None:
 
         with database.connection_context():
             for user in User.select().order_by(User.username):
-                click.echo(f"{user.username}{' (admin)' if user.is_admin else ''}")
+                click.echo(f"{user.username}{' (admin)' if user.is_admin else ''}"
+                           f"{' (disabled)' if user.is_disabled else ''}")
 
     @users.command("ensure-admin")
     def ensure_admin():

@@ -152,11 +152,10 @@ def app(env):
 
 def sign_in(client, user) -> str:
     """Sign ``client`` in as ``user`` for pages (session) and the API (a bearer token); return the token."""
-    from app.auth import create_token
+    from app.auth import create_token, new_session
 
     with client.session_transaction() as session:
-        session["user_id"] = user.id
-        session["password_hash"] = user.password_hash[-16:]
+        session["sid"] = new_session(user)
     _, token = create_token(user, "tests")
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
     return token

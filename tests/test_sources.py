@@ -143,11 +143,11 @@ def test_safetensors_with_several_unnamed_tensors_is_refused(tmp_path):
 def test_web_process_never_imports_torch(env):
     code = ("import sys\nfrom app import create_app\napp = create_app({'TESTING': True})\n"
             "with app.app_context():\n"
-            "    from app.auth import create_token, create_user\n"
+            "    from app.auth import create_token, create_user, new_session\n"
             "    user, _ = create_user('viewer', 'a long password')\n"
             "    c = app.test_client()\n"
             "    with c.session_transaction() as s:\n"
-            "        s['user_id'], s['password_hash'] = user.id, user.password_hash[-16:]\n"
+            "        s['sid'] = new_session(user)\n"
             "    bearer = {'Authorization': 'Bearer ' + create_token(user, 't')[1]}\n"
             "    codes = [c.get(u, headers=bearer).status_code for u in ('/', '/trainings/new', '/sources/', "
             "'/api/trainings')]\n"
