@@ -309,3 +309,40 @@ def test_the_state_machine_never_accepts_two_writers(client, env):
     run_state_machine_as_test(Machine, settings=hsettings(
         max_examples=60, stateful_step_count=20, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]))
+
+
+def test_a_database_from_before_attempts_is_upgraded_and_its_checkpoints_still_resume(client, env):
+    """Migration 15 adds the attempt columns to a database that has runs; a run interrupted before
+    it, with its checkpoint in the old place (checkpoint.pt beside checkpoint.json), still resumes."""
+    import json
+
+    from playhouse.migrate import SchemaMigrator, migrate as run_migrations
+
+    from app.db import MIGRATIONS, SchemaVersion, database, migrate
+
+    run = create_run(client)
+    db = database.obj
+    drops = [("training", "attempt"), ("training", "checkpoint_name"), ("training", "checkpoint_at"),
+             ("tune_job", "attempt"), ("extraction", "attempt"), ("feature_job", "attempt"),
+             ("downstream_eval", "attempt"), ("metric_point", "attempt"), ("event", "attempt")]
+    migrator = SchemaMigrator.from_database(db)
+    for table, column in drops:
+        run_migrations(migrator.drop_column(table, column))
+    SchemaVersion.update(version=[m.__name__ for m in MIGRATIONS].index("_migration_15_fencing")).execute()
+    assert migrate() == len(MIGRATIONS)
+    for table, column in drops:
+        assert column in {c.name for c in db.get_columns(table)}, (table, column)
+
+    folder = Path(env["DATA_DIR"]) / "runs" / str(run.id)
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"old")
+    (folder / "checkpoint.json").write_text(json.dumps({"step": 120, "tokens": 30_720}))
+    Training.update(status="interrupted", step=125).where(Training.id == run.id).execute()
+    run = reload(run)
+    assert run.attempt == 0 and checkpoint_step(run, current_app.config) == 120
+    assert client.post(f"/api/trainings/{run.id}/resume").json["checkpoint_step"] == 120
+    run = reload(run)
+    assert lifecycle.claim(run) and run.attempt == 1
+    save_checkpoint({"step": 180, "tokens": 46_080}, run, current_app.config)  # the first new-style one
+    assert checkpoint_files(env, run) == {run.checkpoint_name}  # the old files went with it
+    assert checkpoint_step(reload(run), current_app.config) == 180
