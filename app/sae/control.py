@@ -11,7 +11,7 @@ raises the penalty; too sparse lowers it. Within ``deadband`` (relative) of the 
 holds still.
 
 Why it is stable: L0 responds to log(l1_alpha) with an elasticity of about −0.7 over the
-useful range (DESIGN.md's sweep), but with a lag of some 200 steps while the encoder
+useful range (the calibration sweep, benchmarks/calibrate_l1_alpha.py), but with a lag of some 200 steps while the encoder
 adapts. The integral gain (0.1) times that elasticity corrects ~7% of the error per
 update. The proportional term on the change of the error is the damping: while L0 is
 already falling fast it holds the penalty back, so the lag does not turn into a large

@@ -1,4 +1,4 @@
-"""Metric definitions, one meaning each (DESIGN.md), used by trainer, tests and benchmarks.
+"""Metric definitions, one meaning each (docs/design.md), used by trainer, tests and benchmarks.
 
 - L0: mean number of active latents (f > 0) per token; L0 fraction = L0 / latent_dim.
 - FVU: Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean over the evaluated set; explained variance = 1 − FVU.

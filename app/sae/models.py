@@ -1,6 +1,6 @@
 """Sparse autoencoders: standard (ReLU + L1), TopK, BatchTopK, JumpReLU and Matryoshka BatchTopK.
 
-Both work in normalized activation space (see DESIGN.md): the trainer multiplies raw
+All of them work in normalized activation space (see docs/design.md): the trainer multiplies raw
 activations by the source's scale ``c`` before they reach the model.
 
 Shapes follow the layout other tools read: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``.
@@ -100,7 +100,7 @@ class SparseAutoencoder(nn.Module):
 
 
 class StandardSAE(SparseAutoencoder):
-    """ReLU SAE trained with the decoder-norm-weighted L1 penalty of DESIGN.md.
+    """ReLU SAE trained with the decoder-norm-weighted L1 penalty of docs/design.md.
 
     Loss per token: ``(1/d_in)·‖x − x̂‖² + l1_alpha · Σ_i f_i·‖W_dec,i‖``. Weighting the
     L1 by the decoder norms means the model cannot shrink ``f`` by growing ``W_dec``, so

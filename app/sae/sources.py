@@ -291,7 +291,7 @@ class StoreSource(ShardedArraySource):
 
 
 def normalization_scale(sample: torch.Tensor) -> float:
-    """The scalar ``c`` with ``E‖c·x‖² = d_in`` on ``sample`` (DESIGN.md)."""
+    """The scalar ``c`` with ``E‖c·x‖² = d_in`` on ``sample`` (docs/design.md)."""
     mean_sq = sample.double().pow(2).sum(dim=1).mean().item()
     if not math.isfinite(mean_sq) or mean_sq <= 0:
         raise ValueError("the activations have zero or non-finite norm; cannot normalize")
