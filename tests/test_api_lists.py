@@ -219,10 +219,10 @@ def test_another_users_feature_job_keeps_its_recovery_on_its_own_record(app, env
     assert run_worker().returncode == 0
     job = FeatureJob.get()
     assert job.status == "completed", job.reason
-    assert job.created_by_id == bob.user.id and not job.on_run
     gt = job.summary["ground_truth"]
     assert 0 < gt["mmcs"] <= 1 and gt["n_features"] == 512
     assert Training.get_by_id(run.id).summary == before  # alice's run is as she left it
+    assert job.created_by_id == bob.user.id and not job.on_run
 
     # shown per job, with who ran it, on the run's page, the job's page and the API
     page = alice.get(f"/trainings/{run.id}").get_data(as_text=True)
@@ -265,12 +265,12 @@ def test_another_users_downstream_evaluation_keeps_its_result_on_its_own_record(
 
     started = bob.post(f"/api/trainings/{run.id}/downstream", json={"tokens": 512})
     assert started.status_code == 202, started.json
-    assert started.json["created_by"] == "bob" and started.json["on_run"] is False
     assert run_worker().returncode == 0
     job = DownstreamEval.get_by_id(started.json["id"])
     assert job.status == "completed", job.reason
     assert job.summary["tokens"] >= 512 and job.summary["headline"]
     assert Training.get_by_id(run.id).summary == before  # neither the result nor the verdict's line
+    assert started.json["created_by"] == "bob" and started.json["on_run"] is False
 
     page = alice.get(f"/trainings/{run.id}").get_data(as_text=True)
     others = page[page.index('id="others-downstream"'):]
