@@ -97,6 +97,7 @@ def test_sources_extractions_templates_and_imports_are_listed_with_what_a_script
     # the runs list is paged the same way, and so is every list
     runs = follow(bob, "/api/trainings?limit=1", "trainings")
     assert [r["id"] for r in runs] == [run.json["id"], started.json["id"]]
+    assert {r["created_by"] for r in runs} == {"alice"}
     assert bob.get("/api/trainings?status=completed").json["trainings"] == []
 
 

@@ -131,17 +131,25 @@ def training_dict(run: Training) -> dict:
         "step": run.step, "total_steps": run.total_steps, "tokens_seen": run.tokens_seen,
         "config": run.config_dict(), "device": run.device, "norm_scale": run.norm_scale,
         "latest_metrics": metric_dict(latest) if latest else None,
-        "quality_grade": view["grade"], "summary": run.summary,
+        "quality_grade": view["grade"], "summary": run.summary, "created_by": creator_name(run),
         "created_at": run.created_at.isoformat() + "Z",
         "started_at": run.started_at.isoformat() + "Z" if run.started_at else None,
         "finished_at": run.finished_at.isoformat() + "Z" if run.finished_at else None,
         "events": [{"step": e.step, "level": e.level, "code": e.code, "message": e.message,
                     "suggestion": e.suggestion} for e in run.events.order_by(Event.id)],
         # every job's results on its own record (the latest 20 of each), whoever started it
-        "feature_jobs": [feature_job_dict(j) for j in run.feature_jobs.order_by(FeatureJob.id.desc()).limit(20)],
-        "downstream_evals": [downstream_dict(j)
-                             for j in run.downstream_evals.order_by(DownstreamEval.id.desc()).limit(20)],
+        "feature_jobs": [feature_job_dict(j) for j in run_jobs(run, run.feature_jobs, FeatureJob)],
+        "downstream_evals": [downstream_dict(j) for j in run_jobs(run, run.downstream_evals, DownstreamEval)],
     }
+
+
+def run_jobs(run: Training, jobs, model) -> list:
+    """The run's latest 20 jobs of one kind, with their creators, each knowing its run (no query per job)."""
+    rows = list(jobs.select(model, User).join(User, JOIN.LEFT_OUTER, on=(model.created_by == User.id))
+                .order_by(model.id.desc()).limit(20))
+    for job in rows:
+        job.training = run
+    return rows
 
 
 @bp.post("/trainings")
