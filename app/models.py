@@ -364,6 +364,15 @@ class ImportedSAE(Owned):
         table_name = "imported_sae"
 
 
+def results_on_run(job) -> bool:
+    """Whether a run's feature job or downstream evaluation also writes its results on the run's
+    summary: only when the run queued it itself (no creator) or the run's owner started it. Another
+    user's job keeps its results on its own record, so nobody rewrites someone else's run."""
+    if job.training_id is None:
+        return False
+    return job.created_by_id is None or job.created_by_id == job.training.created_by_id
+
+
 class FeatureJob(JobRecord):
     """Per-latent statistics and top examples of one SAE (a run's or an imported one) on a source."""
 
@@ -378,6 +387,10 @@ class FeatureJob(JobRecord):
 
     class Meta:
         table_name = "feature_job"
+
+    @property
+    def on_run(self) -> bool:
+        return results_on_run(self)
 
     @property
     def sae_label(self) -> str:
@@ -500,6 +513,10 @@ class DownstreamEval(JobRecord):
 
     class Meta:
         table_name = "downstream_eval"
+
+    @property
+    def on_run(self) -> bool:
+        return results_on_run(self)
 
 
 class WorkerBeat(BaseModel):

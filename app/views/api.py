@@ -2,23 +2,110 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app, g, request
+from peewee import JOIN, fn
 from werkzeug.datastructures import MultiDict
 
 from ..auth import require_change
 from ..forms import ExtractionForm, TrainingForm, json_to_formdata
-from ..models import ActivationSet, Event, Extraction, ImportedSAE, MetricPoint, Template, Training
+from ..models import (STATUSES, ActivationSet, DownstreamEval, Event, Extraction, FeatureJob, ImportedSAE, MetricPoint,
+                      Template, Training, User)
 from ..training_config import BY_NAME
 from ..work import deletion, lifecycle
 from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
-from .records import external_url, get_or_404, id_arg
+from .records import MAX_ID, external_url, get_or_404
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 METRIC_FIELDS = ("step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead",
                  "lr", "l1_alpha", "tokens_per_s")
+
+
+# --- query parameters: every bad one is named in a 422, every list comes a page at a time --------
+
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
+METRICS_PAGE_DEFAULT, METRICS_PAGE_MAX = 1000, 10_000
+
+
+class BadQuery(Exception):
+    """The query string was refused; ``errors`` names each bad parameter, as a 422 does a body's fields."""
+
+    def __init__(self, errors: dict[str, list[str]]):
+        super().__init__("bad query parameters")
+        self.errors = errors
+
+
+@bp.errorhandler(BadQuery)
+def bad_query(exc: BadQuery):
+    return {"errors": exc.errors}, 422
+
+
+def whole(lo: int, hi: int):
+    """A parser of a whole number in [lo, hi], written in ASCII digits (no sign, at most 19 of them)."""
+    def parse(raw: str) -> int:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not lo <= int(raw) <= hi:
+            raise ValueError(f"Must be a whole number from {lo:,} to {hi:,}.")
+        return int(raw)
+    return parse
+
+
+def choice(options):
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"Must be one of: {', '.join(options)}.")
+        return raw
+    return parse
+
+
+PAGING = {"limit": whole(1, PAGE_MAX), "before_id": whole(1, MAX_ID)}
+
+
+def query_params(parsers: dict) -> dict:
+    """The query string read by ``parsers`` (name → parse(raw)); ``BadQuery`` names each value that
+    does not parse, and each parameter the endpoint does not take."""
+    values, errors = {}, {}
+    for name in request.args:
+        raws = request.args.getlist(name)
+        if name not in parsers:
+            errors[name] = [f"Unknown parameter: this endpoint takes {', '.join(parsers)}."]
+        elif len(raws) > 1:
+            errors[name] = ["Give it once."]
+        else:
+            try:
+                values[name] = parsers[name](raws[0])
+            except ValueError as exc:
+                errors[name] = [str(exc)]
+    if errors:
+        raise BadQuery(errors)
+    return values
+
+
+def with_creator(model):
+    """Every row of ``model`` with its creator in the same query."""
+    return model.select(model, User).join(User, JOIN.LEFT_OUTER, on=(model.created_by == User.id))
+
+
+def creator_name(record) -> str | None:
+    return record.created_by.username if record.created_by_id else None
+
+
+def iso(moment) -> str | None:
+    return moment.isoformat() + "Z" if moment else None
+
+
+def page_of(query, model, params: dict, key: str, to_dict) -> dict:
+    """Newest first, ``limit`` rows (100 unless said, at most 1,000) with ids below ``before_id``;
+    ``next`` links the following page (null on the last)."""
+    limit = params.get("limit", PAGE_DEFAULT)
+    if "before_id" in params:
+        query = query.where(model.id < params["before_id"])
+    rows = list(query.order_by(model.id.desc()).limit(limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    following = {**request.args.to_dict(), "limit": limit, "before_id": rows[-1].id} if more else None
+    return {key: [to_dict(r) for r in rows], "next": external_url(request.endpoint, **following) if more else None}
 
 
 def get_training_or_404(training_id: int) -> Training:
@@ -44,13 +131,25 @@ def training_dict(run: Training) -> dict:
         "step": run.step, "total_steps": run.total_steps, "tokens_seen": run.tokens_seen,
         "config": run.config_dict(), "device": run.device, "norm_scale": run.norm_scale,
         "latest_metrics": metric_dict(latest) if latest else None,
-        "quality_grade": view["grade"], "summary": run.summary,
+        "quality_grade": view["grade"], "summary": run.summary, "created_by": creator_name(run),
         "created_at": run.created_at.isoformat() + "Z",
         "started_at": run.started_at.isoformat() + "Z" if run.started_at else None,
         "finished_at": run.finished_at.isoformat() + "Z" if run.finished_at else None,
         "events": [{"step": e.step, "level": e.level, "code": e.code, "message": e.message,
                     "suggestion": e.suggestion} for e in run.events.order_by(Event.id)],
+        # every job's results on its own record (the latest 20 of each), whoever started it
+        "feature_jobs": [feature_job_dict(j) for j in run_jobs(run, run.feature_jobs, FeatureJob)],
+        "downstream_evals": [downstream_dict(j) for j in run_jobs(run, run.downstream_evals, DownstreamEval)],
     }
+
+
+def run_jobs(run: Training, jobs, model) -> list:
+    """The run's latest 20 jobs of one kind, with their creators, each knowing its run (no query per job)."""
+    rows = list(jobs.select(model, User).join(User, JOIN.LEFT_OUTER, on=(model.created_by == User.id))
+                .order_by(model.id.desc()).limit(20))
+    for job in rows:
+        job.training = run
+    return rows
 
 
 @bp.post("/trainings")
@@ -80,7 +179,11 @@ def create():
 
 @bp.get("/trainings")
 def list_trainings():
-    return {"trainings": [training_dict(r) for r in Training.select().order_by(Training.id.desc())]}
+    params = query_params({**PAGING, "status": choice(STATUSES)})
+    query = with_creator(Training)
+    if "status" in params:
+        query = query.where(Training.status == params["status"])
+    return page_of(query, Training, params, "trainings", training_dict)
 
 
 @bp.get("/trainings/<int:training_id>")
@@ -90,10 +193,37 @@ def show(training_id: int):
 
 @bp.get("/trainings/<int:training_id>/metrics")
 def metrics(training_id: int):
+    """The run's metric points in step order, a page at a time: ``since_step`` (points after it),
+    ``limit`` (default 1,000, at most 10,000) and ``every`` (at most one point per ``every`` steps:
+    the first logged in each interval [k·every, (k+1)·every)). ``next`` links the following page."""
     run = get_training_or_404(training_id)
-    since = id_arg("since") or 0
-    points = run.metrics.where(MetricPoint.step > since).order_by(MetricPoint.step)
-    return {"id": run.id, "latent_dim": run.latent_dim, "points": [metric_dict(p) for p in points]}
+    params = query_params({"since_step": whole(0, MAX_ID), "since": whole(0, MAX_ID),
+                           "limit": whole(1, METRICS_PAGE_MAX), "every": whole(1, MAX_ID)})
+    if "since" in params and "since_step" in params and params["since"] != params["since_step"]:
+        raise BadQuery({"since": ["Give since_step only (since is its older name)."]})
+    since = params.get("since_step", params.get("since", 0))
+    limit = params.get("limit", METRICS_PAGE_DEFAULT)
+    every = params.get("every")
+    points = run.metrics.where(MetricPoint.step > since)
+    if every is not None and every > 1:
+        # the first point of each interval of ``every`` steps (integer division on both backends)
+        firsts = (MetricPoint.select(fn.MIN(MetricPoint.step))
+                  .where((MetricPoint.training == run.id) & (MetricPoint.step > since))
+                  .group_by(MetricPoint.step / every).order_by(fn.MIN(MetricPoint.step)).limit(limit + 1))
+        points = points.where(MetricPoint.step.in_(firsts))
+    rows = list(points.order_by(MetricPoint.step).limit(limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_since = None
+    if more:
+        last = rows[-1].step
+        # the next page starts at the next interval, so no interval gives two points
+        next_since = last if every is None or every == 1 else min((last // every + 1) * every - 1, MAX_ID)
+    query = {"limit": limit, **({"every": every} if every is not None else {})}
+    return {"id": run.id, "latent_dim": run.latent_dim, "since_step": since, "limit": limit, "every": every,
+            "points": [metric_dict(p) for p in rows], "next_since_step": next_since,
+            "next": external_url("api.metrics", training_id=run.id, since_step=next_since, **query)
+            if more else None}
 
 
 @bp.post("/trainings/<int:training_id>/cancel")
@@ -134,9 +264,21 @@ def resume(training_id: int):
     return {"id": run.id, "status": run.status, "checkpoint_step": checkpoint_step(run, current_app.config)}, 202
 
 
-def downstream_dict(job) -> dict:
+def downstream_dict(job: DownstreamEval) -> dict:
+    """``on_run``: its result is also the run's (``summary.downstream``); another user's evaluation
+    keeps it here only."""
     return {"id": job.id, "training_id": job.training_id, "status": job.status, "reason": job.reason,
-            "progress": job.progress, "token_budget": job.token_budget, "result": job.summary}
+            "progress": job.progress, "token_budget": job.token_budget, "result": job.summary,
+            "created_by": creator_name(job), "on_run": job.on_run, "created_at": iso(job.created_at),
+            "finished_at": iso(job.finished_at)}
+
+
+def feature_job_dict(job: FeatureJob) -> dict:
+    return {"id": job.id, "url": external_url("features.show", job_id=job.id), "training_id": job.training_id,
+            "imported_id": job.imported_id, "source_id": job.source_id, "status": job.status, "reason": job.reason,
+            "progress": job.progress, "sample_tokens": job.sample_tokens, "result": job.summary,
+            "created_by": creator_name(job), "on_run": job.on_run, "created_at": iso(job.created_at),
+            "finished_at": iso(job.finished_at)}
 
 
 @bp.post("/trainings/<int:training_id>/downstream")
@@ -162,9 +304,12 @@ def start_downstream(training_id: int):
 
 @bp.get("/downstream/<int:job_id>")
 def show_downstream(job_id: int):
-    from ..models import DownstreamEval
-
     return downstream_dict(get_or_404(DownstreamEval, job_id, "downstream evaluation"))
+
+
+@bp.get("/features/<int:job_id>")
+def show_feature_job(job_id: int):
+    return feature_job_dict(get_or_404(FeatureJob, job_id, "feature job"))
 
 
 DELETABLE = {
@@ -202,6 +347,8 @@ def extraction_dict(job: Extraction) -> dict:
         "context_length": job.context_length, "batch_size": job.batch_size, "dtype": job.dtype,
         "model_dtype": job.model_dtype,
         "exclude_special": job.exclude_special, "device": job.device, "source_id": job.activation_set_id,
+        "name": job.name, "created_by": creator_name(job), "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
     }
 
 
@@ -245,3 +392,86 @@ def create_extraction_api():
 @bp.get("/extractions/<int:extraction_id>")
 def show_extraction(extraction_id: int):
     return extraction_dict(get_or_404(Extraction, extraction_id, "extraction"))
+
+
+@bp.get("/extractions")
+def list_extractions():
+    params = query_params({**PAGING, "status": choice(STATUSES)})
+    query = with_creator(Extraction)
+    if "status" in params:
+        query = query.where(Extraction.status == params["status"])
+    return page_of(query, Extraction, params, "extractions", extraction_dict)
+
+
+# --- what the other pages list: sources, templates, imported SAEs -----------------------------
+
+SOURCE_DETAILS = {
+    "synthetic": ("n_features", "mean_active", "seed", "structure"),
+    "extracted": ("model", "layer", "site", "site_label", "text_label", "dtype", "model_dtype", "context_length",
+                  "exclude_special", "documents", "extraction_id"),
+}
+
+
+def source_dict(source: ActivationSet) -> dict:
+    """What a script needs to train on a source: its id (``source_id`` in ``POST /api/trainings``),
+    its width and size, and where it came from."""
+    params = source.params or {}
+    details = {key: params[key] for key in SOURCE_DETAILS.get(source.kind, ()) if key in params}
+    if source.kind == "extracted" and isinstance(params.get("norm"), dict):
+        details["mean_norm"] = params["norm"].get("mean_norm")
+    if source.kind == "file":
+        array = params.get("array") or {}
+        details.update(original_name=params.get("original_name"), format=array.get("format"),
+                       dtype=array.get("dtype"))
+    return {"id": source.id, "name": source.name, "kind": source.kind, "d_in": source.d_in,
+            "training_tokens": source.n_tokens, "total_rows": source.total_rows, "details": details,
+            "created_by": creator_name(source), "created_at": iso(source.created_at),
+            "new_training_url": external_url("pages.new_training", source_id=source.id)}
+
+
+@bp.get("/sources")
+def list_sources():
+    params = query_params({**PAGING, "kind": choice(("synthetic", "file", "extracted")), "d_in": whole(1, MAX_ID)})
+    query = with_creator(ActivationSet)
+    if "kind" in params:
+        query = query.where(ActivationSet.kind == params["kind"])
+    if "d_in" in params:
+        query = query.where(ActivationSet.d_in == params["d_in"])
+    return page_of(query, ActivationSet, params, "sources", source_dict)
+
+
+def template_dict(template: Template) -> dict:
+    """``config`` holds the template's fields; ``training`` is a body for ``POST /api/trainings``
+    from it (the config and the form's seed): add a ``source_id`` (and a ``name``) and post it."""
+    return {"id": template.id, "name": template.name, "d_in": template.d_in, "builtin": template.builtin,
+            "architecture": (template.config or {}).get("architecture"), "provenance": template.provenance,
+            "config": template.config, "training": {"seed": BY_NAME["seed"].default, **(template.config or {})},
+            "created_by": creator_name(template), "created_at": iso(template.created_at),
+            "new_training_url": external_url("pages.new_training", template=template.id)}
+
+
+@bp.get("/templates")
+def list_templates():
+    params = query_params({**PAGING, "d_in": whole(1, MAX_ID)})
+    query = with_creator(Template)
+    if "d_in" in params:
+        query = query.where(Template.d_in == params["d_in"])
+    return page_of(query, Template, params, "templates", template_dict)
+
+
+def imported_dict(sae: ImportedSAE) -> dict:
+    """An imported SAE and its feature jobs (the latest 20): it is browsed, not trained."""
+    jobs = sae.feature_jobs.order_by(FeatureJob.id.desc()).limit(20)
+    return {"id": sae.id, "name": sae.name, "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+            "k": sae.k, "created_by": creator_name(sae), "created_at": iso(sae.created_at),
+            "feature_jobs": [{"id": j.id, "status": j.status, "source_id": j.source_id,
+                              "url": external_url("features.show", job_id=j.id)} for j in jobs]}
+
+
+@bp.get("/imports")
+def list_imports():
+    params = query_params({**PAGING, "d_in": whole(1, MAX_ID)})
+    query = with_creator(ImportedSAE)
+    if "d_in" in params:
+        query = query.where(ImportedSAE.d_in == params["d_in"])
+    return page_of(query, ImportedSAE, params, "imports", imported_dict)

@@ -124,15 +124,21 @@ def chart_series(run: Training) -> ChartSeries:
                        .order_by(MetricPoint.step))
 
 
+JOBS_SHOWN = 10  # feature jobs and downstream evaluations listed on a run's page
+
+
 def progress_context(run: Training) -> dict:
     from ..forms import FeatureJobForm
     from ..models import RESUMABLE_STATUSES, DownstreamEval, FeatureJob
     from ..work.downstream import why_not
 
     features_job = run.feature_jobs.order_by(FeatureJob.id.desc()).first()
+    feature_jobs = list(run.feature_jobs.order_by(FeatureJob.id.desc()).limit(JOBS_SHOWN))
+    downstream_jobs = list(run.downstream_evals.order_by(DownstreamEval.id.desc()).limit(JOBS_SHOWN))
     ground_truth = (run.summary or {}).get("ground_truth")
-    if features_job is not None and features_job.status == "completed":
-        ground_truth = (features_job.summary or {}).get("ground_truth", ground_truth)
+    own = next((j for j in feature_jobs if j.on_run and j.status == "completed"), None)  # the run's, or its owner's
+    if own is not None:
+        ground_truth = (own.summary or {}).get("ground_truth", ground_truth)
     checkpoint = Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"
     latest = run.latest_metric()
     series = chart_series(run)
@@ -148,7 +154,10 @@ def progress_context(run: Training) -> dict:
         "histogram_chart": charts.histogram_chart(summary["density_histogram"])
         if summary.get("density_histogram") else None,
         "has_checkpoint": checkpoint.exists(), "features_job": features_job, "ground_truth": ground_truth,
-        "downstream_job": run.downstream_evals.order_by(DownstreamEval.id.desc()).first(),
+        "downstream_job": downstream_jobs[0] if downstream_jobs else None,
+        # other users' jobs on this run: their results stay on their own records, listed here by job
+        "others_feature_jobs": [j for j in feature_jobs if not j.on_run],
+        "others_downstream_jobs": [j for j in downstream_jobs if not j.on_run],
         "downstream": summary.get("downstream"), "downstream_why_not": why_not(run, current_app.config),
         "feature_form": FeatureJobForm(formdata=None),
         "checkpoint_step": checkpoint_step(run, current_app.config),

@@ -104,8 +104,10 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
             if summary.get("verdict"):
                 summary["verdict"] = {**summary["verdict"], "downstream": result["headline"]}
             Training.update(summary=summary).where(Training.id == run.id).execute()
-    # the run's copy first: whoever sees the job completed finds its result on the run
-    retry_write(complete, what="downstream result")
+    # the run's copy first: whoever sees the job completed finds its result on the run. Only the
+    # run's own and its owner's evaluations have one; another user's stays on the job's record.
+    if job.on_run:
+        retry_write(complete, what="downstream result")
     lifecycle.finish(job, "completed", summary=result, progress=1.0)
     return "completed"
 

@@ -121,7 +121,8 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
         batch = rows[start:start + INSERT_BATCH]
         retry_write(lambda b=batch: FeatureStat.insert_many(b).on_conflict_ignore().execute(), what="feature stats")
     lifecycle.finish(job, "completed", summary=summary, progress=1.0)
-    if job.training_id and recovery is not None:
+    # Another user's job keeps its recovery on its own record (the run page lists it by job).
+    if recovery is not None and job.on_run:
         def note_recovery() -> None:
             with database.atomic():
                 run = Training.get_by_id(job.training_id)
