@@ -52,11 +52,27 @@ def _migration_1_initial(db) -> None:
 
 
 def add_column_if_missing(db, table: str, name: str, field) -> None:
-    """Add a column unless it is there (a fresh database gets it from migration 1)."""
+    """Add a column unless it is there (a fresh database gets it from migration 1).
+
+    On SQLite the column is added nullable (existing rows get the default): SQLite cannot add a
+    NOT NULL column in place, so peewee would rebuild the table, and with foreign keys on,
+    dropping the old copy deletes every row that cascades from it (a run's events and metric
+    points). The models still give every new row a value.
+    """
+    import copy
+
     from playhouse.migrate import SchemaMigrator, migrate as run_migrations
 
     if name not in {c.name for c in db.get_columns(table)}:
-        run_migrations(SchemaMigrator.from_database(db).add_column(table, name, field))
+        migrator = SchemaMigrator.from_database(db)
+        if isinstance(db, SqliteDatabase) and not field.null:
+            nullable = copy.copy(field)
+            nullable.null = True
+            run_migrations(migrator.add_column(table, name, nullable))
+            if field.default is not None:
+                run_migrations(migrator.apply_default(table, name, field))
+        else:
+            run_migrations(migrator.add_column(table, name, field))
 
 
 def _migration_2_quality_control(db) -> None:

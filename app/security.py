@@ -96,6 +96,23 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'self'; object-src 'none'")
 
 
+NUL_MESSAGE = "Text may not contain the NUL character (\\x00)."
+NUL_CHECKED_AT_THE_FIELD = {"auth.login"}  # its form says so at the field itself
+
+
+def refuse_nul():
+    """A NUL in any text a request carries is refused at once: PostgreSQL cannot store it (the
+    driver raises, which would be a 500), and no name, query or setting needs one."""
+    from flask import abort, request
+
+    if request.endpoint in NUL_CHECKED_AT_THE_FIELD:
+        return
+    values = [*request.args.values(), *(request.form.values() if request.method in ("POST", "PUT", "PATCH")
+                                         else ())]
+    if any("\x00" in value for value in values) or (request.is_json and b"\\u0000" in request.get_data()):
+        abort(400, description=NUL_MESSAGE)
+
+
 def init_app(app) -> None:
     """Install the guards; call before the blueprints are registered (the id converter is bounded)."""
     settings = app.config
@@ -122,6 +139,7 @@ def init_app(app) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
 
     app.before_request(auth.check_request)
+    app.before_request(refuse_nul)
 
     @app.after_request
     def _headers(response):

@@ -33,6 +33,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# our own loopback server: never through an http_proxy from the environment
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -242,7 +245,7 @@ class Supervisor:
     def _ready(self) -> bool:
         """Whether the web server answers at all (a 400 for an untrusted Host is an answer)."""
         try:
-            with urllib.request.urlopen(self.ready_url, timeout=0.5):
+            with DIRECT.open(self.ready_url, timeout=0.5):
                 return True
         except urllib.error.HTTPError:
             return True

@@ -368,3 +368,19 @@ def test_a_real_worker_refuses_a_name_that_names_its_working_directory(app, env,
         assert job.status == "failed" and "neither a Hugging Face Hub name" in job.reason, job.reason
         assert "conftest" not in job.reason.replace("tests/conftest.py", "") and "/work" not in job.reason
         assert job.activation_set_id is None
+
+
+@pytest.mark.parametrize("how", ["query", "form", "json"])
+def test_a_nul_character_in_any_text_is_a_400_not_a_500(client, how):
+    """PostgreSQL cannot store a NUL: a name, search or setting carrying one is refused up front
+    (on SQLite too, so the two backends answer alike)."""
+    from conftest import QUICK_CONFIG
+
+    if how == "query":
+        response = client.get("/features/1?q=a%00b")
+    elif how == "form":
+        response = client.post("/trainings/hints", data={"name": "a\x00b"})
+    else:
+        response = client.post("/api/trainings", json={**QUICK_CONFIG, "name": "run\x00"})
+    assert response.status_code == 400, response.status_code
+    assert "NUL" in response.get_data(as_text=True)

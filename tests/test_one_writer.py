@@ -23,7 +23,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multip
 from app.models import Event, MetricPoint, Training, utcnow
 from app.work import lifecycle
 from app.work.training import CHECKPOINT_NAME, MetricWriter, checkpoint_step, resume_training, save_checkpoint
-from conftest import create_run, reload, start_worker, stop_worker, wait_for
+from conftest import BACKEND, create_run, reload, start_worker, stop_worker, wait_for
 
 LONG = {"total_steps": 1_000_000, "log_every": 10, "checkpoint_every_steps": 50, "lr_warmup_steps": 20,
         "l1_warmup_steps": 40, "steer_l1_alpha": True, "dead_window_tokens": 5_000}
@@ -169,12 +169,19 @@ class Writers(RuleBasedStateMachine):
         self.events: dict[int | None, int] = {}  # attempt -> accepted events
         self.last_writer = 0  # the highest attempt that has had a write accepted
         self.point_writers: set[int] = set()  # the attempts whose metric points were accepted
+        self.ended_by = None  # the process whose end the row shows now
 
     def row(self) -> Training:
         return reload(self.run)
 
     def accepts(self, p) -> bool:
-        return p.attempt == self.attempt and self.status == (getattr(p, "_ended_as", None) or "running")
+        """A write of ``p`` lands while it holds the current attempt and the row is running; once it
+        ended the row itself, only while the row still shows that end (no resume or cancel since)."""
+        if p.attempt != self.attempt:
+            return False
+        if lifecycle.ended_as(p) is None:
+            return self.status == "running"
+        return self.ended_by is p
 
     def written(self, p, accepted: bool, expected: bool) -> None:
         assert accepted == expected, (p.attempt, self.attempt, self.status)
@@ -243,13 +250,14 @@ class Writers(RuleBasedStateMachine):
 
     @rule(p=processes, status=st.sampled_from(["completed", "cancelled", "failed"]))
     def end(self, p, status):
-        expected = self.accepts(p)
+        # a record is ended once, by the attempt that holds it while it runs
+        expected = lifecycle.ended_as(p) is None and p.attempt == self.attempt and self.status == "running"
         accepted = lifecycle.finish(p, status, reason="ended" if status != "completed" else None,
                                     event={"level": "info", "code": status, "message": status, "step": None,
                                            "suggestion": None})
         self.written(p, accepted, expected)
         if accepted:
-            self.status = status
+            self.status, self.ended_by = status, p
             self.events[p.attempt] = self.events.get(p.attempt, 0) + 1
 
     @rule()
@@ -274,14 +282,14 @@ class Writers(RuleBasedStateMachine):
             resumed = False
         assert resumed == bool(resumable)
         if resumed:
-            self.status = "queued"
+            self.status, self.ended_by = "queued", None
             self.events[None] = self.events.get(None, 0) + 1
 
     @rule()
     def cancel(self):
         lifecycle.request_cancel(self.row())
         if self.status == "queued":
-            self.status = "cancelled"
+            self.status, self.ended_by = "cancelled", None
             self.events[None] = self.events.get(None, 0) + 1
 
     @invariant()
@@ -321,6 +329,9 @@ def test_a_database_from_before_attempts_is_upgraded_and_its_checkpoints_still_r
     from app.db import MIGRATIONS, SchemaVersion, database, migrate
 
     run = create_run(client)
+    lifecycle.add_event(run.id, "info", "before", "an event from before the upgrade")
+    MetricPoint.create(training=run.id, step=10, tokens=2560, loss=1.0, mse=1.0, sparsity_loss=0.0, l1=0.0, l0=5.0,
+                       l0_fraction=0.02, fvu=0.5, dead=0, lr=1e-3, l1_alpha=3e-3, tokens_per_s=1.0)
     db = database.obj
     drops = [("training", "attempt"), ("training", "checkpoint_name"), ("training", "checkpoint_at"),
              ("tune_job", "attempt"), ("extraction", "attempt"), ("feature_job", "attempt"),
@@ -332,6 +343,10 @@ def test_a_database_from_before_attempts_is_upgraded_and_its_checkpoints_still_r
     assert migrate() == len(MIGRATIONS)
     for table, column in drops:
         assert column in {c.name for c in db.get_columns(table)}, (table, column)
+    # nothing that hangs off a run is lost on the way (SQLite rebuilt tables, cascading deletes)
+    assert Event.select().where(Event.training == run.id).count() == 1
+    assert MetricPoint.select().where(MetricPoint.training == run.id).count() == 1
+    assert reload(run).attempt == 0
 
     folder = Path(env["DATA_DIR"]) / "runs" / str(run.id)
     folder.mkdir(parents=True)
@@ -346,3 +361,31 @@ def test_a_database_from_before_attempts_is_upgraded_and_its_checkpoints_still_r
     save_checkpoint({"step": 180, "tokens": 46_080}, run, current_app.config)  # the first new-style one
     assert checkpoint_files(env, run) == {run.checkpoint_name}  # the old files went with it
     assert checkpoint_step(reload(run), current_app.config) == 180
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="on SQLite the busy timeout bounds the wait")
+def test_a_row_its_job_holds_locked_is_swept_next_round_not_waited_on(client, env):
+    """A job frozen inside its own write transaction holds its row. The sweeper gives up on that
+    row after a short lock timeout (so the rest of maintenance goes on) and sweeps it later."""
+    import time
+
+    from playhouse.db_url import connect
+
+    run = create_run(client)
+    p = reload(run)
+    assert lifecycle.claim(p)
+    Training.update(heartbeat_at=utcnow() - dt.timedelta(seconds=3600)).where(Training.id == run.id).execute()
+    frozen = connect(env["DATABASE_URL"])
+    frozen.connect()
+    frozen.execute_sql("BEGIN")
+    frozen.execute_sql("SELECT id FROM training WHERE id = %s FOR UPDATE", (run.id,))
+    try:
+        started = time.monotonic()
+        assert run.id not in {r.id for r in lifecycle.sweep_stale(current_app.config) if isinstance(r, Training)}
+        assert time.monotonic() - started < 30  # it did not wait for the frozen transaction
+        assert reload(run).status == "running"
+    finally:
+        frozen.execute_sql("COMMIT")
+        frozen.close()
+    assert run.id in {r.id for r in lifecycle.sweep_stale(current_app.config) if isinstance(r, Training)}
+    assert reload(run).status == "interrupted"

@@ -191,6 +191,22 @@ def test_an_admin_reset_shows_the_password_once_and_ends_sessions(app):
     assert login(app.test_client(), "ada", password).status_code == 303
 
 
+def test_an_admin_cannot_reset_their_own_password_and_lose_it(app):
+    """A reset ends the user's sessions and shows the new password once: on one's own account that
+    page would go to a session it just ended. It is refused at the row, pointing to the Password page."""
+    admin = signed_in(app, "boss", is_admin=True)
+    page = admin.post(f"/users/{admin.user.id}/reset-password")
+    assert page.status_code == 409
+    html = page.get_data(as_text=True)
+    assert f'id="user-error-{admin.user.id}"' in html and "Password page" in html
+    assert admin.get("/").status_code == 200  # still signed in
+    assert login(app.test_client(), "boss").status_code == 303  # and the password still works
+    users = admin.get("/users/").get_data(as_text=True)
+    row = users[users.index(f'id="user-{admin.user.id}"'):]
+    row = row[:row.index("</tr>")]
+    assert "reset-password" not in row and "/account/password" in row
+
+
 def test_the_initial_password_file_goes_on_first_sign_in(app, runner):
     result = runner.invoke(args=["users", "ensure-admin"])
     assert result.exit_code == 0, result.output

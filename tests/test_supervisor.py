@@ -20,6 +20,9 @@ from redis import Redis
 
 from conftest import BACKEND, ROOT, free_port, signed_in_client, wait_for
 
+# our own loopback server: never through an http_proxy from the environment
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def processes() -> dict[int, tuple[int, str]]:
     """Every live process: pid -> (parent pid, command line)."""
@@ -57,7 +60,7 @@ def child(supervisor: int, needle: str) -> int | None:
 
 def answers(url: str) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with DIRECT.open(url, timeout=2) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code

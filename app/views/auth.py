@@ -148,6 +148,9 @@ def change_user(user_id: int, action: str):
         abort(404, description="There is no such change to an account.")
     user = get_or_404(User, user_id, "user")
     me = user.id == g.user.id
+    if me and action == "reset-password":  # the new password would be shown to a session it just ended
+        return render_users(status=409, errors={user.id: "To change your own password, use the Password page "
+                                                         "(it asks for your current one)."})
     try:
         if action == "reset-password":
             password = auth.reset_password(user)
@@ -155,7 +158,7 @@ def change_user(user_id: int, action: str):
             ACCOUNT_ACTIONS[action](user)
     except auth.AccountError as exc:
         return render_users(status=409, errors={user.id: str(exc)})
-    if me and action in ("disable", "demote", "reset-password"):
+    if me and action in ("disable", "demote"):
         return redirect(url_for("auth.login"), code=303)  # the admin's own sessions just ended
     if action == "reset-password":
         return render_users(reset=(user.username, password))

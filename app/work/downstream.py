@@ -98,6 +98,9 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
 
     def complete() -> None:
         with database.atomic():
+            # the job's own guard first: a stale evaluation never rewrites the run's summary
+            if not DownstreamEval.update(heartbeat_at=lifecycle.utcnow()).where(lifecycle.current(job)).execute():
+                raise lifecycle.superseded(job, "its result on the run")
             fresh = Training.get_by_id(run.id)
             summary = dict(fresh.summary or {})
             summary["downstream"] = result

@@ -6,6 +6,7 @@ janitor remove one whose worker died), so nothing half-written is ever left unde
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def run_extraction(extraction_id: int) -> str:
 
 
 def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -> str:
-    writer = None
+    writer = meta = None
     try:
         from ..extraction.capture import SITES, extract, find_site, load_model
         from ..extraction.store import ShardWriter
@@ -110,6 +111,8 @@ def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -
     except lifecycle.Superseded:
         if writer is not None:
             writer.abort()
+            if meta is not None:  # committed to its final folder, which no source now names
+                shutil.rmtree(writer.final_dir, ignore_errors=True)
         return "superseded"
     except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
         if writer is not None:

@@ -116,15 +116,28 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
                                    "n_features": recovery.n_features, "threshold": F.RECOVERED_COSINE}
     # Short transactions, one batch of rows each, so a run writing beside this job never waits
     # long for the lock. The browser shows a job's rows only once it is completed.
-    retry_write(FeatureStat.delete().where(FeatureStat.job == job.id).execute, what="clear stats")
+    # Each batch behind the job's own guard (docs/design.md, "One writer per record").
+    def held(write):
+        def guarded_write() -> None:
+            with database.atomic():
+                if not FeatureJob.update(heartbeat_at=lifecycle.utcnow()).where(lifecycle.current(job)).execute():
+                    raise lifecycle.superseded(job, "its statistics")
+                write()
+        return guarded_write
+
+    retry_write(held(FeatureStat.delete().where(FeatureStat.job == job.id).execute), what="clear stats")
     for start in range(0, len(rows), INSERT_BATCH):
         batch = rows[start:start + INSERT_BATCH]
-        retry_write(lambda b=batch: FeatureStat.insert_many(b).on_conflict_ignore().execute(), what="feature stats")
-    lifecycle.finish(job, "completed", summary=summary, progress=1.0)
+        retry_write(held(lambda b=batch: FeatureStat.insert_many(b).on_conflict_ignore().execute()),
+                    what="feature stats")
+    if not lifecycle.finish(job, "completed", summary=summary, progress=1.0):
+        return "superseded"
     # Another user's job keeps its recovery on its own record (the run page lists it by job).
     if recovery is not None and job.on_run:
         def note_recovery() -> None:
             with database.atomic():
+                if not FeatureJob.select().where(lifecycle.current(job)).exists():
+                    return  # the job's end was undone meanwhile (a resume of its run does not do that; a delete does)
                 run = Training.get_by_id(job.training_id)
                 Training.update(summary={**(run.summary or {}), "ground_truth": summary["ground_truth"]}).where(
                     Training.id == run.id).execute()

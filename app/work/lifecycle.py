@@ -118,11 +118,16 @@ class Superseded(RuntimeError):
 
 
 def current(record: JobRecord):
-    """The condition every write of a job carries: its row, its attempt, and the status the job
-    last set itself (``running`` until it ends the record; after that, the final status)."""
+    """The condition every write of a job carries: its row, its attempt, and the row as the job
+    last left it — ``running`` until the job ends the record; after that, the end it wrote (its
+    status and the moment, so that a resume and a cancel in between make it someone else's)."""
     model = type(record)
-    status = getattr(record, "_ended_as", None) or "running"
-    return (model.id == record.id) & (model.attempt == record.attempt) & (model.status == status)
+    ended = getattr(record, "_ended", None)
+    if ended is None:
+        return (model.id == record.id) & (model.attempt == record.attempt) & (model.status == "running")
+    status, at = ended
+    return ((model.id == record.id) & (model.attempt == record.attempt) & (model.status == status)
+            & (model.finished_at == at))
 
 
 def fenced_update(record: JobRecord, *, what: str = "write", **fields) -> None:
@@ -219,7 +224,7 @@ def claim(record: JobRecord) -> bool:
     if claimed:
         for key, value in fields.items():
             setattr(record, key, value)
-        record._ended_as = None
+        record._ended = None
     return claimed
 
 
@@ -253,6 +258,9 @@ def guarded(job: JobRecord, work: Callable[[], str], *, user_errors: tuple[str, 
         finish(job, status, reason=str(exc))
         return status
     except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
+        if ended_as(job):  # it broke after it ended its record: that end stands, and so do its results
+            log.exception("%s %s failed after it ended %s", label(job), job.id, ended_as(job))
+            return ended_as(job)
         if cleanup is not None:
             cleanup()
         user_error = type(exc).__name__ in user_errors
@@ -269,10 +277,15 @@ def finish(record: JobRecord, status: str, *, event: dict | None = None, **field
     if "reason" in fields:
         fields["reason"] = redact(fields["reason"])
     model = type(record)
+    if getattr(record, "_ended", None) is not None:  # a record is ended once (a failure after the end is not its end)
+        log.warning("%s %s: already ended %s; not ended again as %s", label(record), record.id, record._ended[0],
+                    status)
+        return False
+    at = utcnow()
 
     def write() -> bool:
         with database.atomic():
-            if not model.update(status=status, finished_at=utcnow(), **fields).where(current(record)).execute():
+            if not model.update(status=status, finished_at=at, **fields).where(current(record)).execute():
                 return False
             if event is not None:
                 Event.create(training=record.id, attempt=record.attempt, **{**event, "message": redact(event["message"])})
@@ -280,10 +293,16 @@ def finish(record: JobRecord, status: str, *, event: dict | None = None, **field
 
     ended = retry_write(write, what=f"finish {status}")
     if ended:
-        record._ended_as = status
+        record._ended = (status, at)
     else:
         superseded(record, f"its end ({status})")
     return ended
+
+
+def ended_as(record: JobRecord) -> str | None:
+    """The status this process ended the record with (None while it has not)."""
+    ended = getattr(record, "_ended", None)
+    return ended[0] if ended else None
 
 
 def fail(record: JobRecord, reason: str, **fields) -> bool:
@@ -316,7 +335,7 @@ class Heartbeat:
         model = type(self.record)
         try:
             while not self._stop.wait(self.interval_s):
-                if getattr(self.record, "_ended_as", None):
+                if ended_as(self.record):
                     return  # the job ended its record; nothing is left to stamp
                 try:
                     alive = model.update(heartbeat_at=utcnow()).where(current(self.record)).execute()
@@ -452,13 +471,40 @@ def mark_interrupted(record: JobRecord, reason: str, settings: dict, *, only_if_
     if only_if_silent is not None:
         where &= only_if_silent
     query = model.update(status="interrupted", reason=reason, finished_at=utcnow(), **extra).where(where)
-    if not retry_write(query.execute, what="interrupt"):
+    if not retry_write(lambda: _without_waiting_long(query), what="interrupt"):
         return False
     if isinstance(record, Training):
         add_event(record.id, "error", "interrupted", reason, step=record.step, attempt=record.attempt)
     if label(record) == "extraction":
         shutil.rmtree(Path(settings["DATA_DIR"]) / "activations" / f".partial-{record.id}", ignore_errors=True)
     return True
+
+
+class _RowLocked(Exception):
+    pass
+
+
+def _without_waiting_long(query) -> int:
+    """Run the sweep's UPDATE; 0 when its row stays locked for long. On PostgreSQL a job frozen
+    inside its own short write transaction holds the row: the sweeper tries it again next round
+    instead of stalling every other part of maintenance behind it. (On SQLite the busy timeout
+    and ``retry_write`` bound the wait.)"""
+    from ..db import is_sqlite
+
+    if is_sqlite():
+        return query.execute()
+    try:
+        with database.atomic():
+            database.execute_sql("SET LOCAL lock_timeout = '2s'")
+            try:
+                return query.execute()
+            except OperationalError as exc:
+                if "lock timeout" not in str(exc):
+                    raise
+                raise _RowLocked from exc  # leaves the transaction, which rolls back
+    except _RowLocked:
+        log.warning("sweep: the row is locked by its job; trying again next round")
+        return 0
 
 
 def requeue_lost(settings: dict, grace_s: float = 30.0) -> list[JobRecord]:

@@ -328,6 +328,9 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
             lifecycle.finish(run, "interrupted", reason=reason, **done,
                              event=closing_event("warning", "interrupted", reason, step=result.steps))
             return "interrupted"
+        # the final files are written only while this process still holds the run (it narrows, and
+        # does not close, the window in which a stale process could write them: docs/design.md)
+        lifecycle.fenced_update(run, what="the final weights", heartbeat_at=utcnow())
         checkpoint = _save_sae(sae, run, result, settings["DATA_DIR"])
         summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, source.d_in)
         done["summary"] = summary
@@ -353,7 +356,7 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
             lifecycle.finish(run, "cancelled", reason=result.reason, **done, event=closing_event(
                 "info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume continues the run.",
                 step=result.steps))
-        return getattr(run, "_ended_as", None) or "superseded"
+        return lifecycle.ended_as(run) or "superseded"
     except Superseded:
         return "superseded"  # logged where it was found; another attempt holds the run
     except Exception as exc:  # noqa: BLE001 - every failure ends on the row, then RQ sees it too
