@@ -30,6 +30,57 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # picks the backend for this run.
 BACKEND = os.environ.get("TEST_DATABASE", "sqlite")
 
+# A test that asks for one of these (directly or through env, app, client, run_worker, ...) opens
+# the database: it gets the `db` mark, and the PostgreSQL pass (`-m db`) runs only those. A test
+# that opens a database some other way says so with @pytest.mark.db. Every other test runs with
+# peewee's connections refused (`database_guard`), so a missing mark fails loudly, not silently.
+DATABASE_FIXTURES = frozenset({"database_url", "postgres_server"})
+_COLLECTED = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.db)
+    config.stash[_COLLECTED] = len(items)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """`-m db` over a selection with no database test in it (say `PYTEST_ARGS=tests/test_core.py`)
+    runs nothing, and that is right: not pytest's "no tests collected" error (5). Collecting
+    nothing at all still is one."""
+    if (exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.stash.get(_COLLECTED, 0) > 0
+            and session.config.getoption("markexpr")):
+        session.exitstatus = pytest.ExitCode.OK
+
+
+@pytest.fixture(autouse=True)
+def database_guard(request, monkeypatch):
+    """For a test without the `db` mark, any peewee connection or cursor fails the test.
+
+    It raises ``pytest.fail``'s exception (a BaseException, so an ``except Exception`` in the app
+    cannot swallow it) and fails the test at teardown as well, in case something swallowed even
+    that. Yields the list of refused attempts (the guard's own test empties it)."""
+    refused: list[str] = []
+    if request.node.get_closest_marker("db") is not None:
+        yield refused
+        return
+    import peewee
+
+    def refusing(method: str):
+        def refuse(db, *args, **kwargs):
+            refused.append(f"{type(db).__name__}.{method}")
+            pytest.fail(f"{request.node.nodeid} opened a database ({type(db).__name__}.{method}) but is not marked "
+                        "`db`: ask for the `database_url` fixture (or env, app, client, ...) or add @pytest.mark.db")
+        return refuse
+
+    for method in ("connect", "cursor"):
+        monkeypatch.setattr(peewee.Database, method, refusing(method))
+    yield refused
+    if refused:
+        pytest.fail(f"{request.node.nodeid} tried to open a database without the `db` mark: {refused}", pytrace=False)
+
 
 def free_port() -> int:
     with socket.socket() as s:
