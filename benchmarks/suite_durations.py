@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import collections
 import json
+import resource
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 
 def pytest_addoption(parser):
@@ -37,6 +40,21 @@ class _Recorder:
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.tests: dict[str, set] = collections.defaultdict(set)
         self.outcomes: collections.Counter = collections.Counter()
+        self.cpu: dict[str, float] = collections.defaultdict(float)
+
+    @staticmethod
+    def cpu_seconds() -> float:
+        """CPU time of this process and of the children it has waited for (workers, Redis, Chromium's
+        driver): unlike wall-clock time it hardly changes when other work shares the machine. A
+        PostgreSQL server, started as a daemon, is not in it."""
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        before = self.cpu_seconds()
+        yield
+        self.cpu[item.nodeid.split("::")[0]] += self.cpu_seconds() - before
 
     def pytest_runtest_logreport(self, report):
         file = report.nodeid.split("::")[0]
@@ -55,7 +73,9 @@ class _Recorder:
         self.path.write_text(json.dumps({
             "wall_s": round(time.monotonic() - self.started, 1), "exitstatus": exitstatus,
             "outcomes": dict(self.outcomes),
-            "files": {f: {"seconds": round(s, 2), "tests": len(self.tests[f])} for f, s in sorted(self.seconds.items())},
+            "cpu_s": round(self.cpu_seconds(), 1),
+            "files": {f: {"seconds": round(s, 2), "cpu_s": round(self.cpu[f], 2), "tests": len(self.tests[f])}
+                      for f, s in sorted(self.seconds.items())},
         }, indent=1))
 
 
