@@ -36,6 +36,7 @@ BACKEND = os.environ.get("TEST_DATABASE", "sqlite")
 # peewee's connections refused (`database_guard`), so a missing mark fails loudly, not silently.
 DATABASE_FIXTURES = frozenset({"database_url", "postgres_server"})
 _COLLECTED = pytest.StashKey[int]()
+UNMARKED_DATABASE_URL = "refused://a-test-without-the-db-mark"
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
@@ -57,7 +58,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(autouse=True)
 def database_guard(request, monkeypatch):
-    """For a test without the `db` mark, any peewee connection or cursor fails the test.
+    """For a test without the `db` mark, any peewee connection or cursor fails the test, and
+    DATABASE_URL names no database a child process could open.
 
     It raises ``pytest.fail``'s exception (a BaseException, so an ``except Exception`` in the app
     cannot swallow it) and fails the test at teardown as well, in case something swallowed even
@@ -77,6 +79,8 @@ def database_guard(request, monkeypatch):
 
     for method in ("connect", "cursor"):
         monkeypatch.setattr(peewee.Database, method, refusing(method))
+    # and a process it starts (a worker, the app) finds no database to fall back on either
+    monkeypatch.setenv("DATABASE_URL", UNMARKED_DATABASE_URL)
     yield refused
     if refused:
         pytest.fail(f"{request.node.nodeid} tried to open a database without the `db` mark: {refused}", pytrace=False)

@@ -14,7 +14,7 @@ import pytest
 from _pytest.outcomes import Failed
 from peewee import PostgresqlDatabase, SqliteDatabase
 
-from conftest import ROOT
+from conftest import ROOT, UNMARKED_DATABASE_URL
 
 
 def test_an_unmarked_test_cannot_open_a_database(tmp_path, database_guard, monkeypatch):
@@ -43,6 +43,12 @@ def test_an_unmarked_test_cannot_open_a_database(tmp_path, database_guard, monke
     except BaseException:  # noqa: BLE001 - the guard's failure gets here
         pass
     assert not swallowed
+    # a worker or app process started from here has no database to open, not even the default file
+    from playhouse.db_url import connect
+
+    assert os.environ["DATABASE_URL"] == UNMARKED_DATABASE_URL
+    with pytest.raises(RuntimeError, match="refused"):
+        connect(os.environ["DATABASE_URL"])
     assert database_guard == ["SqliteDatabase.connect", "SqliteDatabase.cursor", "PostgresqlDatabase.connect",
                               "SqliteDatabase.cursor", "SqliteDatabase.connect"]
     database_guard.clear()  # so this test itself passes at teardown
