@@ -31,28 +31,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BACKEND = os.environ.get("TEST_DATABASE", "sqlite")
 
 # A test that asks for one of these (directly or through env, app, client, run_worker, ...) opens
-# the database: it gets the `db` mark, and the PostgreSQL pass (`-m db`) runs only those. A test
-# that opens a database some other way says so with @pytest.mark.db. Every other test runs with
-# peewee's connections refused (`database_guard`), so a missing mark fails loudly, not silently.
+# the database: it gets the `db` mark. A test that opens a database some other way says so with
+# @pytest.mark.db. On PostgreSQL only the `db` tests run: the others never open a database, so the
+# SQLite pass has run them already. Every unmarked test runs with peewee's connections refused
+# (`database_guard`), so a missing mark fails loudly instead of skipping PostgreSQL silently.
 DATABASE_FIXTURES = frozenset({"database_url", "postgres_server"})
-_COLLECTED = pytest.StashKey[int]()
 UNMARKED_DATABASE_URL = "refused://a-test-without-the-db-mark"
+_LEFT_TO_SQLITE = pytest.StashKey[int]()
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+@pytest.hookimpl(tryfirst=True)  # marked before `-m` selects by mark
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.db)
-    config.stash[_COLLECTED] = len(items)
+    config.stash[_LEFT_TO_SQLITE] = 0
+    if BACKEND == "postgresql":
+        pure = [item for item in items if item.get_closest_marker("db") is None]
+        if pure:
+            config.hook.pytest_deselected(items=pure)
+            items[:] = [item for item in items if item.get_closest_marker("db") is not None]
+            config.stash[_LEFT_TO_SQLITE] = len(pure)
+
+
+def pytest_report_header(config):
+    if BACKEND == "postgresql":
+        return "database: PostgreSQL, the tests marked `db` only (the others never open a database)"
+    return f"database: {BACKEND}, every test"
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """`-m db` over a selection with no database test in it (say `PYTEST_ARGS=tests/test_core.py`)
-    runs nothing, and that is right: not pytest's "no tests collected" error (5). Collecting
-    nothing at all still is one."""
-    if (exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.stash.get(_COLLECTED, 0) > 0
-            and session.config.getoption("markexpr")):
+    """On PostgreSQL, a selection with no database test in it (`PYTEST_ARGS=tests/test_core.py`)
+    leaves nothing to run, and that is right: not pytest's "no tests collected" error (5).
+    Collecting nothing at all still is one."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.stash.get(_LEFT_TO_SQLITE, 0) > 0:
         session.exitstatus = pytest.ExitCode.OK
 
 
