@@ -15,8 +15,9 @@ REDIS_PORT ?= 6390
 run: install
 	@DATA_DIR="$(DATA_DIR)" PORT="$(PORT)" REDIS_PORT="$(REDIS_PORT)" PY="$(PY)" bash scripts/run.sh
 
-## test: install everything and run the whole test suite twice, on SQLite and on PostgreSQL
-## (it starts its own Redis and its own PostgreSQL cluster)
+## test: install everything, run the whole test suite on SQLite, then again on PostgreSQL the
+## tests that open a database (the `db` mark, which tests/conftest.py sets from their fixtures;
+## on PostgreSQL it runs only those) (it starts its own Redis and its own PostgreSQL cluster)
 test: install-test
 	TEST_DATABASE=sqlite $(PY) -m pytest $(PYTEST_ARGS)
 	TEST_DATABASE=postgresql $(PY) -m pytest $(PYTEST_ARGS)

@@ -30,6 +30,73 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # picks the backend for this run.
 BACKEND = os.environ.get("TEST_DATABASE", "sqlite")
 
+# A test that asks for one of these (directly or through env, app, client, run_worker, ...) opens
+# the database: it gets the `db` mark. A test that opens a database some other way says so with
+# @pytest.mark.db. On PostgreSQL only the `db` tests run: the others never open a database, so the
+# SQLite pass has run them already. Every unmarked test runs with peewee's connections refused
+# (`database_guard`), so a missing mark fails loudly instead of skipping PostgreSQL silently.
+DATABASE_FIXTURES = frozenset({"database_url", "postgres_server"})
+UNMARKED_DATABASE_URL = "refused://a-test-without-the-db-mark"
+_LEFT_TO_SQLITE = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)  # marked before `-m` selects by mark
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.db)
+    config.stash[_LEFT_TO_SQLITE] = 0
+    if BACKEND == "postgresql":
+        pure = [item for item in items if item.get_closest_marker("db") is None]
+        if pure:
+            config.hook.pytest_deselected(items=pure)
+            items[:] = [item for item in items if item.get_closest_marker("db") is not None]
+            config.stash[_LEFT_TO_SQLITE] = len(pure)
+
+
+def pytest_report_header(config):
+    if BACKEND == "postgresql":
+        return "database: PostgreSQL, the tests marked `db` only (the others never open a database)"
+    return f"database: {BACKEND}, every test"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """On PostgreSQL, a selection with no database test in it (`PYTEST_ARGS=tests/test_core.py`)
+    leaves nothing to run, and that is right: not pytest's "no tests collected" error (5).
+    Collecting nothing at all still is one."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.config.stash.get(_LEFT_TO_SQLITE, 0) > 0:
+        session.exitstatus = pytest.ExitCode.OK
+
+
+@pytest.fixture(autouse=True)
+def database_guard(request, monkeypatch):
+    """For a test without the `db` mark, any peewee connection or cursor fails the test, and
+    DATABASE_URL names no database a child process could open.
+
+    It raises ``pytest.fail``'s exception (a BaseException, so an ``except Exception`` in the app
+    cannot swallow it) and fails the test at teardown as well, in case something swallowed even
+    that. Yields the list of refused attempts (the guard's own test empties it)."""
+    refused: list[str] = []
+    if request.node.get_closest_marker("db") is not None:
+        yield refused
+        return
+    import peewee
+
+    def refusing(method: str):
+        def refuse(db, *args, **kwargs):
+            refused.append(f"{type(db).__name__}.{method}")
+            pytest.fail(f"{request.node.nodeid} opened a database ({type(db).__name__}.{method}) but is not marked "
+                        "`db`: ask for the `database_url` fixture (or env, app, client, ...) or add @pytest.mark.db")
+        return refuse
+
+    for method in ("connect", "cursor"):
+        monkeypatch.setattr(peewee.Database, method, refusing(method))
+    # and a process it starts (a worker, the app) finds no database to fall back on either
+    monkeypatch.setenv("DATABASE_URL", UNMARKED_DATABASE_URL)
+    yield refused
+    if refused:
+        pytest.fail(f"{request.node.nodeid} tried to open a database without the `db` mark: {refused}", pytrace=False)
+
 
 def free_port() -> int:
     with socket.socket() as s:
