@@ -116,6 +116,13 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
         how = "fixes L0 at k" if arch == "topk" else "keeps k latents per token on average: L0 is k"
         add(Finding("error", "target_l0", f"{ARCH_NAMES[arch]} {how} = {k}, so a target of {count:,.0f} latents per "
                     "token is unreachable.", f"Set the target to k / latent_dim = {k / latent:.3g}.", _round(k / latent)))
+    elif arch in K_ARCHITECTURES and k is not None and count >= 1 and k > K_AGREE * count:
+        # L0 is k by construction: a target well below it is a promise the run cannot keep (a preset
+        # whose latent_dim was changed keeps its k while the target, a fraction, scales).
+        add(Finding("warning", "k", f"k = {k} and the {format_target(target, latent)} disagree: "
+                    f"{ARCH_NAMES[arch]}'s L0 is k, so the run will end {k / count:.1f}× the target.",
+                    f"Set k to {max(1, round(count))}, or set the target to {_pct_exact(k / latent)} "
+                    f"(k / latent_dim = {k / latent:.4g}).", max(1, round(count))))
     if arch == "jumprelu":
         if cfg.get("l0_coefficient") is not None and cfg["l0_coefficient"] < 1:
             add(Finding("warning", "l0_coefficient", f"An L0 penalty weight of {cfg['l0_coefficient']:g} holds L0 only "
@@ -233,6 +240,13 @@ def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
         on_target = advice.on_target(known, alpha)
         add(Finding("info", "l1_alpha", f"{expected[0].upper()}{expected[1:]} over {steps:,} steps "
                     f"({format_target(target, latent)}).", *((None, None) if on_target else (fix, value))))
+
+
+K_AGREE = 1.5  # k and target_l0 × latent_dim further apart than this disagree
+
+
+def _pct_exact(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
 
 
 def _round(value: float) -> float:

@@ -141,3 +141,62 @@ def test_a_saturated_run_is_at_least_as_dense_as_the_model_says():
         got = advice.suggest(known, advice.Observation(weak, 0.75, 1000))
         assert got.l1_alpha >= 0.9 * model
         assert math.isfinite(got.expected)
+
+
+# k, target and width agree -------------------------------------------------------------------
+
+def k_cfg(arch="topk", latent=1024, k=32, target=32 / 3072):
+    return {"architecture": arch, "latent_dim": latent, "target_l0": target, "learning_rate": 1e-3, "batch_size": 4096,
+            "total_steps": 30_000, "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "k": k, "l1_alpha": None,
+            "matryoshka_prefixes": ""}
+
+
+def test_a_preset_whose_width_changed_says_k_and_the_target_disagree():
+    """"d_in 384 · TopK k=32" (3,072 latents, target 1.04%), then latent_dim 1,024: target 11 latents, k 32."""
+    src = SourceStats(d_in=384, n_tokens=None)
+    for arch in ("topk", "batchtopk", "matryoshka"):
+        [finding] = [f for f in validate_config(k_cfg(arch), src) if f.field == "k"]
+        assert finding.level == "warning" and "disagree" in finding.message and "3.0× the target" in finding.message
+        assert "Set k to 11" in finding.suggestion and "set the target to 3.12%" in finding.suggestion
+        assert finding.suggested_value == 11
+        # either fix silences it
+        assert not [f for f in validate_config(k_cfg(arch, k=11), src) if f.field == "k"]
+        assert not [f for f in validate_config(k_cfg(arch, target=32 / 1024), src)
+                    if f.field in ("k", "target_l0") and f.level != "info"]
+    assert not [f for f in validate_config(k_cfg(latent=3072), src) if f.field == "k"]  # the preset as seeded
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["topk", "batchtopk", "matryoshka"]), st.integers(256, 65_536), st.integers(1, 512),
+       st.floats(0.001, 0.2))
+def test_k_and_target_findings_cover_every_disagreement(arch, latent, k, target):
+    """Further apart than 1.5× either way is a finding (a warning at k, or the unreachable-target error);
+    the k the verdict and the recommended settings suggest never is."""
+    src = SourceStats(d_in=256, n_tokens=None)
+    count = target * latent
+    assume(count >= 1)
+    found = [f for f in validate_config(k_cfg(arch, latent, k, target), src)
+             if (f.field == "k" and "disagree" in f.message) or (f.field == "target_l0" and f.level == "error")]
+    if k > 1.5 * count or round(count) > k:
+        assert found
+    suggested = recommend_settings(src, latent_dim=latent, target_l0=target, architecture=arch, on_gpu=False)["k"][0]
+    assert not [f for f in validate_config(k_cfg(arch, latent, suggested, target), src)
+                if (f.field == "k" and "disagree" in f.message) or (f.field == "target_l0" and f.level == "error")]
+
+
+def test_hints_show_the_disagreement_live_and_only_the_chosen_architectures_knobs(client):
+    from conftest import QUICK_CONFIG
+
+    def hints(**changes):
+        data = {**QUICK_CONFIG, **changes}
+        body = {k: ("y" if v is True else str(v)) for k, v in data.items() if v is not None and v is not False}
+        return client.post("/trainings/hints", data=body).get_data(as_text=True)
+
+    html = hints(architecture="topk", latent_dim=1024, k=32, target_l0=round(32 / 3072, 6))
+    import re
+    assert re.search(r'id="findings-k" class="findings" hx-swap-oob="true">\s*<p class="finding finding-warning"', html)
+    assert "Set k to 11" in html
+    for arch in ("topk", "batchtopk", "matryoshka", "jumprelu"):
+        html = hints(architecture=arch, latent_dim=1024, k=20, target_l0=0.02)
+        assert "Sparsity penalty l1_alpha" not in html and "l1_alpha is not used" in html
+    assert "Sparsity penalty l1_alpha" in hints(architecture="standard", latent_dim=1024)
