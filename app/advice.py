@@ -40,7 +40,7 @@ OVER = 3.0  # expected more than 3× the target: a warning
 STARVED = 5.0  # expected more than 5× below the target: a warning
 MARGIN = 1.15  # suggestions stay this far inside the window, so two-figure rounding cannot leave it
 FAST = 1.5  # L0 falling this many times faster (per log-step) than the model expects is "still moving"
-SATURATED_SHARE = 0.9  # an L0 above this share of the ceiling says only "at least this dense"
+SATURATED_SHARE = 0.8  # an L0 above this share of the ceiling says only "at least this dense"
 
 
 @dataclass(frozen=True)
@@ -153,19 +153,27 @@ def suggest(known: Known, obs: Observation | None = None) -> Advice:
         return Advice(None, obs.l0, why="warm-up")
     if still_moving(known, obs):
         return Advice(None, None, wait=True, why="moving")
-    end = projected(known, obs)
     top = l0_model.ceiling(known.d_in, known.latent_dim)
+    expected = end = projected(known, obs)
+    saturated = obs.l0 >= SATURATED_SHARE * top
+    if saturated:  # near the ceiling L0 says only "at least this dense": read it as the least it can mean
+        end = projected(known, _at(obs, SATURATED_SHARE * top))
     shift = None
     if 0 < end < 1 and obs.l1_alpha > 0:
         shift = l0_model.run_shift(obs.l1_alpha, known.d_in, known.latent_dim, known.steps, known.batch, end)
     if shift is None:  # collapsed to nothing: back off tenfold
         value = obs.l1_alpha / 10 if end <= 0 else _alpha_for(known, known.target)
-        return Advice(_inside(value, lo, hi), end, why="collapsed")
+        return Advice(_inside(value, lo, hi), expected, why="collapsed")
     shift = max(-l0_model.MAX_SHIFT, min(l0_model.MAX_SHIFT, shift))
-    if end / top >= SATURATED_SHARE:  # only a lower bound on how dense this source is
+    if saturated:
         shift = max(shift, known.offset)
     value = l0_model.alpha_for(known.target, known.d_in, known.latent_dim, known.steps, known.batch, shift)
-    return Advice(_inside(value, lo, hi), end, why="measured")
+    return Advice(_inside(value, lo, hi), expected, why="measured")
+
+
+def _at(obs: Observation, l0: float) -> Observation:
+    """The same observation at another L0."""
+    return Observation(obs.l1_alpha, l0, obs.step, obs.warmup_steps, obs.before)
 
 
 def _inside(value: float, lo: float, hi: float) -> float:
