@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import advice as _advice, l0_model
+from . import advice as _advice
 from .training_config import DEFAULT_L1_ALPHA, K_ARCHITECTURES, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
 
 GREEN_BELOW = 0.05
