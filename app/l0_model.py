@@ -19,7 +19,8 @@ shrunk toward 0 while there are few runs (``source_offset``), is added to z for 
 prediction on the source. The hierarchical built-in source, for one, ends about 1.7× denser
 than the model's average source at the same l1_alpha.
 
-Pure Python: the validator, the recommendations, the verdict and auto-tune all read it.
+Pure Python: the validator, the recommendations, the runtime rules, the verdict and auto-tune all read it
+through ``app/advice.py``, the one place a suggested l1_alpha comes from.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import l0_model
+from . import advice as _advice
 from .training_config import DEFAULT_L1_ALPHA, K_ARCHITECTURES, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
 
 GREEN_BELOW = 0.05
@@ -114,16 +114,33 @@ class RunSpec:
     d_in: int | None = None  # with total_steps: lets advice project L0 to the end of the run
     total_steps: int | None = None
     batch_size: int = 1024
+    l0_offset: float = 0.0  # the source's shift from the L0 model, learned from its earlier runs
 
     @classmethod
-    def of_run(cls, run, recommended_l1_alpha: float | None = None, d_in: int | None = None) -> RunSpec:
+    def of_run(cls, run, recommended_l1_alpha: float | None = None, d_in: int | None = None,
+               l0_offset: float = 0.0) -> RunSpec:
         """The spec of a stored run (anything with the training config's attributes)."""
         return cls(architecture=run.architecture, latent_dim=run.latent_dim, target_l0=run.target_l0,
                    warmup_steps=max(run.l1_warmup_steps, run.lr_warmup_steps), l1_warmup_steps=run.l1_warmup_steps,
                    early_stop=run.early_stop, early_stop_step=run.early_stop_step, early_stop_l0=run.early_stop_l0,
                    plateau_window=run.plateau_window, steering=run.steer_l1_alpha,
                    recommended_l1_alpha=recommended_l1_alpha, d_in=d_in, total_steps=run.total_steps,
-                   batch_size=run.batch_size)
+                   batch_size=run.batch_size, l0_offset=l0_offset)
+
+    def known(self) -> _advice.Known | None:
+        if self.d_in is None or not self.total_steps:
+            return None
+        return _advice.Known(self.d_in, self.latent_dim, self.target_l0, self.total_steps, self.batch_size,
+                            self.l0_offset)
+
+    def advise(self, l1_alpha: float, l0_now: float, step: int, before=None) -> _advice.Advice:
+        """``_advice.suggest`` for this run at ``step`` (``before``: an earlier point, for the trend)."""
+        known = self.known()
+        if known is None:  # no shape to project with: the ratio of what was measured to the target
+            return _advice.Advice(suggest_l1_alpha(l1_alpha, l0_now, self.target_l0, self.recommended_l1_alpha),
+                                 l0_now, why="ratio")
+        trend = (before.step, before.l0_fraction) if before is not None else None
+        return _advice.suggest(known, _advice.Observation(l1_alpha, l0_now, step, self.l1_warmup_steps, trend))
 
     def l1_fix(self, l1_alpha: float, l0_now: float, step: int) -> tuple[float, float]:
         """(the L0 expected at the end of the run, the l1_alpha that ends it at the target).
@@ -132,11 +149,8 @@ class RunSpec:
         ``step`` to its last step before the correction is read off, so advice given a
         tenth of the way in is not the advice for a run that has ended.
         """
-        if self.d_in is None or not self.total_steps:
-            return l0_now, suggest_l1_alpha(l1_alpha, l0_now, self.target_l0, self.recommended_l1_alpha)
-        projected = l0_now * l0_model.progress_ratio(l1_alpha, self.d_in, self.latent_dim, (step, self.batch_size),
-                                                     (self.total_steps, self.batch_size))
-        return projected, l0_model.corrected_alpha(l1_alpha, projected, self.target_l0, self.d_in, self.latent_dim)
+        got = self.advise(l1_alpha, l0_now, max(step, self.l1_warmup_steps))
+        return got.expected, got.l1_alpha
 
 
 @dataclass
@@ -177,7 +191,10 @@ def dense_rule(spec: RunSpec, history: History, point) -> Finding | None:
     before = history.ago(TREND_POINTS)
     if before is None or point.l0_fraction < 0.9 * before.l0_fraction:
         return None
-    _, suggestion = spec.l1_fix(point.l1_alpha, point.l0_fraction, point.step)
+    got = spec.advise(point.l1_alpha, point.l0_fraction, point.step, before)
+    if got.wait or got.l1_alpha is None:
+        return None
+    suggestion = got.l1_alpha
     return Finding(
         "warning", "dense",
         f"Features are dense: {format_l0(point.l0, spec.latent_dim)}, {format_target(spec.target_l0, spec.latent_dim)}.",
@@ -196,15 +213,24 @@ def settled_ratio(spec: RunSpec, history: History, point, *, drift: float) -> fl
 
 @rule("off_target")
 def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
-    """L0 more than 3× or less than ⅓ of the target, once it has settled."""
+    """L0 more than 3× or less than ⅓ of the target, once it has settled and is projected to end there.
+
+    Trend-aware through ``_advice.suggest``: while L0 still falls toward the target faster than the
+    model expects of a settling run, it waits; then it carries L0 to the run's end before it speaks.
+    """
     if spec.architecture != "standard" or spec.steering:
         return None
     ratio = settled_ratio(spec, history, point, drift=1.25)
     if ratio is None or 1 / 3 <= ratio <= 3 or point.l0_fraction > DENSE_WARNING_ABOVE:
         return None  # above 20% the dense rule has already said it
-    projected, suggestion = spec.l1_fix(point.l1_alpha, point.l0_fraction, point.step)
+    got = spec.advise(point.l1_alpha, point.l0_fraction, point.step, history.ago(TREND_POINTS))
+    if got.wait or got.l1_alpha is None:
+        return None  # still moving toward the target faster than a settling run: wait for it
+    projected, suggestion = got.expected, got.l1_alpha
     if 1 / 3 <= projected / spec.target_l0 <= 3:
         return None  # on course: it is expected to end within 3× of the target
+    if (suggestion > point.l1_alpha) != (ratio > 3):
+        return None  # the projection says the run will cross the target: no move to advise
     move, size = ("Increase", f"{ratio:.1f}×") if ratio > 3 else ("Lower", f"only {ratio:.2f}×")
     return Finding("warning", "off_target",
                    f"L0 is {size} the target: {format_l0(point.l0, spec.latent_dim)}, "
@@ -380,6 +406,12 @@ class RunProgress:
     warmup_steps: int = 0  # the sparsity warm-up (standard SAE) or the learning-rate warm-up
     d_in: int | None = None
     batch_size: int = 1024
+    l0_offset: float = 0.0  # the source's shift from the L0 model, learned from its earlier runs
+
+    def known(self, latent_dim: int, target_l0: float) -> _advice.Known | None:
+        if not self.d_in:
+            return None
+        return _advice.Known(self.d_in, latent_dim, target_l0, self.total_steps, self.batch_size, self.l0_offset)
 
     @property
     def in_warmup(self) -> bool:
@@ -415,19 +447,21 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
                              + "this says nothing yet about where the run would settle."),
                 "advice": "Resume it or run it longer: no setting can be judged from a run this short."}
 
-    expected, expected_note = l0f, ""
-    if standard and l1_alpha and progress is not None and progress.d_in and not progress.finished:
-        expected = l0f * l0_model.progress_ratio(l1_alpha, progress.d_in, latent_dim,
-                                                 (progress.steps_done, progress.batch_size),
-                                                 (progress.total_steps, progress.batch_size))
-        expected_note = (f" It stopped at step {progress.steps_done:,} of {progress.total_steps:,}; at this "
-                         f"l1_alpha the L0 model expects it to end near {100 * expected:.2g}%.")
+    known = progress.known(latent_dim, target_l0) if progress is not None else None
+    expected, expected_note, got = l0f, "", None
+    if standard and l1_alpha:
+        if known is not None:  # one source of advice: the run's evidence, the source's shift, the form's window
+            got = _advice.suggest(known, _advice.Observation(l1_alpha, l0f, progress.steps_done))
+            expected = got.expected if got.expected is not None else l0f
+        if progress is not None and progress.d_in and not progress.finished:
+            expected_note = (f" It stopped at step {progress.steps_done:,} of {progress.total_steps:,}; at this "
+                             f"l1_alpha the L0 model expects it to end near {100 * expected:.2g}%.")
 
     def corrected() -> float | None:
         if not (standard and l1_alpha):
             return None
-        if progress is not None and progress.d_in:
-            return l0_model.corrected_alpha(l1_alpha, expected, target_l0, progress.d_in, latent_dim)
+        if got is not None:
+            return got.l1_alpha
         return suggest_l1_alpha(l1_alpha, expected, target_l0, recommended)
 
     suggested = corrected()
@@ -455,6 +489,8 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
         headline = f"Dead latents: more than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
         if standard and l1_alpha:
             suggested = clamp_l1_alpha(min(suggested or l1_alpha, l1_alpha / 3))
+            if known is not None:
+                suggested = _advice.clamp(known, suggested)
         advice = (f"Lower l1_alpha to about {suggested:.3g} and switch on the dead-latent remedy." if standard and l1_alpha
                   else "Lower l1_alpha and switch on the dead-latent remedy." if standard
                   else "Lower the learning rate or raise k." if architecture in K_ARCHITECTURES

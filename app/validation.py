@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from . import l0_model
+from . import advice, l0_model
 from .quality import RED_ABOVE, format_target
 from .training_config import K_ARCHITECTURES, matryoshka_levels
 
@@ -43,12 +43,19 @@ class SourceStats:
 
 
 def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float, steps: int = 3000,
-                         batch_size: int = 1024) -> float:
-    """The l1_alpha that the L0 model says ends a run of ``steps`` × ``batch_size`` at ``target_l0``.
+                         batch_size: int = 1024, offset: float = 0.0) -> float:
+    """The l1_alpha ``advice.suggest`` gives before any run: the L0 model's value for a run of
+    ``steps`` × ``batch_size`` ending at ``target_l0`` (``offset``: the source's learned shift).
 
     Inside (1e-5, 0.1]. The defaults are the recommended run on a CPU.
     """
-    return l0_model.alpha_for(target_l0, d_in, latent_dim, steps, batch_size)
+    return advice.suggest(advice.Known(d_in, latent_dim, target_l0, steps, batch_size, offset)).l1_alpha
+
+
+def known_for(cfg: dict, source: SourceStats) -> advice.Known:
+    """What ``advice.suggest`` needs of a config (form field names) on ``source``."""
+    return advice.Known(source.d_in, cfg["latent_dim"], cfg["target_l0"], cfg["total_steps"], cfg["batch_size"],
+                        source.l0_offset, source.runs_seen)
 
 
 def _pct(fraction: float) -> str:
@@ -109,6 +116,13 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
         how = "fixes L0 at k" if arch == "topk" else "keeps k latents per token on average: L0 is k"
         add(Finding("error", "target_l0", f"{ARCH_NAMES[arch]} {how} = {k}, so a target of {count:,.0f} latents per "
                     "token is unreachable.", f"Set the target to k / latent_dim = {k / latent:.3g}.", _round(k / latent)))
+    elif arch in K_ARCHITECTURES and k is not None and count >= 1 and k > K_AGREE * count:
+        # L0 is k by construction: a target well below it is a promise the run cannot keep (a preset
+        # whose latent_dim was changed keeps its k while the target, a fraction, scales).
+        add(Finding("warning", "k", f"k = {k} and the {format_target(target, latent)} disagree: "
+                    f"{ARCH_NAMES[arch]}'s L0 is k, so the run will end {k / count:.1f}× the target.",
+                    f"Set k to {max(1, round(count))}, or set the target to {_pct_exact(k / latent)} "
+                    f"(k / latent_dim = {k / latent:.4g}).", max(1, round(count))))
     if arch == "jumprelu":
         if cfg.get("l0_coefficient") is not None and cfg["l0_coefficient"] < 1:
             add(Finding("warning", "l0_coefficient", f"An L0 penalty weight of {cfg['l0_coefficient']:g} holds L0 only "
@@ -177,26 +191,31 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
 def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
     """What the L0 model expects of this l1_alpha, and the swap with the learning rate.
 
-    A predicted L0 whose range reaches red (above 15%) is a warning whatever else the
-    config says; so is an expected L0 more than 3× above the target or 5× below it.
+    A predicted L0 whose range reaches red (above 15%) is a warning unless the expected L0
+    is on the target (then a target that dense has its own finding); so is an expected L0
+    more than 3× above the target or 5× below it (``advice.penalty_problem``). The value
+    suggested is ``advice.suggest``'s, which stays clear of all three.
     Otherwise the prediction is shown as information beside the field, with the value that
     lands on the target if it misses by more than 1.5×.
     """
     latent, steps, target, lr, alpha = (cfg["latent_dim"], cfg["total_steps"], cfg["target_l0"],
                                         cfg["learning_rate"], cfg["l1_alpha"])
-    batch, d_in, offset = cfg["batch_size"], source.d_in, source.l0_offset
-    rec = l0_model.alpha_for(target, d_in, latent, steps, batch, offset)
-    low, mid, high = l0_model.predict_range(alpha, d_in, latent, steps, batch, offset)
+    known, d_in = known_for(cfg, source), source.d_in
+    rec = advice.suggest(known).l1_alpha
+    low, mid, high = advice.penalty_state(known, alpha)
     expected = expected_l0_text(low, mid, high)
     if source.runs_seen:
         expected += f", after {source.runs_seen} earlier run{'s' if source.runs_seen > 1 else ''} on this source"
     fix, value = f"Set l1_alpha to about {rec:.2g} (expected to end at the target).", _round(rec)
     steering = bool(cfg.get("steer_l1_alpha"))
-    dense, starved, over = high > RED_ABOVE, mid < target / 5, mid > 3 * target
-    if alpha == lr:
+    problem = advice.penalty_problem(known, alpha)
+    dense, starved, over = problem == "dense", problem == "starved", problem == "over"
+    # A value the L0 model puts within reach of the target is a penalty, whatever it looks like.
+    swapped = problem is not None and (alpha == lr or (alpha < 1e-3 and lr >= 3e-3 and lr / alpha >= 10))
+    if swapped and alpha == lr:
         add(Finding("warning", "l1_alpha", f"l1_alpha equals the learning rate ({alpha:g}). Did you swap them? "
                     f"l1_alpha is the sparsity penalty, not a step size; at {alpha:g}, {expected}.", fix, value))
-    elif alpha < 1e-3 and lr >= 3e-3 and lr / alpha >= 10:
+    elif swapped:
         add(Finding("warning", "l1_alpha", f"l1_alpha {alpha:g} looks like a learning rate and learning_rate {lr:g} "
                     f"like a penalty. Did you swap them? At this l1_alpha, {expected}.",
                     f"Set l1_alpha to about {rec:.2g} and learning_rate to about 0.001.", value))
@@ -218,9 +237,16 @@ def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:
                     f"{format_target(target, latent)}: the reconstruction will suffer and latents will likely die.",
                     fix, value))
     else:
-        on_target = 1 / 1.5 <= mid / target <= 1.5
+        on_target = advice.on_target(known, alpha)
         add(Finding("info", "l1_alpha", f"{expected[0].upper()}{expected[1:]} over {steps:,} steps "
                     f"({format_target(target, latent)}).", *((None, None) if on_target else (fix, value))))
+
+
+K_AGREE = 1.5  # k and target_l0 × latent_dim further apart than this disagree
+
+
+def _pct_exact(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
 
 
 def _round(value: float) -> float:
@@ -273,7 +299,7 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
                                                   "kills latents before they find features"),
     }
     if architecture == "standard":
-        rec = l0_model.alpha_for(target_l0, source.d_in, latent_dim, steps, batch, source.l0_offset)
+        rec = advice.suggest(advice.Known(source.d_in, latent_dim, target_l0, steps, batch, source.l0_offset)).l1_alpha
         fit = l0_model.CALIBRATION
         learned = (f", corrected by {source.runs_seen} earlier run{'s' if source.runs_seen > 1 else ''} on this source"
                    if source.runs_seen else "")

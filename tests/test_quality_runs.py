@@ -31,6 +31,9 @@ def test_a_dense_run_fires_the_dense_rule_and_stops_early(client, env, run_worke
     assert link, "no restart button"
     prefilled = client.get(link.group(1).replace("&amp;", "&")).get_data(as_text=True)
     assert f'value="{float(f"{suggested:.3g}")}"' in prefilled and "Pre-filled from run" in prefilled
+    # the app's own form does not refuse the app's own advice (issue 25)
+    box = re.search(r'<div id="findings-l1_alpha" class="findings">(.*?)</div>', prefilled, re.S)
+    assert box and "finding-warning" not in box.group(1) and "finding-error" not in box.group(1), box
 
 
 def test_finished_run_page_shows_verdict_and_histogram(client, run_worker):

@@ -284,8 +284,11 @@ def test_jumprelu_settings_far_from_their_scale_are_warned_about():
     assert fired(base) == []
     assert fired({**base, "l0_coefficient": 0.3}) == [("warning", "l0_coefficient")]
     assert fired({**base, "jumprelu_bandwidth": 3.0}) == [("warning", "jumprelu_bandwidth")]
-    tiny_prefix = sound(architecture="matryoshka", l1_alpha=None, k=32, matryoshka_prefixes="40, 512")
+    tiny_prefix = sound(architecture="matryoshka", l1_alpha=None, k=32, target_l0=32 / 1024,
+                        matryoshka_prefixes="40, 512")
     assert fired(tiny_prefix) == [("warning", "matryoshka_prefixes")]
+    # k = 32 with a target of 20 latents is also a disagreement of k and target (issue 25)
+    assert fired({**tiny_prefix, "target_l0": 0.02}) == [("warning", "k"), ("warning", "matryoshka_prefixes")]
     recommended = recommend_settings(SYNTH, latent_dim=1024, target_l0=0.02, architecture="jumprelu", on_gpu=False)
     assert "l1_alpha" not in recommended and recommended["l0_coefficient"][0] == 10.0
     assert recommend_settings(SYNTH, latent_dim=1024, target_l0=0.02, architecture="batchtopk",

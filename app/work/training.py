@@ -277,9 +277,10 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
             _rewind(run, 0, 0)  # a run started again from nothing keeps no earlier points
             _preflight(run, settings, writer)
         cfg = train_config(run, settings["SAE_DEVICE"])
+        offset = run.source.stats().l0_offset  # what this source's earlier runs taught the L0 model
         monitor = RuntimeMonitor(RunSpec.of_run(
-            run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps, run.batch_size),
-            d_in=source.d_in))
+            run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps, run.batch_size,
+                                      offset), d_in=source.d_in, l0_offset=offset))
         controller = None
         if run.steer_l1_alpha and run.architecture == "standard":
             from ..sae.control import L0Controller
@@ -332,7 +333,8 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
         # does not close, the window in which a stale process could write them: docs/design.md)
         lifecycle.fenced_update(run, what="the final weights", heartbeat_at=utcnow())
         checkpoint = _save_sae(sae, run, result, settings["DATA_DIR"])
-        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, source.d_in)
+        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, source.d_in,
+                           monitor.spec.l0_offset)
         done["summary"] = summary
         if result.status == "completed":
             if not lifecycle.finish(run, "completed", **done, event=closing_event(
@@ -414,7 +416,8 @@ def _record_failure(run: Training, exc: Exception, writer: MetricWriter, setting
     traceback.print_exc()
 
 
-def _summary(result, run: Training, checkpoint: str, recommended: float | None, d_in: int) -> dict:
+def _summary(result, run: Training, checkpoint: str, recommended: float | None, d_in: int,
+             l0_offset: float = 0.0) -> dict:
     """The held-out evaluation, its density histogram and the verdict, as stored on the row."""
     from ..quality import RunProgress, density_histogram, verdict
 
@@ -426,7 +429,7 @@ def _summary(result, run: Training, checkpoint: str, recommended: float | None, 
                                  target_l0=run.target_l0, l1_alpha=summary["final_l1_alpha"] or None,
                                  recommended=recommended, progress=RunProgress(
                                      steps_done=result.steps, total_steps=run.total_steps, d_in=d_in,
-                                     batch_size=run.batch_size,
+                                     batch_size=run.batch_size, l0_offset=l0_offset,
                                      warmup_steps=run.l1_warmup_steps if run.architecture == "standard"
                                      else run.lr_warmup_steps))
     return summary

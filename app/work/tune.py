@@ -67,7 +67,8 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
 
         best, _, outcome = tune_l1_alpha(
             source, latent_dim=tune.latent_dim, target=tune.target_l0, project=project,
-            start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0, run_steps, run_batch),
+            start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0, run_steps, run_batch,
+                                       tune.source.stats().l0_offset),
             learning_rate=tune.learning_rate, batch_size=tune.batch_size, pilot_steps=tune.pilot_steps,
             max_pilots=tune.max_pilots, seed=tune.seed, device=settings["SAE_DEVICE"],
             on_pilot=on_pilot, should_stop=stop_check)
