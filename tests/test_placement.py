@@ -136,6 +136,9 @@ def fake_smi(tmp_path, env, monkeypatch):
     return table
 
 
+SHORT = {"total_steps": 40, "log_every": 10}  # the jobs here are about where they run, not what they learn
+
+
 def pinned_worker(env, name: str, gpu: int):
     return start_worker({**env, "SAE_DEVICE": "auto", "CUDA_VISIBLE_DEVICES": str(gpu), "PATH": os.environ["PATH"],
                          "PLACEMENT_RETRY_S": "0.3"}, name=name)
@@ -151,7 +154,7 @@ def test_jobs_go_where_they_fit_and_wait_where_they_do_not(client, env, fake_smi
         wait_for(lambda: client.get("/api/workers").json.get("workers") and
                  {w["name"] for w in client.get("/api/workers").json["workers"]} >= {"box.gpu0", "box.gpu1"},
                  timeout=120, message="both workers' beats")
-        first = create_run(client, name="fits on gpu1")
+        first = create_run(client, name="fits on gpu1", **SHORT)
         first = wait_for(lambda: (r := reload(first)).status == "completed" and r, timeout=120,
                          message="the first run to complete")
         assert first.worker_name == "box.gpu1" and first.placed_on == fake_gpus.uuid(1)
@@ -159,7 +162,7 @@ def test_jobs_go_where_they_fit_and_wait_where_they_do_not(client, env, fake_smi
 
         # now nothing has room: the next run waits, with the reason on its page and in the API
         fake_gpus.write_table(fake_smi, [small / GIB, small / GIB, small / GIB, small / GIB])
-        waiting = create_run(client, name="waits")
+        waiting = create_run(client, name="waits", **SHORT)
         reason = wait_for(lambda: client.get(f"/api/trainings/{waiting.id}").json["wait_reason"], timeout=60,
                           message="a wait reason")
         assert reason.startswith(f"Waiting for {resources.fmt_gib(need)} on a GPU; the largest free is "
@@ -168,7 +171,7 @@ def test_jobs_go_where_they_fit_and_wait_where_they_do_not(client, env, fake_smi
         page = client.get(f"/trainings/{waiting.id}").get_data(as_text=True)
         assert "Waiting for" in page and "the largest free is" in page
         # a run that must run on a device no worker has waits with that reason
-        elsewhere = create_run(client, name="on gpu3", device="cuda:3")
+        elsewhere = create_run(client, name="on gpu3", device="cuda:3", **SHORT)
         assert wait_for(lambda: client.get(f"/api/trainings/{elsewhere.id}").json["wait_reason"], timeout=60,
                         message="the reason") == ("Waiting for cuda:3: no worker runs on that device. It starts "
                                                   "when a worker on it joins the queue.")
@@ -182,7 +185,7 @@ def test_jobs_go_where_they_fit_and_wait_where_they_do_not(client, env, fake_smi
         assert [a["worker"] for a in api["attempts"]] == ["box.gpu0"]
         assert reload(elsewhere).status == "queued"
         # and a run that names GPU 0 goes there
-        named = create_run(client, name="on gpu0", device="cuda:0")
+        named = create_run(client, name="on gpu0", device="cuda:0", **SHORT)
         named = wait_for(lambda: (r := reload(named)).status == "completed" and r, timeout=120, message="named run")
         assert named.worker_name == "box.gpu0"
         # no run failed for memory, anywhere
