@@ -4,7 +4,8 @@ The parent process only talks to Redis; each job runs in a forked work-horse, wh
 where torch (and CUDA) is first imported. Before it takes work the worker sweeps once
 (jobs whose heartbeat stopped become ``interrupted``); a maintenance child process keeps
 sweeping, re-queues jobs Redis lost, records the worker's beat and runs the janitor.
-Usage: ``python worker.py [--burst] [--name NAME]``; pin it to one GPU with
+It refuses to start when DATA_DIR is not the installation's shared one (its
+``.sae-studio-id`` marker differs from the database's). Usage: ``python worker.py [--burst] [--name NAME]``; pin it to one GPU with
 ``CUDA_VISIBLE_DEVICES=N`` (``make run`` starts one such worker per GPU). SIGTERM is a warm shutdown: a running
 training saves a checkpoint and is left resumable.
 """
@@ -19,7 +20,7 @@ import sys
 from app.config import data_dir_exposure, load_settings
 from app.db import database, migrate, open_database
 from app.work import lifecycle
-from app.work.worker import make_worker
+from app.work.worker import make_worker, shared_storage_problem
 
 
 def release_stale_name(worker) -> str | None:
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     open_database(settings["DATABASE_URL"])
     with database.connection_context():  # closed again before any work-horse is forked
         migrate()
+        problem = shared_storage_problem(settings["DATA_DIR"])
+        if problem:
+            print(f"Refusing to start: {problem}", file=sys.stderr, flush=True)
+            return 2
         lifecycle.sweep_stale(settings)
     maintenance = None
     if not args.burst:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 from rq import Worker
 from rq.worker import WorkerStatus
@@ -180,6 +181,55 @@ class StudioWorker(Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._put_back_ids: set[str] = set()
+
+
+MARKER = ".sae-studio-id"
+
+
+def shared_storage_problem(data_dir: str) -> str | None:
+    """Why this worker must not start with ``data_dir``, or None when it is the installation's shared one.
+
+    The first worker writes a random id to ``DATA_DIR/.sae-studio-id`` and stores it in the
+    database; every worker after it, on any machine, finds the same id in both. A DATA_DIR with no
+    marker, or another one, is not the folder the other boxes write runs, checkpoints and sources to
+    (a local folder where the shared mount was meant to be): a job run there would write where the
+    web server and the other workers never look. Call with a database connection open.
+    """
+    import secrets
+
+    from ..models import Installation
+
+    folder = Path(data_dir)
+    marker = folder / MARKER
+    stored = Installation.select().order_by(Installation.id).first()
+
+    def read() -> str | None:
+        try:
+            return marker.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    found = read()
+    if stored is None:  # the installation's first worker (or a database from before markers)
+        if found is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(marker, "x") as fh:
+                    fh.write(secrets.token_hex(16) + "\n")
+            except FileExistsError:
+                pass  # another worker wrote it first
+            found = read()
+        Installation.insert(data_id=found).on_conflict_ignore().execute()
+        stored = Installation.select().order_by(Installation.id).first()
+    if found == stored.data_id:
+        return None
+    fix = ("Every machine must mount the same shared DATA_DIR (see the README, \"Scaling out\"); "
+           f"check the mount on this machine and DATA_DIR's value ({folder}).")
+    if found is None:
+        return (f"DATA_DIR has no {MARKER} marker, but this database's installation wrote one (id "
+                f"{stored.data_id[:8]}…) in its DATA_DIR: this DATA_DIR is not the shared one. {fix}")
+    return (f"DATA_DIR's {MARKER} marker holds id {found[:8]}… but this database's installation is "
+            f"{stored.data_id[:8]}…: this DATA_DIR belongs to another installation. {fix}")
 
 
 def record_of(job):
