@@ -15,6 +15,8 @@ execs this. It starts each program in a session of its own and watches them:
   (``<host>.gpu<index>.<n>`` when there are several per GPU); one worker, ``<host>.cpu``, on a
   machine without ``nvidia-smi`` (or where it fails) or with ``SAE_DEVICE=cpu``. The GPUs are found
   without importing torch (``app/devices.py``, loaded on its own).
+- ``--workers-only`` (a further box): only this machine's workers, on the shared database
+  (``DATABASE_URL``), queue (``REDIS_URL``) and ``DATA_DIR``; its logs go to ``DATA_DIR/logs/<host>/``.
 - Redis going away takes nothing else down: the web server keeps answering (pages render with
   the banner) and the worker waits for it, while Redis is started again.
 - SIGINT (Ctrl-C) or SIGTERM stops everything: the web server and the worker first (the
@@ -204,7 +206,7 @@ class Program:
 
 
 class Supervisor:
-    def __init__(self, programs: list[Program], redis: Program | None, ready_url: str, ready_text: str) -> None:
+    def __init__(self, programs: list[Program], redis: Program | None, ready_url: str | None, ready_text: str) -> None:
         self.programs, self.redis = programs, redis
         self.ready_url, self.ready_text = ready_url, ready_text
         self.signals = 0
@@ -248,7 +250,9 @@ class Supervisor:
         return False
 
     def _ready(self) -> bool:
-        """Whether the web server answers at all (a 400 for an untrusted Host is an answer)."""
+        """Whether the web server answers at all (a 400 for an untrusted Host is an answer); no web server: at once."""
+        if self.ready_url is None:
+            return True
         try:
             with urllib.request.urlopen(self.ready_url, timeout=0.5):
                 return True
@@ -359,32 +363,51 @@ def redis_answers() -> bool:
         return False
 
 
-def main() -> int:
+def worker_programs(env, py: str, logs: Path) -> tuple[list[Program], list[str]]:
+    """The worker programs of this machine's plan (``PlanError`` when GPUS or WORKERS_PER_GPU is wrong)."""
+    plan = plan_workers(env, socket.gethostname().split(".")[0])
+    workers = []
+    for name, changes in plan:
+        logfile = logs / ("worker.log" if len(plan) == 1 else f"worker-{name}.log")
+        pinned = f" on GPU {changes['CUDA_VISIBLE_DEVICES']}" if changes else ""
+        workers.append(Program("worker" if len(plan) == 1 and not changes else f"worker {name}{pinned}",
+                               [py, "worker.py", "--name", name], logfile,
+                               env={**env, **changes} if changes else None))
+    return workers, [name for name, _ in plan]
+
+
+def main(argv: list[str] | None = None) -> int:
     global _log_file
+    argv = sys.argv[1:] if argv is None else argv
+    workers_only = "--workers-only" in argv
     os.umask(0o077)  # everything written under DATA_DIR: files 0600, folders 0700
     env = os.environ
-    data, py = Path(env["DATA_DIR"]), env["PY"]
-    host, port = env.get("HOST", "127.0.0.1"), env["PORT"]
-    logs = data / "logs"
+    data, py = Path(env["DATA_DIR"]), env.get("PY", sys.executable)
+    # another box's workers log beside the first box's, each machine in a folder of its own
+    logs = data / "logs" / socket.gethostname().split(".")[0] if workers_only else data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     _log_file = os.fdopen(os.open(logs / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
+    try:
+        workers, names = worker_programs(env, py, logs)
+    except PlanError as exc:
+        log(f"cannot start the workers: {exc}")
+        return 1
+    if workers_only:  # a further box: its workers only, on the shared database, Redis and DATA_DIR
+        missing = [name for name in ("REDIS_URL", "DATABASE_URL") if not env.get(name)]
+        if missing:
+            log(f"--workers-only needs {' and '.join(missing)}: the first box's queue and database")
+            return 1
+        ready_text = (f"\nSAE Studio workers are running: {', '.join(names)}\n"
+                      f"  data: {data}   logs: {logs}\n"
+                      "  A worker that stops is started again; Ctrl-C stops them (a running training checkpoints).")
+        return Supervisor(workers, None, None, ready_text).run()
+    host, port = env.get("HOST", "127.0.0.1"), env["PORT"]
     redis = None
     if env.get("SUPERVISE_REDIS", "1") == "1":
         redis = Program("Redis", ["redis-server", "-", "--port", env["REDIS_PORT"], "--bind", "127.0.0.1",
                                   "--dir", str(data / "redis"), "--save", "60 1", "--daemonize", "no",
                                   "--logfile", str(logs / "redis.log")], None,
                         stdin_text=f"requirepass {env['REDIS_PASSWORD']}\n")
-    try:
-        plan = plan_workers(env, socket.gethostname().split(".")[0])
-    except PlanError as exc:
-        log(f"cannot start the workers: {exc}")
-        return 1
-    workers = []
-    for name, changes in plan:
-        logfile = logs / ("worker.log" if len(plan) == 1 else f"worker-{name}.log")
-        pinned = f" on GPU {changes['CUDA_VISIBLE_DEVICES']}" if changes else ""
-        workers.append(Program("worker" if len(plan) == 1 and not changes else f"worker {name}{pinned}", [py, "worker.py", "--name", name], logfile,
-                               env={**env, **changes} if changes else None))
     web = Program("web server", [py, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers",
                                  env.get("WEB_WORKERS", "2"), "--threads", "4", "--access-logfile",
                                  str(logs / "access.log"), "app:create_app()"], logs / "web.log")
@@ -392,7 +415,7 @@ def main() -> int:
     ready_text = (f"\nSAE Studio is running at http://{host}:{port}/\n"
                   f"  data: {data}   logs: {logs}   Redis: port {env['REDIS_PORT']} "
                   f"(password in {data / 'redis-password'})\n"
-                  f"  workers: {', '.join(name for name, _ in plan)}\n"
+                  f"  workers: {', '.join(names)}\n"
                   "  A program that stops is started again (see logs/supervisor.log); "
                   "Ctrl-C stops the web server, the worker and Redis.")
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host.strip("[]")

@@ -92,14 +92,17 @@ def workers_of(supervisor: int) -> dict[str, int]:
     return found
 
 
-def test_make_run_starts_a_pinned_worker_per_gpu_and_restarts_each(tmp_path, database_url, fake_smi):
+def test_make_run_starts_a_pinned_worker_per_gpu_and_restarts_each(tmp_path, database_url, fake_smi, redis_url,
+                                                                    redis_client):
+    """With REDIS_URL set (a queue several boxes share) it starts no Redis of its own."""
     data = tmp_path / "data"
     port, redis_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "QUEUE_NAME", "SECRET_KEY", "DATABASE_URL",
                                                             "CUDA_VISIBLE_DEVICES", "GPUS", "WORKERS_PER_GPU")}
     env.update({"DATA_DIR": str(data), "PORT": str(port), "REDIS_PORT": str(redis_port), "PY": sys.executable,
                 "WEB_WORKERS": "1", "PYTHONPATH": str(ROOT), "SAE_DEVICE": "auto", "SWEEP_INTERVAL_S": "0.5",
-                "SUPERVISOR_BACKOFF_S": "0.2", "SUPERVISOR_BACKOFF_MAX_S": "1", "SUPERVISOR_STOP_GRACE_S": "30"})
+                "SUPERVISOR_BACKOFF_S": "0.2", "SUPERVISOR_BACKOFF_MAX_S": "1", "SUPERVISOR_STOP_GRACE_S": "30",
+                "REDIS_URL": redis_url, "QUEUE_NAME": f"gpus-{os.getpid()}"})
     if BACKEND == "postgresql":
         env["DATABASE_URL"] = database_url
     out = open(tmp_path / "run.out", "wb")  # noqa: SIM115
@@ -113,6 +116,8 @@ def test_make_run_starts_a_pinned_worker_per_gpu_and_restarts_each(tmp_path, dat
         names = [f"{HOST}.gpu{i}" for i in range(4)]
         workers = wait_for(lambda: (w := workers_of(proc.pid)) and sorted(w) == names and w, timeout=60,
                            message="four workers")
+        assert "no Redis is started here" in (tmp_path / "run.out").read_text()
+        assert not [cmd for ppid, cmd in processes().values() if ppid == proc.pid and "redis-server" in cmd]
         for name, pid in workers.items():
             pinned = environ_of(pid)
             assert pinned["CUDA_VISIBLE_DEVICES"] == name[-1] and pinned["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"

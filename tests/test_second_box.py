@@ -115,3 +115,39 @@ def test_a_worker_whose_data_dir_is_not_the_shared_one_refuses_to_start(client, 
                              env={**environ, "DATA_DIR": str(local)}, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "marker holds id 01234567… but this database's installation is" in refused.stderr
     assert Training.select().count() == 0
+
+
+def test_a_further_box_runs_its_workers_only_with_the_supervisor(client, env, tmp_path, monkeypatch):
+    """What the README tells a second box to run: `scripts/supervise.py --workers-only` starts a pinned
+    worker per GPU on the shared database, queue and DATA_DIR, and they take the queue's work."""
+    from app.models import WorkerBeat
+    from test_gpus import HOST
+    from test_supervisor import descendants
+
+    monkeypatch.setenv("FEATURES_AFTER_TRAINING", "0")
+    environ, cwd = box(env, tmp_path, "d", 0)
+    environ.pop("CUDA_VISIBLE_DEVICES")
+    environ.update({"SUPERVISOR_BACKOFF_S": "0.2", "SUPERVISOR_STOP_GRACE_S": "30", "PY": sys.executable})
+    out = open(cwd / "supervisor.out", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "supervise.py"), "--workers-only"], cwd=cwd,
+                            env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
+    try:
+        names = {f"{HOST}.gpu0", f"{HOST}.gpu1"}
+        beats = wait_for(lambda: (b := {w.name: w for w in WorkerBeat.select()}) and set(b) >= names and b,
+                         timeout=120, message="both workers' beats")
+        assert beats[f"{HOST}.gpu1"].device_label.startswith("GPU 1 (fake GPU of d)")
+        run = create_run(client, name="on the further box", total_steps=30)
+        done = wait_for(lambda: (r := reload(run)).status not in ("queued", "running") and r, timeout=300,
+                        message="the run to end")
+        assert done.status == "completed" and done.worker_name in names
+        text = (cwd / "supervisor.out").read_text()
+        assert "SAE Studio workers are running:" in text
+        assert (Path(env["DATA_DIR"]) / "logs" / HOST / f"worker-{HOST}.gpu0.log").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        assert not descendants(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
