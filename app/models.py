@@ -126,7 +126,7 @@ class JobRecord(Owned):
     # The fencing token: each claim of the row adds one. Every write a job makes is conditional on
     # the attempt it claimed still being this one (docs/design.md, "One writer per record").
     attempt = IntegerField(default=0)
-    # Placement (docs/design.md, "Placement"): the device this attempt runs on and the memory it
+    # Placement (app/work/resources.py; README, "Scaling out"): the device this attempt runs on and the memory it
     # reserved there (counted while the row is running), why a queued job waits, the device a job
     # must run on when its creator named one, and each attempt's worker and device.
     placed_on = CharField(null=True)  # a GPU's UUID, or "<host>:cpu"

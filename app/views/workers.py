@@ -1,6 +1,6 @@
 """The Workers page (admins) and ``GET /api/workers``: every worker's host, device, memory, current
 job, last beat and state — read from the workers' beats and the job records in the database, never
-from Redis (docs/design.md, "Placement")."""
+from Redis (placement: app/work/resources.py)."""
 from __future__ import annotations
 
 import datetime as dt

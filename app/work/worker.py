@@ -131,7 +131,6 @@ class StudioWorker(Worker):
             return False
         self.log.info("Worker %s: job %s waits: %s", self.name, job.id, why)
         queue_.enqueue_job(job)
-        self._put_back_count += 1
         if self._burst and job.id in self._put_back_ids:
             self.log.info("Worker %s: burst mode and nothing here fits: stopping", self.name)
             self._stop_requested = True
@@ -146,7 +145,6 @@ class StudioWorker(Worker):
         return super().work(*args, burst=burst, **kwargs)
 
     _burst = False
-    _put_back_count = 0
     placement_retry_s = 2.0
 
     def perform_job(self, job, queue_, execution) -> bool:
