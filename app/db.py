@@ -266,13 +266,42 @@ def _migration_17_sessions(db) -> None:
     db.create_tables([_UserSession, _LoginThrottle])  # IF NOT EXISTS: a fresh database has them from migration 1
 
 
+def _migration_18_placement(db) -> None:
+    """Placement by memory: each job's device, reservation, wait reason, requested device and
+    per-attempt log; each worker's device and memory on its beat; the installation's id (the
+    shared DATA_DIR's marker). Self-contained (its own column and table definitions)."""
+    from peewee import BigIntegerField, CharField, DateTimeField, TextField
+
+    for table in ("training", "tune_job", "extraction", "feature_job", "downstream_eval"):
+        add_column_if_missing(db, table, "placed_on", CharField(null=True))
+        add_column_if_missing(db, table, "reserved_bytes", BigIntegerField(null=True))
+        add_column_if_missing(db, table, "wait_reason", TextField(null=True))
+        add_column_if_missing(db, table, "requested_device", CharField(null=True))
+        add_column_if_missing(db, table, "attempts_log", TextField(null=True))
+    for name, field in (("device_key", CharField(null=True)), ("device_label", CharField(null=True)),
+                        ("device_names", TextField(null=True)), ("memory_free_bytes", BigIntegerField(null=True)),
+                        ("memory_total_bytes", BigIntegerField(null=True))):
+        add_column_if_missing(db, "worker_beat", name, field)
+
+    class _Installation(Model):
+        data_id = CharField(unique=True)
+        created_at = DateTimeField()
+
+        class Meta:
+            database = db
+            table_name = "installation"
+
+    db.create_tables([_Installation])  # IF NOT EXISTS: a fresh database has it from migration 1
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
                               _migration_10_double_precision, _migration_11_accounts,
                               _migration_12_architectures, _migration_13_downstream,
                               _migration_14_l0_model, _migration_15_fencing,
-                              _migration_16_maintenance_failures, _migration_17_sessions]
+                              _migration_16_maintenance_failures, _migration_17_sessions,
+                              _migration_18_placement]
 
 
 def migrate() -> int:

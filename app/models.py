@@ -126,6 +126,14 @@ class JobRecord(Owned):
     # The fencing token: each claim of the row adds one. Every write a job makes is conditional on
     # the attempt it claimed still being this one (docs/design.md, "One writer per record").
     attempt = IntegerField(default=0)
+    # Placement (app/work/resources.py; README, "Scaling out"): the device this attempt runs on and the memory it
+    # reserved there (counted while the row is running), why a queued job waits, the device a job
+    # must run on when its creator named one, and each attempt's worker and device.
+    placed_on = CharField(null=True)  # a GPU's UUID, or "<host>:cpu"
+    reserved_bytes = BigIntegerField(null=True)
+    wait_reason = TextField(null=True)
+    requested_device = CharField(null=True)
+    attempts_log = JSONField(null=True)  # [{"attempt", "worker", "device", "device_key", "reserved_bytes", "at"}]
 
     @property
     def is_active(self) -> bool:
@@ -532,13 +540,30 @@ class WorkerBeat(BaseModel):
     queue_error = TextField(null=True)  # why Redis did not answer at the last beat (redacted)
     maintenance_error = TextField(null=True)  # the maintenance parts failing now, and why (redacted)
     maintenance_failures = IntegerField(default=0)  # how many rounds in a row the worst of them has failed
+    # the device it trains on, as placement sees it (app/work/resources.py, Place)
+    device_key = CharField(null=True)  # a GPU's UUID, or "<host>:cpu"
+    device_label = CharField(null=True)
+    device_names = TextField(null=True)  # what a job's requested_device may call it, space-separated
+    memory_free_bytes = BigIntegerField(null=True)  # None on the CPU
+    memory_total_bytes = BigIntegerField(null=True)
 
     class Meta:
         table_name = "worker_beat"
 
 
+class Installation(BaseModel):
+    """This installation's id, also written to ``DATA_DIR/.sae-studio-id`` by the first process: a
+    worker on another machine whose DATA_DIR holds a different id (or none) is not sharing storage."""
+
+    data_id = CharField(unique=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "installation"
+
+
 ALL_MODELS = [User, ApiToken, UserSession, LoginThrottle, ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
-              FeatureStat, WorkerBeat, DownstreamEval]
+              FeatureStat, WorkerBeat, DownstreamEval, Installation]
 
 DEFAULT_SYNTHETIC = {
     "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",

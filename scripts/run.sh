@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Start SAE Studio: a private, password-protected Redis, one RQ worker and the web server, kept
-# up by scripts/supervise.py (a program that dies is started again, with a back-off).
-# Ctrl-C stops all three.
+# Start SAE Studio: a private, password-protected Redis (unless REDIS_URL names a shared one), one
+# RQ worker per GPU (one on a CPU-only box) and the web server, kept up by scripts/supervise.py (a
+# program that dies is started again, with a back-off). Ctrl-C stops them all.
 set -euo pipefail
 : "${DATA_DIR:?}" "${PORT:?}" "${REDIS_PORT:?}" "${PY:?}"
 HOST="${HOST:-127.0.0.1}"
@@ -24,6 +24,9 @@ fi
 chmod 600 "$pwfile"
 REDIS_PASSWORD="$(cat "$pwfile")"
 export REDIS_PASSWORD
+# A REDIS_URL given here is a queue of your own (several boxes share one): no Redis is started then.
+external_redis=0
+[[ -n "${REDIS_URL:-}" ]] && external_redis=1
 export REDIS_URL="${REDIS_URL:-redis://:${REDIS_PASSWORD}@127.0.0.1:${REDIS_PORT}/0}"
 
 case "$HOST" in
@@ -32,7 +35,10 @@ case "$HOST" in
 esac
 
 SUPERVISE_REDIS=1
-if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || redis-cli -p "$REDIS_PORT" ping 2>&1 | grep -q NOAUTH; then
+if [[ $external_redis == 1 ]]; then
+  echo "Using the queue at REDIS_URL (set outside): no Redis is started here"
+  SUPERVISE_REDIS=0
+elif redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || redis-cli -p "$REDIS_PORT" ping 2>&1 | grep -q NOAUTH; then
   # Something answers on the port: use it only if it is ours (it knows our password).
   if REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG \
       && ! redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then

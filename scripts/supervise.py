@@ -1,4 +1,4 @@
-"""Keep SAE Studio's processes up: Redis (when this run started it), one RQ worker, the web server.
+"""Keep SAE Studio's processes up: Redis (when this run started it), the RQ workers, the web server.
 
 ``scripts/run.sh`` (``make run``) prepares DATA_DIR, the Redis password and the database, then
 execs this. It starts each program in a session of its own and watches them:
@@ -10,6 +10,13 @@ execs this. It starts each program in a session of its own and watches them:
   work-horse and maintenance process, gunicorn's workers) gets SIGTERM at once — a horse saves
   its checkpoint and ends its run ``interrupted`` — and SIGKILL if it is still there
   ``SUPERVISOR_STOP_GRACE_S`` later; the other programs are watched meanwhile.
+- One worker per GPU that ``nvidia-smi`` lists (``WORKERS_PER_GPU`` of them per GPU; ``GPUS=0,2``
+  chooses the GPUs), each pinned with ``CUDA_VISIBLE_DEVICES`` and named ``<host>.gpu<index>``
+  (``<host>.gpu<index>.<n>`` when there are several per GPU); one worker, ``<host>.cpu``, on a
+  machine without ``nvidia-smi`` (or where it fails) or with ``SAE_DEVICE=cpu``. The GPUs are found
+  without importing torch (``app/devices.py``, loaded on its own).
+- ``--workers-only`` (a further box): only this machine's workers, on the shared database
+  (``DATABASE_URL``), queue (``REDIS_URL``) and ``DATA_DIR``; its logs go to ``DATA_DIR/logs/<host>/``.
 - Redis going away takes nothing else down: the web server keeps answering (pages render with
   the banner) and the worker waits for it, while Redis is started again.
 - SIGINT (Ctrl-C) or SIGTERM stops everything: the web server and the worker first (the
@@ -23,6 +30,7 @@ subshells); it uses the standard library only.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -110,8 +118,10 @@ def signal_session(sid: int, sig: int) -> None:
 class Program:
     """One supervised program: how to start it, its process, and its back-off."""
 
-    def __init__(self, name: str, argv: list[str], logfile: Path | None, stdin_text: str | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], logfile: Path | None, stdin_text: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.name, self.argv, self.logfile, self.stdin_text = name, argv, logfile, stdin_text
+        self.env = env  # None: this process's environment
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.backoff = BACKOFF_S
@@ -127,7 +137,7 @@ class Program:
         try:
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.PIPE if self.stdin_text is not None else subprocess.DEVNULL,
-                                         preexec_fn=_parent_death_signal)
+                                         env=self.env, preexec_fn=_parent_death_signal)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
@@ -199,7 +209,7 @@ class Program:
 
 
 class Supervisor:
-    def __init__(self, programs: list[Program], redis: Program | None, ready_url: str, ready_text: str) -> None:
+    def __init__(self, programs: list[Program], redis: Program | None, ready_url: str | None, ready_text: str) -> None:
         self.programs, self.redis = programs, redis
         self.ready_url, self.ready_text = ready_url, ready_text
         self.signals = 0
@@ -243,7 +253,9 @@ class Supervisor:
         return False
 
     def _ready(self) -> bool:
-        """Whether the web server answers at all (a 400 for an untrusted Host is an answer)."""
+        """Whether the web server answers at all (a 400 for an untrusted Host is an answer); no web server: at once."""
+        if self.ready_url is None:
+            return True
         try:
             with DIRECT.open(self.ready_url, timeout=0.5):
                 return True
@@ -281,6 +293,62 @@ class Supervisor:
             time.sleep(0.1)
 
 
+def _devices():
+    """app/devices.py on its own (standard library only): importing the app package would pull in Flask."""
+    name = "sae_studio_devices"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "app" / "devices.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class PlanError(ValueError):
+    """GPUS or WORKERS_PER_GPU cannot be followed; the message says why."""
+
+
+def plan_workers(environ, host: str) -> list[tuple[str, dict[str, str]]]:
+    """The workers to start: (name, environment changes) for each.
+
+    One per GPU nvidia-smi lists (``WORKERS_PER_GPU`` per GPU), pinned with CUDA_VISIBLE_DEVICES
+    (nvidia-smi's index, in PCI bus order as CUDA_DEVICE_ORDER then also counts); ``GPUS`` (indices
+    or UUIDs, comma-separated) keeps only those. One CPU worker when there is no GPU to use.
+    """
+    try:
+        per_gpu = int(environ.get("WORKERS_PER_GPU", "1") or "1")
+    except ValueError:
+        raise PlanError(f"WORKERS_PER_GPU={environ['WORKERS_PER_GPU']!r} is not a whole number.") from None
+    if not 1 <= per_gpu <= 64:
+        raise PlanError(f"WORKERS_PER_GPU={per_gpu} must be between 1 and 64.")
+    cpu = [(f"{host}.cpu", {})]
+    if environ.get("SAE_DEVICE", "auto") == "cpu":
+        return cpu
+    devices = _devices()
+    gpus = devices.list_gpus(fresh=True)
+    chosen = environ.get("GPUS", "").strip()
+    if not gpus:
+        if chosen:
+            log(f"GPUS={chosen} is set but nvidia-smi lists no GPU: starting one CPU worker")
+        return cpu
+    if chosen:
+        picked = []
+        for entry in (e.strip() for e in chosen.split(",")):
+            gpu = devices.find_gpu(gpus, entry) if entry else None
+            if gpu is None:
+                raise PlanError(f"GPUS={chosen}: {entry!r} is not a GPU of this machine; nvidia-smi lists "
+                                + ", ".join(f"{g.index} ({g.uuid})" for g in gpus) + ".")
+            if gpu not in picked:
+                picked.append(gpu)
+        gpus = picked
+    plan = []
+    for gpu in gpus:
+        for n in range(per_gpu):
+            name = f"{host}.gpu{gpu.index}" + (f".{n}" if per_gpu > 1 else "")
+            plan.append((name, {"CUDA_VISIBLE_DEVICES": str(gpu.index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}))
+    return plan
+
+
 def redis_answers() -> bool:
     """Whether our Redis answers PING with our password (a raw RESP exchange, no client library)."""
     password = os.environ["REDIS_PASSWORD"]
@@ -298,29 +366,59 @@ def redis_answers() -> bool:
         return False
 
 
-def main() -> int:
+def worker_programs(env, py: str, logs: Path) -> tuple[list[Program], list[str]]:
+    """The worker programs of this machine's plan (``PlanError`` when GPUS or WORKERS_PER_GPU is wrong)."""
+    plan = plan_workers(env, socket.gethostname().split(".")[0])
+    workers = []
+    for name, changes in plan:
+        logfile = logs / ("worker.log" if len(plan) == 1 else f"worker-{name}.log")
+        pinned = f" on GPU {changes['CUDA_VISIBLE_DEVICES']}" if changes else ""
+        workers.append(Program("worker" if len(plan) == 1 and not changes else f"worker {name}{pinned}",
+                               [py, "worker.py", "--name", name], logfile,
+                               env={**env, **changes} if changes else None))
+    return workers, [name for name, _ in plan]
+
+
+def main(argv: list[str] | None = None) -> int:
     global _log_file
+    argv = sys.argv[1:] if argv is None else argv
+    workers_only = "--workers-only" in argv
     os.umask(0o077)  # everything written under DATA_DIR: files 0600, folders 0700
     env = os.environ
-    data, py = Path(env["DATA_DIR"]), env["PY"]
-    host, port = env.get("HOST", "127.0.0.1"), env["PORT"]
-    logs = data / "logs"
+    data, py = Path(env["DATA_DIR"]), env.get("PY", sys.executable)
+    # another box's workers log beside the first box's, each machine in a folder of its own
+    logs = data / "logs" / socket.gethostname().split(".")[0] if workers_only else data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     _log_file = os.fdopen(os.open(logs / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
+    try:
+        workers, names = worker_programs(env, py, logs)
+    except PlanError as exc:
+        log(f"cannot start the workers: {exc}")
+        return 1
+    if workers_only:  # a further box: its workers only, on the shared database, Redis and DATA_DIR
+        missing = [name for name in ("REDIS_URL", "DATABASE_URL") if not env.get(name)]
+        if missing:
+            log(f"--workers-only needs {' and '.join(missing)}: the first box's queue and database")
+            return 1
+        ready_text = (f"\nSAE Studio workers are running: {', '.join(names)}\n"
+                      f"  data: {data}   logs: {logs}\n"
+                      "  A worker that stops is started again; Ctrl-C stops them (a running training checkpoints).")
+        return Supervisor(workers, None, None, ready_text).run()
+    host, port = env.get("HOST", "127.0.0.1"), env["PORT"]
     redis = None
     if env.get("SUPERVISE_REDIS", "1") == "1":
         redis = Program("Redis", ["redis-server", "-", "--port", env["REDIS_PORT"], "--bind", "127.0.0.1",
                                   "--dir", str(data / "redis"), "--save", "60 1", "--daemonize", "no",
                                   "--logfile", str(logs / "redis.log")], None,
                         stdin_text=f"requirepass {env['REDIS_PASSWORD']}\n")
-    worker = Program("worker", [py, "worker.py"], logs / "worker.log")
     web = Program("web server", [py, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers",
                                  env.get("WEB_WORKERS", "2"), "--threads", "4", "--access-logfile",
                                  str(logs / "access.log"), "app:create_app()"], logs / "web.log")
-    programs = ([redis] if redis else []) + [worker, web]
+    programs = ([redis] if redis else []) + workers + [web]
     ready_text = (f"\nSAE Studio is running at http://{host}:{port}/\n"
                   f"  data: {data}   logs: {logs}   Redis: port {env['REDIS_PORT']} "
                   f"(password in {data / 'redis-password'})\n"
+                  f"  workers: {', '.join(names)}\n"
                   "  A program that stops is started again (see logs/supervisor.log); "
                   "Ctrl-C stops the web server, the worker and Redis.")
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host.strip("[]")

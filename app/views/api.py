@@ -130,6 +130,7 @@ def training_dict(run: Training) -> dict:
         "worker": run.worker_name, "checkpoint_step": checkpoint_step(run, current_app.config),
         "step": run.step, "total_steps": run.total_steps, "tokens_seen": run.tokens_seen,
         "config": run.config_dict(), "device": run.device, "norm_scale": run.norm_scale,
+        **{k: v for k, v in placement_dict(run).items() if k != "worker"},
         "latest_metrics": metric_dict(latest) if latest else None,
         "quality_grade": view["grade"], "summary": run.summary, "created_by": creator_name(run),
         "created_at": run.created_at.isoformat() + "Z",
@@ -152,12 +153,36 @@ def run_jobs(run: Training, jobs, model) -> list:
     return rows
 
 
+def requested_device(payload) -> tuple[str | None, dict[str, list[str]]]:
+    """The body's optional ``device``: the device the run must run on (placement waits for it)."""
+    from ..work.resources import device_name_problem
+
+    if not isinstance(payload, dict) or payload.get("device") is None:
+        return None, {}
+    problem = device_name_problem(payload["device"])
+    if problem:
+        return None, {"device": [problem]}
+    return payload["device"].strip(), {}
+
+
+def placement_dict(record) -> dict:
+    """Where a job runs, ran and waits: its worker and device now, why it waits, what it asked for,
+    and each attempt's worker and device."""
+    return {"worker": record.worker_name, "placed_on": record.placed_on, "reserved_bytes": record.reserved_bytes,
+            "wait_reason": record.wait_reason if record.status == "queued" else None,
+            "requested_device": record.requested_device,
+            "attempts": [{k: a.get(k) for k in ("attempt", "worker", "device", "at")} for a in record.attempts_log or []]}
+
+
 @bp.post("/trainings")
 def create():
     payload = request.get_json(silent=True)
     if payload is None:
         return {"errors": {"_body": ["Send the training's fields as a JSON object (Content-Type: application/json)."]}}, 422
-    formdata, errors = json_to_formdata(payload)
+    requested, device_errors = requested_device(payload)
+    formdata, errors = json_to_formdata({k: v for k, v in payload.items() if k != "device"}
+                                        if isinstance(payload, dict) else payload)
+    errors.update(device_errors)
     if formdata is None:
         return {"errors": errors}, 422
     form = TrainingForm(formdata=formdata, meta={"csrf": False})
@@ -169,7 +194,8 @@ def create():
     if errors or not valid:
         return {"errors": errors, "findings": [f.to_dict() for f in form.findings]}, 422
     try:
-        run = create_training({**form.training_fields(), "created_by": g.user.id}, current_app.config)
+        run = create_training({**form.training_fields(), "created_by": g.user.id, "requested_device": requested},
+                              current_app.config)
     except QueueUnavailable as exc:
         return unavailable(exc)
     return {"id": run.id, "status": run.status, "reason": run.reason,
@@ -475,3 +501,13 @@ def list_imports():
     if "d_in" in params:
         query = query.where(ImportedSAE.d_in == params["d_in"])
     return page_of(query, ImportedSAE, params, "imports", imported_dict)
+
+
+@bp.get("/workers")
+def list_workers():
+    """Every worker's host, device, memory, current jobs, last beat and state (admins), from the database."""
+    from ..auth import require_admin
+    from .workers import workers
+
+    require_admin()
+    return {"workers": workers(current_app.config)}

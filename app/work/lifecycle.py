@@ -193,8 +193,21 @@ def run_job(model: type[JobRecord], record_id: int, body: Callable[[JobRecord, d
     settings = connect()
     try:
         record = load(model, record_id)
-        if record is None or not claim(record):
-            return record.status if record else "deleted"
+        if record is None:
+            return "deleted"
+        if record.status != "queued":
+            return record.status
+        from .resources import claim_placed, need_bytes, this_device
+
+        need = need_bytes(record, settings)
+        why = claim_placed(record, this_device(settings), need)
+        if why == "taken":
+            fresh = load(model, record_id)
+            return fresh.status if fresh else "deleted"
+        if why is not None:  # it no longer fits here (another worker took the room meanwhile): back in line
+            log.info("%s %s does not fit here (%s): queued again", label(record), record.id, why)
+            enqueue(record, settings)
+            return "waiting"
         with Heartbeat(record, settings["HEARTBEAT_S"]) as heartbeat:
             return body(record, settings, StopCheck(record, heartbeat))
     finally:
@@ -210,12 +223,14 @@ def load(model: type[JobRecord], record_id: int) -> JobRecord | None:
     return retry_write(lambda: model.get_or_none(model.id == record_id), what="load")
 
 
-def claim(record: JobRecord) -> bool:
-    """Move a queued record to running for this worker under the next attempt number; False when
-    it is no longer queued (or another claim came first)."""
+def claim(record: JobRecord, **extra) -> bool:
+    """Move a queued record to running for this worker under the next attempt number (writing
+    ``extra`` too: placement's reservation); False when it is no longer queued (or another claim
+    came first)."""
     model = type(record)
     now = utcnow()
-    fields = {"status": "running", "heartbeat_at": now, "worker_name": worker_name(), "attempt": record.attempt + 1}
+    fields = {"status": "running", "heartbeat_at": now, "worker_name": worker_name(), "attempt": record.attempt + 1,
+              **extra}
     if record.started_at is None:
         fields["started_at"] = now
     query = model.update(**fields).where((model.id == record.id) & (model.status == "queued")

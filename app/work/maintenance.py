@@ -61,10 +61,16 @@ class Failures:
 
 
 def beat(settings: dict, name: str, queue_error: str | None, failures: Failures | None = None) -> None:
-    """Record that this worker is alive, whether it can reach Redis, and what of its maintenance fails."""
+    """Record that this worker is alive, whether it can reach Redis, what of its maintenance fails,
+    and its device with the memory free there now (the Workers page, and placement's wait reasons)."""
+    from .resources import this_device
+
+    place = this_device(settings)
     fields = {"last_seen": utcnow(), "queue_error": queue_error, "pid": os.getpid(), "host": socket.gethostname(),
               "maintenance_error": failures.error if failures else None,
-              "maintenance_failures": failures.rounds if failures else 0}
+              "maintenance_failures": failures.rounds if failures else 0,
+              "device_key": place.key, "device_label": place.label, "device_names": " ".join(sorted(place.names)),
+              "memory_free_bytes": place.free_bytes, "memory_total_bytes": place.total_bytes}
 
     def write() -> None:
         updated = WorkerBeat.update(**fields).where(WorkerBeat.name == name).execute()

@@ -2,9 +2,15 @@
 against ``MAX_MODEL_GB``, checked when the job is started (at its field) and again in the worker."""
 from __future__ import annotations
 
+import datetime as dt
+import re
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..devices import device_memory
+from ..devices import device_memory, worker_gpu
+from ..models import utcnow
 from ..validation import memory_estimate_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
@@ -64,3 +70,186 @@ def check_model_size(settings: dict, path: str) -> None:
     if size is not None and size > limit:
         raise TooLarge(f"Refused: the model's weights are {_fmt(size)}, over this app's limit of "
                        f"{settings['MAX_MODEL_GB']:g} GB (MAX_MODEL_GB). Nothing was downloaded.")
+
+
+# --- placement: which worker's device takes a job, by memory -----------------------------------
+#
+# Each worker trains on one device (the GPU it is pinned to, or the CPU). It takes a queued job
+# only when the job's estimate fits what that device has free now, less what the jobs already
+# running there have reserved (counted whole even once they have allocated part of it: a little
+# slack, never an overcommit). The reservation is the running row's own ``placed_on`` and
+# ``reserved_bytes``, written by the claim in one transaction behind a per-device lock, so two
+# workers on one GPU cannot both take its last free gigabytes; it ends with the run (only running
+# rows count). A job that fits nowhere waits on the queue with ``wait_reason`` on its row.
+
+CPU_KEY = "cpu"
+
+
+@dataclass(frozen=True)
+class Place:
+    """A worker's device as placement sees it now."""
+
+    key: str  # the GPU's UUID, or "<host>:cpu"
+    label: str  # "GPU 2 (NVIDIA H100) on box", "the CPU of box"
+    names: frozenset  # what a job's ``requested_device`` may call it
+    free_bytes: int | None  # None: the CPU, where every job fits
+    total_bytes: int | None = None
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.free_bytes is not None
+
+
+def host_name() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def this_device(settings: dict, environ=None) -> Place:
+    """The device this process trains on (``SAE_DEVICE``, within its CUDA_VISIBLE_DEVICES pinning)."""
+    host = host_name()
+    gpu = worker_gpu(settings.get("SAE_DEVICE", "auto"), environ)
+    if gpu is None:
+        return Place(f"{host}:cpu", f"the CPU of {host}", frozenset({"cpu", f"{host}:cpu"}), None)
+    return Place(gpu.uuid, f"{gpu.label} on {host}",
+                 frozenset({gpu.uuid, f"cuda:{gpu.index}", f"{host}:cuda:{gpu.index}"}),
+                 gpu.free_bytes, gpu.total_bytes)
+
+
+DEVICE_NAME = re.compile(r"((?:[A-Za-z0-9][A-Za-z0-9._-]{0,62}:)?(?:cpu|cuda:\d{1,3})|GPU-[0-9a-fA-F-]{8,40})")
+DEVICE_HELP = ("a device: cpu or cuda:N (GPU N as nvidia-smi numbers it, on any machine), <host>:cpu or "
+               "<host>:cuda:N (on that machine), or a GPU's UUID (GPU-…)")
+
+
+def device_name_problem(value) -> str | None:
+    """Why ``value`` cannot name a device a job must run on (None when it can)."""
+    if not isinstance(value, str) or not DEVICE_NAME.fullmatch(value.strip()):
+        return f"Must be {DEVICE_HELP}."
+    return None
+
+
+def fmt_gib(n: float) -> str:
+    if n >= 10 * 2**30:
+        return f"{n / 2**30:.0f} GiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB"
+
+
+def need_bytes(record, settings: dict | None = None) -> int:
+    """The memory a queued job needs on its device: each kind's own estimate (0 when unknown)."""
+    kind = type(record).__name__
+    try:
+        if kind == "Training":
+            return memory_estimate_bytes(record.source.d_in, record.latent_dim, record.batch_size, record.architecture)
+        if kind == "TuneJob":
+            return tune_bytes(record.source.d_in, record.latent_dim, record.batch_size)
+        if kind == "FeatureJob":
+            d_sae = record.training.latent_dim if record.training_id else record.imported.d_sae
+            return feature_bytes(record.source.d_in, d_sae, record.sample_tokens, record.top_n)
+        if kind == "Extraction":
+            size = _local_model_bytes(record.model_name)
+            share = 0.5 if record.model_dtype in ("bfloat16", "float16") else 1.0
+            return int(1.3 * size * share)
+        if kind == "DownstreamEval":
+            run = record.training
+            meta = run.source.params or {}
+            share = 0.5 if meta.get("model_dtype") in ("bfloat16", "float16") else 1.0
+            sae = 4 * (2 * run.source.d_in * run.latent_dim)
+            return int(1.3 * _local_model_bytes(str(meta.get("model", ""))) * share) + sae
+    except Exception:  # noqa: BLE001 - a record whose parts are gone: the job itself will say why
+        return 0
+    return 0
+
+
+def _local_model_bytes(name: str) -> int:
+    """A local model folder's weights (the Hub is never asked from here: placement must be quick)."""
+    folder = Path(name)
+    if not folder.is_absolute() or not folder.is_dir():
+        return 0
+    return model_bytes(str(folder)) or 0
+
+
+def reserved_on(key: str, models=None) -> int:
+    """What the jobs running on device ``key`` reserved."""
+    from peewee import fn
+
+    from .lifecycle import job_models
+
+    total = 0
+    for model in models or job_models():
+        total += int(model.select(fn.COALESCE(fn.SUM(model.reserved_bytes), 0))
+                     .where((model.status == "running") & (model.placed_on == key)).scalar() or 0)
+    return total
+
+
+def admit(need: int, place: Place, reserved: int, requested: str | None = None) -> str | None:
+    """Pure: None when a job needing ``need`` bytes may start on ``place`` now, else why not (short)."""
+    if requested and requested.strip() not in place.names:
+        return f"it must run on {requested.strip()}"
+    if not place.is_gpu:
+        return None
+    available = place.free_bytes - reserved
+    if need > available:
+        return f"it needs {fmt_gib(need)} and {place.label} has {fmt_gib(max(available, 0))} free"
+    return None
+
+
+@contextmanager
+def device_lock(key: str):
+    """One transaction per device at a time: SQLite's write lock taken up front, or a PostgreSQL
+    advisory lock on the device's name, held until the transaction ends."""
+    from ..db import database, is_sqlite
+
+    if is_sqlite():
+        with database.atomic("IMMEDIATE"):
+            yield
+    else:
+        with database.atomic():
+            database.execute_sql("SELECT pg_advisory_xact_lock(72731, hashtext(%s))", (key,))
+            yield
+
+
+def claim_placed(record, place: Place, need: int) -> str | None:
+    """Claim ``record`` on ``place`` with ``need`` bytes reserved, in one transaction behind the
+    device's lock, if it fits; None when claimed, else why not (``"taken"`` when the row is no
+    longer queued: another worker claimed it, or it was cancelled)."""
+    from . import lifecycle
+
+    def attempt():
+        with device_lock(place.key):
+            why = admit(need, place, reserved_on(place.key), record.requested_device)
+            if why:
+                return why
+            entry = {"attempt": record.attempt + 1, "worker": lifecycle.worker_name(), "device": place.label,
+                     "device_key": place.key, "reserved_bytes": need, "at": utcnow().isoformat(timespec="seconds")}
+            claimed = lifecycle.claim(record, placed_on=place.key, reserved_bytes=need, wait_reason=None,
+                                      attempts_log=[*(record.attempts_log or []), entry])
+            return None if claimed else "taken"
+
+    return lifecycle.retry_write(attempt, what="claim on a device")
+
+
+def wait_reason(record, need: int, settings: dict, here: Place, why_here: str) -> str:
+    """What a job that fits no device now tells its page: what it waits for, and the best there is."""
+    from ..models import WorkerBeat
+
+    limit = utcnow() - dt.timedelta(seconds=max(3 * float(settings.get("SWEEP_INTERVAL_S", 5)), 30))
+    beats = list(WorkerBeat.select().where(WorkerBeat.last_seen >= limit))
+    devices = {here.key: (here.label, here.names, here.free_bytes)}
+    for beat in beats:
+        if beat.device_key and beat.device_key not in devices:
+            names = frozenset((beat.device_names or "").split())
+            devices[beat.device_key] = (beat.device_label or beat.device_key, names, beat.memory_free_bytes)
+    requested = (record.requested_device or "").strip()
+    if requested:
+        matching = {k: v for k, v in devices.items() if requested in v[1]}
+        if not matching:
+            return (f"Waiting for {requested}: no worker runs on that device. It starts when a worker on it joins "
+                    f"the queue.")
+        devices = matching
+    gpus = [(free - reserved_on(key), label) for key, (label, _, free) in devices.items() if free is not None]
+    if not gpus:
+        return f"Waiting: {why_here}."
+    largest, where = max(gpus)
+    return (f"Waiting for {fmt_gib(need)} on a GPU; the largest free is {fmt_gib(max(largest, 0))} ({where}). "
+            "It starts when a device has room.")

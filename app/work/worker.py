@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 from rq import Worker
 from rq.worker import WorkerStatus
@@ -93,13 +95,57 @@ class StudioWorker(Worker):
         return True
 
     def execute_job(self, job, queue_) -> None:
-        """Refuse a foreign job here, in the worker's own process: no work-horse is forked for it."""
+        """Refuse a foreign job here, in the worker's own process: no work-horse is forked for it.
+        A job that does not fit this worker's device now goes back on the queue (placement)."""
         if refusal(job, connection=self.connection, serializer=self.serializer) is not None:
             execution = self.prepare_execution(job)
             self._refuse(job, queue_, execution)
             self.set_state(WorkerStatus.IDLE)
             return
+        if self._put_back(job, queue_):
+            return
         super().execute_job(job, queue_)
+
+    def _put_back(self, job, queue_) -> bool:
+        """When ``job``'s record does not fit this worker's device now: note why on its row, put the
+        job back at the end of the queue (another worker's device may fit it, or this one later), and
+        pause ``PLACEMENT_RETRY_S`` before taking the next job, so a lone waiting job is not spun on.
+        The claim checks again, under the device's lock (``resources.claim_placed``)."""
+        from . import resources
+
+        try:
+            with database.connection_context():  # opened and closed here: forked horses must not share it
+                record = record_of(job)
+                if record is None or record.status != "queued":
+                    return False
+                need = resources.need_bytes(record, self.settings)
+                here = resources.this_device(self.settings)
+                why = resources.admit(need, here, resources.reserved_on(here.key), record.requested_device)
+                if why is None:
+                    return False
+                reason = resources.wait_reason(record, need, self.settings, here, why)
+                if reason != record.wait_reason:
+                    lifecycle.update_record(record, only_if=("queued",), what="wait reason", wait_reason=reason)
+        except Exception:  # noqa: BLE001 - the claim in the work-horse decides anyway
+            self.log.warning("Worker %s: placement check for job %s failed", self.name, job.id, exc_info=True)
+            return False
+        self.log.info("Worker %s: job %s waits: %s", self.name, job.id, why)
+        queue_.enqueue_job(job)
+        if self._burst and job.id in self._put_back_ids:
+            self.log.info("Worker %s: burst mode and nothing here fits: stopping", self.name)
+            self._stop_requested = True
+        self._put_back_ids.add(job.id)
+        deadline = time.monotonic() + self.placement_retry_s
+        while time.monotonic() < deadline and not self._stop_requested:
+            time.sleep(0.1)
+        return True
+
+    def work(self, *args, burst: bool = False, **kwargs):
+        self._burst = burst
+        return super().work(*args, burst=burst, **kwargs)
+
+    _burst = False
+    placement_retry_s = 2.0
 
     def perform_job(self, job, queue_, execution) -> bool:
         if self._refuse(job, queue_, execution):  # checked again in the work-horse, in case
@@ -130,10 +176,73 @@ class StudioWorker(Worker):
 
     settings: dict = {}
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._put_back_ids: set[str] = set()
+
+
+MARKER = ".sae-studio-id"
+
+
+def shared_storage_problem(data_dir: str) -> str | None:
+    """Why this worker must not start with ``data_dir``, or None when it is the installation's shared one.
+
+    The first worker writes a random id to ``DATA_DIR/.sae-studio-id`` and stores it in the
+    database; every worker after it, on any machine, finds the same id in both. A DATA_DIR with no
+    marker, or another one, is not the folder the other boxes write runs, checkpoints and sources to
+    (a local folder where the shared mount was meant to be): a job run there would write where the
+    web server and the other workers never look. Call with a database connection open.
+    """
+    import secrets
+
+    from ..models import Installation
+
+    folder = Path(data_dir)
+    marker = folder / MARKER
+    stored = Installation.select().order_by(Installation.id).first()
+
+    def read() -> str | None:
+        try:
+            return marker.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    found = read()
+    if stored is None:  # the installation's first worker (or a database from before markers)
+        if found is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(marker, "x") as fh:
+                    fh.write(secrets.token_hex(16) + "\n")
+            except FileExistsError:
+                pass  # another worker wrote it first
+            found = read()
+        Installation.insert(data_id=found).on_conflict_ignore().execute()
+        stored = Installation.select().order_by(Installation.id).first()
+    if found == stored.data_id:
+        return None
+    fix = ("Every machine must mount the same shared DATA_DIR (see the README, \"Scaling out\"); "
+           f"check the mount on this machine and DATA_DIR's value ({folder}).")
+    if found is None:
+        return (f"DATA_DIR has no {MARKER} marker, but this database's installation wrote one (id "
+                f"{stored.data_id[:8]}…) in its DATA_DIR: this DATA_DIR is not the shared one. {fix}")
+    return (f"DATA_DIR's {MARKER} marker holds id {found[:8]}… but this database's installation is "
+            f"{stored.data_id[:8]}…: this DATA_DIR belongs to another installation. {fix}")
+
+
+def record_of(job):
+    """The record a job of ours was queued for (None when it is gone)."""
+    names = {function: name for name, function in lifecycle.JOB_FUNCTIONS.items()}
+    model = next((m for m in lifecycle.job_models() if m.__name__ == names.get(job.func_name)), None)
+    if model is None or not job.args:
+        return None
+    return lifecycle.retry_write(lambda: model.get_or_none(model.id == job.args[0]), what="find job")
+
 
 def make_worker(settings: dict, name: str | None = None) -> StudioWorker:
     redis = queue.connection({**settings, "REDIS_SOCKET_TIMEOUT_S": None})  # blocking dequeues wait for long
     worker = StudioWorker([queue.job_queue(settings, redis)], connection=redis, name=name,
                           serializer=queue.SERIALIZER)
     worker.settings = settings
+    worker.placement_retry_s = float(settings.get("PLACEMENT_RETRY_S") or os.environ.get("PLACEMENT_RETRY_S", 2.0))
     return worker
