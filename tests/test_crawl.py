@@ -208,3 +208,36 @@ def test_every_page_of_every_kind_of_run(served, env, tmp_path):
             note(f"visited at {width} px")
         browser.close()
     assert not problems, "\n".join(problems)
+
+
+def test_the_form_s_live_hints_swap_into_targets_that_exist(served):
+    """Fast, without runs: the new-training form at both widths, each architecture, typed into; every
+    out-of-band findings box the hints send has its target (htmx:oobErrorNoTarget is a console error)."""
+    from playwright.sync_api import sync_playwright
+
+    base, _ = served
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=CHROMIUM_ARGS)
+        for width in WIDTHS:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            sign_in(page, base, USER, PASSWORD)
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(base + "/trainings/new")
+            for n, arch in enumerate(ARCHITECTURES):
+                page.select_option("#architecture", arch)
+                page.fill("#latent_dim", str(512 + n))
+                page.wait_for_selector(f"#target-count:has-text('of {512 + n:,} latents')")
+            page.select_option("#architecture", "standard")
+            page.fill("#l1_alpha", "0.0003")
+            page.fill("#learning_rate", "0.0003")  # a warning: the swap
+            page.wait_for_selector('.finding-warning[data-finding="l1_alpha"]')
+            page.wait_for_load_state("networkidle")
+            width_now = page.evaluate("document.documentElement.scrollWidth")
+            if width_now > width:
+                problems.append(f"{width}px: the form is {width_now} px wide")
+            problems += [f"{width}px: {e}" for e in errors]
+            page.close()
+        browser.close()
+    assert not problems, "\n".join(problems)
