@@ -294,6 +294,14 @@ def _migration_18_placement(db) -> None:
     db.create_tables([_Installation])  # IF NOT EXISTS: a fresh database has it from migration 1
 
 
+def _migration_19_queued_at(db) -> None:
+    """When each job was last put on the queue, so a queued job's page can say what it waits behind."""
+    from peewee import DateTimeField
+
+    for table in ("training", "tune_job", "extraction", "feature_job", "downstream_eval"):
+        add_column_if_missing(db, table, "queued_at", DateTimeField(null=True))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -301,7 +309,7 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_12_architectures, _migration_13_downstream,
                               _migration_14_l0_model, _migration_15_fencing,
                               _migration_16_maintenance_failures, _migration_17_sessions,
-                              _migration_18_placement]
+                              _migration_18_placement, _migration_19_queued_at]
 
 
 def migrate() -> int:

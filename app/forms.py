@@ -81,6 +81,12 @@ def required(message: str = "This field is required.") -> InputRequired:
     return InputRequired(message=message)
 
 
+# What blocks a start with warnings, in each reader's terms: the form's box, the API's field.
+ACKNOWLEDGE_IN_FORM = "There are warnings above: tick this box to start anyway, or change the settings."
+ACKNOWLEDGE_IN_API = ("There are warnings (listed in \"findings\"): send \"acknowledge_warnings\": true to start "
+                      "anyway, or change the settings.")
+
+
 class TrainingForm(FlaskForm):
     """A training run's configuration. Field names are the API's and the database's.
 
@@ -151,8 +157,7 @@ class TrainingForm(FlaskForm):
             if self.blocking_findings:
                 ok = False
                 if any(f.level == "warning" for f in self.blocking_findings):
-                    self.acknowledge_warnings.errors.append(
-                        "There are warnings above: tick this box to start anyway, or change the settings.")
+                    self.acknowledge_warnings.errors.append(ACKNOWLEDGE_IN_FORM)
         return ok
 
     def validate_fields(self, extra_validators=None) -> bool:

@@ -119,6 +119,7 @@ class JobRecord(Owned):
     cancel_requested = BooleanField(default=False)
     rq_job_id = CharField(null=True)
     created_at = DateTimeField(default=utcnow)
+    queued_at = DateTimeField(null=True)  # when it was last put on the queue (created, or resumed)
     started_at = DateTimeField(null=True)
     finished_at = DateTimeField(null=True)
     heartbeat_at = DateTimeField(null=True)  # stamped by the running job; a stale one means it died

@@ -6,7 +6,7 @@ from peewee import JOIN, fn
 from werkzeug.datastructures import MultiDict
 
 from ..auth import require_change
-from ..forms import ExtractionForm, TrainingForm, json_to_formdata
+from ..forms import ACKNOWLEDGE_IN_API, ACKNOWLEDGE_IN_FORM, ExtractionForm, TrainingForm, json_to_formdata
 from ..models import (STATUSES, ActivationSet, DownstreamEval, Event, Extraction, FeatureJob, ImportedSAE, MetricPoint,
                       Template, Training, User)
 from ..training_config import BY_NAME
@@ -190,7 +190,8 @@ def create():
     # The mapping's message (null, wrong type, unknown) is the precise one for its field.
     for name, messages in form.errors.items():
         if name not in errors:
-            errors[name] = list(messages)
+            # a script has no box to tick: it sends the field
+            errors[name] = [ACKNOWLEDGE_IN_API if m == ACKNOWLEDGE_IN_FORM else m for m in messages]
     if errors or not valid:
         return {"errors": errors, "findings": [f.to_dict() for f in form.findings]}, 422
     try:

@@ -99,7 +99,51 @@ def admin_banners(settings: dict) -> list[tuple[str, str]]:
     return shown
 
 
+# The terms a reader may take for one another, defined once: every page that shows one of them
+# names it with its definition (``_partials/terms.html``). "Dead" is measured in training,
+# "never fired" on held-out tokens with the encoder used after training, so the two may differ
+# (a BatchTopK or Matryoshka SAE trains on each batch's top k but is evaluated with its learned
+# threshold).
+GLOSSARY = {
+    "dead": ("Dead (in training)",
+             "A latent is dead when it fired on none of the last dead-window tokens of training "
+             "(dead_window_tokens); unknown until that many tokens have been trained on."),
+    "never_fired": ("Never fired (held out)",
+                    "A latent never fired when it was zero on every one of the held-out tokens evaluated after "
+                    "training, with the encoder as it is used from then on (BatchTopK and Matryoshka: the "
+                    "learned threshold instead of each batch's top k). It can differ from the dead count, "
+                    "which is measured on training batches."),
+}
+
+
+def queue_position(record) -> dict | None:
+    """Where a queued job stands, from the database rows alone (pages render with Redis down).
+
+    The queue is first in, first out across every kind of job: ``ahead`` are the queued jobs
+    put on it before this one, ``running`` the jobs the workers are busy with now.
+    """
+    from ..work.lifecycle import job_models, label
+
+    if record.status != "queued":
+        return None
+    mine = record.queued_at or record.created_at
+    ahead, running = [], []
+    for model in job_models():
+        since = model.queued_at.is_null(False) & (model.queued_at < mine) | (
+            model.queued_at.is_null() & (model.created_at < mine))
+        for other in model.select().where((model.status == "queued") & since):
+            ahead.append((other.queued_at or other.created_at, label(other), other))
+        for other in model.select().where(model.status == "running"):
+            running.append((other.started_at or other.created_at, label(other), other))
+    ahead.sort(key=lambda t: t[0])
+    running.sort(key=lambda t: t[0])
+    return {"position": len(ahead) + 1, "ahead": [(what, r) for _, what, r in ahead],
+            "running": [(what, r) for _, what, r in running]}
+
+
 def register_filters(app) -> None:
+    app.jinja_env.globals["GLOSSARY"] = GLOSSARY
+    app.jinja_env.globals["queue_position"] = queue_position
     app.jinja_env.globals["queue_banner"] = lambda: queue_banner(app.config)
     app.jinja_env.globals["admin_banners"] = lambda: admin_banners(app.config)
     app.jinja_env.filters["num"] = fmt_num

@@ -154,7 +154,7 @@ def create_and_enqueue(model: type[JobRecord], fields: dict, settings: dict) -> 
     job is lost later (the web process dies between the two steps, Redis loses its data)
     is put back on the queue by ``requeue_lost``.
     """
-    record = retry_write(lambda: model.create(**fields, status="queued"), what="create")
+    record = retry_write(lambda: model.create(**fields, status="queued", queued_at=utcnow()), what="create")
     try:
         enqueue(record, settings)
     except queue.QueueUnavailable:

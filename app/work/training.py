@@ -84,7 +84,8 @@ def resume_training(run: Training, settings: dict, *, learning_rate: float | Non
         raise NotResumable("This run has no checkpoint to resume from; start a new run from its config instead.")
     before = {"status": run.status, "reason": run.reason, "finished_at": run.finished_at,
               "cancel_requested": run.cancel_requested, "failed_step": run.failed_step, "learning_rate": run.learning_rate}
-    changes = {"status": "queued", "reason": None, "finished_at": None, "cancel_requested": False, "failed_step": None}
+    changes = {"status": "queued", "reason": None, "finished_at": None, "cancel_requested": False, "failed_step": None,
+               "queued_at": utcnow()}
     if learning_rate is not None:
         changes["learning_rate"] = learning_rate
     if not update_record(run, only_if=RESUMABLE_STATUSES, what="resume", **changes):

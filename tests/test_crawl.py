@@ -1,0 +1,243 @@
+"""No page breaks on any real run: one run of every kind, then every page in headless Chromium.
+
+The runs are real (the API and a real worker): each architecture on a synthetic source, one on a
+MiniLM extraction with its downstream evaluation, one interrupted (its work-horse killed) and
+resumed, one stopped early (a too-weak l1_alpha). Then every page, every comparison of the runs and
+the new-training form with each architecture selected is visited at 1,024 and 1,360 px: no 5xx,
+no console error (htmx's oob errors included) and no horizontal overflow.
+"""
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+import threading
+import time
+
+import pytest
+from werkzeug.serving import make_server
+
+from conftest import QUICK_CONFIG, kill_work_horse, start_worker, stop_worker, wait_for
+from test_browser import CHROMIUM_ARGS, PASSWORD, USER, sign_in
+
+pytestmark = pytest.mark.browser
+
+WIDTHS = (1024, 1360)
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka")
+SMALL = {"latent_dim": 256, "batch_size": 128, "total_steps": 200, "lr_warmup_steps": 10, "l1_warmup_steps": 20,
+         "target_l0": 8 / 256, "k": 8, "log_every": 10, "acknowledge_warnings": True}
+
+
+@pytest.fixture
+def served(env):
+    """The app over HTTP, an admin, and an API client of the same app."""
+    from app import create_app
+    from app.auth import create_token, create_user
+
+    env["FEATURE_SAMPLE_TOKENS"] = "4000"
+    env["DOWNSTREAM_TOKENS"] = "1024"
+    app = create_app({"TESTING": True})
+    with app.app_context():
+        from app.db import database
+
+        with database.connection_context():
+            user, _ = create_user(USER, PASSWORD, is_admin=True)
+            _, token = create_token(user, "crawl")
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    api = app.test_client()
+    api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    yield f"http://127.0.0.1:{server.server_port}", api
+    server.shutdown()
+
+
+T0 = time.monotonic()
+
+
+def note(what: str) -> None:
+    print(f"[crawl {time.monotonic() - T0:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+
+def post(api, url, body=None, status=(200, 201, 202)):
+    response = api.post(url, json=body if body is not None else {})
+    assert response.status_code in status, (url, response.status_code, response.get_data(as_text=True)[:2000])
+    return response.json
+
+
+def ended(api, kind: str, record_id: int) -> dict:
+    body = api.get(f"/api/{kind}/{record_id}").json
+    return body if body["status"] not in ("queued", "running") else None
+
+
+def make_every_kind_of_run(api, env, worker) -> dict:
+    """Runs of every kind, each ended; returns {label: run id} and the worker process (it may be restarted)."""
+    runs = {}
+    for arch in ARCHITECTURES:
+        extra = {"matryoshka_prefixes": "32, 64"} if arch == "matryoshka" else {}
+        runs[arch] = post(api, "/api/trainings", {**QUICK_CONFIG, **SMALL, "name": f"crawl {arch}",
+                                                  "architecture": arch, **extra})["id"]
+    # too weak a penalty: dense at the early-stop check
+    runs["early-stopped"] = post(api, "/api/trainings", {
+        **QUICK_CONFIG, **SMALL, "name": "crawl too weak", "l1_alpha": 2e-5, "l1_warmup_steps": 0,
+        "early_stop": True, "early_stop_step": 60, "early_stop_l0": 0.2, "total_steps": 400})["id"]
+    extraction = post(api, "/api/extractions", {"model_name": "bundled:all-MiniLM-L6-v2", "layer": 3,
+                                                "token_budget": 6000, "context_length": 64})["id"]
+    for label, run_id in runs.items():
+        wait_for(lambda r=run_id: ended(api, "trainings", r), timeout=180, message=f"run {label}")
+        note(f"run {label} ended")
+    done = wait_for(lambda: ended(api, "extractions", extraction), timeout=180, message="the extraction")
+    assert done["status"] == "completed", done
+    note("extraction ended")
+    runs["extracted"] = post(api, "/api/trainings", {
+        **QUICK_CONFIG, **SMALL, "name": "crawl on MiniLM", "source_id": done["source_id"], "architecture": "topk",
+        "l1_alpha": None, "total_steps": 150})["id"]
+    # interrupted: the work-horse is killed after a checkpoint; the sweeper marks it; then resumed
+    runs["resumed"] = post(api, "/api/trainings", {
+        **QUICK_CONFIG, **SMALL, "name": "crawl resumed", "total_steps": 600, "checkpoint_every_steps": 50})["id"]
+    wait_for(lambda: ended(api, "trainings", runs["extracted"]), timeout=180, message="the run on MiniLM")
+    wait_for(lambda: (api.get(f"/api/trainings/{runs['resumed']}").json["checkpoint_step"] or 0) >= 50,
+             timeout=120, message="a checkpoint of the run to interrupt")
+    note("checkpoint; killing the work-horse")
+    kill_work_horse(worker)
+    wait_for(lambda: api.get(f"/api/trainings/{runs['resumed']}").json["status"] == "interrupted", timeout=60,
+             message="the killed run marked interrupted")
+    note("interrupted; resuming")
+    post(api, f"/api/trainings/{runs['resumed']}/resume")
+    for label, run_id in runs.items():
+        wait_for(lambda r=run_id: ended(api, "trainings", r), timeout=180, message=f"run {label}")
+    statuses = {label: api.get(f"/api/trainings/{i}").json["status"] for label, i in runs.items()}
+    assert statuses["early-stopped"] == "stopped_early", statuses
+    assert all(s == "completed" for label, s in statuses.items() if label != "early-stopped"), statuses
+    # the jobs the runs queued (feature statistics, the downstream evaluation) end too
+    from app.models import DownstreamEval, FeatureJob
+
+    def jobs_done():
+        active = [j for m in (FeatureJob, DownstreamEval) for j in m.select() if j.is_active]
+        return not active
+    note("all runs ended")
+    wait_for(jobs_done, timeout=240, message="the feature and downstream jobs")
+    note("all jobs ended")
+    evaluation = DownstreamEval.get(DownstreamEval.training == runs["extracted"])
+    assert evaluation.status == "completed", evaluation.reason
+    return runs
+
+
+def every_page(runs: dict) -> list[str]:
+    from app.models import Extraction, FeatureJob, FeatureStat, Template, TuneJob
+
+    pages = ["/", "/sources/", "/extractions/", "/imports/", "/templates/", "/users/", "/account/tokens",
+             "/account/password", "/trainings/new"]
+    pages += [f"/trainings/new?architecture={a}" for a in ARCHITECTURES]
+    for run_id in runs.values():
+        pages += [f"/trainings/{run_id}", f"/trainings/{run_id}/progress", f"/trainings/new?from={run_id}",
+                  f"/trainings/{run_id}/delete"]
+    for job in FeatureJob.select():
+        pages.append(f"/features/{job.id}")
+        if job.status == "completed":
+            latents = [s.latent for s in FeatureStat.select().where(FeatureStat.job == job.id)
+                       .order_by(FeatureStat.frequency.desc()).limit(1)]
+            latents += [s.latent for s in FeatureStat.select().where(FeatureStat.job == job.id)
+                        .order_by(FeatureStat.frequency).limit(1)]
+            pages += [f"/features/{job.id}/latents/{n}" for n in latents]
+    pages += [f"/extractions/{e.id}" for e in Extraction.select()]
+    pages += [f"/templates/{t.id}/edit" for t in Template.select().limit(3)]
+    pages += [f"/tunes/{t.id}" for t in TuneJob.select()]
+    ids = sorted(runs.values())
+    pages.append("/compare?" + "&".join(f"ids={i}" for i in ids))
+    pages += [f"/compare?ids={a}&ids={b}" for a, b in itertools.combinations(ids, 2)]
+    return pages
+
+
+# What each visit checks, in the page: overflow measured after htmx settled.
+OVERFLOW = """() => {
+  const doc = document.documentElement;
+  const wide = [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+    .slice(0, 5).map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + (e.className && e.className.baseVal === undefined ? '.' + e.className : '') + ' ' + Math.round(e.getBoundingClientRect().right));
+  return {scrollWidth: doc.scrollWidth, innerWidth: window.innerWidth, wide};
+}"""
+
+
+def test_every_page_of_every_kind_of_run(served, env, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    base, api = served
+    worker = start_worker(env, "crawl")
+    try:
+        runs = make_every_kind_of_run(api, env, worker)
+    finally:
+        stop_worker(worker)
+    pages = every_page(runs)
+    note(f"{len(pages)} pages to visit")
+    executable = shutil.which("chromium")
+    assert executable, "chromium is not installed: run the tests through `make test`"
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        for width in WIDTHS:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.set_default_timeout(20_000)
+            sign_in(page, base, USER, PASSWORD)
+            console, failed = [], []
+            page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: console.append(f"page error: {e}"))
+            page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 500 else None)
+            for path in pages:
+                console.clear()
+                failed.clear()
+                response = page.goto(base + path)
+                assert response is not None
+                if response.status >= 500:
+                    problems.append(f"{width}px {path}: HTTP {response.status}")
+                if path.startswith("/trainings/new"):
+                    arch = path.split("architecture=")[1] if "architecture=" in path else None
+                    if arch:
+                        page.select_option("#architecture", arch)
+                    # a change: the live hints answer (and swap their out-of-band boxes)
+                    page.fill("#latent_dim", "512")
+                    page.wait_for_selector("#target-count:has-text('of 512 latents')")
+                page.wait_for_load_state("networkidle")
+                layout = page.evaluate(OVERFLOW)
+                if layout["scrollWidth"] > layout["innerWidth"]:
+                    problems.append(f"{width}px {path}: {layout['scrollWidth']} px wide: {layout['wide']}")
+                problems += [f"{width}px {path}: console: {text}" for text in console]
+                problems += [f"{width}px {path}: {text}" for text in failed]
+                if path == "/trainings/new" and width == WIDTHS[0]:
+                    page.screenshot(path=str(tmp_path / f"form-{width}.png"), full_page=True)
+            page.close()
+            note(f"visited at {width} px")
+        browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_form_s_live_hints_swap_into_targets_that_exist(served):
+    """Fast, without runs: the new-training form at both widths, each architecture, typed into; every
+    out-of-band findings box the hints send has its target (htmx:oobErrorNoTarget is a console error)."""
+    from playwright.sync_api import sync_playwright
+
+    base, _ = served
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=CHROMIUM_ARGS)
+        for width in WIDTHS:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            sign_in(page, base, USER, PASSWORD)
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(base + "/trainings/new")
+            for n, arch in enumerate(ARCHITECTURES):
+                page.select_option("#architecture", arch)
+                page.fill("#latent_dim", str(512 + n))
+                page.wait_for_selector(f"#target-count:has-text('of {512 + n:,} latents')")
+            page.select_option("#architecture", "standard")
+            page.fill("#l1_alpha", "0.0003")
+            page.fill("#learning_rate", "0.0003")  # a warning: the swap
+            page.wait_for_selector('.finding-warning[data-finding="l1_alpha"]')
+            page.wait_for_load_state("networkidle")
+            width_now = page.evaluate("document.documentElement.scrollWidth")
+            if width_now > width:
+                problems.append(f"{width}px: the form is {width_now} px wide")
+            problems += [f"{width}px: {e}" for e in errors]
+            page.close()
+        browser.close()
+    assert not problems, "\n".join(problems)
