@@ -327,7 +327,8 @@ def early_stop_rule(spec: RunSpec, history: History, point) -> Finding | None:
     return Finding("error", "early_stop",
                    f"Stopped early at step {point.step:,}: still dense, {format_l0(point.l0, spec.latent_dim)} "
                    f"(threshold {100 * spec.early_stop_l0:.0f}%).",
-                   f"Restart with l1_alpha about {suggestion:.3g} (now {point.l1_alpha:.3g}).", stop="stopped_early")
+                   f"Restart with l1_alpha about {suggestion:.3g} (now {point.l1_alpha:.3g}) and steering on.",
+                   stop="stopped_early")
 
 
 class RuntimeMonitor:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from app.chart_series import ChartSeries, from_points
 from app.models import MetricPoint, Training
 from app.sae.trainer import LogPoint
+from app.work import lifecycle
 from app.work.training import MetricWriter
 from conftest import QUICK_CONFIG
 
@@ -39,6 +40,7 @@ def test_non_finite_values_are_left_out_not_drawn():
 def test_the_worker_keeps_the_series_on_the_row_and_the_page_draws_from_it(client):
     response = client.post("/api/trainings", json=QUICK_CONFIG)
     run = Training.get_by_id(response.json["id"])
+    assert lifecycle.claim(run)  # the writer writes for the process that holds the run
     writer = MetricWriter(run, max_rows=1000)
     for step in range(10, 30_001, 10):
         writer.add(LogPoint(step=step, tokens=step * 256, loss=1.0, mse=0.5, sparsity_loss=0.1, l1=1.0, l0=5.0,

@@ -34,6 +34,9 @@ def test_a_dense_run_fires_the_dense_rule_and_stops_early(client, env, run_worke
     # the app's own form does not refuse the app's own advice (issue 25)
     box = re.search(r'<div id="findings-l1_alpha" class="findings">(.*?)</div>', prefilled, re.S)
     assert box and "finding-warning" not in box.group(1) and "finding-error" not in box.group(1), box
+    # and it steers: the penalty starts at the advice, the controller closes what the L0 model misses
+    steer = re.search(r'<input[^>]*name="steer_l1_alpha"[^>]*>', prefilled).group(0)
+    assert "checked" in steer, steer
 
 
 def test_finished_run_page_shows_verdict_and_histogram(client, run_worker):

@@ -51,6 +51,11 @@ def new_training():
             suggested = request.args.get("l1_alpha", type=float)
             if suggested is not None:
                 data["l1_alpha"] = suggested
+                # "Restart with …": the L0 model's value starts the run near the target and steering
+                # closes what the model misses on this source (a stopped dense run says little about
+                # where a strong penalty lands; benchmarks/results/restart_advice.md)
+                if request.args.get("steer") == "1" and data.get("architecture") == "standard":
+                    data["steer_l1_alpha"] = True
             form = TrainingForm(data=data)
     if id_arg("source_id") is not None:
         form.source_id.data = id_arg("source_id")  # "Train an SAE on it" after an extraction
