@@ -13,7 +13,7 @@ import pytest
 
 import fake_gpus
 from conftest import BACKEND, ROOT, free_port, wait_for
-from test_supervisor import answers, descendants, processes
+from test_supervisor import answers, descendants, kill_tree, processes
 
 HOST = socket.gethostname().split(".")[0]
 
@@ -141,12 +141,4 @@ def test_make_run_starts_a_pinned_worker_per_gpu_and_restarts_each(tmp_path, dat
         assert proc.wait(timeout=120) == 0
         assert not [p for p in descendants(proc.pid)]
     finally:
-        left = descendants(proc.pid)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_tree(proc)

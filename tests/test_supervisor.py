@@ -53,6 +53,19 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a supervisor and everything below it that is still there (a test's last word)."""
+    left = descendants(proc.pid)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def child(supervisor: int, needle: str) -> int | None:
     """The supervisor's direct child whose command line contains ``needle``."""
     return next((pid for pid, (ppid, cmd) in processes().items() if ppid == supervisor and needle in cmd), None)
@@ -98,15 +111,7 @@ def started(tmp_path, database_url):
         assert proc.poll() is None, state["out"].read_text()
         yield state
     finally:
-        left = descendants(proc.pid)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_tree(proc)
 
 
 def test_make_run_restarts_what_dies_keeps_serving_without_redis_and_stops_everything(started):
