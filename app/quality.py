@@ -67,7 +67,7 @@ def suggest_l1_alpha(current: float, observed_fraction: float, target_fraction: 
                      recommended: float | None = None) -> float:
     """A next l1_alpha that moves L0 toward the target.
 
-    Raising l1_alpha lowers L0 roughly in proportion over the useful range (DESIGN.md's
+    Raising l1_alpha lowers L0 roughly in proportion over the useful range (the calibration
     sweep), so scale the penalty by observed/target, at most tenfold per suggestion. A run
     more than 10× too dense is pointed at least at the L0 model's ``recommended`` value
     (the default 0.003 when none is known): a penalty that weak was never in the running.

@@ -6,14 +6,12 @@ import importlib.util
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 
 import fake_gpus
-from conftest import BACKEND, ROOT, free_port, wait_for
-from test_supervisor import answers, descendants, kill_tree, processes
+from conftest import ROOT, wait_for
+from test_supervisor import answers, descendants, kill_tree, processes, start_run_sh
 
 HOST = socket.gethostname().split(".")[0]
 
@@ -96,19 +94,8 @@ def test_make_run_starts_a_pinned_worker_per_gpu_and_restarts_each(tmp_path, dat
                                                                     redis_client):
     """With REDIS_URL set (a queue several boxes share) it starts no Redis of its own."""
     data = tmp_path / "data"
-    port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "QUEUE_NAME", "SECRET_KEY", "DATABASE_URL",
-                                                            "CUDA_VISIBLE_DEVICES", "GPUS", "WORKERS_PER_GPU")}
-    env.update({"DATA_DIR": str(data), "PORT": str(port), "REDIS_PORT": str(redis_port), "PY": sys.executable,
-                "WEB_WORKERS": "1", "PYTHONPATH": str(ROOT), "SAE_DEVICE": "auto", "SWEEP_INTERVAL_S": "0.5",
-                "SUPERVISOR_BACKOFF_S": "0.2", "SUPERVISOR_BACKOFF_MAX_S": "1", "SUPERVISOR_STOP_GRACE_S": "30",
-                "REDIS_URL": redis_url, "QUEUE_NAME": f"gpus-{os.getpid()}"})
-    if BACKEND == "postgresql":
-        env["DATABASE_URL"] = database_url
-    out = open(tmp_path / "run.out", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    out.close()
+    proc, port, _ = start_run_sh(tmp_path, data, database_url, SAE_DEVICE="auto", REDIS_URL=redis_url,
+                                 QUEUE_NAME=f"gpus-{os.getpid()}")
     try:
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/health") == 200 or proc.poll() is not None, timeout=180,
                  message="the web server")

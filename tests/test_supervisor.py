@@ -93,17 +93,7 @@ def started(tmp_path, database_url):
     data.chmod(0o755)
     (data / "sources" / "old.npy").write_bytes(b"x")
     (data / "sources" / "old.npy").chmod(0o644)
-    port, redis_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "QUEUE_NAME", "SECRET_KEY", "DATABASE_URL")}
-    env.update({"DATA_DIR": str(data), "PORT": str(port), "REDIS_PORT": str(redis_port), "PY": sys.executable,
-                "WEB_WORKERS": "1", "PYTHONPATH": str(ROOT), "SAE_DEVICE": "cpu", "SWEEP_INTERVAL_S": "0.5",
-                "SUPERVISOR_BACKOFF_S": "0.2", "SUPERVISOR_BACKOFF_MAX_S": "1", "SUPERVISOR_STOP_GRACE_S": "30"})
-    if BACKEND == "postgresql":
-        env["DATABASE_URL"] = database_url
-    out = open(tmp_path / "run.out", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    out.close()
+    proc, port, redis_port = start_run_sh(tmp_path, data, database_url, SAE_DEVICE="cpu")
     state = {"proc": proc, "data": data, "port": port, "redis_port": redis_port, "out": tmp_path / "run.out"}
     try:
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/health") == 200 or proc.poll() is not None, timeout=180,
@@ -112,6 +102,25 @@ def started(tmp_path, database_url):
         yield state
     finally:
         kill_tree(proc)
+
+
+def start_run_sh(tmp_path, data, database_url, **env_changes) -> tuple[subprocess.Popen, int, int]:
+    """`make run`'s script on free ports, in a session of its own, with short back-offs; its output
+    goes to ``tmp_path/run.out``. ``env_changes`` override the environment (a REDIS_URL among them)."""
+    port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "QUEUE_NAME", "SECRET_KEY", "DATABASE_URL",
+                                                            "CUDA_VISIBLE_DEVICES", "GPUS", "WORKERS_PER_GPU")}
+    env.update({"DATA_DIR": str(data), "PORT": str(port), "REDIS_PORT": str(redis_port), "PY": sys.executable,
+                "WEB_WORKERS": "1", "PYTHONPATH": str(ROOT), "SWEEP_INTERVAL_S": "0.5",
+                "SUPERVISOR_BACKOFF_S": "0.2", "SUPERVISOR_BACKOFF_MAX_S": "1", "SUPERVISOR_STOP_GRACE_S": "30",
+                **env_changes})
+    if BACKEND == "postgresql":
+        env["DATABASE_URL"] = database_url
+    out = open(tmp_path / "run.out", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run.sh")], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
+    return proc, port, redis_port
 
 
 def test_make_run_restarts_what_dies_keeps_serving_without_redis_and_stops_everything(started):
