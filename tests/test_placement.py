@@ -195,6 +195,24 @@ def test_jobs_go_where_they_fit_and_wait_where_they_do_not(client, env, fake_smi
             stop_worker(w)
 
 
+def test_a_job_that_fits_is_found_behind_one_that_does_not_without_a_pause(client, env):
+    """A worker sweeps the whole queue before it pauses: a run queued behind one that must run
+    elsewhere starts at once, even when the pause between sweeps is ten minutes."""
+    elsewhere = create_run(client, name="on gpu3", device="cuda:3", **SHORT)
+    runnable = create_run(client, name="anywhere", **SHORT)
+    worker = start_worker({**env, "SAE_DEVICE": "cpu", "FEATURES_AFTER_TRAINING": "0", "PLACEMENT_RETRY_S": "600"},
+                          name="box.cpu")
+    try:
+        done = wait_for(lambda: (r := reload(runnable)).status == "completed" and r, timeout=120,
+                        message="the run behind the waiting one")
+        assert done.worker_name == "box.cpu"
+        assert wait_for(lambda: reload(elsewhere).wait_reason, timeout=60, message="the wait reason").startswith(
+            "Waiting for cuda:3")
+        assert reload(elsewhere).status == "queued"
+    finally:
+        stop_worker(worker)
+
+
 def test_a_device_that_cannot_be_named_is_refused_at_its_field(client, env):
     for bad in ("tpu:0", 7, "", "cuda:1 && x"):
         response = client.post("/api/trainings", json={**QUICK_CONFIG, "device": bad})

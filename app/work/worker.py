@@ -6,6 +6,7 @@ each job runs in a forked work-horse, where torch (and CUDA) is first imported.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -104,13 +105,19 @@ class StudioWorker(Worker):
             return
         if self._put_back(job, queue_):
             return
+        self._put_back_ids.clear()  # a new sweep starts after each job this worker takes
         super().execute_job(job, queue_)
 
     def _put_back(self, job, queue_) -> bool:
-        """When ``job``'s record does not fit this worker's device now: note why on its row, put the
-        job back at the end of the queue (another worker's device may fit it, or this one later), and
-        pause ``PLACEMENT_RETRY_S`` before taking the next job, so a lone waiting job is not spun on.
-        The claim checks again, under the device's lock (``resources.claim_placed``)."""
+        """When ``job``'s record does not fit this worker's device now: note why on its row and put the
+        job back at the end of the queue (another worker's device may fit it, or this one later).
+
+        The worker then takes the next job at once, so a job that fits here is found behind any number
+        that do not. Only when it meets a job it already put back in this sweep (it has been round the
+        whole queue) does it pause, ``PLACEMENT_RETRY_S`` give or take half, so a lone waiting job is not
+        spun on. The pause's jitter matters: two workers that pause in step can otherwise keep taking
+        each other's job forever (each pops the one that fits the other). The claim checks again, under
+        the device's lock (``resources.claim_placed``)."""
         from . import resources
 
         try:
@@ -131,13 +138,17 @@ class StudioWorker(Worker):
             return False
         self.log.info("Worker %s: job %s waits: %s", self.name, job.id, why)
         queue_.enqueue_job(job)
-        if self._burst and job.id in self._put_back_ids:
+        if job.id not in self._put_back_ids:
+            self._put_back_ids.add(job.id)
+            return True
+        if self._burst:
             self.log.info("Worker %s: burst mode and nothing here fits: stopping", self.name)
             self._stop_requested = True
-        self._put_back_ids.add(job.id)
-        deadline = time.monotonic() + self.placement_retry_s
+            return True
+        self._put_back_ids = {job.id}  # round the queue once: pause, then sweep it again
+        deadline = time.monotonic() + self.placement_retry_s * random.uniform(0.5, 1.5)
         while time.monotonic() < deadline and not self._stop_requested:
-            time.sleep(0.1)
+            time.sleep(0.05)
         return True
 
     def work(self, *args, burst: bool = False, **kwargs):
