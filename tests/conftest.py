@@ -35,7 +35,7 @@ BACKEND = os.environ.get("TEST_DATABASE", "sqlite")
 # @pytest.mark.db. On PostgreSQL only the `db` tests run: the others never open a database, so the
 # SQLite pass has run them already. Every unmarked test runs with peewee's connections refused
 # (`database_guard`), so a missing mark fails loudly instead of skipping PostgreSQL silently.
-DATABASE_FIXTURES = frozenset({"database_url", "postgres_server"})
+DATABASE_FIXTURES = frozenset({"database_url", "empty_database_url", "postgres_server"})
 UNMARKED_DATABASE_URL = "refused://a-test-without-the-db-mark"
 _LEFT_TO_SQLITE = pytest.StashKey[int]()
 
@@ -168,21 +168,67 @@ def postgres_server():
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def database_url(tmp_path, postgres_server):
-    """A fresh, empty database for one test: a SQLite file, or a new PostgreSQL database."""
+def _migrate_in_child(url: str) -> None:
+    """Apply every migration to ``url`` in a child process (this one keeps no connection to it)."""
+    code = "import sys; from app.db import open_database, migrate; db = open_database(sys.argv[1]); migrate(); db.close()"
+    subprocess.run([sys.executable, "-c", code, url], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                   check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def migrated_template(postgres_server, tmp_path_factory):
+    """A database migrated once for the whole session; each test's database starts as a copy of it
+    (a file copy on SQLite, ``CREATE DATABASE ... TEMPLATE`` on PostgreSQL) instead of running every
+    migration again. The migrations themselves are still tested: tests/test_db.py and the upgrade
+    tests run them on databases of their own, and ``empty_database_url`` is what `make run` sees."""
     if postgres_server is None:
-        yield f"sqlite:///{tmp_path / 'data' / 'sae_studio.db'}"
+        path = tmp_path_factory.mktemp("template") / "sae_studio.db"
+        _migrate_in_child(f"sqlite:///{path}")
+        yield path
+        return
+    from peewee import PostgresqlDatabase
+
+    name = f"template_{os.getpid()}"
+    admin = PostgresqlDatabase("postgres", host="127.0.0.1", port=postgres_server["port"], user="postgres")
+    admin.connect()
+    admin.execute_sql(f"CREATE DATABASE {name}")
+    _migrate_in_child(f"postgresql://postgres@127.0.0.1:{postgres_server['port']}/{name}")
+    yield name
+    admin.execute_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+def _new_database(tmp_path, postgres_server, template=None):
+    """A database for one test: a SQLite file, or a new PostgreSQL database (a copy of ``template``
+    when given, else empty). Yields its URL and drops it afterwards."""
+    if postgres_server is None:
+        path = tmp_path / "data" / "sae_studio.db"
+        if template is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(template, path)
+        yield f"sqlite:///{path}"
         return
     from peewee import PostgresqlDatabase
 
     name = f"t_{os.getpid()}_{time.monotonic_ns()}"
     admin = PostgresqlDatabase("postgres", host="127.0.0.1", port=postgres_server["port"], user="postgres")
     admin.connect()
-    admin.execute_sql(f"CREATE DATABASE {name}")
+    admin.execute_sql(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
     yield f"postgresql://postgres@127.0.0.1:{postgres_server['port']}/{name}"
     admin.execute_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     admin.close()
+
+
+@pytest.fixture
+def database_url(tmp_path, postgres_server, migrated_template):
+    """A database for one test with the whole schema and its seeded rows, as a first start leaves it."""
+    yield from _new_database(tmp_path, postgres_server, migrated_template)
+
+
+@pytest.fixture
+def empty_database_url(tmp_path, postgres_server):
+    """A database with nothing in it: what `make run` finds on a fresh machine."""
+    yield from _new_database(tmp_path, postgres_server)
 
 
 @pytest.fixture

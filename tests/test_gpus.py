@@ -90,11 +90,11 @@ def workers_of(supervisor: int) -> dict[str, int]:
     return found
 
 
-def test_make_run_starts_a_pinned_worker_per_gpu_and_restarts_each(tmp_path, database_url, fake_smi, redis_url,
+def test_make_run_starts_a_pinned_worker_per_gpu_and_restarts_each(tmp_path, empty_database_url, fake_smi, redis_url,
                                                                     redis_client):
     """With REDIS_URL set (a queue several boxes share) it starts no Redis of its own."""
     data = tmp_path / "data"
-    proc, port, _ = start_run_sh(tmp_path, data, database_url, SAE_DEVICE="auto", REDIS_URL=redis_url,
+    proc, port, _ = start_run_sh(tmp_path, data, empty_database_url, SAE_DEVICE="auto", REDIS_URL=redis_url,
                                  QUEUE_NAME=f"gpus-{os.getpid()}")
     try:
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/health") == 200 or proc.poll() is not None, timeout=180,

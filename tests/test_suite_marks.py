@@ -67,7 +67,7 @@ def test_the_database_fixtures_mark_a_test_db(request):
     items = request.session.items
     marked = {item.nodeid for item in items if item.get_closest_marker("db")}
     for item in items:
-        if "database_url" in item.fixturenames:  # directly or through env, app, client, run_worker, ...
+        if {"database_url", "empty_database_url"} & set(item.fixturenames):  # directly or via env, app, client, ...
             assert item.nodeid in marked, item.nodeid
     assert request.node.nodeid not in marked
     assert request.node.get_closest_marker("db") is None

@@ -86,14 +86,14 @@ def mode(path: Path) -> int:
 
 
 @pytest.fixture
-def started(tmp_path, database_url):
+def started(tmp_path, empty_database_url):
     """`make run`'s script on free ports with a DATA_DIR that starts out world-readable."""
     data = tmp_path / "data"
     (data / "sources").mkdir(parents=True)
     data.chmod(0o755)
     (data / "sources" / "old.npy").write_bytes(b"x")
     (data / "sources" / "old.npy").chmod(0o644)
-    proc, port, redis_port = start_run_sh(tmp_path, data, database_url, SAE_DEVICE="cpu")
+    proc, port, redis_port = start_run_sh(tmp_path, data, empty_database_url, SAE_DEVICE="cpu")
     state = {"proc": proc, "data": data, "port": port, "redis_port": redis_port, "out": tmp_path / "run.out"}
     try:
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/health") == 200 or proc.poll() is not None, timeout=180,
