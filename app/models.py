@@ -229,10 +229,6 @@ class Training(JobRecord):
     def target_l0_count(self) -> float:
         return training_config.target_l0_count(self.target_l0, self.latent_dim)
 
-    @property
-    def matryoshka_levels(self) -> tuple[int, ...]:
-        return training_config.matryoshka_levels(self.matryoshka_prefixes or "", self.latent_dim)
-
     def config_dict(self) -> dict:
         """The run's configuration under the form's field names (accepted back by the API)."""
         return {"name": self.name, "source_id": self.source_id,

@@ -58,6 +58,7 @@ def _config(**changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
+@pytest.mark.slow
 def test_a_stronger_penalty_gives_a_sparser_gated_sae():
     source = SyntheticSource(32, 128, 3, 0)
     weak, _ = train(source, _config(l1_alpha=0.003))
