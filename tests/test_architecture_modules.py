@@ -86,3 +86,26 @@ def test_each_module_declares_what_the_app_asks_of_it(arch):
 
         assert training_config.BY_NAME[param.name].required_for == (arch.name,)
     assert arch.memory_bytes(64, 512, 256) > 0
+
+
+@pytest.mark.parametrize("arch", architectures.all(), ids=lambda a: a.name)
+def test_each_architecture_goes_through_the_api_and_its_pages(client, arch):
+    """Queued through the API with only the settings it declares, and shown on the pages that list it."""
+    from conftest import QUICK_CONFIG
+
+    body = {**QUICK_CONFIG, "architecture": arch.name, "steer_l1_alpha": False,
+            "l1_alpha": QUICK_CONFIG["l1_alpha"] if arch.uses("l1_alpha") else None,
+            "k": QUICK_CONFIG["k"] if arch.uses("k") else None}
+    created = client.post("/api/trainings", json=body)
+    assert created.status_code == 201, created.json
+    detail = client.get(f"/trainings/{created.json['id']}")
+    assert detail.status_code == 200
+    from app.models import Training
+
+    run = Training.get_by_id(created.json["id"])
+    for label, _ in arch.detail_rows(run):
+        assert label in detail.get_data(as_text=True)
+    assert arch.summary(run.config_dict()) in client.get("/").get_data(as_text=True)
+    hints = client.post("/trainings/hints", data={"architecture": arch.name, "latent_dim": "256", "target_l0": "0.02",
+                                                   "k": "16", "l1_alpha": "0.003", "learning_rate": "0.001"})
+    assert hints.status_code == 200 and 'id="arch-knob"' in hints.get_data(as_text=True)
