@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from . import advice as _advice
 from .findings import Finding
 from .sae import architectures
-from .training_config import DEFAULT_L1_ALPHA, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+from .training_config import DEFAULT_L1_ALPHA, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, target_l0_count
 
 GREEN_BELOW = 0.05
 OFF_TARGET = 1.5  # a run that ends further than this factor from its target says so
@@ -56,7 +56,7 @@ def format_l0(l0: float, latent_dim: int) -> str:
 
 
 def format_target(target_fraction: float, latent_dim: int) -> str:
-    return f"target {100 * target_fraction:.1f}% ({target_fraction * latent_dim:,.0f} latents)"
+    return f"target {100 * target_fraction:.1f}% ({target_l0_count(target_fraction, latent_dim):,.0f} latents)"
 
 
 def clamp_l1_alpha(value: float) -> float:
@@ -433,7 +433,7 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
     g = grade(l0f, dead, latent_dim)
     ev = f"{100 * (1 - fvu):.1f}% of the variance explained"
     l0_text = format_l0(summary["l0"], latent_dim)
-    target_k = max(1, round(target_l0 * latent_dim))
+    target_k = max(1, round(target_l0_count(target_l0, latent_dim)))
     arch = architectures.get(architecture)
     penalty = arch.by_penalty
 

@@ -15,6 +15,7 @@ from . import advice
 from .findings import Finding
 from .quality import RED_ABOVE, format_target
 from .sae import architectures
+from .training_config import target_l0_count
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                     f"A learning rate of {lr:g} is far above what SAEs train stably with; losses tend to explode.",
                     "Use about 0.001.", 0.001))
 
-    count = target * latent
+    count = target_l0_count(target, latent)
     if count < 1:
         add(Finding("error", "target_l0", f"A target of {100 * target:.3g}% of {latent:,} latents is {count:.2f} "
                     "latents per token: fewer than one.", f"Use at least {1 / latent:.2g}.", _round(2 / latent)))

@@ -130,7 +130,9 @@ class Architecture:
             return (f"{self.knob_hint} k = {k} latents per token ({100 * k / latent_dim:.2f}% of latents); "
                     "l1_alpha is not used.")
         if self.sparsity_set_by == TARGET and target_l0 and latent_dim:
-            return f"{self.title} trains L0 to the target ({target_l0 * latent_dim:,.0f} latents); l1_alpha is not used."
+            from ...training_config import target_l0_count
+
+            return f"{self.title} trains L0 to the target ({target_l0_count(target_l0, latent_dim):,.0f} latents); l1_alpha is not used."
         if self.sparsity_set_by == PENALTY and l1_alpha is not None and learning_rate is not None:
             return f"Sparsity penalty l1_alpha = {num(l1_alpha)}; learning rate = {num(learning_rate)}."
         return ""

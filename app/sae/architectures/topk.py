@@ -1,6 +1,7 @@
 """TopK: exactly the ``k`` largest pre-activations (after ReLU) fire per token; AuxK for dead latents."""
 from __future__ import annotations
 
+from ...training_config import target_l0_count
 from ._base import K, Architecture, check_k, num
 
 NAME = "topk"
@@ -105,7 +106,7 @@ class TopK(Architecture):
     def recommend(self, out, *, source, latent_dim, target_l0, steps, batch) -> None:
         from ...quality import format_target
 
-        out["k"] = (max(1, round(target_l0 * latent_dim)), f"{self.title}'s L0 is k: "
+        out["k"] = (max(1, round(target_l0_count(target_l0, latent_dim))), f"{self.title}'s L0 is k: "
                                                            f"{format_target(target_l0, latent_dim)}")
 
     def presets(self, d_in, latent, k, common):
