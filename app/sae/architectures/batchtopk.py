@@ -25,6 +25,8 @@ class BatchTopK(Architecture):
     def define_model(self):
         import torch
 
+        from ..models import LossParts
+
         class BatchTopKSAE(topk.ARCH.model_class()):
             """BatchTopK SAE: in training, the ``k · batch`` largest activations of the whole batch are kept,
             so a token keeps k latents on average but more when it holds more and fewer when it holds less.
@@ -78,8 +80,6 @@ class BatchTopK(Architecture):
                 return pre, f
 
             def loss(self, x, *, l1_alpha=0.0, dead_mask=None):
-                from ..models import LossParts
-
                 pre, f = self._select(x)
                 x_hat = self.decode(f)
                 mse = (x - x_hat).pow(2).sum(dim=-1).mean() / self.d_in

@@ -26,6 +26,8 @@ class Standard(Architecture):
     dead_advice = "Lower l1_alpha (the sparsity penalty) or switch on the dead-latent remedy."
 
     def define_model(self):
+        import torch
+
         from ..models import LossParts, SparseAutoencoder
 
         class StandardSAE(SparseAutoencoder):
@@ -39,8 +41,6 @@ class Standard(Architecture):
             architecture = NAME
 
             def activate(self, pre):
-                import torch
-
                 return torch.relu(pre)
 
             def loss(self, x, *, l1_alpha, dead_mask=None):
