@@ -302,6 +302,21 @@ def _migration_19_queued_at(db) -> None:
         add_column_if_missing(db, table, "queued_at", DateTimeField(null=True))
 
 
+def _migration_20_gated_presets(db) -> None:
+    """Gated SAE presets, one per width beside each built-in TopK preset (a fresh database has them
+    from migration 4). Literal data: a later edit of app/sae/architectures/gated.py does not change it."""
+    from .models import Template
+
+    if Template.select().where(Template.builtin == True, Template.name.contains("· Gated ·")).exists():  # noqa: E712
+        return
+    for preset in list(Template.select().where(Template.builtin == True, Template.name.contains("TopK k="))):  # noqa: E712
+        config = {**preset.config, "architecture": "gated", "k": None, "l1_alpha": 0.03, "steer_l1_alpha": True}
+        Template.create(name=f"d_in {preset.d_in} · Gated · {config['latent_dim']:,} latents", d_in=preset.d_in,
+                        builtin=True, config=config,
+                        provenance="Gated SAE starting at l1_alpha 0.03 with steering on, which moves the penalty "
+                                   "to the target L0 (the L0 model is fitted on standard SAEs only).")
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -309,7 +324,7 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_12_architectures, _migration_13_downstream,
                               _migration_14_l0_model, _migration_15_fencing,
                               _migration_16_maintenance_failures, _migration_17_sessions,
-                              _migration_18_placement, _migration_19_queued_at]
+                              _migration_18_placement, _migration_19_queued_at, _migration_20_gated_presets]
 
 
 def migrate() -> int:

@@ -15,8 +15,11 @@ from .devices import device_memory
 from .extraction.capture_names import BUNDLED_MINILM, SITES
 from . import training_config
 from .models import ActivationSet
+from .sae import architectures
 from .training_config import L1_ALPHA_ALIASES, PARAMS, Param
 from .validation import Finding, blocking, validate_config
+
+DEFAULT_ARCHITECTURE = training_config.BY_NAME["architecture"].default  # what a JSON body without one trains
 
 
 class Range(NumberRange):
@@ -189,21 +192,18 @@ def check_cross_fields(form) -> bool:
                 f.errors.append(f"Must not exceed the training steps ({steps:,}).")
                 ok = False
     latent = form.latent_dim.data if not form.latent_dim.errors else None
-    arch = form.architecture.data
-    if arch in training_config.K_ARCHITECTURES and not form.k.errors and latent is not None \
-            and form.k.data is not None and form.k.data > latent:
+    arch = architectures.find(form.architecture.data)
+    if arch is None:
+        return ok
+    k = form.k.data if not form.k.errors else None
+    if arch.uses("k") and latent is not None and k is not None and k > latent:
         form.k.errors.append(f"k must not exceed latent_dim ({latent:,}).")
         ok = False
-    prefixes = form.matryoshka_prefixes
-    if arch == "matryoshka" and not prefixes.errors and latent is not None:
-        sizes = training_config.parse_prefixes(prefixes.data)
-        if sizes and sizes[-1] >= latent:
-            prefixes.errors.append(f"Each prefix must be smaller than latent_dim ({latent:,}); the whole "
-                                   "dictionary is always the last level.")
-            ok = False
-        elif sizes and form.k.data and not form.k.errors and sizes[0] < 2 * form.k.data:
-            prefixes.errors.append(f"The smallest prefix ({sizes[0]:,}) must hold at least 2·k = "
-                                   f"{2 * form.k.data:,} latents, or it cannot reconstruct on its own.")
+    if latent is not None:
+        values = {p.name: getattr(form, p.name).data for p in arch.params if not getattr(form, p.name).errors}
+        problem = arch.check_form(latent, k, values)
+        if problem is not None:
+            getattr(form, problem[0]).errors.append(problem[1])
             ok = False
     return ok
 
@@ -264,7 +264,7 @@ def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[
             continue
         param = training_config.BY_NAME.get(key)
         if value is None:
-            unused = param is not None and not param.applies_to(data.get("architecture", "standard"))
+            unused = param is not None and not param.applies_to(data.get("architecture", DEFAULT_ARCHITECTURE))
             if not unused:
                 errors.setdefault(key, []).append((param and param.null_message) or "Must not be null.")
             continue
@@ -354,7 +354,8 @@ def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list
             if "l1_alpha" in data and data["l1_alpha"] != value:
                 errors.setdefault("l1_alpha", []).append(f"l1_alpha and its alias {alias} disagree.")
             data["l1_alpha"] = value
-    if data.get("architecture", "standard") == "standard" and data.get("l1_alpha") is None:
+    if (training_config.BY_NAME["l1_alpha"].applies_to(data.get("architecture", DEFAULT_ARCHITECTURE))
+            and data.get("l1_alpha") is None):
         errors.setdefault("l1_alpha", []).append(training_config.BY_NAME["l1_alpha"].null_message)
     for key in TEMPLATE_FIELDS:  # settings added since a file was exported take their safe default
         if key not in data and training_config.BY_NAME[key].api_optional:

@@ -171,14 +171,17 @@ class ActivationSet(Owned):
     def stats(self):
         """What the validator knows of this source, with the L0 model's shift learned from its runs.
 
-        Every completed standard run on it (at its final l1_alpha) and every auto-tune pilot
+        Every completed run on it of an architecture the L0 model covers (at its final l1_alpha) and every auto-tune pilot
         says how far this source lies from the model's curve; the last 50 runs and 20 tunes count.
         """
         from . import l0_model
         from .validation import SourceStats
 
         shifts = []
-        runs = (Training.select().where((Training.source == self.id) & (Training.architecture == "standard")
+        from .sae import architectures
+
+        modelled = [a.name for a in architectures.all() if a.l0_model]
+        runs = (Training.select().where((Training.source == self.id) & (Training.architecture.in_(modelled))
                                         & (Training.status == "completed") & Training.summary.is_null(False))
                 .order_by(Training.id.desc()).limit(50))
         for run in runs:
@@ -224,11 +227,7 @@ class Training(JobRecord):
 
     @property
     def target_l0_count(self) -> float:
-        return self.target_l0 * self.latent_dim
-
-    @property
-    def matryoshka_levels(self) -> tuple[int, ...]:
-        return training_config.matryoshka_levels(self.matryoshka_prefixes or "", self.latent_dim)
+        return training_config.target_l0_count(self.target_l0, self.latent_dim)
 
     def config_dict(self) -> dict:
         """The run's configuration under the form's field names (accepted back by the API)."""
@@ -449,23 +448,18 @@ PRESET_WIDTHS = (384, 512, 768, 1024, 2048, 2304, 4096)
 
 
 def refresh_standard_preset(preset: Template) -> None:
-    """Give a built-in standard preset the L0 model's l1_alpha for its length, with steering on, and save it."""
-    from .l0_model import CALIBRATION
-    from .validation import recommended_l1_alpha
+    """Give a built-in preset whose architecture tunes its presets (the standard SAE's l1_alpha from the
+    L0 model for its length, with steering on) those settings, and save it."""
+    from .sae import architectures
 
-    c = preset.config
-    steps = c["total_steps"]
-    alpha = float(f"{recommended_l1_alpha(preset.d_in, c['latent_dim'], c['target_l0'], steps, c['batch_size']):.2g}")
-    preset.config = complete({**c, "l1_alpha": alpha, "steer_l1_alpha": True})
-    preset.provenance = (f"l1_alpha from the L0 model for {steps:,} steps ({CALIBRATION['runs_fitted']} measured "
-                         "runs, benchmarks/calibrate_l1_alpha.py), with steering on to close what the model misses"
-                         + ("; at this width the model is extrapolated: watch the first run's early-stop check and "
-                            "verdict." if preset.d_in > 1024 else "."))
+    arch = architectures.get(preset.config["architecture"])
+    settings, preset.provenance = arch.tuned_preset(preset.d_in, preset.config)
+    preset.config = complete({**preset.config, **settings})
     preset.save()
 
 
 def seed_templates() -> None:
-    """Presets for common model widths and every architecture, l1_alpha from the L0 model."""
+    """Presets for common model widths and every architecture (each architecture's ``presets``)."""
     import math
 
     for d_in in PRESET_WIDTHS:
@@ -475,32 +469,23 @@ def seed_templates() -> None:
         lr = 1e-3 if latent <= 16_384 else float(f"{1e-3 * math.sqrt(16_384 / latent):.2g}")
         common = {"latent_dim": latent, "learning_rate": lr, "batch_size": 4096, "total_steps": 30_000,
                   "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "target_l0": round(target, 6), "precision": "auto"}
-        preset = Template(name=f"d_in {d_in} · standard · {latent:,} latents", d_in=d_in, builtin=True,
-                          config=complete({"architecture": "standard", "l1_alpha": None, "k": None, **common}))
-        refresh_standard_preset(preset)
-        Template.create(
-            name=f"d_in {d_in} · TopK k={k} · {latent:,} latents", d_in=d_in, builtin=True,
-            config=complete({"architecture": "topk", "l1_alpha": None, "k": k, **common}),
-            provenance=f"TopK with k = {k} (L0 = k by construction) and 8× expansion, a common starting point.")
-        seed_architecture_presets(d_in, latent, k, common)
+        seed_architecture_presets(d_in, latent, k, common, since=None)
 
 
-def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict) -> None:
-    """BatchTopK, JumpReLU and Matryoshka presets for one width (the same L0 as its TopK preset)."""
-    presets = (
-        ("batchtopk", f"BatchTopK k={k}", {"k": k},
-         f"BatchTopK with k = {k} on average per token (L0 = k by construction; a threshold at inference)."),
-        ("jumprelu", f"JumpReLU target {k} latents", {"l0_coefficient": 10.0, "jumprelu_bandwidth": 0.05},
-         f"JumpReLU trained to a target L0 of {k} latents: the L0 penalty holds it there "
-         "(benchmarks/architectures.py: within 3% of the target without tuning)."),
-        ("matryoshka", f"Matryoshka k={k}", {"k": k, "matryoshka_prefixes": ""},
-         f"Matryoshka BatchTopK, k = {k}; prefixes of 1/16, 1/8, 1/4 and 1/2 of the latents each reconstruct "
-         "alone, which keeps general features from being absorbed by specific ones."),
-    )
-    for architecture, title, settings, provenance in presets:
-        Template.create(name=f"d_in {d_in} · {title} · {latent:,} latents", d_in=d_in, builtin=True,
-                        config=complete({"architecture": architecture, "l1_alpha": None, **common, **settings}),
-                        provenance=provenance)
+def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict, *, since: int | None = 12) -> None:
+    """The presets for one width of the architectures whose presets came with schema version ``since``
+    (``Architecture.presets_since``; migration 12 seeds BatchTopK, JumpReLU and Matryoshka's on an older
+    database); ``None``: every architecture's (a fresh database)."""
+    from .sae import architectures
+
+    for arch in architectures.all():
+        if since is not None and arch.presets_since != since:
+            continue
+        for title, settings, provenance in arch.presets(d_in, latent, k, common):
+            Template.create(name=f"d_in {d_in} · {title} · {latent:,} latents", d_in=d_in, builtin=True,
+                            config=complete({"architecture": arch.name, "l1_alpha": None, "k": None, **common,
+                                             **settings}),
+                            provenance=provenance)
 
 
 def complete(config: dict) -> dict:

@@ -10,14 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import advice as _advice
-from .training_config import DEFAULT_L1_ALPHA, K_ARCHITECTURES, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE
+from .findings import Finding
+from .sae import architectures
+from .training_config import DEFAULT_L1_ALPHA, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, target_l0_count
 
 GREEN_BELOW = 0.05
 OFF_TARGET = 1.5  # a run that ends further than this factor from its target says so
 RED_ABOVE = 0.15
 DEAD_RED_FRACTION = 0.5
 DENSE_WARNING_ABOVE = 0.20
-DENSE_LATENT_FREQUENCY = 0.10  # a latent firing on more than 10% of tokens is "dense"
 
 GRADE_LABELS = {
     "green": "Sparse",
@@ -55,7 +56,7 @@ def format_l0(l0: float, latent_dim: int) -> str:
 
 
 def format_target(target_fraction: float, latent_dim: int) -> str:
-    return f"target {100 * target_fraction:.1f}% ({target_fraction * latent_dim:,.0f} latents)"
+    return f"target {100 * target_fraction:.1f}% ({target_l0_count(target_fraction, latent_dim):,.0f} latents)"
 
 
 def clamp_l1_alpha(value: float) -> float:
@@ -80,20 +81,6 @@ def suggest_l1_alpha(current: float, observed_fraction: float, target_fraction: 
     if ratio > 10:
         suggestion = max(suggestion, floor)
     return clamp_l1_alpha(suggestion)
-
-
-@dataclass
-class Finding:
-    """A runtime observation to record on the run as an event.
-
-    ``stop`` is set when the run must end: "stopped_early" or "failed".
-    """
-
-    level: str
-    code: str
-    message: str
-    suggestion: str | None = None
-    stop: str | None = None
 
 
 @dataclass
@@ -127,8 +114,18 @@ class RunSpec:
                    recommended_l1_alpha=recommended_l1_alpha, d_in=d_in, total_steps=run.total_steps,
                    batch_size=run.batch_size, l0_offset=l0_offset)
 
+    @property
+    def arch(self) -> architectures.Architecture:
+        return architectures.get(self.architecture)
+
+    @property
+    def by_penalty(self) -> bool:
+        """Its sparsity is set by l1_alpha: the penalty's rules (dense, off target, early stop) apply."""
+        return self.arch.by_penalty
+
     def known(self) -> _advice.Known | None:
-        if self.d_in is None or not self.total_steps:
+        """What the L0 model needs to project this run (None: no model for it, or no shape)."""
+        if self.d_in is None or not self.total_steps or not self.arch.l0_model:
             return None
         return _advice.Known(self.d_in, self.latent_dim, self.target_l0, self.total_steps, self.batch_size,
                             self.l0_offset)
@@ -186,7 +183,7 @@ def rule(code: str):
 @rule("dense")
 def dense_rule(spec: RunSpec, history: History, point) -> Finding | None:
     """L0 above 0.20 and no longer falling fast (right after warm-up it is still dropping)."""
-    if spec.architecture != "standard" or point.l0_fraction <= DENSE_WARNING_ABOVE:
+    if not spec.by_penalty or point.l0_fraction <= DENSE_WARNING_ABOVE:
         return None
     before = history.ago(TREND_POINTS)
     if before is None or point.l0_fraction < 0.9 * before.l0_fraction:
@@ -218,7 +215,7 @@ def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
     Trend-aware through ``_advice.suggest``: while L0 still falls toward the target faster than the
     model expects of a settling run, it waits; then it carries L0 to the run's end before it speaks.
     """
-    if spec.architecture != "standard" or spec.steering:
+    if not spec.by_penalty or spec.steering:
         return None
     ratio = settled_ratio(spec, history, point, drift=1.25)
     if ratio is None or 1 / 3 <= ratio <= 3 or point.l0_fraction > DENSE_WARNING_ABOVE:
@@ -238,10 +235,11 @@ def off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
                    f"{move} l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}, or switch on 'steer l1_alpha'.")
 
 
-@rule("jumprelu_off_target")
-def jumprelu_off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
-    """JumpReLU trains to the target: L0 settled more than 1.5× away from it means the penalty lost."""
-    if spec.architecture != "jumprelu":
+@rule("jumprelu_off_target")  # the code predates the registry; checkpoints' monitor state is keyed by it
+def trained_off_target_rule(spec: RunSpec, history: History, point) -> Finding | None:
+    """An architecture trained to the target L0 itself (JumpReLU): L0 settled more than 1.5× away
+    from it means its penalty lost."""
+    if spec.arch.sparsity_set_by != architectures.TARGET:
         return None
     ratio = settled_ratio(spec, history, point, drift=1.1)
     if ratio is None or 1 / 1.5 <= ratio <= 1.5:
@@ -263,9 +261,7 @@ def dead_rule(spec: RunSpec, history: History, point) -> Finding | None:
         change = point.dead - before.dead
         trend = (f", up {change:,} in the last {point.step - before.step:,} steps" if change > 0 else
                  f", down {-change:,} in the last {point.step - before.step:,} steps" if change < 0 else ", steady")
-    tip = ("Lower l1_alpha (the sparsity penalty) or switch on the dead-latent remedy."
-           if spec.architecture == "standard" else "Lower the learning rate or raise k."
-           if spec.architecture in K_ARCHITECTURES else "Lower the learning rate, or raise the target L0.")
+    tip = spec.arch.dead_advice
     share = point.dead / spec.latent_dim
     return Finding("warning", "dead", f"{point.dead:,} of {spec.latent_dim:,} latents ({share:.0%}) are dead{trend}.", tip)
 
@@ -274,7 +270,7 @@ def dead_rule(spec: RunSpec, history: History, point) -> Finding | None:
 def race_to_zero_rule(spec: RunSpec, history: History, point) -> Finding | None:
     """L0 collapsing toward 0 while the reconstruction gets worse: the penalty wins."""
     before = history.ago(TREND_POINTS)
-    if spec.architecture != "standard" or before is None or before.l0_fraction <= 0:
+    if not spec.by_penalty or before is None or before.l0_fraction <= 0:
         return None
     collapsing = point.l0_fraction < 0.5 * before.l0_fraction and point.l0_fraction < spec.target_l0
     worse = point.fvu > 1.1 * before.fvu and point.fvu > 0.05
@@ -317,7 +313,7 @@ def plateau_rule(spec: RunSpec, history: History, point) -> Finding | None:
 def early_stop_rule(spec: RunSpec, history: History, point) -> Finding | None:
     """Still dense at the check step: stop now rather than spend the rest of the budget."""
     check_at = max(spec.early_stop_step, spec.l1_warmup_steps)
-    if (not spec.early_stop or spec.architecture != "standard" or history.early_stop_checked
+    if (not spec.early_stop or not spec.by_penalty or history.early_stop_checked
             or point.step < check_at):
         return None
     history.early_stop_checked = True
@@ -404,13 +400,14 @@ class RunProgress:
 
     steps_done: int
     total_steps: int
-    warmup_steps: int = 0  # the sparsity warm-up (standard SAE) or the learning-rate warm-up
+    warmup_steps: int = 0  # the warm-up the architecture waits out (Architecture.warmup)
     d_in: int | None = None
     batch_size: int = 1024
     l0_offset: float = 0.0  # the source's shift from the L0 model, learned from its earlier runs
 
-    def known(self, latent_dim: int, target_l0: float) -> _advice.Known | None:
-        if not self.d_in:
+    def known(self, latent_dim: int, target_l0: float, arch: architectures.Architecture | None = None
+              ) -> _advice.Known | None:
+        if not self.d_in or (arch is not None and not arch.l0_model):
             return None
         return _advice.Known(self.d_in, latent_dim, target_l0, self.total_steps, self.batch_size, self.l0_offset)
 
@@ -436,30 +433,31 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
     g = grade(l0f, dead, latent_dim)
     ev = f"{100 * (1 - fvu):.1f}% of the variance explained"
     l0_text = format_l0(summary["l0"], latent_dim)
-    target_k = max(1, round(target_l0 * latent_dim))
-    standard = architecture == "standard"
+    target_k = max(1, round(target_l0_count(target_l0, latent_dim)))
+    arch = architectures.get(architecture)
+    penalty = arch.by_penalty
 
     if progress is not None and progress.in_warmup:
-        what = "sparsity" if standard else "learning-rate"
+        what = arch.warmup
         return {"grade": None, "suggested_l1_alpha": None,
                 "headline": (f"Stopped inside its {what} warm-up, at step {progress.steps_done:,} of "
                              f"{progress.warmup_steps:,}: {l0_text}, but "
-                             + ("the penalty was not yet at full strength, so " if standard else "")
+                             + ("the penalty was not yet at full strength, so " if arch.warmup == "sparsity" else "")
                              + "this says nothing yet about where the run would settle."),
                 "advice": "Resume it or run it longer: no setting can be judged from a run this short."}
 
-    known = progress.known(latent_dim, target_l0) if progress is not None else None
+    known = progress.known(latent_dim, target_l0, arch) if progress is not None else None
     expected, expected_note, got = l0f, "", None
-    if standard and l1_alpha:
+    if penalty and l1_alpha:
         if known is not None:  # one source of advice: the run's evidence, the source's shift, the form's window
             got = _advice.suggest(known, _advice.Observation(l1_alpha, l0f, progress.steps_done))
             expected = got.expected if got.expected is not None else l0f
-        if progress is not None and progress.d_in and not progress.finished:
+        if known is not None and not progress.finished:
             expected_note = (f" It stopped at step {progress.steps_done:,} of {progress.total_steps:,}; at this "
                              f"l1_alpha the L0 model expects it to end near {100 * expected:.2g}%.")
 
     def corrected() -> float | None:
-        if not (standard and l1_alpha):
+        if not (penalty and l1_alpha):
             return None
         if got is not None:
             return got.l1_alpha
@@ -470,32 +468,27 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
     off_text = (f"{off:.1f}× the target" if off > 1 else f"{1 / off:.1f}× below the target") if off > 0 else ""
 
     def sparser() -> str:
-        if standard:
-            return f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}."
-        if architecture in K_ARCHITECTURES:
-            return f"Lower k to about {target_k}."
-        if l0f > OFF_TARGET * target_l0:
-            return "L0 ended above the target it trains to: raise the L0 penalty weight (l0_coefficient) tenfold."
-        return f"Lower the target L0 (now {100 * target_l0:.2g}%): JumpReLU trains to it."
+        if penalty:
+            return (f"Increase l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}." if l1_alpha and suggested
+                    else "Increase l1_alpha (the sparsity penalty).")
+        return arch.advise_sparser(target_k=target_k, target_l0=target_l0, l0_fraction=l0f)
 
     def denser() -> str:
-        if standard:
-            return f"Lower l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}."
-        if architecture in K_ARCHITECTURES:
-            return f"Raise k to about {target_k}."
-        return "Raise the L0 penalty weight (l0_coefficient) tenfold: L0 ended below the target it trains to."
+        if penalty:
+            return (f"Lower l1_alpha from {l1_alpha:.3g} to about {suggested:.3g}." if l1_alpha and suggested
+                    else "Lower l1_alpha (the sparsity penalty).")
+        return arch.advise_denser(target_k=target_k)
 
     keep_suggestion = True
     if dead is not None and dead > DEAD_RED_FRACTION * latent_dim:
         headline = f"Dead latents: more than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
-        if standard and l1_alpha:
+        if penalty and l1_alpha:
             suggested = clamp_l1_alpha(min(suggested or l1_alpha, l1_alpha / 3))
             if known is not None:
                 suggested = _advice.clamp(known, suggested)
-        advice = (f"Lower l1_alpha to about {suggested:.3g} and switch on the dead-latent remedy." if standard and l1_alpha
-                  else "Lower l1_alpha and switch on the dead-latent remedy." if standard
-                  else "Lower the learning rate or raise k." if architecture in K_ARCHITECTURES
-                  else "Lower the learning rate, or raise the target L0.")
+        remedy = " and switch on the dead-latent remedy" if arch.resample else ""
+        advice = (f"Lower l1_alpha to about {suggested:.3g}{remedy}." if penalty and l1_alpha
+                  else f"Lower l1_alpha{remedy}." if penalty else arch.dead_advice)
     elif expected > RED_ABOVE:
         headline = f"Dense: {l0_text}, {ev}. These features are unlikely to be interpretable.{expected_note}"
         advice = sparser()

@@ -9,24 +9,18 @@ default, aliases, label and help. The rest is derived from this list:
 - the core's ``TrainConfig`` (``app.sae.trainer``),
 - the fields a template holds.
 
-A new hyper-parameter is one entry here plus a migration adding its column. This module is
-pure Python so that the ML core can import it without Flask, RQ or Peewee.
+A new hyper-parameter is one entry here plus a migration adding its column; a parameter only
+one architecture uses is declared in that architecture's module (``app/sae/architectures/``)
+and placed here after ``target_l0``. The architectures themselves (``ARCHITECTURES``, which
+need which value) come from that registry. This module is pure Python so that the ML core can
+import it without Flask, RQ or Peewee.
 """
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
-ARCHITECTURES = (("standard", "Standard (ReLU + L1 penalty)"),
-                 ("topk", "TopK (exactly k active per token)"),
-                 ("batchtopk", "BatchTopK (k active per token on average over the batch)"),
-                 ("jumprelu", "JumpReLU (learned thresholds, trained to the target L0)"),
-                 ("matryoshka", "Matryoshka BatchTopK (nested prefixes; against feature absorption)"))
-# The architectures whose sparsity is set by k (each token keeps k latents, exactly or on average);
-# the standard SAE's is set by the penalty l1_alpha and JumpReLU's by the target L0 itself.
-K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")
-# The architectures that select latents by batch top-k in training and by a threshold at inference.
-THRESHOLD_ARCHITECTURES = ("batchtopk", "jumprelu", "matryoshka")
 PRECISIONS = (("auto", "Auto: bfloat16 where the device computes it fast, else float32"),
               ("float32", "float32"),
               ("bfloat16", "bfloat16 autocast (weights, optimizer and metrics stay float32)"),
@@ -95,88 +89,6 @@ class Param:
         return self.max is None or value <= self.max
 
 
-# The form's fieldsets, in order: (key, legend). "advanced" is folded away until one of its fields has an error.
-GROUPS = (("model", "What to train on"), ("sparsity", "Sparsity"), ("optimization", "Optimization"),
-          ("quality", "Quality control"), ("advanced", "Advanced"))
-
-L1_REQUIRED = ("The sparsity penalty l1_alpha is required for a standard SAE; without it the features come "
-               f"out dense. {DEFAULT_L1_ALPHA:g} is a sound start.")
-
-PARAMS: tuple[Param, ...] = (
-    Param("architecture", str, "standard", "Architecture", choices=ARCHITECTURES, template=True, group="model"),
-    Param("latent_dim", int, 1024, "Latents (latent_dim)", min=16, max=1_048_576, template=True,
-          help="Number of SAE features; usually 4× to 64× the activation width d_in.", group="model"),
-    Param("l1_alpha", float, DEFAULT_L1_ALPHA, "Sparsity penalty (l1_alpha)", min=L1_ALPHA_MIN_EXCLUSIVE,
-          max=L1_ALPHA_MAX, min_exclusive=True, aliases=L1_ALPHA_ALIASES, required_for=("standard",),
-          required_message=L1_REQUIRED, template=True,
-          null_message="Must not be null: the sparsity penalty l1_alpha is required for a standard SAE "
-                       f"(without it the features come out dense); {DEFAULT_L1_ALPHA:g} is a sound start.",
-          help="Weight of the L1 term that makes features sparse. Higher → fewer active latents. "
-               f"Not the learning rate. Range: above {L1_ALPHA_MIN_EXCLUSIVE:.5f}, at most {L1_ALPHA_MAX:g}.",
-                     group="sparsity"),
-    Param("k", int, 32, "Active latents per token (k)", min=1, max=65_536, required_for=K_ARCHITECTURES,
-          required_message="k is required for a TopK, BatchTopK or Matryoshka SAE.", template=True,
-          null_message="Must not be null: k is required for a TopK, BatchTopK or Matryoshka SAE.",
-          help="TopK: exactly k latents fire for every token. BatchTopK and Matryoshka: k per token on "
-               "average (the k·batch largest activations of the batch).", group="sparsity"),
-    Param("learning_rate", float, 0.001, "Learning rate (optimizer step size)", min=1e-6, max=0.1, template=True,
-          help="Adam's step size. Not the sparsity penalty. Typical: 0.0001 to 0.001.", group="optimization"),
-    Param("batch_size", int, 512, "Batch size (tokens per step)", min=16, max=65_536, template=True,
-          group="optimization"),
-    Param("total_steps", int, 2000, "Training steps", min=10, max=10_000_000, template=True, group="optimization"),
-    Param("lr_warmup_steps", int, 100, "Learning-rate warm-up steps", min=0, max=10_000_000, template=True,
-          help="The learning rate rises linearly from 0 over these steps.", group="optimization"),
-    Param("l1_warmup_steps", int, 200, "Sparsity warm-up steps", min=0, max=10_000_000, template=True,
-          help="l1_alpha rises linearly from 0 over these steps.", group="optimization"),
-    Param("target_l0", float, 0.02, "Target L0 (fraction of latents)", min=0, max=0.5, min_exclusive=True,
-          template=True,
-          help="The share of latents you want active per token; 0.01–0.05 is typical. A JumpReLU SAE "
-               "trains to it.", group="sparsity"),
-    Param("l0_coefficient", float, 10.0, "L0 penalty weight (JumpReLU)", min=0, max=1000, min_exclusive=True,
-          required_for=("jumprelu",), api_optional=True, template=True,
-          required_message="The L0 penalty weight is required for a JumpReLU SAE; 10 is a sound start.",
-          help="JumpReLU only: weight of the penalty (L0 / target − 1)² that holds the mean L0 at the target.",
-                group="sparsity"),
-    Param("jumprelu_bandwidth", float, 0.05, "Threshold bandwidth ε (JumpReLU)", min=0, max=10,
-          min_exclusive=True, required_for=("jumprelu",), api_optional=True, template=True,
-          required_message="The bandwidth is required for a JumpReLU SAE; 0.05 is a sound start.",
-          help="JumpReLU only: width of the rectangle kernel through which the thresholds get their "
-               "gradient (the straight-through estimator).", group="sparsity"),
-    Param("matryoshka_prefixes", str, "", "Nested prefix sizes (Matryoshka)", required_for=("matryoshka",),
-          api_optional=True, template=True, parse="prefixes",
-          help="Matryoshka only: comma-separated latent counts, each prefix of the dictionary trained to "
-               "reconstruct on its own; the whole dictionary is always the last level. Empty: 1/16, 1/8, "
-               "1/4 and 1/2 of the latents.", group="sparsity"),
-    Param("seed", int, 0, "Random seed", min=0, max=2**31 - 1, group="optimization"),
-    Param("log_every", int, 20, "Log metrics every (steps)", min=1, max=10_000, api_optional=True, group="advanced"),
-    Param("dead_window_tokens", int, 200_000, "Dead-latent window (tokens)", min=1_000, max=1_000_000_000,
-          api_optional=True, help="A latent that has not fired in this many tokens counts as dead.", group="advanced"),
-    Param("early_stop", bool, True, "Stop early if still dense", core=False,
-          help="End the run as 'stopped early' if L0 is still above the threshold at the given step.", group="quality"),
-    Param("early_stop_step", int, 1000, "Early-stop check at step", min=1, max=10_000_000, api_optional=True,
-          core=False, group="quality"),
-    Param("early_stop_l0", float, 0.20, "Early-stop L0 threshold (fraction)", min=0, max=1, min_exclusive=True,
-          api_optional=True, core=False, group="quality"),
-    Param("steer_l1_alpha", bool, False, "Steer l1_alpha to hit the target L0", core=False, template=True,
-          help="After the sparsity warm-up, adjust l1_alpha within its valid range so L0 settles at the "
-               "target. The l1_alpha you set is the starting point.", group="sparsity"),
-    Param("dead_latent_remedy", str, "none", "Dead-latent remedy (standard SAE)", choices=DEAD_LATENT_REMEDIES,
-          api_optional=True, group="sparsity"),
-    Param("plateau_window", int, 2000, "Plateau window (steps)", min=10, max=10_000_000, api_optional=True,
-          core=False, help="Warn when the loss has not improved for this many steps.", group="advanced"),
-    Param("precision", str, "auto", "Precision of the matmuls", choices=PRECISIONS, template=True, api_optional=True,
-          help="bfloat16 runs the SAE's matrix products in bfloat16 with float32 master weights; "
-               "the loss, L0 and FVU are accumulated in float32.", group="optimization"),
-    Param("checkpoint_every_steps", int, 2000, "Checkpoint every (steps)", min=10, max=10_000_000,
-          api_optional=True,
-          help="Save weights, optimizer and data position this often, so a crash loses at most this many steps.",
-                group="advanced"),
-    Param("checkpoint_every_minutes", float, 5.0, "Checkpoint every (minutes)", min=0.05, max=1440,
-          api_optional=True,
-          help="…and at least this often by the clock, whichever comes first: at most this much work is lost.",
-                group="advanced"),
-)
-
 def parse_prefixes(text) -> tuple[int, ...]:
     """Matryoshka prefix sizes from "128, 512" (empty: the default); raises ValueError with a message."""
     if text is None or not str(text).strip():
@@ -207,6 +119,96 @@ def matryoshka_levels(prefixes, latent_dim: int) -> tuple[int, ...]:
 
 PARSERS = {"prefixes": parse_prefixes}
 
+def target_l0_count(target_l0: float, latent_dim: int) -> float:
+    """The target L0 as a count of latents: the one conversion from the fraction every page, the
+    API and the database use (docs/design.md, "Names and units at the boundaries")."""
+    return target_l0 * latent_dim
+
+
+# The registry declares each architecture, its own Params among them; it imports Param from here,
+# so it is imported once Param and the helpers above are defined.
+from .sae import architectures as _architectures  # noqa: E402
+
+ARCHITECTURES = _architectures.choices()  # (value, label) for the form's select
+
+
+def _for(param_name: str) -> str:
+    """"a standard SAE or a Gated SAE": the architectures that need ``param_name``, for a message."""
+    titles = [a.title[0].lower() + a.title[1:] if a.title.startswith("A ") else a.title
+              for a in _architectures.all() if a.uses(param_name)]
+    return ", ".join(titles[:-1]) + (" or " if len(titles) > 1 else "") + titles[-1]
+
+
+# The form's fieldsets, in order: (key, legend). "advanced" is folded away until one of its fields has an error.
+GROUPS = (("model", "What to train on"), ("sparsity", "Sparsity"), ("optimization", "Optimization"),
+          ("quality", "Quality control"), ("advanced", "Advanced"))
+
+L1_REQUIRED = (f"The sparsity penalty l1_alpha is required for {_for('l1_alpha')}; without it the features come "
+               f"out dense. {DEFAULT_L1_ALPHA:g} is a sound start.")
+
+PARAMS: tuple[Param, ...] = (
+    Param("architecture", str, _architectures.default().name, "Architecture", choices=ARCHITECTURES, template=True,
+          group="model"),
+    Param("latent_dim", int, 1024, "Latents (latent_dim)", min=16, max=1_048_576, template=True,
+          help="Number of SAE features; usually 4× to 64× the activation width d_in.", group="model"),
+    Param("l1_alpha", float, DEFAULT_L1_ALPHA, "Sparsity penalty (l1_alpha)", min=L1_ALPHA_MIN_EXCLUSIVE,
+          max=L1_ALPHA_MAX, min_exclusive=True, aliases=L1_ALPHA_ALIASES, required_for=_architectures.using("l1_alpha"),
+          required_message=L1_REQUIRED, template=True,
+          null_message=f"Must not be null: the sparsity penalty l1_alpha is required for {_for('l1_alpha')} "
+                       f"(without it the features come out dense); {DEFAULT_L1_ALPHA:g} is a sound start.",
+          help="Weight of the L1 term that makes features sparse. Higher → fewer active latents. "
+               f"Not the learning rate. Range: above {L1_ALPHA_MIN_EXCLUSIVE:.5f}, at most {L1_ALPHA_MAX:g}.",
+                     group="sparsity"),
+    Param("k", int, 32, "Active latents per token (k)", min=1, max=65_536, required_for=_architectures.using("k"),
+          required_message=f"k is required for a {_for('k')} SAE.", template=True,
+          null_message=f"Must not be null: k is required for a {_for('k')} SAE.",
+          help="TopK: exactly k latents fire for every token. BatchTopK and Matryoshka: k per token on "
+               "average (the k·batch largest activations of the batch).", group="sparsity"),
+    Param("learning_rate", float, 0.001, "Learning rate (optimizer step size)", min=1e-6, max=0.1, template=True,
+          help="Adam's step size. Not the sparsity penalty. Typical: 0.0001 to 0.001.", group="optimization"),
+    Param("batch_size", int, 512, "Batch size (tokens per step)", min=16, max=65_536, template=True,
+          group="optimization"),
+    Param("total_steps", int, 2000, "Training steps", min=10, max=10_000_000, template=True, group="optimization"),
+    Param("lr_warmup_steps", int, 100, "Learning-rate warm-up steps", min=0, max=10_000_000, template=True,
+          help="The learning rate rises linearly from 0 over these steps.", group="optimization"),
+    Param("l1_warmup_steps", int, 200, "Sparsity warm-up steps", min=0, max=10_000_000, template=True,
+          help="l1_alpha rises linearly from 0 over these steps.", group="optimization"),
+    Param("target_l0", float, 0.02, "Target L0 (fraction of latents)", min=0, max=0.5, min_exclusive=True,
+          template=True,
+          help="The share of latents you want active per token; 0.01–0.05 is typical. A JumpReLU SAE "
+               "trains to it.", group="sparsity"),
+    # each architecture's own settings, in the registry's order, needed by it alone
+    *(dataclasses.replace(p, required_for=_architectures.using(p.name)) for a in _architectures.all() for p in a.params),
+    Param("seed", int, 0, "Random seed", min=0, max=2**31 - 1, group="optimization"),
+    Param("log_every", int, 20, "Log metrics every (steps)", min=1, max=10_000, api_optional=True, group="advanced"),
+    Param("dead_window_tokens", int, 200_000, "Dead-latent window (tokens)", min=1_000, max=1_000_000_000,
+          api_optional=True, help="A latent that has not fired in this many tokens counts as dead.", group="advanced"),
+    Param("early_stop", bool, True, "Stop early if still dense", core=False,
+          help="End the run as 'stopped early' if L0 is still above the threshold at the given step.", group="quality"),
+    Param("early_stop_step", int, 1000, "Early-stop check at step", min=1, max=10_000_000, api_optional=True,
+          core=False, group="quality"),
+    Param("early_stop_l0", float, 0.20, "Early-stop L0 threshold (fraction)", min=0, max=1, min_exclusive=True,
+          api_optional=True, core=False, group="quality"),
+    Param("steer_l1_alpha", bool, False, "Steer l1_alpha to hit the target L0", core=False, template=True,
+          help="After the sparsity warm-up, adjust l1_alpha within its valid range so L0 settles at the "
+               "target. The l1_alpha you set is the starting point.", group="sparsity"),
+    Param("dead_latent_remedy", str, "none", "Dead-latent remedy (standard SAE)", choices=DEAD_LATENT_REMEDIES,
+          api_optional=True, group="sparsity"),
+    Param("plateau_window", int, 2000, "Plateau window (steps)", min=10, max=10_000_000, api_optional=True,
+          core=False, help="Warn when the loss has not improved for this many steps.", group="advanced"),
+    Param("precision", str, "auto", "Precision of the matmuls", choices=PRECISIONS, template=True, api_optional=True,
+          help="bfloat16 runs the SAE's matrix products in bfloat16 with float32 master weights; "
+               "the loss, L0 and FVU are accumulated in float32.", group="optimization"),
+    Param("checkpoint_every_steps", int, 2000, "Checkpoint every (steps)", min=10, max=10_000_000,
+          api_optional=True,
+          help="Save weights, optimizer and data position this often, so a crash loses at most this many steps.",
+                group="advanced"),
+    Param("checkpoint_every_minutes", float, 5.0, "Checkpoint every (minutes)", min=0.05, max=1440,
+          api_optional=True,
+          help="…and at least this often by the clock, whichever comes first: at most this much work is lost.",
+                group="advanced"),
+)
+
 BY_NAME = {p.name: p for p in PARAMS}
 NAMES = tuple(BY_NAME)
 TEMPLATE_FIELDS = tuple(p.name for p in PARAMS if p.template)
@@ -223,13 +225,15 @@ def defaults() -> dict:
 
 
 def normalize(config: dict) -> dict:
-    """Null the values that the run's architecture does not use (k for standard, l1_alpha for TopK)."""
+    """Null the values that the run's architecture does not use (k where the penalty sets sparsity,
+    l1_alpha where k does); steering needs a penalty, the dead-latent remedy an architecture it suits."""
     out = dict(config)
-    arch = out.get("architecture")
+    arch = _architectures.find(out.get("architecture"))
     for p in PARAMS:
-        if p.required_for is not None and not p.applies_to(arch):
+        if p.required_for is not None and not p.applies_to(out.get("architecture")):
             out[p.name] = None
-    if arch != "standard":
+    if arch is None or not arch.by_penalty:
         out["steer_l1_alpha"] = False
-        out["dead_latent_remedy"] = "none"  # TopK-style SAEs have AuxK; JumpReLU its thresholds
+    if arch is None or not arch.resample:
+        out["dead_latent_remedy"] = "none"  # the others have AuxK or their thresholds
     return out

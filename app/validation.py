@@ -9,26 +9,13 @@ before the first step.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from . import advice, l0_model
+from . import advice
+from .findings import Finding
 from .quality import RED_ABOVE, format_target
-from .training_config import K_ARCHITECTURES, matryoshka_levels
-
-ARCH_NAMES = {"standard": "A standard SAE", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU",
-              "matryoshka": "Matryoshka BatchTopK"}
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: str  # "error", "warning" or "info"
-    field: str
-    message: str
-    suggestion: str | None = None
-    suggested_value: float | int | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .sae import architectures
+from .training_config import target_l0_count
 
 
 @dataclass(frozen=True)
@@ -68,14 +55,9 @@ def expected_l0_text(low: float, mid: float, high: float) -> str:
 
 
 def memory_estimate_bytes(d_in: int, latent_dim: int, batch_size: int, architecture: str) -> int:
-    """Parameters, their gradients and both Adam moments, plus the batch's activations (fp32)."""
-    params = 2 * d_in * latent_dim + latent_dim + d_in
-    per_token = 6 * latent_dim + 4 * d_in  # pre-activations, codes, their grads, AuxK scratch; x and x̂
-    if architecture == "topk":
-        per_token += 2 * latent_dim
-    elif architecture in ("batchtopk", "matryoshka", "jumprelu"):
-        per_token += 4 * latent_dim  # dense selection or the threshold's step and kernel, and their grads
-    return 4 * (4 * params + batch_size * per_token)
+    """Parameters, their gradients and both Adam moments, plus the batch's activations (fp32):
+    the architecture's own estimate (``Architecture.memory_bytes``)."""
+    return architectures.get(architecture).memory_bytes(d_in, latent_dim, batch_size)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -91,18 +73,18 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     """All findings for a config (form field names) on ``source``. Pure; no I/O."""
     findings: list[Finding] = []
     add = findings.append
-    arch = cfg["architecture"]
+    arch = architectures.get(cfg["architecture"])
     latent, d_in, steps, batch = cfg["latent_dim"], source.d_in, cfg["total_steps"], cfg["batch_size"]
     target, lr, alpha, k = cfg["target_l0"], cfg["learning_rate"], cfg.get("l1_alpha"), cfg.get("k")
 
-    if arch == "standard" and alpha is not None:
+    if arch.l0_model and alpha is not None:
         _penalty_findings(add, cfg, source)
     if lr > 0.01:
         add(Finding("warning", "learning_rate",
                     f"A learning rate of {lr:g} is far above what SAEs train stably with; losses tend to explode.",
                     "Use about 0.001.", 0.001))
 
-    count = target * latent
+    count = target_l0_count(target, latent)
     if count < 1:
         add(Finding("error", "target_l0", f"A target of {100 * target:.3g}% of {latent:,} latents is {count:.2f} "
                     "latents per token: fewer than one.", f"Use at least {1 / latent:.2g}.", _round(2 / latent)))
@@ -112,32 +94,17 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                     + ("features this dense are rarely interpretable." if target > 0.15
                        else "so few active latents usually cost most of the reconstruction."),
                     "Use 0.01–0.05.", 0.02))
-    if arch in K_ARCHITECTURES and k is not None and round(count) > k:  # a target typed as a fraction rounds
-        how = "fixes L0 at k" if arch == "topk" else "keeps k latents per token on average: L0 is k"
-        add(Finding("error", "target_l0", f"{ARCH_NAMES[arch]} {how} = {k}, so a target of {count:,.0f} latents per "
+    if arch.by_k and k is not None and round(count) > k:  # a target typed as a fraction rounds
+        add(Finding("error", "target_l0", f"{arch.title} {arch.how_k} = {k}, so a target of {count:,.0f} latents per "
                     "token is unreachable.", f"Set the target to k / latent_dim = {k / latent:.3g}.", _round(k / latent)))
-    elif arch in K_ARCHITECTURES and k is not None and count >= 1 and k > K_AGREE * count:
+    elif arch.by_k and k is not None and count >= 1 and k > K_AGREE * count:
         # L0 is k by construction: a target well below it is a promise the run cannot keep (a preset
         # whose latent_dim was changed keeps its k while the target, a fraction, scales).
         add(Finding("warning", "k", f"k = {k} and the {format_target(target, latent)} disagree: "
-                    f"{ARCH_NAMES[arch]}'s L0 is k, so the run will end {k / count:.1f}× the target.",
+                    f"{arch.title}'s L0 is k, so the run will end {k / count:.1f}× the target.",
                     f"Set k to {max(1, round(count))}, or set the target to {_pct_exact(k / latent)} "
                     f"(k / latent_dim = {k / latent:.4g}).", max(1, round(count))))
-    if arch == "jumprelu":
-        if cfg.get("l0_coefficient") is not None and cfg["l0_coefficient"] < 1:
-            add(Finding("warning", "l0_coefficient", f"An L0 penalty weight of {cfg['l0_coefficient']:g} holds L0 only "
-                        "loosely to the target: expect the run to drift off it.", "Use 10.", 10.0))
-        if cfg.get("jumprelu_bandwidth") is not None and not 0.005 <= cfg["jumprelu_bandwidth"] <= 0.5:
-            add(Finding("warning", "jumprelu_bandwidth", f"A bandwidth of {cfg['jumprelu_bandwidth']:g} is far from the "
-                        "scale of the normalized pre-activations (about 1): "
-                        + ("too few of them fall inside it for the thresholds to learn."
-                           if cfg["jumprelu_bandwidth"] < 0.005 else "the thresholds' gradient blurs across most of them."),
-                        "Use 0.05.", 0.05))
-    if arch == "matryoshka" and k is not None:
-        levels = matryoshka_levels(cfg.get("matryoshka_prefixes") or "", latent)
-        if len(levels) > 1 and levels[0] < 2 * k:
-            add(Finding("warning", "matryoshka_prefixes", f"The smallest level holds {levels[0]:,} latents for k = {k}: "
-                        "it cannot reconstruct much on its own.", f"Use at least {2 * k:,} latents for it."))
+    arch.validate(cfg, source, add)
 
     if latent <= d_in:
         add(Finding("warning", "latent_dim", f"{latent:,} latents for d_in {d_in} is not overcomplete: an SAE this "
@@ -146,14 +113,14 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     elif latent > 64 * d_in:
         add(Finding("warning", "latent_dim", f"{latent:,} latents is {latent / d_in:.0f}× d_in {d_in}, beyond the "
                     "64× at which most latents stay dead or split hairs.", f"Use at most {64 * d_in:,}.", 64 * d_in))
-    if arch in K_ARCHITECTURES and k is not None and k > 0.1 * latent:
+    if arch.by_k and k is not None and k > 0.1 * latent:
         add(Finding("warning", "k", f"k = {k} is {100 * k / latent:.0f}% of the latents: the codes will be dense.",
                     f"Use about {max(1, round(0.02 * latent))}.", max(1, round(0.02 * latent))))
 
     if cfg["lr_warmup_steps"] > steps / 3:
         add(Finding("warning", "lr_warmup_steps", f"The learning-rate warm-up takes {cfg['lr_warmup_steps']:,} of "
                     f"{steps:,} steps, more than a third of the run.", f"Use about {steps // 20:,}.", steps // 20))
-    if arch == "standard" and cfg["l1_warmup_steps"] > steps / 3:
+    if arch.by_penalty and cfg["l1_warmup_steps"] > steps / 3:
         add(Finding("warning", "l1_warmup_steps", f"The sparsity warm-up takes {cfg['l1_warmup_steps']:,} of "
                     f"{steps:,} steps: the penalty is at full strength for too little of the run to reach sparse "
                     "features.", f"Use about {steps // 20:,}.", steps // 20))
@@ -176,7 +143,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                         source.n_tokens * 10 // batch))
 
     if free_memory_bytes:
-        need = memory_estimate_bytes(d_in, latent, batch, arch)
+        need = arch.memory_bytes(d_in, latent, batch)
         where = device or "the device"
         if need > free_memory_bytes:
             add(Finding("error", "batch_size", f"Training needs about {_fmt_bytes(need)} but {where} has "
@@ -298,22 +265,6 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
         "l1_warmup_steps": (max(10, steps // 20), "5% of the run: the penalty at full strength from the start "
                                                   "kills latents before they find features"),
     }
-    if architecture == "standard":
-        rec = advice.suggest(advice.Known(source.d_in, latent_dim, target_l0, steps, batch, source.l0_offset)).l1_alpha
-        fit = l0_model.CALIBRATION
-        learned = (f", corrected by {source.runs_seen} earlier run{'s' if source.runs_seen > 1 else ''} on this source"
-                   if source.runs_seen else "")
-        out["l1_alpha"] = (_round(rec), f"from the L0 model for {latent_dim:,} latents on d_in {source.d_in} at "
-                                        f"{format_target(target_l0, latent_dim)} after {steps:,} steps "
-                                        f"(fitted on {fit['runs_fitted']} runs{learned}; steering corrects what "
-                                        "it misses)")
-        out["steer_l1_alpha"] = (True, "the model is right to within about "
-                                       f"{l0_model.band():.1f}× on sources it never saw; steering closes the rest "
-                                       "once the warm-up is over")
-    elif architecture in K_ARCHITECTURES:
-        out["k"] = (max(1, round(target_l0 * latent_dim)), f"{ARCH_NAMES[architecture]}'s L0 is k: "
-                                                           f"{format_target(target_l0, latent_dim)}")
-    elif architecture == "jumprelu":
-        out["l0_coefficient"] = (10.0, "holds the mean L0 within a few percent of the target "
-                                      "(benchmarks/architectures.py)")
+    architectures.get(architecture).recommend(out, source=source, latent_dim=latent_dim, target_l0=target_l0,
+                                              steps=steps, batch=batch)
     return out

@@ -196,7 +196,7 @@ def test_array_source_reads_each_training_row_once_per_epoch(tmp_path):
 
 def test_build_sae_refuses_unknown_architecture():
     with pytest.raises(ValueError):
-        build_sae("gated", 4, 8)
+        build_sae("temporal", 4, 8)  # a SAELens architecture this app does not train
     with pytest.raises(ValueError):
         build_sae("topk", 4, 8)
 

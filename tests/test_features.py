@@ -20,14 +20,16 @@ from planted import planted_store, reader_weights, saelens_zip
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated"])
 def test_latent_statistics_equal_a_brute_force_computation(architecture):
     torch.manual_seed(0)
     sae = build_sae(architecture, 16, 48, k=4 if architecture == "topk" else None).eval()
     with torch.no_grad():
-        sae.b_enc.add_(-0.05)
+        (sae.b_gate if architecture == "gated" else sae.b_enc).add_(-0.05)
         if architecture == "jumprelu":
             sae.threshold.copy_(torch.rand(48) * 0.3)
+        if architecture == "gated":
+            sae.r_mag.uniform_(-0.5, 0.5)
     x = torch.randn(3000, 16)
     stats = F.latent_stats(sae, x, top_n=5, chunk=512)  # chunks exercise the running top-k
     with torch.no_grad():
@@ -155,7 +157,7 @@ def test_a_feature_job_can_be_cancelled_and_fails_with_its_reason(client, env, t
     (b"not a zip", "not a zip file"),
     (zip_bytes({"cfg.json": b"{}"}, "x"), "sae_weights.safetensors is missing"),
     ("shape", "W_enc has shape (16, 8); d_in 16 and d_sae 9 need (16, 9)"),
-    ("gated", "architecture 'gated' is not supported"),
+    ("temporal", "architecture 'temporal' is not supported"),  # a SAELens architecture this app does not read
     ("jumprelu", "sae_weights.safetensors has no tensor threshold"),  # a JumpReLU needs its thresholds
 ])
 def test_an_sae_that_cannot_be_read_is_refused_at_the_file(client, env, bad, message):
@@ -166,7 +168,7 @@ def test_an_sae_that_cannot_be_read_is_refused_at_the_file(client, env, bad, mes
         cfg = json.loads(files["cfg.json"])
         files["cfg.json"] = json.dumps({**cfg, "d_sae": 9}).encode()
         bad = zip_bytes(files, "x")
-    elif bad in ("gated", "jumprelu"):
+    elif bad in ("temporal", "jumprelu"):
         files = export_files(LoadedSAE("standard", 16, 8, None, weights, 1.0, {}), None, {})
         files["cfg.json"] = json.dumps({**json.loads(files["cfg.json"]), "architecture": bad}).encode()
         bad = zip_bytes(files, "x")
@@ -192,13 +194,13 @@ def test_an_sae_of_another_width_is_refused_at_the_source(client, env):
     assert not imported.exists() or not any(imported.iterdir())
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu", "matryoshka"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu", "matryoshka", "gated"])
 def test_an_exported_sae_loads_in_saelens_and_computes_what_ours_does(client, env, run_worker, tmp_path,
                                                                      architecture):
     import sae_lens
     k = 8 if architecture in ("topk", "batchtopk", "matryoshka") else None
     run = train(client, run_worker, architecture=architecture, k=k,
-                l1_alpha=0.003 if architecture == "standard" else None)
+                l1_alpha={"standard": 0.003, "gated": 0.03}.get(architecture))
     response = client.get(f"/trainings/{run.id}/export/saelens.zip")
     assert response.status_code == 200 and response.mimetype == "application/zip"
     with zipfile.ZipFile(io.BytesIO(response.data)) as zf:

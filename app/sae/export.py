@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load, save
 
+from . import architectures
+
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 SPARSITY = "sparsity.safetensors"
 # TransformerLens hook names, which SAELens metadata uses, for our capture sites.
 HOOK_NAMES = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
               "attn": "blocks.{layer}.hook_attn_out"}
-SUPPORTED = ("standard", "topk", "jumprelu")
-# Ours that SAELens knows as a JumpReLU: the thresholds they use at inference are the SAE.
-AS_JUMPRELU = ("batchtopk", "jumprelu", "matryoshka")
 MIN_FREQUENCY = 1e-10  # log10 density of a latent that never fired: -10, as SAELens' sparsity files do
 
 
@@ -57,33 +56,25 @@ def read_checkpoint(folder: Path | str) -> LoadedSAE:
     folder = Path(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
     weights = load((folder / "sae.safetensors").read_bytes())
-    weights = {name: value for name, value in weights.items() if name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+    keep = architectures.get(cfg["architecture"]).exports_as.tensor_names()
+    weights = {name: value for name, value in weights.items() if name in keep}
     return LoadedSAE(cfg["architecture"], int(cfg["d_in"]), int(cfg["latent_dim"]), cfg.get("k"), weights,
                      float(cfg["norm_scale"]), cfg)
 
 
 def folded(sae: LoadedSAE) -> dict[str, np.ndarray]:
-    """The weights with the normalization folded in: they act on raw activations."""
-    c = sae.norm_scale
-    w = sae.weights
-    return {"W_enc": (w["W_enc"].astype(np.float64) * c).astype(np.float32),
-            "W_dec": (w["W_dec"].astype(np.float64) / c).astype(np.float32),
-            "b_enc": w["b_enc"].astype(np.float32),
-            "b_dec": (w["b_dec"].astype(np.float64) / c).astype(np.float32),
-            # folding leaves every pre-activation as it was, so the thresholds stay as they are
-            **({"threshold": w["threshold"].astype(np.float32)} if "threshold" in w else {})}
+    """The weights with the normalization folded in, under SAELens's names: they act on raw activations."""
+    return architectures.get(sae.architecture).exports_as.fold(sae.weights, sae.norm_scale)
 
 
 def saelens_cfg(sae: LoadedSAE, metadata: dict) -> dict:
-    architecture = "jumprelu" if sae.architecture in AS_JUMPRELU else sae.architecture
-    if sae.architecture != architecture:
+    arch = architectures.get(sae.architecture)
+    if arch.exports_as is not arch:  # thresholded at inference: exported as what it then is
         metadata = {**metadata, "trained_as": sae.architecture}
-    cfg = {"architecture": architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
+    cfg = {"architecture": arch.exports_as.saelens, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": {"sae_lens_version": "6.0.0", **metadata}}
-    if sae.architecture == "topk":
-        cfg["k"] = int(sae.k)
-        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg.update(arch.exports_as.saelens_cfg(sae.k))
     return cfg
 
 
@@ -156,10 +147,12 @@ def parse_saelens(files: dict[str, bytes]) -> tuple[LoadedSAE, np.ndarray | None
         raise SAEFormatError(f"{CFG} is not valid JSON") from exc
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{CFG} is not a JSON object")
-    architecture = cfg.get("architecture", "standard")
-    if architecture not in SUPPORTED:
-        raise SAEFormatError(f"architecture {architecture!r} is not supported; this app reads standard, topk and "
-                             "jumprelu SAEs")
+    named = cfg.get("architecture", architectures.saelens_default().saelens)
+    arch = architectures.from_saelens(named) if isinstance(named, str) else None
+    if arch is None:
+        readable = [a.saelens for a in architectures.all() if a.saelens]
+        raise SAEFormatError(f"architecture {named!r} is not supported; this app reads "
+                             f"{', '.join(readable[:-1])} and {readable[-1]} SAEs")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SAEFormatError(f"normalize_activations {cfg['normalize_activations']!r} is not supported; export "
                              "the SAE with the normalization folded into its weights")
@@ -171,20 +164,15 @@ def parse_saelens(files: dict[str, bytes]) -> tuple[LoadedSAE, np.ndarray | None
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SAEFormatError(f"{CFG} needs integer d_in and d_sae") from exc
-    k = None
-    if architecture == "topk":
-        k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-        if not isinstance(k, int) or not 0 < k <= d_sae:
-            raise SAEFormatError("a topk SAE needs an integer k between 1 and d_sae")
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            raise SAEFormatError("rescale_acts_by_decoder_norm is not supported")
+    try:
+        k = arch.read_saelens(cfg, d_sae)
+    except ValueError as exc:
+        raise SAEFormatError(str(exc)) from exc
     try:
         weights = load(files[WEIGHTS])
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         raise SAEFormatError(f"{WEIGHTS} is not a readable safetensors file") from exc
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    if architecture == "jumprelu":
-        shapes["threshold"] = (d_sae,)
+    shapes = arch.saelens_shapes(d_in, d_sae)
     for name, shape in shapes.items():
         if name not in weights:
             raise SAEFormatError(f"{WEIGHTS} has no tensor {name}")
@@ -199,7 +187,7 @@ def parse_saelens(files: dict[str, bytes]) -> tuple[LoadedSAE, np.ndarray | None
             density = load(files[SPARSITY]).get("sparsity")
         except Exception as exc:  # noqa: BLE001
             raise SAEFormatError(f"{SPARSITY} is not a readable safetensors file") from exc
-    sae = LoadedSAE(architecture, d_in, d_sae, k, {n: weights[n].astype(np.float32) for n in shapes}, 1.0, cfg)
+    sae = LoadedSAE(arch.name, d_in, d_sae, k, {n: weights[n].astype(np.float32) for n in shapes}, 1.0, cfg)
     return sae, density
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .export import LoadedSAE
+from . import architectures
 from .models import SparseAutoencoder, inference_sae
 
 RECOVERED_COSINE = 0.9
@@ -30,10 +31,8 @@ class FeatureError(ValueError):
 
 def to_module(loaded: LoadedSAE, device: torch.device) -> SparseAutoencoder:
     sae = inference_sae(loaded.architecture, loaded.d_in, loaded.d_sae, k=loaded.k, device=device)
-    names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold") if hasattr(sae, "threshold") else (
-        "W_enc", "W_dec", "b_enc", "b_dec")
     with torch.no_grad():
-        for name in names:
+        for name in architectures.get(loaded.architecture).exports_as.tensor_names():
             getattr(sae, name).copy_(torch.from_numpy(np.ascontiguousarray(loaded.weights[name])))
     return sae.eval()
 
@@ -61,13 +60,13 @@ def latent_stats(sae: SparseAutoencoder, x: torch.Tensor, *, top_n: int, chunk: 
     peak = torch.zeros(d_sae, device=device)
     top_acts = torch.full((top_n, d_sae), -1.0, device=device)
     top_rows = torch.full((top_n, d_sae), -1, device=device, dtype=torch.long)
-    thresholds = torch.empty(n, device=device) if sae.architecture == "topk" else None
+    thresholds = torch.empty(n, device=device) if sae.row_cut else None
     with torch.no_grad():
         for start in range(0, n, chunk):
             if should_stop is not None and (reason := should_stop()):
                 raise InterruptedError(reason)
-            pre = sae.pre_activation(x[start:start + chunk])
             if thresholds is not None:
+                pre = sae.pre_activation(x[start:start + chunk])
                 # midway between the k-th and (k+1)-th pre-activation: pass 2 recomputes a
                 # latent's pre-activation alone, and rounding must not move it across the cut
                 top = pre.topk(min(sae.k + 1, sae.d_sae), dim=-1).values
@@ -78,7 +77,7 @@ def latent_stats(sae: SparseAutoencoder, x: torch.Tensor, *, top_n: int, chunk: 
                 thresholds[start:start + len(pre)] = cut
                 f = sae._topk(pre, sae.k)
             else:
-                f = sae.activate(pre)
+                f = sae.encode(x[start:start + chunk])
             fired = f > 0
             count += fired.sum(dim=0)
             total += f.sum(dim=0, dtype=torch.float64)
@@ -131,12 +130,9 @@ def latent_activations_at(sae: SparseAutoencoder, x: torch.Tensor, latents: np.n
             idx = torch.from_numpy(rows[start:start + block]).to(device)
             valid = idx >= 0
             xs = x[idx.clamp(min=0)]  # [B, M, d_in]
-            pre = torch.einsum("bmd,db->bm", xs - sae.b_dec, sae.W_enc[:, lat]) + sae.b_enc[lat].unsqueeze(1)
-            act = torch.relu(pre)
+            pre, act = sae.latent_activations(xs, lat)
             if thr is not None:  # TopK: a row's cut between its k-th and (k+1)-th pre-activation
                 act = torch.where(pre > thr[idx.clamp(min=0)], act, torch.zeros_like(act))
-            if hasattr(sae, "threshold"):  # JumpReLU (and BatchTopK at inference): each latent's own threshold
-                act = torch.where(pre > sae.threshold[lat].unsqueeze(1), act, torch.zeros_like(act))
             out[start:start + block] = torch.where(valid, act, torch.zeros_like(act)).cpu().numpy()
     return out
 

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field, make_dataclass
 
 import torch
 
-from ..training_config import K_ARCHITECTURES, PARAMS, matryoshka_levels, parse_prefixes
+from ..training_config import PARAMS
+
+from . import architectures
 
 from .metrics import DeadLatentTracker, WindowAccumulator, evaluate
 from .models import SparseAutoencoder, build_sae, resample_dead_latents
@@ -28,27 +30,7 @@ def _check(self) -> None:
     The core allows ``l1_alpha = 0`` (a dense baseline); the form's range is stricter.
     A missing penalty is never defaulted.
     """
-    if self.architecture == "standard":
-        if self.l1_alpha is None:
-            raise ValueError("l1_alpha (the sparsity penalty) is required for a standard SAE")
-        if not (math.isfinite(self.l1_alpha) and self.l1_alpha >= 0):
-            raise ValueError(f"l1_alpha must be a finite number >= 0, got {self.l1_alpha}")
-    elif self.architecture in K_ARCHITECTURES:
-        if self.k is None or not 1 <= self.k <= self.latent_dim:
-            raise ValueError(f"k must lie in [1, latent_dim], got {self.k}")
-        if self.architecture == "matryoshka":
-            sizes = parse_prefixes(self.matryoshka_prefixes)
-            if sizes and sizes[-1] >= self.latent_dim:
-                raise ValueError(f"matryoshka prefixes must be smaller than latent_dim, got {sizes}")
-    elif self.architecture == "jumprelu":
-        if self.target_l0 is None or not 0 < self.target_l0 * self.latent_dim <= self.latent_dim:
-            raise ValueError(f"a JumpReLU SAE needs a target L0 in (0, 1], got {self.target_l0}")
-        for name in ("l0_coefficient", "jumprelu_bandwidth"):
-            value = getattr(self, name)
-            if value is None or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number for a JumpReLU SAE, got {value}")
-    else:
-        raise ValueError(f"unknown architecture {self.architecture!r}")
+    architectures.get(self.architecture).check(self)
     if self.dead_latent_remedy not in ("none", "resample"):
         raise ValueError(f"unknown dead-latent remedy {self.dead_latent_remedy!r}")
     for name in ("latent_dim", "batch_size", "total_steps", "log_every", "dead_window_tokens",
@@ -226,10 +208,8 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     if source.n_tokens is not None and cfg.batch_size > source.n_tokens:
         raise ValueError(f"batch size {cfg.batch_size} exceeds the source's {source.n_tokens} training tokens")
 
-    sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, k=cfg.k, generator=g, device=device,
-                    target_l0=(cfg.target_l0 or 0) * cfg.latent_dim, l0_coefficient=cfg.l0_coefficient or 10.0,
-                    bandwidth=cfg.jumprelu_bandwidth or 0.05,
-                    levels=matryoshka_levels(cfg.matryoshka_prefixes, cfg.latent_dim))
+    arch = architectures.get(cfg.architecture)
+    sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, cfg=cfg, generator=g, device=device)
     optimizer = torch.optim.Adam(sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     tracker = DeadLatentTracker(cfg.latent_dim, dead_window(cfg), device)
@@ -278,8 +258,8 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
 
-    use_aux = cfg.architecture in K_ARCHITECTURES or cfg.architecture == "jumprelu"
-    resample = cfg.architecture == "standard" and cfg.dead_latent_remedy == "resample"
+    use_aux = arch.aux_k
+    resample = arch.resample and cfg.dead_latent_remedy == "resample"
     # Resample once per dead-latent window, never in the last fifth of training (a fresh
     # latent needs time to settle before the run ends).
     resample_every = max(cfg.log_every, math.ceil(cfg.dead_window_tokens / cfg.batch_size))

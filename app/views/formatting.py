@@ -5,19 +5,9 @@ import datetime as dt
 import math
 
 from ..models import utcnow
+from ..sae import architectures
+from ..sae.architectures._base import num as fmt_num
 from ..quality import GRADE_LABELS, format_l0, format_target, grade, grade_label
-
-
-def fmt_num(value, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if not math.isfinite(value):
-        return str(value)
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}g}"
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -149,4 +139,5 @@ def register_filters(app) -> None:
     app.jinja_env.filters["num"] = fmt_num
     app.jinja_env.filters["duration"] = fmt_duration
     app.jinja_env.globals["GRADE_LABELS"] = GRADE_LABELS
+    app.jinja_env.globals["architectures"] = architectures  # templates ask the registry, never name one
     app.jinja_env.globals["now"] = lambda: dt.datetime.now()

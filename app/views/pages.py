@@ -10,6 +10,7 @@ from ..chart_series import KEYS as SERIES_KEYS, ChartSeries, from_points
 from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import Event, MetricPoint, Template, Training
+from ..sae import architectures
 from ..work import deletion, lifecycle
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
@@ -54,7 +55,8 @@ def new_training():
                 # "Restart with …": the L0 model's value starts the run near the target and steering
                 # closes what the model misses on this source (a stopped dense run says little about
                 # where a strong penalty lands; benchmarks/results/restart_advice.md)
-                if request.args.get("steer") == "1" and data.get("architecture") == "standard":
+                arch = architectures.find(data.get("architecture"))
+                if request.args.get("steer") == "1" and arch is not None and arch.by_penalty:
                     data["steer_l1_alpha"] = True
             form = TrainingForm(data=data)
     if id_arg("source_id") is not None:
@@ -155,7 +157,8 @@ def progress_context(run: Training) -> dict:
         "events": list(run.events.order_by(Event.id.desc()).limit(50)),
         "l0_chart": charts.l0_chart(series, run.target_l0, run.total_steps),
         "loss_chart": charts.loss_chart(series, run.total_steps),
-        "l1_alpha_chart": charts.l1_alpha_chart(series, run.total_steps) if run.architecture == "standard" else None,
+        "l1_alpha_chart": charts.l1_alpha_chart(series, run.total_steps)
+        if architectures.get(run.architecture).by_penalty else None,
         "histogram_chart": charts.histogram_chart(summary["density_histogram"])
         if summary.get("density_histogram") else None,
         "has_checkpoint": checkpoint.exists(), "features_job": features_job, "ground_truth": ground_truth,

@@ -5,10 +5,11 @@ import math
 
 from flask import Blueprint, current_app, g, render_template
 
-from .. import charts
+from .. import charts, training_config
 from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import TuneJob
+from ..sae import architectures
 from ..work import lifecycle
 from ..work.queue import QueueUnavailable
 from ..work.resources import TooLarge, check_memory, tune_bytes
@@ -46,9 +47,12 @@ def start():
         field = getattr(form, name)
         if field.errors and field.raw_data and str(field.raw_data[0]).strip():
             problems[name] = field.errors
-    if form.architecture.data != "standard":
-        problems["architecture"] = ["Auto-tune searches l1_alpha, which only a standard SAE uses: TopK, BatchTopK "
-                                    "and Matryoshka have L0 = k, and JumpReLU trains to the target L0 itself."]
+    pilot = architectures.get(training_config.BY_NAME["architecture"].default)  # what sae/tune.py's pilots train
+    if form.architecture.data != pilot.name:
+        problems["architecture"] = [f"Auto-tune searches l1_alpha with short pilot runs of the architecture the L0 "
+                                    f"model is fitted on, so only {pilot.title[0].lower() + pilot.title[1:]} can be "
+                                    "tuned: the k-set architectures have L0 = k, one trained to the target L0 needs "
+                                    "no search, and steering finds another penalty-set one's l1_alpha."]
     source = form.sources.get(form.source_id.data)
     if not problems and source is not None:
         try:

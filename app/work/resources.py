@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..devices import device_memory, worker_gpu
 from ..models import utcnow
+from .. import training_config
 from ..validation import memory_estimate_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
@@ -32,8 +33,8 @@ def check_memory(settings: dict, need_bytes: int, what: str, advice: str) -> Non
 
 
 def tune_bytes(d_in: int, latent_dim: int, batch_size: int) -> int:
-    """An auto-tune pilot is a short standard training."""
-    return memory_estimate_bytes(d_in, latent_dim, batch_size, "standard")
+    """An auto-tune pilot is a short training of the default architecture (``app/sae/tune.py``)."""
+    return memory_estimate_bytes(d_in, latent_dim, batch_size, training_config.BY_NAME["architecture"].default)
 
 
 def feature_bytes(d_in: int, d_sae: int, sample_tokens: int, top_n: int, chunk: int = 4096) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import training_config
 from ..chart_series import ChartSeries
 from ..db import database
+from ..sae import architectures
 from ..models import RESUMABLE_STATUSES, ActivationSet, Event, MetricPoint, Training, utcnow
 from . import lifecycle
 from .lifecycle import Superseded, add_event, current, retry_write, update_record
@@ -283,7 +284,7 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
             run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps, run.batch_size,
                                       offset), d_in=source.d_in, l0_offset=offset))
         controller = None
-        if run.steer_l1_alpha and run.architecture == "standard":
+        if run.steer_l1_alpha and architectures.get(run.architecture).by_penalty:
             from ..sae.control import L0Controller
 
             controller = L0Controller(target=run.target_l0, alpha=run.l1_alpha, start_step=run.l1_warmup_steps)
@@ -431,7 +432,8 @@ def _summary(result, run: Training, checkpoint: str, recommended: float | None, 
                                  recommended=recommended, progress=RunProgress(
                                      steps_done=result.steps, total_steps=run.total_steps, d_in=d_in,
                                      batch_size=run.batch_size, l0_offset=l0_offset,
-                                     warmup_steps=run.l1_warmup_steps if run.architecture == "standard"
+                                     warmup_steps=run.l1_warmup_steps
+                                     if architectures.get(run.architecture).warmup == "sparsity"
                                      else run.lr_warmup_steps))
     return summary
 
