@@ -205,7 +205,7 @@ class Training(JobRecord):
     name = CharField(default="")
     source = ForeignKeyField(ActivationSet, backref="trainings", on_delete="RESTRICT")
     # The hyper-parameters' columns are made from app.training_config.PARAMS (see
-    # _add_param_columns below), so a new one is one entry there plus its migration.
+    # sync_param_columns below), so a new one is one entry there plus its migration.
 
     failed_step = IntegerField(null=True)
     device = CharField(null=True)
@@ -233,7 +233,7 @@ class Training(JobRecord):
     def config_dict(self) -> dict:
         """The run's configuration under the form's field names (accepted back by the API)."""
         return {"name": self.name, "source_id": self.source_id,
-                **{name: getattr(self, name) for name in training_config.NAMES}}
+                **{p.name: getattr(self, p.name) for p in training_config.PARAMS}}
 
     def latest_metric(self):
         return self.metrics.order_by(MetricPoint.step.desc()).first()
@@ -251,12 +251,25 @@ def param_column(param: training_config.Param):
     return CharField(null=null, default=None if null else param.default)
 
 
-def _add_param_columns() -> None:
+_PARAM_COLUMNS: list[str] = []
+
+
+def sync_param_columns() -> None:
+    """Give ``Training`` one column per hyper-parameter of ``training_config.PARAMS``, as it is now.
+
+    Runs at import; ``app.forms.rebuild`` runs it again for a test that changes ``PARAMS`` (a
+    column a Param no longer names is dropped from the model, never from the database).
+    """
+    for name in _PARAM_COLUMNS:
+        Training._meta.remove_field(name)
+        delattr(Training, name)
+    _PARAM_COLUMNS.clear()
     for param in training_config.PARAMS:
         Training._meta.add_field(param.name, param_column(param))
+        _PARAM_COLUMNS.append(param.name)
 
 
-_add_param_columns()
+sync_param_columns()
 
 
 class MetricPoint(BaseModel):
@@ -490,7 +503,7 @@ def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict) -> N
     presets = (
         ("batchtopk", f"BatchTopK k={k}", {"k": k},
          f"BatchTopK with k = {k} on average per token (L0 = k by construction; a threshold at inference)."),
-        ("jumprelu", f"JumpReLU target {k} latents", {"l0_coefficient": 10.0, "jumprelu_bandwidth": 0.05},
+        ("jumprelu", f"JumpReLU target {k} latents", {},  # the L0 penalty weight and bandwidth: their defaults
          f"JumpReLU trained to a target L0 of {k} latents: the L0 penalty holds it there "
          "(benchmarks/architectures.py: within 3% of the target without tuning)."),
         ("matryoshka", f"Matryoshka k={k}", {"k": k, "matryoshka_prefixes": ""},
@@ -505,10 +518,11 @@ def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict) -> N
 
 def complete(config: dict) -> dict:
     """A template's config with every template field (defaults, then nulls where the architecture has no use)."""
-    full = {name: training_config.BY_NAME[name].default for name in training_config.TEMPLATE_FIELDS}
+    names = [p.name for p in training_config.PARAMS if p.template]
+    full = {name: training_config.BY_NAME[name].default for name in names}
     full.update(config)
-    return {name: value for name, value in training_config.normalize(full).items()
-            if name in training_config.TEMPLATE_FIELDS}
+    normalized = training_config.normalize(full)
+    return {name: normalized[name] for name in names}
 
 
 class DownstreamEval(JobRecord):
