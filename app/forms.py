@@ -427,11 +427,6 @@ def rebuild() -> None:
 rebuild()
 
 
-def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[str]]]:
-    """Map one imported template (JSON object) onto the template form: ``json_to_formdata``'s rules."""
-    return json_to_formdata(payload, template=True)
-
-
 class ExtractionForm(FlaskForm):
     """What to extract: model, layer and site; from which corpus; how much, and how stored."""
 

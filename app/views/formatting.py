@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 
+from .. import training_config
 from ..models import utcnow
 from ..quality import GRADE_LABELS, format_l0, format_target, grade, grade_label
 
@@ -141,7 +142,44 @@ def queue_position(record) -> dict | None:
             "running": [(what, r) for _, what, r in running]}
 
 
+def param_value(param: training_config.Param, value) -> str:
+    """A stored hyper-parameter as a person reads it: a choice by its label, counts with separators."""
+    if value is None:
+        return "—"
+    if param.choices is not None:
+        return dict(param.choices).get(value, str(value))
+    if param.type is bool:
+        return "yes" if value else "no"
+    if param.type is str:
+        return value or "(empty: the default)"
+    return fmt_num(value)
+
+
+# Values that read better beside what they mean for this run (each still the stored value first).
+CONFIG_DETAILS = {
+    "latent_dim": lambda run: f"{run.latent_dim:,} ({run.latent_dim / run.source.d_in:.0f}× d_in {run.source.d_in})",
+    "target_l0": lambda run: f"{100 * run.target_l0:.1f}% ({run.target_l0_count:,.0f} latents)",
+    "matryoshka_prefixes": lambda run: (f"{run.matryoshka_prefixes or 'auto'}: levels of "
+                                        f"{', '.join(f'{n:,}' for n in run.matryoshka_levels)} latents"),
+}
+
+
+def config_rows(run) -> list[tuple[str, str]]:
+    """The run's configuration panel: (label, value) of every hyper-parameter its architecture uses,
+    in ``training_config.PARAMS`` order."""
+    rows = []
+    for param in training_config.PARAMS:
+        if not param.applies_to(run.architecture):
+            continue
+        value = getattr(run, param.name)
+        detail = CONFIG_DETAILS.get(param.name)
+        rows.append((param.label, detail(run) if detail is not None and value is not None
+                     else param_value(param, value)))
+    return rows
+
+
 def register_filters(app) -> None:
+    app.jinja_env.globals["config_rows"] = config_rows
     app.jinja_env.globals["GLOSSARY"] = GLOSSARY
     app.jinja_env.globals["queue_position"] = queue_position
     app.jinja_env.globals["queue_banner"] = lambda: queue_banner(app.config)
