@@ -320,15 +320,16 @@ class TuneJob(JobRecord):
     """An auto-tune: short pilot trainings that search l1_alpha for a target L0."""
 
     source = ForeignKeyField(ActivationSet, backref="tunes", on_delete="RESTRICT")
-    latent_dim = IntegerField()
-    target_l0 = DoubleField()
-    learning_rate = DoubleField()
-    batch_size = IntegerField()
+    # the run's settings it tunes for, and the pilots' learning rate and batch: the configuration's columns
+    latent_dim = param_column(training_config.BY_NAME["latent_dim"])
+    target_l0 = param_column(training_config.BY_NAME["target_l0"])
+    learning_rate = param_column(training_config.BY_NAME["learning_rate"])
+    batch_size = param_column(training_config.BY_NAME["batch_size"])
     pilot_steps = IntegerField()
     max_pilots = IntegerField(default=8)
     run_steps = IntegerField(null=True)  # the run it tunes for (steps × batch): pilots are projected to it
     run_batch = IntegerField(null=True)
-    seed = IntegerField(default=0)
+    seed = param_column(training_config.BY_NAME["seed"])
     pilots = JSONField(default=list)  # [{"l1_alpha", "l0_fraction", "fvu"}], in the order run
     result_l1_alpha = DoubleField(null=True)
 

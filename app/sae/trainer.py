@@ -15,11 +15,17 @@ from dataclasses import asdict, dataclass, field, make_dataclass
 
 import torch
 
-from ..training_config import K_ARCHITECTURES, PARAMS, matryoshka_levels, parse_prefixes
+from ..training_config import BY_NAME, K_ARCHITECTURES, PARAMS, matryoshka_levels, parse_prefixes
 
 from .metrics import DeadLatentTracker, WindowAccumulator, evaluate
 from .models import SparseAutoencoder, build_sae, resample_dead_latents
 from .sources import ActivationSource, normalization_scale
+
+
+def _required_numbers(architecture: str) -> tuple[str, ...]:
+    """The numeric hyper-parameters only ``architecture`` and a few others use (``Param.required_for``)."""
+    return tuple(p.name for p in PARAMS if p.core and p.is_numeric and p.required_for is not None
+                 and p.applies_to(architecture))
 
 
 def _check(self) -> None:
@@ -43,7 +49,7 @@ def _check(self) -> None:
     elif self.architecture == "jumprelu":
         if self.target_l0 is None or not 0 < self.target_l0 * self.latent_dim <= self.latent_dim:
             raise ValueError(f"a JumpReLU SAE needs a target L0 in (0, 1], got {self.target_l0}")
-        for name in ("l0_coefficient", "jumprelu_bandwidth"):
+        for name in _required_numbers(self.architecture):  # the L0 penalty weight and the bandwidth
             value = getattr(self, name)
             if value is None or not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number for a JumpReLU SAE, got {value}")
@@ -227,8 +233,9 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
         raise ValueError(f"batch size {cfg.batch_size} exceeds the source's {source.n_tokens} training tokens")
 
     sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, k=cfg.k, generator=g, device=device,
-                    target_l0=(cfg.target_l0 or 0) * cfg.latent_dim, l0_coefficient=cfg.l0_coefficient or 10.0,
-                    bandwidth=cfg.jumprelu_bandwidth or 0.05,
+                    target_l0=(cfg.target_l0 or 0) * cfg.latent_dim,
+                    l0_coefficient=cfg.l0_coefficient or BY_NAME["l0_coefficient"].default,
+                    bandwidth=cfg.jumprelu_bandwidth or BY_NAME["jumprelu_bandwidth"].default,
                     levels=matryoshka_levels(cfg.matryoshka_prefixes, cfg.latent_dim))
     optimizer = torch.optim.Adam(sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
