@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
@@ -16,10 +17,44 @@ from .extraction.capture_names import BUNDLED_MINILM, SITES
 from . import training_config
 from .models import ActivationSet
 from .sae import architectures
-from .training_config import L1_ALPHA_ALIASES, PARAMS, Param
+from .training_config import Param
 from .validation import Finding, blocking, validate_config
 
 DEFAULT_ARCHITECTURE = training_config.BY_NAME["architecture"].default  # what a JSON body without one trains
+
+
+def param_names(*, template: bool = False) -> list[str]:
+    """The hyper-parameters' names in ``PARAMS`` order (``template``: those a template holds), read now."""
+    return [p.name for p in training_config.PARAMS if p.template or not template]
+
+
+def used_by(param: Param) -> str | None:
+    """ "Used by JumpReLU only." for a value only some architectures use (``required_for``); None otherwise."""
+    return architectures.used_by_hint(param.required_for) or None if param.required_for is not None else None
+
+
+# What a field shows besides its label and help, where the type alone does not say it.
+FIELD_ATTRS = {"matryoshka_prefixes": {"placeholder": "auto: 1/16, 1/8, 1/4, 1/2 of the latents"}}
+
+
+def field_attrs(param: Param) -> dict:
+    """The input's extra attributes: a decimal keypad and any step for a real number."""
+    attrs = {"step": "any", "inputmode": "decimal"} if param.type is float else {}
+    return {**attrs, **FIELD_ATTRS.get(param.name, {})}
+
+
+@dataclass
+class ParamGroup:
+    """One fieldset of the training form: its key and legend (``training_config.GROUPS``) and its fields,
+    each with its hint and input attributes, in ``PARAMS`` order."""
+
+    key: str
+    legend: str
+    fields: list
+
+    @property
+    def has_errors(self) -> bool:
+        return any(f.errors for f, _, _ in self.fields)
 
 
 class Range(NumberRange):
@@ -111,6 +146,15 @@ class TrainingForm(FlaskForm):
         self.findings = []
         self.blocking_findings = []
 
+    def param_groups(self) -> list[ParamGroup]:
+        """The form's fieldsets drawn from the configuration: every ``Param`` in its group's, in ``PARAMS`` order."""
+        groups = [ParamGroup(key, legend, []) for key, legend in training_config.GROUPS]
+        by_key = {g.key: g for g in groups}
+        for param in training_config.PARAMS:
+            group = by_key.get(param.group, groups[-1])  # a key GROUPS does not name: the last fieldset
+            group.fields.append((getattr(self, param.name), used_by(param), field_attrs(param)))
+        return groups
+
     def preflight(self):
         """The validator's findings for the current input, if every field it reads parsed."""
         source = self.sources.get(self.source_id.data)
@@ -119,7 +163,7 @@ class TrainingForm(FlaskForm):
         if source is None or any(getattr(self, n).data is None or getattr(self, n).errors for n in needed):
             return []  # a field that did not parse or is out of range: its own error says why
         # A value its own field rejected is not judged again: its error is the one finding about it.
-        cfg = {name: None if getattr(self, name).errors else getattr(self, name).data for name in training_config.NAMES}
+        cfg = {name: None if getattr(self, name).errors else getattr(self, name).data for name in param_names()}
         memory = device_memory(current_app.config.get("SAE_DEVICE", "auto"))
         try:
             return validate_config(cfg, source.stats(),
@@ -176,7 +220,7 @@ class TrainingForm(FlaskForm):
 
     def training_fields(self) -> dict:
         """The validated values to store on a new Training row."""
-        data = training_config.normalize({name: getattr(self, name).data for name in training_config.NAMES})
+        data = training_config.normalize({name: getattr(self, name).data for name in param_names()})
         data["name"] = (self.name.data or "").strip()
         data["source_id"] = self.source_id.data
         return data
@@ -221,61 +265,78 @@ class TemplateForm(FlaskForm):
         return check_cross_fields(self) and ok
 
     def template_config(self) -> dict:
-        config = training_config.normalize({name: getattr(self, name).data
-                                            for name in training_config.TEMPLATE_FIELDS})
-        return {name: config[name] for name in training_config.TEMPLATE_FIELDS}
+        names = param_names(template=True)
+        config = training_config.normalize({name: getattr(self, name).data for name in names})
+        return {name: config[name] for name in names}
 
 
-def json_to_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[str]]]:
-    """Map a JSON body onto the training form's fields.
+# What a JSON body or an imported template may hold besides the hyper-parameters: (type, null accepted).
+TRAINING_EXTRAS = {"name": (str, False), "source_id": (int, False), "acknowledge_warnings": (bool, False)}
+TEMPLATE_EXTRAS = {"name": (str, True), "d_in": (int, True), "provenance": (str, True)}
 
-    Aliases of ``l1_alpha`` are accepted; nulls, unknown keys and conflicting aliases are
-    errors named by field. Returns ``(formdata, errors)``; ``formdata`` is None on errors
-    that stop the mapping itself.
+# The mapping's messages, one set for the API and the templates' import.
+UNKNOWN_FIELD = "Unknown field."
+NOT_BOOLEAN = "Must be true or false."
+NOT_NUMBER = "Must be a number."
+NOT_STRING = "Must be a string."
+NOT_NULL = "Must not be null."
+
+
+def alias_conflict(name: str, alias: str) -> str:
+    return f"{name} and its alias {alias} were both given with different values."
+
+
+def json_to_formdata(payload: object, *, template: bool = False) -> tuple[MultiDict | None, dict[str, list[str]]]:
+    """Map a JSON object onto the training form's fields (the API) or a template's (``template``: an import).
+
+    The one mapping of JSON onto a form of hyper-parameters, read from ``training_config.PARAMS``:
+    aliases are accepted; a key a script or an older file leaves out takes its default where that
+    is always safe (``api_optional``, and the checkboxes); nulls where the architecture uses the
+    value, wrong types, unknown keys and conflicting aliases are errors named by field. Returns
+    ``(formdata, errors)``; ``formdata`` is None on errors that stop the mapping itself.
     """
     if not isinstance(payload, dict):
+        if template:
+            return None, {"_template": ["Each template must be a JSON object."]}
         return None, {"_body": ["Expected a JSON object with the training's fields."]}
+    params = {p.name: p for p in training_config.PARAMS if p.template or not template}
+    extras = TEMPLATE_EXTRAS if template else TRAINING_EXTRAS
     errors: dict[str, list[str]] = {}
     data = dict(payload)
-    given_aliases = [a for a in L1_ALPHA_ALIASES if a in data]
-    for alias in given_aliases:
-        value = data.pop(alias)
-        if "l1_alpha" in data and data["l1_alpha"] != value:
-            errors.setdefault("l1_alpha", []).append(
-                f"l1_alpha and its alias {alias} were both given with different values.")
-        else:
-            data["l1_alpha"] = value
-    known = {*training_config.NAMES, "name", "source_id"} - set(training_config.BOOLEAN_FIELDS)
+    for param in params.values():
+        for alias in param.aliases:
+            if alias in data:
+                value = data.pop(alias)
+                if param.name in data and data[param.name] != value:
+                    errors.setdefault(param.name, []).append(alias_conflict(param.name, alias))
+                else:
+                    data[param.name] = value
+    if not template:
+        data.setdefault("name", "")
+    for param in params.values():  # a checkbox left out keeps its default (in HTML, absent means off)
+        if param.name not in data and (param.api_optional or param.type is bool):
+            data[param.name] = param.default
+    architecture = data.get("architecture", DEFAULT_ARCHITECTURE)
     formdata = MultiDict()
-    for key in ("name", *training_config.API_OPTIONAL):
-        if key not in data:
-            data[key] = training_config.BY_NAME[key].default if key != "name" else ""
-    for key in (*training_config.BOOLEAN_FIELDS, "acknowledge_warnings"):
-        # A checkbox that is absent means False in HTML; in JSON an absent key keeps the default.
-        default = training_config.BY_NAME[key].default if key in training_config.BY_NAME else False
-        value = data.pop(key, default)
-        if not isinstance(value, bool):
-            errors.setdefault(key, []).append("Must be true or false.")
-        elif value:
-            formdata[key] = "y"
     for key, value in data.items():
-        if key not in known:
-            errors.setdefault(key, []).append("Unknown field.")
-            continue
-        param = training_config.BY_NAME.get(key)
-        if value is None:
-            unused = param is not None and not param.applies_to(data.get("architecture", DEFAULT_ARCHITECTURE))
-            if not unused:
-                errors.setdefault(key, []).append((param and param.null_message) or "Must not be null.")
-            continue
-        if isinstance(value, (bool, dict, list)):
-            numeric = param is not None and param.is_numeric or key == "source_id"
-            errors.setdefault(key, []).append("Must be a number." if numeric else "Must be a string.")
-            continue
-        if isinstance(value, float) and value.is_integer() and (key in training_config.INTEGER_FIELDS
-                                                                 or key == "source_id"):
-            value = int(value)
-        formdata[key] = str(value)
+        param = params.get(key)
+        kind, null_ok = (param.type, False) if param is not None else extras.get(key, (None, False))
+        if kind is None:
+            errors.setdefault(key, []).append(UNKNOWN_FIELD)
+        elif kind is bool:
+            if not isinstance(value, bool):
+                errors.setdefault(key, []).append(NOT_BOOLEAN)
+            elif value:
+                formdata[key] = "y"
+        elif value is None:
+            if not (null_ok or (param is not None and not param.applies_to(architecture))):
+                errors.setdefault(key, []).append((param and param.null_message) or NOT_NULL)
+        elif isinstance(value, (bool, dict, list)):
+            errors.setdefault(key, []).append(NOT_NUMBER if kind in (int, float) else NOT_STRING)
+        else:
+            if isinstance(value, float) and value.is_integer() and kind is int:
+                value = int(value)
+            formdata[key] = str(value)
     return formdata, errors
 
 
@@ -330,50 +391,31 @@ def param_field(param: Param):
                 validators=[presence, Range(param.min, param.max, min_exclusive=param.min_exclusive)])
 
 
-def _add_param_fields() -> None:
-    """Give the training form every hyper-parameter, and the template form its share: one set of rules."""
-    for param in PARAMS:
-        setattr(TrainingForm, param.name, param_field(param))
+_PARAM_FIELDS: dict[type, list[str]] = {}
+
+
+def rebuild() -> None:
+    """Make the hyper-parameters' form fields, and the stored columns, from ``training_config.PARAMS``.
+
+    The training form gets every hyper-parameter and the template form its share: one set of
+    rules. Runs at import; a test that changes ``PARAMS`` calls it again (and after).
+    """
+    from .models import sync_param_columns
+
+    for form_class in (TrainingForm, TemplateForm):
+        for name in _PARAM_FIELDS.pop(form_class, []):
+            delattr(form_class, name)
+    for param in training_config.PARAMS:
+        unbound = param_field(param)
+        setattr(TrainingForm, param.name, unbound)
+        _PARAM_FIELDS.setdefault(TrainingForm, []).append(param.name)
         if param.template:
-            setattr(TemplateForm, param.name, getattr(TrainingForm, param.name))
+            setattr(TemplateForm, param.name, unbound)
+            _PARAM_FIELDS.setdefault(TemplateForm, []).append(param.name)
+    sync_param_columns()
 
 
-_add_param_fields()
-
-
-def template_formdata(payload: object) -> tuple[MultiDict | None, dict[str, list[str]]]:
-    """Map one imported template (JSON object) onto the template form, aliases included."""
-    TEMPLATE_FIELDS = training_config.TEMPLATE_FIELDS
-    if not isinstance(payload, dict):
-        return None, {"_template": ["Each template must be a JSON object."]}
-    errors: dict[str, list[str]] = {}
-    data = dict(payload)
-    for alias in L1_ALPHA_ALIASES:
-        if alias in data:
-            value = data.pop(alias)
-            if "l1_alpha" in data and data["l1_alpha"] != value:
-                errors.setdefault("l1_alpha", []).append(f"l1_alpha and its alias {alias} disagree.")
-            data["l1_alpha"] = value
-    if (training_config.BY_NAME["l1_alpha"].applies_to(data.get("architecture", DEFAULT_ARCHITECTURE))
-            and data.get("l1_alpha") is None):
-        errors.setdefault("l1_alpha", []).append(training_config.BY_NAME["l1_alpha"].null_message)
-    for key in TEMPLATE_FIELDS:  # settings added since a file was exported take their safe default
-        if key not in data and training_config.BY_NAME[key].api_optional:
-            data[key] = training_config.BY_NAME[key].default
-    formdata = MultiDict()
-    for key, value in data.items():
-        if key not in (*TEMPLATE_FIELDS, "name", "d_in", "provenance"):
-            errors.setdefault(key, []).append("Unknown field.")
-        elif value is None or value == "":
-            continue
-        elif isinstance(value, bool) and key in training_config.BOOLEAN_FIELDS:
-            if value:
-                formdata[key] = "y"  # a checkbox: present when on, absent when off
-        elif isinstance(value, (bool, dict, list)):
-            errors.setdefault(key, []).append("Wrong type.")
-        else:
-            formdata[key] = str(value)
-    return formdata, errors
+rebuild()
 
 
 class ExtractionForm(FlaskForm):

@@ -208,7 +208,7 @@ class Training(JobRecord):
     name = CharField(default="")
     source = ForeignKeyField(ActivationSet, backref="trainings", on_delete="RESTRICT")
     # The hyper-parameters' columns are made from app.training_config.PARAMS (see
-    # _add_param_columns below), so a new one is one entry there plus its migration.
+    # sync_param_columns below), so a new one is one entry there plus its migration.
 
     failed_step = IntegerField(null=True)
     device = CharField(null=True)
@@ -232,7 +232,7 @@ class Training(JobRecord):
     def config_dict(self) -> dict:
         """The run's configuration under the form's field names (accepted back by the API)."""
         return {"name": self.name, "source_id": self.source_id,
-                **{name: getattr(self, name) for name in training_config.NAMES}}
+                **{p.name: getattr(self, p.name) for p in training_config.PARAMS}}
 
     def latest_metric(self):
         return self.metrics.order_by(MetricPoint.step.desc()).first()
@@ -250,12 +250,25 @@ def param_column(param: training_config.Param):
     return CharField(null=null, default=None if null else param.default)
 
 
-def _add_param_columns() -> None:
+_PARAM_COLUMNS: list[str] = []
+
+
+def sync_param_columns() -> None:
+    """Give ``Training`` one column per hyper-parameter of ``training_config.PARAMS``, as it is now.
+
+    Runs at import; ``app.forms.rebuild`` runs it again for a test that changes ``PARAMS`` (a
+    column a Param no longer names is dropped from the model, never from the database).
+    """
+    for name in _PARAM_COLUMNS:
+        Training._meta.remove_field(name)
+        delattr(Training, name)
+    _PARAM_COLUMNS.clear()
     for param in training_config.PARAMS:
         Training._meta.add_field(param.name, param_column(param))
+        _PARAM_COLUMNS.append(param.name)
 
 
-_add_param_columns()
+sync_param_columns()
 
 
 class MetricPoint(BaseModel):
@@ -306,15 +319,16 @@ class TuneJob(JobRecord):
     """An auto-tune: short pilot trainings that search l1_alpha for a target L0."""
 
     source = ForeignKeyField(ActivationSet, backref="tunes", on_delete="RESTRICT")
-    latent_dim = IntegerField()
-    target_l0 = DoubleField()
-    learning_rate = DoubleField()
-    batch_size = IntegerField()
+    # the run's settings it tunes for, and the pilots' learning rate and batch: the configuration's columns
+    latent_dim = param_column(training_config.BY_NAME["latent_dim"])
+    target_l0 = param_column(training_config.BY_NAME["target_l0"])
+    learning_rate = param_column(training_config.BY_NAME["learning_rate"])
+    batch_size = param_column(training_config.BY_NAME["batch_size"])
     pilot_steps = IntegerField()
     max_pilots = IntegerField(default=8)
     run_steps = IntegerField(null=True)  # the run it tunes for (steps × batch): pilots are projected to it
     run_batch = IntegerField(null=True)
-    seed = IntegerField(default=0)
+    seed = param_column(training_config.BY_NAME["seed"])
     pilots = JSONField(default=list)  # [{"l1_alpha", "l0_fraction", "fvu"}], in the order run
     result_l1_alpha = DoubleField(null=True)
 
@@ -490,10 +504,11 @@ def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict, *, s
 
 def complete(config: dict) -> dict:
     """A template's config with every template field (defaults, then nulls where the architecture has no use)."""
-    full = {name: training_config.BY_NAME[name].default for name in training_config.TEMPLATE_FIELDS}
+    names = [p.name for p in training_config.PARAMS if p.template]
+    full = {name: training_config.BY_NAME[name].default for name in names}
     full.update(config)
-    return {name: value for name, value in training_config.normalize(full).items()
-            if name in training_config.TEMPLATE_FIELDS}
+    normalized = training_config.normalize(full)
+    return {name: normalized[name] for name in names}
 
 
 class DownstreamEval(JobRecord):

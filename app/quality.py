@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from . import advice as _advice
 from .findings import Finding
 from .sae import architectures
-from .training_config import DEFAULT_L1_ALPHA, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, target_l0_count
+from .training_config import DEFAULT_L1_ALPHA, L1_ALPHA_MAX, L1_ALPHA_MIN_EXCLUSIVE, defaults, target_l0_count
 
 GREEN_BELOW = 0.05
 OFF_TARGET = 1.5  # a run that ends further than this factor from its target says so
 RED_ABOVE = 0.15
 DEAD_RED_FRACTION = 0.5
 DENSE_WARNING_ABOVE = 0.20
+_CONFIG_DEFAULTS = defaults()  # RunSpec's settings left out: the configuration's defaults
 
 GRADE_LABELS = {
     "green": "Sparse",
@@ -85,22 +86,23 @@ def suggest_l1_alpha(current: float, observed_fraction: float, target_fraction: 
 
 @dataclass
 class RunSpec:
-    """What the rules need to know about the run."""
+    """What the rules need to know about the run; a setting left out takes its default from
+    ``app.training_config`` (the form's and the API's)."""
 
     architecture: str
     latent_dim: int
     target_l0: float
     warmup_steps: int
-    l1_warmup_steps: int = 0
-    early_stop: bool = True
-    early_stop_step: int = 1000
-    early_stop_l0: float = DENSE_WARNING_ABOVE
-    plateau_window: int = 2000
-    steering: bool = False
+    l1_warmup_steps: int = _CONFIG_DEFAULTS["l1_warmup_steps"]
+    early_stop: bool = _CONFIG_DEFAULTS["early_stop"]
+    early_stop_step: int = _CONFIG_DEFAULTS["early_stop_step"]
+    early_stop_l0: float = _CONFIG_DEFAULTS["early_stop_l0"]
+    plateau_window: int = _CONFIG_DEFAULTS["plateau_window"]
+    steering: bool = _CONFIG_DEFAULTS["steer_l1_alpha"]
     recommended_l1_alpha: float | None = None  # the L0 model's value for this run, if known
     d_in: int | None = None  # with total_steps: lets advice project L0 to the end of the run
     total_steps: int | None = None
-    batch_size: int = 1024
+    batch_size: int = _CONFIG_DEFAULTS["batch_size"]
     l0_offset: float = 0.0  # the source's shift from the L0 model, learned from its earlier runs
 
     @classmethod

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from markupsafe import escape
+
 from app.sae import architectures
+from app.training_config import BY_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = architectures.names()
@@ -103,8 +106,9 @@ def test_each_architecture_goes_through_the_api_and_its_pages(client, arch):
     from app.models import Training
 
     run = Training.get_by_id(created.json["id"])
-    for label, _ in arch.detail_rows(run):
-        assert label in detail.get_data(as_text=True)
+    page = detail.get_data(as_text=True)
+    for name, text in arch.describe(run).items():  # its own settings, in its own words, beside their labels
+        assert f"<dt>{BY_NAME[name].label}</dt><dd>{escape(text)}</dd>" in page, (name, text)
     assert arch.summary(run.config_dict()) in client.get("/").get_data(as_text=True)
     hints = client.post("/trainings/hints", data={"architecture": arch.name, "latent_dim": "256", "target_l0": "0.02",
                                                    "k": "16", "l1_alpha": "0.003", "learning_rate": "0.001"})

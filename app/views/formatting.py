@@ -4,6 +4,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 
+from .. import training_config
+from ..sae import architectures
 from ..models import utcnow
 from ..sae import architectures
 from ..sae.architectures._base import num as fmt_num
@@ -131,7 +133,49 @@ def queue_position(record) -> dict | None:
             "running": [(what, r) for _, what, r in running]}
 
 
+def param_value(param: training_config.Param, value) -> str:
+    """A stored hyper-parameter as a person reads it: a choice by its label, counts with separators."""
+    if value is None:
+        return "—"
+    if param.choices is not None:
+        return dict(param.choices).get(value, str(value))
+    if param.type is bool:
+        return "yes" if value else "no"
+    if param.type is str:
+        return value or "(empty: the default)"
+    return fmt_num(value)
+
+
+# Values that read better beside what they mean for this run (each still the stored value first).
+CONFIG_DETAILS = {
+    "latent_dim": lambda run: f"{run.latent_dim:,} ({run.latent_dim / run.source.d_in:.0f}× d_in {run.source.d_in})",
+    "target_l0": lambda run: f"{100 * run.target_l0:.1f}% ({run.target_l0_count:,.0f} latents)",
+}
+
+
+def config_rows(run) -> list[tuple[str, str]]:
+    """The run's configuration panel: (label, value) of every hyper-parameter its architecture uses,
+    in ``training_config.PARAMS`` order."""
+    arch = architectures.find(run.architecture)
+    words = arch.describe(run) if arch is not None else {}  # its own settings, in its own words
+    rows = []
+    for param in training_config.PARAMS:
+        if not param.applies_to(run.architecture):
+            continue
+        value = getattr(run, param.name)
+        detail = CONFIG_DETAILS.get(param.name)
+        if value is not None and param.name in words:
+            text = words[param.name]
+        elif value is not None and detail is not None:
+            text = detail(run)
+        else:
+            text = param_value(param, value)
+        rows.append((param.label, text))
+    return rows
+
+
 def register_filters(app) -> None:
+    app.jinja_env.globals["config_rows"] = config_rows
     app.jinja_env.globals["GLOSSARY"] = GLOSSARY
     app.jinja_env.globals["queue_position"] = queue_position
     app.jinja_env.globals["queue_banner"] = lambda: queue_banner(app.config)

@@ -6,7 +6,7 @@ import json
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 
 from ..db import database
-from ..forms import TemplateForm, TrainingForm, template_formdata
+from ..forms import TemplateForm, TrainingForm, json_to_formdata
 from ..auth import require_change
 from ..models import Template
 from ..work import deletion
@@ -106,7 +106,7 @@ def parse_templates(text: str) -> tuple[list[dict], list[str]]:
     rows, errors = [], []
     for i, item in enumerate(items, start=1):
         label = f"Template {i}" + (f" ({item.get('name')})" if isinstance(item, dict) and item.get("name") else "")
-        formdata, mapping_errors = template_formdata(item)
+        formdata, mapping_errors = json_to_formdata(item, template=True)
         if formdata is None:
             errors.extend(f"{label}: {m}" for msgs in mapping_errors.values() for m in msgs)
             continue

@@ -10,6 +10,7 @@ from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import TuneJob
 from ..sae import architectures
+from ..training_config import BY_NAME
 from ..work import lifecycle
 from ..work.queue import QueueUnavailable
 from ..work.resources import TooLarge, check_memory, tune_bytes
@@ -65,7 +66,8 @@ def start():
         return render_template("_partials/tune.html", tune=None, problems=problems), 422
     try:
         tune = create_tune(current_app.config, created_by=g.user.id, source_id=form.source_id.data, latent_dim=form.latent_dim.data,
-                           target_l0=form.target_l0.data, seed=(form.seed.data if not form.seed.errors else None) or 0,
+                           target_l0=form.target_l0.data, seed=form.seed.data if not form.seed.errors and form.seed.data is not None
+                           else BY_NAME["seed"].default,
                            run_steps=form.total_steps.data if not form.total_steps.errors else None,
                            run_batch=form.batch_size.data if not form.batch_size.errors else None)
     except QueueUnavailable as exc:

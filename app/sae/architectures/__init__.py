@@ -78,13 +78,13 @@ def using(param_name: str) -> tuple[str, ...]:
     return tuple(a.name for a in all() if a.uses(param_name))
 
 
-def used_by_hint(param_name: str) -> str:
-    """The form's note beside a setting only some architectures use: "Used by JumpReLU only."."""
-    titles = [a.title[2:] if a.title.startswith("A ") else a.title for a in all() if a.uses(param_name)]
+def used_by_hint(names) -> str:
+    """The form's note beside a setting only the architectures ``names`` use: "Used by JumpReLU only."."""
+    titles = [a.title[2:] if a.title.startswith("A ") else a.title for a in all() if a.name in names]
     if not titles:
         return ""
     listed = ", ".join(titles[:-1]) + (" and " if len(titles) > 1 else "") + titles[-1]
-    return f"Used by {listed} only; the others ignore it."
+    return f"Used by {listed} only."
 
 
 def saelens_readable() -> str:

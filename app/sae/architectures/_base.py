@@ -163,9 +163,10 @@ class Architecture:
         """The setting that decides its sparsity, as lists show it ("k = 32"); ``config``: a mapping."""
         return ""
 
-    def detail_rows(self, run) -> list[tuple[str, str]]:
-        """(label, text) rows of the run page's configuration panel for its own settings."""
-        return []
+    def describe(self, run) -> dict[str, str]:
+        """What the run page's configuration panel says of this architecture's own settings, by the
+        hyper-parameter's name, where the plain value needs words beside it (others show as stored)."""
+        return {}
 
     # The verdict's and the runtime rules' advice when L0 is too high / too low / most latents are dead.
     def advise_sparser(self, *, target_k: int, target_l0: float, l0_fraction: float) -> str:

@@ -106,9 +106,8 @@ class BatchTopK(Architecture):
         return [(f"BatchTopK k={k}", {"k": k},
                  f"BatchTopK with k = {k} on average per token (L0 = k by construction; a threshold at inference).")]
 
-    def detail_rows(self, run):
-        return [("Active latents per token (k)",
-                 f"{run.k} on average over each batch; a learned threshold at inference")]
+    def describe(self, run):
+        return {"k": f"{run.k} on average over each batch; a learned threshold at inference"}
 
 
 ARCH = BatchTopK()

@@ -118,8 +118,8 @@ class Gated(Architecture):
     def summary(self, config) -> str:
         return f"l1_alpha={num(config.get('l1_alpha'))}"
 
-    def detail_rows(self, run):
-        return [("Sparsity penalty (l1_alpha)", f"{num(run.l1_alpha)} on the gate's pre-activations")]
+    def describe(self, run):
+        return {"l1_alpha": f"{num(run.l1_alpha)} on the gate's pre-activations"}
 
     def validate(self, cfg, source, add) -> None:
         from ...validation import Finding

@@ -223,11 +223,11 @@ class JumpReLU(Architecture):
 
         return f"target {num(config.get('target_l0'))}"
 
-    def detail_rows(self, run):
+    def describe(self, run):
         from ._base import num
 
-        return [("L0 penalty weight", f"{num(run.l0_coefficient)} · (L0 / target − 1)², bandwidth ε "
-                                      f"{num(run.jumprelu_bandwidth)}")]
+        return {"l0_coefficient": f"{num(run.l0_coefficient)} · (L0 / target − 1)²",
+                "jumprelu_bandwidth": f"ε = {num(run.jumprelu_bandwidth)}"}
 
     def advise_sparser(self, *, target_k, target_l0, l0_fraction):
         from ...quality import OFF_TARGET

@@ -113,9 +113,11 @@ class Matryoshka(Architecture):
                  f"Matryoshka BatchTopK, k = {k}; prefixes of 1/16, 1/8, 1/4 and 1/2 of the latents each reconstruct "
                  "alone, which keeps general features from being absorbed by specific ones.")]
 
-    def detail_rows(self, run):
-        levels = matryoshka_levels(getattr(run, PREFIXES.name) or "", run.latent_dim)
-        return [*batchtopk.ARCH.detail_rows(run), ("Nested levels", f"{', '.join(map(str, levels))} latents")]
+    def describe(self, run):
+        prefixes = getattr(run, PREFIXES.name) or ""
+        levels = matryoshka_levels(prefixes, run.latent_dim)
+        return {**batchtopk.ARCH.describe(run),
+                PREFIXES.name: f"{prefixes or 'auto'}: nested levels of {', '.join(f'{n:,}' for n in levels)} latents"}
 
 
 ARCH = Matryoshka()

@@ -94,8 +94,8 @@ class Standard(Architecture):
     def summary(self, config) -> str:
         return f"l1_alpha={num(config.get('l1_alpha'))}"
 
-    def detail_rows(self, run):
-        return [("Sparsity penalty (l1_alpha)", num(run.l1_alpha))]
+    def describe(self, run):
+        return {"l1_alpha": num(run.l1_alpha)}
 
 
 ARCH = Standard()

@@ -116,8 +116,8 @@ class TopK(Architecture):
     def summary(self, config) -> str:
         return f"k={config.get('k')}"
 
-    def detail_rows(self, run):
-        return [("Active latents per token (k)", str(run.k))]
+    def describe(self, run):
+        return {"k": f"{run.k} on every token"}
 
     def advise_sparser(self, *, target_k, target_l0, l0_fraction):
         return f"Lower k to about {target_k}."
