@@ -3,9 +3,10 @@
 Two made-up hyper-parameters are added to the list for the length of a test, with no other
 edit: ``forms.rebuild()`` (the hook that remakes the form classes' fields and the ``Training``
 model's columns from the list as it is now) is called before the app, and so its database
-tables, are made, and again after the list is put back. A real parameter would come with a
+tables, are made, and again after the list is put back. A real parameter comes with a
 migration adding its column (docs/design.md, "Configuration: adding a hyper-parameter"); here
-the fresh test database is created from the model, so it has the column already.
+the test adds the columns to its database the way such a migration does (``add_column_if_missing``
+with the model's field).
 """
 from __future__ import annotations
 
@@ -45,11 +46,15 @@ def made_up(env):
 
 @pytest.fixture
 def app(made_up, env):
-    """conftest's app, made once the list holds the made-up parameters (so its tables have their columns)."""
+    """conftest's app, made once the list holds the made-up parameters, with their columns added as a
+    migration would add them."""
     from app import create_app
+    from app.db import add_column_if_missing, database
 
     flask_app = create_app({"TESTING": True, "WTF_CSRF_ENABLED": False, "SERVER_NAME": "localhost"})
     with flask_app.app_context():
+        for param in MADE_UP:
+            add_column_if_missing(database.obj, Training._meta.table_name, param.name, Training._meta.fields[param.name])
         yield flask_app
 
 
