@@ -448,61 +448,6 @@ TEMPLATE_FIELDS = training_config.TEMPLATE_FIELDS
 PRESET_WIDTHS = (384, 512, 768, 1024, 2048, 2304, 4096)
 
 
-def refresh_standard_preset(preset: Template) -> None:
-    """Give a built-in standard preset the L0 model's l1_alpha for its length, with steering on, and save it."""
-    from .l0_model import CALIBRATION
-    from .validation import recommended_l1_alpha
-
-    c = preset.config
-    steps = c["total_steps"]
-    alpha = float(f"{recommended_l1_alpha(preset.d_in, c['latent_dim'], c['target_l0'], steps, c['batch_size']):.2g}")
-    preset.config = complete({**c, "l1_alpha": alpha, "steer_l1_alpha": True})
-    preset.provenance = (f"l1_alpha from the L0 model for {steps:,} steps ({CALIBRATION['runs_fitted']} measured "
-                         "runs, benchmarks/calibrate_l1_alpha.py), with steering on to close what the model misses"
-                         + ("; at this width the model is extrapolated: watch the first run's early-stop check and "
-                            "verdict." if preset.d_in > 1024 else "."))
-    preset.save()
-
-
-def seed_templates() -> None:
-    """Presets for common model widths and every architecture, l1_alpha from the L0 model."""
-    import math
-
-    for d_in in PRESET_WIDTHS:
-        latent = 8 * d_in
-        k = 32 if d_in <= 1024 else 64
-        target = k / latent
-        lr = 1e-3 if latent <= 16_384 else float(f"{1e-3 * math.sqrt(16_384 / latent):.2g}")
-        common = {"latent_dim": latent, "learning_rate": lr, "batch_size": 4096, "total_steps": 30_000,
-                  "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "target_l0": round(target, 6), "precision": "auto"}
-        preset = Template(name=f"d_in {d_in} · standard · {latent:,} latents", d_in=d_in, builtin=True,
-                          config=complete({"architecture": "standard", "l1_alpha": None, "k": None, **common}))
-        refresh_standard_preset(preset)
-        Template.create(
-            name=f"d_in {d_in} · TopK k={k} · {latent:,} latents", d_in=d_in, builtin=True,
-            config=complete({"architecture": "topk", "l1_alpha": None, "k": k, **common}),
-            provenance=f"TopK with k = {k} (L0 = k by construction) and 8× expansion, a common starting point.")
-        seed_architecture_presets(d_in, latent, k, common)
-
-
-def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict) -> None:
-    """BatchTopK, JumpReLU and Matryoshka presets for one width (the same L0 as its TopK preset)."""
-    presets = (
-        ("batchtopk", f"BatchTopK k={k}", {"k": k},
-         f"BatchTopK with k = {k} on average per token (L0 = k by construction; a threshold at inference)."),
-        ("jumprelu", f"JumpReLU target {k} latents", {"l0_coefficient": 10.0, "jumprelu_bandwidth": 0.05},
-         f"JumpReLU trained to a target L0 of {k} latents: the L0 penalty holds it there "
-         "(benchmarks/architectures.py: within 3% of the target without tuning)."),
-        ("matryoshka", f"Matryoshka k={k}", {"k": k, "matryoshka_prefixes": ""},
-         f"Matryoshka BatchTopK, k = {k}; prefixes of 1/16, 1/8, 1/4 and 1/2 of the latents each reconstruct "
-         "alone, which keeps general features from being absorbed by specific ones."),
-    )
-    for architecture, title, settings, provenance in presets:
-        Template.create(name=f"d_in {d_in} · {title} · {latent:,} latents", d_in=d_in, builtin=True,
-                        config=complete({"architecture": architecture, "l1_alpha": None, **common, **settings}),
-                        provenance=provenance)
-
-
 def complete(config: dict) -> dict:
     """A template's config with every template field (defaults, then nulls where the architecture has no use)."""
     full = {name: training_config.BY_NAME[name].default for name in training_config.TEMPLATE_FIELDS}
@@ -566,29 +511,9 @@ class Installation(BaseModel):
 ALL_MODELS = [User, ApiToken, UserSession, LoginThrottle, ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
               FeatureStat, WorkerBeat, DownstreamEval, Installation]
 
+# The default source as a spec (benchmarks build it); migration 1 writes it as a row (app/migration_rows.py).
 DEFAULT_SYNTHETIC = {
     "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",
     "d_in": 256, "n_features": 512, "mean_active": 5.0, "seed": 0,
 }
 
-
-HARD_SYNTHETIC = {
-    "name": "Synthetic (hierarchical): 2,048 ground-truth features in d_in 256, hierarchy, correlation, "
-            "Zipfian frequencies, ~15 active per token",
-    "d_in": 256, "n_features": 2048, "mean_active": 16.0, "seed": 0, "structure": "hierarchical",
-}
-
-
-def seed_default_sources() -> None:
-    """The embedded default source, so a first training needs nothing downloaded."""
-    spec = dict(DEFAULT_SYNTHETIC)
-    ActivationSet.create(
-        name=spec.pop("name"), kind="synthetic", d_in=spec.pop("d_in"), n_tokens=None, params=spec)
-    seed_hard_source()
-
-
-def seed_hard_source() -> None:
-    """The built-in harder ground truth (hierarchy, correlation, Zipf): what SAE benchmarks test on."""
-    spec = dict(HARD_SYNTHETIC)
-    ActivationSet.create(
-        name=spec.pop("name"), kind="synthetic", d_in=spec.pop("d_in"), n_tokens=None, params=spec)
