@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load, save
 
+from ..errors import UserError
+
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 SPARSITY = "sparsity.safetensors"
@@ -35,7 +37,7 @@ AS_JUMPRELU = ("batchtopk", "jumprelu", "matryoshka")
 MIN_FREQUENCY = 1e-10  # log10 density of a latent that never fired: -10, as SAELens' sparsity files do
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(UserError, ValueError):
     """The files are not an SAE in the SAELens layout we can use; the message says why."""
 
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .export import LoadedSAE
 from .models import SparseAutoencoder, inference_sae
 
 RECOVERED_COSINE = 0.9
 
 
-class FeatureError(ValueError):
+class FeatureError(UserError, ValueError):
     """The SAE and the source do not fit together; the message is for the user."""
 
 
