@@ -31,6 +31,7 @@ from flask import abort, current_app, g, redirect, request, session, url_for
 from peewee import IntegrityError
 
 from .db import database, is_sqlite
+from .errors import UserError
 from .models import ApiToken, LoginThrottle, User, UserSession, utcnow
 
 HASHER = PasswordHasher()
@@ -40,7 +41,7 @@ TOKEN_PREFIX = "sae_"
 _DUMMY_HASH = HASHER.hash(secrets.token_hex(16))
 
 
-class AccountError(ValueError):
+class AccountError(UserError, ValueError):
     """A user mistake with an account (name taken, password too short); safe to show."""
 
 

@@ -7,7 +7,9 @@ Migrations are an ordered list of functions; each runs once, in a transaction, a
 number of the last one applied is kept in ``schema_version``. To change the schema,
 change the model and append a function (``add_column_if_missing`` for new columns:
 migration 1 creates tables from the current models, so a fresh database already has
-them); never edit one that has shipped.
+them); never edit one that has shipped. A migration carries the rows it writes (``app/migration_rows.py``)
+or a private copy of the logic it applies: it never calls code that keeps changing (a seed
+function, the L0 model, ``training_config``), which would silently change what it does.
 """
 from __future__ import annotations
 
@@ -46,9 +48,35 @@ class SchemaVersion(Model):
 
 def _migration_1_initial(db) -> None:
     from . import models
+    from .migration_rows import SOURCES
 
     db.create_tables(models.ALL_MODELS)
-    models.seed_default_sources()
+    for row in SOURCES:  # the built-in synthetic sources, so a first training needs nothing downloaded
+        _insert_source(db, row)
+
+
+def _insert_source(db, row: dict) -> None:
+    """A built-in synthetic source, written as the row it is (no model code)."""
+    import json
+
+    db.execute_sql("INSERT INTO activation_set (name, kind, d_in, n_tokens, params, created_at) "
+                   "VALUES (%s, %s, %s, NULL, %s, %s)" % ((db.param,) * 5),
+                   (row["name"], row["kind"], row["d_in"], json.dumps(row["params"]), _now()))
+
+
+def _insert_preset(db, row: dict) -> None:
+    """A built-in preset, written as the row it is (no model code)."""
+    import json
+
+    db.execute_sql("INSERT INTO template (name, d_in, config, provenance, builtin, created_at) "
+                   "VALUES (%s, %s, %s, %s, %s, %s)" % ((db.param,) * 6),
+                   (row["name"], row["d_in"], json.dumps(row["config"]), row["provenance"], True, _now()))
+
+
+def _now():
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 def add_column_if_missing(db, table: str, name: str, field) -> None:
@@ -92,11 +120,13 @@ def _migration_3_tune_jobs(db) -> None:
 
 
 def _migration_4_templates(db) -> None:
-    from .models import Template, seed_templates
+    from .migration_rows import PRESETS
+    from .models import Template
 
     db.create_tables([Template])
     if not Template.select().where(Template.builtin == True).exists():  # noqa: E712 - Peewee expression
-        seed_templates()
+        for row in PRESETS:  # presets for common widths and every architecture, l1_alpha from the L0 model
+            _insert_preset(db, row)
 
 
 def _migration_5_extractions(db) -> None:
@@ -173,21 +203,47 @@ def _migration_11_accounts(db) -> None:
 
 def _migration_12_architectures(db) -> None:
     """BatchTopK, JumpReLU and Matryoshka: their settings (null on runs of other architectures)."""
-    from .models import param_column
-    from .training_config import BY_NAME
+    from peewee import CharField, DoubleField
 
-    for name in ("l0_coefficient", "jumprelu_bandwidth", "matryoshka_prefixes"):
-        add_column_if_missing(db, "training", name, param_column(BY_NAME[name]))
-    from .models import ActivationSet, Template, complete, seed_architecture_presets, seed_hard_source
+    from .migration_rows import PRESETS, SOURCES
+    from .models import ActivationSet, Template
 
+    for name, field in (("l0_coefficient", DoubleField(null=True)), ("jumprelu_bandwidth", DoubleField(null=True)),
+                        ("matryoshka_prefixes", CharField(null=True))):
+        add_column_if_missing(db, "training", name, field)
     if not ActivationSet.select().where(ActivationSet.name.startswith("Synthetic (hierarchical)")).exists():
-        seed_hard_source()  # migration 1 seeds it on a fresh database
+        _insert_source(db, SOURCES[1])  # migration 1 seeds it on a fresh database
     for template in Template.select(Template.id, Template.config):  # older templates get the new fields
-        Template.update(config=complete(template.config)).where(Template.id == template.id).execute()
+        Template.update(config=_complete_v12(template.config)).where(Template.id == template.id).execute()
     if not Template.select().where(Template.builtin == True, Template.name.contains("JumpReLU")).exists():  # noqa: E712
-        for preset in list(Template.select().where(Template.builtin == True, Template.name.contains("TopK k="))):  # noqa: E712
-            common = {key: value for key, value in preset.config.items() if key not in ("architecture", "k", "l1_alpha")}
-            seed_architecture_presets(preset.d_in, preset.config["latent_dim"], preset.config["k"], common)
+        widths = {preset.d_in for preset in Template.select(Template.d_in).where(
+            Template.builtin == True, Template.name.contains("TopK k="))}  # noqa: E712
+        for row in PRESETS:  # BatchTopK, JumpReLU and Matryoshka at each width that has a TopK preset
+            if row["d_in"] in widths and row["config"]["architecture"] in ("batchtopk", "jumprelu", "matryoshka"):
+                _insert_preset(db, row)
+
+
+# A template's fields and their defaults, and the architectures each architecture-specific one
+# applies to, as they stood when migration 12 shipped (a copy: training_config keeps changing).
+_TEMPLATE_DEFAULTS_V12 = {
+    "architecture": "standard", "latent_dim": 1024, "l1_alpha": 0.003, "k": 32, "learning_rate": 0.001,
+    "batch_size": 512, "total_steps": 2000, "lr_warmup_steps": 100, "l1_warmup_steps": 200, "target_l0": 0.02,
+    "l0_coefficient": 10.0, "jumprelu_bandwidth": 0.05, "matryoshka_prefixes": "", "steer_l1_alpha": False,
+    "precision": "auto"}
+_APPLIES_V12 = {"l1_alpha": ("standard",), "k": ("topk", "batchtopk", "matryoshka"), "l0_coefficient": ("jumprelu",),
+                "jumprelu_bandwidth": ("jumprelu",), "matryoshka_prefixes": ("matryoshka",)}
+
+
+def _complete_v12(config: dict) -> dict:
+    """A template's config with every template field of migration 12 (defaults, then nulls where
+    the architecture has no use), as ``models.complete`` did then."""
+    full = {**_TEMPLATE_DEFAULTS_V12, **config}
+    for name, architectures in _APPLIES_V12.items():
+        if full["architecture"] not in architectures:
+            full[name] = None
+    if full["architecture"] != "standard":
+        full["steer_l1_alpha"] = False
+    return {name: full[name] for name in _TEMPLATE_DEFAULTS_V12}
 
 
 def _migration_13_downstream(db) -> None:
@@ -201,13 +257,17 @@ def _migration_14_l0_model(db) -> None:
     """The L0 model replaces the old calibration: an auto-tune knows the run it tunes for, and the built-in standard presets take the model's l1_alpha with steering on."""
     from peewee import IntegerField
 
-    from .models import Template, refresh_standard_preset
+    from .migration_rows import PRESETS
+    from .models import Template
 
     add_column_if_missing(db, "tune_job", "run_steps", IntegerField(null=True))
     add_column_if_missing(db, "tune_job", "run_batch", IntegerField(null=True))
+    # the standard presets as the L0 model of that day (279 measured runs) gave them, by width
+    standard = {row["d_in"]: row for row in PRESETS if row["config"]["architecture"] == "standard"}
     for preset in Template.select().where(Template.builtin == True):  # noqa: E712
-        if preset.config.get("architecture") == "standard":
-            refresh_standard_preset(preset)
+        row = standard.get(preset.d_in)
+        if preset.config.get("architecture") == "standard" and row is not None:
+            Template.update(config=row["config"], provenance=row["provenance"]).where(Template.id == preset.id).execute()
 
 
 def _migration_15_fencing(db) -> None:

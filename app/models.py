@@ -461,47 +461,6 @@ TEMPLATE_FIELDS = training_config.TEMPLATE_FIELDS
 PRESET_WIDTHS = (384, 512, 768, 1024, 2048, 2304, 4096)
 
 
-def refresh_standard_preset(preset: Template) -> None:
-    """Give a built-in preset whose architecture tunes its presets (the standard SAE's l1_alpha from the
-    L0 model for its length, with steering on) those settings, and save it."""
-    from .sae import architectures
-
-    arch = architectures.get(preset.config["architecture"])
-    settings, preset.provenance = arch.tuned_preset(preset.d_in, preset.config)
-    preset.config = complete({**preset.config, **settings})
-    preset.save()
-
-
-def seed_templates() -> None:
-    """Presets for common model widths and every architecture (each architecture's ``presets``)."""
-    import math
-
-    for d_in in PRESET_WIDTHS:
-        latent = 8 * d_in
-        k = 32 if d_in <= 1024 else 64
-        target = k / latent
-        lr = 1e-3 if latent <= 16_384 else float(f"{1e-3 * math.sqrt(16_384 / latent):.2g}")
-        common = {"latent_dim": latent, "learning_rate": lr, "batch_size": 4096, "total_steps": 30_000,
-                  "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "target_l0": round(target, 6), "precision": "auto"}
-        seed_architecture_presets(d_in, latent, k, common, since=None)
-
-
-def seed_architecture_presets(d_in: int, latent: int, k: int, common: dict, *, since: int | None = 12) -> None:
-    """The presets for one width of the architectures whose presets came with schema version ``since``
-    (``Architecture.presets_since``; migration 12 seeds BatchTopK, JumpReLU and Matryoshka's on an older
-    database); ``None``: every architecture's (a fresh database)."""
-    from .sae import architectures
-
-    for arch in architectures.all():
-        if since is not None and arch.presets_since != since:
-            continue
-        for title, settings, provenance in arch.presets(d_in, latent, k, common):
-            Template.create(name=f"d_in {d_in} · {title} · {latent:,} latents", d_in=d_in, builtin=True,
-                            config=complete({"architecture": arch.name, "l1_alpha": None, "k": None, **common,
-                                             **settings}),
-                            provenance=provenance)
-
-
 def complete(config: dict) -> dict:
     """A template's config with every template field (defaults, then nulls where the architecture has no use)."""
     names = [p.name for p in training_config.PARAMS if p.template]
@@ -566,29 +525,9 @@ class Installation(BaseModel):
 ALL_MODELS = [User, ApiToken, UserSession, LoginThrottle, ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
               FeatureStat, WorkerBeat, DownstreamEval, Installation]
 
+# The default source as a spec (benchmarks build it); migration 1 writes it as a row (app/migration_rows.py).
 DEFAULT_SYNTHETIC = {
     "name": "Synthetic: 512 ground-truth features in d_in 256, ~5 active per token",
     "d_in": 256, "n_features": 512, "mean_active": 5.0, "seed": 0,
 }
 
-
-HARD_SYNTHETIC = {
-    "name": "Synthetic (hierarchical): 2,048 ground-truth features in d_in 256, hierarchy, correlation, "
-            "Zipfian frequencies, ~15 active per token",
-    "d_in": 256, "n_features": 2048, "mean_active": 16.0, "seed": 0, "structure": "hierarchical",
-}
-
-
-def seed_default_sources() -> None:
-    """The embedded default source, so a first training needs nothing downloaded."""
-    spec = dict(DEFAULT_SYNTHETIC)
-    ActivationSet.create(
-        name=spec.pop("name"), kind="synthetic", d_in=spec.pop("d_in"), n_tokens=None, params=spec)
-    seed_hard_source()
-
-
-def seed_hard_source() -> None:
-    """The built-in harder ground truth (hierarchy, correlation, Zipf): what SAE benchmarks test on."""
-    spec = dict(HARD_SYNTHETIC)
-    ActivationSet.create(
-        name=spec.pop("name"), kind="synthetic", d_in=spec.pop("d_in"), n_tokens=None, params=spec)

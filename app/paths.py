@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from .errors import UserError
+
 # The Hub's rules (huggingface_hub.utils.validate_repo_id, in ASCII): each part 1 to 96
 # characters of letters, digits, "_", "-" and ".", starting and ending with a letter, digit
 # or "_"; no "--" or ".."; not ending in ".git".
@@ -31,7 +33,7 @@ DATASET_BUILDERS = frozenset({
     "pdb", "pdffolder", "spark", "sql", "text", "tsfile", "videofolder", "vortex", "webdataset", "xml"})
 
 
-class PathRefused(ValueError):
+class PathRefused(UserError, ValueError):
     """The name is neither a Hub name nor a folder under the roots; safe to show."""
 
 

@@ -1,6 +1,9 @@
 """The schema and its migrations: fresh databases and upgrades end in the same place."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from playhouse.migrate import SchemaMigrator, migrate as run_migrations
 
 from app.db import MIGRATIONS, SchemaVersion, database, migrate
@@ -48,3 +51,80 @@ def test_a_version_1_database_is_upgraded(app):
     assert migrate() == len(MIGRATIONS)
     assert set(added) <= columns("training")
     assert "tune_job" in db.get_tables() and Template.select().where(Template.builtin == True).count() == 42  # noqa: E712 - 7 widths × 6 architectures
+
+
+# A fresh database's built-in rows as migrations 1-19 wrote them before the migrations were frozen
+# (computed then, by the seed functions and the L0 model of that day, and kept as data). The test
+# compares against this file, not against app/migration_rows.py or live seed code: an edit of
+# either that changes what a migration writes fails here.
+EXPECTED = json.loads((Path(__file__).parent / "fresh_database_rows.json").read_text())
+
+
+# Migration 20's rows: a Gated preset beside each width's TopK preset (literal data in app/db.py).
+GATED = {"architecture": "gated", "k": None, "l1_alpha": 0.03, "steer_l1_alpha": True}
+
+
+def built_in_rows(*, since: int = 0) -> tuple[list[dict], list[dict]]:
+    """The built-in templates (those the migrations before 20 wrote, or with ``since=20`` migration 20's) and sources."""
+    templates = [{"name": t.name, "d_in": t.d_in, "builtin": t.builtin, "provenance": t.provenance, "config": t.config}
+                 for t in Template.select().where(Template.builtin == True).order_by(Template.id)]  # noqa: E712
+    gated = [t for t in templates if t["config"]["architecture"] == GATED["architecture"]]
+    templates = gated if since == 20 else [t for t in templates if t not in gated]
+    sources = [{"name": s.name, "kind": s.kind, "d_in": s.d_in, "n_tokens": s.n_tokens, "path": s.path,
+                "params": s.params} for s in ActivationSet.select().order_by(ActivationSet.id)]
+    return templates, sources
+
+
+def test_a_fresh_database_holds_exactly_the_built_in_rows_it_always_had(app):
+    templates, sources = built_in_rows()
+    assert sources == EXPECTED["sources"]
+    assert len(templates) == 35 and templates == EXPECTED["templates"]
+    topk = [t for t in templates if t["config"]["architecture"] == "topk"]
+    gated, _ = built_in_rows(since=20)
+    assert [g["config"] for g in gated] == [{**t["config"], **GATED} for t in topk]
+    assert [g["d_in"] for g in gated] == [t["d_in"] for t in topk] and all(" · Gated · " in g["name"] for g in gated)
+    # the order of each config's keys too (pages list a template's fields in it)
+    assert [list(t["config"]) for t in templates] == [list(t["config"]) for t in EXPECTED["templates"]]
+
+
+def test_the_migrations_call_no_seed_code():
+    """What a migration writes is data (app/migration_rows.py) or a private copy: never a call
+    into code that keeps changing (seed functions, the L0 model, training_config)."""
+    import ast
+    import inspect
+
+    from app import db as db_module
+
+    tree = ast.parse(inspect.getsource(db_module))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            names = [alias.name for alias in node.names]
+            assert node.module in ("models", "migration_rows", None), f"a migration imports app.{node.module}"
+            if node.module is None:
+                assert names == ["models"], names
+            if node.module == "models":  # tables only (classes): no function of the models module
+                assert all(name[0].isupper() for name in names), names
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "models":
+            assert node.attr[0].isupper(), f"a migration calls models.{node.attr}"
+
+
+def test_an_upgrade_through_the_preset_migrations_ends_with_the_same_rows(app):
+    """A database from before migration 12 (no BatchTopK, JumpReLU or Matryoshka presets, no hard
+    source) whose standard presets still hold an older l1_alpha ends with the rows a fresh one has."""
+    hard = ActivationSet.get(ActivationSet.name.startswith("Synthetic (hierarchical)"))
+    hard.delete_instance()
+    for t in Template.select().where(Template.builtin == True):  # noqa: E712
+        if t.config["architecture"] in ("batchtopk", "jumprelu", "matryoshka"):
+            t.delete_instance()
+        elif t.config["architecture"] == "standard":
+            t.config = {key: value for key, value in t.config.items()
+                        if key not in ("l0_coefficient", "jumprelu_bandwidth", "matryoshka_prefixes")}
+            t.config["l1_alpha"], t.config["steer_l1_alpha"] = 0.0042, False
+            t.provenance = "an older calibration"
+            t.save()
+    SchemaVersion.update(version=11).execute()
+    assert migrate() == len(MIGRATIONS)
+    templates, sources = built_in_rows()
+    assert sources == EXPECTED["sources"]
+    key = lambda row: row["name"]  # noqa: E731 - the re-added presets come after the kept ones
+    assert sorted(templates, key=key) == sorted(EXPECTED["templates"], key=key)

@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .capture_names import BUNDLED_MINILM, SITES
 from .hub import bundled_minilm_path, max_positions
 from .store import ShardWriter
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(UserError, RuntimeError):
     """Extraction cannot go on; the message is for the user."""
 
 

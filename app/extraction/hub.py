@@ -12,13 +12,14 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import UserError
 from .capture_names import BUNDLED_MINILM
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 
 
-class ModelNameError(ValueError):
+class ModelNameError(UserError, ValueError):
     """The model cannot be loaded; the message says why, for the user."""
 
 

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 SHARD_BYTES = 64 * 2**20
 INDEX_COLUMNS = ("token_id", "document", "position")
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """The store is missing or inconsistent; the message says what, for the user."""
 
 

@@ -19,12 +19,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 COLUMN_SUFFIXES = (".jsonl", ".csv", ".parquet")
 STDLIB_LABEL = "Python standard library docstrings (offline)"
 
 
-class TextSourceError(ValueError):
+class TextSourceError(UserError, ValueError):
     """The corpus cannot be read as text; the message says why, for the user."""
 
     def __init__(self, message: str, field: str = "text_file") -> None:

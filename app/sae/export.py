@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load, save
 
 from . import architectures
+from ..errors import UserError
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -34,7 +35,7 @@ HOOK_NAMES = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.
 MIN_FREQUENCY = 1e-10  # log10 density of a latent that never fired: -10, as SAELens' sparsity files do
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(UserError, ValueError):
     """The files are not an SAE in the SAELens layout we can use; the message says why."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .export import LoadedSAE
 from . import architectures
 from .models import SparseAutoencoder, inference_sae
@@ -25,7 +26,7 @@ from .models import SparseAutoencoder, inference_sae
 RECOVERED_COSINE = 0.9
 
 
-class FeatureError(ValueError):
+class FeatureError(UserError, ValueError):
     """The SAE and the source do not fit together; the message is for the user."""
 
 

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 FLOAT_DTYPES = {"float16", "float32", "float64"}
 SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64"}
 SCAN_ROWS = 65536
 
 
-class ActivationFileError(ValueError):
+class ActivationFileError(UserError, ValueError):
     """The file cannot be used as activations; the message says why, for the user."""
 
 

@@ -15,7 +15,7 @@ from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
 from .formatting import progress_view
-from .records import MAX_ID, external_url, get_or_404
+from .records import MAX_ID, external_url, get_or_404, get_training_or_404
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -106,10 +106,6 @@ def page_of(query, model, params: dict, key: str, to_dict) -> dict:
     rows = rows[:limit]
     following = {**request.args.to_dict(), "limit": limit, "before_id": rows[-1].id} if more else None
     return {key: [to_dict(r) for r in rows], "next": external_url(request.endpoint, **following) if more else None}
-
-
-def get_training_or_404(training_id: int) -> Training:
-    return get_or_404(Training, training_id, "training")
 
 
 def unavailable(exc: QueueUnavailable) -> tuple[dict, int]:

@@ -1,21 +1,19 @@
 """Extraction: capture a transformer's activations over a text corpus (form, progress, cancel)."""
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
-
 from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import security
 from ..auth import require_change
 from ..extraction.capture_names import SITES
-from ..extraction.text import TEXT_SUFFIXES, TextSourceError, TextSpec, check_corpus
+from ..extraction.text import TEXT_SUFFIXES, TextSourceError, TextSpec
 from ..forms import ExtractionForm
 from ..models import Extraction
 from ..work import deletion, lifecycle
 from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
+from ..work.sources import drop_text_upload, store_text_upload
 from .records import delete_flow, get_or_404
 
 bp = Blueprint("extractions", __name__, url_prefix="/extractions")
@@ -33,26 +31,13 @@ def index():
 
 
 def _store_text_upload(form: ExtractionForm) -> TextSpec | None:
-    """Keep an uploaded corpus under DATA_DIR/texts once it reads as text; otherwise errors, nothing kept."""
-    upload = form.text_file.data
-    suffix = Path(upload.filename or "").suffix.lower()
-    if suffix not in TEXT_SUFFIXES:
-        form.text_file.errors.append(f"Refused: unsupported file type {suffix or '(none)'}; use "
-                                     f"{', '.join(TEXT_SUFFIXES)}. Nothing was kept.")
-        return None
-    folder = Path(current_app.config["DATA_DIR"]) / "texts"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{uuid.uuid4().hex}{suffix}"
-    upload.save(path)
-    spec = TextSpec("file", path=str(path), column=(form.text_column.data or "text").strip())
+    """Keep an uploaded corpus once it reads as text; otherwise errors on the form, nothing kept."""
     try:
-        check_corpus(spec)
+        return store_text_upload(current_app.config, form.text_file.data, (form.text_column.data or "text").strip())
     except TextSourceError as exc:
-        path.unlink(missing_ok=True)
         field = form.text_column if exc.field == "text_column" else form.text_file
         field.errors.append(f"Refused: {exc}. Nothing was kept.")
         return None
-    return spec
 
 
 @bp.post("/")
@@ -70,8 +55,7 @@ def start():
     try:
         job = create_extraction(current_app.config, d, spec, created_by=g.user.id)
     except QueueUnavailable as exc:
-        if spec.path:
-            Path(spec.path).unlink(missing_ok=True)
+        drop_text_upload(spec)
         form.form_errors.append(f"Not started: {exc}. Nothing was kept; try again once the queue is back.")
         return render_index(form, 503)
     return redirect(url_for("extractions.show", extraction_id=job.id), code=303)

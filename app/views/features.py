@@ -5,10 +5,7 @@ import csv
 import io
 import json
 import re
-import uuid
-from pathlib import Path
 
-import numpy as np
 from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -16,13 +13,14 @@ from .. import charts, security
 from ..auth import require_change
 from ..forms import FeatureJobForm, ImportSAEForm
 from ..models import ActivationSet, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Training
-from ..sae.export import (CFG, SAEFormatError, WEIGHTS, export_files, files_from_zip, hook_name, parse_saelens,
-                          read_checkpoint, zip_bytes)
+from ..sae.export import SAEFormatError
 from ..work import deletion, lifecycle
+from ..work.exports import NoSAE, read_upload, saelens_zip, store_imported_sae
 from ..work.features import create_feature_job
+from ..work.training import run_folder
 from ..work.queue import QueueUnavailable
 from ..work.resources import TooLarge, check_memory, feature_bytes
-from .records import delete_flow, get_or_404, id_arg
+from .records import delete_flow, get_or_404, get_training_or_404, id_arg
 
 bp = Blueprint("features", __name__)
 
@@ -36,10 +34,6 @@ def get_job_or_404(job_id: int) -> FeatureJob:
     return get_or_404(FeatureJob, job_id, "feature job")
 
 
-def get_training_or_404(training_id: int) -> Training:
-    return get_or_404(Training, training_id, "training")
-
-
 def latest_feature_job(run: Training) -> FeatureJob | None:
     return run.feature_jobs.order_by(FeatureJob.id.desc()).first()
 
@@ -47,7 +41,7 @@ def latest_feature_job(run: Training) -> FeatureJob | None:
 @bp.post("/trainings/<int:training_id>/features")
 def start_for_run(training_id: int):
     run = get_training_or_404(training_id)
-    if not (Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors").exists():
+    if not (run_folder(run, current_app.config) / "sae.safetensors").exists():
         abort(409, description="This run has no checkpoint yet: feature statistics need a finished run.")
     form = FeatureJobForm()
     if not form.validate_on_submit():
@@ -133,42 +127,13 @@ def latent(job_id: int, latent: int):
 
 # --- export -------------------------------------------------------------------------------
 
-def _run_sae_files(run: Training) -> dict[str, bytes]:
-    folder = Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id)
-    if not (folder / "sae.safetensors").exists():
-        abort(409, description="This run has no checkpoint to export yet.")
-    sae = read_checkpoint(folder)
-    frequencies = np.load(folder / "frequencies.npy") if (folder / "frequencies.npy").exists() else None
-    meta = run.source.params if run.source.kind == "extracted" else {}
-    metadata = {
-        "model_name": meta.get("model"), "hook_name": hook_name(meta.get("site"), meta.get("layer")),
-        "hook_layer": meta.get("layer"), "site": meta.get("site"), "context_size": meta.get("context_length"),
-        "dataset_path": meta.get("text_label") or run.source.name,
-        "sae_studio": {"run_id": run.id, "source": run.source.name, "norm_scale_folded": sae.norm_scale,
-                       "l1_alpha": run.l1_alpha, "steps": run.step, "special_tokens_excluded": meta.get("exclude_special"),
-                       "held_out_l0_fraction": (run.summary or {}).get("l0_fraction"),
-                       "held_out_fvu": (run.summary or {}).get("fvu"),
-                       "architecture": run.architecture, "k": run.k, "target_l0": run.target_l0,
-                       "downstream": _downstream_metadata((run.summary or {}).get("downstream"))},
-    }
-    return export_files(sae, frequencies, metadata)
-
-
-def _downstream_metadata(result: dict | None) -> dict | None:
-    """The downstream evaluation's figures as the export carries them (SAEBench's "core" names)."""
-    if not result:
-        return None
-    keys = ("ce_clean", "ce_spliced", "ce_ablated", "ce_loss_score", "kl_spliced", "kl_ablated", "kl_score",
-            "damage_spliced", "damage_ablated", "fidelity_score", "l2_ratio", "cosine", "relative_reconstruction_bias",
-            "fvu", "tokens")
-    return {key: result[key] for key in keys if key in result}
-
-
 @bp.get("/trainings/<int:training_id>/export/saelens.zip")
 def export_saelens(training_id: int):
     run = get_training_or_404(training_id)
-    folder = f"sae-studio-run-{run.id}"
-    data = zip_bytes(_run_sae_files(run), folder)
+    try:
+        folder, data = saelens_zip(run, current_app.config)
+    except NoSAE as exc:
+        abort(409, description=str(exc))
     return Response(data, mimetype="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{folder}.zip"'})
 
@@ -217,8 +182,7 @@ def import_sae():
         return render_imports(form, 422)
     limit = current_app.config["MAX_UPLOAD_MB"] * 2**20
     try:
-        files = files_from_zip(form.file.data.read(), max_bytes=limit)
-        sae, _ = parse_saelens(files)
+        files, sae = read_upload(form.file.data.read(), max_bytes=limit)
     except SAEFormatError as exc:
         form.file.errors.append(f"Refused: {exc}. Nothing was kept.")
         return render_imports(form, 422)
@@ -233,19 +197,11 @@ def import_sae():
     except TooLarge as exc:
         form.sample_tokens.errors.append(f"{exc} Nothing was kept.")
         return render_imports(form, 422)
-    token = uuid.uuid4().hex
-    folder = Path(current_app.config["DATA_DIR"]) / "imported" / token
-    folder.mkdir(parents=True)
-    for name in (CFG, WEIGHTS):
-        (folder / name).write_bytes(files[name])
     name = (form.name.data or "").strip() or form.file.data.filename or "imported SAE"
-    imported = ImportedSAE.create(name=name, created_by=g.user.id, architecture=sae.architecture, d_in=sae.d_in, d_sae=sae.d_sae, k=sae.k,
-                                  cfg=sae.cfg, path=str(folder.relative_to(current_app.config["DATA_DIR"])))
     try:
-        job = create_feature_job(current_app.config, imported=imported, source=source, created_by=g.user.id,
+        job = store_imported_sae(current_app.config, files, sae, name=name, source=source, created_by=g.user.id,
                                  sample_tokens=form.sample_tokens.data)
     except QueueUnavailable as exc:  # the import is its statistics: without the queue, nothing is kept
-        deletion.delete_imported(imported, current_app.config)
         form.form_errors.append(f"Not imported: {exc}. Nothing was kept; try again once the queue is back.")
         return render_imports(form, 503)
     return redirect(url_for("features.show", job_id=job.id), code=303)

@@ -1,8 +1,6 @@
 """HTML pages and htmx fragments for trainings."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
 
 from .. import charts
@@ -13,15 +11,11 @@ from ..models import Event, MetricPoint, Template, Training
 from ..sae import architectures
 from ..work import deletion, lifecycle
 from ..work.queue import QueueUnavailable
-from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
+from ..work.training import NotResumable, checkpoint_step, create_training, resume_training, run_folder
 from .formatting import progress_view
-from .records import delete_flow, get_or_404, id_arg, id_args
+from .records import delete_flow, get_training_or_404, id_arg, id_args
 
 bp = Blueprint("pages", __name__)
-
-
-def get_training_or_404(training_id: int) -> Training:
-    return get_or_404(Training, training_id, "training")
 
 
 @bp.get("/")
@@ -146,7 +140,7 @@ def progress_context(run: Training) -> dict:
     own = next((j for j in feature_jobs if j.on_run and j.status == "completed"), None)  # the run's, or its owner's
     if own is not None:
         ground_truth = (own.summary or {}).get("ground_truth", ground_truth)
-    checkpoint = Path(current_app.config["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"
+    checkpoint = run_folder(run, current_app.config) / "sae.safetensors"
     latest = run.latest_metric()
     series = chart_series(run)
     summary = run.summary or {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import abort, current_app, redirect, render_template, request, url_for
 
 from ..auth import require_change
+from ..models import Training
 from ..work import deletion
 
 
@@ -33,6 +34,10 @@ def get_or_404(model, record_id: int, what: str):
     if record is None:
         abort(404, description=f"There is no {what} #{record_id}.")
     return record
+
+
+def get_training_or_404(training_id: int) -> Training:
+    return get_or_404(Training, training_id, "training")
 
 
 def delete_flow(record, plan, delete, *, action: str, back: str, done: str):

@@ -3,22 +3,20 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, abort, current_app, g, redirect, render_template, request, url_for
+from flask import Blueprint, Response, current_app, g, redirect, render_template, request, url_for
 
-from ..db import database
-from ..forms import TemplateForm, TrainingForm, json_to_formdata
 from ..auth import require_change
+from ..forms import TemplateForm, TrainingForm, json_to_formdata
 from ..models import Template
 from ..work import deletion
+from ..work.templates import create_template, duplicate_template, import_templates as create_imported, update_template
+from .records import get_or_404
 
 bp = Blueprint("templates", __name__, url_prefix="/templates")
 
 
 def get_template_or_404(template_id: int) -> Template:
-    template = Template.get_or_none(Template.id == template_id)
-    if template is None:
-        abort(404, description=f"There is no template #{template_id}.")
-    return template
+    return get_or_404(Template, template_id, "template")
 
 
 def render_list(import_errors=None, status=200):
@@ -43,7 +41,7 @@ def save_from_form():
         return render_template("_partials/template_saved.html", template=None, problems=problems), 422
     training = TrainingForm()
     source = training.sources.get(training.source_id.data)
-    template = Template.create(name=form.name.data.strip(), created_by=g.user.id, d_in=source.d_in if source else None,
+    template = create_template(name=form.name.data.strip(), created_by=g.user.id, d_in=source.d_in if source else None,
                                config=form.template_config(), provenance=form.provenance.data or "saved from the form")
     return render_template("_partials/template_saved.html", template=template, problems=None)
 
@@ -58,8 +56,8 @@ def edit(template_id: int):
         require_change(template)
         form = TemplateForm()
         if form.validate():
-            Template.update(name=form.name.data.strip(), d_in=form.d_in.data, provenance=form.provenance.data or "",
-                            config=form.template_config(), builtin=False).where(Template.id == template.id).execute()
+            update_template(template, name=form.name.data.strip(), d_in=form.d_in.data,
+                            provenance=form.provenance.data or "", config=form.template_config())
             return redirect(url_for("templates.index"), code=303)
     return render_template("template_edit.html", form=form, template=template), (422 if form.errors else 200)
 
@@ -67,7 +65,7 @@ def edit(template_id: int):
 @bp.post("/<int:template_id>/duplicate")
 def duplicate(template_id: int):
     t = get_template_or_404(template_id)
-    Template.create(name=f"{t.name} (copy)", created_by=g.user.id, d_in=t.d_in, config=t.config, provenance=t.provenance, builtin=False)
+    duplicate_template(t, created_by=g.user.id)
     return redirect(url_for("templates.index"), code=303)
 
 
@@ -128,7 +126,5 @@ def import_templates():
     rows, errors = parse_templates(text)
     if errors:
         return render_list(import_errors=errors + ["Nothing was imported."], status=422)
-    with database.atomic():
-        for row in rows:
-            Template.create(**row, created_by=g.user.id)
+    create_imported(rows, created_by=g.user.id)
     return redirect(url_for("templates.index"), code=303)

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..db import database
+from ..errors import UserError
 from ..models import (ActivationSet, DownstreamEval, Event, Extraction, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Template,
                       Training, TuneJob)
 from .lifecycle import retry_write
+from .training import run_folder
 
 
-class DeleteRefused(ValueError):
+class DeleteRefused(UserError, ValueError):
     """The delete cannot go ahead; the message names what stands in the way."""
 
 
@@ -56,7 +58,7 @@ def plan_training(run: Training, settings: dict) -> DeletePlan:
         running = [e for e in evaluations if e.status == "running"]
         if running and not plan.refused:
             plan.refused = f"A downstream evaluation of it is running ({_ids(running)}): cancel it first."
-    plan.files = [Path(settings["DATA_DIR"]) / "runs" / str(run.id)]
+    plan.files = [run_folder(run, settings)]
     return plan
 
 

@@ -5,19 +5,15 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
-from pathlib import Path
 
 from .. import paths
-from ..db import database
+from ..errors import UserError
 from ..extraction.capture_names import BUNDLED_MINILM, SITES
 from ..models import DownstreamEval, Training
 from . import lifecycle
-from .lifecycle import retry_write
+from .training import run_folder
 
-USER_ERRORS = ("ExtractionError", "TextSourceError", "PathRefused", "TooLarge", "DownstreamError")
-
-
-class DownstreamError(ValueError):
+class DownstreamError(UserError, ValueError):
     """The evaluation cannot run; the message is for the user."""
 
 
@@ -27,7 +23,7 @@ def why_not(run: Training, settings: dict) -> str | None:
         return ("Downstream evaluation splices the SAE into the model its activations came from: it needs a run "
                 "trained on an extraction, and this run's source is "
                 + ("synthetic." if run.source.kind == "synthetic" else "an uploaded file with no model behind it."))
-    if not (Path(settings["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors").exists():
+    if not (run_folder(run, settings) / "sae.safetensors").exists():
         return "This run has no saved SAE yet: evaluate it once it has finished."
     return None
 
@@ -42,14 +38,11 @@ def create_downstream(settings: dict, run: Training, *, token_budget: int | None
 
 def run_downstream(job_id: int) -> str:
     """Splice the run's SAE into its model on held-out text and score what survives."""
-    return lifecycle.run_job(DownstreamEval, job_id, _run)
-
-
-def _run(job: DownstreamEval, settings: dict, stop_check: lifecycle.StopCheck) -> str:
-    return lifecycle.guarded(job, lambda: _evaluate(job, settings, stop_check), user_errors=USER_ERRORS)
+    return lifecycle.run_job(DownstreamEval, job_id, _evaluate)
 
 
 def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
+    from ..extraction.capture import ExtractionError
     from ..extraction.splice import downstream_eval, load_for_eval
     from ..extraction.text import TextSpec, documents
     from ..sae.export import read_checkpoint
@@ -61,7 +54,7 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
         raise DownstreamError(reason)
     meta = run.source.params
     device = resolve_device(settings["SAE_DEVICE"])
-    sae = to_module(read_checkpoint(Path(settings["DATA_DIR"]) / "runs" / str(run.id)), device)
+    sae = to_module(read_checkpoint(run_folder(run, settings)), device)
     spec = TextSpec(**meta["text"])
     if spec.kind == "hf":
         spec = replace(spec, dataset=paths.resolve(spec.dataset, settings, "dataset"))
@@ -85,8 +78,8 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
                                  context_length=int(meta["context_length"]), batch_size=16,
                                  exclude_special=bool(meta.get("exclude_special", True)), device=device,
                                  should_stop=stop_check, on_progress=progress)
-    except Exception as exc:
-        if seen["documents"] == 0 and type(exc).__name__ == "ExtractionError":
+    except ExtractionError as exc:
+        if seen["documents"] == 0:
             raise DownstreamError(f"The corpus holds no documents beyond the {used:,} the extraction read, so there "
                                   "is no held-out text to evaluate on: extract from a larger corpus.") from exc
         raise
@@ -96,23 +89,22 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
                   site=meta["site"])
     result["headline"] = headline(result)
 
-    def complete() -> None:
-        with database.atomic():
-            # the job's own guard first: a stale evaluation never rewrites the run's summary
-            if not DownstreamEval.update(heartbeat_at=lifecycle.utcnow()).where(lifecycle.current(job)).execute():
-                raise lifecycle.superseded(job, "its result on the run")
-            fresh = Training.get_by_id(run.id)
-            summary = dict(fresh.summary or {})
-            summary["downstream"] = result
-            if summary.get("verdict"):
-                summary["verdict"] = {**summary["verdict"], "downstream": result["headline"]}
-            Training.update(summary=summary).where(Training.id == run.id).execute()
-    # the run's copy first: whoever sees the job completed finds its result on the run. Only the
+    def copy_to_run() -> None:
+        fresh = Training.get_by_id(run.id)
+        summary = dict(fresh.summary or {})
+        summary["downstream"] = result
+        if summary.get("verdict"):
+            summary["verdict"] = {**summary["verdict"], "downstream": result["headline"]}
+        Training.update(summary=summary).where(Training.id == run.id).execute()
+
+    # the run's copy in the end's own transaction, behind its guard: whoever sees the job completed
+    # finds its result on the run, and a stale evaluation never rewrites the run's summary. Only the
     # run's own and its owner's evaluations have one; another user's stays on the job's record.
-    if job.on_run:
-        retry_write(complete, what="downstream result")
-    lifecycle.finish(job, "completed", summary=result, progress=1.0)
-    return "completed"
+    lifecycle.finish(job, "completed", summary=result, progress=1.0, then=copy_to_run if job.on_run else None)
+    return lifecycle.ended_as(job) or "superseded"
+
+
+lifecycle.register(lifecycle.JobKind(DownstreamEval, "downstream evaluation", "app.work.downstream.run_downstream"))
 
 
 def headline(r: dict) -> str:

@@ -11,15 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import paths
-from ..db import database
 from ..extraction.capture_names import BUNDLED_MINILM
 from ..models import ActivationSet, Extraction
 from . import lifecycle
-from .lifecycle import retry_write
 from .resources import check_memory, check_model_size, model_bytes
-
-USER_ERRORS = ("ExtractionError", "TextSourceError", "StoreError", "PathRefused", "TooLarge")
-
 
 def named_text_spec(d: dict):
     """The corpus a validated form names without an upload: a Hugging Face dataset or the stdlib."""
@@ -47,78 +42,85 @@ def run_extraction(extraction_id: int) -> str:
 
 
 def _extract(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck) -> str:
-    writer = meta = None
+    """Run the extraction; whatever stops it removes what it wrote (the lifecycle records why)."""
+    writer: list = []  # the store's writer, once it exists
     try:
-        from ..extraction.capture import SITES, extract, find_site, load_model
-        from ..extraction.store import ShardWriter
-        from ..extraction.text import TextSpec, check_corpus, documents
-        from ..sae.files import holdout_rows
-        from ..sae.trainer import resolve_device
+        return _capture(job, settings, stop_check, writer)
+    except Exception as exc:
+        if writer:
+            writer[0].abort()
+            if isinstance(exc, lifecycle.Superseded):  # committed to its final folder, which no source now names
+                shutil.rmtree(writer[0].final_dir, ignore_errors=True)
+        raise
 
-        spec = TextSpec(**job.text)
-        if spec.kind == "hf":  # the web checked the name; the worker checks again where it reads
-            spec = replace(spec, dataset=paths.resolve(spec.dataset, settings, "dataset"))
-        model_name = job.model_name if job.model_name == BUNDLED_MINILM else paths.resolve(job.model_name, settings,
-                                                                                            "model")
-        if model_name != BUNDLED_MINILM:
-            check_model_size(settings, model_name)  # before anything is downloaded
-            size = model_bytes(model_name)
-            if size:  # the weights at the chosen precision, and room for the activations
-                share = 0.5 if job.model_dtype in ("bfloat16", "float16") else 1.0
-                check_memory(settings, int(1.3 * size * share), "The model", "Choose bfloat16, or a smaller model.")
-        check_corpus(spec)  # a bad corpus fails before the model is loaded
-        device = resolve_device(settings["SAE_DEVICE"])
-        lifecycle.fenced_update(job, what="device", device=str(device))
-        tokenizer, model = load_model(model_name, device, job.model_dtype)
-        _, layout, n_layers = find_site(model, job.layer, job.site)
-        d_in = int(model.config.hidden_size)
-        writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)
 
-        def on_progress(p) -> None:
-            lifecycle.fenced_update(job, what="progress", tokens_done=p.tokens, documents_done=p.documents,
-                                    tokens_per_s=p.tokens_per_s)
+def _capture(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck, writers: list) -> str:
+    from ..extraction.capture import SITES, extract, find_site, load_model
+    from ..extraction.store import ShardWriter
+    from ..extraction.text import TextSpec, check_corpus, documents
+    from ..sae.files import holdout_rows
+    from ..sae.trainer import resolve_device
 
-        tokens, docs, stopped = extract(
-            model, tokenizer, documents(spec), writer, layer=job.layer, site=job.site,
-            token_budget=job.token_budget, context_length=job.context_length, batch_size=job.batch_size,
-            exclude_special=job.exclude_special, device=device, on_progress=on_progress, should_stop=stop_check)
-        if stopped:
-            writer.abort()
-            status = "interrupted" if stop_check.interrupted else "cancelled"
-            lifecycle.finish(job, status, reason=stopped + " Nothing was kept.")
-            return status
-        meta = writer.commit({
-            "model": job.model_name, "model_path": getattr(model, "name_or_path", "") or job.model_name,
-            "architecture": type(model).__name__, "layout": layout.name, "n_layers": n_layers,
-            "layer": job.layer, "site": job.site, "site_label": SITES[job.site],
-            "context_length": job.context_length, "model_dtype": job.model_dtype,
-            "exclude_special": job.exclude_special, "text": spec.to_dict(), "text_label": spec.describe(),
-            "documents": docs, "extraction_id": job.id})
-        name = job.name or f"{Path(job.model_name).name} layer {job.layer} {SITES[job.site]}, {spec.describe()}"
+    spec = TextSpec(**job.text)
+    if spec.kind == "hf":  # the web checked the name; the worker checks again where it reads
+        spec = replace(spec, dataset=paths.resolve(spec.dataset, settings, "dataset"))
+    model_name = job.model_name if job.model_name == BUNDLED_MINILM else paths.resolve(job.model_name, settings,
+                                                                                        "model")
+    if model_name != BUNDLED_MINILM:
+        check_model_size(settings, model_name)  # before anything is downloaded
+        size = model_bytes(model_name)
+        if size:  # the weights at the chosen precision, and room for the activations
+            share = 0.5 if job.model_dtype in ("bfloat16", "float16") else 1.0
+            check_memory(settings, int(1.3 * size * share), "The model", "Choose bfloat16, or a smaller model.")
+    check_corpus(spec)  # a bad corpus fails before the model is loaded
+    device = resolve_device(settings["SAE_DEVICE"])
+    lifecycle.fenced_update(job, what="device", device=str(device))
+    tokenizer, model = load_model(model_name, device, job.model_dtype)
+    _, layout, n_layers = find_site(model, job.layer, job.site)
+    d_in = int(model.config.hidden_size)
+    writer = ShardWriter(Path(settings["DATA_DIR"]) / "activations" / str(job.id), d_in, job.dtype)
+    writers.append(writer)
 
-        def complete() -> None:
-            with database.atomic():
-                source = ActivationSet.create(name=name, kind="extracted", d_in=d_in,
-                                              n_tokens=tokens - holdout_rows(tokens), params=meta,
-                                              path=f"activations/{job.id}")
-                if not Extraction.update(status="completed", activation_set=source, tokens_done=tokens,
-                                         documents_done=docs, finished_at=lifecycle.utcnow()).where(
-                        lifecycle.current(job)).execute():
-                    raise lifecycle.superseded(job, "its completion")  # rolls the new source back too
+    def on_progress(p) -> None:
+        lifecycle.fenced_update(job, what="progress", tokens_done=p.tokens, documents_done=p.documents,
+                                tokens_per_s=p.tokens_per_s)
 
-        retry_write(complete, what="complete extraction")
-        return "completed"
-    except lifecycle.Superseded:
-        if writer is not None:
-            writer.abort()
-            if meta is not None:  # committed to its final folder, which no source now names
-                shutil.rmtree(writer.final_dir, ignore_errors=True)
-        return "superseded"
-    except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
-        if writer is not None:
-            writer.abort()
-        user_error = type(exc).__name__ in USER_ERRORS
-        lifecycle.fail(job, (str(exc) if user_error else f"{type(exc).__name__}: {exc}") + " Nothing was kept.")
-        if not user_error:
-            raise
-        return "failed"
+    tokens, docs, stopped = extract(
+        model, tokenizer, documents(spec), writer, layer=job.layer, site=job.site,
+        token_budget=job.token_budget, context_length=job.context_length, batch_size=job.batch_size,
+        exclude_special=job.exclude_special, device=device, on_progress=on_progress, should_stop=stop_check)
+    if stopped:
+        writer.abort()
+        status = "interrupted" if stop_check.interrupted else "cancelled"
+        lifecycle.finish(job, status, reason=stopped + " Nothing was kept.")
+        return lifecycle.ended_as(job) or "superseded"
+    meta = writer.commit({
+        "model": job.model_name, "model_path": getattr(model, "name_or_path", "") or job.model_name,
+        "architecture": type(model).__name__, "layout": layout.name, "n_layers": n_layers,
+        "layer": job.layer, "site": job.site, "site_label": SITES[job.site],
+        "context_length": job.context_length, "model_dtype": job.model_dtype,
+        "exclude_special": job.exclude_special, "text": spec.to_dict(), "text_label": spec.describe(),
+        "documents": docs, "extraction_id": job.id})
+    name = job.name or f"{Path(job.model_name).name} layer {job.layer} {SITES[job.site]}, {spec.describe()}"
+
+    def become_a_source() -> None:  # in the end's transaction: a superseded end rolls nothing in
+        source = ActivationSet.create(name=name, kind="extracted", d_in=d_in, n_tokens=tokens - holdout_rows(tokens),
+                                      params=meta, path=f"activations/{job.id}")
+        Extraction.update(activation_set=source).where(Extraction.id == job.id).execute()
+
+    if not lifecycle.finish(job, "completed", tokens_done=tokens, documents_done=docs, then=become_a_source):
+        raise lifecycle.Superseded(f"extraction {job.id}: its completion")  # its committed store is removed
+    return "completed"
+
+
+def _failure(job: Extraction, exc: Exception, reason: str, settings: dict) -> dict:
+    return {"reason": reason + " Nothing was kept."}
+
+
+def _interrupted(job: Extraction, reason: str, settings: dict) -> None:
+    """An extraction whose worker stopped leaves its partial store: it is removed."""
+    shutil.rmtree(Path(settings["DATA_DIR"]) / "activations" / f".partial-{job.id}", ignore_errors=True)
+
+
+lifecycle.register(lifecycle.JobKind(Extraction, "extraction", "app.work.extraction.run_extraction",
+                                     failure=_failure, interrupted=_interrupted))

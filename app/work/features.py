@@ -12,7 +12,6 @@ from . import lifecycle
 from .lifecycle import retry_write
 from .resources import check_memory, feature_bytes
 
-USER_ERRORS = ("FeatureError", "SAEFormatError", "StoreError", "TooLarge", "PathRefused")
 INSERT_BATCH = 200
 
 
@@ -33,11 +32,16 @@ def run_features(job_id: int) -> str:
 
 
 def _run(job: FeatureJob, settings: dict, stop_check: lifecycle.StopCheck) -> str:
-    def drop_partial() -> None:
-        retry_write(FeatureStat.delete().where(FeatureStat.job == job.id).execute, what="drop partial stats")
-
-    return lifecycle.guarded(job, lambda: _features(job, settings, stop_check), user_errors=USER_ERRORS,
-                             cleanup=drop_partial)
+    """Compute the statistics; a job that stops before its end drops the rows it wrote (the
+    lifecycle records why). Rows of a superseded job are another attempt's: they stay."""
+    try:
+        return _features(job, settings, stop_check)
+    except lifecycle.Superseded:
+        raise
+    except Exception:
+        if not lifecycle.ended_as(job):
+            retry_write(FeatureStat.delete().where(FeatureStat.job == job.id).execute, what="drop partial stats")
+        raise
 
 
 def _features(job: FeatureJob, settings: dict, stop_check) -> str:
@@ -46,12 +50,12 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
     from ..sae import features as F
     from ..sae.export import parse_saelens, read_checkpoint
     from ..sae.trainer import resolve_device
-    from .training import build_source
+    from .training import build_source, run_folder
 
     data_dir = Path(settings["DATA_DIR"])
     device = resolve_device(settings["SAE_DEVICE"])
     if job.training_id:
-        loaded = read_checkpoint(data_dir / "runs" / str(job.training_id))
+        loaded = read_checkpoint(run_folder(job.training_id, settings))
     else:
         folder = data_dir / job.imported.path
         loaded, _ = parse_saelens({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
@@ -144,6 +148,9 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
 
         retry_write(note_recovery, what="ground truth")
     return "completed"
+
+
+lifecycle.register(lifecycle.JobKind(FeatureJob, "feature job", "app.work.features.run_features"))
 
 
 def _sample_rows(source, n: int, device):

@@ -15,7 +15,13 @@ The database row is the truth; Redis only carries the job. So:
   every write a job makes (heartbeat, progress, metrics, events, checkpoint, its end) is
   conditional on that attempt still being the row's, and the row still running, in the same
   statement or transaction. A process that was stopped, swept and woke up after another
-  worker resumed its record finds itself ``Superseded`` and stops without writing.
+  worker resumed its record finds itself ``Superseded`` and stops without writing;
+- a job's end is recorded one way (``run_job`` → ``finish``/``fail``): a failure, an interrupt
+  and a stop all go through ``outcome``, whatever the kind.
+
+This module knows no kind of work by name: each job module ``register``s a ``JobKind`` (its
+model, its label, its job function, what its failure and its interrupt write), and importing
+``app.work`` imports every job module, so the registry is full wherever the lifecycle runs.
 """
 from __future__ import annotations
 
@@ -26,35 +32,71 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from peewee import InterfaceError, OperationalError
 
 from ..db import database
-from ..models import Event, JobRecord, Training, utcnow
+from ..errors import UserError, redact
+from ..models import Event, JobRecord, utcnow
 from . import queue
 
 log = logging.getLogger(__name__)
 
-# The job function and the reader's name for each kind of record.
-JOB_FUNCTIONS = {
-    "Training": "app.work.training.run_training",
-    "TuneJob": "app.work.tune.run_tune",
-    "Extraction": "app.work.extraction.run_extraction",
-    "FeatureJob": "app.work.features.run_features",
-    "DownstreamEval": "app.work.downstream.run_downstream",
-}
-KIND_LABELS = {"Training": "training", "TuneJob": "auto-tune", "Extraction": "extraction",
-               "FeatureJob": "feature job", "DownstreamEval": "downstream evaluation"}
+
+# --- the kinds of work, as each job module registers its own -----------------------------
+
+@dataclass(frozen=True)
+class Interrupt:
+    """What marking a record interrupted writes besides its status: the reason as it is shown,
+    more fields, and a further condition for the UPDATE (None: the attempt and status suffice)."""
+
+    reason: str
+    fields: dict
+    where: object = None
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What the lifecycle needs to know about one kind of record."""
+
+    model: type[JobRecord]
+    label: str  # the reader's name for it: "training", "auto-tune"
+    function: str  # its job function's dotted path, as the queue carries it (the web never imports it)
+    events: bool = False  # it keeps an event log (``Event`` rows): a cancel before it started is noted there
+    # the fields its failure writes, given the exception and the default reason (at least ``reason``)
+    failure: Callable[[JobRecord, Exception, str, dict], dict] | None = None
+    # what marking it interrupted writes (the reason given, settings) ...
+    interrupt: Callable[[JobRecord, str, dict], Interrupt] | None = None
+    # ... and what follows once the row is marked (an event, removing partial files)
+    interrupted: Callable[[JobRecord, str, dict], None] | None = None
+
+
+KINDS: dict[type[JobRecord], JobKind] = {}
+
+
+def register(kind: JobKind) -> JobKind:
+    """Make a kind of work known to the lifecycle (each job module does, on import)."""
+    KINDS[kind.model] = kind
+    return kind
+
+
+def kind_of(record: JobRecord | type[JobRecord]) -> JobKind:
+    return KINDS[record if isinstance(record, type) else type(record)]
 
 
 def job_models() -> list[type[JobRecord]]:
-    from ..models import DownstreamEval, Extraction, FeatureJob, TuneJob
+    return [kind.model for kind in KINDS.values()]
 
-    return [Training, TuneJob, Extraction, FeatureJob, DownstreamEval]
+
+def job_functions() -> dict[str, JobKind]:
+    """Every job function the worker may run, by dotted path."""
+    return {kind.function: kind for kind in KINDS.values()}
 
 
 def label(record: JobRecord) -> str:
-    return KIND_LABELS.get(type(record).__name__, "job")
+    kind = KINDS.get(type(record))
+    return kind.label if kind is not None else "job"
 
 
 # --- writes that wait out a busy database ---------------------------------------------
@@ -166,7 +208,7 @@ def create_and_enqueue(model: type[JobRecord], fields: dict, settings: dict) -> 
 def enqueue(record: JobRecord, settings: dict) -> None:
     """Put a queued record's job on the queue and note its RQ job id on the row."""
     name = type(record).__name__
-    job_id = queue.enqueue(settings, JOB_FUNCTIONS[name], record.id, f"{name} {record.id}")
+    job_id = queue.enqueue(settings, kind_of(record).function, record.id, f"{name} {record.id}")
     update_record(record, rq_job_id=job_id, what="note job id")
     record.rq_job_id = job_id
 
@@ -187,9 +229,10 @@ def connect() -> dict:
 
 def run_job(model: type[JobRecord], record_id: int, body: Callable[[JobRecord, dict, StopCheck], str]) -> str:
     """The one way a job runs: claim its queued row, stamp heartbeats while ``body`` works,
-    close the connection whatever happens. ``body(record, settings, stop_check)`` returns the
-    final status and records its own outcome; a row deleted or cancelled while it waited is
-    left alone."""
+    record how it ended (``outcome``), close the connection whatever happens.
+    ``body(record, settings, stop_check)`` ends the record itself when it comes to an end
+    (``finish``) and returns the final status; an exception it raises ends it through
+    ``outcome``. A row deleted or cancelled while it waited is left alone."""
     settings = connect()
     try:
         record = load(model, record_id)
@@ -209,7 +252,7 @@ def run_job(model: type[JobRecord], record_id: int, body: Callable[[JobRecord, d
             enqueue(record, settings)
             return "waiting"
         with Heartbeat(record, settings["HEARTBEAT_S"]) as heartbeat:
-            return body(record, settings, StopCheck(record, heartbeat))
+            return outcome(record, settings, lambda: body(record, settings, StopCheck(record, heartbeat)))
     finally:
         database.close()
 
@@ -243,52 +286,44 @@ def claim(record: JobRecord, **extra) -> bool:
     return claimed
 
 
-def redact(text: str | None) -> str | None:
-    """A reason as shown to users: no credentials in URLs, no absolute server paths."""
-    from ..config import ROOT
+def outcome(job: JobRecord, settings: dict, work: Callable[[], str]) -> str:
+    """Run a job's ``work`` and record how it ended, the same way for every kind:
 
-    if not text:
-        return text
-    text = queue.redact(text)
-    for path, label in ((os.environ.get("DATA_DIR"), "DATA_DIR"), (str(ROOT), "<app>"),
-                        (os.path.expanduser("~"), "~")):
-        if path and len(path) > 1:
-            text = text.replace(path, label)
-    return text
+    - ``Superseded``: another attempt holds the record; nothing is written;
+    - ``InterruptedError`` (a stop check said so): ended interrupted (on shutdown) or cancelled;
+    - a ``UserError``: failed with its message as it is, not raised again;
+    - any other exception: failed with its type and message, then raised again for RQ.
 
-
-def guarded(job: JobRecord, work: Callable[[], str], *, user_errors: tuple[str, ...],
-            cleanup: Callable[[], None] | None = None) -> str:
-    """Run a job's ``work`` and close the record however it ends: ``InterruptedError`` (the stop
-    check said so) ends it interrupted or cancelled, any other exception fails it with its message,
-    and ``cleanup`` runs first. Errors named in ``user_errors`` are the user's: recorded, not raised."""
+    A kind's ``failure`` hook says what its failure writes (its reason, more fields, an event).
+    An exception after the job ended its record leaves that end (and its results) standing."""
     try:
         return work()
     except Superseded:
         return "superseded"  # logged where it was found; the record is another attempt's now
     except InterruptedError as exc:
-        if cleanup is not None:
-            cleanup()
         status = "interrupted" if SHUTDOWN.is_set() else "cancelled"
-        finish(job, status, reason=str(exc))
-        return status
+        return status if finish(job, status, reason=str(exc)) else "superseded"
     except Exception as exc:  # noqa: BLE001 - recorded on the row; user errors are not re-raised
         if ended_as(job):  # it broke after it ended its record: that end stands, and so do its results
             log.exception("%s %s failed after it ended %s", label(job), job.id, ended_as(job))
             return ended_as(job)
-        if cleanup is not None:
-            cleanup()
-        user_error = type(exc).__name__ in user_errors
-        fail(job, str(exc) if user_error else f"{type(exc).__name__}: {exc}")
+        user_error = isinstance(exc, UserError)
+        reason = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
+        kind = KINDS.get(type(job))
+        fields = kind.failure(job, exc, reason, settings) if kind is not None and kind.failure else {"reason": reason}
+        fail(job, **fields)
         if not user_error:
             raise
         return "failed"
 
 
-def finish(record: JobRecord, status: str, *, event: dict | None = None, **fields) -> bool:
-    """End the record this process holds with ``status`` (and, for a training, its closing
-    ``event`` in the same transaction); False, with nothing written, if the process no longer
-    holds it (swept, resumed elsewhere, deleted)."""
+def finish(record: JobRecord, status: str, *, event: dict | None = None, then: Callable[[], None] | None = None,
+           **fields) -> bool:
+    """End the record this process holds with ``status``; False, with nothing written, if the
+    process no longer holds it (swept, resumed elsewhere, deleted). In the same transaction,
+    after the conditional UPDATE (which holds the row until the commit): its closing ``event``
+    (kinds with an event log) and ``then``, the writes that go with the end (a new source, a
+    result copied onto a run)."""
     if "reason" in fields:
         fields["reason"] = redact(fields["reason"])
     model = type(record)
@@ -304,6 +339,8 @@ def finish(record: JobRecord, status: str, *, event: dict | None = None, **field
                 return False
             if event is not None:
                 Event.create(training=record.id, attempt=record.attempt, **{**event, "message": redact(event["message"])})
+            if then is not None:
+                then()
             return True
 
     ended = retry_write(write, what=f"finish {status}")
@@ -428,7 +465,7 @@ def request_cancel(record: JobRecord) -> None:
         ended = update_record(record, only_if=("queued",), what="cancel", status="cancelled", cancel_requested=True,
                               reason="Cancelled before it started.", finished_at=utcnow())
         if ended:
-            if isinstance(record, Training):
+            if kind_of(record).events:
                 add_event(record.id, "info", "cancelled", "Cancelled before it started.")
             return
         record = model.get_by_id(record.id)
@@ -464,34 +501,22 @@ def sweep_stale(settings: dict) -> list[JobRecord]:
 
 def mark_interrupted(record: JobRecord, reason: str, settings: dict, *, only_if_silent=None) -> bool:
     """End the attempt of a running record that ``record`` was read with as ``interrupted`` (only
-    while its heartbeat is still silent, when ``only_if_silent`` says what silent is); trainings
-    say how to resume, extractions drop partial files."""
-    import shutil
-    from pathlib import Path
-
-    model = type(record)
-    extra = {}
-    if isinstance(record, Training):
-        from .training import checkpoint_step
-
-        saved = checkpoint_step(record, settings)
-        reason += (f" The checkpoint at step {saved:,} is kept: press Resume to continue from it."
-                   if saved is not None else " No checkpoint was saved yet: Resume starts it again from step 0.")
-        extra["failed_step"] = record.step
+    while its heartbeat is still silent, when ``only_if_silent`` says what silent is). The kind's
+    ``interrupt`` hook adds to the reason, the fields and the condition (a training names its
+    checkpoint); its ``interrupted`` hook runs once the row is marked (an event, partial files)."""
+    model, kind = type(record), KINDS.get(type(record))
+    plan = (kind.interrupt(record, reason, settings) if kind is not None and kind.interrupt
+            else Interrupt(reason, {}))
     where = (model.id == record.id) & (model.status == "running") & (model.attempt == record.attempt)
-    if isinstance(record, Training):
-        # the reason names the checkpoint read above: one committed since then leaves the row alone
-        where &= (Training.checkpoint_at.is_null() if record.checkpoint_at is None
-                  else Training.checkpoint_at == record.checkpoint_at)
+    if plan.where is not None:
+        where &= plan.where
     if only_if_silent is not None:
         where &= only_if_silent
-    query = model.update(status="interrupted", reason=reason, finished_at=utcnow(), **extra).where(where)
+    query = model.update(status="interrupted", reason=plan.reason, finished_at=utcnow(), **plan.fields).where(where)
     if not retry_write(lambda: _without_waiting_long(query), what="interrupt"):
         return False
-    if isinstance(record, Training):
-        add_event(record.id, "error", "interrupted", reason, step=record.step, attempt=record.attempt)
-    if label(record) == "extraction":
-        shutil.rmtree(Path(settings["DATA_DIR"]) / "activations" / f".partial-{record.id}", ignore_errors=True)
+    if kind is not None and kind.interrupted is not None:
+        kind.interrupted(record, plan.reason, settings)
     return True
 
 

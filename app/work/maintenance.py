@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from ..config import load_settings
 from ..db import database, open_database
+from ..errors import redact
 from ..models import WorkerBeat, utcnow
 from . import lifecycle, queue
 
@@ -45,7 +46,7 @@ class Failures:
     def record(self, part: str, exc: Exception) -> None:
         """Count one more failed round of ``part`` and log it, with its traceback."""
         count = self.parts.get(part, (0, ""))[0] + 1
-        self.parts[part] = (count, lifecycle.redact(f"{type(exc).__name__}: {exc}")[:500])  # no passwords or paths
+        self.parts[part] = (count, redact(f"{type(exc).__name__}: {exc}")[:500])  # no passwords or paths
         log.error("maintenance part %r failed (%d round(s) in a row)", part, count, exc_info=exc)
 
     @property

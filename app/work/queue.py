@@ -7,8 +7,6 @@ pickle), and are enqueued by dotted name so the web process never imports torch.
 """
 from __future__ import annotations
 
-import re
-
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
@@ -16,16 +14,13 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from ..errors import redact
+
 SERIALIZER = JSONSerializer
 
 
 class QueueUnavailable(RuntimeError):
     """Redis could not be reached or refused the call; the message is safe to show."""
-
-
-def redact(text: str) -> str:
-    """The text with every URL's password masked (``redis://:secret@host`` → ``redis://:***@host``)."""
-    return re.sub(r"(//[^:/@\s]*:)[^@/\s]*@", r"\1***@", text or "")
 
 
 def connection(settings: dict) -> Redis:

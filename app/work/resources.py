@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..devices import device_memory, worker_gpu
+from ..errors import UserError
 from ..models import utcnow
 from .. import training_config
 from ..validation import memory_estimate_bytes
@@ -17,7 +18,7 @@ from ..validation import memory_estimate_bytes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 
 
-class TooLarge(ValueError):
+class TooLarge(UserError, ValueError):
     """The job would not fit; the message says what to change. Safe to show."""
 
 

@@ -26,6 +26,7 @@ from .. import training_config
 from ..chart_series import ChartSeries
 from ..db import database
 from ..sae import architectures
+from ..errors import UserError
 from ..models import RESUMABLE_STATUSES, ActivationSet, Event, MetricPoint, Training, utcnow
 from . import lifecycle
 from .lifecycle import Superseded, add_event, current, retry_write, update_record
@@ -34,8 +35,9 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # before checkpoints were named by attempt 
 CHECKPOINT_NAME = re.compile(r"checkpoint-a(\d+)-s(\d+)-([0-9a-f]{8})\.pt")
 
 
-def run_folder(run: Training, settings: dict) -> Path:
-    return Path(settings["DATA_DIR"]) / "runs" / str(run.id)
+def run_folder(run: Training | int, settings: dict) -> Path:
+    """``DATA_DIR/runs/<id>``: a run's checkpoints and, once it has ended, its SAE (the one spelling of it)."""
+    return Path(settings["DATA_DIR"]) / "runs" / str(run if isinstance(run, int) else run.id)
 
 
 def checkpoint_path(run: Training, settings: dict) -> Path | None:
@@ -68,7 +70,7 @@ def create_training(fields: dict, settings: dict) -> Training:
     return lifecycle.create_and_enqueue(Training, fields, settings)
 
 
-class NotResumable(ValueError):
+class NotResumable(UserError, ValueError):
     """Why this run cannot be resumed (its status, or no checkpoint); safe to show."""
 
 
@@ -269,103 +271,110 @@ def run_training(training_id: int) -> str:
 def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> str:
     writer = MetricWriter(run)
     try:
-        from ..quality import RunSpec, RuntimeMonitor
-        from ..sae.trainer import Checkpointing, train
-        from ..validation import recommended_l1_alpha
-
-        source = build_source(run.source, settings["DATA_DIR"])
-        resume = load_checkpoint(run, settings)
-        if resume is None:
-            _rewind(run, 0, 0)  # a run started again from nothing keeps no earlier points
-            _preflight(run, settings, writer)
-        cfg = train_config(run, settings["SAE_DEVICE"])
-        offset = run.source.stats().l0_offset  # what this source's earlier runs taught the L0 model
-        monitor = RuntimeMonitor(RunSpec.of_run(
-            run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps, run.batch_size,
-                                      offset), d_in=source.d_in, l0_offset=offset))
-        controller = None
-        if run.steer_l1_alpha and architectures.get(run.architecture).by_penalty:
-            from ..sae.control import L0Controller
-
-            controller = L0Controller(target=run.target_l0, alpha=run.l1_alpha, start_step=run.l1_warmup_steps)
-        if resume is not None:
-            _restore(run, resume, monitor, controller)
-            if resume.get("chart"):
-                writer.series = ChartSeries(state=resume["chart"])
-
-        def on_start(info: dict) -> None:
-            lifecycle.fenced_update(run, what="start", device=info["device"], norm_scale=info["norm_scale"])
-            if info["resumed_from"]:
-                writer.event("info", "resumed", f"Resumed on {info['device']} from the checkpoint at step "
-                                                f"{info['resumed_from']:,}.", step=info["resumed_from"])
-            else:
-                window = ("" if info["dead_window"] >= run.dead_window_tokens else
-                          f" The run sees fewer than twice the dead-latent window's {run.dead_window_tokens:,} tokens: "
-                          f"a latent counts as dead after {info['dead_window']:,} tokens without firing (half the run).")
-                writer.event("info", "started", f"Training on {info['device']} in {info['precision']}; activations scaled by "
-                                                f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']})."
-                                                + window)
-
-        def on_log(point) -> str | None:
-            writer.add(point)
-            for finding in monitor.observe(point):
-                writer.event(finding.level, finding.code, finding.message, step=point.step,
-                             suggestion=finding.suggestion)
-            return monitor.stop.message if monitor.stop else None
-
-        def save(state: dict) -> None:
-            writer.flush()  # the points up to this step are stored before the checkpoint claims them
-            state["monitor"] = monitor.state_dict()
-            state["chart"] = writer.series.state()
-            state["controller"] = controller.state_dict() if controller is not None else None
-            save_checkpoint(state, run, settings)
-
-        checkpointing = Checkpointing(save, run.checkpoint_every_steps, run.checkpoint_every_minutes * 60)
-        result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=stop_check,
-                            l1_alpha_control=controller, checkpointing=checkpointing, resume=resume)
-        writer.flush()
-        done = {"step": result.steps, "tokens_seen": result.tokens}
-        if stop_check.interrupted:
-            reason = (f"{stop_check.interrupted} A checkpoint was saved at step {result.steps:,}: press Resume to "
-                      "continue from it.")
-            lifecycle.finish(run, "interrupted", reason=reason, **done,
-                             event=closing_event("warning", "interrupted", reason, step=result.steps))
-            return "interrupted"
-        # the final files are written only while this process still holds the run (it narrows, and
-        # does not close, the window in which a stale process could write them: docs/design.md)
-        lifecycle.fenced_update(run, what="the final weights", heartbeat_at=utcnow())
-        checkpoint = _save_sae(sae, run, result, settings["DATA_DIR"])
-        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, source.d_in,
-                           monitor.spec.l0_offset)
-        done["summary"] = summary
-        if result.status == "completed":
-            if not lifecycle.finish(run, "completed", **done, event=closing_event(
-                    "info", "completed", f"Training completed. {summary['verdict']['headline']}", step=result.steps,
-                    suggestion=summary["verdict"]["advice"])):
-                return "superseded"
-            drop_checkpoint(run, settings)
-            if settings["FEATURES_AFTER_TRAINING"]:
-                _queue_features(run, settings, writer)
-                if run.source.kind == "extracted":
-                    _queue_downstream(run, settings, writer)
-        elif monitor.stop is not None:
-            stop = monitor.stop
-            reason = f"{stop.message} {stop.suggestion or ''}".strip()
-            if stop.stop == "failed":
-                lifecycle.fail(run, reason, failed_step=result.steps, **done)
-            else:
-                lifecycle.finish(run, "stopped_early", reason=reason, **done)
-                drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on
-        else:
-            lifecycle.finish(run, "cancelled", reason=result.reason, **done, event=closing_event(
-                "info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume continues the run.",
-                step=result.steps))
-        return lifecycle.ended_as(run) or "superseded"
+        return _train_with(run, settings, stop_check, writer)
     except Superseded:
-        return "superseded"  # logged where it was found; another attempt holds the run
-    except Exception as exc:  # noqa: BLE001 - every failure ends on the row, then RQ sees it too
-        _record_failure(run, exc, writer, settings)
+        raise  # another attempt holds the run: its points are not this process's to write
+    except Exception:
+        try:
+            writer.flush()  # the last good points are kept; the failure is recorded by the lifecycle
+        except Exception:  # noqa: BLE001 - the failure matters more than buffered points
+            pass
         raise
+
+
+def _train_with(run: Training, settings: dict, stop_check: lifecycle.StopCheck, writer: MetricWriter) -> str:
+    from ..quality import RunSpec, RuntimeMonitor
+    from ..sae.trainer import Checkpointing, train
+    from ..validation import recommended_l1_alpha
+
+    source = build_source(run.source, settings["DATA_DIR"])
+    resume = load_checkpoint(run, settings)
+    if resume is None:
+        _rewind(run, 0, 0)  # a run started again from nothing keeps no earlier points
+        _preflight(run, settings, writer)
+    cfg = train_config(run, settings["SAE_DEVICE"])
+    offset = run.source.stats().l0_offset  # what this source's earlier runs taught the L0 model
+    monitor = RuntimeMonitor(RunSpec.of_run(
+        run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps, run.batch_size,
+                                  offset), d_in=source.d_in, l0_offset=offset))
+    controller = None
+    if run.steer_l1_alpha and architectures.get(run.architecture).by_penalty:
+        from ..sae.control import L0Controller
+
+        controller = L0Controller(target=run.target_l0, alpha=run.l1_alpha, start_step=run.l1_warmup_steps)
+    if resume is not None:
+        _restore(run, resume, monitor, controller)
+        if resume.get("chart"):
+            writer.series = ChartSeries(state=resume["chart"])
+
+    def on_start(info: dict) -> None:
+        lifecycle.fenced_update(run, what="start", device=info["device"], norm_scale=info["norm_scale"])
+        if info["resumed_from"]:
+            writer.event("info", "resumed", f"Resumed on {info['device']} from the checkpoint at step "
+                                            f"{info['resumed_from']:,}.", step=info["resumed_from"])
+        else:
+            window = ("" if info["dead_window"] >= run.dead_window_tokens else
+                      f" The run sees fewer than twice the dead-latent window's {run.dead_window_tokens:,} tokens: "
+                      f"a latent counts as dead after {info['dead_window']:,} tokens without firing (half the run).")
+            writer.event("info", "started", f"Training on {info['device']} in {info['precision']}; activations scaled by "
+                                            f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']})."
+                                            + window)
+
+    def on_log(point) -> str | None:
+        writer.add(point)
+        for finding in monitor.observe(point):
+            writer.event(finding.level, finding.code, finding.message, step=point.step,
+                         suggestion=finding.suggestion)
+        return monitor.stop.message if monitor.stop else None
+
+    def save(state: dict) -> None:
+        writer.flush()  # the points up to this step are stored before the checkpoint claims them
+        state["monitor"] = monitor.state_dict()
+        state["chart"] = writer.series.state()
+        state["controller"] = controller.state_dict() if controller is not None else None
+        save_checkpoint(state, run, settings)
+
+    checkpointing = Checkpointing(save, run.checkpoint_every_steps, run.checkpoint_every_minutes * 60)
+    result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=stop_check,
+                        l1_alpha_control=controller, checkpointing=checkpointing, resume=resume)
+    writer.flush()
+    done = {"step": result.steps, "tokens_seen": result.tokens}
+    if stop_check.interrupted:
+        reason = (f"{stop_check.interrupted} A checkpoint was saved at step {result.steps:,}: press Resume to "
+                  "continue from it.")
+        lifecycle.finish(run, "interrupted", reason=reason, **done,
+                         event=closing_event("warning", "interrupted", reason, step=result.steps))
+        return "interrupted"
+    # the final files are written only while this process still holds the run (it narrows, and
+    # does not close, the window in which a stale process could write them: docs/design.md)
+    lifecycle.fenced_update(run, what="the final weights", heartbeat_at=utcnow())
+    checkpoint = _save_sae(sae, run, result, settings)
+    summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, source.d_in,
+                       monitor.spec.l0_offset)
+    done["summary"] = summary
+    if result.status == "completed":
+        if not lifecycle.finish(run, "completed", **done, event=closing_event(
+                "info", "completed", f"Training completed. {summary['verdict']['headline']}", step=result.steps,
+                suggestion=summary["verdict"]["advice"])):
+            return "superseded"
+        drop_checkpoint(run, settings)
+        if settings["FEATURES_AFTER_TRAINING"]:
+            _queue_features(run, settings, writer)
+            if run.source.kind == "extracted":
+                _queue_downstream(run, settings, writer)
+    elif monitor.stop is not None:
+        stop = monitor.stop
+        reason = f"{stop.message} {stop.suggestion or ''}".strip()
+        if stop.stop == "failed":
+            lifecycle.fail(run, reason, failed_step=result.steps, **done)
+        else:
+            lifecycle.finish(run, "stopped_early", reason=reason, **done)
+            drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on
+    else:
+        lifecycle.finish(run, "cancelled", reason=result.reason, **done, event=closing_event(
+            "info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume continues the run.",
+            step=result.steps))
+    return lifecycle.ended_as(run) or "superseded"
 
 
 def closing_event(level: str, code: str, message: str, *, step: int | None = None,
@@ -398,7 +407,9 @@ def _rewind(run: Training, step: int, tokens: int) -> None:
     retry_write(rewind, what="rewind metrics")
 
 
-def _record_failure(run: Training, exc: Exception, writer: MetricWriter, settings: dict) -> None:
+def _failure(run: Training, exc: Exception, reason: str, settings: dict) -> dict:
+    """What a run's failure writes: the step it failed at, the reason (a non-finite loss says how
+    to go on) and its closing event."""
     step = getattr(exc, "step", None)
     if step is None:
         step = retry_write(lambda: Training.get_by_id(run.id).step, what="load step")
@@ -408,14 +419,27 @@ def _record_failure(run: Training, exc: Exception, writer: MetricWriter, setting
         reason = f"The loss became NaN or Inf at step {step}; the last good metrics are kept. Lower the learning rate"
         reason += (f": Resume continues from the last finite checkpoint (step {saved:,}) at a learning rate you "
                    "choose." if saved is not None else " and start again.")
-    else:
-        reason = f"{type(exc).__name__}: {exc}"
-    try:
-        writer.flush()
-    except Exception:  # noqa: BLE001 - the failure below matters more than buffered points
-        pass
-    lifecycle.fail(run, reason, failed_step=step, event=closing_event("error", "failed", reason, step=step))
     traceback.print_exc()
+    return {"reason": reason, "failed_step": step, "event": closing_event("error", "failed", reason, step=step)}
+
+
+def _interrupt(run: Training, reason: str, settings: dict) -> lifecycle.Interrupt:
+    """An interrupted run says how to resume, keeps the step it reached, and is marked only while
+    its row names the checkpoint the reason names (one committed since leaves the row alone)."""
+    saved = checkpoint_step(run, settings)
+    reason += (f" The checkpoint at step {saved:,} is kept: press Resume to continue from it."
+               if saved is not None else " No checkpoint was saved yet: Resume starts it again from step 0.")
+    where = (Training.checkpoint_at.is_null() if run.checkpoint_at is None
+             else Training.checkpoint_at == run.checkpoint_at)
+    return lifecycle.Interrupt(reason, {"failed_step": run.step}, where)
+
+
+def _interrupted(run: Training, reason: str, settings: dict) -> None:
+    add_event(run.id, "error", "interrupted", reason, step=run.step, attempt=run.attempt)
+
+
+lifecycle.register(lifecycle.JobKind(Training, "training", "app.work.training.run_training", events=True,
+                                     failure=_failure, interrupt=_interrupt, interrupted=_interrupted))
 
 
 def _summary(result, run: Training, checkpoint: str, recommended: float | None, d_in: int,
@@ -438,12 +462,13 @@ def _summary(result, run: Training, checkpoint: str, recommended: float | None, 
     return summary
 
 
-def _save_sae(sae, run: Training, result, data_dir: str) -> str:
+def _save_sae(sae, run: Training, result, settings: dict) -> str:
     """Save the SAE's weights (normalized space) and what is needed to use them."""
     import numpy as np
     from safetensors.torch import save_file
 
-    folder = Path(data_dir) / "runs" / str(run.id)
+    data_dir = settings["DATA_DIR"]
+    folder = run_folder(run, settings)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "sae.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..models import TuneJob
 from . import lifecycle
-from .resources import TooLarge, check_memory, tune_bytes
+from .resources import check_memory, tune_bytes
 
 PILOT_STEPS = 400  # the shortest pilot
 PILOT_STEPS_MAX = 2500
@@ -43,54 +43,48 @@ def run_tune(tune_id: int) -> str:
 
 
 def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str:
-    try:
-        from .. import l0_model
-        from ..sae.tune import tune_l1_alpha
-        from ..validation import recommended_l1_alpha
-        from .training import build_source
+    from .. import l0_model
+    from ..sae.tune import tune_l1_alpha
+    from ..validation import recommended_l1_alpha
+    from .training import build_source
 
-        source = build_source(tune.source, settings["DATA_DIR"])
-        check_memory(settings, tune_bytes(source.d_in, tune.latent_dim, tune.batch_size), "An auto-tune pilot",
-                     "Lower latent_dim.")
-        pilots: list[dict] = []
+    source = build_source(tune.source, settings["DATA_DIR"])
+    check_memory(settings, tune_bytes(source.d_in, tune.latent_dim, tune.batch_size), "An auto-tune pilot",
+                 "Lower latent_dim.")
+    pilots: list[dict] = []
 
-        def on_pilot(pilot, index: int) -> None:
-            pilots.append(pilot.to_dict())
-            lifecycle.fenced_update(tune, what="pilot", pilots=pilots)
+    def on_pilot(pilot, index: int) -> None:
+        pilots.append(pilot.to_dict())
+        lifecycle.fenced_update(tune, what="pilot", pilots=pilots)
 
-        run_steps, run_batch = tune.run_steps or tune.pilot_steps, tune.run_batch or tune.batch_size
+    run_steps, run_batch = tune.run_steps or tune.pilot_steps, tune.run_batch or tune.batch_size
 
-        def project(alpha: float, pilot_l0: float) -> float:
-            """The pilot's L0 carried to the run's steps and batch by the L0 model."""
-            return pilot_l0 * l0_model.progress_ratio(alpha, source.d_in, tune.latent_dim,
-                                                      (tune.pilot_steps, tune.batch_size), (run_steps, run_batch))
+    def project(alpha: float, pilot_l0: float) -> float:
+        """The pilot's L0 carried to the run's steps and batch by the L0 model."""
+        return pilot_l0 * l0_model.progress_ratio(alpha, source.d_in, tune.latent_dim,
+                                                  (tune.pilot_steps, tune.batch_size), (run_steps, run_batch))
 
-        best, _, outcome = tune_l1_alpha(
-            source, latent_dim=tune.latent_dim, target=tune.target_l0, project=project,
-            start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0, run_steps, run_batch,
-                                       tune.source.stats().l0_offset),
-            learning_rate=tune.learning_rate, batch_size=tune.batch_size, pilot_steps=tune.pilot_steps,
-            max_pilots=tune.max_pilots, seed=tune.seed, device=settings["SAE_DEVICE"],
-            on_pilot=on_pilot, should_stop=stop_check)
-        if stop_check.interrupted:
-            lifecycle.finish(tune, "interrupted", reason=f"{stop_check.interrupted} Start the auto-tune again.")
-        elif outcome == "found":
-            lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha)
-        elif outcome in ("exhausted", "edge"):
-            why = (f"in {tune.max_pilots} pilots" if outcome == "exhausted"
-                   else "before reaching the edge of the valid range")
-            reason = (f"No pilot was expected to land within ±20% of the target {why}; the closest, l1_alpha "
-                      f"{best.l1_alpha:.3g}, measured L0 {100 * best.l0_fraction:.2f}% (FVU {best.fvu:.2f}) and is "
-                      f"expected to end a run of {run_steps:,} steps of {run_batch:,} at {100 * best.expected:.2f}%.")
-            lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha, reason=reason)
-        else:
-            lifecycle.finish(tune, "cancelled", reason=outcome)
-        return lifecycle.retry_write(lambda: TuneJob.get_by_id(tune.id).status, what="status")
-    except lifecycle.Superseded:
-        return "superseded"  # another attempt holds the record: nothing more is written
-    except TooLarge as exc:
-        lifecycle.fail(tune, str(exc))
-        return "failed"
-    except Exception as exc:  # noqa: BLE001 - recorded on the row, then re-raised for RQ
-        lifecycle.fail(tune, f"{type(exc).__name__}: {exc}")
-        raise
+    best, _, outcome = tune_l1_alpha(
+        source, latent_dim=tune.latent_dim, target=tune.target_l0, project=project,
+        start=recommended_l1_alpha(source.d_in, tune.latent_dim, tune.target_l0, run_steps, run_batch,
+                                   tune.source.stats().l0_offset),
+        learning_rate=tune.learning_rate, batch_size=tune.batch_size, pilot_steps=tune.pilot_steps,
+        max_pilots=tune.max_pilots, seed=tune.seed, device=settings["SAE_DEVICE"],
+        on_pilot=on_pilot, should_stop=stop_check)
+    if stop_check.interrupted:
+        lifecycle.finish(tune, "interrupted", reason=f"{stop_check.interrupted} Start the auto-tune again.")
+    elif outcome == "found":
+        lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha)
+    elif outcome in ("exhausted", "edge"):
+        why = (f"in {tune.max_pilots} pilots" if outcome == "exhausted"
+               else "before reaching the edge of the valid range")
+        reason = (f"No pilot was expected to land within ±20% of the target {why}; the closest, l1_alpha "
+                  f"{best.l1_alpha:.3g}, measured L0 {100 * best.l0_fraction:.2f}% (FVU {best.fvu:.2f}) and is "
+                  f"expected to end a run of {run_steps:,} steps of {run_batch:,} at {100 * best.expected:.2f}%.")
+        lifecycle.finish(tune, "completed", result_l1_alpha=best.l1_alpha, reason=reason)
+    else:
+        lifecycle.finish(tune, "cancelled", reason=outcome)
+    return lifecycle.ended_as(tune) or "superseded"
+
+
+lifecycle.register(lifecycle.JobKind(TuneJob, "auto-tune", "app.work.tune.run_tune"))

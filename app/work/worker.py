@@ -49,7 +49,7 @@ def _refusal(job, connection, serializer, _seen: frozenset) -> str | None:
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
-    if job.func_name not in lifecycle.JOB_FUNCTIONS.values():
+    if job.func_name not in lifecycle.job_functions():
         return f"{job.func_name!r} is not a SAE Studio job function."
     if job.instance is not None:
         return f"{job.func_name!r} is called on a stored object, which SAE Studio never does."
@@ -243,10 +243,10 @@ def shared_storage_problem(data_dir: str) -> str | None:
 
 def record_of(job):
     """The record a job of ours was queued for (None when it is gone)."""
-    names = {function: name for name, function in lifecycle.JOB_FUNCTIONS.items()}
-    model = next((m for m in lifecycle.job_models() if m.__name__ == names.get(job.func_name)), None)
-    if model is None or not job.args:
+    kind = lifecycle.job_functions().get(job.func_name)
+    if kind is None or not job.args:
         return None
+    model = kind.model
     return lifecycle.retry_write(lambda: model.get_or_none(model.id == job.args[0]), what="find job")
 
 
