@@ -369,7 +369,8 @@ def _migration_20_gated_presets(db) -> None:
 
     if Template.select().where(Template.builtin == True, Template.name.contains("· Gated ·")).exists():  # noqa: E712
         return
-    for preset in list(Template.select().where(Template.builtin == True, Template.name.contains("TopK k="))):  # noqa: E712
+    presets = Template.select().where(Template.builtin == True).order_by(Template.id)  # noqa: E712
+    for preset in [p for p in presets if (p.config or {}).get("architecture") == "topk"]:
         config = {**preset.config, "architecture": "gated", "k": None, "l1_alpha": 0.03, "steer_l1_alpha": True}
         Template.create(name=f"d_in {preset.d_in} · Gated · {config['latent_dim']:,} latents", d_in=preset.d_in,
                         builtin=True, config=config,
