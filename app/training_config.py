@@ -172,7 +172,9 @@ PARAMS: tuple[Param, ...] = (
     Param("lr_warmup_steps", int, 100, "Learning-rate warm-up steps", min=0, max=10_000_000, template=True,
           help="The learning rate rises linearly from 0 over these steps.", group="optimization"),
     Param("l1_warmup_steps", int, 200, "Sparsity warm-up steps", min=0, max=10_000_000, template=True,
-          help="l1_alpha rises linearly from 0 over these steps.", group="optimization"),
+          api_optional=True,  # a script training an architecture without a penalty need not send it
+          help="l1_alpha rises linearly from 0 over these steps (architectures set by a penalty; the others "
+               "ignore it).", group="optimization"),
     Param("target_l0", float, 0.02, "Target L0 (fraction of latents)", min=0, max=0.5, min_exclusive=True,
           template=True,
           help="The share of latents you want active per token; 0.01–0.05 is typical. A JumpReLU SAE "
