@@ -15,13 +15,13 @@ NAME = "jumprelu"
 L0_COEFFICIENT = Param(
     "l0_coefficient", float, 10.0, "L0 penalty weight (JumpReLU)", min=0, max=1000, min_exclusive=True,
     api_optional=True, template=True,
-    required_message="The L0 penalty weight is required for a JumpReLU SAE; 10 is a sound start.",
+    required_message="The L0 penalty weight is required for a JumpReLU SAE; 10 is a sound start (its default).",
     help="JumpReLU only: weight of the penalty (L0 / target − 1)² that holds the mean L0 at the target.",
     group="sparsity")
 BANDWIDTH = Param(
     "jumprelu_bandwidth", float, 0.05, "Threshold bandwidth ε (JumpReLU)", min=0, max=10, min_exclusive=True,
     api_optional=True, template=True,
-    required_message="The bandwidth is required for a JumpReLU SAE; 0.05 is a sound start.",
+    required_message="The bandwidth is required for a JumpReLU SAE; 0.05 is a sound start (its default).",
     help="JumpReLU only: width of the rectangle kernel through which the thresholds get their "
          "gradient (the straight-through estimator).", group="sparsity")
 
@@ -121,7 +121,8 @@ class JumpReLU(Architecture):
             ste_to_input = False
             threshold_lr_scale = 3.0
 
-            def __init__(self, d_in, d_sae, *, target_l0=1.0, l0_coefficient=10.0, bandwidth=0.05,
+            def __init__(self, d_in, d_sae, *, target_l0=1.0, l0_coefficient=L0_COEFFICIENT.default,
+                         bandwidth=BANDWIDTH.default,
                          generator=None, device="cpu"):
                 super().__init__(d_in, d_sae, generator=generator, device=device)
                 if not 0 < target_l0 <= d_sae:
@@ -173,8 +174,8 @@ class JumpReLU(Architecture):
         target = getattr(cfg, "target_l0", None)
         count = target_l0_count(target, d_sae) if target else 1.0
         return self.model_class()(d_in, d_sae, target_l0=count,
-                                  l0_coefficient=getattr(cfg, "l0_coefficient", None) or 10.0,
-                                  bandwidth=getattr(cfg, "jumprelu_bandwidth", None) or 0.05,
+                                  l0_coefficient=getattr(cfg, L0_COEFFICIENT.name, None) or L0_COEFFICIENT.default,
+                                  bandwidth=getattr(cfg, BANDWIDTH.name, None) or BANDWIDTH.default,
                                   generator=generator, device=device)
 
     def check(self, cfg) -> None:
