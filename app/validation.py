@@ -265,6 +265,7 @@ def recommend_settings(source: SourceStats, *, latent_dim: int, target_l0: float
         "l1_warmup_steps": (max(10, steps // 20), "5% of the run: the penalty at full strength from the start "
                                                   "kills latents before they find features"),
     }
-    architectures.get(architecture).recommend(out, source=source, latent_dim=latent_dim, target_l0=target_l0,
-                                              steps=steps, batch=batch)
+    arch = architectures.find(architecture)  # an unknown one gets the shared settings; its field says why
+    if arch is not None:
+        arch.recommend(out, source=source, latent_dim=latent_dim, target_l0=target_l0, steps=steps, batch=batch)
     return out

@@ -89,7 +89,9 @@ def test_a_horse_swept_while_stopped_writes_nothing_when_it_wakes(client, env, n
         wait_for(lambda: STALE_LOG in worker_log(env, "solo"), timeout=60, message="the woken horse to give up")
         wait_for(lambda: process_gone(horse), timeout=60, message="the woken horse to exit")
         assert snapshot(run) == swept  # not a point, an event, a checkpoint or a status more
-        assert checkpoint_files(env, run) == files
+        # no checkpoint file more; a half-written one the stop caught (``.tmp``) may have been removed
+        assert checkpoint_files(env, run) == files or (checkpoint_files(env, run) < files and all(
+            name.endswith(".tmp") for name in files - checkpoint_files(env, run)))
         saved = swept["checkpoint"][1]
         assert f"checkpoint at step {saved:,} is kept" in swept["reason"]  # and the reason still says so
         assert swept["events"][-1][1:] == ("interrupted", 1)

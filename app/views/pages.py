@@ -93,7 +93,7 @@ def recommend():
     latent_dim = form.latent_dim.data if not form.latent_dim.errors and form.latent_dim.data else None
     target = form.target_l0.data if not form.target_l0.errors and form.target_l0.data else None
     reasons = {}
-    if source is not None and latent_dim and target:
+    if source is not None and latent_dim and target and not form.architecture.errors:
         on_gpu = device_memory(current_app.config.get("SAE_DEVICE", "auto")).device.startswith("cuda")
         settings = recommend_settings(source.stats(), latent_dim=latent_dim,
                                       target_l0=target, architecture=form.architecture.data, on_gpu=on_gpu)
