@@ -116,3 +116,27 @@ def test_each_architecture_goes_through_the_api_and_its_pages(client, arch):
     hints = client.post("/trainings/hints", data={"architecture": arch.name, "latent_dim": "256", "target_l0": "0.02",
                                                    "k": "16", "l1_alpha": "0.003", "learning_rate": "0.001"})
     assert hints.status_code == 200 and 'id="arch-knob"' in hints.get_data(as_text=True)
+
+
+def test_each_module_declares_exactly_the_presets_a_fresh_database_holds(app):
+    """The migrations write presets as data (app/migration_rows.py, migration 20); each module still
+    declares its own. They agree today, so a module whose presets change without a migration that
+    writes them (or a migration that drifts from its module) fails here."""
+    import math
+
+    from app.models import PRESET_WIDTHS, Template, complete
+
+    declared = {}
+    for d_in in PRESET_WIDTHS:  # the widths and shared settings every architecture's presets start from
+        latent, k = 8 * d_in, 32 if d_in <= 1024 else 64
+        lr = 1e-3 if latent <= 16_384 else float(f"{1e-3 * math.sqrt(16_384 / latent):.2g}")
+        common = {"latent_dim": latent, "learning_rate": lr, "batch_size": 4096, "total_steps": 30_000,
+                  "lr_warmup_steps": 1000, "l1_warmup_steps": 1500, "target_l0": round(k / latent, 6),
+                  "precision": "auto"}
+        for arch in architectures.all():
+            for title, settings, provenance in arch.presets(d_in, latent, k, common):
+                config = complete({"architecture": arch.name, "l1_alpha": None, "k": None, **common, **settings})
+                declared[f"d_in {d_in} · {title} · {latent:,} latents"] = (d_in, config, provenance)
+    stored = {t.name: (t.d_in, t.config, t.provenance) for t in Template.select().where(Template.builtin == True)}  # noqa: E712
+    assert len(stored) == len(declared) == len(PRESET_WIDTHS) * len(architectures.all())
+    assert stored == declared
