@@ -163,10 +163,19 @@ def test_jobs_go_where_they_fit_and_wait_where_they_do_not(client, env, fake_smi
         # now nothing has room: the next run waits, with the reason on its page and in the API
         fake_gpus.write_table(fake_smi, [small / GIB, small / GIB, small / GIB, small / GIB])
         waiting = create_run(client, name="waits", **SHORT)
-        reason = wait_for(lambda: client.get(f"/api/trainings/{waiting.id}").json["wait_reason"], timeout=60,
-                          message="a wait reason")
-        assert reason.startswith(f"Waiting for {resources.fmt_gib(need)} on a GPU; the largest free is "
-                                 f"{resources.fmt_gib(small)}"), reason
+        # the other worker's last beat may still show its room from before the change: the reason is
+        # refreshed at each check, so it comes to say what the devices have now
+        expected = f"Waiting for {resources.fmt_gib(need)} on a GPU; the largest free is {resources.fmt_gib(small)}"
+        reasons = []
+
+        def reason_now():
+            reasons.append(client.get(f"/api/trainings/{waiting.id}").json["wait_reason"])
+            return reasons[-1] if reasons[-1] and reasons[-1].startswith(expected) else None
+
+        try:
+            wait_for(reason_now, timeout=60, message=f"the wait reason to say {expected!r}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; it said {reasons[-1]!r}") from None
         assert reload(waiting).status == "queued"
         page = client.get(f"/trainings/{waiting.id}").get_data(as_text=True)
         assert "Waiting for" in page and "the largest free is" in page
