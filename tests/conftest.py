@@ -321,6 +321,19 @@ def start_worker(env: dict, name: str | None = None) -> subprocess.Popen:
     return proc
 
 
+def finished_run(client, run_worker, **changes):
+    """A QUICK_CONFIG run (with ``changes``) posted through the API and trained to completion by a burst worker."""
+    from app.models import Training
+
+    response = client.post("/api/trainings", json={**QUICK_CONFIG, **changes})
+    assert response.status_code == 201, response.json
+    done = run_worker()
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = Training.get_by_id(response.json["id"])
+    assert run.status == "completed", run.reason
+    return run
+
+
 def stop_worker(proc: subprocess.Popen) -> None:
     """A warm shutdown (SIGTERM), and SIGKILL if that takes too long."""
     if proc.poll() is None:

@@ -11,7 +11,7 @@ import pytest
 from app.extraction.capture_names import BUNDLED_MINILM
 from app.models import (ActivationSet, DownstreamEval, Extraction, FeatureJob, ImportedSAE, MetricPoint, Template,
                         Training)
-from conftest import QUICK_CONFIG, signed_in_client
+from conftest import QUICK_CONFIG, finished_run, signed_in_client
 from planted import reader_weights, saelens_zip
 
 BAD_NUMBERS = ["-1", "0", "abc", "1e3", "1.5", " 5", "9" * 400, "²", ""]
@@ -196,15 +196,6 @@ def test_bad_metrics_parameters_are_refused_with_the_reason(app, env):
 
 
 # --- another user's jobs on your run -----------------------------------------------------------
-
-def finished_run(owner, run_worker, **changes) -> Training:
-    response = owner.post("/api/trainings", json={**QUICK_CONFIG, **changes})
-    assert response.status_code == 201, response.json
-    done = run_worker()
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = Training.get_by_id(response.json["id"])
-    assert run.status == "completed", run.reason
-    return run
 
 
 def test_another_users_feature_job_keeps_its_recovery_on_its_own_record(app, env, run_worker):

@@ -14,7 +14,7 @@ from app.models import FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Traini
 from app.sae import features as F
 from app.sae.export import LoadedSAE, export_files, parse_saelens, zip_bytes
 from app.sae.models import build_sae
-from conftest import QUICK_CONFIG
+from conftest import finished_run
 from planted import planted_store, reader_weights, saelens_zip
 
 CPU = torch.device("cpu")
@@ -78,18 +78,9 @@ def test_ground_truth_recovery_counts_matched_features():
 
 # --- through the app and a real worker -------------------------------------------------------
 
-def train(client, run_worker, **changes) -> Training:
-    response = client.post("/api/trainings", json={**QUICK_CONFIG, **changes})
-    assert response.status_code == 201, response.json
-    done = run_worker()
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = Training.get_by_id(response.json["id"])
-    assert run.status == "completed", run.reason
-    return run
-
 
 def test_a_completed_run_gets_feature_statistics_and_ground_truth_recovery(client, env, run_worker):
-    run = train(client, run_worker)
+    run = finished_run(client, run_worker)
     job = FeatureJob.get(FeatureJob.training == run.id)  # queued by the run itself, run in the same burst
     assert job.status == "completed", job.reason
     assert FeatureStat.select().where(FeatureStat.job == job.id).count() == 256
@@ -199,7 +190,7 @@ def test_an_exported_sae_loads_in_saelens_and_computes_what_ours_does(client, en
                                                                      architecture):
     import sae_lens
     k = 8 if architecture in ("topk", "batchtopk", "matryoshka") else None
-    run = train(client, run_worker, architecture=architecture, k=k,
+    run = finished_run(client, run_worker, architecture=architecture, k=k,
                 l1_alpha={"standard": 0.003, "gated": 0.03}.get(architecture))
     response = client.get(f"/trainings/{run.id}/export/saelens.zip")
     assert response.status_code == 200 and response.mimetype == "application/zip"
@@ -237,7 +228,7 @@ def test_an_exported_sae_loads_in_saelens_and_computes_what_ours_does(client, en
 
 
 def test_metrics_csv_and_config_json_round_trip(client, env, run_worker):
-    run = train(client, run_worker, name="round trip")
+    run = finished_run(client, run_worker, name="round trip")
     csv_text = client.get(f"/trainings/{run.id}/metrics.csv").get_data(as_text=True)
     lines = csv_text.strip().splitlines()
     assert lines[0].startswith("step,tokens,loss,mse") and len(lines) == 1 + run.metrics.count()
@@ -253,12 +244,12 @@ def test_a_recommended_run_on_the_synthetic_source_recovers_its_true_features(cl
     from app.validation import recommended_l1_alpha
 
     alpha = float(f"{recommended_l1_alpha(256, 1024, 0.02):.2g}")
-    good = train(client, run_worker, name="recommended", latent_dim=1024, l1_alpha=alpha, batch_size=1024,
+    good = finished_run(client, run_worker, name="recommended", latent_dim=1024, l1_alpha=alpha, batch_size=1024,
                  total_steps=1500, lr_warmup_steps=75, l1_warmup_steps=75, log_every=50)
     gt = Training.get_by_id(good.id).summary["ground_truth"]
     # a random decoder scores MMCS 0.20 and recovers none (benchmarks/ground_truth_recovery.py)
     assert gt["mmcs"] >= 0.95 and gt["recovered"] >= 0.9, gt
-    short = train(client, run_worker, name="short")
+    short = finished_run(client, run_worker, name="short")
     html = client.get(f"/compare?ids={good.id}&ids={short.id}").get_data(as_text=True)
     assert "MMCS (ground truth)" in html and f"{gt['mmcs']:.3f}" in html
     assert f"{100 * gt['recovered']:.1f}%" in html
