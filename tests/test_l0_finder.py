@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.sae.l0_finder import (decoder_cosine, default_n, ladder, nth_decoder_projection, recommend_l0,
-                               sae_metrics)
+                               sae_metrics, seed_consistency)
 
 
 def orthonormal(h: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -116,6 +116,42 @@ def test_sae_metrics_gives_c_dec_alone_without_activations():
     assert set(sae_metrics(Tiny(), torch.randn(10, 12), n=2)) == {"c_dec", "s_n_dec"}
 
 
+# --- cross-seed consistency ---------------------------------------------------------------------
+
+def test_consistency_of_a_decoder_with_itself_is_one():
+    w = torch.randn(40, 16, generator=torch.Generator().manual_seed(5))
+    assert seed_consistency(w, w) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_consistency_ignores_order_sign_and_scale_of_the_rows():
+    w = torch.randn(40, 16, generator=torch.Generator().manual_seed(6))
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(7))
+    signs = torch.where(torch.arange(40) % 3 == 0, -1.0, 1.0).unsqueeze(1)
+    other = w[perm] * signs * torch.linspace(0.1, 9.0, 40).unsqueeze(1)
+    assert seed_consistency(w, other) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_consistency_of_independent_random_decoders_is_low():
+    g = torch.Generator().manual_seed(8)
+    value = seed_consistency(torch.randn(256, 64, generator=g), torch.randn(256, 64, generator=g))
+    assert value < 0.4  # about 0.3 at this size: the best matching of unrelated random directions
+
+
+def test_consistency_falls_as_one_decoder_drifts_from_the_other():
+    g = torch.Generator().manual_seed(9)
+    w = orthonormal(32, 64)
+    noise = torch.randn(32, 64, generator=g) / 8.0  # rows of norm about 1
+    values = [seed_consistency(w, w + s * noise) for s in (0.0, 0.3, 1.0, 3.0)]
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_consistency_checks_shapes():
+    with pytest.raises(ValueError):
+        seed_consistency(torch.randn(8, 4), torch.randn(8, 5))
+    with pytest.raises(ValueError):
+        seed_consistency(torch.randn(1, 4), torch.randn(8, 4))
+
+
 # --- recommend_l0 ---------------------------------------------------------------------------------
 
 def test_recommend_picks_the_interior_minimum_and_brackets_it_by_its_neighbours():
@@ -156,6 +192,31 @@ def test_recommend_skips_non_finite_values_and_rejects_bad_ladders():
         recommend_l0([(4, 0.1), (4, 0.2)])
     with pytest.raises(ValueError):
         recommend_l0([(0, 0.1), (4, 0.2)])
+
+
+def test_recommend_reads_the_peak_for_consistency():
+    pts = [(32, 0.70), (4, 0.60), (8, 0.85), (16, 0.90), (64, 0.50)]
+    rec = recommend_l0(pts, metric="consistency")
+    assert rec.rung == 16 and rec.at_edge is None and rec.bracket == (8, 32)
+    assert math.sqrt(8 * 16) <= rec.estimate <= math.sqrt(16 * 32)
+    assert "highest" in rec.rule and "consistency" in rec.rule and "peak" in rec.certainty
+    assert rec.points == sorted(pts)  # values kept as given, not negated
+    # the same ladder under a lower-is-better metric picks its minimum
+    assert recommend_l0(pts, metric="c_dec").rung == 64
+    assert recommend_l0(pts, metric="anything", higher_is_better=True).rung == 16
+
+
+def test_recommend_refines_a_symmetric_log_parabola_peak_for_consistency():
+    pts = [(k, 1.0 - (math.log2(k) - math.log2(12)) ** 2) for k in (2, 4, 8, 16, 32)]
+    rec = recommend_l0(pts, metric="consistency")
+    assert rec.estimate == pytest.approx(12.0, rel=1e-6) and rec.l0 == 12
+
+
+@pytest.mark.parametrize("values,edge,rung", [((0.9, 0.8, 0.7, 0.6), "low", 2), ((0.6, 0.7, 0.8, 0.9), "high", 16)])
+def test_recommend_flags_an_edge_peak_for_consistency(values, edge, rung):
+    rec = recommend_l0(zip((2, 4, 8, 16), values), metric="consistency")
+    assert rec.at_edge == edge and rec.rung == rung
+    assert "highest" in rec.certainty and "Extend" in rec.certainty
 
 
 def test_recommend_with_one_rung_says_it_cannot_tell():

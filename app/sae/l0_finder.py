@@ -38,6 +38,21 @@ the lowest rung and its two neighbours, in log L0, gives its vertex, which alway
 midpoints of the lowest rung and its neighbours. When the lowest value is on the first or last rung
 the minimum may lie outside the ladder: the result says so and which way to extend it.
 
+``seed_consistency(W_dec_a, W_dec_b)`` — **cross-seed consistency**, our ground-truth-free
+alternative (not from the paper). Train two SAEs per rung that differ only in their initialisation
+seed (same data, same data order, same k). With â_i, b̂_j their unit decoder rows, take the
+|cosine| matrix |â_i · b̂_j| and the best one-to-one (Hungarian) matching of rows of one to rows of
+the other; the consistency is the mean |cosine| over the matched pairs (the MCC of
+``app.sae.features.mean_correlation_coefficient``, with the second SAE standing in for the
+ground truth). 1 for identical or permuted decoders, about √(2/(π·d_in)) plus a little for
+independent random ones. The hypothesis: at the right L0 both seeds converge on the same (true)
+features, so consistency peaks there; too low an L0 leaves many equally good mixtures, too high
+degenerate ones, and the seeds pick different ones. **Higher is better** (a peak, not a minimum).
+
+``recommend_l0(points, metric=...)`` reads the peak instead of the minimum for a metric where
+higher is better (``metric="consistency"``, see ``HIGHER_IS_BETTER``), with the same refinement,
+bracket and edge flags as for the minimum.
+
 ``ladder(centre_or_bounds, n)`` — geometric target-L0 rungs (latent counts k, integers) for the finder.
 
 How well it works here (benchmarks/results/l0_finder.md): on a toy source like the paper's (few,
@@ -62,7 +77,10 @@ PAPER = "Chanin & Garriga-Alonso 2025, arXiv 2508.16560"
 METRICS = {
     "c_dec": "decoder pairwise cosine similarity (c_dec)",
     "s_n_dec": "n-th decoder projection (s_n^dec)",
+    "consistency": "cross-seed consistency (MCC between the decoders of two seeds)",
 }
+HIGHER_IS_BETTER = frozenset({"consistency"})  # metrics read at their peak rather than their minimum
+CONSISTENCY_MAX_PAIRS = 2**24  # latent_dim_a × latent_dim_b up to which seed_consistency runs (a second or so)
 
 
 def _unit_rows(W_dec: torch.Tensor) -> torch.Tensor:
@@ -122,6 +140,30 @@ def nth_decoder_projection(W_dec: torch.Tensor, acts: torch.Tensor, n: int | Non
     return float(proj.kthvalue(k_smallest).values)
 
 
+@torch.no_grad()
+def seed_consistency(W_dec_a: torch.Tensor, W_dec_b: torch.Tensor, *, block: int = 2048) -> float:
+    """Cross-seed consistency: the MCC between two decoders (``[latent_dim, d_in]`` each, same d_in).
+
+    The mean |cosine| over the best one-to-one (Hungarian) matching of the unit decoder rows of
+    ``W_dec_a`` to those of ``W_dec_b``; 1.0 when one is a permutation (with any signs and scales)
+    of the other. Widths may differ (the matching then covers the narrower). Up to
+    ``CONSISTENCY_MAX_PAIRS`` row pairs; needs scipy (imported when called).
+    """
+    from .features import mean_correlation_coefficient
+
+    a, b = _unit_rows(W_dec_a), _unit_rows(W_dec_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"decoders must share d_in, got {a.shape[1]} and {b.shape[1]}")
+    if a.shape[0] * b.shape[0] > CONSISTENCY_MAX_PAIRS:
+        raise ValueError(f"{a.shape[0]} × {b.shape[0]} latents is too many for the one-to-one matching "
+                         f"(at most {CONSISTENCY_MAX_PAIRS} pairs)")
+    b = b.to(a.device)
+    sims = np.empty((a.shape[0], b.shape[0]), dtype=np.float32)
+    for start in range(0, a.shape[0], block):
+        sims[start:start + block] = (a[start:start + block] @ b.t()).abs().cpu().numpy()
+    return mean_correlation_coefficient(sims)
+
+
 def sae_metrics(sae, acts: torch.Tensor | None = None, *, n: int | None = None) -> dict:
     """Both metrics of a trained SAE (anything with ``W_dec`` and optionally ``b_dec``).
 
@@ -153,15 +195,20 @@ def _fmt(v: float) -> str:
 
 
 def recommend_l0(points: Iterable[Sequence[float]], *, metric: str = "c_dec", refine: bool = True,
-                 shallow_below: float = 0.05) -> Recommendation:
-    """Read the right L0 off a ladder ``[(l0, metric_value), ...]`` (any order), lower metric better.
+                 shallow_below: float = 0.05, higher_is_better: bool | None = None) -> Recommendation:
+    """Read the right L0 off a ladder ``[(l0, metric_value), ...]`` (any order).
 
-    The rule (the paper's): the rung with the lowest metric. With ``refine`` and an interior minimum,
-    the estimate is the vertex of the parabola through that rung and its two neighbours in log L0,
-    which lies between the midpoints (in log L0) of the minimum and its neighbours. Points whose
-    value is not finite are ignored; L0s must be positive and distinct. ``metric`` only names the
-    metric in the sentences (a key of ``METRICS`` or any text).
+    The rule (the paper's, for c_dec and s_n^dec): the rung with the lowest metric. For a metric
+    where higher is better (``higher_is_better``; by default true exactly for the metrics in
+    ``HIGHER_IS_BETTER``, i.e. ``"consistency"``) the rung with the highest value instead. With
+    ``refine`` and an interior extremum, the estimate is the vertex of the parabola through that
+    rung and its two neighbours in log L0, which lies between the midpoints (in log L0) of the
+    extremum and its neighbours. Points whose value is not finite are ignored; L0s must be positive
+    and distinct. ``metric`` names the metric in the sentences (a key of ``METRICS`` or any text).
+    ``points`` in the result keep the values as given.
     """
+    higher = (metric in HIGHER_IS_BETTER) if higher_is_better is None else bool(higher_is_better)
+    best, source = ("highest", "our cross-seed rule, not the paper's") if higher else ("lowest", PAPER)
     pts = []
     for item in points:
         l0, value = float(item[0]), float(item[1])
@@ -177,14 +224,17 @@ def recommend_l0(points: Iterable[Sequence[float]], *, metric: str = "c_dec", re
     name = METRICS.get(metric, metric)
     l0s = np.array([p[0] for p in pts])
     vals = np.array([p[1] for p in pts])
+    if higher:  # read the peak as the minimum of the negated curve
+        vals = -vals
     i = int(np.argmin(vals))
     rung = float(l0s[i])
     span = float(vals.max() - vals.min())
-    rule = f"The L0 with the lowest {name} across the ladder ({PAPER})"
+    rule = f"The L0 with the {best} {name} across the ladder ({source})"
 
     if len(pts) == 1:
         return Recommendation(round(rung), rung, rung, rule + "; only one rung, so nothing to compare.",
-                              "Uncertain: a single SAE says nothing about where the minimum is; train at least three L0s.",
+                              "Uncertain: a single SAE says nothing about where the best L0 is; "
+                              "train at least three L0s.",
                               (rung, rung), None, True, pts)
 
     neighbours = [vals[j] for j in (i - 1, i + 1) if 0 <= j < len(pts)]
@@ -194,7 +244,7 @@ def recommend_l0(points: Iterable[Sequence[float]], *, metric: str = "c_dec", re
         edge = "low" if i == 0 else "high"
         other = float(l0s[1] if i == 0 else l0s[-2])
         direction = "below" if edge == "low" else "above"
-        certainty = (f"The lowest {name} is on the {'first' if edge == 'low' else 'last'} rung (L0 {_fmt(rung)}): "
+        certainty = (f"The {best} {name} is on the {'first' if edge == 'low' else 'last'} rung (L0 {_fmt(rung)}): "
                      f"the right L0 may lie {direction} the ladder. Extend it {direction} {_fmt(rung)} before "
                      f"trusting this.")
         return Recommendation(max(1, round(rung)), rung, rung, rule + ".", certainty,
@@ -215,10 +265,11 @@ def recommend_l0(points: Iterable[Sequence[float]], *, metric: str = "c_dec", re
         rule += ", refined by a parabola through it and its two neighbouring rungs (in log L0)."
     else:
         rule += "."
-    certainty = (f"The minimum is inside the ladder: the right L0 most likely lies between the neighbouring rungs "
-                 f"{_fmt(lo)} and {_fmt(hi)}.")
+    extremum = "peak" if higher else "minimum"
+    certainty = (f"The {extremum} is inside the ladder: the right L0 most likely lies between the neighbouring "
+                 f"rungs {_fmt(lo)} and {_fmt(hi)}.")
     if shallow:
-        certainty += (f" The curve is flat there (the minimum beats its neighbours by under "
+        certainty += (f" The curve is flat there (the {extremum} beats its neighbours by under "
                       f"{shallow_below:.0%} of the curve's range): treat this as rough.")
     return Recommendation(max(1, round(estimate)), estimate, rung, rule, certainty, (lo, hi), None, shallow, pts)
 
