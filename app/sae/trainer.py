@@ -178,6 +178,24 @@ class Checkpointing:
     every_s: float
 
 
+@dataclass
+class Member:
+    """One SAE to train, with how it reports (see ``train``). ``on_end(result, sae)`` is called as
+    soon as this member ends (its last step, its stop, or its cancel), while the others train on;
+    ``on_error(exc)``, when given, takes an exception that ends this member alone (without it the
+    exception ends the whole call)."""
+
+    cfg: TrainConfig
+    on_log: LogCallback | None = None
+    on_start: Callable[[dict], None] | None = None
+    should_stop: Callable[[], str | None] | None = None
+    l1_alpha_control: Callable[[LogPoint], float] | None = None
+    checkpointing: Checkpointing | None = None
+    resume: dict | None = None
+    on_end: Callable[[TrainResult, SparseAutoencoder], None] | None = None
+    on_error: Callable[[BaseException], None] | None = None
+
+
 def train(source: ActivationSource, cfg: TrainConfig, *,
           on_log: LogCallback | None = None,
           on_start: Callable[[dict], None] | None = None,
@@ -201,146 +219,270 @@ def train(source: ActivationSource, cfg: TrainConfig, *,
     resumed run takes exactly the steps an uninterrupted one would: same batches, same
     updates, bit-identical weights.
     """
-    cfg.check()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    if source.n_tokens is not None and cfg.batch_size > source.n_tokens:
-        raise ValueError(f"batch size {cfg.batch_size} exceeds the source's {source.n_tokens} training tokens")
+    ended: list = []
+    member = Member(cfg, on_log=on_log, on_start=on_start, should_stop=should_stop,
+                    l1_alpha_control=l1_alpha_control, checkpointing=checkpointing, resume=resume,
+                    on_end=lambda result, sae: ended.append((result, sae)))
+    train_many(source, [member])
+    return ended[0]
 
-    arch = architectures.get(cfg.architecture)
-    sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, cfg=cfg, generator=g, device=device)
-    optimizer = torch.optim.Adam(sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    tracker = DeadLatentTracker(cfg.latent_dim, dead_window(cfg), device)
-    window = WindowAccumulator(device)
-    base_l1_alpha = cfg.l1_alpha or 0.0
-    resampled, tokens, start_step, last = 0, 0, 0, None
-    if resume is None:
-        raw = source.sample(cfg.norm_sample_tokens, device=device)  # read once: it sets c, b_dec and θ
-        scale = normalization_scale(raw)
-        with torch.no_grad():
-            # Start the decoder bias at the mean activation: the first reconstructions are
-            # then the mean rather than the origin.
-            sample = raw * scale
-            sae.b_dec.copy_(sample.mean(dim=0))
-            if hasattr(sae, "calibrate_thresholds"):  # JumpReLU starts at its target L0
-                sae.calibrate_thresholds(sample)
-    else:
-        check_resumable(resume, cfg, source.d_in)
-        scale = float(resume["norm_scale"])
-        sae.load_state_dict(resume["sae"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        tracker.load_state_dict(resume["tracker"])
-        window.load_state_dict(resume["window"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        g.set_state(resume["rng"]["generator"])
-        if device.type == "cuda" and resume["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
-        base_l1_alpha = float(resume["base_l1_alpha"])
-        resampled, tokens, start_step = int(resume["resampled"]), int(resume["tokens"]), int(resume["step"])
-        last = LogPoint(**resume["last"]) if resume.get("last") else None
-    precision = resolve_precision(cfg.precision, device)
-    step_context = precision_context(precision, device)
-    if on_start:
-        on_start({"device": str(device), "norm_scale": scale, "d_in": source.d_in, "resumed_from": start_step,
-                  "precision": precision, "dead_window": dead_window(cfg)})
 
-    def state(at_step: int) -> dict:
+def train_many(source: ActivationSource, members: list[Member], *, data_seed: int | None = None) -> None:
+    """Train every member on the same batches: each batch is read and moved to the device once, then
+    scaled and fed to each SAE in turn (a sweep). Members share the batch size; the batch order comes
+    from ``data_seed`` (default: the first member's seed), and each member's own seed draws its
+    initial weights. A member ends alone (its steps, a stop, a cancel, an error with ``on_error``)
+    and the rest train on. Members resumed from checkpoints at different steps each continue at
+    their own: the batches start at the earliest, and a member skips those before its step, so it
+    sees exactly the batches it would have seen uninterrupted."""
+    if not members:
+        return
+    batch_size = members[0].cfg.batch_size
+    if any(m.cfg.batch_size != batch_size for m in members):
+        raise ValueError("the members of one training share their batch size")
+    device = resolve_device(members[0].cfg.device)
+    seed = members[0].cfg.seed if data_seed is None else data_seed
+    torch.manual_seed(seed)
+    trainees: list[_Trainee] = []
+    for member in members:
+        try:
+            trainees.append(_Trainee(member, source, device))
+        except Exception as exc:  # noqa: BLE001 - handed to the member's own handler, or raised
+            _give(member, exc)
+    fresh = [t for t in trainees if t.member.resume is None]
+    raw = source.sample(max(t.cfg.norm_sample_tokens for t in fresh), device=device) if fresh else None
+    for trainee in list(trainees):
+        try:
+            trainee.begin(raw, restore_global_rng=trainee is trainees[0])
+        except Exception as exc:  # noqa: BLE001
+            trainees.remove(trainee)
+            _give(trainee.member, exc)
+    del raw
+    eval_rows: dict[int, torch.Tensor] = {}
+    active = list(trainees)
+    if not active:
+        return
+    step = min(t.step for t in active)
+    batches = source.batches(batch_size, seed=seed, device=device, start=step)
+    while active:
+        due = [t for t in active if t.step == step]  # a member resumed further on waits for its batch
+        stopping = []
+        for trainee in list(due):
+            try:
+                if trainee.stop_requested():
+                    stopping.append(trainee)
+            except Exception as exc:  # noqa: BLE001 - its stop check failed (its claim was lost): it ends alone
+                due.remove(trainee)
+                active.remove(trainee)
+                _give(trainee.member, exc)
+        for trainee in stopping:
+            active.remove(trainee)
+            trainee.end(source, eval_rows)
+        due = [t for t in due if t not in stopping]
+        if due:
+            raw_batch = next(batches)
+            scaled: dict[float, torch.Tensor] = {}
+            for trainee in due:
+                x = scaled.get(trainee.scale)
+                if x is None:
+                    x = scaled[trainee.scale] = raw_batch * trainee.scale
+                try:
+                    finished = trainee.advance(x)
+                except Exception as exc:  # noqa: BLE001
+                    active.remove(trainee)
+                    _give(trainee.member, exc)
+                    continue
+                if finished:
+                    active.remove(trainee)
+                    trainee.end(source, eval_rows)
+            del raw_batch, scaled
+        elif active:
+            next(batches)  # nobody trains on this batch (members resumed further on): skip it
+        step += 1
+
+
+def _give(member: Member, exc: BaseException) -> None:
+    if member.on_error is None:
+        raise exc
+    member.on_error(exc)
+
+
+class _Trainee:
+    """One member's whole training state: its SAE, optimizer, schedule, trackers and position."""
+
+    def __init__(self, member: Member, source: ActivationSource, device: torch.device) -> None:
+        cfg = self.cfg = member.cfg
+        cfg.check()
+        self.member, self.device, self.source_d_in = member, device, source.d_in
+        if source.n_tokens is not None and cfg.batch_size > source.n_tokens:
+            raise ValueError(f"batch size {cfg.batch_size} exceeds the source's {source.n_tokens} training tokens")
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        self.arch = architectures.get(cfg.architecture)
+        self.sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, cfg=cfg, generator=self.g, device=device)
+        self.optimizer = torch.optim.Adam(self.sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.tracker = DeadLatentTracker(cfg.latent_dim, dead_window(cfg), device)
+        self.window = WindowAccumulator(device)
+        self.base_l1_alpha = cfg.l1_alpha or 0.0
+        self.resampled, self.tokens, self.step, self.last = 0, 0, 0, None
+        self.scale = 1.0
+        self.status, self.reason = "completed", None
+
+    def begin(self, raw: torch.Tensor | None, *, restore_global_rng: bool) -> None:
+        """Start from scratch on ``raw`` (the shared normalization sample), or from the member's checkpoint."""
+        cfg, sae, resume = self.cfg, self.sae, self.member.resume
+        if resume is None:
+            raw = raw[: cfg.norm_sample_tokens]
+            self.scale = normalization_scale(raw)
+            with torch.no_grad():
+                # Start the decoder bias at the mean activation: the first reconstructions are
+                # then the mean rather than the origin.
+                sample = raw * self.scale
+                sae.b_dec.copy_(sample.mean(dim=0))
+                if hasattr(sae, "calibrate_thresholds"):  # JumpReLU starts at its target L0
+                    sae.calibrate_thresholds(sample)
+        else:
+            check_resumable(resume, cfg, self.source_d_in)
+            self.scale = float(resume["norm_scale"])
+            sae.load_state_dict(resume["sae"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scheduler.load_state_dict(resume["scheduler"])
+            self.tracker.load_state_dict(resume["tracker"])
+            self.window.load_state_dict(resume["window"])
+            if restore_global_rng:
+                torch.set_rng_state(resume["rng"]["torch"])
+            self.g.set_state(resume["rng"]["generator"])
+            if self.device.type == "cuda" and resume["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(resume["rng"]["cuda"], self.device)
+            self.base_l1_alpha = float(resume["base_l1_alpha"])
+            self.resampled, self.tokens = int(resume["resampled"]), int(resume["tokens"])
+            self.step = int(resume["step"])
+            self.last = LogPoint(**resume["last"]) if resume.get("last") else None
+        precision = resolve_precision(cfg.precision, self.device)
+        self.step_context = precision_context(precision, self.device)
+        if self.member.on_start:
+            self.member.on_start({"device": str(self.device), "norm_scale": self.scale, "d_in": self.source_d_in,
+                                  "resumed_from": self.step, "precision": precision, "dead_window": dead_window(cfg)})
+        self.use_aux = self.arch.aux_k
+        self.resample = self.arch.resample and cfg.dead_latent_remedy == "resample"
+        # Resample once per dead-latent window, never in the last fifth of training (a fresh
+        # latent needs time to settle before the run ends).
+        self.resample_every = max(cfg.log_every, math.ceil(cfg.dead_window_tokens / cfg.batch_size))
+        self.resample_until = int(cfg.total_steps * 0.8)
+        self.window_start = self.saved_at = time.perf_counter()
+        self.saved_step = self.step
+        # AuxK runs only while latents are dead; whether any are is read on logging steps, where
+        # the host reads the device anyway, so the step itself never waits for the answer.
+        self.aux_active = self.use_aux and self.tracker.known and bool(self.tracker.dead_count().item())
+        if self.step >= cfg.total_steps:
+            self.step = cfg.total_steps
+
+    def state(self, at_step: int) -> dict:
+        cfg, device = self.cfg, self.device
         return {
-            "format": CHECKPOINT_FORMAT, "step": at_step, "tokens": tokens, "norm_scale": scale,
-            "architecture": cfg.architecture, "d_in": source.d_in, "latent_dim": cfg.latent_dim,
-            "sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "tracker": tracker.state_dict(), "window": window.state_dict(), "base_l1_alpha": base_l1_alpha,
-            "resampled": resampled, "last": asdict(last) if last else None,
-            "rng": {"torch": torch.get_rng_state(), "generator": g.get_state(),
+            "format": CHECKPOINT_FORMAT, "step": at_step, "tokens": self.tokens, "norm_scale": self.scale,
+            "architecture": cfg.architecture, "d_in": self.source_d_in, "latent_dim": cfg.latent_dim,
+            "sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "tracker": self.tracker.state_dict(),
+            "window": self.window.state_dict(), "base_l1_alpha": self.base_l1_alpha,
+            "resampled": self.resampled, "last": asdict(self.last) if self.last else None,
+            "rng": {"torch": torch.get_rng_state(), "generator": self.g.get_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
 
-    use_aux = arch.aux_k
-    resample = arch.resample and cfg.dead_latent_remedy == "resample"
-    # Resample once per dead-latent window, never in the last fifth of training (a fresh
-    # latent needs time to settle before the run ends).
-    resample_every = max(cfg.log_every, math.ceil(cfg.dead_window_tokens / cfg.batch_size))
-    resample_until = int(cfg.total_steps * 0.8)
-    batches = source.batches(cfg.batch_size, seed=cfg.seed, device=device, start=start_step)
-    window_start = saved_at = time.perf_counter()
-    saved_step = start_step
-    # AuxK runs only while latents are dead; whether any are is read on logging steps, where
-    # the host reads the device anyway, so the step itself never waits for the answer.
-    aux_active = use_aux and tracker.known and bool(tracker.dead_count().item())
-    result_status, reason, step = "completed", None, start_step
-
-    for step in range(start_step, cfg.total_steps):
-        if should_stop is not None:
-            reason = should_stop()
+    def stop_requested(self) -> bool:
+        """Poll the member's stop check before its step; True when it asks to stop (or it has no steps left)."""
+        if self.step >= self.cfg.total_steps:
+            return True
+        if self.member.should_stop is not None:
+            reason = self.member.should_stop()
             if reason:
-                result_status = "stopped"
-                break
-        x = next(batches) * scale
-        alpha = l1_alpha_at(step, cfg, base_l1_alpha)
-        dead_mask = tracker.dead_mask() if aux_active else None
-        with step_context:
+                self.status, self.reason = "stopped", reason
+                return True
+        return False
+
+    def advance(self, x: torch.Tensor) -> bool:
+        """One training step on the scaled batch ``x``; True when the member has ended (its last step,
+        or its log callback asked it to stop)."""
+        cfg, sae, optimizer, tracker, step = self.cfg, self.sae, self.optimizer, self.tracker, self.step
+        alpha = l1_alpha_at(step, cfg, self.base_l1_alpha)
+        dead_mask = tracker.dead_mask() if self.aux_active else None
+        with self.step_context:
             parts, x_hat, f = sae.loss(x, l1_alpha=alpha, dead_mask=dead_mask)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         lr_used = optimizer.param_groups[0]["lr"]
         optimizer.step()
-        scheduler.step()
+        self.scheduler.step()
         sae.after_step()
         tracker.update(f.detach())
-        if resample and (step + 1) % resample_every == 0 and step < resample_until and tracker.known:
+        if (self.resample and (step + 1) % self.resample_every == 0 and step < self.resample_until
+                and tracker.known):
             mask = tracker.dead_mask()
-            count = resample_dead_latents(sae, optimizer, x, mask, generator=g if device.type == "cpu" else None)
+            count = resample_dead_latents(sae, optimizer, x, mask,
+                                          generator=self.g if self.device.type == "cpu" else None)
             if count:
                 tracker.since_fired.masked_fill_(mask, 0)  # each gets a fresh window to prove itself
-                resampled += count
-        window.add(loss=parts.total, mse=parts.mse, sparsity=parts.sparsity, l1=parts.l1, f=f, x=x, x_hat=x_hat)
-        tokens += x.shape[0]
+                self.resampled += count
+        self.window.add(loss=parts.total, mse=parts.mse, sparsity=parts.sparsity, l1=parts.l1, f=f, x=x, x_hat=x_hat)
+        self.tokens += x.shape[0]
+        self.step = step + 1
+        if self.step % cfg.log_every and self.step != cfg.total_steps:
+            return False
+        return self._log(alpha, lr_used)
 
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps:
-            values = window.read()
-            if not math.isfinite(values["loss"]):
-                raise NonFiniteLoss(step + 1, last)
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            dead = int(tracker.dead_count().item()) if tracker.known else None
-            aux_active = use_aux and bool(dead)
-            last = LogPoint(
-                step=step + 1, tokens=tokens, loss=values["loss"], mse=values["mse"],
-                sparsity_loss=values["sparsity_loss"], l1=values["l1"], l0=values["l0"],
-                l0_fraction=values["l0"] / cfg.latent_dim, fvu=values["fvu"], dead=dead,
-                lr=lr_used, l1_alpha=alpha,
-                tokens_per_s=window.tokens / elapsed,
-            )
-            window.reset()
-            window_start = time.perf_counter()
-            if l1_alpha_control is not None:
-                base_l1_alpha = float(l1_alpha_control(last))
-            if on_log is not None:
-                reason = on_log(last)
-                if reason:
-                    result_status = "stopped"
-                    step += 1
-                    break
-            due = (step + 1 - saved_step >= cfg.checkpoint_every_steps
-                   or time.perf_counter() - saved_at >= cfg.checkpoint_every_minutes * 60)
-            if checkpointing is not None and due and step + 1 < cfg.total_steps:
-                checkpointing.save(state(step + 1))
-                saved_at, saved_step = time.perf_counter(), step + 1
-    else:
-        step = cfg.total_steps
+    def _log(self, alpha: float, lr_used: float) -> bool:
+        cfg, member, step = self.cfg, self.member, self.step
+        values = self.window.read()
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLoss(step, self.last)
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        dead = int(self.tracker.dead_count().item()) if self.tracker.known else None
+        self.aux_active = self.use_aux and bool(dead)
+        self.last = LogPoint(
+            step=step, tokens=self.tokens, loss=values["loss"], mse=values["mse"],
+            sparsity_loss=values["sparsity_loss"], l1=values["l1"], l0=values["l0"],
+            l0_fraction=values["l0"] / cfg.latent_dim, fvu=values["fvu"], dead=dead,
+            lr=lr_used, l1_alpha=alpha, tokens_per_s=self.window.tokens / elapsed,
+        )
+        self.window.reset()
+        self.window_start = time.perf_counter()
+        if member.l1_alpha_control is not None:
+            self.base_l1_alpha = float(member.l1_alpha_control(self.last))
+        if member.on_log is not None:
+            reason = member.on_log(self.last)
+            if reason:
+                self.status, self.reason = "stopped", reason
+                return True
+        due = (step - self.saved_step >= cfg.checkpoint_every_steps
+               or time.perf_counter() - self.saved_at >= cfg.checkpoint_every_minutes * 60)
+        if member.checkpointing is not None and due and step < cfg.total_steps:
+            member.checkpointing.save(self.state(step))
+            self.saved_at, self.saved_step = time.perf_counter(), step
+        return step >= cfg.total_steps
 
-    if checkpointing is not None and result_status == "stopped":
-        checkpointing.save(state(step))
-    sae.eval()
-    eval_metrics = evaluate(sae, source.eval_rows(cfg.eval_tokens, device=device) * scale)
-    eval_metrics["dead"] = int(tracker.dead_count().item()) if tracker.known else None
-    eval_metrics["resampled_latents"] = resampled
-    result = TrainResult(status=result_status, steps=step, tokens=tokens, norm_scale=scale,
-                         device=str(device), reason=reason, eval=eval_metrics, last=last)
-    return result, sae
+    def end(self, source: ActivationSource, eval_rows: dict[int, torch.Tensor]) -> None:
+        """Save a stopped member's checkpoint, evaluate it on held-out rows and hand the result over."""
+        cfg, member = self.cfg, self.member
+        try:
+            if member.checkpointing is not None and self.status == "stopped":
+                member.checkpointing.save(self.state(self.step))
+            self.sae.eval()
+            rows = eval_rows.get(cfg.eval_tokens)
+            if rows is None:  # read once for every member that evaluates on as many tokens
+                rows = eval_rows[cfg.eval_tokens] = source.eval_rows(cfg.eval_tokens, device=self.device)
+            eval_metrics = evaluate(self.sae, rows * self.scale)
+            eval_metrics["dead"] = int(self.tracker.dead_count().item()) if self.tracker.known else None
+            eval_metrics["resampled_latents"] = self.resampled
+            result = TrainResult(status=self.status, steps=self.step, tokens=self.tokens, norm_scale=self.scale,
+                                 device=str(self.device), reason=self.reason, eval=eval_metrics, last=self.last)
+            if member.on_end is not None:
+                member.on_end(result, self.sae)
+        except Exception as exc:  # noqa: BLE001
+            _give(member, exc)
+        finally:
+            self.optimizer.state.clear()  # an ended member frees its Adam moments at once
 
 
 def check_resumable(state: dict, cfg: TrainConfig, d_in: int) -> None:

@@ -13,6 +13,7 @@ its checkpoint's step, so the series has no duplicates and no gap beyond what th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -74,12 +75,22 @@ class NotResumable(UserError, ValueError):
     """Why this run cannot be resumed (its status, or no checkpoint); safe to show."""
 
 
-def resume_training(run: Training, settings: dict, *, learning_rate: float | None = None) -> Training:
+def resume_training(run: Training, settings: dict, *, learning_rate: float | None = None,
+                    enqueue: bool = True) -> Training:
     """Queue an interrupted, failed or cancelled run again on the same record.
 
     It continues from its checkpoint (from step 0 when none was saved), keeping its metric
     points and events. ``learning_rate`` replaces the run's own, e.g. after a non-finite loss.
+    A member of a sweep resumes with its sweep (``sweeps.resume_sweep``, which calls this with
+    ``enqueue=False``: the sweep's job trains it).
     """
+    if run.sweep_id is not None and enqueue:
+        from .sweeps import resume_sweep
+
+        if learning_rate is not None:
+            raise NotResumable("A member of a sweep resumes with its sweep, at its own learning rate.")
+        resume_sweep(run.sweep, settings, only=run)
+        return Training.get_by_id(run.id)
     if run.status not in RESUMABLE_STATUSES:
         raise NotResumable(f"Only an interrupted, failed or cancelled run can be resumed; this one is {run.status}.")
     saved = checkpoint_step(run, settings)
@@ -94,7 +105,8 @@ def resume_training(run: Training, settings: dict, *, learning_rate: float | Non
     if not update_record(run, only_if=RESUMABLE_STATUSES, what="resume", **changes):
         raise NotResumable("The run changed meanwhile; reload the page.")
     try:
-        lifecycle.enqueue(Training.get_by_id(run.id), settings)
+        if enqueue:
+            lifecycle.enqueue(Training.get_by_id(run.id), settings)
     except lifecycle.queue.QueueUnavailable:
         update_record(run, what="undo resume", **before)
         raise
@@ -269,112 +281,148 @@ def run_training(training_id: int) -> str:
 
 
 def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> str:
-    writer = MetricWriter(run)
-    try:
-        return _train_with(run, settings, stop_check, writer)
-    except Superseded:
-        raise  # another attempt holds the run: its points are not this process's to write
-    except Exception:
+    from ..sae.trainer import train_many
+
+    session = RunSession(run, settings, stop_check)
+    with session.keeping_points():
+        source = build_source(run.source, settings["DATA_DIR"])
+        member = session.member(source)
+        train_many(source, [member])
+    return session.status
+
+
+class RunSession:
+    """One run's side of its training, whether it trains alone or as a member of a sweep: its
+    metric writer, runtime rules and l1_alpha controller, its checkpoints, and how it ends.
+    ``member(source)`` prepares it (checkpoint, rewind, preflight) and returns the trainer's
+    ``Member``; the trainer calls back ``conclude`` when the run ends, and ``status`` then says how."""
+
+    def __init__(self, run: Training, settings: dict, stop_check) -> None:
+        self.run, self.settings, self.stop_check = run, settings, stop_check
+        self.writer = MetricWriter(run)
+        self.status: str | None = None
+
+    @contextlib.contextmanager
+    def keeping_points(self):
+        """On an error, flush the points already buffered (the last good metrics are kept; the failure
+        itself is recorded by the lifecycle). A superseded process writes nothing more."""
         try:
-            writer.flush()  # the last good points are kept; the failure is recorded by the lifecycle
-        except Exception:  # noqa: BLE001 - the failure matters more than buffered points
-            pass
-        raise
+            yield
+        except Superseded:
+            raise  # another attempt holds the run: its points are not this process's to write
+        except Exception:
+            try:
+                self.writer.flush()
+            except Exception:  # noqa: BLE001 - the failure matters more than buffered points
+                pass
+            raise
 
+    def member(self, source):
+        from ..quality import RunSpec, RuntimeMonitor
+        from ..sae.trainer import Checkpointing, Member
+        from ..validation import recommended_l1_alpha
 
-def _train_with(run: Training, settings: dict, stop_check: lifecycle.StopCheck, writer: MetricWriter) -> str:
-    from ..quality import RunSpec, RuntimeMonitor
-    from ..sae.trainer import Checkpointing, train
-    from ..validation import recommended_l1_alpha
+        run, settings, writer = self.run, self.settings, self.writer
+        self.source_d_in = source.d_in
+        resume = load_checkpoint(run, settings)
+        if resume is None:
+            _rewind(run, 0, 0)  # a run started again from nothing keeps no earlier points
+            _preflight(run, settings, writer)
+        cfg = train_config(run, settings["SAE_DEVICE"])
+        offset = run.source.stats().l0_offset  # what this source's earlier runs taught the L0 model
+        monitor = self.monitor = RuntimeMonitor(RunSpec.of_run(
+            run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps, run.batch_size,
+                                      offset), d_in=source.d_in, l0_offset=offset))
+        controller = None
+        if run.steer_l1_alpha and architectures.get(run.architecture).by_penalty:
+            from ..sae.control import L0Controller
 
-    source = build_source(run.source, settings["DATA_DIR"])
-    resume = load_checkpoint(run, settings)
-    if resume is None:
-        _rewind(run, 0, 0)  # a run started again from nothing keeps no earlier points
-        _preflight(run, settings, writer)
-    cfg = train_config(run, settings["SAE_DEVICE"])
-    offset = run.source.stats().l0_offset  # what this source's earlier runs taught the L0 model
-    monitor = RuntimeMonitor(RunSpec.of_run(
-        run, recommended_l1_alpha(source.d_in, run.latent_dim, run.target_l0, run.total_steps, run.batch_size,
-                                  offset), d_in=source.d_in, l0_offset=offset))
-    controller = None
-    if run.steer_l1_alpha and architectures.get(run.architecture).by_penalty:
-        from ..sae.control import L0Controller
+            controller = L0Controller(target=run.target_l0, alpha=run.l1_alpha, start_step=run.l1_warmup_steps)
+        if resume is not None:
+            _restore(run, resume, monitor, controller)
+            if resume.get("chart"):
+                writer.series = ChartSeries(state=resume["chart"])
 
-        controller = L0Controller(target=run.target_l0, alpha=run.l1_alpha, start_step=run.l1_warmup_steps)
-    if resume is not None:
-        _restore(run, resume, monitor, controller)
-        if resume.get("chart"):
-            writer.series = ChartSeries(state=resume["chart"])
+        def on_start(info: dict) -> None:
+            lifecycle.fenced_update(run, what="start", device=info["device"], norm_scale=info["norm_scale"])
+            if info["resumed_from"]:
+                writer.event("info", "resumed", f"Resumed on {info['device']} from the checkpoint at step "
+                                                f"{info['resumed_from']:,}.", step=info["resumed_from"])
+            else:
+                window = ("" if info["dead_window"] >= run.dead_window_tokens else
+                          f" The run sees fewer than twice the dead-latent window's {run.dead_window_tokens:,} "
+                          f"tokens: a latent counts as dead after {info['dead_window']:,} tokens without firing "
+                          "(half the run).")
+                shared = (f" It is one of the members of sweep {run.sweep_id}, which train on the same batches."
+                          if getattr(run, "sweep_id", None) else "")
+                writer.event("info", "started", f"Training on {info['device']} in {info['precision']}; activations "
+                                                f"scaled by c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in "
+                                                f"({info['d_in']})." + window + shared)
 
-    def on_start(info: dict) -> None:
-        lifecycle.fenced_update(run, what="start", device=info["device"], norm_scale=info["norm_scale"])
-        if info["resumed_from"]:
-            writer.event("info", "resumed", f"Resumed on {info['device']} from the checkpoint at step "
-                                            f"{info['resumed_from']:,}.", step=info["resumed_from"])
+        def on_log(point) -> str | None:
+            writer.add(point)
+            for finding in monitor.observe(point):
+                writer.event(finding.level, finding.code, finding.message, step=point.step,
+                             suggestion=finding.suggestion)
+            return monitor.stop.message if monitor.stop else None
+
+        def save(state: dict) -> None:
+            writer.flush()  # the points up to this step are stored before the checkpoint claims them
+            state["monitor"] = monitor.state_dict()
+            state["chart"] = writer.series.state()
+            state["controller"] = controller.state_dict() if controller is not None else None
+            save_checkpoint(state, run, settings)
+
+        checkpointing = Checkpointing(save, run.checkpoint_every_steps, run.checkpoint_every_minutes * 60)
+        return Member(cfg, on_start=on_start, on_log=on_log, should_stop=self.stop_check,
+                      l1_alpha_control=controller, checkpointing=checkpointing, resume=resume,
+                      on_end=self.conclude)
+
+    def conclude(self, result, sae) -> None:
+        """Record how the run ended (its files, summary, status and closing event); sets ``status``."""
+        run, settings, writer, monitor, stop_check = self.run, self.settings, self.writer, self.monitor, self.stop_check
+        with self.keeping_points():
+            writer.flush()
+            self.status = self._conclude(result, sae, run, settings, writer, monitor, stop_check)
+
+    def _conclude(self, result, sae, run, settings, writer, monitor, stop_check) -> str:
+        done = {"step": result.steps, "tokens_seen": result.tokens}
+        if stop_check.interrupted:
+            reason = (f"{stop_check.interrupted} A checkpoint was saved at step {result.steps:,}: press Resume to "
+                      "continue from it.")
+            lifecycle.finish(run, "interrupted", reason=reason, **done,
+                             event=closing_event("warning", "interrupted", reason, step=result.steps))
+            return "interrupted"
+        # the final files are written only while this process still holds the run (it narrows, and
+        # does not close, the window in which a stale process could write them: docs/design.md)
+        lifecycle.fenced_update(run, what="the final weights", heartbeat_at=utcnow())
+        checkpoint = _save_sae(sae, run, result, settings)
+        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, self.source_d_in,
+                           monitor.spec.l0_offset)
+        done["summary"] = summary
+        if result.status == "completed":
+            if not lifecycle.finish(run, "completed", **done, event=closing_event(
+                    "info", "completed", f"Training completed. {summary['verdict']['headline']}", step=result.steps,
+                    suggestion=summary["verdict"]["advice"])):
+                return "superseded"
+            drop_checkpoint(run, settings)
+            if settings["FEATURES_AFTER_TRAINING"]:
+                _queue_features(run, settings, writer)
+                if run.source.kind == "extracted":
+                    _queue_downstream(run, settings, writer)
+        elif monitor.stop is not None:
+            stop = monitor.stop
+            reason = f"{stop.message} {stop.suggestion or ''}".strip()
+            if stop.stop == "failed":
+                lifecycle.fail(run, reason, failed_step=result.steps, **done)
+            else:
+                lifecycle.finish(run, "stopped_early", reason=reason, **done)
+                drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on
         else:
-            window = ("" if info["dead_window"] >= run.dead_window_tokens else
-                      f" The run sees fewer than twice the dead-latent window's {run.dead_window_tokens:,} tokens: "
-                      f"a latent counts as dead after {info['dead_window']:,} tokens without firing (half the run).")
-            writer.event("info", "started", f"Training on {info['device']} in {info['precision']}; activations scaled by "
-                                            f"c = {info['norm_scale']:.4g} so that E‖c·x‖² = d_in ({info['d_in']})."
-                                            + window)
-
-    def on_log(point) -> str | None:
-        writer.add(point)
-        for finding in monitor.observe(point):
-            writer.event(finding.level, finding.code, finding.message, step=point.step,
-                         suggestion=finding.suggestion)
-        return monitor.stop.message if monitor.stop else None
-
-    def save(state: dict) -> None:
-        writer.flush()  # the points up to this step are stored before the checkpoint claims them
-        state["monitor"] = monitor.state_dict()
-        state["chart"] = writer.series.state()
-        state["controller"] = controller.state_dict() if controller is not None else None
-        save_checkpoint(state, run, settings)
-
-    checkpointing = Checkpointing(save, run.checkpoint_every_steps, run.checkpoint_every_minutes * 60)
-    result, sae = train(source, cfg, on_start=on_start, on_log=on_log, should_stop=stop_check,
-                        l1_alpha_control=controller, checkpointing=checkpointing, resume=resume)
-    writer.flush()
-    done = {"step": result.steps, "tokens_seen": result.tokens}
-    if stop_check.interrupted:
-        reason = (f"{stop_check.interrupted} A checkpoint was saved at step {result.steps:,}: press Resume to "
-                  "continue from it.")
-        lifecycle.finish(run, "interrupted", reason=reason, **done,
-                         event=closing_event("warning", "interrupted", reason, step=result.steps))
-        return "interrupted"
-    # the final files are written only while this process still holds the run (it narrows, and
-    # does not close, the window in which a stale process could write them: docs/design.md)
-    lifecycle.fenced_update(run, what="the final weights", heartbeat_at=utcnow())
-    checkpoint = _save_sae(sae, run, result, settings)
-    summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, source.d_in,
-                       monitor.spec.l0_offset)
-    done["summary"] = summary
-    if result.status == "completed":
-        if not lifecycle.finish(run, "completed", **done, event=closing_event(
-                "info", "completed", f"Training completed. {summary['verdict']['headline']}", step=result.steps,
-                suggestion=summary["verdict"]["advice"])):
-            return "superseded"
-        drop_checkpoint(run, settings)
-        if settings["FEATURES_AFTER_TRAINING"]:
-            _queue_features(run, settings, writer)
-            if run.source.kind == "extracted":
-                _queue_downstream(run, settings, writer)
-    elif monitor.stop is not None:
-        stop = monitor.stop
-        reason = f"{stop.message} {stop.suggestion or ''}".strip()
-        if stop.stop == "failed":
-            lifecycle.fail(run, reason, failed_step=result.steps, **done)
-        else:
-            lifecycle.finish(run, "stopped_early", reason=reason, **done)
-            drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on
-    else:
-        lifecycle.finish(run, "cancelled", reason=result.reason, **done, event=closing_event(
-            "info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume continues the run.",
-            step=result.steps))
-    return lifecycle.ended_as(run) or "superseded"
+            lifecycle.finish(run, "cancelled", reason=result.reason, **done, event=closing_event(
+                "info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume continues the run.",
+                step=result.steps))
+        return lifecycle.ended_as(run) or "superseded"
 
 
 def closing_event(level: str, code: str, message: str, *, step: int | None = None,
