@@ -43,7 +43,7 @@ def create_app(config: dict | None = None):
     csrf = CSRFProtect(app)
     Htmx(app)
 
-    from .views import api, auth, extractions, features, pages, sources, templates, tune, workers
+    from .views import api, auth, extractions, features, pages, sources, sweeps, templates, tune, workers
     from .views.formatting import register_filters
 
     security.init_app(app)
@@ -56,6 +56,7 @@ def create_app(config: dict | None = None):
     app.register_blueprint(extractions.bp)
     app.register_blueprint(features.bp)
     app.register_blueprint(workers.bp)
+    app.register_blueprint(sweeps.bp)
     csrf.exempt(api.bp)
     register_filters(app)
 

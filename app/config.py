@@ -26,6 +26,7 @@ def load_settings(overrides: dict | None = None) -> dict:
     SECRET_KEY     session/CSRF key (generated once and kept in DATA_DIR/secret_key)
     MAX_UPLOAD_MB  largest activation upload accepted (4096)
     SAE_DEVICE     "auto" (CUDA when available), "cpu" or "cuda[:n]"
+    SWEEP_MAX_MEMBERS  the most members one sweep may have (16)
     FEATURES_AFTER_TRAINING  1: queue feature statistics when a run completes (1)
     FEATURE_SAMPLE_TOKENS    tokens the feature statistics are computed on (50000)
     DOWNSTREAM_TOKENS  held-out tokens a downstream evaluation splices the SAE into (8192); one
@@ -62,6 +63,7 @@ def load_settings(overrides: dict | None = None) -> dict:
         "MAX_UPLOAD_MB": _int("MAX_UPLOAD_MB", 4096),
         "SAE_DEVICE": env.get("SAE_DEVICE", "auto"),
         "JOB_TIMEOUT_S": _int("JOB_TIMEOUT_S", 7 * 24 * 3600),
+        "SWEEP_MAX_MEMBERS": _int("SWEEP_MAX_MEMBERS", 16),
         "FEATURES_AFTER_TRAINING": env.get("FEATURES_AFTER_TRAINING", "1").strip().lower() not in ("0", "false", "no"),
         "FEATURE_SAMPLE_TOKENS": _int("FEATURE_SAMPLE_TOKENS", 50_000),
         "DOWNSTREAM_TOKENS": _int("DOWNSTREAM_TOKENS", 8192),

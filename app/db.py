@@ -378,6 +378,44 @@ def _migration_20_gated_presets(db) -> None:
                                    "to the target L0 (the L0 model is fitted on standard SAEs only).")
 
 
+def _migration_21_sweeps(db) -> None:
+    """Sweeps: their table, and each run's link to the sweep it is a member of. Self-contained (its
+    own table definition; a fresh database has both from migration 1)."""
+    from peewee import BigIntegerField, BooleanField, CharField, DateTimeField, ForeignKeyField, TextField
+
+    class _Sweep(Model):
+        created_by_id = IntegerField(null=True)
+        status = CharField(default="queued", index=True)
+        reason = TextField(null=True)
+        cancel_requested = BooleanField(default=False)
+        rq_job_id = CharField(null=True)
+        created_at = DateTimeField()
+        queued_at = DateTimeField(null=True)
+        started_at = DateTimeField(null=True)
+        finished_at = DateTimeField(null=True)
+        heartbeat_at = DateTimeField(null=True)
+        worker_name = CharField(null=True)
+        attempt = IntegerField(default=0)
+        placed_on = CharField(null=True)
+        reserved_bytes = BigIntegerField(null=True)
+        wait_reason = TextField(null=True)
+        requested_device = CharField(null=True)
+        attempts_log = TextField(null=True)
+        name = CharField(default="")
+        source_id = IntegerField()
+        base = TextField()
+        axes = TextField()
+        mode = CharField(default="grid")
+        finding = TextField(null=True)
+
+        class Meta:
+            database = db
+            table_name = "sweep"
+
+    db.create_tables([_Sweep])  # IF NOT EXISTS
+    add_column_if_missing(db, "training", "sweep_id", IntegerField(null=True))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -385,7 +423,8 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_12_architectures, _migration_13_downstream,
                               _migration_14_l0_model, _migration_15_fencing,
                               _migration_16_maintenance_failures, _migration_17_sessions,
-                              _migration_18_placement, _migration_19_queued_at, _migration_20_gated_presets]
+                              _migration_18_placement, _migration_19_queued_at, _migration_20_gated_presets,
+                              _migration_21_sweeps]
 
 
 def migrate() -> int:

@@ -199,7 +199,23 @@ class ActivationSet(Owned):
                                                      tune.batch_size, pilot["l0_fraction"]))
         shifts = [s for s in shifts if s is not None]
         return SourceStats(self.d_in, self.n_tokens, self.name, l0_offset=l0_model.source_offset(shifts),
-                           runs_seen=len(shifts))
+                           runs_seen=len(shifts), l0_finding=(self.params or {}).get("l0_finding"))
+
+
+class Sweep(JobRecord):
+    """Many SAEs trained together, each batch shared by all (app/work/sweeps.py): a base configuration
+    and one or two axes of values; each member is an ordinary ``Training`` row linked here. The L0
+    finder is a sweep whose mode is ``find_l0``; its ``finding`` holds the metric's curve and reading."""
+
+    name = CharField(default="")
+    source = ForeignKeyField(ActivationSet, backref="sweeps", on_delete="RESTRICT")
+    base = JSONField(default=dict)  # the base configuration, under the form's field names
+    axes = JSONField(default=list)  # [{"param": "target_l0", "values": [0.01, 0.02]}, ...]
+    mode = CharField(default="grid")  # "grid", or "find_l0" (a ladder of target L0s read by the finder)
+    finding = JSONField(null=True)  # the L0 finder's curve and recommendation, once read
+
+    class Meta:
+        table_name = "sweep"
 
 
 class Training(JobRecord):
@@ -221,6 +237,8 @@ class Training(JobRecord):
     # it, committed here by a write conditional on that attempt (so a stale process's file never is).
     checkpoint_name = CharField(null=True)
     checkpoint_at = IntegerField(null=True)  # its step
+    # a member of a sweep trains in its sweep's job, on the sweep's batches, never queued alone
+    sweep = ForeignKeyField(Sweep, null=True, backref="members", on_delete="SET NULL")
 
     class Meta:
         table_name = "training"

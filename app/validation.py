@@ -27,6 +27,7 @@ class SourceStats:
     name: str = ""
     l0_offset: float = 0.0  # the L0 model's shift for this source, learned from its earlier runs
     runs_seen: int = 0  # how many runs that shift is learned from
+    l0_finding: dict | None = None  # the L0 finder's latest reading on this source (app/work/sweeps.py)
 
 
 def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float, steps: int = 3000,
@@ -104,6 +105,14 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                     f"{arch.title}'s L0 is k, so the run will end {k / count:.1f}× the target.",
                     f"Set k to {max(1, round(count))}, or set the target to {_pct_exact(k / latent)} "
                     f"(k / latent_dim = {k / latent:.4g}).", max(1, round(count))))
+    finding = source.l0_finding
+    if finding and finding.get("l0_fraction") and count >= 1:
+        found = finding["l0_fraction"]
+        trust = "" if finding.get("reliable") else " (a rough reading: see the sweep's page for why)"
+        if abs(target / found - 1) > 0.25:
+            add(Finding("info", "target_l0", f"The L0 finder (sweep #{finding['sweep_id']}) read about "
+                        f"{_pct_exact(found)} as the right L0 on this source{trust}; this target is "
+                        f"{_pct_exact(target)}.", f"Set the target to {_round(found)}.", _round(found)))
     arch.validate(cfg, source, add)
 
     if latent <= d_in:

@@ -350,3 +350,41 @@ def test_a_second_user_sees_a_run_but_cannot_cancel_it(live_server, worker_proce
     page.goto(run_url)
     page.click("#cancel")
     assert wait_until_ended(page, "#progress", seconds=60) == "cancelled"
+
+
+def test_a_sweep_and_the_l0_finder_from_the_form_through_to_train_at_this_l0(live_server, worker_process, page):
+    page.goto(live_server + "/trainings/new")
+    for selector, value in {"#latent_dim": "512", "#target_l0": "0.02", "#batch_size": "256", "#total_steps": "150",
+                            "#lr_warmup_steps": "10", "#l1_warmup_steps": "20"}.items():
+        page.fill(selector, value)
+    # a sweep with one value is refused at the sweep's field, and nothing starts
+    page.select_option("#sweep_param_1", "seed")
+    page.fill("#sweep_values_1", "1")
+    page.click("#start-sweep")
+    assert "at least two members" in page.locator("#sweep-error-1").inner_text()
+    page.fill("#sweep_values_1", "1, 2")
+    page.click("#start-sweep")
+    page.wait_for_url(re.compile(r"/sweeps/\d+$"))
+    assert page.locator("#members tbody tr").count() == 2
+    assert wait_until_ended(page, "#sweep-members", seconds=240) == "completed", page.inner_text("#sweep-members")
+    page.wait_for_selector("#suggested")  # both on target and green: the lower FVU is suggested, with its rule
+    assert "lowest FVU" in page.inner_text("#suggestion-rule")
+
+    page.goto(live_server + "/trainings/new")
+    for selector, value in {"#latent_dim": "512", "#target_l0": "0.02", "#batch_size": "256", "#total_steps": "150",
+                            "#lr_warmup_steps": "10", "#l1_warmup_steps": "20"}.items():
+        page.fill(selector, value)
+    page.click("#find-l0")
+    page.wait_for_url(re.compile(r"/sweeps/\d+$"))
+    assert page.locator("#members tbody tr").count() == 10  # five rungs, two seeds each
+    assert wait_until_ended(page, "#sweep-members", seconds=480) == "completed", page.inner_text("#sweep-members")
+    page.wait_for_selector("#finder-chart")
+    reading = page.inner_text("#finding")
+    assert "latents active per token" in reading and "Extend" in reading or "neighbouring rungs" in reading
+    page.click("#train-at-l0")
+    page.wait_for_url(re.compile(r"/trainings/new\?"))
+    target = float(page.input_value("#target_l0"))
+    assert target > 0 and page.input_value("#architecture") == "batchtopk"
+    assert page.input_value("#k") == str(max(1, round(target * 512)))
+    page.click("#start")
+    page.wait_for_url(re.compile(r"/trainings/\d+$"))

@@ -8,9 +8,9 @@ from werkzeug.datastructures import MultiDict
 from ..auth import require_change
 from ..forms import ACKNOWLEDGE_IN_API, ACKNOWLEDGE_IN_FORM, ExtractionForm, TrainingForm, json_to_formdata
 from ..models import (STATUSES, ActivationSet, DownstreamEval, Event, Extraction, FeatureJob, ImportedSAE, MetricPoint,
-                      Template, Training, User)
+                      Sweep, Template, Training, User)
 from ..training_config import BY_NAME
-from ..work import deletion, lifecycle
+from ..work import deletion, lifecycle, sweeps
 from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
@@ -285,6 +285,114 @@ def resume(training_id: int):
     except QueueUnavailable as exc:
         return unavailable(exc)
     return {"id": run.id, "status": run.status, "checkpoint_step": checkpoint_step(run, current_app.config)}, 202
+
+
+# --- sweeps ---------------------------------------------------------------------------------
+
+def sweep_dict(sweep: Sweep) -> dict:
+    rows = sweeps.member_rows(sweep)
+    suggested = sweeps.suggestion(sweep, rows)
+    return {
+        "id": sweep.id, "url": external_url("sweeps.detail", sweep_id=sweep.id), "name": sweep.name,
+        "mode": sweep.mode, "status": sweep.status, "reason": sweep.reason, "source_id": sweep.source_id,
+        "axes": sweep.axes, "base": sweep.base, "created_by": creator_name(sweep),
+        "created_at": iso(sweep.created_at), "started_at": iso(sweep.started_at), "finished_at": iso(sweep.finished_at),
+        **{k: v for k, v in placement_dict(sweep).items()},
+        "members": [{**row, "url": external_url("pages.detail", training_id=row["id"])} for row in rows],
+        "suggested": {"id": suggested["row"]["id"], "rule": suggested["why"]} if suggested else None,
+        "finding": sweep.finding,
+    }
+
+
+def sweep_check_errors(check: sweeps.SweepCheck) -> dict:
+    """A refused sweep's 422 body: the sweep's own errors, then each member's by its label."""
+    errors = dict(check.errors)
+    for i, member in enumerate(check.members):
+        if member.errors:
+            errors[f"members.{i}"] = [f"{member.label}: {name}: {' '.join(m)}" for name, m in member.errors.items()]
+    return errors
+
+
+@bp.post("/sweeps")
+def create_sweep():
+    """Body: ``{"name", "base": {training fields}, "axes": [{"param", "values"}], "mode": "grid"|"find_l0",
+    "device"}``. Every member is validated as a run of its own; nothing is created unless all pass."""
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):
+        return {"errors": {"_body": ["Send the sweep as a JSON object: base, axes, and optionally name, mode, "
+                                     "device."]}}, 422
+    unknown = set(payload) - {"name", "base", "axes", "mode", "device"}
+    if unknown:
+        return {"errors": {name: ["Unknown field."] for name in sorted(unknown)}}, 422
+    mode = payload.get("mode", "grid")
+    if mode not in sweeps.MODES:
+        return {"errors": {"mode": [f"One of {', '.join(sweeps.MODES)}."]}}, 422
+    name = payload.get("name") or ""
+    if not isinstance(name, str) or len(name) > 200:
+        return {"errors": {"name": ["A name of at most 200 characters."]}}, 422
+    requested, device_errors = requested_device(payload)
+    if device_errors:
+        return {"errors": device_errors}, 422
+    base = payload.get("base")
+    axes = payload.get("axes")
+    if mode == "find_l0":
+        base, axes, errors = sweeps.finder_plan(base, axes)
+        if errors:
+            return {"errors": errors}, 422
+    if isinstance(base, dict):  # a script has no box to tick: it sends the field, once for every member
+        base = {**base}
+    check = sweeps.check_sweep(base, axes, current_app.config)
+    findings = [{"member": m.label, **f.to_dict()} for m in check.members for f in m.findings]
+    findings += [{"member": None, **f.to_dict()} for f in check.findings]
+    if not check.ok:
+        errors = sweep_check_errors(check)
+        for key, messages in errors.items():
+            errors[key] = [m.replace(ACKNOWLEDGE_IN_FORM, ACKNOWLEDGE_IN_API) for m in messages]
+        return {"errors": errors, "findings": findings}, 422
+    try:
+        sweep = sweeps.create_sweep(check, name=name, mode=mode, settings=current_app.config, created_by=g.user.id,
+                                    requested_device=requested)
+    except QueueUnavailable as exc:
+        return unavailable(exc)
+    return {**sweep_dict(sweep), "findings": findings}, 201
+
+
+@bp.get("/sweeps")
+def list_sweeps():
+    params = query_params({**PAGING, "status": choice(STATUSES)})
+    query = with_creator(Sweep)
+    if "status" in params:
+        query = query.where(Sweep.status == params["status"])
+    return page_of(query, Sweep, params, "sweeps", sweep_dict)
+
+
+@bp.get("/sweeps/<int:sweep_id>")
+def show_sweep(sweep_id: int):
+    return sweep_dict(get_or_404(Sweep, sweep_id, "sweep"))
+
+
+@bp.post("/sweeps/<int:sweep_id>/cancel")
+def cancel_sweep(sweep_id: int):
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    if not sweep.is_active:
+        return {"id": sweep.id, "status": sweep.status, "error": f"The sweep has already ended ({sweep.status})."}, 409
+    require_change(sweep)
+    sweeps.cancel_sweep(sweep)
+    sweep = Sweep.get_by_id(sweep.id)
+    return {"id": sweep.id, "status": sweep.status, "cancel_requested": sweep.cancel_requested}, 202
+
+
+@bp.post("/sweeps/<int:sweep_id>/resume")
+def resume_sweep(sweep_id: int):
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    require_change(sweep)
+    try:
+        sweep = sweeps.resume_sweep(sweep, current_app.config)
+    except sweeps.SweepRefused as exc:
+        return {"id": sweep.id, "status": sweep.status, "error": str(exc)}, 409
+    except QueueUnavailable as exc:
+        return unavailable(exc)
+    return sweep_dict(sweep), 202
 
 
 def downstream_dict(job: DownstreamEval) -> dict:

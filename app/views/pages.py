@@ -52,6 +52,13 @@ def new_training():
                 arch = architectures.find(data.get("architecture"))
                 if request.args.get("steer") == "1" and arch is not None and arch.by_penalty:
                     data["steer_l1_alpha"] = True
+            target = request.args.get("target_l0", type=float)
+            if target is not None and 0 < target <= 1:
+                # "Train at this L0" (the L0 finder): the target, and k with it where k sets the L0
+                data["target_l0"] = target
+                arch = architectures.find(data.get("architecture"))
+                if arch is not None and arch.by_k and data.get("latent_dim"):
+                    data["k"] = max(1, round(target * data["latent_dim"]))
             form = TrainingForm(data=data)
     if id_arg("source_id") is not None:
         form.source_id.data = id_arg("source_id")  # "Train an SAE on it" after an extraction

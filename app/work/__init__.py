@@ -19,3 +19,4 @@ from . import tune  # noqa: F401
 from . import extraction  # noqa: F401
 from . import features  # noqa: F401
 from . import downstream  # noqa: F401
+from . import sweeps  # noqa: F401

@@ -565,6 +565,8 @@ def requeue_lost(settings: dict, grace_s: float = 30.0) -> list[JobRecord]:
         for record in waiting:
             if record.rq_job_id and queue.job_exists(settings, record.rq_job_id, redis):
                 continue
+            if getattr(record, "sweep_id", None) is not None:
+                continue  # a sweep's member is trained by its sweep's job, never queued alone
             enqueue(record, settings)
             requeued.append(record)
     return requeued

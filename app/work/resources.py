@@ -143,6 +143,10 @@ def need_bytes(record, settings: dict | None = None) -> int:
     try:
         if kind == "Training":
             return memory_estimate_bytes(record.source.d_in, record.latent_dim, record.batch_size, record.architecture)
+        if kind == "Sweep":
+            from .sweeps import need_bytes as sweep_bytes
+
+            return sweep_bytes(record)
         if kind == "TuneJob":
             return tune_bytes(record.source.d_in, record.latent_dim, record.batch_size)
         if kind == "FeatureJob":

@@ -93,6 +93,11 @@ def saelens_readable() -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
+def for_l0_finder() -> Architecture:
+    """The architecture the L0 finder trains its ladder on."""
+    return next(a for a in all() if a.l0_finder)
+
+
 def saelens_default() -> Architecture:
     """The architecture a cfg.json without one is (SAELens's default)."""
     return next(a for a in all() if a.saelens_default)

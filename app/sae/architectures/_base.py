@@ -58,6 +58,8 @@ class Architecture:
     - ``saelens``: the SAELens architecture an exported file names (None: exports as
       ``inference_as``); a file naming it is read back as this architecture.
     - ``extra_bytes_per_token``: activations beyond the shared ones, in latents per token.
+    - ``l0_finder``: the L0 finder trains its ladder on this one (the architecture its metric was
+      made on: BatchTopK in "Sparse but Wrong"). Exactly one architecture says so.
     """
 
     name: str = ""
@@ -68,6 +70,7 @@ class Architecture:
     shared: tuple[str, ...] = ()
     params: tuple = ()
     l0_model: bool = False
+    l0_finder: bool = False
     resample: bool = False
     aux_k: bool = False
     warmup: str = "learning-rate"

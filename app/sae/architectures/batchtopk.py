@@ -16,6 +16,7 @@ class BatchTopK(Architecture):
     sparsity_set_by = K
     shared = ("k",)
     aux_k = True
+    l0_finder = True  # "Sparse but Wrong" studies BatchTopK; the L0 finder's ladder is trained on it
     inference_as = jumprelu.ARCH  # its thresholds make it a JumpReLU: loads and exports as one
     extra_latents_per_token = 4  # the dense selection and its gradient
     knob_hint = "BatchTopK keeps on average"

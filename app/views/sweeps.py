@@ -1,0 +1,145 @@
+"""Sweep pages: start a sweep (or the L0 finder) from the training form, watch its members, act on it."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, g, redirect, render_template, request, url_for
+from werkzeug.datastructures import MultiDict
+
+from .. import charts
+from ..auth import require_change
+from ..forms import TrainingForm
+from ..models import Sweep
+from ..work import sweeps
+from ..work.queue import QueueUnavailable
+from .records import get_or_404
+
+bp = Blueprint("sweeps", __name__)
+
+SWEEP_FIELDS = ("sweep_param_1", "sweep_values_1", "sweep_param_2", "sweep_values_2", "sweep_mode", "sweep_name")
+
+
+def _as_formdata(payload: dict):
+    """A member's configuration as the browser would post it (every value a string; blanks left out)."""
+    return MultiDict({k: str(v) for k, v in payload.items() if v is not None and k not in SWEEP_FIELDS}), {}
+
+
+@bp.get("/sweeps")
+def index():
+    listed = list(Sweep.select().order_by(Sweep.id.desc()).limit(200))
+    counts = sweeps.status_counts([s.id for s in listed])
+    rows = [(s, counts.get(s.id, {})) for s in listed]
+    return render_template("sweeps.html", rows=rows)
+
+
+@bp.post("/sweeps")
+def create():
+    """From the training form: its fields are the base; the sweep fields name the axes (or the finder)."""
+    form = TrainingForm()
+    mode = request.form.get("sweep_mode", "grid")
+    base = {k: v for k, v in request.form.items() if k not in SWEEP_FIELDS and k != "csrf_token"}
+    if mode == "find_l0":
+        base, axes, errors = sweeps.finder_plan(base, None)
+    elif mode == "grid":
+        axes, errors = sweeps.axes_from_text([(request.form.get(f"sweep_param_{i}"),
+                                               request.form.get(f"sweep_values_{i}")) for i in (1, 2)])
+    else:
+        axes, errors = [], {"sweep_values_1": ["Choose a sweep or the L0 finder."]}
+    check = None
+    if not errors:
+        check = sweeps.check_sweep(base, axes, current_app.config, to_formdata=_as_formdata)
+        errors = dict(check.errors)
+        messages = [f"{m.label}: {name}: {' '.join(msgs)}" for m in check.members for name, msgs in m.errors.items()]
+        if messages:
+            errors.setdefault("sweep_values_1", []).extend(messages)
+        if "axes" in errors:
+            errors.setdefault("sweep_values_1", []).extend(errors.pop("axes"))
+        errors = {k: v for k, v in errors.items() if v}
+    base_ok = form.validate_on_submit() or not _form_blocks(form)
+    if errors or check is None or not check.ok or not base_ok:
+        if check is not None and any("acknowledge_warnings" in m.errors for m in check.members):
+            form.acknowledge_warnings.errors = list(form.acknowledge_warnings.errors or []) + [
+                "Some members have warnings: read them in the list under the sweep, then tick this box."]
+        return _render(form, errors, mode), 422
+    try:
+        sweep = sweeps.create_sweep(check, name=request.form.get("sweep_name") or request.form.get("name") or "",
+                                    mode=mode, settings=current_app.config, created_by=g.user.id)
+    except QueueUnavailable as exc:
+        return _render(form, {"sweep_values_1": [f"Not started: {exc}. Nothing was created."]}, mode), 503
+    return redirect(url_for("sweeps.detail", sweep_id=sweep.id), code=303)
+
+
+def _form_blocks(form: TrainingForm) -> bool:
+    """The base form's own errors block a sweep too, except the acknowledgement (checked per member)."""
+    return any(name != "acknowledge_warnings" for name in form.errors)
+
+
+def _render(form: TrainingForm, errors: dict, mode: str):
+    return render_template("training_form.html", **_form_context(form), sweep_errors=errors, sweep_mode=mode)
+
+
+def _form_context(form: TrainingForm) -> dict:
+    from ..models import Template
+
+    templates = list(Template.select().order_by(Template.builtin.desc(), Template.d_in, Template.name))
+    return {"form": form, "templates": templates, "source_run": None, "template": None}
+
+
+@bp.get("/sweeps/<int:sweep_id>")
+def detail(sweep_id: int):
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    return render_template("sweep_detail.html", sweep=sweep, **members_context(sweep))
+
+
+@bp.get("/sweeps/<int:sweep_id>/members")
+def members(sweep_id: int):
+    """The live table and charts (htmx); polling stops once the sweep and its members have ended."""
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    return render_template("_partials/sweep_members.html", sweep=sweep, **members_context(sweep))
+
+
+def members_context(sweep: Sweep) -> dict:
+    rows = sweeps.member_rows(sweep)
+    suggested = sweeps.suggestion(sweep, rows)
+    colors = {r["id"]: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(rows)}
+    frontier = charts.scatter_chart("Members: sparsity against reconstruction", [
+        (r["l0_fraction"], r["fvu"], f"#{r['id']}", colors[r["id"]]) for r in rows if r["final"]])
+    scored = [r for r in rows if r["downstream_score"] is not None]
+    model_frontier = charts.scatter_chart(
+        "Members on their model: sparsity against the downstream score",
+        [(r["l0_fraction"], r["downstream_score"], f"#{r['id']}", colors[r["id"]]) for r in scored],
+        y_label=scored[0]["downstream_name"] or "downstream score") if scored else None
+    finder_chart = None
+    curve = (sweep.finding or {}).get("curve")
+    if curve:
+        finder_chart = charts.scatter_chart(
+            "L0 finder: the metric against L0", [(p["l0_fraction"], p["metric"], f"#{p['member_id']}",
+                                                 colors.get(p["member_id"])) for p in curve if p.get("metric") is not None],
+            y_label=sweep.finding.get("metric_name", "metric"))
+    active = sweep.is_active or any(r["status"] in ("queued", "running") for r in rows)
+    return {"rows": rows, "suggested": suggested, "frontier": frontier, "model_frontier": model_frontier,
+            "finder_chart": finder_chart, "colors": colors, "active": active,
+            "compare_url": url_for("pages.compare", ids=[r["id"] for r in rows if r["final"]])}
+
+
+@bp.post("/sweeps/<int:sweep_id>/cancel")
+def cancel(sweep_id: int):
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    require_change(sweep)
+    if sweep.is_active:
+        sweeps.cancel_sweep(sweep)
+    return redirect(url_for("sweeps.detail", sweep_id=sweep.id), code=303)
+
+
+@bp.post("/sweeps/<int:sweep_id>/resume")
+def resume(sweep_id: int):
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    require_change(sweep)
+    try:
+        sweeps.resume_sweep(sweep, current_app.config)
+    except (sweeps.SweepRefused, QueueUnavailable) as exc:
+        return render_template("sweep_detail.html", sweep=sweep, error=str(exc), **members_context(sweep)), 409
+    return redirect(url_for("sweeps.detail", sweep_id=sweep.id), code=303)
+
+
+@bp.app_context_processor
+def sweep_choices() -> dict:
+    return {"sweepable": sweeps.SWEEPABLE}

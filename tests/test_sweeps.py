@@ -1,0 +1,178 @@
+"""Sweeps through the API and the pages, trained by a real worker: members on shared batches, each an
+ordinary run; refused as a whole when any member is wrong; cancelled one member at a time; resumed
+as one after the worker's process is killed."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from flask import current_app
+from rq import Queue
+
+from app.models import MetricPoint, Sweep, Training
+from app.work.training import checkpoint_step
+from conftest import QUICK_CONFIG, kill_work_horse, reload, start_worker, stop_worker, wait_for, worker_logs
+
+BASE = {**QUICK_CONFIG, "architecture": "topk", "l1_alpha": None, "total_steps": 300, "checkpoint_every_steps": 60,
+        "lr_warmup_steps": 20, "dead_window_tokens": 5_000}
+
+
+@pytest.fixture
+def no_feature_jobs(env, monkeypatch):
+    monkeypatch.setenv("FEATURES_AFTER_TRAINING", "0")
+
+
+def post_sweep(client, axes, base=None, **extra):
+    return client.post("/api/sweeps", json={"name": "s", "base": base or BASE, "axes": axes, **extra})
+
+
+def steps_of(run: Training) -> list[int]:
+    return [p.step for p in run.metrics.order_by(MetricPoint.step)]
+
+
+def test_a_sweep_is_refused_whole_with_each_error_at_its_place_and_nothing_created(client, env, redis_client):
+    queue = Queue(env["QUEUE_NAME"], connection=redis_client)
+    cases = [
+        ([{"param": "batch_size", "values": [64, 128]}], "axes.0", "cannot be swept"),
+        ([{"param": "target_l0", "values": [0.02]}], "axes", "at least two members"),
+        ([{"param": "seed", "values": list(range(12))}, {"param": "latent_dim", "values": [256, 512]}], "axes",
+         "the limit is 16"),
+        ([{"param": "latent_dim", "values": [256, 0]}], "members.1", "latent_dim = 0: latent_dim"),
+        ([{"param": "target_l0", "values": [0.02, 0.02]}], "axes.0", "repeat"),
+        ("target_l0", "axes", "one or two axes"),
+    ]
+    for axes, key, text in cases:
+        response = post_sweep(client, axes)
+        assert response.status_code == 422, (axes, response.json)
+        assert any(text in m for m in response.json["errors"].get(key, [])), (axes, response.json["errors"])
+    assert client.post("/api/sweeps", json={"base": BASE, "axes": [], "colour": 1}).json["errors"] == {
+        "colour": ["Unknown field."]}
+    assert client.post("/api/sweeps", data="x").status_code == 422
+    assert Sweep.select().count() == 0 and Training.select().count() == 0 and len(queue) == 0
+    # a member whose warnings were not acknowledged refuses the sweep too, at that member
+    response = post_sweep(client, [{"param": "latent_dim", "values": [1024, 256]}],
+                          base={**BASE, "acknowledge_warnings": False})
+    assert response.status_code == 422
+    assert any("acknowledge_warnings" in m for m in response.json["errors"]["members.1"])
+    assert Sweep.select().count() == 0 and Training.select().count() == 0
+
+
+def test_members_train_together_and_one_can_be_cancelled_alone(client, env, run_worker, no_feature_jobs):
+    response = post_sweep(client, [{"param": "target_l0", "values": [0.02, 0.04, 0.08]}],
+                          base={**BASE, "total_steps": 200})
+    assert response.status_code == 201, response.json
+    members = [Training.get_by_id(m["id"]) for m in response.json["members"]]
+    assert [m.k for m in members] == [5, 10, 20]  # k follows each member's target (256 latents)
+    assert all(m.sweep_id == response.json["id"] and m.status == "queued" for m in members)
+    # cancelled before the sweep starts: that member alone ends; the sweep trains the others
+    assert client.post(f"/api/trainings/{members[1].id}/cancel").status_code == 202
+    assert run_worker().returncode == 0
+    sweep = Sweep.get_by_id(response.json["id"])
+    assert sweep.status == "completed", sweep.reason
+    done = [reload(m) for m in members]
+    assert [m.status for m in done] == ["completed", "cancelled", "completed"], [m.reason for m in done]
+    for m in (done[0], done[2]):
+        assert steps_of(m) == list(range(10, 201, 10))
+        assert m.summary["l0"] == pytest.approx(m.k, rel=0.25)
+        assert any("members of sweep" in e.message for e in m.events)
+    body = client.get(f"/api/sweeps/{sweep.id}").json
+    assert [r["status"] for r in body["members"]] == ["completed", "cancelled", "completed"]
+    assert body["members"][0]["label"] == "target_l0 = 0.02" and body["members"][0]["final"]
+    page = client.get(f"/sweeps/{sweep.id}").get_data(as_text=True)
+    assert f'id="member-{members[0].id}"' in page and "hx-trigger" not in page  # ended: no polling
+    assert 'id="sweep-link"' in client.get(f"/trainings/{members[0].id}").get_data(as_text=True)
+    assert client.post(f"/api/sweeps/{sweep.id}/cancel").status_code == 409
+    assert client.get("/api/sweeps").json["sweeps"][0]["id"] == sweep.id
+    assert f"/sweeps/{sweep.id}" in client.get("/sweeps").get_data(as_text=True)
+
+
+def test_a_sweep_killed_mid_way_resumes_as_one_losing_at_most_one_interval(client, env, run_worker,
+                                                                             no_feature_jobs):
+    response = post_sweep(client, [{"param": "target_l0", "values": [0.02, 0.05]},
+                                   {"param": "architecture", "values": ["topk", "batchtopk"]}])
+    assert response.status_code == 201, response.json
+    sweep = Sweep.get_by_id(response.json["id"])
+    members = [Training.get_by_id(m["id"]) for m in response.json["members"]]
+    assert len(members) == 4
+    worker = start_worker(env, name=f"sweeper-{os.getpid()}")
+    try:
+        wait_for(lambda: all((checkpoint_step(reload(m), current_app.config) or 0) >= 120 for m in members),
+                 timeout=180, interval=0.02, message=lambda: f"checkpoints: {[reload(m).step for m in members]}\n"
+                                                             f"{worker_logs(env)}")
+        time.sleep(0.2)
+        kill_work_horse(worker)
+        wait_for(lambda: reload(sweep).status == "interrupted"
+                 and all(reload(m).status == "interrupted" for m in members), timeout=60,
+                 message=lambda: f"all interrupted: {[(reload(m).status, reload(m).reason) for m in members]}")
+    finally:
+        stop_worker(worker)
+    for m in map(reload, members):
+        saved = checkpoint_step(m, current_app.config)
+        assert saved is not None and saved % 60 == 0 and m.step - saved < 60 + 10, (m.step, saved)
+        assert f"member of sweep {sweep.id}" in m.reason
+    response = client.post(f"/api/sweeps/{sweep.id}/resume")
+    assert response.status_code == 202, response.json
+    assert all(r["status"] == "queued" for r in response.json["members"])
+    assert run_worker().returncode == 0
+    assert reload(sweep).status == "completed", reload(sweep).reason
+    for m in map(reload, members):
+        assert m.status == "completed", m.reason
+        assert steps_of(m) == list(range(10, 301, 10))  # every point once: none lost, none duplicated
+        assert [e.code for e in m.events].count("resumed") == 1
+    assert client.post(f"/api/sweeps/{sweep.id}/resume").status_code == 409  # nothing left to resume
+
+
+def test_the_training_form_starts_a_sweep_or_says_at_the_sweep_field_why_not(client, env, redis_client):
+    form = {k: "" if v is None else ("y" if v is True else str(v)) for k, v in BASE.items() if v is not False}
+    response = client.post("/sweeps", data={**form, "sweep_mode": "grid", "sweep_param_1": "target_l0",
+                                            "sweep_values_1": "0.02"})
+    assert response.status_code == 422
+    assert "at least two members" in response.get_data(as_text=True)
+    response = client.post("/sweeps", data={**form, "sweep_mode": "grid", "sweep_param_1": "latent_dim",
+                                            "sweep_values_1": "256, 0"})
+    assert response.status_code == 422 and 'id="sweep-error-1"' in response.get_data(as_text=True)
+    assert Sweep.select().count() == 0 and Training.select().count() == 0
+    response = client.post("/sweeps", data={**form, "sweep_mode": "grid", "sweep_param_1": "target_l0",
+                                            "sweep_values_1": "0.02, 0.04", "sweep_param_2": "seed",
+                                            "sweep_values_2": "1, 2"})
+    assert response.status_code == 303, response.get_data(as_text=True)[-3000:]
+    sweep = Sweep.get()
+    assert response.headers["Location"].endswith(f"/sweeps/{sweep.id}")
+    assert sorted((m.target_l0, m.seed, m.k) for m in sweep.members) == [
+        (0.02, 1, 5), (0.02, 2, 5), (0.04, 1, 10), (0.04, 2, 10)]
+    assert len(Queue(env["QUEUE_NAME"], connection=redis_client)) == 1  # one job for the whole sweep
+    assert "hx-trigger" in client.get(f"/sweeps/{sweep.id}").get_data(as_text=True)  # live while queued
+
+
+def test_the_l0_finder_reads_a_ladder_records_it_on_the_source_and_offers_a_run_at_it(client, env, run_worker,
+                                                                                     no_feature_jobs):
+    response = client.post("/api/sweeps", json={"name": "finder", "mode": "find_l0",
+                                                "base": {**BASE, "total_steps": 150, "checkpoint_every_steps": 2000}})
+    assert response.status_code == 201, response.json
+    body = response.json
+    assert body["mode"] == "find_l0" and [a["param"] for a in body["axes"]] == ["target_l0", "seed"]
+    ladder = body["axes"][0]["values"]
+    assert len(ladder) == 5 and ladder == sorted(ladder) and len(body["members"]) == 10
+    members = [Training.get_by_id(m["id"]) for m in body["members"]]
+    assert {m.architecture for m in members} == {"batchtopk"}
+    assert all(m.k == max(1, round(m.target_l0 * m.latent_dim)) for m in members)
+    assert run_worker().returncode == 0
+    sweep = Sweep.get_by_id(body["id"])
+    assert sweep.status == "completed", sweep.reason
+    finding = sweep.finding
+    assert finding["metric"] == "consistency" and len(finding["curve"]) == 5
+    assert all(0 <= p["consistency"] <= 1 and p["c_dec"] > 0 for p in finding["curve"])
+    assert finding["recommended_l0"] and finding["rule"] and finding["certainty"]
+    recorded = sweep.source.params["l0_finding"]
+    assert recorded["sweep_id"] == sweep.id
+    assert recorded["l0_fraction"] == pytest.approx(finding["recommended_l0"] / finding["latent_dim"])
+    page = client.get(f"/sweeps/{sweep.id}").get_data(as_text=True)
+    assert 'id="finding"' in page and 'id="finder-chart"' in page and 'id="train-at-l0"' in page
+    # "Train at this L0": the form prefilled at the reading (k with it), and the source's hint names the sweep
+    args = finding["train_args"]
+    form = client.get(f"/trainings/new?from={args['from']}&target_l0={args['target_l0']}").get_data(as_text=True)
+    assert f'value="{args["target_l0"]}"' in form
+    hint = client.post("/api/trainings", json={**BASE, "target_l0": 0.15 if args["target_l0"] < 0.1 else 0.005,
+                                               "k": None, "architecture": "standard", "l1_alpha": 0.003})
+    assert any(f"sweep #{sweep.id}" in f["message"] for f in hint.json["findings"]), hint.json
