@@ -334,6 +334,12 @@ def finished_run(client, run_worker, **changes):
     return run
 
 
+def worker_logs(env: dict, tail: int = 4000) -> str:
+    """The end of every background worker's log in the data folder (for a failing test's message)."""
+    logs = sorted(Path(env["DATA_DIR"]).glob("worker-*.log"))
+    return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}" for log in logs)
+
+
 def stop_worker(proc: subprocess.Popen) -> None:
     """A warm shutdown (SIGTERM), and SIGKILL if that takes too long."""
     if proc.poll() is None:
@@ -361,15 +367,16 @@ def kill_work_horse(worker_process) -> None:
         os.kill(int(pid), signal.SIGKILL)
 
 
-def wait_for(predicate, timeout: float = 120, interval: float = 0.1, message: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
+def wait_for(predicate, timeout: float = 120, interval: float = 0.1, message="condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``. ``message``
+    may be a function: it is called then, so the failure says what the state was."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
 
 
 @pytest.fixture(scope="session")

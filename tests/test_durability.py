@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from app.models import Event, MetricPoint, Training, TuneJob, utcnow
 from app.work import lifecycle
 from app.work.training import checkpoint_step
-from conftest import (BACKEND, QUICK_CONFIG, create_run, kill_work_horse, reload, start_worker, stop_worker,
+from conftest import (BACKEND, QUICK_CONFIG, create_run, kill_work_horse, reload, start_worker, stop_worker, worker_logs,
                       wait_for)
 
 METRIC_COLUMNS = ("step", "tokens", "loss", "mse", "sparsity_loss", "l1", "l0", "l0_fraction", "fvu", "dead", "lr",
@@ -191,7 +191,11 @@ def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_featur
 
     writer = threading.Thread(target=web_writes)
     try:
-        wait_for(lambda: all(reload(r).status == "running" for r in runs), timeout=120, message="both running")
+        def state() -> str:
+            rows = [(r.id, r.status, r.worker_name, r.step, r.reason) for r in map(reload, runs)]
+            return f"both running: {rows}, workers' exit codes {[w.poll() for w in workers]}\n{worker_logs(env)}"
+
+        wait_for(lambda: all(reload(r).status == "running" for r in runs), timeout=120, message=state)
         assert len({reload(r).worker_name for r in runs}) == 2  # one on each worker, at the same time
         writer.start()
         done = wait_for(lambda: all(reload(r).status not in ("queued", "running") for r in runs)
