@@ -116,7 +116,7 @@ def members_context(sweep: Sweep) -> dict:
             y_label=sweep.finding.get("metric_name", "metric"))
     active = sweep.is_active or any(r["status"] in ("queued", "running") for r in rows)
     return {"rows": rows, "suggested": suggested, "frontier": frontier, "model_frontier": model_frontier,
-            "finder_chart": finder_chart, "colors": colors, "active": active,
+            "finder_chart": finder_chart, "colors": colors, "active": active, "suggestion_rule": sweeps.SUGGESTION_RULE,
             "compare_url": url_for("pages.compare", ids=[r["id"] for r in rows if r["final"]])}
 
 
