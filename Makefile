@@ -72,6 +72,7 @@ benchmarks: install-test
 	$(PY) benchmarks/ground_truth_recovery.py
 	$(PY) benchmarks/downstream_minilm.py
 	$(PY) benchmarks/architectures.py
+	$(PY) benchmarks/sweep_throughput.py
 
 clean:
 	rm -rf $(VENV) static/vendor

@@ -48,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "acts.npy"
         np.save(path, np.random.default_rng(0).standard_normal((a.tokens, a.d_in), dtype=np.float32))
-        source = ArraySource(path, inspect_activation_file(path))
+        source = ArraySource(path, inspect_activation_file(path, min_rows=1, max_bytes=2**40))
         cfgs = configs(a)
         train(source, TrainConfig(**{**cfgs[0].__dict__, "total_steps": 1}))  # warm-up: allocator, kernels
         member_tokens = a.members * a.steps * a.batch

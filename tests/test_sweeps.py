@@ -49,6 +49,17 @@ def test_a_sweep_is_refused_whole_with_each_error_at_its_place_and_nothing_creat
     assert client.post("/api/sweeps", json={"base": BASE, "axes": [], "colour": 1}).json["errors"] == {
         "colour": ["Unknown field."]}
     assert client.post("/api/sweeps", data="x").status_code == 422
+    hostile = [{"base": {**BASE, "latent_dim": 10**400}, "axes": [{"param": "k", "values": [1, 2]}]},
+               {"base": {**BASE, "latent_dim": 10**400}, "axes": [], "mode": "find_l0"},
+               {"base": {**BASE, "target_l0": "nan", "seed": 1e308}, "mode": "find_l0"},
+               {"base": BASE, "axes": [{"param": "k", "values": [10**400, 2]}]},
+               {"base": BASE, "axes": [{"param": "target_l0", "values": [[1], {"a": 1}]}]},
+               {"base": [1], "axes": [{"param": "seed", "values": [1, 2]}]},
+               {"base": BASE, "axes": [{"param": "seed", "values": [1, 2]}], "mode": ["grid"], "name": 5},
+               {"base": {**BASE, "name": ["x"]}, "axes": [{"param": "seed", "values": [1, 2]}]}]
+    for body in hostile:
+        response = client.post("/api/sweeps", json=body)
+        assert response.status_code == 422, (body, response.status_code)
     assert Sweep.select().count() == 0 and Training.select().count() == 0 and len(queue) == 0
     # a member whose warnings were not acknowledged refuses the sweep too, at that member
     response = post_sweep(client, [{"param": "latent_dim", "values": [1024, 256]}],

@@ -50,9 +50,7 @@ def create():
         messages = [f"{m.label}: {name}: {' '.join(msgs)}" for m in check.members for name, msgs in m.errors.items()]
         if messages:
             errors.setdefault("sweep_values_1", []).extend(messages)
-        if "axes" in errors:
-            errors.setdefault("sweep_values_1", []).extend(errors.pop("axes"))
-        errors = {k: v for k, v in errors.items() if v}
+    errors = _at_sweep_fields(errors)
     base_ok = form.validate_on_submit() or not _form_blocks(form)
     if errors or check is None or not check.ok or not base_ok:
         if check is not None and any("acknowledge_warnings" in m.errors for m in check.members):
@@ -65,6 +63,21 @@ def create():
     except QueueUnavailable as exc:
         return _render(form, {"sweep_values_1": [f"Not started: {exc}. Nothing was created."]}, mode), 503
     return redirect(url_for("sweeps.detail", sweep_id=sweep.id), code=303)
+
+
+def _at_sweep_fields(errors: dict) -> dict:
+    """Every message at a sweep field the page shows: an axis's own at its values, the rest at the first."""
+    placed: dict[str, list[str]] = {}
+    for key, messages in errors.items():
+        if key.startswith("axes.") and key[5:].isdigit() and int(key[5:]) < 2:
+            target = f"sweep_values_{int(key[5:]) + 1}"
+        elif key in ("sweep_values_1", "sweep_values_2"):
+            target = key
+        else:
+            target = "sweep_values_1"
+            messages = messages if key in ("axes",) else [f"{key}: {m}" for m in messages]
+        placed.setdefault(target, []).extend(messages)
+    return {k: v for k, v in placed.items() if v}
 
 
 def _form_blocks(form: TrainingForm) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..db import database
 from ..errors import UserError
 from ..models import (ActivationSet, DownstreamEval, Event, Extraction, FeatureJob, FeatureStat, ImportedSAE, MetricPoint, Template,
-                      Training, TuneJob)
+                      Sweep, Training, TuneJob)
 from .lifecycle import retry_write
 from .training import run_folder
 
@@ -153,6 +153,7 @@ def delete_training(run: Training, settings: dict) -> DeletePlan:
 def _delete_source_rows(source: ActivationSet) -> None:
     _feature_jobs_delete(FeatureJob.select(FeatureJob.id).where(FeatureJob.source == source.id))
     TuneJob.delete().where(TuneJob.source == source.id).execute()
+    Sweep.delete().where(Sweep.source == source.id).execute()  # no run is left on it, so no member either
     Extraction.update(activation_set=None).where(Extraction.activation_set == source.id).execute()
     ActivationSet.delete_by_id(source.id)
 

@@ -165,18 +165,20 @@ def align(payload: dict, varied: set[str]) -> dict:
         return payload  # the form names the bad architecture
     try:
         latents = int(payload["latent_dim"])
-    except (KeyError, TypeError, ValueError):
+        if not 1 <= latents <= 10**8:
+            return payload  # the form names the bad width
+    except (KeyError, TypeError, ValueError, OverflowError):
         return payload
     if arch.by_k:
         if "k" in varied:
             try:
                 payload["target_l0"] = float(payload["k"]) / latents
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 pass
         elif varied & {"target_l0", "latent_dim", "architecture"}:
             try:
                 payload["k"] = max(1, round(float(payload["target_l0"]) * latents))
-            except (TypeError, ValueError, KeyError):
+            except (TypeError, ValueError, KeyError, OverflowError):
                 pass
     return payload
 
@@ -199,9 +201,9 @@ def finder_plan(base, raw_axes) -> tuple[dict | None, list | None, dict]:
                                      "or one target_l0 axis."]}
     try:
         latents, target = int(base.get("latent_dim")), float(base.get("target_l0"))
-        if latents < 8 or not 0 < target <= 1:
+        if not 8 <= latents <= 10**8 or not 0 < target <= 1:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None, None, {"latent_dim": ["The finder needs a width (latent_dim) and a target L0 to centre its "
                                            "ladder on: fix them in the form."]}
     base = {**base, "architecture": architectures.for_l0_finder().name, "l1_alpha": None}
@@ -210,7 +212,7 @@ def finder_plan(base, raw_axes) -> tuple[dict | None, list | None, dict]:
     axes = raw_axes or [{"param": "target_l0", "values": [k / latents for k in rungs]}]
     try:
         seed = int(base.get("seed") or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         seed = 0
     axes = list(axes) + [{"param": "seed", "values": [seed + i for i in range(FINDER_SEEDS)]}]
     return base, axes, {}
@@ -230,6 +232,9 @@ def check_sweep(base: dict, raw_axes, settings: dict, *, to_formdata=None) -> Sw
         return check
     if not isinstance(base, dict):
         check.errors["base"] = ["Send the base configuration as a JSON object of the training form's fields."]
+        return check
+    if base.get("name") is not None and not isinstance(base["name"], str):
+        check.errors["name"] = ["The name is text."]
         return check
     check.base = {k: v for k, v in base.items() if k not in ("acknowledge_warnings", "csrf_token")}
     for label, payload in member_payloads(base, axes):
@@ -340,18 +345,21 @@ def resume_sweep(sweep: Sweep, settings: dict, *, only: Training | None = None) 
             log.info("sweep %s: member %s is not resumed: %s", sweep.id, run.id, exc)
     if not resumed:
         raise SweepRefused("No member of this sweep can be resumed (none was interrupted, or none has a checkpoint).")
+    def undo(why: str) -> None:
+        for run in resumed:
+            update_record(run, only_if=("queued",), what="undo resume", status="interrupted", reason=why)
+
     before = {"status": sweep.status, "reason": sweep.reason, "finished_at": sweep.finished_at,
               "cancel_requested": sweep.cancel_requested}
     if not update_record(sweep, only_if=RESUMABLE_STATUSES + ("completed",), what="resume sweep", status="queued",
                          reason=None, finished_at=None, cancel_requested=False, queued_at=utcnow()):
+        undo("The sweep changed while it was being resumed: resume it again.")
         raise SweepRefused("The sweep changed meanwhile; reload the page.")
     try:
         lifecycle.enqueue(Sweep.get_by_id(sweep.id), settings)
     except lifecycle.queue.QueueUnavailable:
         update_record(sweep, what="undo resume sweep", **before)
-        for run in resumed:
-            update_record(run, only_if=("queued",), what="undo resume", status="interrupted",
-                          reason="The queue was unavailable when the sweep was resumed.")
+        undo("The queue was unavailable when the sweep was resumed: resume it again.")
         raise
     return Sweep.get_by_id(sweep.id)
 

@@ -89,7 +89,12 @@ def resume_training(run: Training, settings: dict, *, learning_rate: float | Non
 
         if learning_rate is not None:
             raise NotResumable("A member of a sweep resumes with its sweep, at its own learning rate.")
-        resume_sweep(run.sweep, settings, only=run)
+        from .sweeps import SweepRefused
+
+        try:
+            resume_sweep(run.sweep, settings, only=run)
+        except SweepRefused as exc:
+            raise NotResumable(str(exc)) from exc
         return Training.get_by_id(run.id)
     if run.status not in RESUMABLE_STATUSES:
         raise NotResumable(f"Only an interrupted, failed or cancelled run can be resumed; this one is {run.status}.")
