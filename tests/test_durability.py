@@ -177,7 +177,9 @@ def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_featur
     """Two trainings run at once, one on each worker, while the web process writes too: both
     complete and every metric row is there exactly once."""
     runs = [create_run(client, name=f"parallel-{i}", **{**DURABLE, "total_steps": 800, "seed": i}) for i in range(2)]
-    workers = [start_worker(env, name=f"w{i}-{os.getpid()}") for i in range(2)]
+    # two workers on a two-core machine: one torch thread each, as a box with more workers than cores
+    # would be set up (two threads each, plus this process, oversubscribe the cores many times over)
+    workers = [start_worker({**env, "OMP_NUM_THREADS": "1"}, name=f"w{i}-{os.getpid()}") for i in range(2)]
     stop_writing = threading.Event()
     written = []
 
