@@ -540,7 +540,7 @@ class Installation(BaseModel):
         table_name = "installation"
 
 
-ALL_MODELS = [User, ApiToken, UserSession, LoginThrottle, ActivationSet, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
+ALL_MODELS = [User, ApiToken, UserSession, LoginThrottle, ActivationSet, Sweep, Training, MetricPoint, Event, TuneJob, Template, Extraction, ImportedSAE, FeatureJob,
               FeatureStat, WorkerBeat, DownstreamEval, Installation]
 
 # The default source as a spec (benchmarks build it); migration 1 writes it as a row (app/migration_rows.py).
