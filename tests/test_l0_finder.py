@@ -284,3 +284,15 @@ def test_ladder_rejects_nonsense():
         ladder(16, 1)
     with pytest.raises(ValueError):
         ladder(-3)
+
+
+def test_decoders_too_wide_for_the_one_to_one_matching_are_matched_greedily(monkeypatch):
+    """Past CONSISTENCY_MAX_PAIRS the matching would take minutes: each row's best partner is used."""
+    from app.sae import l0_finder as finder
+
+    monkeypatch.setattr(finder, "CONSISTENCY_MAX_PAIRS", 100)
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(64, 32, generator=g)
+    assert finder.seed_consistency(a, a[torch.randperm(64, generator=g)] * -3.0) == pytest.approx(1.0, abs=1e-5)
+    unrelated = finder.seed_consistency(a, torch.randn(64, 32, generator=g))
+    assert unrelated < 0.75

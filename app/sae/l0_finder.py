@@ -149,7 +149,8 @@ def seed_consistency(W_dec_a: torch.Tensor, W_dec_b: torch.Tensor, *, block: int
     The mean |cosine| over the best one-to-one (Hungarian) matching of the unit decoder rows of
     ``W_dec_a`` to those of ``W_dec_b``; 1.0 when one is a permutation (with any signs and scales)
     of the other. Widths may differ (the matching then covers the narrower). Up to
-    ``CONSISTENCY_MAX_PAIRS`` row pairs; needs scipy (imported when called).
+    ``CONSISTENCY_MAX_PAIRS`` row pairs (needs scipy, imported when called); wider decoders are matched
+    greedily instead (each row's best partner, ``_best_match_consistency``).
     """
     from .features import mean_correlation_coefficient
 
@@ -157,13 +158,27 @@ def seed_consistency(W_dec_a: torch.Tensor, W_dec_b: torch.Tensor, *, block: int
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"decoders must share d_in, got {a.shape[1]} and {b.shape[1]}")
     if a.shape[0] * b.shape[0] > CONSISTENCY_MAX_PAIRS:
-        raise ValueError(f"{a.shape[0]} × {b.shape[0]} latents is too many for the one-to-one matching "
-                         f"(at most {CONSISTENCY_MAX_PAIRS} pairs)")
+        return _best_match_consistency(a, b, block=block)
     b = b.to(a.device)
     sims = np.empty((a.shape[0], b.shape[0]), dtype=np.float32)
     for start in range(0, a.shape[0], block):
         sims[start:start + block] = (a[start:start + block] @ b.t()).abs().cpu().numpy()
     return mean_correlation_coefficient(sims)
+
+
+@torch.no_grad()
+def _best_match_consistency(a: torch.Tensor, b: torch.Tensor, *, block: int = 2048) -> float:
+    """For decoders too wide for the one-to-one matching: each row's best |cosine| in the other decoder,
+    averaged over both decoders' rows (1.0 for a permuted copy, as the matching; a little higher than
+    the matching on unrelated decoders, since two rows may pick the same partner). Blocked: no
+    latent_dim × latent_dim matrix is held."""
+    b = b.to(a.device)
+
+    def mean_best(x: torch.Tensor, y: torch.Tensor) -> float:
+        best = torch.cat([(x[i:i + block] @ y.t()).abs().amax(dim=1) for i in range(0, x.shape[0], block)])
+        return float(best.mean())
+
+    return 0.5 * (mean_best(a, b) + mean_best(b, a))
 
 
 def sae_metrics(sae, acts: torch.Tensor | None = None, *, n: int | None = None) -> dict:

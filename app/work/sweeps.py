@@ -345,6 +345,7 @@ def resume_sweep(sweep: Sweep, settings: dict, *, only: Training | None = None) 
             log.info("sweep %s: member %s is not resumed: %s", sweep.id, run.id, exc)
     if not resumed:
         raise SweepRefused("No member of this sweep can be resumed (none was interrupted, or none has a checkpoint).")
+
     def undo(why: str) -> None:
         for run in resumed:
             update_record(run, only_if=("queued",), what="undo resume", status="interrupted", reason=why)
