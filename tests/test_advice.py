@@ -61,6 +61,11 @@ def test_every_suggestion_passes_the_validator(c):
         if f.field == "l1_alpha" and f.suggested_value is not None:
             suggestions["validator"] = f.suggested_value
     rec = recommend_settings(source, latent_dim=latent, target_l0=target, architecture="standard", on_gpu=False)
+    # the same condition for the recommended run's own length and batch: a target its valid range cannot
+    # reach (a very dense target on a wide SAE, on a source whose runs ended sparser than the model) is
+    # warned about, rightly (found by this test in CI: d_in 4096 × 16, target 14%, offset −1)
+    assume(advice.penalty_problem(advice.Known(d_in, latent, target, rec["total_steps"][0], rec["batch_size"][0],
+                                               source.l0_offset), rec["l1_alpha"][0]) is None)
     for typed in as_typed(rec["l1_alpha"][0]):  # the recommended settings come with their own length and batch
         warned = l1_warnings(cfg_of(d_in, latent, target, rec["total_steps"][0], rec["batch_size"][0], typed,
                                     rec["learning_rate"][0]), source)
