@@ -21,7 +21,7 @@ from app.sae import architectures, features, l0_finder  # noqa: E402
 from app.sae.sources import HierarchicalSource, SyntheticSource  # noqa: E402
 from app.sae.trainer import Member, TrainConfig, train_many  # noqa: E402
 from app.training_config import PARAMS  # noqa: E402
-from app.work.sweeps import FINDER_RUNGS, FINDER_SEEDS  # noqa: E402
+from app.work.finder import FINDER_RUNGS, FINDER_SEEDS  # noqa: E402
 
 
 def main() -> None:

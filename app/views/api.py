@@ -10,7 +10,7 @@ from ..forms import ACKNOWLEDGE_IN_API, ACKNOWLEDGE_IN_FORM, ExtractionForm, Tra
 from ..models import (STATUSES, ActivationSet, DownstreamEval, Event, Extraction, FeatureJob, ImportedSAE, MetricPoint,
                       Sweep, Template, Training, User)
 from ..training_config import BY_NAME
-from ..work import deletion, lifecycle, sweeps
+from ..work import deletion, finder, lifecycle, sweeps
 from ..work.extraction import create_extraction, named_text_spec
 from ..work.queue import QueueUnavailable
 from ..work.training import NotResumable, checkpoint_step, create_training, resume_training
@@ -108,6 +108,15 @@ def page_of(query, model, params: dict, key: str, to_dict) -> dict:
     return {key: [to_dict(r) for r in rows], "next": external_url(request.endpoint, **following) if more else None}
 
 
+def jobs_page(model, key: str, to_dict) -> dict:
+    """A page of one kind of queued work, newest first, filtered by ``status`` when the query gives one."""
+    params = query_params({**PAGING, "status": choice(STATUSES)})
+    query = with_creator(model)
+    if "status" in params:
+        query = query.where(model.status == params["status"])
+    return page_of(query, model, params, key, to_dict)
+
+
 def unavailable(exc: QueueUnavailable) -> tuple[dict, int]:
     return {"errors": {"_queue": [f"{exc}. Nothing was created; try again once the queue is back."]}}, 503
 
@@ -202,11 +211,7 @@ def create():
 
 @bp.get("/trainings")
 def list_trainings():
-    params = query_params({**PAGING, "status": choice(STATUSES)})
-    query = with_creator(Training)
-    if "status" in params:
-        query = query.where(Training.status == params["status"])
-    return page_of(query, Training, params, "trainings", training_dict)
+    return jobs_page(Training, "trainings", training_dict)
 
 
 @bp.get("/trainings/<int:training_id>")
@@ -336,7 +341,7 @@ def create_sweep():
     base = payload.get("base")
     axes = payload.get("axes")
     if mode == "find_l0":
-        base, axes, errors = sweeps.finder_plan(base, axes)
+        base, axes, errors = finder.finder_plan(base, axes)
         if errors:
             return {"errors": errors}, 422
     if isinstance(base, dict):  # a script has no box to tick: it sends the field, once for every member
@@ -359,11 +364,7 @@ def create_sweep():
 
 @bp.get("/sweeps")
 def list_sweeps():
-    params = query_params({**PAGING, "status": choice(STATUSES)})
-    query = with_creator(Sweep)
-    if "status" in params:
-        query = query.where(Sweep.status == params["status"])
-    return page_of(query, Sweep, params, "sweeps", sweep_dict)
+    return jobs_page(Sweep, "sweeps", sweep_dict)
 
 
 @bp.get("/sweeps/<int:sweep_id>")
@@ -527,11 +528,7 @@ def show_extraction(extraction_id: int):
 
 @bp.get("/extractions")
 def list_extractions():
-    params = query_params({**PAGING, "status": choice(STATUSES)})
-    query = with_creator(Extraction)
-    if "status" in params:
-        query = query.where(Extraction.status == params["status"])
-    return page_of(query, Extraction, params, "extractions", extraction_dict)
+    return jobs_page(Extraction, "extractions", extraction_dict)
 
 
 # --- what the other pages list: sources, templates, imported SAEs -----------------------------

@@ -8,7 +8,7 @@ from .. import charts
 from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import Sweep
-from ..work import sweeps
+from ..work import finder, sweeps
 from ..work.queue import QueueUnavailable
 from .records import get_or_404
 
@@ -37,7 +37,7 @@ def create():
     mode = request.form.get("sweep_mode", "grid")
     base = {k: v for k, v in request.form.items() if k not in SWEEP_FIELDS and k != "csrf_token"}
     if mode == "find_l0":
-        base, axes, errors = sweeps.finder_plan(base, None)
+        base, axes, errors = finder.finder_plan(base, None)
     elif mode == "grid":
         axes, errors = sweeps.axes_from_text([(request.form.get(f"sweep_param_{i}"),
                                                request.form.get(f"sweep_values_{i}")) for i in (1, 2)])
