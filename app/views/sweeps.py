@@ -53,7 +53,8 @@ def create():
     errors = _at_sweep_fields(errors)
     base_ok = form.validate_on_submit() or not _form_blocks(form)
     if errors or check is None or not check.ok or not base_ok:
-        if check is not None and any("acknowledge_warnings" in m.errors for m in check.members):
+        if (check is not None and not form.acknowledge_warnings.errors
+                and any("acknowledge_warnings" in m.errors for m in check.members)):
             form.acknowledge_warnings.errors = list(form.acknowledge_warnings.errors or []) + [
                 "Some members have warnings: read them in the list under the sweep, then tick this box."]
         return _render(form, errors, mode), 422
