@@ -63,6 +63,29 @@ def test_a_maintenance_round_removes_orphans_when_extractions_have_no_local_path
     assert "failed" not in log, log
 
 
+def test_a_busy_database_inside_a_round_leaves_the_round_able_to_close(app, env):
+    """A write retried while the database was busy reconnects; the round's ``connection_context`` around
+    it still closes cleanly (it raised IndexError, and every round under a lock failed as a whole)."""
+    from peewee import OperationalError
+
+    from app.db import database
+
+    tries = []
+
+    def busy_once():
+        tries.append(1)
+        if len(tries) == 1:
+            raise OperationalError("database is locked")
+        return Training.select().count()
+
+    database.close()
+    with database.connection_context():
+        lifecycle.retry_write(busy_once, what="test write")
+        with database.connection_context():  # nested blocks keep their order too
+            lifecycle.retry_write(busy_once, what="test write")
+    assert len(tries) == 3 and database.is_closed()
+
+
 def test_a_failing_part_does_not_stop_the_others(app, env, monkeypatch):
     extractions_without_a_local_path()
     data = Path(env["DATA_DIR"])

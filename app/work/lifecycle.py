@@ -125,13 +125,21 @@ def retry_write(write: Callable[[], object], *, what: str = "write", max_wait_s:
 
 
 def _reset_connection() -> None:
-    """Drop a connection that may be broken; the next query opens a fresh one."""
+    """Drop a connection that may be broken; the next query opens a fresh one.
+
+    Closing and connecting reset peewee's per-thread state, including the stack of open
+    ``connection_context()`` blocks; the stack is put back, so an enclosing block still
+    closes its connection on the way out (it raised ``IndexError`` there instead)."""
+    contexts = list(database._state.ctx)
     try:
         if not database.is_closed() and not database.in_transaction():
             database.close()
     except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped either way
         pass
-    database.connect(reuse_if_open=True)
+    try:
+        database.connect(reuse_if_open=True)
+    finally:
+        database._state.ctx[:] = contexts
 
 
 def update_record(record: JobRecord, *, only_if: tuple[str, ...] | None = None, what: str = "update",
