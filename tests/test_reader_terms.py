@@ -96,3 +96,40 @@ def test_a_queued_job_says_what_it_waits_behind(client, env, worker_process):
     wait_for(lambda: all(not r.is_active for r in Training.select().where(Training.id.in_([second.id, third.id]))),
              timeout=400, message="the queued runs")
     assert Training.select().where(Training.status == "queued").count() == 0
+
+
+def test_a_sweep_holds_one_place_in_line_and_its_members_wait_where_it_does(client):
+    """A sweep is one job on the queue: a run queued after it is second, not behind each member too;
+    a member's page shows its sweep's place; the Workers page links a running sweep (it answered 500)."""
+    import datetime as dt
+
+    from app.models import Sweep, utcnow
+
+    start = utcnow() - dt.timedelta(minutes=5)
+    sweep = Sweep.create(name="widths", source=1, status="queued", queued_at=start)
+    members = [Training.create(source=1, name=f"member {i}", status="queued", sweep=sweep.id,
+                               queued_at=start + dt.timedelta(seconds=1 + i)) for i in range(3)]
+    lone = create_run(client, total_steps=200)
+    words = " ".join(text(client.get(f"/trainings/{lone.id}/progress")).split())
+    assert "2nd in line" in words and f"Queued before it: sweep #{sweep.id} (widths)." in words
+    assert "member" not in words
+    page = client.get(f"/trainings/{members[1].id}/progress").get_data(as_text=True)
+    assert 'data-position="1"' in page and "next in line" in page
+    sweep_page = client.get(f"/sweeps/{sweep.id}").get_data(as_text=True)
+    assert 'id="queue-position" data-position="1"' in sweep_page
+
+    Sweep.update(status="running", started_at=utcnow(), worker_name="box.cpu").where(Sweep.id == sweep.id).execute()
+    Training.update(status="running").where(Training.sweep == sweep.id).execute()
+    words = " ".join(text(client.get(f"/trainings/{lone.id}/progress")).split())
+    assert f"next in line, behind what the workers are running now: sweep #{sweep.id} (widths)." in words
+    assert f'href="/sweeps/{sweep.id}"' in client.get(f"/trainings/{lone.id}/progress").get_data(as_text=True)
+    from flask import current_app
+
+    from app.work import maintenance
+
+    maintenance.beat({**current_app.config}, "box.cpu", None)
+    workers = client.get("/api/workers")
+    assert workers.status_code == 200, workers.get_data(as_text=True)[-500:]
+    jobs = {j["kind"]: j for w in workers.json["workers"] for j in w["jobs"]}
+    assert jobs["sweep"]["url"] == f"/sweeps/{sweep.id}"
+    assert f'href="/sweeps/{sweep.id}"' in client.get("/workers/").get_data(as_text=True)

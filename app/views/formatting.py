@@ -4,8 +4,9 @@ from __future__ import annotations
 import datetime as dt
 import math
 
+from flask import url_for
+
 from .. import training_config
-from ..sae import architectures
 from ..models import utcnow
 from ..sae import architectures
 from ..sae.architectures._base import num as fmt_num
@@ -108,6 +109,23 @@ GLOSSARY = {
 }
 
 
+# Each kind of queued record's page: (endpoint, its argument, the record's field that fills it).
+# A downstream evaluation has no page of its own: it is shown on its run's.
+JOB_PAGES = {"Training": ("pages.detail", "training_id", "id"), "TuneJob": ("tune.show", "tune_id", "id"),
+             "Extraction": ("extractions.show", "extraction_id", "id"),
+             "FeatureJob": ("features.show", "job_id", "id"), "Sweep": ("sweeps.detail", "sweep_id", "id"),
+             "DownstreamEval": ("pages.detail", "training_id", "training_id")}
+
+
+def job_url(record) -> str | None:
+    """The page that shows ``record`` (any kind of queued work), or None for a kind with none."""
+    page = JOB_PAGES.get(type(record).__name__)
+    if page is None:
+        return None
+    endpoint, arg, field = page
+    return url_for(endpoint, **{arg: getattr(record, field)})
+
+
 def queue_position(record) -> dict | None:
     """Where a queued job stands, from the database rows alone (pages render with Redis down).
 
@@ -118,14 +136,19 @@ def queue_position(record) -> dict | None:
 
     if record.status != "queued":
         return None
+    if getattr(record, "sweep_id", None) is not None:  # a sweep's member waits where its sweep does
+        record = record.sweep
+        if record.status != "queued":
+            return None
     mine = record.queued_at or record.created_at
     ahead, running = [], []
     for model in job_models():
         since = model.queued_at.is_null(False) & (model.queued_at < mine) | (
             model.queued_at.is_null() & (model.created_at < mine))
-        for other in model.select().where((model.status == "queued") & since):
+        own_job = [model.sweep.is_null()] if hasattr(model, "sweep") else []  # members ride on their sweep's job
+        for other in model.select().where(model.status == "queued", since, *own_job):
             ahead.append((other.queued_at or other.created_at, label(other), other))
-        for other in model.select().where(model.status == "running"):
+        for other in model.select().where(model.status == "running", *own_job):
             running.append((other.started_at or other.created_at, label(other), other))
     ahead.sort(key=lambda t: t[0])
     running.sort(key=lambda t: t[0])
@@ -178,6 +201,7 @@ def register_filters(app) -> None:
     app.jinja_env.globals["config_rows"] = config_rows
     app.jinja_env.globals["GLOSSARY"] = GLOSSARY
     app.jinja_env.globals["queue_position"] = queue_position
+    app.jinja_env.globals["job_url"] = job_url
     app.jinja_env.globals["queue_banner"] = lambda: queue_banner(app.config)
     app.jinja_env.globals["admin_banners"] = lambda: admin_banners(app.config)
     app.jinja_env.filters["num"] = fmt_num

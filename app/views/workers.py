@@ -5,29 +5,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-from flask import Blueprint, current_app, render_template, url_for
+from flask import Blueprint, current_app, render_template
 
 from .. import auth
 from ..models import WorkerBeat, utcnow
 from ..work import lifecycle
+from .formatting import job_url
 
 bp = Blueprint("workers", __name__)
-
-PAGES = {"Training": ("pages.detail", "training_id"), "TuneJob": ("tune.show", "tune_id"),
-         "Extraction": ("extractions.show", "extraction_id"), "FeatureJob": ("features.show", "job_id")}
-
 
 def stale_after_s(settings: dict) -> float:
     """A beat older than this: the worker is gone or stuck (the banner's limit)."""
     return 3 * float(settings["SWEEP_INTERVAL_S"]) + 15
-
-
-def job_link(record) -> str:
-    kind = type(record).__name__
-    if kind == "DownstreamEval":
-        return url_for("pages.detail", training_id=record.training_id, _external=False)
-    endpoint, arg = PAGES[kind]
-    return url_for(endpoint, **{arg: record.id})
 
 
 def workers(settings: dict) -> list[dict]:
@@ -53,7 +42,7 @@ def workers(settings: dict) -> list[dict]:
             "last_beat": beat.last_seen.isoformat() + "Z", "last_beat_age_s": round((now - beat.last_seen).total_seconds(), 1),
             "queue_error": beat.queue_error, "maintenance_error": beat.maintenance_error,
             "jobs": [{"kind": lifecycle.label(r), "id": r.id, "name": getattr(r, "name", "") or "",
-                      "url": job_link(r), "reserved_bytes": r.reserved_bytes} for r in jobs],
+                      "url": job_url(r), "reserved_bytes": r.reserved_bytes} for r in jobs],
         })
     return rows
 
