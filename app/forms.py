@@ -33,14 +33,13 @@ def used_by(param: Param) -> str | None:
     return architectures.used_by_hint(param.required_for) or None if param.required_for is not None else None
 
 
-# What a field shows besides its label and help, where the type alone does not say it.
-FIELD_ATTRS = {"matryoshka_prefixes": {"placeholder": "auto: 1/16, 1/8, 1/4, 1/2 of the latents"}}
 
 
 def field_attrs(param: Param) -> dict:
-    """The input's extra attributes: a decimal keypad and any step for a real number."""
+    """The input's extra attributes: a decimal keypad and any step for a real number; a placeholder
+    where the parameter declares one."""
     attrs = {"step": "any", "inputmode": "decimal"} if param.type is float else {}
-    return {**attrs, **FIELD_ATTRS.get(param.name, {})}
+    return {**attrs, **({"placeholder": param.placeholder} if param.placeholder else {})}
 
 
 @dataclass
@@ -378,7 +377,7 @@ def param_field(param: Param):
         return BooleanField(param.label, default=param.default, description=param.help)
     if param.parse is not None:
         return StringField(param.label, default=param.default, description=param.help,
-                           validators=[Optional(), Length(max=200), Parsed(training_config.PARSERS[param.parse])])
+                           validators=[Optional(), Length(max=200), Parsed(param.parse)])
     if param.required_for is None:
         presence = required()
     else:

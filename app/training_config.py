@@ -17,8 +17,9 @@ import it without Flask, RQ or Peewee.
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 PRECISIONS = (("auto", "Auto: bfloat16 where the device computes it fast, else float32"),
@@ -61,7 +62,8 @@ class Param:
     api_optional: bool = False
     template: bool = False
     core: bool = True
-    parse: str | None = None  # a free-text value: the name of its parser in PARSERS
+    parse: Callable[[str], object] | None = None  # a free-text value: its parser (raises ValueError)
+    placeholder: str = ""  # what an empty field means, shown in it
     group: str = "advanced"  # the form's fieldset it appears in (GROUPS)
 
     @property
@@ -76,7 +78,7 @@ class Param:
             return value in {c for c, _ in self.choices}
         if self.parse is not None:
             try:
-                PARSERS[self.parse](value)
+                self.parse(value)
             except (TypeError, ValueError):
                 return False
             return True
@@ -88,36 +90,6 @@ class Param:
             return False
         return self.max is None or value <= self.max
 
-
-def parse_prefixes(text) -> tuple[int, ...]:
-    """Matryoshka prefix sizes from "128, 512" (empty: the default); raises ValueError with a message."""
-    if text is None or not str(text).strip():
-        return ()
-    if len(str(text)) > 200:
-        raise ValueError("At most 200 characters.")
-    sizes = []
-    for part in str(text).replace(";", ",").split(","):
-        part = part.strip().replace("_", "")
-        if not part.isdigit():
-            raise ValueError(f"{part!r} is not a whole number: list latent counts separated by commas, e.g. 128, 512.")
-        sizes.append(int(part))
-    if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
-        raise ValueError("The prefix sizes must be positive and increasing, e.g. 128, 512.")
-    if len(sizes) > 16:
-        raise ValueError("At most 16 prefixes.")
-    return tuple(sizes)
-
-
-def matryoshka_levels(prefixes, latent_dim: int) -> tuple[int, ...]:
-    """Every level's size, the whole dictionary last: the user's prefixes, or 1/16, 1/8, 1/4, 1/2 of it."""
-    sizes = parse_prefixes(prefixes)
-    if not sizes:
-        sizes = tuple(sorted({max(1, latent_dim // d) for d in (16, 8, 4, 2)}))
-    sizes = tuple(s for s in sizes if s < latent_dim)
-    return (*sizes, latent_dim)
-
-
-PARSERS = {"prefixes": parse_prefixes}
 
 def target_l0_count(target_l0: float, latent_dim: int) -> float:
     """The target L0 as a count of latents: the one conversion from the fraction every page, the
@@ -133,10 +105,13 @@ ARCHITECTURES = _architectures.choices()  # (value, label) for the form's select
 
 
 def _for(param_name: str) -> str:
-    """"a standard SAE or a Gated SAE": the architectures that need ``param_name``, for a message."""
-    titles = [a.title[0].lower() + a.title[1:] if a.title.startswith("A ") else a.title
-              for a in _architectures.all() if a.uses(param_name)]
-    return ", ".join(titles[:-1]) + (" or " if len(titles) > 1 else "") + titles[-1]
+    """The architectures that need ``param_name``, for a message."""
+    return _architectures.titles(lambda a: a.uses(param_name))
+
+
+def _k_help() -> str:
+    """What k does, in each architecture's own words (its module's ``how_k``)."""
+    return " ".join(f"{a.title} {a.how_k}." for a in _architectures.all() if a.uses("k"))
 
 
 # The form's fieldsets, in order: (key, legend). "advanced" is folded away until one of its fields has an error.
@@ -162,8 +137,7 @@ PARAMS: tuple[Param, ...] = (
     Param("k", int, 32, "Active latents per token (k)", min=1, max=65_536, required_for=_architectures.using("k"),
           required_message=f"k is required for a {_for('k')} SAE.", template=True,
           null_message=f"Must not be null: k is required for a {_for('k')} SAE.",
-          help="TopK: exactly k latents fire for every token. BatchTopK and Matryoshka: k per token on "
-               "average (the k·batch largest activations of the batch).", group="sparsity"),
+          help=_k_help(), group="sparsity"),
     Param("learning_rate", float, 0.001, "Learning rate (optimizer step size)", min=1e-6, max=0.1, template=True,
           help="Adam's step size. Not the sparsity penalty. Typical: 0.0001 to 0.001.", group="optimization"),
     Param("batch_size", int, 512, "Batch size (tokens per step)", min=16, max=65_536, template=True,
@@ -177,8 +151,9 @@ PARAMS: tuple[Param, ...] = (
                "ignore it).", group="optimization"),
     Param("target_l0", float, 0.02, "Target L0 (fraction of latents)", min=0, max=0.5, min_exclusive=True,
           template=True,
-          help="The share of latents you want active per token; 0.01–0.05 is typical. A JumpReLU SAE "
-               "trains to it.", group="sparsity"),
+          help="The share of latents you want active per token; 0.01–0.05 is typical. "
+               f"{_architectures.titles(lambda a: a.sparsity_set_by == _architectures.TARGET, ' and ')} trains to it.",
+          group="sparsity"),
     # each architecture's own settings, in the registry's order, needed by it alone
     *(dataclasses.replace(p, required_for=_architectures.using(p.name)) for a in _architectures.all() for p in a.params),
     Param("seed", int, 0, "Random seed", min=0, max=2**31 - 1, group="optimization"),
@@ -194,7 +169,8 @@ PARAMS: tuple[Param, ...] = (
     Param("steer_l1_alpha", bool, False, "Steer l1_alpha to hit the target L0", core=False, template=True,
           help="After the sparsity warm-up, adjust l1_alpha within its valid range so L0 settles at the "
                "target. The l1_alpha you set is the starting point.", group="sparsity"),
-    Param("dead_latent_remedy", str, "none", "Dead-latent remedy (standard SAE)", choices=DEAD_LATENT_REMEDIES,
+    Param("dead_latent_remedy", str, "none",
+          f"Dead-latent remedy (for {_architectures.titles(lambda a: a.resample, ' and ')})", choices=DEAD_LATENT_REMEDIES,
           api_optional=True, group="sparsity"),
     Param("plateau_window", int, 2000, "Plateau window (steps)", min=10, max=10_000_000, api_optional=True,
           core=False, help="Warn when the loss has not improved for this many steps.", group="advanced"),

@@ -34,7 +34,7 @@ from app.sae.features import ground_truth_recovery  # noqa: E402
 from app.sae.metrics import evaluate  # noqa: E402
 from app.sae.sources import HierarchicalSource, normalization_scale  # noqa: E402
 from app.sae.trainer import TrainConfig, train  # noqa: E402
-from app.training_config import matryoshka_levels  # noqa: E402
+from app.sae.architectures.matryoshka import level_sizes as matryoshka_levels  # noqa: E402
 from app.validation import recommended_l1_alpha  # noqa: E402
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka")

@@ -9,7 +9,7 @@ from app.sae.features import ground_truth_recovery, mean_correlation_coefficient
 from app.sae.models import BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, build_sae
 from app.sae.sources import HierarchicalSource, SyntheticSource
 from app.sae.trainer import Checkpointing, TrainConfig, train
-from app.training_config import matryoshka_levels, parse_prefixes
+from app.sae.architectures.matryoshka import level_sizes as matryoshka_levels, parse_prefixes
 
 CPU = torch.device("cpu")
 

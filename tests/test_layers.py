@@ -20,10 +20,19 @@ FILE_WRITING = {"numpy", "shutil", "tempfile", "subprocess", "uuid", "torch", "s
 # what a view may not call: file writes, and record writes (services do those)
 WRITING_CALLS = {"write_bytes", "write_text", "mkdir", "unlink", "rmtree", "rename", "create", "insert",
                  "insert_many", "delete_instance", "save", "atomic"}
-JOB_MODULES = {"training", "tune", "extraction", "features", "downstream", "deletion", "exports", "sources",
-               "templates", "janitor", "maintenance", "worker"}
-JOB_NAMES = {"Training", "TuneJob", "Extraction", "FeatureJob", "DownstreamEval", "training", "auto-tune",
-             "extraction", "feature job", "downstream evaluation"}
+SERVICES = {"deletion", "exports", "sources", "templates", "janitor", "maintenance", "worker", "finder"}
+
+
+def registered_kinds():
+    from app.work import lifecycle
+
+    return list(lifecycle.KINDS.values())
+
+
+# every kind of work the lifecycle has registered (so a new kind is covered without editing this
+# file), its module, its model and its label, and the services beside them
+JOB_MODULES = {kind.function.split(".")[2] for kind in registered_kinds()} | SERVICES
+JOB_NAMES = {name for kind in registered_kinds() for name in (kind.model.__name__, kind.label)}
 
 
 def imports(path: Path) -> set[str]:

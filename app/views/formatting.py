@@ -10,7 +10,7 @@ from .. import training_config
 from ..models import utcnow
 from ..sae import architectures
 from ..sae.architectures._base import num as fmt_num
-from ..quality import GRADE_LABELS, format_l0, format_target, grade, grade_label
+from ..quality import GRADE_LABELS, RED_ABOVE, format_l0, format_target, grade, grade_label
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -95,15 +95,15 @@ def admin_banners(settings: dict) -> list[tuple[str, str]]:
 # The terms a reader may take for one another, defined once: every page that shows one of them
 # names it with its definition (``_partials/terms.html``). "Dead" is measured in training,
 # "never fired" on held-out tokens with the encoder used after training, so the two may differ
-# (a BatchTopK or Matryoshka SAE trains on each batch's top k but is evaluated with its learned
-# threshold).
+# (an architecture that trains on each batch's top k is evaluated with its learned threshold).
 GLOSSARY = {
     "dead": ("Dead (in training)",
              "A latent is dead when it fired on none of the last dead-window tokens of training "
              "(dead_window_tokens); unknown until that many tokens have been trained on."),
     "never_fired": ("Never fired (held out)",
                     "A latent never fired when it was zero on every one of the held-out tokens evaluated after "
-                    "training, with the encoder as it is used from then on (BatchTopK and Matryoshka: the "
+                    "training, with the encoder as it is used from then on ("
+                    f"{architectures.titles(lambda a: a.inference_as is not None, ' and ')}: the "
                     "learned threshold instead of each batch's top k). It can differ from the dead count, "
                     "which is measured on training batches."),
 }
@@ -207,5 +207,6 @@ def register_filters(app) -> None:
     app.jinja_env.filters["num"] = fmt_num
     app.jinja_env.filters["duration"] = fmt_duration
     app.jinja_env.globals["GRADE_LABELS"] = GRADE_LABELS
+    app.jinja_env.globals["RED_ABOVE"] = RED_ABOVE  # the grade's own limit, never a copy of it
     app.jinja_env.globals["architectures"] = architectures  # templates ask the registry, never name one
     app.jinja_env.globals["now"] = lambda: dt.datetime.now()

@@ -1,5 +1,5 @@
 """Queued work: one module per kind (training, auto-tune, extraction, feature statistics,
-downstream evaluation).
+downstream evaluation, sweep; the L0 finder's plan and reading are in ``finder``).
 
 Each module owns its record's whole life — create and enqueue (web side), run in the
 worker, heartbeat, checkpoint, finish, fail, resume — on the shared ``lifecycle`` module,

@@ -10,6 +10,7 @@ import math
 from ..db import database
 from ..models import Sweep, utcnow
 from ..sae import architectures
+from ..training_config import target_l0_count
 from . import lifecycle
 from .lifecycle import retry_write
 from .sweeps import members_of
@@ -41,7 +42,7 @@ def finder_plan(base, raw_axes) -> tuple[dict | None, list | None, dict]:
                                            "ladder on: fix them in the form."]}
     base = {**base, "architecture": architectures.for_l0_finder().name, "l1_alpha": None}
     base.pop("k", None)
-    rungs = l0_finder.ladder(max(1.0, target * latents), FINDER_RUNGS, latent_dim=latents)
+    rungs = l0_finder.ladder(max(1.0, target_l0_count(target, latents)), FINDER_RUNGS, latent_dim=latents)
     axes = raw_axes or [{"param": "target_l0", "values": [k / latents for k in rungs]}]
     try:
         seed = int(base.get("seed") or 0)

@@ -70,6 +70,9 @@ class JobKind:
     interrupt: Callable[[JobRecord, str, dict], Interrupt] | None = None
     # ... and what follows once the row is marked (an event, removing partial files)
     interrupted: Callable[[JobRecord, str, dict], None] | None = None
+    # whether a queued record has a queue job of its own (False: another record's job runs it, as a
+    # sweep's job runs its members), so the re-queue leaves it alone
+    queued_alone: Callable[[JobRecord], bool] = lambda record: True
 
 
 KINDS: dict[type[JobRecord], JobKind] = {}
@@ -497,7 +500,7 @@ def sweep_stale(settings: dict) -> list[JobRecord]:
         limit = utcnow() - dt.timedelta(seconds=settings["HEARTBEAT_STALE_S"])
         silent = (model.heartbeat_at < limit) | (model.heartbeat_at.is_null() & (model.started_at < limit))
         stale = model.select().where((model.status == "running") & silent)
-        for record in retry_write(lambda q=stale: list(q), what="sweep"):
+        for record in retry_write(lambda q=stale: list(q), what="stale-job scan"):
             age = (utcnow() - (record.heartbeat_at or record.started_at)).total_seconds()
             reason = (f"Interrupted: the {label(record)}'s worker ({record.worker_name or 'unknown'}) stopped "
                       f"sending heartbeats {age:.0f} s ago (killed, crashed, stopped or its machine restarted).")
@@ -573,8 +576,8 @@ def requeue_lost(settings: dict, grace_s: float = 30.0) -> list[JobRecord]:
         for record in waiting:
             if record.rq_job_id and queue.job_exists(settings, record.rq_job_id, redis):
                 continue
-            if getattr(record, "sweep_id", None) is not None:
-                continue  # a sweep's member is trained by its sweep's job, never queued alone
+            if not kind_of(record).queued_alone(record):
+                continue
             enqueue(record, settings)
             requeued.append(record)
     return requeued

@@ -492,7 +492,8 @@ def _interrupted(run: Training, reason: str, settings: dict) -> None:
 
 
 lifecycle.register(lifecycle.JobKind(Training, "training", "app.work.training.run_training", events=True,
-                                     failure=_failure, interrupt=_interrupt, interrupted=_interrupted))
+                                     failure=_failure, interrupt=_interrupt, interrupted=_interrupted,
+                                     queued_alone=lambda run: run.sweep_id is None))  # a member: its sweep's job
 
 
 def _summary(result, run: Training, checkpoint: str, recommended: float | None, d_in: int,

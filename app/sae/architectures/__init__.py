@@ -14,7 +14,7 @@ import pkgutil
 
 from ._base import K, PENALTY, TARGET, Architecture
 
-__all__ = ["Architecture", "K", "PENALTY", "TARGET", "all", "by_k", "by_penalty", "choices", "default", "get",
+__all__ = ["Architecture", "K", "PENALTY", "TARGET", "all", "by_k", "by_penalty", "choices", "default", "get", "titles",
            "names"]
 
 _REGISTRY: dict[str, Architecture] | None = None
@@ -76,6 +76,12 @@ def by_k() -> tuple[str, ...]:
 def using(param_name: str) -> tuple[str, ...]:
     """The architectures that use the hyper-parameter ``param_name``."""
     return tuple(a.name for a in all() if a.uses(param_name))
+
+
+def titles(which, joiner: str = " or ") -> str:
+    """"a standard SAE or a Gated SAE": the titles of the architectures ``which`` picks, for a sentence."""
+    named = [a.title[0].lower() + a.title[1:] if a.title.startswith("A ") else a.title for a in all() if which(a)]
+    return ", ".join(named[:-1]) + (joiner if len(named) > 1 else "") + named[-1] if named else ""
 
 
 def used_by_hint(names) -> str:

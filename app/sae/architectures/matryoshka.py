@@ -1,15 +1,44 @@
 """Matryoshka BatchTopK: every prefix of the dictionary reconstructs on its own (against feature absorption)."""
 from __future__ import annotations
 
-from ...training_config import Param, matryoshka_levels, parse_prefixes
+from ...training_config import Param
 from . import batchtopk, jumprelu
 from ._base import K, Architecture, check_k
 
 NAME = "matryoshka"
 
+
+def parse_prefixes(text) -> tuple[int, ...]:
+    """Matryoshka prefix sizes from "128, 512" (empty: the default); raises ValueError with a message."""
+    if text is None or not str(text).strip():
+        return ()
+    if len(str(text)) > 200:
+        raise ValueError("At most 200 characters.")
+    sizes = []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip().replace("_", "")
+        if not part.isdigit():
+            raise ValueError(f"{part!r} is not a whole number: list latent counts separated by commas, e.g. 128, 512.")
+        sizes.append(int(part))
+    if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
+        raise ValueError("The prefix sizes must be positive and increasing, e.g. 128, 512.")
+    if len(sizes) > 16:
+        raise ValueError("At most 16 prefixes.")
+    return tuple(sizes)
+
+
+def level_sizes(prefixes, latent_dim: int) -> tuple[int, ...]:
+    """Every level's size, the whole dictionary last: the user's prefixes, or 1/16, 1/8, 1/4, 1/2 of it."""
+    sizes = parse_prefixes(prefixes)
+    if not sizes:
+        sizes = tuple(sorted({max(1, latent_dim // d) for d in (16, 8, 4, 2)}))
+    sizes = tuple(s for s in sizes if s < latent_dim)
+    return (*sizes, latent_dim)
+
+
 PREFIXES = Param(
     "matryoshka_prefixes", str, "", "Nested prefix sizes (Matryoshka)", api_optional=True, template=True,
-    parse="prefixes",
+    parse=parse_prefixes, placeholder="auto: 1/16, 1/8, 1/4, 1/2 of the latents",
     help="Matryoshka only: comma-separated latent counts, each prefix of the dictionary trained to "
          "reconstruct on its own; the whole dictionary is always the last level. Empty: 1/16, 1/8, "
          "1/4 and 1/2 of the latents.", group="sparsity")
@@ -48,7 +77,7 @@ class Matryoshka(Architecture):
 
             def __init__(self, d_in, d_sae, *, k, levels=(), aux_coeff=1 / 32, generator=None, device="cpu"):
                 super().__init__(d_in, d_sae, k=k, aux_coeff=aux_coeff, generator=generator, device=device)
-                levels = tuple(levels) or matryoshka_levels("", d_sae)
+                levels = tuple(levels) or level_sizes("", d_sae)
                 if list(levels) != sorted(set(levels)) or levels[0] < 1 or levels[-1] != d_sae:
                     raise ValueError(f"matryoshka levels must increase and end at d_sae {d_sae}, got {levels}")
                 self.levels = levels
@@ -71,7 +100,7 @@ class Matryoshka(Architecture):
     def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=True):
         if cfg.k is None:
             raise ValueError(f"a {self.name} SAE needs k")
-        levels = matryoshka_levels(getattr(cfg, PREFIXES.name, "") or "", d_sae)
+        levels = level_sizes(getattr(cfg, PREFIXES.name, "") or "", d_sae)
         return self.model_class()(d_in, d_sae, k=cfg.k, levels=levels, generator=generator, device=device)
 
     def check(self, cfg) -> None:
@@ -86,7 +115,7 @@ class Matryoshka(Architecture):
         k = cfg.get("k")
         if k is None:
             return
-        levels = matryoshka_levels(cfg.get(PREFIXES.name) or "", cfg["latent_dim"])
+        levels = level_sizes(cfg.get(PREFIXES.name) or "", cfg["latent_dim"])
         if len(levels) > 1 and levels[0] < 2 * k:
             add(Finding("warning", PREFIXES.name, f"The smallest level holds {levels[0]:,} latents for k = {k}: "
                         "it cannot reconstruct much on its own.", f"Use at least {2 * k:,} latents for it."))
@@ -115,7 +144,7 @@ class Matryoshka(Architecture):
 
     def describe(self, run):
         prefixes = getattr(run, PREFIXES.name) or ""
-        levels = matryoshka_levels(prefixes, run.latent_dim)
+        levels = level_sizes(prefixes, run.latent_dim)
         return {**batchtopk.ARCH.describe(run),
                 PREFIXES.name: f"{prefixes or 'auto'}: nested levels of {', '.join(f'{n:,}' for n in levels)} latents"}
 
