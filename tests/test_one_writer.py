@@ -391,3 +391,31 @@ def test_a_row_its_job_holds_locked_is_swept_next_round_not_waited_on(client, en
         frozen.close()
     assert run.id in {r.id for r in lifecycle.sweep_stale(current_app.config) if isinstance(r, Training)}
     assert reload(run).status == "interrupted"
+
+
+def test_a_job_that_beats_between_the_sweepers_read_and_its_write_stays_running(client, env, monkeypatch):
+    """The sweeper reads a silent heartbeat, then the job beats, then the sweeper writes: the heartbeat
+    is read again in the same UPDATE, so the job keeps its run (no interrupted row, reason or event)."""
+    settings = current_app.config
+    old = utcnow() - dt.timedelta(seconds=10 * settings["HEARTBEAT_STALE_S"])
+    run = Training.create(source=1, name="beats late", status="running", attempt=3, worker_name="w",
+                          started_at=old, heartbeat_at=old)
+    real_retry = lifecycle.retry_write
+
+    def beat_after_the_scan(write, *, what="write", **kwargs):
+        result = real_retry(write, what=what, **kwargs)
+        if what == "stale-job scan" and result:  # the job's own heartbeat lands now, between read and write
+            Training.update(heartbeat_at=utcnow()).where(Training.id == run.id).execute()
+        return result
+
+    monkeypatch.setattr(lifecycle, "retry_write", beat_after_the_scan)
+    assert lifecycle.sweep_stale(settings) == []
+    kept = reload(run)
+    assert (kept.status, kept.reason, kept.attempt) == ("running", run.reason, 3)
+    assert not Event.select().where(Event.training == run.id).exists()
+
+    # and once it really is silent, the next round ends it
+    monkeypatch.setattr(lifecycle, "retry_write", real_retry)
+    Training.update(heartbeat_at=old).where(Training.id == run.id).execute()
+    assert [r.id for r in lifecycle.sweep_stale(settings)] == [run.id]
+    assert reload(run).status == "interrupted"
