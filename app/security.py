@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import click
-from flask import Response, current_app, render_template, request
+from flask import Response, current_app, g, render_template, request, session
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.routing import IntegerConverter
 
@@ -41,6 +41,9 @@ def install_body_limits(app) -> None:
     @app.before_request
     def _limit_body():
         limit = body_limit(settings, request.endpoint)
+        if limit > settings["MAX_BODY_KB"] * 1024 and not _signed_in():
+            limit = settings["MAX_BODY_KB"] * 1024  # a file route's large limit is for users, not strangers
+        g.body_limit = limit
         request.max_content_length = limit
         if request.content_length is not None:
             if request.content_length > limit:
@@ -49,6 +52,21 @@ def install_body_limits(app) -> None:
             # Werkzeug stops a chunked body at the limit without a word (its ``readall`` truncates):
             # this one refuses it once a byte past the limit arrives.
             request.environ["wsgi.input"] = CappedStream(request.environ["wsgi.input"], limit)
+
+
+def held_to_small_limit() -> bool:
+    """Whether this request met the small limit on a file route because it is not signed in (its
+    answer is then the plain 413: a page with its form would show a stranger what signed-in users see)."""
+    return g.get("body_limit", 0) < body_limit(current_app.config, request.endpoint) and "body_limit" in g
+
+
+def _signed_in() -> bool:
+    """Whether the request carries a live session or a valid API token (read before anything parses
+    the body: the CSRF check, which runs before sign-in is checked, reads a form in full)."""
+    if request.path.startswith("/api/"):
+        scheme, _, plain = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and bool(plain.strip()) and auth.user_for_token(plain.strip()) is not None
+    return auth.session_user(session.get("sid")) is not None
 
 
 class CappedStream(io.RawIOBase):
@@ -77,6 +95,9 @@ class CappedStream(io.RawIOBase):
 def too_large(error=None):
     """The 413 answer: what was too large, the limit, and that nothing was kept."""
     settings = current_app.config
+    if held_to_small_limit():
+        return _error(413, "Too large", f"The request is larger than the limit of {g.body_limit / 2**20:,.1f} MB "
+                                        "for a client that is not signed in: sign in first. Nothing was kept.")
     upload = request.endpoint in UPLOAD_ENDPOINTS and request.endpoint != "templates.import_templates"
     limit = settings["MAX_UPLOAD_MB"] * 2**20 if upload else body_limit(settings, request.endpoint)
     what = "The file" if request.endpoint in UPLOAD_ENDPOINTS else "The request"

@@ -110,6 +110,22 @@ def test_an_anonymous_oversize_sign_in_is_refused_without_reading_it(csrf_app, c
     assert_not_read(body, chunked)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["with-length", "chunked"])
+@pytest.mark.parametrize("url", ["/sources/upload", "/extractions/", "/imports/"])
+def test_a_stranger_gets_the_small_limit_on_the_file_routes_too(csrf_app, url, chunked):
+    """The file routes' large limit is for signed-in users: a client with no session is held to
+    MAX_BODY_KB before the CSRF check reads its form; a signed-in upload of the same size is not."""
+    body = CountingBody(20 * MB, FILE_PART)
+    response = post_stream(csrf_app.test_client(), url, body, chunked=chunked, content_type=MULTIPART)
+    assert response.status_code == 413, response.status_code
+    assert "not signed in: sign in first" in response.get_data(as_text=True)
+    assert_not_read(body, chunked)
+    client = signed_in(csrf_app)
+    response = client.post(url, data={"csrf_token": csrf_token(client), "file": (io.BytesIO(bytes(20 * MB)), "f.bin")},
+                           content_type="multipart/form-data")
+    assert response.status_code not in (413, 500), response.status_code  # the route's own checks answer
+
+
 @pytest.mark.parametrize("chunked, content_type", BODIES)
 def test_a_signed_in_oversize_body_on_the_hints_route_is_refused(csrf_app, chunked, content_type):
     client = signed_in(csrf_app)

@@ -93,7 +93,7 @@ def delete(extraction_id: int):
 
 @bp.errorhandler(RequestEntityTooLarge)
 def too_large(error):
-    if request.endpoint != "extractions.start":
+    if request.endpoint != "extractions.start" or security.held_to_small_limit():
         return security.too_large(error)
     form = ExtractionForm(formdata=None)
     form.text_file.errors = [f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} "

@@ -217,7 +217,7 @@ def delete_imported(imported_id: int):
 
 @bp.errorhandler(RequestEntityTooLarge)
 def too_large(error):
-    if request.endpoint != "features.import_sae":
+    if request.endpoint != "features.import_sae" or security.held_to_small_limit():
         return security.too_large(error)
     form = ImportSAEForm(formdata=None)
     form.file.errors = [f"Refused: the file is larger than the limit of {current_app.config['MAX_UPLOAD_MB']:,} MB. "

@@ -60,7 +60,7 @@ def delete(source_id: int):
 @bp.errorhandler(RequestEntityTooLarge)
 def too_large(error):
     """An upload over the limit: said at the file field, nothing kept."""
-    if request.endpoint != "sources.upload":
+    if request.endpoint != "sources.upload" or security.held_to_small_limit():
         return security.too_large(error)
     form = UploadForm(formdata=None)
     form.file.errors = [
