@@ -244,3 +244,39 @@ def test_a_cancelled_run_resumes_from_its_page_at_a_new_learning_rate(client, en
     assert f"step {run.step:,}" in note and "learning rate 0.0005 (was 0.001)" in note
     again = client.post(f"/api/trainings/{run.id}/resume")
     assert again.status_code == 409  # already queued or running: not twice
+
+
+def test_a_stop_asked_for_as_a_job_starts_reaches_its_work_horse():
+    """SIGTERM can land while the worker forks a horse for a new job: before the fork (the horse
+    inherits the request) or after it but before the horse's pid is known (the worker passes it on as
+    soon as it is). Either way the job stops at its next step instead of running to its end while the
+    worker waits (teardowns of tests that resumed a long run waited 30 s for it, then killed it)."""
+    import subprocess
+    import sys
+
+    from rq import Worker
+
+    from app.work.worker import StudioWorker
+
+    inherited = subprocess.run(
+        [sys.executable, "-c", "from app.work import lifecycle; from app.work.worker import StudioWorker\n"
+                               "w = StudioWorker.__new__(StudioWorker); w._stop_requested = True\n"
+                               "w.setup_work_horse_signals(); print(lifecycle.SHUTDOWN.is_set())"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert inherited.stdout.strip() == "True", inherited.stderr[-2000:]
+
+    horse = subprocess.Popen(["sleep", "60"])
+    worker = StudioWorker.__new__(StudioWorker)
+    worker._stop_requested = False
+
+    def fork_then_signal(self, job, queue_):  # the fork, with SIGTERM landing before the pid is recorded
+        self._stop_requested = True
+        self._horse_pid = horse.pid
+
+    original = Worker.fork_work_horse
+    Worker.fork_work_horse = fork_then_signal
+    try:
+        worker.fork_work_horse(None, None)
+    finally:
+        Worker.fork_work_horse = original
+    assert horse.wait(timeout=10) == -signal.SIGTERM

@@ -166,9 +166,21 @@ class StudioWorker(Worker):
     def setup_work_horse_signals(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         lifecycle.install_shutdown_handler()
+        if self._stop_requested:  # the worker was asked to stop before this horse was forked
+            lifecycle.SHUTDOWN.set()
+
+    def fork_work_horse(self, job, queue_) -> None:
+        super().fork_work_horse(job, queue_)
+        # asked to stop after the fork but before the horse's pid was known: pass it on now, or the
+        # job would run to its end (hours) while the worker waits for it
+        if self._stop_requested:
+            self._tell_horse_to_stop()
 
     def handle_warm_shutdown_request(self) -> None:
         super().handle_warm_shutdown_request()
+        self._tell_horse_to_stop()
+
+    def _tell_horse_to_stop(self) -> None:
         if self.horse_pid:
             try:
                 os.kill(self.horse_pid, signal.SIGTERM)
