@@ -416,6 +416,15 @@ def _migration_21_sweeps(db) -> None:
     add_column_if_missing(db, "training", "sweep_id", IntegerField(null=True))
 
 
+def _migration_22_model_size_for_placement(db) -> None:
+    """The size of the model an extraction or a downstream evaluation loads, recorded when it is
+    submitted, so that placement counts a Hub model's memory (it measured only local folders)."""
+    from peewee import BigIntegerField
+
+    for table in ("extraction", "downstream_eval"):
+        add_column_if_missing(db, table, "model_size_bytes", BigIntegerField(null=True))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -424,7 +433,7 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_14_l0_model, _migration_15_fencing,
                               _migration_16_maintenance_failures, _migration_17_sessions,
                               _migration_18_placement, _migration_19_queued_at, _migration_20_gated_presets,
-                              _migration_21_sweeps]
+                              _migration_21_sweeps, _migration_22_model_size_for_placement]
 
 
 def migrate() -> int:

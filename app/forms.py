@@ -163,10 +163,16 @@ class TrainingForm(FlaskForm):
             return []  # a field that did not parse or is out of range: its own error says why
         # A value its own field rejected is not judged again: its error is the one finding about it.
         cfg = {name: None if getattr(self, name).errors else getattr(self, name).data for name in param_names()}
-        memory = device_memory(current_app.config.get("SAE_DEVICE", "auto"))
+        from .work.resources import submission_room
+
+        # The GPUs a worker may place the run on: refused only when none could ever hold it (a run that
+        # lacks room now waits in the queue). With no GPU, the RAM free now.
+        room = submission_room(current_app.config)
+        memory = None if room is not None else device_memory(current_app.config.get("SAE_DEVICE", "auto"))
         try:
-            return validate_config(cfg, source.stats(),
-                                   free_memory_bytes=memory.free_bytes, device=memory.device)
+            return validate_config(cfg, source.stats(), room=room,
+                                   free_memory_bytes=memory.free_bytes if memory else None,
+                                   device=memory.device if memory else "")
         except (TypeError, ValueError, ZeroDivisionError):
             return []  # a field out of range; its own error says why
 
@@ -420,6 +426,8 @@ rebuild()
 class ExtractionForm(FlaskForm):
     """What to extract: model, layer and site; from which corpus; how much, and how stored."""
 
+    model_size_bytes: int | None = None  # the model's weight files, measured by ``validate`` (None: unknown)
+
     name = StringField("Name", validators=[Optional(), Length(max=200)],
                        description="Optional; the activation source is named after model, layer and site otherwise.")
     model_name = StringField("Model", default=BUNDLED_MINILM, validators=[InputRequired("Name a model."), Length(max=500)],
@@ -458,7 +466,7 @@ class ExtractionForm(FlaskForm):
         from .extraction.hub import ModelNameError, layer_count, max_positions, model_config
 
         from .paths import PathRefused, resolve
-        from .work.resources import TooLarge, check_model_size
+        from .work.resources import TooLarge, check_model_size, check_submission, model_need
 
         ok = super().validate(extra_validators)
         if not self.model_name.errors and self.model_name.data:
@@ -466,8 +474,11 @@ class ExtractionForm(FlaskForm):
                 name = self.model_name.data.strip()
                 resolved = name if name == BUNDLED_MINILM else resolve(name, current_app.config, "model")
                 config = model_config(resolved)
-                if name != BUNDLED_MINILM:
-                    check_model_size(current_app.config, resolved)
+                if name != BUNDLED_MINILM:  # its size is kept for placement (Extraction.model_size_bytes)
+                    self.model_size_bytes = check_model_size(current_app.config, resolved)
+                    if self.model_size_bytes and not self.model_dtype.errors:  # beyond every GPU: never runs
+                        check_submission(current_app.config, model_need(self.model_size_bytes, self.model_dtype.data),
+                                         "The model", "Choose bfloat16, or a smaller model.")
             except (ModelNameError, PathRefused, TooLarge) as exc:
                 self.model_name.errors.append(str(exc))
                 return False

@@ -373,6 +373,9 @@ class Extraction(JobRecord):
     tokens_per_s = DoubleField(null=True)
     device = CharField(null=True)
     activation_set = ForeignKeyField(ActivationSet, null=True, backref="extractions", on_delete="SET NULL")
+    # the model's weight files, in bytes, as measured when it was submitted (or, for a Hub model the web
+    # could not ask about, by the job's process before its claim): placement's estimate (app/work/resources.py)
+    model_size_bytes = BigIntegerField(null=True)
 
     class Meta:
         table_name = "extraction"
@@ -496,6 +499,7 @@ class DownstreamEval(JobRecord):
     token_budget = IntegerField()
     progress = DoubleField(default=0.0)  # 0..1
     summary = JSONField(null=True)
+    model_size_bytes = BigIntegerField(null=True)  # the model's weights, as for Extraction: placement's estimate
 
     class Meta:
         table_name = "downstream_eval"

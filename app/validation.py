@@ -69,9 +69,25 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+@dataclass(frozen=True)
+class Room:
+    """The GPUs a job may be placed on, as seen when it is submitted (``app.work.resources.submission_room``):
+    a job larger than the largest one's total memory can never run; one larger than the most any of
+    them has free now (less the running jobs' reservations) waits in the queue until one has room."""
+
+    total_bytes: int  # the largest GPU's total memory
+    total_on: str  # which GPU that is
+    free_bytes: int  # the most any GPU has free now, less what is reserved there
+    free_on: str
+
+
 def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | None = None,
-                    device: str = "") -> list[Finding]:
-    """All findings for a config (form field names) on ``source``. Pure; no I/O."""
+                    device: str = "", room: Room | None = None) -> list[Finding]:
+    """All findings for a config (form field names) on ``source``. Pure; no I/O.
+
+    Memory: at submission ``room`` (the GPUs; an error only when no GPU could ever hold the run,
+    information when it will wait for room); in the worker, or with no GPU, ``free_memory_bytes``
+    (what ``device`` has free now: an error above it, a warning close to it)."""
     findings: list[Finding] = []
     add = findings.append
     arch = architectures.get(cfg["architecture"])
@@ -151,7 +167,17 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                         f"At most {source.n_tokens * 10 // batch:,} steps keeps it under 10 passes.",
                         source.n_tokens * 10 // batch))
 
-    if free_memory_bytes:
+    if room is not None:
+        need = arch.memory_bytes(d_in, latent, batch)
+        if need > room.total_bytes:
+            add(Finding("error", "batch_size", f"Training needs about {_fmt_bytes(need)} but the largest GPU, "
+                        f"{room.total_on}, has {_fmt_bytes(room.total_bytes)} in all: no device could ever run it.",
+                        "Lower the batch size or latent_dim."))
+        elif need > room.free_bytes:
+            add(Finding("info", "batch_size", f"Training needs about {_fmt_bytes(need)}; no GPU has that free now "
+                        f"(the most is {_fmt_bytes(room.free_bytes)}, on {room.free_on}). The run will wait in the "
+                        "queue until one has room."))
+    elif free_memory_bytes:
         need = arch.memory_bytes(d_in, latent, batch)
         where = device or "the device"
         if need > free_memory_bytes:

@@ -515,7 +515,8 @@ def create_extraction_api():
     if errors or not valid:
         return {"errors": errors}, 422
     try:
-        job = create_extraction(current_app.config, form.data, named_text_spec(form.data), created_by=g.user.id)
+        job = create_extraction(current_app.config, form.data, named_text_spec(form.data), created_by=g.user.id,
+                                model_size_bytes=form.model_size_bytes)
     except QueueUnavailable as exc:
         return unavailable(exc)
     return extraction_dict(job), 201

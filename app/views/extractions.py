@@ -53,7 +53,8 @@ def start():
     else:
         spec = named_text_spec(d)
     try:
-        job = create_extraction(current_app.config, d, spec, created_by=g.user.id)
+        job = create_extraction(current_app.config, d, spec, created_by=g.user.id,
+                                model_size_bytes=form.model_size_bytes)
     except QueueUnavailable as exc:
         drop_text_upload(spec)
         form.form_errors.append(f"Not started: {exc}. Nothing was kept; try again once the queue is back.")

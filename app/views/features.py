@@ -19,7 +19,7 @@ from ..work.exports import NoSAE, read_upload, saelens_zip, store_imported_sae
 from ..work.features import create_feature_job
 from ..work.training import run_folder
 from ..work.queue import QueueUnavailable
-from ..work.resources import TooLarge, check_memory, feature_bytes
+from ..work.resources import TooLarge, check_submission, feature_bytes
 from .records import delete_flow, get_or_404, get_training_or_404, id_arg
 
 bp = Blueprint("features", __name__)
@@ -47,8 +47,9 @@ def start_for_run(training_id: int):
     if not form.validate_on_submit():
         abort(422, description="; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
     try:
-        check_memory(current_app.config, feature_bytes(run.source.d_in, run.latent_dim, form.sample_tokens.data, 10),
-                     "The feature statistics", "Sample fewer tokens.")
+        check_submission(current_app.config,
+                         feature_bytes(run.source.d_in, run.latent_dim, form.sample_tokens.data, 10),
+                         "The feature statistics", "Sample fewer tokens.")
     except TooLarge as exc:
         abort(422, description=f"sample_tokens: {exc}")
     try:
@@ -192,8 +193,8 @@ def import_sae():
                                      "choose activations of the width it was trained on. Nothing was kept.")
         return render_imports(form, 422)
     try:
-        check_memory(current_app.config, feature_bytes(sae.d_in, sae.d_sae, form.sample_tokens.data, 10),
-                     "The feature statistics", "Sample fewer tokens.")
+        check_submission(current_app.config, feature_bytes(sae.d_in, sae.d_sae, form.sample_tokens.data, 10),
+                         "The feature statistics", "Sample fewer tokens.")
     except TooLarge as exc:
         form.sample_tokens.errors.append(f"{exc} Nothing was kept.")
         return render_imports(form, 422)

@@ -13,7 +13,7 @@ from ..sae import architectures
 from ..training_config import BY_NAME
 from ..work import lifecycle
 from ..work.queue import QueueUnavailable
-from ..work.resources import TooLarge, check_memory, tune_bytes
+from ..work.resources import TooLarge, check_submission, tune_bytes
 from ..work.tune import create_tune, pilot_plan
 from .records import get_or_404
 
@@ -58,8 +58,8 @@ def start():
     if not problems and source is not None:
         try:
             batch = pilot_plan(None, form.batch_size.data if not form.batch_size.errors else None)[1]
-            check_memory(current_app.config, tune_bytes(source.d_in, form.latent_dim.data, batch),
-                         "An auto-tune pilot", "Lower latent_dim.")
+            check_submission(current_app.config, tune_bytes(source.d_in, form.latent_dim.data, batch),
+                             "An auto-tune pilot", "Lower latent_dim.")
         except TooLarge as exc:
             problems["latent_dim"] = [str(exc)]
     if problems:

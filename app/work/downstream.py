@@ -30,9 +30,12 @@ def why_not(run: Training, settings: dict) -> str | None:
 
 def create_downstream(settings: dict, run: Training, *, token_budget: int | None = None,
                       created_by: int | None = None) -> DownstreamEval:
-    """Record and queue an evaluation of ``run`` (``QueueUnavailable`` if it can't be)."""
+    """Record and queue an evaluation of ``run`` (``QueueUnavailable`` if it can't be), with its model's
+    size where its extraction recorded one (placement's estimate; the job measures it otherwise)."""
+    from .resources import known_model_size
+
     return lifecycle.create_and_enqueue(DownstreamEval, {
-        "created_by": created_by, "training": run,
+        "created_by": created_by, "training": run, "model_size_bytes": known_model_size(run),
         "token_budget": token_budget or settings["DOWNSTREAM_TOKENS"]}, settings)
 
 

@@ -14,7 +14,7 @@ from .. import paths
 from ..extraction.capture_names import BUNDLED_MINILM
 from ..models import ActivationSet, Extraction
 from . import lifecycle
-from .resources import check_memory, check_model_size, model_bytes
+from .resources import check_memory, check_model_size, model_need
 
 def named_text_spec(d: dict):
     """The corpus a validated form names without an upload: a Hugging Face dataset or the stdlib."""
@@ -26,10 +26,12 @@ def named_text_spec(d: dict):
     return TextSpec("stdlib")
 
 
-def create_extraction(settings: dict, d: dict, spec, *, created_by: int | None = None) -> Extraction:
-    """Record a validated extraction (the form's data ``d``, its corpus ``spec``) and queue it
-    (``QueueUnavailable`` if it can't be)."""
+def create_extraction(settings: dict, d: dict, spec, *, created_by: int | None = None,
+                      model_size_bytes: int | None = None) -> Extraction:
+    """Record a validated extraction (the form's data ``d``, its corpus ``spec``, the model's size as
+    the form measured it: placement's estimate) and queue it (``QueueUnavailable`` if it can't be)."""
     return lifecycle.create_and_enqueue(Extraction, {
+        "model_size_bytes": model_size_bytes,
         "created_by": created_by, "name": (d["name"] or "").strip(), "model_name": d["model_name"].strip(), "layer": d["layer"],
         "site": d["site"], "text": spec.to_dict(), "token_budget": d["token_budget"],
         "context_length": d["context_length"], "batch_size": d["batch_size"], "dtype": d["dtype"],
@@ -67,11 +69,11 @@ def _capture(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck, w
     model_name = job.model_name if job.model_name == BUNDLED_MINILM else paths.resolve(job.model_name, settings,
                                                                                         "model")
     if model_name != BUNDLED_MINILM:
-        check_model_size(settings, model_name)  # before anything is downloaded
-        size = model_bytes(model_name)
-        if size:  # the weights at the chosen precision, and room for the activations
-            share = 0.5 if job.model_dtype in ("bfloat16", "float16") else 1.0
-            check_memory(settings, int(1.3 * size * share), "The model", "Choose bfloat16, or a smaller model.")
+        size = check_model_size(settings, model_name)  # before anything is downloaded
+        if size:  # the weights at the chosen precision, and room for the activations (placement counted
+            # the size measured before the claim: this only catches memory other programs took since)
+            check_memory(settings, model_need(size, job.model_dtype), "The model",
+                         "Choose bfloat16, or a smaller model.")
     check_corpus(spec)  # a bad corpus fails before the model is loaded
     device = resolve_device(settings["SAE_DEVICE"])
     lifecycle.fenced_update(job, what="device", device=str(device))
@@ -100,7 +102,7 @@ def _capture(job: Extraction, settings: dict, stop_check: lifecycle.StopCheck, w
         "layer": job.layer, "site": job.site, "site_label": SITES[job.site],
         "context_length": job.context_length, "model_dtype": job.model_dtype,
         "exclude_special": job.exclude_special, "text": spec.to_dict(), "text_label": spec.describe(),
-        "documents": docs, "extraction_id": job.id})
+        "documents": docs, "extraction_id": job.id, "model_size_bytes": job.model_size_bytes})
     name = job.name or f"{Path(job.model_name).name} layer {job.layer} {SITES[job.site]}, {spec.describe()}"
 
     def become_a_source() -> None:  # in the end's transaction: a superseded end rolls nothing in

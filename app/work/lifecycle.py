@@ -251,8 +251,9 @@ def run_job(model: type[JobRecord], record_id: int, body: Callable[[JobRecord, d
             return "deleted"
         if record.status != "queued":
             return record.status
-        from .resources import claim_placed, need_bytes, this_device
+        from .resources import claim_placed, measure_model, need_bytes, this_device
 
+        measure_model(record, settings)  # a model's size the row does not have yet: placement counts it
         need = need_bytes(record, settings)
         why = claim_placed(record, this_device(settings), need)
         if why == "taken":

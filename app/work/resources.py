@@ -9,11 +9,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..devices import device_memory, worker_gpu
+from ..devices import device_memory, list_gpus, worker_gpu
 from ..errors import UserError
 from ..models import utcnow
 from .. import training_config
-from ..validation import memory_estimate_bytes
+from ..validation import Room, memory_estimate_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 
@@ -27,10 +27,24 @@ def _fmt(n: float) -> str:
 
 
 def check_memory(settings: dict, need_bytes: int, what: str, advice: str) -> None:
+    """In a job, on the device it was placed on: the memory it needs against what is free there now."""
     memory = device_memory(settings.get("SAE_DEVICE", "auto"))
     if memory.free_bytes and need_bytes > memory.free_bytes:
         raise TooLarge(f"{what} needs about {_fmt(need_bytes)} but {memory.device} has {_fmt(memory.free_bytes)} "
                        f"free. {advice}")
+
+
+def check_submission(settings: dict, need_bytes: int, what: str, advice: str) -> None:
+    """When a job is submitted (in the web, which is pinned to no GPU): refuse only what no GPU
+    could ever hold, a job larger than the largest one's total memory; a job that only lacks room
+    now is accepted and waits in the queue for it (placement). With no GPU (``SAE_DEVICE=cpu``, or
+    none anywhere), where placement does not wait for memory, the RAM free now (``check_memory``)."""
+    room = submission_room(settings)
+    if room is None:
+        check_memory(settings, need_bytes, what, advice)
+    elif need_bytes > room.total_bytes:
+        raise TooLarge(f"{what} needs about {fmt_gib(need_bytes)} but the largest GPU, {room.total_on}, has "
+                       f"{fmt_gib(room.total_bytes)} in all: no device could ever run it. {advice}")
 
 
 def tune_bytes(d_in: int, latent_dim: int, batch_size: int) -> int:
@@ -66,12 +80,21 @@ def model_bytes(path: str) -> int | None:
     return max(by_format.values(), default=None)
 
 
-def check_model_size(settings: dict, path: str) -> None:
+def check_model_size(settings: dict, path: str) -> int | None:
+    """The model's size (``model_bytes``) when it is within ``MAX_MODEL_GB``; ``TooLarge`` when it is over."""
     size = model_bytes(path)
     limit = settings["MAX_MODEL_GB"] * 2**30
     if size is not None and size > limit:
         raise TooLarge(f"Refused: the model's weights are {_fmt(size)}, over this app's limit of "
                        f"{settings['MAX_MODEL_GB']:g} GB (MAX_MODEL_GB). Nothing was downloaded.")
+    return size
+
+
+def model_need(size: int | None, model_dtype: str | None) -> int:
+    """The memory a model of ``size`` bytes of weight files takes loaded at ``model_dtype``, with room
+    for its activations (an extraction's, a downstream evaluation's)."""
+    share = 0.5 if model_dtype in ("bfloat16", "float16") else 1.0
+    return int(1.3 * (size or 0) * share)
 
 
 # --- placement: which worker's device takes a job, by memory -----------------------------------
@@ -153,18 +176,67 @@ def need_bytes(record, settings: dict | None = None) -> int:
             d_sae = record.training.latent_dim if record.training_id else record.imported.d_sae
             return feature_bytes(record.source.d_in, d_sae, record.sample_tokens, record.top_n)
         if kind == "Extraction":
-            size = _local_model_bytes(record.model_name)
-            share = 0.5 if record.model_dtype in ("bfloat16", "float16") else 1.0
-            return int(1.3 * size * share)
+            size = record.model_size_bytes or _local_model_bytes(record.model_name)
+            return model_need(size, record.model_dtype)
         if kind == "DownstreamEval":
             run = record.training
             meta = run.source.params or {}
-            share = 0.5 if meta.get("model_dtype") in ("bfloat16", "float16") else 1.0
             sae = 4 * (2 * run.source.d_in * run.latent_dim)
-            return int(1.3 * _local_model_bytes(str(meta.get("model", ""))) * share) + sae
+            size = record.model_size_bytes or _local_model_bytes(str(meta.get("model", "")))
+            return model_need(size, meta.get("model_dtype")) + sae
     except Exception:  # noqa: BLE001 - a record whose parts are gone: the job itself will say why
         return 0
     return 0
+
+
+def _model_name(record) -> str | None:
+    """The model an extraction or a downstream evaluation loads, as its creator named it."""
+    kind = type(record).__name__
+    if kind == "Extraction":
+        return record.model_name
+    if kind == "DownstreamEval":
+        return str((record.training.source.params or {}).get("model") or "")
+    return None
+
+
+def known_model_size(run) -> int | None:
+    """The size of the model a downstream evaluation of ``run`` loads, from what is already known (no
+    Hub call): the source's own metadata, or the record of the extraction that made it."""
+    meta = run.source.params or {}
+    if meta.get("model_size_bytes"):
+        return int(meta["model_size_bytes"])
+    from ..models import Extraction
+
+    if meta.get("extraction_id"):
+        extraction = Extraction.get_or_none(Extraction.id == meta["extraction_id"])
+        if extraction is not None and extraction.model_size_bytes:
+            return extraction.model_size_bytes
+    return None
+
+
+def measure_model(record, settings: dict) -> None:
+    """In the job's own process, before its claim: the size of the model an extraction or a
+    downstream evaluation loads, when its row does not have it yet (a Hub model the web could not
+    size, a job queued before sizes were recorded). Written on the queued row, so that from now on
+    every worker's placement counts it: the job then waits for a device with room instead of being
+    claimed where the model does not fit. It may ask the Hub (up to 10 s), which is why the worker's
+    own loop (``worker._put_back``) never calls it."""
+    from .. import paths
+    from ..extraction.capture_names import BUNDLED_MINILM
+    from . import lifecycle
+
+    if type(record).__name__ not in ("Extraction", "DownstreamEval") or record.model_size_bytes:
+        return
+    try:
+        name = _model_name(record)
+        if not name or name == BUNDLED_MINILM:
+            return
+        size = model_bytes(paths.resolve(name, settings, "model"))
+    except Exception:  # noqa: BLE001 - a name refused or parts gone: the job itself will say why
+        return
+    if size:
+        lifecycle.update_record(record, only_if=("queued",), what="model size", model_size_bytes=size)
+        record.model_size_bytes = size
 
 
 def _local_model_bytes(name: str) -> int:
@@ -186,6 +258,22 @@ def reserved_on(key: str, models=None) -> int:
         total += int(model.select(fn.COALESCE(fn.SUM(model.reserved_bytes), 0))
                      .where((model.status == "running") & (model.placed_on == key)).scalar() or 0)
     return total
+
+
+def reserved_by_device(models=None) -> dict[str, int]:
+    """What the running jobs reserved, by device: ``reserved_on`` for every device in one query a kind."""
+    from peewee import fn
+
+    from .lifecycle import job_models
+
+    totals: dict[str, int] = {}
+    for model in models or job_models():
+        rows = (model.select(model.placed_on, fn.SUM(model.reserved_bytes))
+                .where((model.status == "running") & model.placed_on.is_null(False))
+                .group_by(model.placed_on).tuples())
+        for key, total in rows:
+            totals[key] = totals.get(key, 0) + int(total or 0)
+    return totals
 
 
 def admit(need: int, place: Place, reserved: int, requested: str | None = None) -> str | None:
@@ -235,12 +323,44 @@ def claim_placed(record, place: Place, need: int) -> str | None:
     return lifecycle.retry_write(attempt, what="claim on a device")
 
 
-def wait_reason(record, need: int, settings: dict, here: Place, why_here: str) -> str:
-    """What a job that fits no device now tells its page: what it waits for, and the best there is."""
+def live_beats(settings: dict) -> list:
+    """The beats of the workers alive now (each worker's device and memory as it last read them)."""
     from ..models import WorkerBeat
 
     limit = utcnow() - dt.timedelta(seconds=max(3 * float(settings.get("SWEEP_INTERVAL_S", 5)), 30))
-    beats = list(WorkerBeat.select().where(WorkerBeat.last_seen >= limit))
+    return list(WorkerBeat.select().where(WorkerBeat.last_seen >= limit))
+
+
+def submission_room(settings: dict) -> Room | None:
+    """The GPUs a job may be placed on, as the web sees them when it is submitted: this machine's
+    (nvidia-smi, now) and every live worker's device (its beat), each one's free memory less what
+    the jobs running there reserved. None where jobs train on no GPU (``SAE_DEVICE=cpu``, or no GPU
+    anywhere): there the RAM is the check (``check_submission``, the validator's free memory)."""
+    if settings.get("SAE_DEVICE", "auto") == "cpu":
+        return None
+    devices: dict[str, tuple[str, int, int]] = {}  # key -> (label, total, free)
+    host = host_name()
+    for gpu in list_gpus() or []:
+        devices[gpu.uuid] = (f"{gpu.label} on {host}", gpu.total_bytes, gpu.free_bytes)
+    try:
+        for beat in live_beats(settings):
+            if beat.device_key and beat.memory_total_bytes and beat.device_key not in devices:
+                devices[beat.device_key] = (beat.device_label or beat.device_key, beat.memory_total_bytes,
+                                            beat.memory_free_bytes or 0)
+        reserved = reserved_by_device()
+        free = {key: free - reserved.get(key, 0) for key, (_, _, free) in devices.items()}
+    except Exception:  # noqa: BLE001 - the database did not answer: this machine's readings, unreserved
+        free = {key: free for key, (_, _, free) in devices.items()}
+    if not devices:
+        return None
+    total_key = max(devices, key=lambda k: devices[k][1])
+    free_key = max(free, key=lambda k: free[k])
+    return Room(devices[total_key][1], devices[total_key][0], max(free[free_key], 0), devices[free_key][0])
+
+
+def wait_reason(record, need: int, settings: dict, here: Place, why_here: str) -> str:
+    """What a job that fits no device now tells its page: what it waits for, and the best there is."""
+    beats = live_beats(settings)
     devices = {here.key: (here.label, here.names, here.free_bytes)}
     for beat in beats:
         if beat.device_key and beat.device_key not in devices:

@@ -224,8 +224,9 @@ def check_sweep(base: dict, raw_axes, settings: dict, *, to_formdata=None) -> Sw
 
 
 def memory_findings(check: SweepCheck, settings: dict) -> list:
-    """Every member's estimate added up, against the device's free memory now (on a GPU)."""
-    from ..devices import device_memory
+    """Every member's estimate added up (the sweep trains them together on one device), against the
+    GPUs (``resources.submission_room``): refused only when no GPU could ever hold them; when none
+    has room now, the sweep waits in the queue for one."""
     from ..findings import Finding
     from ..models import ActivationSet
     from ..validation import memory_estimate_bytes
@@ -236,14 +237,22 @@ def memory_findings(check: SweepCheck, settings: dict) -> list:
         return []
     need = sum(memory_estimate_bytes(source.d_in, m.fields["latent_dim"], m.fields["batch_size"],
                                      m.fields["architecture"]) for m in check.members)
-    memory = device_memory(settings["SAE_DEVICE"])
+    from .resources import submission_room
+
+    room = submission_room(settings)
     gib = need / 2**30
-    if memory.device == "cuda" and memory.free_bytes is not None and need > memory.free_bytes:
-        return [Finding("error", "axes", f"The {len(check.members)} members together need about {gib:.1f} GiB on "
-                                         f"the GPU, which has {memory.free_bytes / 2**30:.1f} GiB free now.",
+    members = len(check.members)
+    if room is not None and need > room.total_bytes:
+        return [Finding("error", "axes", f"The {members} members together need about {gib:.1f} GiB on one GPU, "
+                                         f"but the largest GPU, {room.total_on}, has {room.total_bytes / 2**30:.1f} "
+                                         "GiB in all: no device could ever run them together.",
                         "Use fewer or narrower members, or a smaller batch.")]
-    return [Finding("info", "axes", f"The {len(check.members)} members together need about {gib:.2f} GiB "
-                                    f"({'GPU' if memory.device == 'cuda' else 'memory'}).")]
+    if room is not None and need > room.free_bytes:
+        return [Finding("info", "axes", f"The {members} members together need about {gib:.2f} GiB on one GPU; none "
+                                        f"has that free now (the most is {room.free_bytes / 2**30:.1f} GiB, on "
+                                        f"{room.free_on}). The sweep will wait in the queue until one has room.")]
+    return [Finding("info", "axes", f"The {members} members together need about {gib:.2f} GiB "
+                                    f"({'GPU' if room is not None else 'memory'}).")]
 
 
 def create_sweep(check: SweepCheck, *, name: str, mode: str, settings: dict, created_by: int | None,
