@@ -425,6 +425,15 @@ def _migration_22_model_size_for_placement(db) -> None:
         add_column_if_missing(db, table, "model_size_bytes", BigIntegerField(null=True))
 
 
+def _migration_23_final_folders(db) -> None:
+    """One writer per run for its final SAE too: the folder of final files in force, named on the
+    run's row by the end of the attempt that wrote it. Self-contained (its own column definition);
+    runs that ended before it keep their files in the run folder and a null here."""
+    from peewee import CharField
+
+    add_column_if_missing(db, "training", "final_name", CharField(null=True))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -433,7 +442,8 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_14_l0_model, _migration_15_fencing,
                               _migration_16_maintenance_failures, _migration_17_sessions,
                               _migration_18_placement, _migration_19_queued_at, _migration_20_gated_presets,
-                              _migration_21_sweeps, _migration_22_model_size_for_placement]
+                              _migration_21_sweeps, _migration_22_model_size_for_placement,
+                              _migration_23_final_folders]
 
 
 def migrate() -> int:

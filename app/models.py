@@ -237,6 +237,10 @@ class Training(JobRecord):
     # it, committed here by a write conditional on that attempt (so a stale process's file never is).
     checkpoint_name = CharField(null=True)
     checkpoint_at = IntegerField(null=True)  # its step
+    # The final SAE in force (sae.safetensors, frequencies.npy, cfg.json): a folder of the run's
+    # folder named by the attempt that wrote it, named here only by that attempt's end (``finish``).
+    # None for a run that has none, or that ended before final folders (its files lie in the run folder).
+    final_name = CharField(null=True)
     # a member of a sweep trains in its sweep's job, on the sweep's batches, never queued alone
     sweep = ForeignKeyField(Sweep, null=True, backref="members", on_delete="SET NULL")
 

@@ -128,3 +128,22 @@ def test_an_upgrade_through_the_preset_migrations_ends_with_the_same_rows(app):
     assert sources == EXPECTED["sources"]
     key = lambda row: row["name"]  # noqa: E731 - the re-added presets come after the kept ones
     assert sorted(templates, key=key) == sorted(EXPECTED["templates"], key=key)
+
+
+def test_a_database_from_before_final_folders_is_upgraded_and_keeps_its_runs(client):
+    """Migration 23 adds the run's final folder (``final_name``); a run from before it keeps its row,
+    its events and a null name (its final files, if any, lie in its run folder)."""
+    from app.models import Event, Training
+    from app.work import lifecycle
+    from conftest import create_run
+
+    run = create_run(client)
+    lifecycle.add_event(run.id, "info", "before", "an event from before the upgrade")
+    db = database.obj
+    run_migrations(SchemaMigrator.from_database(db).drop_column("training", "final_name"))
+    SchemaVersion.update(version=[m.__name__ for m in MIGRATIONS].index("_migration_23_final_folders")).execute()
+    assert "final_name" not in columns("training")
+    assert migrate() == len(MIGRATIONS)
+    assert "final_name" in columns("training")
+    assert Training.get_by_id(run.id).final_name is None
+    assert Event.select().where(Event.training == run.id).count() == 1

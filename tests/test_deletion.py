@@ -12,6 +12,7 @@ from flask import current_app
 
 from app.models import ActivationSet, Event, FeatureJob, ImportedSAE, MetricPoint, Template, Training
 from app.work import janitor
+from app.work.training import sae_folder
 from conftest import create_run
 
 
@@ -32,7 +33,7 @@ def test_delete_a_finished_run_asks_once_and_removes_its_rows_and_files(client, 
     run = Training.get_by_id(run.id)
     assert run.status == "completed" and FeatureJob.select().where(FeatureJob.training == run.id).count() == 1
     folder = Path(env["DATA_DIR"]) / "runs" / str(run.id)
-    assert (folder / "sae.safetensors").exists()
+    assert sae_folder(run, current_app.config).parent == folder and run.final_name.startswith("final-a1-")
     ask = client.get(f"/trainings/{run.id}/delete").get_data(as_text=True)
     assert "20 metric points" in ask and "feature-statistics job" in ask and 'id="confirm-delete"' in ask
     assert Training.get_or_none(Training.id == run.id) is not None  # asking changes nothing
@@ -110,3 +111,31 @@ def test_the_janitor_removes_only_old_files_that_nothing_owns(client, env):
     assert removed == {"activations/.partial-77", "runs/999", "runs/1/checkpoint.pt.tmp",
                        f"runs/1/{uncommitted.name}"}
     assert (data / source.path).exists() and young.exists() and in_force.exists()
+
+
+def test_the_janitor_removes_final_folders_the_row_does_not_name_never_the_named_one(client, env):
+    """A run's final SAE lies in a folder of the attempt that saved it, named on the row by that
+    attempt's end. Old folders no row names go (a process killed between saving and its end, or
+    whose end was refused), and so do the old layout's files beside a named folder; the named
+    folder stays, and so do the files of a run from before final folders (nothing named)."""
+    data = Path(env["DATA_DIR"])
+    named_run, old_run = create_run(client), create_run(client)
+    named, unnamed, young = (data / "runs" / str(named_run.id) / f"final-a{a}-0123abc{a}" for a in (2, 1, 3))
+    legacy_beside = data / "runs" / str(named_run.id) / "sae.safetensors"
+    legacy_alone = [data / "runs" / str(old_run.id) / name for name in ("sae.safetensors", "frequencies.npy", "cfg.json")]
+    for folder in (named, unnamed, young):
+        folder.mkdir(parents=True)
+        (folder / "sae.safetensors").write_bytes(b"x")
+    legacy_alone[0].parent.mkdir(parents=True)
+    for path in (legacy_beside, *legacy_alone):
+        path.write_bytes(b"x")
+    old = time.time() - 7200
+    for path in (named, unnamed, legacy_beside, *legacy_alone):
+        os.utime(path, (old, old))
+    Training.update(status="completed", final_name=named.name).where(Training.id == named_run.id).execute()
+    Training.update(status="completed").where(Training.id == old_run.id).execute()
+    removed = set(janitor.clean(current_app.config))
+    assert removed == {f"runs/{named_run.id}/{unnamed.name}", f"runs/{named_run.id}/sae.safetensors"}
+    assert named.is_dir() and young.is_dir() and all(path.exists() for path in legacy_alone)
+    assert sae_folder(Training.get_by_id(named_run.id), current_app.config) == named
+    assert sae_folder(Training.get_by_id(old_run.id), current_app.config) == legacy_alone[0].parent

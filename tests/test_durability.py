@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from app.models import Event, MetricPoint, Training, TuneJob, utcnow
 from app.work import lifecycle
-from app.work.training import checkpoint_step
+from app.work.training import checkpoint_step, sae_folder
 from conftest import (BACKEND, QUICK_CONFIG, create_run, kill_work_horse, reload, start_worker, stop_worker, worker_logs,
                       wait_for)
 
@@ -29,7 +29,7 @@ def series(run: Training) -> list[tuple]:
 
 
 def weights(env, run: Training) -> dict:
-    return load_file(str(Path(env["DATA_DIR"]) / "runs" / str(run.id) / "sae.safetensors"))
+    return load_file(str(sae_folder(reload(run), current_app.config) / "sae.safetensors"))
 
 
 # A run long enough to be killed mid-way, with checkpoints every 60 steps.

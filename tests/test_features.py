@@ -201,7 +201,11 @@ def test_an_exported_sae_loads_in_saelens_and_computes_what_ours_does(client, en
     theirs = sae_lens.SAE.load_from_disk(str(folder))
     from app.sae.export import read_checkpoint
 
-    ours = F.to_module(read_checkpoint(Path(env["DATA_DIR"]) / "runs" / str(run.id)), CPU)
+    from flask import current_app
+
+    from app.work.training import sae_folder
+
+    ours = F.to_module(read_checkpoint(sae_folder(Training.get_by_id(run.id), current_app.config)), CPU)
     c = run.norm_scale
     x = torch.randn(64, 256) * 3 + 0.5  # raw activations, not normalized
     with torch.no_grad():

@@ -5,7 +5,9 @@ job makes is conditional on its attempt still being the row's. These tests stop 
 work-horse with SIGSTOP until it has been swept (and, with two workers, until another worker
 has resumed the run), wake it, and check that it writes nothing more: no metric point, no
 event, no checkpoint, no status. A Hypothesis state machine then drives claims, heartbeats,
-sweeps, resumes, cancels and late writes in any order against the real database.
+sweeps, resumes, cancels and late writes in any order against the real database. A training's
+final SAE is fenced too: a stale attempt that saves its weights after another attempt ended the
+run leaves the live attempt's SAE, as every reader finds it, as it was.
 """
 from __future__ import annotations
 
@@ -172,6 +174,7 @@ class Writers(RuleBasedStateMachine):
         self.last_writer = 0  # the highest attempt that has had a write accepted
         self.point_writers: set[int] = set()  # the attempts whose metric points were accepted
         self.ended_by = None  # the process whose end the row shows now
+        self.final = None  # the final folder the row should name
 
     def row(self) -> Training:
         return reload(self.run)
@@ -262,6 +265,29 @@ class Writers(RuleBasedStateMachine):
             self.status, self.ended_by = status, p
             self.events[p.attempt] = self.events.get(p.attempt, 0) + 1
 
+    @rule(p=processes, status=st.sampled_from(["completed", "cancelled", "failed"]))
+    def end_with_final_files(self, p, status):
+        """The end of a training (``RunSession._conclude``): its final files saved in a folder of its
+        attempt's own, named on the row by the end itself, removed again when that end is refused."""
+        import types
+
+        import torch
+
+        from app.work.training import _save_sae, settle_final
+
+        expected = lifecycle.ended_as(p) is None and p.attempt == self.attempt and self.status == "running"
+        sae = torch.nn.Linear(4, 2)
+        sae.d_in = 4
+        result = types.SimpleNamespace(eval={"frequencies": [0.5, 0.25]}, norm_scale=1.0, steps=self.row().step)
+        final = _save_sae(sae, p, result, self.settings)
+        accepted = settle_final(p, self.settings, final, lifecycle.finish(
+            p, status, final_name=final, reason="ended" if status != "completed" else None,
+            event={"level": "info", "code": status, "message": status, "step": None, "suggestion": None}))
+        self.written(p, accepted, expected)
+        if accepted:
+            self.status, self.ended_by, self.final = status, p, final
+            self.events[p.attempt] = self.events.get(p.attempt, 0) + 1
+
     @rule()
     def silence_then_sweep(self):
         """The running process stops beating (stopped, or its machine is gone) past the stale limit."""
@@ -302,6 +328,9 @@ class Writers(RuleBasedStateMachine):
         assert (row.checkpoint_name, row.checkpoint_at) == (self.checkpoint or (None, None))
         files = {p.name for p in (Path(self.settings["DATA_DIR"]) / "runs" / str(row.id)).glob("checkpoint*")}
         assert files == ({self.checkpoint[0]} if self.checkpoint else set())
+        # the final folder the row names is the one on disk: a refused end left none of its own
+        finals = {p.name for p in (Path(self.settings["DATA_DIR"]) / "runs" / str(row.id)).glob("final-a*")}
+        assert row.final_name == self.final and finals == ({self.final} if self.final else set())
         counted: dict[int | None, int] = {}
         for event in row.events:
             counted[event.attempt] = counted.get(event.attempt, 0) + 1
@@ -363,6 +392,95 @@ def test_a_database_from_before_attempts_is_upgraded_and_its_checkpoints_still_r
     save_checkpoint({"step": 180, "tokens": 46_080}, run, current_app.config)  # the first new-style one
     assert checkpoint_files(env, run) == {run.checkpoint_name}  # the old files went with it
     assert checkpoint_step(reload(run), current_app.config) == 180
+
+
+def test_a_stale_attempt_cannot_replace_the_live_attempts_final_weights(client, env, monkeypatch):
+    """The gap that was left: attempt 1 passed its fenced check and was frozen just before it saved
+    its final files; meanwhile it was swept, resumed at another learning rate, and attempt 2
+    completed the run. Woken, attempt 1 saves its weights and its end is refused: the run's SAE,
+    as every reader finds it (export, features, downstream), is still attempt 2's, the row is as
+    attempt 2 left it, and attempt 1's files are gone. (Before final folders attempt 1 wrote over
+    ``runs/<id>/sae.safetensors`` and the export read its weights.)"""
+    from app.work import training
+    from app.work.exports import run_sae_files
+
+    settings = {**current_app.config, "FEATURES_AFTER_TRAINING": False}
+    run = create_run(client, name="frozen before its final files")
+    real_save = training._save_sae
+    live = {}
+
+    def save_after_a_freeze(sae, p, result, settings_):
+        if p.attempt == 1:  # frozen here, past its fenced check: another worker takes the run over
+            live["stale"] = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+            assert lifecycle.mark_interrupted(reload(run), "Interrupted: its worker stopped beating.", settings)
+            resume_training(reload(run), settings, learning_rate=3 * run.learning_rate, enqueue=False)
+            p2 = reload(run)
+            assert lifecycle.claim(p2) and p2.attempt == 2
+            assert training._train(p2, settings, lifecycle.StopCheck(p2)) == "completed"
+            live["row"], live["export"] = snapshot(run), run_sae_files(reload(run), settings)
+        return real_save(sae, p, result, settings_)
+
+    monkeypatch.setattr(training, "_save_sae", save_after_a_freeze)
+    p1 = reload(run)
+    assert lifecycle.claim(p1) and p1.attempt == 1
+    assert training._train(p1, settings, lifecycle.StopCheck(p1)) == "superseded"
+    assert live["row"]["status"] == "completed" and live["row"]["attempt"] == 2
+    assert run_sae_files(reload(run), settings) == live["export"]  # the export reads attempt 2's SAE still
+    assert snapshot(run) == live["row"]  # not a status, an event or a point from attempt 1
+
+    import torch
+    from safetensors.torch import load_file
+
+    from app.work.training import FINAL_NAME, sae_folder
+
+    run = reload(run)
+    assert FINAL_NAME.fullmatch(run.final_name).group(1) == "2"
+    weights = load_file(str(sae_folder(run, settings) / "sae.safetensors"))
+    assert weights.keys() == live["stale"].keys()
+    assert not all(torch.equal(weights[k], live["stale"][k]) for k in weights)  # the two attempts' SAEs differ
+    folder = Path(env["DATA_DIR"]) / "runs" / str(run.id)
+    assert {p.name for p in folder.iterdir()} == {run.final_name}  # attempt 1 removed its own folder
+    assert run.summary["checkpoint"] == f"runs/{run.id}/{run.final_name}/sae.safetensors"
+
+
+def test_a_run_from_before_final_folders_still_exports_and_its_features_load(client, env):
+    """A run that ended before final folders has its files directly in ``runs/<id>/`` and no name
+    on its row: its page, its export, its feature statistics and the janitor treat them as its SAE."""
+    from app.models import FeatureJob, FeatureStat
+    from app.work import janitor, training
+    from app.work.exports import run_sae_files
+    from app.work.features import _features
+    from app.work.training import FINAL_FILES, sae_folder
+
+    settings = {**current_app.config, "FEATURES_AFTER_TRAINING": False}
+    run = create_run(client, name="old layout")
+    p = reload(run)
+    assert lifecycle.claim(p)
+    assert training._train(p, settings, lifecycle.StopCheck(p)) == "completed"
+    run = reload(run)
+    exported = run_sae_files(run, settings)
+    folder = Path(env["DATA_DIR"]) / "runs" / str(run.id)
+    for name in FINAL_FILES:  # the layout of before: the files in the run folder, no name on the row
+        (folder / run.final_name / name).rename(folder / name)
+    (folder / run.final_name).rmdir()
+    Training.update(final_name=None).where(Training.id == run.id).execute()
+    run = reload(run)
+
+    assert sae_folder(run, settings) == folder
+    assert run_sae_files(run, settings) == exported
+    response = client.get(f"/trainings/{run.id}/export/saelens.zip")
+    assert response.status_code == 200 and response.mimetype == "application/zip"
+    old = (dt.datetime.now() - dt.timedelta(hours=3)).timestamp()
+    for name in FINAL_FILES:
+        os.utime(folder / name, (old, old))
+    assert not any(path.startswith(f"runs/{run.id}/") for path in janitor.clean(current_app.config))
+    assert all((folder / name).exists() for name in FINAL_FILES)
+
+    assert client.post(f"/trainings/{run.id}/features", data={"sample_tokens": "2000"}).status_code == 303
+    job = FeatureJob.get(FeatureJob.training == run.id)
+    assert lifecycle.claim(job)
+    assert _features(job, settings, lifecycle.StopCheck(job)) == "completed"
+    assert FeatureStat.select().where(FeatureStat.job == job.id).count() == run.latent_dim
 
 
 @pytest.mark.skipif(BACKEND != "postgresql", reason="on SQLite the busy timeout bounds the wait")

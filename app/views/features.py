@@ -17,7 +17,7 @@ from ..sae.export import SAEFormatError
 from ..work import deletion, lifecycle
 from ..work.exports import NoSAE, read_upload, saelens_zip, store_imported_sae
 from ..work.features import create_feature_job
-from ..work.training import run_folder
+from ..work.training import sae_folder
 from ..work.queue import QueueUnavailable
 from ..work.resources import TooLarge, check_submission, feature_bytes
 from .records import delete_flow, get_or_404, get_training_or_404, id_arg
@@ -41,7 +41,7 @@ def latest_feature_job(run: Training) -> FeatureJob | None:
 @bp.post("/trainings/<int:training_id>/features")
 def start_for_run(training_id: int):
     run = get_training_or_404(training_id)
-    if not (run_folder(run, current_app.config) / "sae.safetensors").exists():
+    if sae_folder(run, current_app.config) is None:
         abort(409, description="This run has no checkpoint yet: feature statistics need a finished run.")
     form = FeatureJobForm()
     if not form.validate_on_submit():

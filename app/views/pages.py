@@ -11,7 +11,7 @@ from ..models import Event, MetricPoint, Template, Training
 from ..sae import architectures
 from ..work import deletion, lifecycle
 from ..work.queue import QueueUnavailable
-from ..work.training import NotResumable, checkpoint_step, create_training, resume_training, run_folder
+from ..work.training import NotResumable, checkpoint_step, create_training, resume_training, sae_folder
 from .formatting import progress_view
 from .records import delete_flow, get_training_or_404, id_arg, id_args
 
@@ -147,7 +147,6 @@ def progress_context(run: Training) -> dict:
     own = next((j for j in feature_jobs if j.on_run and j.status == "completed"), None)  # the run's, or its owner's
     if own is not None:
         ground_truth = (own.summary or {}).get("ground_truth", ground_truth)
-    checkpoint = run_folder(run, current_app.config) / "sae.safetensors"
     latest = run.latest_metric()
     series = chart_series(run)
     summary = run.summary or {}
@@ -162,7 +161,7 @@ def progress_context(run: Training) -> dict:
         if architectures.get(run.architecture).by_penalty else None,
         "histogram_chart": charts.histogram_chart(summary["density_histogram"])
         if summary.get("density_histogram") else None,
-        "has_checkpoint": checkpoint.exists(), "features_job": features_job, "ground_truth": ground_truth,
+        "has_checkpoint": sae_folder(run, current_app.config) is not None, "features_job": features_job, "ground_truth": ground_truth,
         "downstream_job": downstream_jobs[0] if downstream_jobs else None,
         # other users' jobs on this run: their results stay on their own records, listed here by job
         "others_feature_jobs": [j for j in feature_jobs if not j.on_run],

@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..extraction.capture_names import BUNDLED_MINILM, SITES
 from ..models import DownstreamEval, Training
 from . import lifecycle
-from .training import run_folder
+from .training import sae_folder
 
 class DownstreamError(UserError, ValueError):
     """The evaluation cannot run; the message is for the user."""
@@ -23,7 +23,7 @@ def why_not(run: Training, settings: dict) -> str | None:
         return ("Downstream evaluation splices the SAE into the model its activations came from: it needs a run "
                 "trained on an extraction, and this run's source is "
                 + ("synthetic." if run.source.kind == "synthetic" else "an uploaded file with no model behind it."))
-    if not (run_folder(run, settings) / "sae.safetensors").exists():
+    if sae_folder(run, settings) is None:
         return "This run has no saved SAE yet: evaluate it once it has finished."
     return None
 
@@ -57,7 +57,7 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
         raise DownstreamError(reason)
     meta = run.source.params
     device = resolve_device(settings["SAE_DEVICE"])
-    sae = to_module(read_checkpoint(run_folder(run, settings)), device)
+    sae = to_module(read_checkpoint(sae_folder(run, settings)), device)
     spec = TextSpec(**meta["text"])
     if spec.kind == "hf":
         spec = replace(spec, dataset=paths.resolve(spec.dataset, settings, "dataset"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..models import ActivationSet, ImportedSAE, Training
-from .training import run_folder
+from .training import sae_folder
 
 
 class NoSAE(UserError):
@@ -28,8 +28,8 @@ def run_sae_files(run: Training, settings: dict) -> dict[str, bytes]:
 
     from ..sae.export import export_files, hook_name, read_checkpoint
 
-    folder = run_folder(run, settings)
-    if not (folder / "sae.safetensors").exists():
+    folder = sae_folder(run, settings)
+    if folder is None:
         raise NoSAE("This run has no checkpoint to export yet.")
     sae = read_checkpoint(folder)
     frequencies = np.load(folder / "frequencies.npy") if (folder / "frequencies.npy").exists() else None

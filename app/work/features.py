@@ -50,12 +50,15 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
     from ..sae import features as F
     from ..sae.export import parse_saelens, read_checkpoint
     from ..sae.trainer import resolve_device
-    from .training import build_source, run_folder
+    from .training import build_source, sae_folder
 
     data_dir = Path(settings["DATA_DIR"])
     device = resolve_device(settings["SAE_DEVICE"])
     if job.training_id:
-        loaded = read_checkpoint(run_folder(job.training_id, settings))
+        folder = sae_folder(Training.get_by_id(job.training_id), settings)
+        if folder is None:
+            raise F.FeatureError("the run has no saved SAE (it was removed, or the run has not ended)")
+        loaded = read_checkpoint(folder)
     else:
         folder = data_dir / job.imported.path
         loaded, _ = parse_saelens({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})

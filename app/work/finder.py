@@ -87,16 +87,16 @@ def read_finding(sweep: Sweep, settings: dict) -> dict:
     from safetensors.torch import load_file
 
     from ..sae import l0_finder
-    from .training import run_folder
+    from .training import sae_folder
 
-    runs = [m for m in members_of(sweep) if m.status == "completed" and m.summary]
+    runs = [m for m in members_of(sweep) if m.status == "completed" and m.summary and sae_folder(m, settings)]
     rungs: dict[float, list] = {}
     for run in runs:
         rungs.setdefault(run.target_l0, []).append(run)
     latent_dim = runs[0].latent_dim if runs else None
     curve = []
     for target, group in sorted(rungs.items()):
-        decoders = [load_file(str(run_folder(r, settings) / "sae.safetensors"))["W_dec"] for r in group]
+        decoders = [load_file(str(sae_folder(r, settings) / "sae.safetensors"))["W_dec"] for r in group]
         point = {"member_id": group[0].id, "members": [r.id for r in group], "target_l0": target,
                  "l0": sum(r.summary["l0"] for r in group) / len(group),
                  "l0_fraction": sum(r.summary["l0_fraction"] for r in group) / len(group),

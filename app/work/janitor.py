@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..models import ActivationSet, Extraction, ImportedSAE, Training
+from .training import FINAL_FILES
 
 log = logging.getLogger("sae_studio.janitor")
 
@@ -82,22 +83,32 @@ def orphans(settings: dict, errors: list[str] | None = None) -> list[Path]:
                 raise
             errors.append(f"scanning {folder}/: {type(exc).__name__}: {exc}")
     try:
-        in_force = {str(r.id): r.checkpoint_name for r in Training.select(Training.id, Training.checkpoint_name)}
+        in_force = {str(r.id): (r.checkpoint_name, r.final_name)
+                    for r in Training.select(Training.id, Training.checkpoint_name, Training.final_name)}
         for run_dir in (data / "runs").iterdir() if (data / "runs").is_dir() else []:
             if run_dir in found or not run_dir.is_dir():
                 continue
+            checkpoint, final = in_force.get(run_dir.name, (None, None))
             for tmp in run_dir.glob("*.tmp"):  # a checkpoint or weights file half-written when a worker died
                 if _old(tmp, min_age):
                     found.append(tmp)
             # a checkpoint the row does not name: a process killed between writing it and committing
             # it, or one whose claim was lost (app.work.training.save_checkpoint)
             for stale in run_dir.glob("checkpoint-a*.pt"):
-                if stale.name != in_force.get(run_dir.name) and _old(stale, min_age):
+                if stale.name != checkpoint and _old(stale, min_age):
                     found.append(stale)
+            # a final folder the row does not name: a process killed between saving it and its end, or
+            # one whose end was refused; and once the row names one, the old layout's files beside it
+            for stale in run_dir.glob("final-a*"):
+                if stale.name != final and _old(stale, min_age):
+                    found.append(stale)
+            if final:
+                found.extend(path for path in (run_dir / name for name in FINAL_FILES)
+                             if path.exists() and _old(path, min_age))
     except Exception as exc:  # noqa: BLE001
         if errors is None:
             raise
-        errors.append(f"scanning runs/ for .tmp files: {type(exc).__name__}: {exc}")
+        errors.append(f"scanning runs/ for .tmp files, checkpoints and final folders: {type(exc).__name__}: {exc}")
     return found
 
 

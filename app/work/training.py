@@ -2,12 +2,16 @@
 
 A run's files live in ``DATA_DIR/runs/<id>/``: checkpoints (the trainer's whole state, saved
 every checkpoint interval and when the run stops early; removed when it completes) and, once
-it has ended, ``sae.safetensors``, ``frequencies.npy`` and ``cfg.json``.
+it has ended, its final SAE: ``sae.safetensors``, ``frequencies.npy`` and ``cfg.json`` in a
+folder of the attempt that wrote them, ``final-a<attempt>-<nonce>/``.
 
 A checkpoint file is named by the attempt and step that wrote it (``checkpoint-a3-s1200-<nonce>.pt``)
 and is never written twice. It is in force once the run's row names it, which only a write
 conditional on the writer's attempt does (``lifecycle.current``): a process that lost its
-claim may leave a file behind, never the checkpoint a resume reads. Metric points are
+claim may leave a file behind, never the checkpoint a resume reads. The final SAE is fenced the
+same way: its folder is named on the row (``final_name``) only by the run's end (``finish``,
+conditional on the attempt), and a process whose end is refused removes its folder; every reader
+finds the files through ``sae_folder``. Metric points are
 flushed before each checkpoint is committed, and a resumed run first drops the points after
 its checkpoint's step, so the series has no duplicates and no gap beyond what the crash lost.
 """
@@ -18,6 +22,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import sys
 import time
 import traceback
@@ -34,11 +39,26 @@ from .lifecycle import Superseded, add_event, current, retry_write, update_recor
 
 LEGACY_CHECKPOINT = "checkpoint.pt"  # before checkpoints were named by attempt (with checkpoint.json beside it)
 CHECKPOINT_NAME = re.compile(r"checkpoint-a(\d+)-s(\d+)-([0-9a-f]{8})\.pt")
+FINAL_FILES = ("sae.safetensors", "frequencies.npy", "cfg.json")  # a run's final SAE, in its final folder
+FINAL_NAME = re.compile(r"final-a(\d+)-([0-9a-f]{8})")
 
 
 def run_folder(run: Training | int, settings: dict) -> Path:
     """``DATA_DIR/runs/<id>``: a run's checkpoints and, once it has ended, its SAE (the one spelling of it)."""
     return Path(settings["DATA_DIR"]) / "runs" / str(run if isinstance(run, int) else run.id)
+
+
+def sae_folder(run: Training, settings: dict) -> Path | None:
+    """The folder holding the run's final SAE (``FINAL_FILES``) as ``run`` was read, or None when it
+    has none (yet): the folder its row names (``final_name``, written by the end of the attempt that
+    saved it), or, for a run that ended before final folders (no name on the row), the run folder
+    itself. Every reader of a run's SAE (pages, export, features, downstream, the finder) asks here."""
+    folder = run_folder(run, settings)
+    if run.final_name:
+        if not FINAL_NAME.fullmatch(run.final_name):
+            return None
+        folder = folder / run.final_name
+    return folder if (folder / "sae.safetensors").is_file() else None
 
 
 def checkpoint_path(run: Training, settings: dict) -> Path | None:
@@ -398,35 +418,40 @@ class RunSession:
             lifecycle.finish(run, "interrupted", reason=reason, **done,
                              event=closing_event("warning", "interrupted", reason, step=result.steps))
             return "interrupted"
-        # the final files are written only while this process still holds the run (it narrows, and
-        # does not close, the window in which a stale process could write them: docs/design.md)
+        # no use saving weights for a run this process no longer holds (a cheap early check; what
+        # fences the files is that only this attempt's end below names their folder on the row)
         lifecycle.fenced_update(run, what="the final weights", heartbeat_at=utcnow())
-        checkpoint = _save_sae(sae, run, result, settings)
-        summary = _summary(result, run, checkpoint, monitor.spec.recommended_l1_alpha, self.source_d_in,
-                           monitor.spec.l0_offset)
+        final = _save_sae(sae, run, result, settings)
+        summary = _summary(result, run, str((run_folder(run, settings) / final / "sae.safetensors")
+                                            .relative_to(settings["DATA_DIR"])),
+                           monitor.spec.recommended_l1_alpha, self.source_d_in, monitor.spec.l0_offset)
         done["summary"] = summary
+        done["final_name"] = final
         if result.status == "completed":
-            if not lifecycle.finish(run, "completed", **done, event=closing_event(
-                    "info", "completed", f"Training completed. {summary['verdict']['headline']}", step=result.steps,
-                    suggestion=summary["verdict"]["advice"])):
-                return "superseded"
+            ended = lifecycle.finish(run, "completed", **done, event=closing_event(
+                "info", "completed", f"Training completed. {summary['verdict']['headline']}", step=result.steps,
+                suggestion=summary["verdict"]["advice"]))
+        elif monitor.stop is not None:
+            stop = monitor.stop
+            reason = f"{stop.message} {stop.suggestion or ''}".strip()
+            if stop.stop == "failed":
+                ended = lifecycle.fail(run, reason, failed_step=result.steps, **done)
+            else:
+                ended = lifecycle.finish(run, "stopped_early", reason=reason, **done)
+        else:
+            ended = lifecycle.finish(run, "cancelled", reason=result.reason, **done, event=closing_event(
+                "info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume continues the run.",
+                step=result.steps))
+        if not settle_final(run, settings, final, ended):
+            return "superseded"
+        if lifecycle.ended_as(run) == "completed":
             drop_checkpoint(run, settings)
             if settings["FEATURES_AFTER_TRAINING"]:
                 _queue_features(run, settings, writer)
                 if run.source.kind == "extracted":
                     _queue_downstream(run, settings, writer)
-        elif monitor.stop is not None:
-            stop = monitor.stop
-            reason = f"{stop.message} {stop.suggestion or ''}".strip()
-            if stop.stop == "failed":
-                lifecycle.fail(run, reason, failed_step=result.steps, **done)
-            else:
-                lifecycle.finish(run, "stopped_early", reason=reason, **done)
-                drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on
-        else:
-            lifecycle.finish(run, "cancelled", reason=result.reason, **done, event=closing_event(
-                "info", "cancelled", f"{result.reason or 'Stopped.'} A checkpoint is kept: Resume continues the run.",
-                step=result.steps))
+        elif lifecycle.ended_as(run) == "stopped_early":
+            drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on
         return lifecycle.ended_as(run) or "superseded"
 
 
@@ -517,21 +542,61 @@ def _summary(result, run: Training, checkpoint: str, recommended: float | None, 
 
 
 def _save_sae(sae, run: Training, result, settings: dict) -> str:
-    """Save the SAE's weights (normalized space) and what is needed to use them."""
+    """Save the SAE's weights (normalized space) and what is needed to use them in a new folder of
+    this attempt's own, ``runs/<id>/final-a<attempt>-<nonce>/`` (each file and the folder fsynced);
+    return its name. Nothing reads it until the run's end names it on the row (``settle_final``)."""
     import numpy as np
     from safetensors.torch import save_file
 
-    data_dir = settings["DATA_DIR"]
     folder = run_folder(run, settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "sae.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "sae.safetensors")
+    # unique even when a stale process of the same attempt saves again: removing its own folder
+    # must never remove the one in force
+    name = f"final-a{run.attempt}-{secrets.token_hex(4)}"
+    final = folder / name
+    final.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(final / "sae.safetensors"))
     # each latent's firing frequency on the held-out tokens: the export's sparsity file
-    np.save(folder / "frequencies.npy", np.asarray(result.eval["frequencies"], dtype=np.float32))
-    (folder / "cfg.json").write_text(json.dumps({
+    np.save(final / "frequencies.npy", np.asarray(result.eval["frequencies"], dtype=np.float32))
+    (final / "cfg.json").write_text(json.dumps({
         **run.config_dict(), "d_in": sae.d_in, "norm_scale": result.norm_scale, "steps_trained": result.steps}, indent=2))
-    return str((folder / "sae.safetensors").relative_to(data_dir))
+    for path in [*(final / f for f in FINAL_FILES), final, folder]:
+        _fsync(path)
+    return name
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to disk before the row names them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder some file systems cannot fsync: its files are synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def settle_final(run: Training, settings: dict, final: str, ended: bool) -> bool:
+    """After the end that was to name ``final`` (the folder this attempt saved): an end that was
+    refused (another attempt holds the run) removes that folder, which no row names; an accepted
+    one removes the final files it replaces (earlier attempts' folders, the run folder's own files
+    from before final folders). Returns ``ended``."""
+    folder = run_folder(run, settings)
+    if not ended:
+        shutil.rmtree(folder / final, ignore_errors=True)
+        return False
+    _remove_finals(folder, up_to_attempt=run.attempt, keep=final)
+    return True
+
+
+def _remove_finals(folder: Path, *, up_to_attempt: int, keep: str) -> None:
+    """Remove the final folders of attempts up to ``up_to_attempt`` (never a later attempt's) but
+    ``keep``, and the final files of the old layout (directly in the run folder)."""
+    for path in folder.glob("final-a*"):
+        match = FINAL_NAME.fullmatch(path.name)
+        if match is not None and path.name != keep and int(match.group(1)) <= up_to_attempt:
+            shutil.rmtree(path, ignore_errors=True)
+    for name in (*FINAL_FILES, "sae.safetensors.tmp"):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _queue_downstream(run: Training, settings: dict, writer: MetricWriter) -> None:
