@@ -122,7 +122,8 @@ def test_the_janitor_removes_final_folders_the_row_does_not_name_never_the_named
     named_run, old_run = create_run(client), create_run(client)
     named, unnamed, young = (data / "runs" / str(named_run.id) / f"final-a{a}-0123abc{a}" for a in (2, 1, 3))
     legacy_beside = data / "runs" / str(named_run.id) / "sae.safetensors"
-    legacy_alone = [data / "runs" / str(old_run.id) / name for name in ("sae.safetensors", "frequencies.npy", "cfg.json")]
+    legacy_alone = [data / "runs" / str(old_run.id) / name
+                    for name in ("sae.safetensors", "frequencies.npy", "cfg.json")]
     for folder in (named, unnamed, young):
         folder.mkdir(parents=True)
         (folder / "sae.safetensors").write_bytes(b"x")

@@ -470,6 +470,7 @@ def test_a_run_from_before_final_folders_still_exports_and_its_features_load(cli
     assert run_sae_files(run, settings) == exported
     response = client.get(f"/trainings/{run.id}/export/saelens.zip")
     assert response.status_code == 200 and response.mimetype == "application/zip"
+    assert 'id="export-saelens"' in client.get(f"/trainings/{run.id}").get_data(as_text=True)
     old = (dt.datetime.now() - dt.timedelta(hours=3)).timestamp()
     for name in FINAL_FILES:
         os.utime(folder / name, (old, old))

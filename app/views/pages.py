@@ -161,7 +161,8 @@ def progress_context(run: Training) -> dict:
         if architectures.get(run.architecture).by_penalty else None,
         "histogram_chart": charts.histogram_chart(summary["density_histogram"])
         if summary.get("density_histogram") else None,
-        "has_checkpoint": sae_folder(run, current_app.config) is not None, "features_job": features_job, "ground_truth": ground_truth,
+        "has_checkpoint": sae_folder(run, current_app.config) is not None, "features_job": features_job,
+        "ground_truth": ground_truth,
         "downstream_job": downstream_jobs[0] if downstream_jobs else None,
         # other users' jobs on this run: their results stay on their own records, listed here by job
         "others_feature_jobs": [j for j in feature_jobs if not j.on_run],
