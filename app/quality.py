@@ -278,11 +278,26 @@ def race_to_zero_rule(spec: RunSpec, history: History, point) -> Finding | None:
     worse = point.fvu > 1.1 * before.fvu and point.fvu > 0.05
     if not (collapsing and worse):
         return None
-    suggestion = clamp_l1_alpha(point.l1_alpha / 3)
+    suggestion = backed_off(spec.known(), point.l1_alpha, point.l1_alpha / 3)
+    change = (f"lower l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}." if suggestion is not None
+              else f"lower l1_alpha from {point.l1_alpha:.3g}, or switch on 'steer l1_alpha'.")
     return Finding("warning", "race_to_zero",
                    f"L0 is collapsing ({100 * before.l0_fraction:.2f}% → {100 * point.l0_fraction:.2f}% of latents) "
                    f"while the unexplained variance rises ({before.fvu:.3f} → {point.fvu:.3f}).",
-                   f"The sparsity penalty is too strong: lower l1_alpha from {point.l1_alpha:.3g} to about {suggestion:.3g}.")
+                   f"The sparsity penalty is too strong: {change}")
+
+
+def backed_off(known: _advice.Known | None, l1_alpha: float, value: float) -> float | None:
+    """A lower l1_alpha chosen by a rule of its own (race to zero, dead latents), kept inside the valid
+    range and, where the run's shape is known, inside the form's window (``_advice.clamp``), so the form
+    does not warn about the value the app names. None when what is left is not below ``l1_alpha`` (a
+    penalty the L0 model already calls weak for this source, or the valid range's floor): no value the
+    form accepts is a step down, so none is named.
+    """
+    value = clamp_l1_alpha(value)
+    if known is not None:  # without the run's shape the valid range is all that is known
+        value = _advice.clamp(known, value)
+    return value if float(f"{value:.3g}") < l1_alpha else None
 
 
 @rule("exploding")
@@ -485,11 +500,9 @@ def verdict(summary: dict, *, architecture: str, latent_dim: int, target_l0: flo
     if dead is not None and dead > DEAD_RED_FRACTION * latent_dim:
         headline = f"Dead latents: more than half the latents are dead ({dead:,} of {latent_dim:,}); {l0_text}."
         if penalty and l1_alpha:
-            suggested = clamp_l1_alpha(min(suggested or l1_alpha, l1_alpha / 3))
-            if known is not None:
-                suggested = _advice.clamp(known, suggested)
+            suggested = backed_off(known, l1_alpha, min(suggested or l1_alpha, l1_alpha / 3))
         remedy = " and switch on the dead-latent remedy" if arch.resample else ""
-        advice = (f"Lower l1_alpha to about {suggested:.3g}{remedy}." if penalty and l1_alpha
+        advice = (f"Lower l1_alpha to about {suggested:.3g}{remedy}." if penalty and l1_alpha and suggested
                   else f"Lower l1_alpha{remedy}." if penalty else arch.dead_advice)
     elif expected > RED_ABOVE:
         headline = f"Dense: {l0_text}, {ev}. These features are unlikely to be interpretable.{expected_note}"

@@ -3,11 +3,12 @@ advice waits for a falling L0 instead of pushing against it."""
 from __future__ import annotations
 
 import math
+import re
 
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from app import advice, l0_model
-from app.quality import RunProgress, RunSpec, RuntimeMonitor, verdict
+from app.quality import History, RunProgress, RunSpec, RuntimeMonitor, race_to_zero_rule, verdict
 from app.sae.trainer import LogPoint
 from app.validation import SourceStats, recommend_settings, validate_config
 
@@ -87,11 +88,49 @@ def test_every_suggestion_passes_the_validator(c):
                         "dense_latents": 0},
                        architecture="standard", latent_dim=latent, target_l0=target, l1_alpha=current,
                        progress=RunProgress(steps, steps, 1, d_in, batch, source.l0_offset))
-        suggestions["dead"] = dead["suggested_l1_alpha"]
+        if dead["suggested_l1_alpha"] is not None:  # none where no value the form accepts is lower
+            assert float(f"{dead['suggested_l1_alpha']:.3g}") < current
+            suggestions["dead"] = dead["suggested_l1_alpha"]
+    race = race_to_zero_says(spec, current)  # L0 collapsing while the reconstruction worsens
+    if race is not None:
+        assert race < current
+        suggestions["race to zero"] = race
     for where, value in suggestions.items():
         for typed in as_typed(value):
             warned = l1_warnings(cfg_of(d_in, latent, target, steps, batch, typed, c["lr"]), source)
             assert not warned, (where, typed, [w.message for w in warned])
+
+
+def race_to_zero_says(spec: RunSpec, l1_alpha: float) -> float | None:
+    """The l1_alpha the race-to-zero rule names for a run at ``l1_alpha`` whose L0 halves at every
+    point while its FVU rises (None: it names none, only the direction)."""
+    history = History()
+    for i in range(6):
+        fraction = spec.target_l0 * 0.5 ** i
+        history.points.append(LogPoint(
+            step=spec.warmup_steps + 10 * (i + 1), tokens=0, loss=1.0, mse=0.5, sparsity_loss=0.5, l1=10.0,
+            l0=fraction * spec.latent_dim, l0_fraction=fraction, fvu=0.1 * 1.2 ** i, dead=None, lr=1e-3,
+            l1_alpha=l1_alpha, tokens_per_s=1.0))
+    finding = race_to_zero_rule(spec, history, history.points[-1])
+    assert finding is not None and "lower l1_alpha" in finding.suggestion
+    named = re.search(r"to about ([0-9.e+-]+)\.$", finding.suggestion)
+    return float(named.group(1)) if named else None
+
+
+def test_the_race_to_zero_back_off_is_not_refused_by_the_form():
+    """l1_alpha 0.1, about 30× too strong: a third of it (0.033) is still "starved" to the form; the rule
+    names a value the form accepts instead, still a step down."""
+    source = SourceStats(d_in=256, n_tokens=None)
+    spec = RunSpec(architecture="standard", latent_dim=1024, target_l0=0.02, warmup_steps=150, l1_warmup_steps=150,
+                   d_in=256, total_steps=3000, batch_size=1024)
+    assert l1_warnings(cfg_of(256, 1024, 0.02, 3000, 1024, 0.033, 1e-3), source)  # what it used to say
+    value = race_to_zero_says(spec, 0.1)
+    assert value is not None and value < 0.1 / 3
+    for typed in as_typed(value):
+        assert not l1_warnings(cfg_of(256, 1024, 0.02, 3000, 1024, typed, 1e-3), source)
+    # with no shape to project (no d_in) the rule keeps to the valid range alone
+    bare = RunSpec(architecture="standard", latent_dim=1024, target_l0=0.02, warmup_steps=150)
+    assert race_to_zero_says(bare, 0.1) == float(f"{0.1 / 3:.3g}")
 
 
 def test_the_issue_restart_is_not_refused_by_the_form():

@@ -31,6 +31,18 @@ def form(**changes) -> dict:
     return {k: str(v) for k, v in data.items() if v is not None and not isinstance(v, bool)}
 
 
+def assert_the_form_takes_the_result(tune: TuneJob) -> None:
+    """"Use l1_alpha = X" fills the form with X (three figures): for the run the tune aimed at, on its source
+    as the validator now knows it (the pilots' shift learned), the form warns about nothing at l1_alpha."""
+    from app.validation import validate_config
+
+    value = float(f"{tune.result_l1_alpha:.3g}")
+    cfg = {**QUICK_CONFIG, "latent_dim": tune.latent_dim, "target_l0": tune.target_l0, "total_steps": tune.run_steps,
+           "batch_size": tune.run_batch, "l1_alpha": value}
+    warned = [f for f in validate_config(cfg, tune.source.stats()) if f.field == "l1_alpha" and f.level != "info"]
+    assert not warned, (value, [f.message for f in warned])
+
+
 def test_auto_tune_reaches_the_band_through_the_worker(client, run_worker):
     response = client.post("/tunes/", data=form(target_l0=0.02))
     assert response.status_code == 200
@@ -44,6 +56,7 @@ def test_auto_tune_reaches_the_band_through_the_worker(client, run_worker):
     assert 1 <= len(tune.pilots) <= 8
     last = tune.pilots[-1]
     assert abs(last["projected"] / 0.02 - 1) <= 0.2 and tune.result_l1_alpha == last["l1_alpha"]
+    assert_the_form_takes_the_result(tune)
     html = client.get(f"/tunes/{tune.id}").get_data(as_text=True)
     assert "hx-trigger" not in html and 'id="use-tuned"' in html
     assert html.count("<tr>") == len(tune.pilots) + 1  # every pilot is listed
@@ -59,6 +72,7 @@ def test_auto_tune_aims_the_run_not_its_pilots(client, run_worker):
     last = tune.pilots[-1]
     assert last["projected"] < last["l0_fraction"]
     assert abs(last["projected"] / 0.02 - 1) <= 0.2 and tune.result_l1_alpha == last["l1_alpha"]
+    assert_the_form_takes_the_result(tune)
     html = client.get(f"/tunes/{tune.id}").get_data(as_text=True)
     assert "Expected after 3,000 steps" in html and "projected to a run of 3,000 steps" in html
 
