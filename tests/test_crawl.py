@@ -2,9 +2,11 @@
 
 The runs are real (the API and a real worker): each architecture on a synthetic source, one on a
 MiniLM extraction with its downstream evaluation, one interrupted (its work-horse killed) and
-resumed, one stopped early (a too-weak l1_alpha). Then every page, every comparison of the runs and
-the new-training form with each architecture selected is visited at 1,024 and 1,360 px: no 5xx,
-no console error (htmx's oob errors included) and no horizontal overflow.
+resumed, one stopped early (a too-weak l1_alpha), and a two-member sweep. The architectures are the
+registry's, so a new one is crawled without a change here. Then every page, every comparison of the
+runs, the new-training form with each architecture selected and from a template of each, the sweeps,
+the workers and the delete confirmations are visited at 1,024 and 1,360 px: no 5xx, no console
+error (htmx's oob errors included) and no horizontal overflow.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ import time
 import pytest
 from werkzeug.serving import make_server
 
+from app.sae import architectures
 from conftest import QUICK_CONFIG, kill_work_horse, start_worker, stop_worker, wait_for
 from test_browser import CHROMIUM_ARGS, PASSWORD, USER, sign_in
 
 pytestmark = pytest.mark.browser
 
 WIDTHS = (1024, 1360)
-ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka")
+ARCHITECTURES = architectures.names()  # every registered one: a new architecture is crawled too
+EXTRA = {"matryoshka": {"matryoshka_prefixes": "32, 64"}}  # an architecture's own settings, where it has some
 SMALL = {"latent_dim": 256, "batch_size": 128, "total_steps": 200, "lr_warmup_steps": 10, "l1_warmup_steps": 20,
          "target_l0": 8 / 256, "k": 8, "log_every": 10, "acknowledge_warnings": True}
 
@@ -74,18 +78,25 @@ def make_every_kind_of_run(api, env, worker) -> dict:
     """Runs of every kind, each ended; returns {label: run id} and the worker process (it may be restarted)."""
     runs = {}
     for arch in ARCHITECTURES:
-        extra = {"matryoshka_prefixes": "32, 64"} if arch == "matryoshka" else {}
+        extra = EXTRA.get(arch, {})
         runs[arch] = post(api, "/api/trainings", {**QUICK_CONFIG, **SMALL, "name": f"crawl {arch}",
                                                   "architecture": arch, **extra})["id"]
     # too weak a penalty: dense at the early-stop check
     runs["early-stopped"] = post(api, "/api/trainings", {
         **QUICK_CONFIG, **SMALL, "name": "crawl too weak", "l1_alpha": 2e-5, "l1_warmup_steps": 0,
         "early_stop": True, "early_stop_step": 60, "early_stop_l0": 0.2, "total_steps": 400})["id"]
+    # a sweep of two short members: its page and the list of sweeps
+    sweep = post(api, "/api/sweeps", {"name": "crawl sweep", "base": {
+        **QUICK_CONFIG, **SMALL, "name": "crawl sweep", "architecture": "topk", "l1_alpha": None, "total_steps": 100},
+        "axes": [{"param": "target_l0", "values": [8 / 256, 16 / 256]}]})["id"]
     extraction = post(api, "/api/extractions", {"model_name": "bundled:all-MiniLM-L6-v2", "layer": 3,
                                                 "token_budget": 6000, "context_length": 64})["id"]
     for label, run_id in runs.items():
         wait_for(lambda r=run_id: ended(api, "trainings", r), timeout=180, message=f"run {label}")
         note(f"run {label} ended")
+    done = wait_for(lambda: ended(api, "sweeps", sweep), timeout=180, message="the sweep")
+    assert done["status"] == "completed", done
+    note("sweep ended")
     done = wait_for(lambda: ended(api, "extractions", extraction), timeout=180, message="the extraction")
     assert done["status"] == "completed", done
     note("extraction ended")
@@ -124,11 +135,20 @@ def make_every_kind_of_run(api, env, worker) -> dict:
 
 
 def every_page(runs: dict) -> list[str]:
-    from app.models import Extraction, FeatureJob, FeatureStat, Template, TuneJob
+    from app.models import ActivationSet, Extraction, FeatureJob, FeatureStat, Sweep, Template, Training, TuneJob
 
     pages = ["/", "/sources/", "/extractions/", "/imports/", "/templates/", "/users/", "/account/tokens",
-             "/account/password", "/trainings/new"]
+             "/account/password", "/workers/", "/sweeps", "/trainings/new"]
     pages += [f"/trainings/new?architecture={a}" for a in ARCHITECTURES]
+    first_template = {}  # the form from a template: one of each architecture's presets
+    for t in Template.select().order_by(Template.id):
+        first_template.setdefault(t.config.get("architecture"), t.id)
+    pages += [f"/trainings/new?template={i}" for i in first_template.values()]
+    for sweep in Sweep.select():
+        pages.append(f"/sweeps/{sweep.id}")
+        pages += [f"/trainings/{m.id}" for m in Training.select().where(Training.sweep == sweep.id).limit(1)]
+    pages += [f"/sources/{s.id}/delete" for s in ActivationSet.select()]
+    pages += [f"/extractions/{e.id}/delete" for e in Extraction.select()]
     for run_id in runs.values():
         pages += [f"/trainings/{run_id}", f"/trainings/{run_id}/progress", f"/trainings/new?from={run_id}",
                   f"/trainings/{run_id}/delete"]
