@@ -381,7 +381,7 @@ def _migration_20_gated_presets(db) -> None:
 def _migration_21_sweeps(db) -> None:
     """Sweeps: their table, and each run's link to the sweep it is a member of. Self-contained (its
     own table definition; a fresh database has both from migration 1)."""
-    from peewee import BigIntegerField, BooleanField, CharField, DateTimeField, ForeignKeyField, TextField
+    from peewee import BigIntegerField, BooleanField, CharField, DateTimeField, TextField
 
     class _Sweep(Model):
         created_by_id = IntegerField(null=True)

@@ -33,8 +33,6 @@ def used_by(param: Param) -> str | None:
     return architectures.used_by_hint(param.required_for) or None if param.required_for is not None else None
 
 
-
-
 def field_attrs(param: Param) -> dict:
     """The input's extra attributes: a decimal keypad and any step for a real number; a placeholder
     where the parameter declares one."""

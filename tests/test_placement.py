@@ -155,7 +155,7 @@ def pinned_worker(env, name: str, gpu: int):
 def test_jobs_go_where_they_fit_and_wait_where_they_do_not(client, env, fake_smi):
     need = resources.need_bytes(create_run(client, name="probe"))  # QUICK_CONFIG's estimate, about 12 MiB
     client.post("/api/trainings/1/cancel")
-    small, big = need // 2, 100 * GIB
+    small = need // 2
     fake_gpus.write_table(fake_smi, [small / GIB, 80, small / GIB, small / GIB])  # only GPU 1 has room
     workers = [pinned_worker(env, f"box.gpu{i}", i) for i in (0, 1)]
     try:

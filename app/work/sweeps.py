@@ -22,7 +22,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from .. import training_config
 from ..db import database
 from ..errors import UserError
 from ..models import RESUMABLE_STATUSES, Sweep, Training, utcnow

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...training_config import target_l0_count
-from ._base import K, Architecture, check_k, num
+from ._base import K, Architecture, check_k
 
 NAME = "topk"
 
