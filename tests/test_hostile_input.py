@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import zipfile
 
@@ -18,6 +19,11 @@ def counts() -> tuple:
     return (Training.select().count(), ActivationSet.select().count(), Template.select().count())
 
 
+def any_kind(rule: str) -> str:
+    """A rule's ``<any(a, b, ...):kind>`` filled with its first choice."""
+    return re.sub(r"<any\(([a-z_]+)[^)]*\):kind>", r"\1", rule)
+
+
 def test_every_route_needs_a_signed_in_user(app):
     anonymous = app.test_client()
     assert anonymous.get("/health").status_code == 200
@@ -30,8 +36,7 @@ def test_every_route_needs_a_signed_in_user(app):
     for rule in app.url_map.iter_rules():
         if rule.endpoint in ("static", "auth.login", "auth.health"):
             continue
-        url = rule.rule.replace("<int:", "<").replace("<any(trainings, sources, extractions, imports, templates):kind>",
-                                                      "trainings")
+        url = any_kind(rule.rule.replace("<int:", "<"))
         for arg in rule.arguments:
             url = url.replace(f"<{arg}>", "1")
         for method in rule.methods - {"HEAD", "OPTIONS"}:
@@ -262,7 +267,7 @@ def test_a_cross_site_post_to_any_state_changing_route_changes_nothing(app, clie
     statuses = {}
     for rule in app.url_map.iter_rules():
         for method in rule.methods & {"POST", "DELETE"}:
-            url = rule.rule.replace("<any(trainings, sources, extractions, imports, templates):kind>", "trainings")
+            url = any_kind(rule.rule)
             for arg in rule.arguments:
                 url = url.replace(f"<int:{arg}>", str(run.id)).replace(f"<{arg}>", str(run.id))
             headers = {"Origin": "https://evil.example"}

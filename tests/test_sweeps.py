@@ -187,3 +187,56 @@ def test_the_l0_finder_reads_a_ladder_records_it_on_the_source_and_offers_a_run_
     hint = client.post("/api/trainings", json={**BASE, "target_l0": 0.15 if args["target_l0"] < 0.1 else 0.005,
                                                "k": None, "architecture": "standard", "l1_alpha": 0.003})
     assert any(f"sweep #{sweep.id}" in f["message"] for f in hint.json["findings"]), hint.json
+
+
+def test_a_sweep_is_deleted_as_one_with_its_members_and_their_files(app, client, env):
+    """A sweep that has ended goes with every member (rows, metrics, events, files), asked once on its
+    page or by ``DELETE /api/sweeps/<id>``; an active sweep, or one whose member runs, is refused and
+    nothing changes; another user may not delete it."""
+    from pathlib import Path
+
+    from app.models import Event
+    from app.work.lifecycle import add_event
+    from conftest import signed_in_client
+
+    def a_sweep(status: str, member_status: str = "completed") -> tuple[Sweep, list[Training]]:
+        sweep = Sweep.create(name=f"widths {status}", source=1, status=status, created_by=1)
+        members = []
+        for i in range(2):
+            run = Training.create(source=1, name=f"member {i}", status=member_status, sweep=sweep.id, created_by=1)
+            MetricPoint.create(training=run, step=10, tokens=10, loss=1.0, mse=1.0, sparsity_loss=0.0, l1=0.0, l0=5.0,
+                               l0_fraction=0.02, fvu=0.5, dead=0, lr=0.001, l1_alpha=0.0, tokens_per_s=1.0)
+            add_event(run.id, "info", "completed", "done")
+            folder = Path(env["DATA_DIR"]) / "runs" / str(run.id)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "sae.safetensors").write_bytes(b"x")
+            members.append(run)
+        return sweep, members
+
+    running, running_members = a_sweep("running", "running")
+    response = client.delete(f"/api/sweeps/{running.id}")
+    assert response.status_code == 409 and "cancel it first" in response.json["error"]
+    refused = client.post(f"/sweeps/{running.id}/delete")
+    assert refused.status_code == 409 and "cancel it first" in refused.get_data(as_text=True)
+    assert Training.select().where(Training.sweep == running.id).count() == 2 and reload(running).status == "running"
+
+    ended, members = a_sweep("completed")
+    other = signed_in_client(app, "someone", is_admin=False)
+    assert other.post(f"/sweeps/{ended.id}/delete").status_code == 403
+    page = client.get(f"/sweeps/{ended.id}").get_data(as_text=True)
+    assert f'href="/sweeps/{ended.id}/delete"' in page
+    ask = client.get(f"/sweeps/{ended.id}/delete").get_data(as_text=True)
+    assert "2 member runs" in ask and f"#{members[0].id}, #{members[1].id}" in ask
+    done = client.post(f"/sweeps/{ended.id}/delete")
+    assert done.status_code == 303 and done.headers["Location"].endswith("/sweeps")
+    ids = [m.id for m in members]
+    assert Sweep.get_or_none(Sweep.id == ended.id) is None
+    assert not Training.select().where(Training.id.in_(ids)).exists()
+    assert not MetricPoint.select().where(MetricPoint.training.in_(ids)).exists()
+    assert not Event.select().where(Event.training.in_(ids)).exists()
+    assert not any((Path(env["DATA_DIR"]) / "runs" / str(i)).exists() for i in ids)
+
+    api_one, api_members = a_sweep("cancelled", "cancelled")
+    assert client.delete(f"/api/sweeps/{api_one.id}").status_code == 200
+    assert not Training.select().where(Training.sweep == api_one.id).exists()
+    assert Training.select().where(Training.sweep == running.id).count() == 2  # the other sweep is untouched

@@ -450,10 +450,11 @@ DELETABLE = {
     "extractions": (Extraction, "extraction", deletion.delete_extraction, deletion.plan_extraction),
     "imports": (ImportedSAE, "imported SAE", deletion.delete_imported, deletion.plan_imported),
     "templates": (Template, "template", deletion.delete_template, deletion.plan_template),
+    "sweeps": (Sweep, "sweep", deletion.delete_sweep, deletion.plan_sweep),
 }
 
 
-@bp.delete("/<any(trainings, sources, extractions, imports, templates):kind>/<int:record_id>")
+@bp.delete("/<any(trainings, sources, extractions, imports, templates, sweeps):kind>/<int:record_id>")
 def delete(kind: str, record_id: int):
     """Delete a record and its files; 409 naming what stands in the way (a running job, runs on a source)."""
     model, what, delete_record, plan = DELETABLE[kind]

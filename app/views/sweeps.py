@@ -8,9 +8,9 @@ from .. import charts
 from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import Sweep
-from ..work import finder, sweeps
+from ..work import deletion, finder, sweeps
 from ..work.queue import QueueUnavailable
-from .records import get_or_404
+from .records import delete_flow, get_or_404
 
 bp = Blueprint("sweeps", __name__)
 
@@ -132,6 +132,15 @@ def members_context(sweep: Sweep) -> dict:
     return {"rows": rows, "suggested": suggested, "frontier": frontier, "model_frontier": model_frontier,
             "finder_chart": finder_chart, "colors": colors, "active": active, "suggestion_rule": sweeps.SUGGESTION_RULE,
             "compare_url": url_for("pages.compare", ids=[r["id"] for r in rows if r["final"]])}
+
+
+@bp.route("/sweeps/<int:sweep_id>/delete", methods=["GET", "POST"])
+def delete(sweep_id: int):
+    """Ask once, naming the member runs that go with the sweep; then delete them all and their files."""
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    return delete_flow(sweep, deletion.plan_sweep, deletion.delete_sweep,
+                       action=url_for("sweeps.delete", sweep_id=sweep.id),
+                       back=url_for("sweeps.detail", sweep_id=sweep.id), done=url_for("sweeps.index"))
 
 
 @bp.post("/sweeps/<int:sweep_id>/cancel")

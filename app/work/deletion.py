@@ -132,20 +132,57 @@ def _checked(plan: DeletePlan) -> DeletePlan:
     return plan
 
 
+def _delete_training_rows(run: Training) -> None:
+    """A run's rows and what hangs on them (inside the caller's transaction)."""
+    _feature_jobs_delete(FeatureJob.select(FeatureJob.id).where(FeatureJob.training == run.id))
+    MetricPoint.delete().where(MetricPoint.training == run.id).execute()
+    Event.delete().where(Event.training == run.id).execute()
+    DownstreamEval.delete().where(DownstreamEval.training == run.id).execute()
+    # a queued run's job finds no row when a worker takes it, and does nothing
+    if not Training.delete().where((Training.id == run.id) & (Training.status != "running")).execute():
+        raise DeleteRefused(f"Run #{run.id} started meanwhile: cancel it first, then delete it.")
+
+
 def delete_training(run: Training, settings: dict) -> DeletePlan:
     plan = _checked(plan_training(run, settings))
 
     def delete() -> None:
         with database.atomic():
-            _feature_jobs_delete(FeatureJob.select(FeatureJob.id).where(FeatureJob.training == run.id))
-            MetricPoint.delete().where(MetricPoint.training == run.id).execute()
-            Event.delete().where(Event.training == run.id).execute()
-            DownstreamEval.delete().where(DownstreamEval.training == run.id).execute()
-            # a queued run's job finds no row when a worker takes it, and does nothing
-            if not Training.delete().where((Training.id == run.id) & (Training.status != "running")).execute():
-                raise DeleteRefused("The run started meanwhile: cancel it first, then delete it.")
+            _delete_training_rows(run)
 
     retry_write(delete, what="delete run")
+    _remove_files(plan.files, settings)
+    return plan
+
+
+def plan_sweep(sweep: Sweep, settings: dict) -> DeletePlan:
+    """A sweep goes with every member run it still has (their metrics, events, jobs and files)."""
+    plan = DeletePlan(f"sweep #{sweep.id}" + (f" ({sweep.name})" if sweep.name else ""))
+    if sweep.is_active:
+        plan.refused = f"The sweep is {sweep.status}: cancel it first, then delete it."
+    members = list(Training.select().where(Training.sweep == sweep.id).order_by(Training.id))
+    for member in members:
+        member_plan = plan_training(member, settings)
+        plan.refused = plan.refused or member_plan.refused
+        plan.files += member_plan.files
+    if members:
+        plan.also.append(_count(len(members), "member run") + f" ({_ids(members)}), each with its metrics, events, "
+                                                                "jobs and files")
+    return plan
+
+
+def delete_sweep(sweep: Sweep, settings: dict) -> DeletePlan:
+    plan = _checked(plan_sweep(sweep, settings))
+
+    def delete() -> None:
+        with database.atomic():
+            if Sweep.select().where((Sweep.id == sweep.id) & Sweep.status.in_(("queued", "running"))).exists():
+                raise DeleteRefused("The sweep was resumed meanwhile: cancel it first, then delete it.")
+            for member in Training.select().where(Training.sweep == sweep.id):
+                _delete_training_rows(member)
+            Sweep.delete_by_id(sweep.id)
+
+    retry_write(delete, what="delete sweep")
     _remove_files(plan.files, settings)
     return plan
 
