@@ -18,11 +18,10 @@ run: install
 ## test: install everything, run the whole test suite on SQLite, then again on PostgreSQL the
 ## tests that open a database (the `db` mark, which tests/conftest.py sets from their fixtures;
 ## on PostgreSQL it runs only those) (it starts its own Redis and its own PostgreSQL cluster).
-## The passes run one after the other, each test and each worker it starts on one torch thread
-## (tests/conftest.py). Side by side on two cores the passes took as long (40.7 min against 41.6,
-## fresh clones) and burned 68 CPU-minutes against 43; two pytest-xdist processes per pass made the
-## SQLite pass slower, not faster (25.9 min against 19.3): the suite is CPU-bound
-## (benchmarks/results/suite_durations.md).
+## The passes run one after the other. Side by side on two cores they took as long (40.7 min
+## against 41.6, fresh clones) and burned 68 CPU-minutes against 43; two pytest-xdist processes per
+## pass (25.9 min against 19.3) and one torch thread per process (34.3 min) made the SQLite pass
+## slower, not faster: the suite is CPU-bound (benchmarks/results/suite_durations.md).
 test: install-test
 	TEST_DATABASE=sqlite $(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 	TEST_DATABASE=postgresql $(PY) -m pytest --durations=15 $(PYTEST_ARGS)

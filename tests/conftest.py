@@ -24,14 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One torch (OpenMP) thread in every test process and every worker a test starts (they inherit the
-# environment). The tests train tiny SAEs, where a second thread buys nothing, and several processes
-# each spinning two threads on two cores spent about half the suite's CPU time waiting on each other
-# (benchmarks/results/suite_durations.md). A run that sets it keeps its own.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
-if "torch" in sys.modules:  # imported before this file (a plugin): it read the variable already
-    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # The suite runs once on SQLite and once on PostgreSQL (`make test` does both): TEST_DATABASE
