@@ -434,6 +434,16 @@ def _migration_23_final_folders(db) -> None:
     add_column_if_missing(db, "training", "final_name", CharField(null=True))
 
 
+def _migration_24_hook_points(db) -> None:
+    """Streamed sources: each run names the hook point of its source it trains on ("" for a source
+    that has one, or none), and keeps the model's side of its throughput while it runs.
+    Self-contained (its own column definitions)."""
+    from peewee import CharField, TextField
+
+    add_column_if_missing(db, "training", "hook_point", CharField(default=""))
+    add_column_if_missing(db, "training", "stream_stats", TextField(null=True))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -443,7 +453,7 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_16_maintenance_failures, _migration_17_sessions,
                               _migration_18_placement, _migration_19_queued_at, _migration_20_gated_presets,
                               _migration_21_sweeps, _migration_22_model_size_for_placement,
-                              _migration_23_final_folders]
+                              _migration_23_final_folders, _migration_24_hook_points]
 
 
 def migrate() -> int:

@@ -460,6 +460,14 @@ class ExtractionForm(FlaskForm):
         description="The weights' precision while the model runs; activations are stored as chosen above.")
     exclude_special = BooleanField("Leave out special tokens (BOS, CLS, SEP)", default=True)
 
+    def check_layers(self, n_layers: int | None) -> bool:
+        """The layer is one the model has (``n_layers``: its count, when its configuration says)."""
+        if n_layers is not None and self.layer.data is not None and not self.layer.errors \
+                and self.layer.data >= n_layers:
+            self.layer.errors.append(f"Out of range: the model has {n_layers} layers (0 to {n_layers - 1}).")
+            return False
+        return True
+
     def validate(self, extra_validators=None) -> bool:
         from .extraction.hub import ModelNameError, layer_count, max_positions, model_config
 
@@ -480,11 +488,7 @@ class ExtractionForm(FlaskForm):
             except (ModelNameError, PathRefused, TooLarge) as exc:
                 self.model_name.errors.append(str(exc))
                 return False
-            layers = layer_count(config) if config else None
-            if layers is not None and self.layer.data is not None and not self.layer.errors \
-                    and self.layer.data >= layers:
-                self.layer.errors.append(f"Out of range: the model has {layers} layers (0 to {layers - 1}).")
-                ok = False
+            ok = self.check_layers(layer_count(config) if config else None) and ok
             longest = max_positions(config) if config else None
             if longest is not None and self.context_length.data is not None and not self.context_length.errors \
                     and self.context_length.data > longest:
@@ -506,6 +510,33 @@ class ExtractionForm(FlaskForm):
             self.text_column.errors.append("Name the column that holds the text.")
             ok = False
         return ok
+
+
+class StreamForm(ExtractionForm):
+    """A streamed source: the model, the layers and site it is read at, the corpus, and the mixing
+    buffer. Nothing is stored: every run on it runs the model as it trains."""
+
+    layer = None
+    token_budget = None
+    dtype = None
+    layers = StringField("Layers", default="0-5", validators=[InputRequired("Name the layers, e.g. 0-5."), Length(max=300)],
+                         description="Block indices from 0: a range (0-5), a list (1,3,5) or one (3). One forward pass "
+                                     "captures them all; each SAE reads one (its hook point, e.g. 3.resid).")
+    buffer_tokens = IntegerField("Mixing buffer (tokens)", default=65_536, validators=[required(), Range(1_024, 16_777_216)],
+                                 description="Activations are shuffled within rounds of this many tokens before the "
+                                             "SAEs see them; two rounds per layer are held (memory shown below).")
+
+    def check_layers(self, n_layers: int | None) -> bool:
+        from .work.streams import StreamRefused, parse_layers
+
+        if self.layers.errors or not self.layers.data:
+            return False
+        try:
+            parse_layers(self.layers.data, n_layers)
+        except StreamRefused as exc:
+            self.layers.errors.append(str(exc))
+            return False
+        return True
 
 
 class FeatureJobForm(FlaskForm):

@@ -145,7 +145,7 @@ class ActivationSet(Owned):
     """Where training activations come from: a synthetic generator or a file on disk."""
 
     name = CharField()
-    kind = CharField()  # "synthetic", "file" or "extracted"
+    kind = CharField()  # "synthetic", "file", "extracted" or "streamed" (from a model as it runs)
     d_in = IntegerField()
     n_tokens = IntegerField(null=True)  # None: an unbounded stream
     params = JSONField(default=dict)  # synthetic: generator; file: array info; extracted: the store's meta
@@ -198,8 +198,14 @@ class ActivationSet(Owned):
                     shifts.append(l0_model.run_shift(pilot["l1_alpha"], self.d_in, tune.latent_dim, tune.pilot_steps,
                                                      tune.batch_size, pilot["l0_fraction"]))
         shifts = [s for s in shifts if s is not None]
+        params = self.params or {}
+        streamed = {}
+        if self.kind == "streamed":
+            streamed = {"hooks": tuple(params.get("hooks") or ()), "corpus_tokens": params.get("corpus_tokens"),
+                        "corpus_counted": bool(params.get("corpus_counted")),
+                        "resident_bytes": int(params.get("resident_bytes") or 0)}
         return SourceStats(self.d_in, self.n_tokens, self.name, l0_offset=l0_model.source_offset(shifts),
-                           runs_seen=len(shifts), l0_finding=(self.params or {}).get("l0_finding"))
+                           runs_seen=len(shifts), l0_finding=params.get("l0_finding"), **streamed)
 
 
 class Sweep(JobRecord):
@@ -241,6 +247,8 @@ class Training(JobRecord):
     # folder named by the attempt that wrote it, named here only by that attempt's end (``finish``).
     # None for a run that has none, or that ended before final folders (its files lie in the run folder).
     final_name = CharField(null=True)
+    # a run on a streamed source: the model's side as it runs (tokens/s, the next round's fill, passes)
+    stream_stats = JSONField(null=True)
     # a member of a sweep trains in its sweep's job, on the sweep's batches, never queued alone
     sweep = ForeignKeyField(Sweep, null=True, backref="members", on_delete="SET NULL")
 

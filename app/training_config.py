@@ -114,6 +114,19 @@ def _k_help() -> str:
     return " ".join(f"{a.title} {a.how_k}." for a in _architectures.all() if a.uses("k"))
 
 
+def parse_hook_point(text: str) -> str:
+    """A hook point as runs write it, ``layer.site`` (``3.resid``), or "" for a source's first."""
+    text = (text or "").strip()
+    if not text:
+        return ""
+    layer, _, site = text.partition(".")
+    from .extraction.capture_names import SITES
+
+    if not layer.isdigit() or site not in SITES:
+        raise ValueError(f"write a hook point as layer.site, with a site among {', '.join(SITES)} (e.g. 3.resid)")
+    return f"{int(layer)}.{site}"
+
+
 # The form's fieldsets, in order: (key, legend). "advanced" is folded away until one of its fields has an error.
 GROUPS = (("model", "What to train on"), ("sparsity", "Sparsity"), ("optimization", "Optimization"),
           ("quality", "Quality control"), ("advanced", "Advanced"))
@@ -124,6 +137,10 @@ L1_REQUIRED = (f"The sparsity penalty l1_alpha is required for {_for('l1_alpha')
 PARAMS: tuple[Param, ...] = (
     Param("architecture", str, _architectures.default().name, "Architecture", choices=ARCHITECTURES, template=True,
           group="model"),
+    Param("hook_point", str, "", "Hook point (streamed sources)", api_optional=True, template=False, core=False,
+          parse=parse_hook_point, placeholder="the source's first",
+          help="Which of a streamed source's hook points this SAE reads, as layer.site (3.resid: layer 3's "
+               "residual stream). Empty: the source's first. Other sources have none.", group="model"),
     Param("latent_dim", int, 1024, "Latents (latent_dim)", min=16, max=1_048_576, template=True,
           help="Number of SAE features; usually 4× to 64× the activation width d_in.", group="model"),
     Param("l1_alpha", float, DEFAULT_L1_ALPHA, "Sparsity penalty (l1_alpha)", min=L1_ALPHA_MIN_EXCLUSIVE,

@@ -28,6 +28,10 @@ class SourceStats:
     l0_offset: float = 0.0  # the L0 model's shift for this source, learned from its earlier runs
     runs_seen: int = 0  # how many runs that shift is learned from
     l0_finding: dict | None = None  # the L0 finder's latest reading on this source (app/work/sweeps.py)
+    hooks: tuple[str, ...] | None = None  # a streamed source's hook points (None: not streamed)
+    corpus_tokens: int | None = None  # a streamed source's training tokens per pass over its corpus, if counted
+    corpus_counted: bool = True  # False: the count stopped early; the corpus holds at least corpus_tokens
+    resident_bytes: int = 0  # what the source itself holds on the device (a streamed source's model and buffers)
 
 
 def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float, steps: int = 3000,
@@ -156,6 +160,21 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
         add(Finding("info", "dead_window_tokens", f"The run sees {run_tokens:,} tokens, fewer than twice the dead-latent "
                     f"window of {window:,}: a latent will count as dead after {max(1, run_tokens // 2):,} tokens "
                     "without firing (half the run), so that the count is known by the end."))
+    hook = (cfg.get("hook_point") or "").strip()
+    if source.hooks is None and hook:
+        add(Finding("error", "hook_point", f"{source.name or 'This source'} is not streamed from a model, so it has "
+                    "no hook points: leave this empty.", "Leave it empty.", ""))
+    elif source.hooks is not None and hook and hook not in source.hooks:
+        add(Finding("error", "hook_point", f"{hook} is not a hook point of {source.name or 'this source'}; it streams "
+                    f"{', '.join(source.hooks)}.", f"Use {source.hooks[0]}.", source.hooks[0]))
+    if source.corpus_tokens is not None and source.corpus_counted and steps * batch > source.corpus_tokens:
+        passes = steps * batch / source.corpus_tokens
+        add(Finding("warning" if passes > 10 else "info", "total_steps",
+                    f"The run consumes {steps * batch:,} tokens but the corpus holds {source.corpus_tokens:,} (held-out "
+                    f"tokens left out): the stream repeats it {passes:.1f} times"
+                    + (", and the SAE may memorise it." if passes > 10 else "."),
+                    f"At most {source.corpus_tokens // batch:,} steps reads it once; or stream a longer corpus.",
+                    max(10, source.corpus_tokens // batch)))
     if source.n_tokens is not None:
         needed = steps * batch
         epochs = needed / source.n_tokens
@@ -168,7 +187,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                         source.n_tokens * 10 // batch))
 
     if room is not None:
-        need = arch.memory_bytes(d_in, latent, batch)
+        need = arch.memory_bytes(d_in, latent, batch) + source.resident_bytes
         if need > room.total_bytes:
             add(Finding("error", "batch_size", f"Training needs about {_fmt_bytes(need)} but the largest GPU, "
                         f"{room.total_on}, has {_fmt_bytes(room.total_bytes)} in all: no device could ever run it.",
@@ -178,7 +197,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                         f"(the most is {_fmt_bytes(room.free_bytes)}, on {room.free_on}). The run will wait in the "
                         "queue until one has room."))
     elif free_memory_bytes:
-        need = arch.memory_bytes(d_in, latent, batch)
+        need = arch.memory_bytes(d_in, latent, batch) + source.resident_bytes
         where = device or "the device"
         if need > free_memory_bytes:
             add(Finding("error", "batch_size", f"Training needs about {_fmt_bytes(need)} but {where} has "

@@ -395,3 +395,34 @@ def test_a_sweep_and_the_l0_finder_from_the_form_through_to_train_at_this_l0(liv
     assert page.input_value("#k") == str(max(1, round(target * 512)))
     page.click("#start")
     page.wait_for_url(re.compile(r"/trainings/\d+$"))
+
+
+def test_a_streamed_sweep_over_two_layers_from_the_forms(live_server, worker_process, page, tiny_models):
+    """A model streamed at two layers, one sweep over its hook points: one forward pass, two SAEs."""
+    page.goto(live_server + "/extractions/")
+    page.fill("#stream-model_name", str(tiny_models["gpt2"]))
+    page.fill("#stream-layers", "0-3")
+    page.fill("#stream-context_length", "48")
+    page.click("#make-stream")
+    assert "Out of range: the model has 3 layers" in page.inner_text("#stream-form")  # refused at its field
+    page.fill("#stream-layers", "0,2")
+    page.fill("#stream-buffer_tokens", "2048")
+    page.click("#make-stream")
+    page.wait_for_url(re.compile(r"/trainings/new\?source_id=\d+$"))
+    assert "streamed" in page.locator("#source_id option:checked").inner_text()
+    page.select_option("#architecture", "topk")
+    for selector, value in {"#latent_dim": "128", "#k": "8", "#target_l0": "0.0625", "#batch_size": "128",
+                            "#total_steps": "60", "#lr_warmup_steps": "5"}.items():
+        page.fill(selector, value)
+    page.select_option("#sweep_param_1", "hook_point")
+    page.fill("#sweep_values_1", "0.resid, 2.resid")
+    page.check("#acknowledge_warnings")  # a tiny model: not overcomplete enough, short, acknowledged once
+    page.click("#start-sweep")
+    page.wait_for_load_state()
+    assert re.search(r"/sweeps/\d+$", page.url), page.inner_text("#sweep-box") + page.inner_text(".start-box")
+    assert wait_until_ended(page, "#sweep-members", seconds=240) == "completed", page.inner_text("#sweep-members")
+    assert page.locator("#members tbody tr[data-status='completed']").count() == 2
+    page.locator("#members tbody tr a[href*='/trainings/']").first.click()
+    page.wait_for_url(re.compile(r"/trainings/\d+$"))
+    assert "tokens/s through the model" in page.inner_text("#stat-stream")
+    assert "0.resid" in page.inner_text(".config")

@@ -194,6 +194,7 @@ class Member:
     resume: dict | None = None
     on_end: Callable[[TrainResult, SparseAutoencoder], None] | None = None
     on_error: Callable[[BaseException], None] | None = None
+    hook: str | None = None  # a streamed source's hook point this member reads (None: a plain source)
 
 
 def train(source: ActivationSource, cfg: TrainConfig, *,
@@ -250,20 +251,34 @@ def train_many(source: ActivationSource, members: list[Member], *, data_seed: in
         except Exception as exc:  # noqa: BLE001 - handed to the member's own handler, or raised
             _give(member, exc)
     fresh = [t for t in trainees if t.member.resume is None]
-    raw = source.sample(max(t.cfg.norm_sample_tokens for t in fresh), device=device) if fresh else None
+    raws = {}  # one normalization sample per hook point, shared by the members that read it
+    for hook in dict.fromkeys(t.member.hook for t in fresh):
+        need = max(t.cfg.norm_sample_tokens for t in fresh if t.member.hook == hook)
+        raws[hook] = _view(source, hook).sample(need, device=device)
     for trainee in list(trainees):
         try:
-            trainee.begin(raw, restore_global_rng=trainee is trainees[0])
+            trainee.begin(raws.get(trainee.member.hook), restore_global_rng=trainee is trainees[0])
         except Exception as exc:  # noqa: BLE001
             trainees.remove(trainee)
             _give(trainee.member, exc)
-    del raw
-    eval_rows: dict[int, torch.Tensor] = {}
+    del raws
+    eval_rows: dict[tuple, torch.Tensor] = {}
     active = list(trainees)
     if not active:
         return
     step = min(t.step for t in active)
-    batches = source.batches(batch_size, seed=seed, device=device, start=step)
+    # a streamed source continues from the corpus position the earliest member's checkpoint holds
+    position = next((t.member.resume.get("source_position") for t in active
+                     if t.step == step and t.member.resume is not None), None)
+    batches = source.batches(batch_size, seed=seed, device=device, start=step,
+                             **({"position": position} if position else {}))
+    try:
+        _steps(source, batches, active, step, eval_rows)
+    finally:
+        batches.close()  # a streamed source's prefetch thread ends with it
+
+
+def _steps(source: ActivationSource, batches, active: list[_Trainee], step: int, eval_rows: dict) -> None:
     while active:
         due = [t for t in active if t.step == step]  # a member resumed further on waits for its batch
         stopping = []
@@ -281,11 +296,13 @@ def train_many(source: ActivationSource, members: list[Member], *, data_seed: in
         due = [t for t in due if t not in stopping]
         if due:
             raw_batch = next(batches)
-            scaled: dict[float, torch.Tensor] = {}
+            scaled: dict[tuple, torch.Tensor] = {}
             for trainee in due:
-                x = scaled.get(trainee.scale)
+                hook = trainee.member.hook
+                key = (hook, trainee.scale)
+                x = scaled.get(key)
                 if x is None:
-                    x = scaled[trainee.scale] = raw_batch * trainee.scale
+                    x = scaled[key] = (raw_batch if hook is None else raw_batch[hook]) * trainee.scale
                 try:
                     finished = trainee.advance(x)
                 except Exception as exc:  # noqa: BLE001
@@ -301,6 +318,11 @@ def train_many(source: ActivationSource, members: list[Member], *, data_seed: in
         step += 1
 
 
+def _view(source: ActivationSource, hook: str | None) -> ActivationSource:
+    """The plain source a member reads: the source itself, or its hook point of a streamed source."""
+    return source if hook is None else source.view(hook)
+
+
 def _give(member: Member, exc: BaseException) -> None:
     if member.on_error is None:
         raise exc
@@ -313,7 +335,10 @@ class _Trainee:
     def __init__(self, member: Member, source: ActivationSource, device: torch.device) -> None:
         cfg = self.cfg = member.cfg
         cfg.check()
-        self.member, self.device, self.source_d_in = member, device, source.d_in
+        self.member, self.device = member, device
+        self.source = source  # a streamed source tells the corpus position of a step, for the checkpoint
+        source = _view(source, member.hook)
+        self.source_d_in = source.d_in
         if source.n_tokens is not None and cfg.batch_size > source.n_tokens:
             raise ValueError(f"batch size {cfg.batch_size} exceeds the source's {source.n_tokens} training tokens")
         self.g = torch.Generator().manual_seed(cfg.seed)
@@ -343,6 +368,9 @@ class _Trainee:
                     sae.calibrate_thresholds(sample)
         else:
             check_resumable(resume, cfg, self.source_d_in)
+            if resume.get("hook") != self.member.hook:
+                raise ValueError(f"the checkpoint was trained on hook point {resume.get('hook')!r}, "
+                                 f"not {self.member.hook!r}")
             self.scale = float(resume["norm_scale"])
             sae.load_state_dict(resume["sae"])
             self.optimizer.load_state_dict(resume["optimizer"])
@@ -388,7 +416,12 @@ class _Trainee:
             "resampled": self.resampled, "last": asdict(self.last) if self.last else None,
             "rng": {"torch": torch.get_rng_state(), "generator": self.g.get_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "hook": self.member.hook, "source_position": self._position(at_step),
         }
+
+    def _position(self, step: int) -> dict | None:
+        position_at = getattr(self.source, "position_at", None)
+        return None if position_at is None else position_at(step, self.cfg.batch_size)
 
     def stop_requested(self) -> bool:
         """Poll the member's stop check before its step; True when it asks to stop (or it has no steps left)."""
@@ -462,16 +495,17 @@ class _Trainee:
             self.saved_at, self.saved_step = time.perf_counter(), step
         return step >= cfg.total_steps
 
-    def end(self, source: ActivationSource, eval_rows: dict[int, torch.Tensor]) -> None:
+    def end(self, source: ActivationSource, eval_rows: dict[tuple, torch.Tensor]) -> None:
         """Save a stopped member's checkpoint, evaluate it on held-out rows and hand the result over."""
         cfg, member = self.cfg, self.member
         try:
             if member.checkpointing is not None and self.status == "stopped":
                 member.checkpointing.save(self.state(self.step))
             self.sae.eval()
-            rows = eval_rows.get(cfg.eval_tokens)
-            if rows is None:  # read once for every member that evaluates on as many tokens
-                rows = eval_rows[cfg.eval_tokens] = source.eval_rows(cfg.eval_tokens, device=self.device)
+            key = (member.hook, cfg.eval_tokens)
+            rows = eval_rows.get(key)
+            if rows is None:  # read once for every member that evaluates on as many tokens of its hook point
+                rows = eval_rows[key] = _view(source, member.hook).eval_rows(cfg.eval_tokens, device=self.device)
             eval_metrics = evaluate(self.sae, rows * self.scale)
             eval_metrics["dead"] = int(self.tracker.dead_count().item()) if self.tracker.known else None
             eval_metrics["resampled_latents"] = self.resampled

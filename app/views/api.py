@@ -485,13 +485,13 @@ def extraction_dict(job: Extraction) -> dict:
     }
 
 
-@bp.post("/extractions")
-def create_extraction_api():
-    """An extraction over the stdlib docstrings or a Hugging Face dataset (files go through the form)."""
+def _form_from_json(form_class, fields: tuple[str, ...], what: str):
+    """A text-corpus form (extraction or stream) filled from a JSON body; (form, None) when valid,
+    else (None, the 422 answer)."""
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):
-        return {"errors": {"_body": ["Send the extraction's fields as a JSON object."]}}, 422
-    errors = {k: ["Unknown field."] for k in payload if k not in EXTRACTION_FIELDS}
+        return None, ({"errors": {"_body": [f"Send the {what}'s fields as a JSON object."]}}, 422)
+    errors = {k: ["Unknown field."] for k in payload if k not in fields}
     if payload.get("text_kind") == "file":
         errors["text_kind"] = ["Upload a text file through the form at /extractions/; the API takes 'stdlib' or 'hf'."]
     formdata = MultiDict()
@@ -505,22 +505,53 @@ def create_extraction_api():
                 formdata[key] = "y"
         else:
             formdata[key] = str(value)
-    defaults = ExtractionForm(formdata=None, meta={"csrf": False}).data  # what the HTML form starts with
-    for key in EXTRACTION_FIELDS:
+    defaults = form_class(formdata=None, meta={"csrf": False}).data  # what the HTML form starts with
+    for key in fields:
         if key not in payload and defaults.get(key) not in (None, ""):
             formdata[key] = "y" if defaults[key] is True else str(defaults[key])
-    form = ExtractionForm(formdata=formdata, meta={"csrf": False})
+    form = form_class(formdata=formdata, meta={"csrf": False})
     valid = form.validate()
     for name, messages in form.errors.items():
         errors.setdefault(name, list(messages))
     if errors or not valid:
-        return {"errors": errors}, 422
+        return None, ({"errors": errors}, 422)
+    return form, None
+
+
+@bp.post("/extractions")
+def create_extraction_api():
+    """An extraction over the stdlib docstrings or a Hugging Face dataset (files go through the form)."""
+    form, refused = _form_from_json(ExtractionForm, EXTRACTION_FIELDS, "extraction")
+    if refused:
+        return refused
     try:
         job = create_extraction(current_app.config, form.data, named_text_spec(form.data), created_by=g.user.id,
                                 model_size_bytes=form.model_size_bytes)
     except QueueUnavailable as exc:
         return unavailable(exc)
     return extraction_dict(job), 201
+
+
+STREAM_FIELDS = ("name", "model_name", "layers", "site", "text_kind", "dataset_name", "dataset_split", "text_column",
+                 "context_length", "batch_size", "model_dtype", "exclude_special", "buffer_tokens")
+
+
+@bp.post("/sources/streamed")
+def create_streamed_source_api():
+    """A source streamed from a model as runs train on it: layers × site, over the stdlib docstrings or a
+    Hugging Face dataset (files go through the form). Nothing runs until a run or sweep starts."""
+    from ..forms import StreamForm
+    from ..work.streams import StreamRefused, create_streamed_source
+
+    form, refused = _form_from_json(StreamForm, STREAM_FIELDS, "streamed source")
+    if refused:
+        return refused
+    try:
+        source = create_streamed_source(current_app.config, form.data, named_text_spec(form.data),
+                                        created_by=g.user.id, model_size_bytes=form.model_size_bytes)
+    except StreamRefused as exc:
+        return {"errors": {exc.field: [str(exc)]}}, 422
+    return source_dict(source), 201
 
 
 @bp.get("/extractions/<int:extraction_id>")
@@ -539,6 +570,9 @@ SOURCE_DETAILS = {
     "synthetic": ("n_features", "mean_active", "seed", "structure"),
     "extracted": ("model", "layer", "site", "site_label", "text_label", "dtype", "model_dtype", "context_length",
                   "exclude_special", "documents", "extraction_id"),
+    "streamed": ("model", "hooks", "layers", "site", "site_label", "text_label", "model_dtype", "context_length",
+                 "model_batch", "buffer_tokens", "holdout_tokens", "exclude_special", "corpus_tokens", "corpus_counted",
+                 "resident_bytes"),
 }
 
 
@@ -561,7 +595,8 @@ def source_dict(source: ActivationSet) -> dict:
 
 @bp.get("/sources")
 def list_sources():
-    params = query_params({**PAGING, "kind": choice(("synthetic", "file", "extracted")), "d_in": whole(1, MAX_ID)})
+    params = query_params({**PAGING, "kind": choice(("synthetic", "file", "extracted", "streamed")),
+                           "d_in": whole(1, MAX_ID)})
     query = with_creator(ActivationSet)
     if "kind" in params:
         query = query.where(ActivationSet.kind == params["kind"])

@@ -8,7 +8,7 @@ from .. import security
 from ..auth import require_change
 from ..extraction.capture_names import SITES
 from ..extraction.text import TEXT_SUFFIXES, TextSourceError, TextSpec
-from ..forms import ExtractionForm
+from ..forms import ExtractionForm, StreamForm
 from ..models import Extraction
 from ..work import deletion, lifecycle
 from ..work.extraction import create_extraction, named_text_spec
@@ -19,9 +19,10 @@ from .records import delete_flow, get_or_404
 bp = Blueprint("extractions", __name__, url_prefix="/extractions")
 
 
-def render_index(form=None, status=200):
+def render_index(form=None, status=200, stream_form=None):
     jobs = list(Extraction.select().order_by(Extraction.id.desc()).limit(200))
     return render_template("extractions.html", form=form or ExtractionForm(formdata=None), jobs=jobs, sites=SITES,
+                           stream_form=stream_form or StreamForm(formdata=None, prefix="stream"),
                            suffixes=", ".join(TEXT_SUFFIXES)), status
 
 
@@ -60,6 +61,32 @@ def start():
         form.form_errors.append(f"Not started: {exc}. Nothing was kept; try again once the queue is back.")
         return render_index(form, 503)
     return redirect(url_for("extractions.show", extraction_id=job.id), code=303)
+
+
+@bp.post("/stream")
+def stream():
+    """A streamed source: recorded at once (its corpus counted), then trained on from the training form."""
+    from ..work.streams import StreamRefused, create_streamed_source
+
+    form = StreamForm(prefix="stream")
+    if not form.validate_on_submit():
+        return render_index(stream_form=form, status=422)
+    d = form.data
+    if d["text_kind"] == "file":
+        spec = _store_text_upload(form)
+        if spec is None:
+            return render_index(stream_form=form, status=422)
+    else:
+        spec = named_text_spec(d)
+    try:
+        source = create_streamed_source(current_app.config, d, spec, created_by=g.user.id,
+                                        model_size_bytes=form.model_size_bytes)
+    except StreamRefused as exc:
+        drop_text_upload(spec)
+        field = getattr(form, exc.field, None) or form.layers
+        field.errors.append(f"Refused: {exc} Nothing was kept.")
+        return render_index(stream_form=form, status=422)
+    return redirect(url_for("pages.new_training", source_id=source.id), code=303)
 
 
 def get_extraction_or_404(extraction_id: int) -> Extraction:

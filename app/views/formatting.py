@@ -173,7 +173,14 @@ def param_value(param: training_config.Param, value) -> str:
 CONFIG_DETAILS = {
     "latent_dim": lambda run: f"{run.latent_dim:,} ({run.latent_dim / run.source.d_in:.0f}× d_in {run.source.d_in})",
     "target_l0": lambda run: f"{100 * run.target_l0:.1f}% ({run.target_l0_count:,.0f} latents)",
+    "hook_point": lambda run: _hook_point(run),
 }
+
+
+def _hook_point(run) -> str:
+    params = run.source.params or {}
+    hook = run.hook_point or (params.get("hooks") or ["?"])[0]
+    return f"{hook} ({params.get('site_label', '')}, streamed from {params.get('model', '?')})"
 
 
 def config_rows(run) -> list[tuple[str, str]]:
@@ -185,6 +192,8 @@ def config_rows(run) -> list[tuple[str, str]]:
     for param in training_config.PARAMS:
         if not param.applies_to(run.architecture):
             continue
+        if param.name == "hook_point" and run.source.kind != "streamed":
+            continue  # only a streamed source has hook points
         value = getattr(run, param.name)
         detail = CONFIG_DETAILS.get(param.name)
         if value is not None and param.name in words:

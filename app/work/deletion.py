@@ -76,6 +76,8 @@ def plan_source(source: ActivationSet, settings: dict) -> DeletePlan:
         plan.also.append(_count(jobs, "feature-statistics job") + " browsed on it")
     if source.kind in ("file", "extracted") and source.path:
         plan.files = [Path(settings["DATA_DIR"]) / source.path]
+    if source.kind == "streamed" and (source.params.get("text") or {}).get("path"):
+        plan.files = [Path(source.params["text"]["path"])]  # its uploaded corpus, kept under DATA_DIR/texts
     return plan
 
 

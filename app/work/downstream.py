@@ -19,9 +19,9 @@ class DownstreamError(UserError, ValueError):
 
 def why_not(run: Training, settings: dict) -> str | None:
     """Why this run cannot be evaluated downstream (None: it can)."""
-    if run.source.kind != "extracted":
+    if run.source.kind not in ("extracted", "streamed"):
         return ("Downstream evaluation splices the SAE into the model its activations came from: it needs a run "
-                "trained on an extraction, and this run's source is "
+                "trained on an extraction or streamed from a model, and this run's source is "
                 + ("synthetic." if run.source.kind == "synthetic" else "an uploaded file with no model behind it."))
     if sae_folder(run, settings) is None:
         return "This run has no saved SAE yet: evaluate it once it has finished."
@@ -55,7 +55,9 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
     run = Training.get_by_id(job.training_id)
     if (reason := why_not(run, settings)) is not None:
         raise DownstreamError(reason)
-    meta = run.source.params
+    from .streams import run_meta
+
+    meta = run_meta(run)
     device = resolve_device(settings["SAE_DEVICE"])
     sae = to_module(read_checkpoint(sae_folder(run, settings)), device)
     spec = TextSpec(**meta["text"])
@@ -64,6 +66,9 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
     model_name = meta["model"] if meta["model"] == BUNDLED_MINILM else paths.resolve(meta["model"], settings, "model")
     tokenizer, model, causal = load_for_eval(model_name, device, meta.get("model_dtype", "float32"))
     used = int(meta.get("documents", 0))
+    budget = job.token_budget
+    if run.source.kind == "streamed":  # a stream trains on all but its corpus's head: evaluate there only
+        budget = min(budget, int(meta.get("holdout_tokens") or budget))
     held_out = itertools.islice(documents(spec), used, None)  # never the documents the extraction read
     seen = {"documents": 0}
 
@@ -77,7 +82,7 @@ def _evaluate(job: DownstreamEval, settings: dict, stop_check) -> str:
 
     try:
         result = downstream_eval(model, tokenizer, causal, sae, norm_scale=run.norm_scale, layer=int(meta["layer"]),
-                                 site=meta["site"], docs=counted(), token_budget=job.token_budget,
+                                 site=meta["site"], docs=counted(), token_budget=budget,
                                  context_length=int(meta["context_length"]), batch_size=16,
                                  exclude_special=bool(meta.get("exclude_special", True)), device=device,
                                  should_stop=stop_check, on_progress=progress)

@@ -33,7 +33,9 @@ def run_sae_files(run: Training, settings: dict) -> dict[str, bytes]:
         raise NoSAE("This run has no checkpoint to export yet.")
     sae = read_checkpoint(folder)
     frequencies = np.load(folder / "frequencies.npy") if (folder / "frequencies.npy").exists() else None
-    meta = run.source.params if run.source.kind == "extracted" else {}
+    from .streams import run_meta
+
+    meta = run_meta(run)
     metadata = {
         "model_name": meta.get("model"), "hook_name": hook_name(meta.get("site"), meta.get("layer")),
         "hook_layer": meta.get("layer"), "site": meta.get("site"), "context_size": meta.get("context_length"),

@@ -62,14 +62,14 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
     else:
         folder = data_dir / job.imported.path
         loaded, _ = parse_saelens({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
-    source = build_source(job.source, settings["DATA_DIR"])
+    source = build_source(job.source, settings["DATA_DIR"], settings)
     if source.d_in != loaded.d_in:
         raise F.FeatureError(f"the SAE reads d_in {loaded.d_in} but the source {job.source.name!r} has d_in "
                              f"{source.d_in}")
     check_memory(settings, feature_bytes(loaded.d_in, loaded.d_sae, job.sample_tokens, job.top_n),
                  "The feature statistics", "Sample fewer tokens.")
     sae = F.to_module(loaded, device)
-    x, index = _sample_rows(source, job.sample_tokens, device)
+    x, index = _sample_rows(source, job.sample_tokens, device, job)
     x = x * loaded.norm_scale
 
     def progress(fraction: float) -> None:
@@ -156,13 +156,20 @@ def _features(job: FeatureJob, settings: dict, stop_check) -> str:
 lifecycle.register(lifecycle.JobKind(FeatureJob, "feature job", "app.work.features.run_features"))
 
 
-def _sample_rows(source, n: int, device):
-    """The evaluation sample and, for an extracted store, each row's token, document and position.
+def _sample_rows(source, n: int, device, job=None):
+    """The evaluation sample and, for an extracted store or a model's stream, each row's token,
+    document and position.
 
-    A file or store gives its first ``n`` rows (whole context windows, in order, so
-    examples have their context); the synthetic stream gives ``n`` fresh rows.
+    A file or store gives its first ``n`` rows (whole context windows, in order, so examples have
+    their context), and so does a streamed source (its corpus's first tokens, at the run's hook
+    point); the synthetic stream gives ``n`` fresh rows.
     """
     from ..sae.sources import ShardedArraySource, StoreSource
+    from ..sae.stream import StreamedSource
+
+    if isinstance(source, StreamedSource):
+        run = job.training if job is not None and job.training_id else None
+        return source.head(n, device=device, hook=(run.hook_point if run is not None else "") or source.hooks[0])
 
     if not isinstance(source, ShardedArraySource):
         return source.eval_rows(n, device=device), None

@@ -165,7 +165,8 @@ def need_bytes(record, settings: dict | None = None) -> int:
     kind = type(record).__name__
     try:
         if kind == "Training":
-            return memory_estimate_bytes(record.source.d_in, record.latent_dim, record.batch_size, record.architecture)
+            return (memory_estimate_bytes(record.source.d_in, record.latent_dim, record.batch_size, record.architecture)
+                    + resident_bytes(record.source))
         if kind == "Sweep":
             from .sweeps import need_bytes as sweep_bytes
 
@@ -187,6 +188,12 @@ def need_bytes(record, settings: dict | None = None) -> int:
     except Exception:  # noqa: BLE001 - a record whose parts are gone: the job itself will say why
         return 0
     return 0
+
+
+def resident_bytes(source) -> int:
+    """What a source itself holds on the training device: a streamed source's model and its mixing
+    buffers, as recorded when it was made (0 for the others)."""
+    return int((source.params or {}).get("resident_bytes") or 0) if source.kind == "streamed" else 0
 
 
 def _model_name(record) -> str | None:

@@ -32,7 +32,7 @@ from .lifecycle import Superseded, retry_write, update_record
 log = logging.getLogger(__name__)
 
 # the settings a sweep may vary; everything else is the base configuration's
-SWEEPABLE = ("target_l0", "k", "l1_alpha", "latent_dim", "architecture", "learning_rate", "seed")
+SWEEPABLE = ("target_l0", "k", "l1_alpha", "latent_dim", "architecture", "learning_rate", "seed", "hook_point")
 MAX_AXES = 2
 MAX_VALUES = 12
 MODES = ("grid", "find_l0")
@@ -419,7 +419,7 @@ def _train_sweep(sweep: Sweep, settings: dict, stop_check: lifecycle.StopCheck) 
     from ..sae.trainer import train_many
     from .training import RunSession, build_source
 
-    source = build_source(sweep.source, settings["DATA_DIR"])
+    source = build_source(sweep.source, settings["DATA_DIR"], settings)
     members = []
     with contextlib.ExitStack() as beats:
         for run in retry_write(lambda: [m for m in members_of(sweep) if m.status == "queued"], what="members"):
@@ -493,9 +493,11 @@ def need_bytes(sweep: Sweep) -> int:
     """The memory of every queued member together (what the sweep reserves on its device)."""
     from ..validation import memory_estimate_bytes
 
+    from .resources import resident_bytes
+
     d_in = sweep.source.d_in
-    return sum(memory_estimate_bytes(d_in, m.latent_dim, m.batch_size, m.architecture)
-               for m in members_of(sweep) if m.status == "queued")
+    return resident_bytes(sweep.source) + sum(memory_estimate_bytes(d_in, m.latent_dim, m.batch_size, m.architecture)
+                                              for m in members_of(sweep) if m.status == "queued")
 
 
 def _interrupted(sweep: Sweep, reason: str, settings: dict) -> None:

@@ -143,8 +143,9 @@ def resume_training(run: Training, settings: dict, *, learning_rate: float | Non
 
 # --- in the worker ----------------------------------------------------------------------
 
-def build_source(source: ActivationSet, data_dir: str):
-    """The core's activation source for a stored ``ActivationSet``."""
+def build_source(source: ActivationSet, data_dir: str, settings: dict | None = None):
+    """The core's activation source for a stored ``ActivationSet`` (a streamed one loads its model
+    on the training device, and needs the settings for its roots)."""
     from ..sae.files import ArrayInfo
     from ..sae.sources import ArraySource, HierarchicalSource, StoreSource, SyntheticSource
 
@@ -159,6 +160,13 @@ def build_source(source: ActivationSet, data_dir: str):
         return ArraySource(path, ArrayInfo(**source.params["array"]))
     if source.kind == "extracted":
         return StoreSource(Path(data_dir) / source.path)
+    if source.kind == "streamed":
+        from ..sae.trainer import resolve_device
+        from .streams import build_streamed
+
+        if settings is None:
+            raise ValueError("a streamed source needs the settings")
+        return build_streamed(source, settings, device=resolve_device(settings["SAE_DEVICE"]))
     raise ValueError(f"unknown source kind {source.kind!r}")
 
 
@@ -310,7 +318,7 @@ def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> st
 
     session = RunSession(run, settings, stop_check)
     with session.keeping_points():
-        source = build_source(run.source, settings["DATA_DIR"])
+        source = build_source(run.source, settings["DATA_DIR"], settings)
         member = session.member(source)
         train_many(source, [member])
     return session.status
@@ -398,10 +406,37 @@ class RunSession:
             state["controller"] = controller.state_dict() if controller is not None else None
             save_checkpoint(state, run, settings)
 
+        hook = None
+        if getattr(source, "hooks", None):  # a streamed source: this run reads one of its hook points
+            hook = run.hook_point or source.hooks[0]
+            on_log = self._streamed(source, on_log)
         checkpointing = Checkpointing(save, run.checkpoint_every_steps, run.checkpoint_every_minutes * 60)
         return Member(cfg, on_start=on_start, on_log=on_log, should_stop=self.stop_check,
                       l1_alpha_control=controller, checkpointing=checkpointing, resume=resume,
-                      on_end=self.conclude)
+                      on_end=self.conclude, hook=hook)
+
+    def _streamed(self, source, on_log):
+        """A streamed run's log also records the model's side (its tokens/s, the next round's fill)
+        and warns, once per pass, when the corpus has run out and is read again."""
+        run, writer = self.run, self.writer
+        seen = {"epochs": 1, "at": 0.0}
+
+        def logged(point) -> str | None:
+            stats = source.stats()
+            if stats["epochs"] > seen["epochs"]:
+                seen["epochs"] = stats["epochs"]
+                writer.event("warning", "corpus_repeated",
+                             f"The corpus ran out after {stats['model_tokens']:,} tokens through the model: the stream "
+                             f"reads it again (pass {stats['epochs']}), so the SAE sees its tokens more than once.",
+                             step=point.step, suggestion="Stream a longer corpus, or train fewer steps.")
+            now = time.monotonic()
+            if now - seen["at"] >= 1.0:
+                seen["at"] = now
+                lifecycle.fenced_update(run, what="stream stats", stream_stats={
+                    **stats, "sae_tokens_per_s": point.tokens_per_s, "step": point.step})
+            return on_log(point)
+
+        return logged
 
     def conclude(self, result, sae) -> None:
         """Record how the run ended (its files, summary, status and closing event); sets ``status``."""
@@ -448,7 +483,7 @@ class RunSession:
             drop_checkpoint(run, settings)
             if settings["FEATURES_AFTER_TRAINING"]:
                 _queue_features(run, settings, writer)
-                if run.source.kind == "extracted":
+                if run.source.kind in ("extracted", "streamed"):
                     _queue_downstream(run, settings, writer)
         elif lifecycle.ended_as(run) == "stopped_early":
             drop_checkpoint(run, settings)  # not resumable: "Restart with …" is the way on

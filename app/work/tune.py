@@ -48,7 +48,9 @@ def _tune(tune: TuneJob, settings: dict, stop_check: lifecycle.StopCheck) -> str
     from ..validation import recommended_l1_alpha
     from .training import build_source
 
-    source = build_source(tune.source, settings["DATA_DIR"])
+    source = build_source(tune.source, settings["DATA_DIR"], settings)
+    if getattr(source, "hooks", None):  # a streamed source: the pilots read its first hook point
+        source = source.view(source.hooks[0])
     check_memory(settings, tune_bytes(source.d_in, tune.latent_dim, tune.batch_size), "An auto-tune pilot",
                  "Lower latent_dim.")
     pilots: list[dict] = []

@@ -1,0 +1,81 @@
+"""Streamed sources through the API and a real worker: one forward pass feeds a sweep over layers,
+each member exports as its own hook point, and a run's hook point is checked before any compute."""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from app.models import ActivationSet, FeatureJob, Sweep, Training
+from conftest import QUICK_CONFIG, reload
+
+BASE = {**QUICK_CONFIG, "architecture": "topk", "l1_alpha": None, "latent_dim": 128, "k": 8, "target_l0": 8 / 128,
+        "batch_size": 128, "total_steps": 60, "lr_warmup_steps": 5, "dead_window_tokens": 2_000}
+
+
+def make_source(client, model, **fields):
+    return client.post("/api/sources/streamed", json={"model_name": str(model), "context_length": 48,
+                                                      "buffer_tokens": 2048, **fields})
+
+
+def test_bad_streamed_sources_are_refused_at_their_field(client, env, tiny_models):
+    cases = [({"layers": "1-7"}, "layers", "3 layers"), ({"layers": "2-1"}, "layers", "backwards"),
+             ({"layers": "one"}, "layers", "not a layer"), ({"layers": "0", "buffer_tokens": 10}, "buffer_tokens", ""),
+             ({"layers": "0", "site": "nowhere"}, "site", "")]
+    for fields, field, words in cases:
+        response = make_source(client, tiny_models["gpt2"], **fields)
+        assert response.status_code == 422, fields
+        assert field in response.json["errors"] and words in " ".join(response.json["errors"][field]), response.json
+    assert ActivationSet.select().where(ActivationSet.kind == "streamed").count() == 0
+
+
+def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny_models, run_worker, monkeypatch):
+    monkeypatch.setenv("FEATURE_SAMPLE_TOKENS", "4096")  # the browser's examples: a few windows suffice here
+    response = make_source(client, tiny_models["gpt2"], layers="0,2", site="resid")
+    assert response.status_code == 201, response.json
+    source = response.json
+    assert source["kind"] == "streamed" and source["d_in"] == 32 and source["training_tokens"] is None
+    details = source["details"]
+    assert details["hooks"] == ["0.resid", "2.resid"] and details["corpus_counted"] and details["corpus_tokens"] > 50_000
+    # the buffers are counted before any compute: three rounds of 2,048 float32 rows of 32, per layer
+    assert details["resident_bytes"] >= 3 * 2048 * 32 * 4 * 2
+    # a hook point the source does not stream is refused at its field, and so is one on a plain source
+    wrong = client.post("/api/trainings", json={**BASE, "source_id": source["id"], "hook_point": "1.resid"})
+    assert wrong.status_code == 422 and "0.resid, 2.resid" in " ".join(wrong.json["errors"]["hook_point"])
+    plain = client.post("/api/trainings", json={**BASE, "source_id": 1, "hook_point": "0.resid"})
+    assert plain.status_code == 422 and "no hook points" in " ".join(plain.json["errors"]["hook_point"])
+    # more tokens than the corpus holds: told before the run starts
+    long_run = client.post("/api/trainings", json={**BASE, "source_id": source["id"], "total_steps": 200_000,
+                                                   "acknowledge_warnings": False})
+    assert long_run.status_code == 422, long_run.json
+    assert any(f["field"] == "total_steps" and "repeats it" in f["message"] for f in long_run.json["findings"])
+    assert Training.select().count() == 0
+
+    sweep = client.post("/api/sweeps", json={"name": "layers", "base": {**BASE, "source_id": source["id"]},
+                                             "axes": [{"param": "hook_point", "values": ["0.resid", "2.resid"]}]})
+    assert sweep.status_code == 201, sweep.json
+    assert run_worker().returncode == 0
+    assert Sweep.get_by_id(sweep.json["id"]).status == "completed"
+    members = [reload(Training.get_by_id(m["id"])) for m in sweep.json["members"]]
+    assert [m.hook_point for m in members] == ["0.resid", "2.resid"]
+    for member in members:
+        assert member.status == "completed", member.reason
+        assert 0 < member.summary["fvu"] < 1 and member.summary["l0"] == 8
+        assert member.stream_stats["model_tokens_per_s"] > 0 and member.stream_stats["sae_tokens_per_s"] > 0
+        # the export says which hook point and model the SAE reads (SAELens's names)
+        archive = client.get(f"/trainings/{member.id}/export/saelens.zip")
+        assert archive.status_code == 200
+        cfg = json.loads(zipfile.ZipFile(io.BytesIO(archive.data)).read(f"sae-studio-run-{member.id}/cfg.json"))
+        layer = int(member.hook_point.split(".")[0])
+        meta = cfg["metadata"]
+        assert meta["hook_name"] == f"blocks.{layer}.hook_resid_post" and meta["model_name"] == str(tiny_models["gpt2"])
+        assert meta["context_size"] == 48 and meta["sae_studio"]["norm_scale_folded"] == member.norm_scale
+        # the feature browser has its examples, with their tokens, from the corpus's held-out head
+        features = FeatureJob.get(FeatureJob.training == member)
+        assert features.status == "completed", features.reason
+        # and the SAE was spliced back into the model at its own layer
+        downstream = member.summary["downstream"]
+        assert downstream["layer"] == layer and downstream["tokens"] > 0
+    assert members[0].summary["fvu"] != members[1].summary["fvu"]  # two layers, two SAEs
+    page = client.get(f"/trainings/{members[1].id}").get_data(as_text=True)
+    assert "2.resid" in page and "model" in page
