@@ -148,7 +148,7 @@ def main() -> None:
         print(f"| {hook} | {e:.4f} | {s:.4f} | {100 * (s / e - 1):+.1f}% |")
     print()
     print(f"Peak host memory of the streamed sweep above its start: {rss.grew / 2**20:.0f} MiB; the buffers' "
-          f"prediction {predicted / 2**20:.0f} MiB (3 rounds × {stream.round_tokens(a.batch):,} tokens × d_in "
+          f"prediction {predicted / 2**20:.0f} MiB (2 rounds × {stream.round_tokens(a.batch):,} tokens × d_in "
           f"{stream.d_in} × 4 B × {len(hooks)} layers); the six SAEs and their Adam state add "
           f"{6 * 4 * 4 * 2 * stream.d_in * a.latents / 2**20:.0f} MiB. Max RSS of the process: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.")

@@ -81,9 +81,9 @@ def test_batch_n_is_the_same_however_the_stream_is_entered(gpt2):
 
 def test_a_short_corpus_is_read_again_and_says_so_and_one_too_short_is_refused(gpt2):
     passes = []
-    source = streamed(gpt2, docs=docstrings(40), on_repeat=passes.append, holdout_tokens=256)
-    batches = source.batches(256, seed=0, device=CPU)
-    for _ in range(60):
+    source = streamed(gpt2, docs=docstrings(20), on_repeat=passes.append, holdout_tokens=256, buffer_tokens=512)
+    batches = source.batches(128, seed=0, device=CPU)
+    for _ in range(24):
         next(batches)
     batches.close()
     assert passes and passes[0] == 1 and source.stats()["epochs"] >= 2

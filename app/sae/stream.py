@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..extraction.capture import _Captured
 from .sources import ActivationSource
 
 DEFAULT_BUFFER_TOKENS = 65_536
@@ -49,6 +50,10 @@ DEFAULT_HOLDOUT_TOKENS = 16_384
 
 class StreamError(RuntimeError):
     """The stream cannot go on; the message is for the user."""
+
+
+class _Abandoned(Exception):
+    """A round's computation stopped because nobody will read it (the training ended)."""
 
 
 def hook_key(layer: int, site: str) -> str:
@@ -78,6 +83,26 @@ class Position:
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "doc": self.doc, "window": self.window, "corpus": self.corpus,
                 "train": self.train}
+
+
+class _Cursor:
+    """The corpus's windows read on from where the last range stopped, with one put back (the window
+    the next range begins in)."""
+
+    def __init__(self, windows: Iterator) -> None:
+        self.windows, self.back = windows, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.back is not None:
+            item, self.back = self.back, None
+            return item
+        return next(self.windows)
+
+    def push(self, item) -> None:
+        self.back = item
 
 
 @dataclass
@@ -125,7 +150,10 @@ class StreamedSource(ActivationSource):
         self.model_seconds = 0.0
         self.next_fill = 0.0  # the share of the next round already computed
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the counters above
+        # One forward pass at a time: the hooks are the modules' own, so a pass run by the prefetch
+        # thread and one run for the evaluation rows would each see the other's activations.
+        self._model_lock = threading.Lock()
 
     # --- the token stream ------------------------------------------------------------------
 
@@ -162,13 +190,17 @@ class StreamedSource(ActivationSource):
                 if self.on_repeat is not None:
                     self.on_repeat(epoch)
 
-    def _range(self, first: int, count: int, at: Position, *, held_out: bool = False,
+    def _range(self, first: int, count: int, at: Position | _Cursor, *, held_out: bool = False,
                collect: bool = True) -> tuple[list[_Piece], Position | None]:
         """The windows holding training tokens ``[first, first + count)`` (or, ``held_out``, corpus tokens
-        ``[0, count)`` of the first pass), walked from ``at`` (at or before ``first``); and the position
-        of the window holding training token ``first + count``, where the next range begins."""
+        ``[0, count)`` of the first pass), walked from ``at`` (a position at or before ``first``, or a
+        cursor left there by the previous range, which reads on without starting the corpus again); and
+        the position of the window holding training token ``first + count``, where the next range begins
+        (left as the cursor's next window)."""
+        cursor = at if isinstance(at, _Cursor) else _Cursor(self._windows(at))
         pieces, following, end = [], None, first + count
-        for pos, w, kept in self._windows(at):
+        for item in cursor:
+            pos, w, kept = item
             if held_out:
                 if pos.epoch > 0 or pos.corpus >= count:
                     break
@@ -178,6 +210,7 @@ class StreamedSource(ActivationSource):
                 n_train = len(kept) - skip
                 if pos.train >= end:
                     following = pos
+                    cursor.push(item)
                     break
                 if pos.train + n_train <= first:
                     continue
@@ -185,19 +218,27 @@ class StreamedSource(ActivationSource):
                 hi = skip + min(n_train, end - pos.train)
                 if pos.train + n_train > end:
                     following = pos  # it straddles the end: the next range begins inside it
+                    cursor.push(item)
             if collect and hi > lo:
                 pieces.append(_Piece(w.ids, kept[lo:hi], pos.doc, w.positions))
             if following is not None:
                 break
         return pieces, following
 
-    def _run(self, pieces: list[_Piece], progress: Callable[[float], None] | None = None) -> dict[str, torch.Tensor]:
-        """The kept rows of ``pieces`` at every hook point, in order: one forward pass per ``model_batch``
-        windows (sorted by length, so little is padding), cut short after the last hook point."""
-        from ..extraction.capture import _Captured
+    def _run(self, pieces: list[_Piece], progress: Callable[[float], None] | None = None,
+             stop: threading.Event | None = None, dest: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The kept rows of ``pieces`` at every hook point, in order (or row i at ``dest[i]``: a round is
+        shuffled as it is written, never copied): one forward pass per ``model_batch`` windows (sorted by
+        length, so little is padding), cut short after the last hook point. ``stop``, once set, abandons
+        the work between two passes."""
+        with self._model_lock:
+            return self._forward(pieces, progress, stop, dest)
 
+    def _forward(self, pieces: list[_Piece], progress, stop, dest) -> dict[str, torch.Tensor]:
         order = sorted(range(len(pieces)), key=lambda i: len(pieces[i].ids))
-        rows = {key: [None] * len(pieces) for key in self.hooks}
+        starts = np.cumsum([0] + [len(p.keep) for p in pieces])
+        # written in place: no list of per-window tensors to gather (the heap would keep their pages)
+        out = {key: torch.empty(int(starts[-1]), self.d_in, device=self.device) for key in self.hooks}
         captured: dict[str, torch.Tensor] = {}
 
         def hook_for(key):
@@ -213,6 +254,8 @@ class StreamedSource(ActivationSource):
         tokens = 0
         try:
             for b in range(0, len(order), self.model_batch):
+                if stop is not None and stop.is_set():
+                    raise _Abandoned
                 chunk = order[b:b + self.model_batch]
                 width = max(len(pieces[i].ids) for i in chunk)
                 ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
@@ -230,10 +273,15 @@ class StreamedSource(ActivationSource):
                 if len(captured) != len(self.hooks):
                     raise StreamError("a hooked module never ran: the model skipped a layer")
                 for key in self.hooks:
-                    out = captured[key]
+                    acts = captured[key]
                     for row, i in enumerate(chunk):
-                        keep = torch.as_tensor(pieces[i].keep, device=out.device)
-                        rows[key][i] = out[row].index_select(0, keep).float()
+                        keep = torch.as_tensor(pieces[i].keep, device=acts.device)
+                        lo, hi = int(starts[i]), int(starts[i + 1])
+                        if dest is None:
+                            out[key][lo:hi] = acts[row].index_select(0, keep)
+                        else:
+                            out[key].index_copy_(0, dest[lo:hi], acts[row].index_select(0, keep).float())
+                captured.clear()
                 tokens += int(sum(len(pieces[i].keep) for i in chunk))
                 if progress is not None:
                     progress(min(1.0, (b + len(chunk)) / max(1, len(order))))
@@ -243,11 +291,6 @@ class StreamedSource(ActivationSource):
         with self._lock:
             self.model_tokens += tokens
             self.model_seconds += time.perf_counter() - started
-        out = {}
-        for key in self.hooks:
-            parts = rows.pop(key)
-            out[key] = torch.cat(parts) if parts else torch.empty(0, self.d_in, device=self.device)
-            del parts
         return out
 
     def _rows(self, first: int, count: int, *, held_out: bool = False) -> dict[str, torch.Tensor]:
@@ -279,18 +322,21 @@ class StreamedSource(ActivationSource):
             raise StreamError("the stream ended before the checkpoint's position")
         return found
 
-    def _round(self, index: int, at: Position, n: int, seed: int) -> tuple[dict[str, torch.Tensor], Position]:
+    def _round(self, index: int, at: Position | _Cursor, n: int, seed: int,
+               stop: threading.Event | None = None) -> tuple[dict[str, torch.Tensor], Position]:
         def fill(done):
             self.next_fill = done
 
         self.next_fill = 0.0
         pieces, following = self._range(index * n, n, at)
-        acts = self._run(pieces, progress=fill)
-        got = next(iter(acts.values())).shape[0]
+        got = sum(len(p.keep) for p in pieces)
         if got != n or following is None:
             raise StreamError(f"round {index} holds {got} of its {n} tokens")
-        order = torch.from_numpy(np.random.default_rng([seed, index]).permutation(n)).to(self.device)
-        return {key: value.index_select(0, order) for key, value in acts.items()}, following
+        # batch b is rows order[b·size : (b+1)·size] of the round: row i is written at place[i]
+        order = torch.from_numpy(np.random.default_rng([seed, index]).permutation(n))
+        place = torch.empty_like(order)
+        place[order] = torch.arange(n)
+        return self._run(pieces, progress=fill, stop=stop, dest=place.to(self.device)), following
 
     def batches(self, batch_size, *, seed, device, start=0, position: dict | None = None):
         per_round, n = self.per_round(batch_size), self.round_tokens(batch_size)
@@ -368,6 +414,7 @@ class _Rounds:
 
     def __init__(self, source: StreamedSource, index: int, at: Position, n: int, seed: int, *, prefetch: bool) -> None:
         self.source, self.index, self.at, self.n, self.seed = source, index, at, n, seed
+        self.cursor = _Cursor(source._windows(at))  # read on round after round, the corpus opened once a pass
         self.prefetch = prefetch
         self.ready: queue.Queue = queue.Queue(maxsize=1)
         self.room = threading.Semaphore(2)  # rounds that may exist at once
@@ -381,7 +428,7 @@ class _Rounds:
         self.source.starts[self.index] = self.at
         for old in [r for r in self.source.starts if r < self.index - 4]:
             self.source.starts.pop(old, None)
-        acts, self.at = self.source._round(self.index, self.at, self.n, self.seed)
+        acts, self.at = self.source._round(self.index, self.cursor, self.n, self.seed, self.stopping)
         self.index += 1
         return acts
 
@@ -391,15 +438,20 @@ class _Rounds:
                 self.room.acquire()
                 if self.stopping.is_set():
                     return
-                item = self._next()
-                while not self.stopping.is_set():
-                    try:
-                        self.ready.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                self._hand(self._next())
+        except _Abandoned:
+            return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            self.ready.put(exc)
+            self._hand(exc)
+
+    def _hand(self, item) -> None:
+        """Queue a round (or the error that ended the thread) unless the consumer has gone."""
+        while not self.stopping.is_set():
+            try:
+                self.ready.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
 
     def take(self) -> dict[str, torch.Tensor]:
         if not self.prefetch:

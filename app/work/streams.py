@@ -51,10 +51,9 @@ def parse_layers(text: str, n_layers: int | None = None) -> list[int]:
 
 
 def buffer_bytes(d_in: int, hooks: int, buffer_tokens: int) -> int:
-    """The mixing buffers at their peak: the round being trained on and the next one being built
-    (whose activations briefly exist twice, gathered and shuffled), each ``buffer_tokens`` float32 rows
-    of ``d_in`` per hook point."""
-    return 3 * buffer_tokens * d_in * 4 * hooks
+    """The mixing buffers: the round being trained on and the next one, written shuffled in place as
+    the model computes it, each ``buffer_tokens`` float32 rows of ``d_in`` per hook point."""
+    return 2 * buffer_tokens * d_in * 4 * hooks
 
 
 def resident_bytes(model_size: int | None, model_dtype: str, d_in: int, hooks: int, buffer_tokens: int) -> int:
