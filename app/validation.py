@@ -167,6 +167,10 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     elif source.hooks is not None and hook and hook not in source.hooks:
         add(Finding("error", "hook_point", f"{hook} is not a hook point of {source.name or 'this source'}; it streams "
                     f"{', '.join(source.hooks)}.", f"Use {source.hooks[0]}.", source.hooks[0]))
+    if source.corpus_tokens is not None and not source.corpus_counted and steps * batch > source.corpus_tokens:
+        add(Finding("info", "total_steps", f"The run consumes {steps * batch:,} tokens; the corpus holds at least "
+                    f"{source.corpus_tokens:,} (its count stopped there), so the stream may read it more than once: "
+                    "the run will say so if it does."))
     if source.corpus_tokens is not None and source.corpus_counted and steps * batch > source.corpus_tokens:
         passes = steps * batch / source.corpus_tokens
         add(Finding("warning" if passes > 10 else "info", "total_steps",

@@ -3,10 +3,15 @@ each member exports as its own hook point, and a run's hook point is checked bef
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import zipfile
 
-from app.models import ActivationSet, FeatureJob, Sweep, Training
+from app.extraction.text import stdlib_docstrings
+from flask import current_app
+
+from app.models import ActivationSet, FeatureStat, Sweep, Training
+from app.work.features import create_feature_job
 from conftest import QUICK_CONFIG, reload
 
 BASE = {**QUICK_CONFIG, "architecture": "topk", "l1_alpha": None, "latent_dim": 128, "k": 8, "target_l0": 8 / 128,
@@ -16,6 +21,14 @@ BASE = {**QUICK_CONFIG, "architecture": "topk", "l1_alpha": None, "latent_dim": 
 def make_source(client, model, **fields):
     return client.post("/api/sources/streamed", json={"model_name": str(model), "context_length": 48,
                                                       "buffer_tokens": 2048, **fields})
+
+
+def docstring_dataset(folder) -> str:
+    """A corpus of 600 stdlib docstrings saved as a Hugging Face dataset (counted to its end at once)."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": list(itertools.islice(stdlib_docstrings(), 600))}).save_to_disk(str(folder))
+    return str(folder)
 
 
 def test_bad_streamed_sources_are_refused_at_their_field(client, env, tiny_models):
@@ -29,14 +42,16 @@ def test_bad_streamed_sources_are_refused_at_their_field(client, env, tiny_model
     assert ActivationSet.select().where(ActivationSet.kind == "streamed").count() == 0
 
 
-def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny_models, run_worker, monkeypatch):
-    monkeypatch.setenv("FEATURE_SAMPLE_TOKENS", "4096")  # the browser's examples: a few windows suffice here
-    response = make_source(client, tiny_models["gpt2"], layers="0,2", site="resid")
+def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny_models, run_worker, monkeypatch,
+                                                              tmp_path):
+    monkeypatch.setenv("FEATURES_AFTER_TRAINING", "0")  # one member's are asked for below: the same code, half the time
+    response = make_source(client, tiny_models["gpt2"], layers="0,2", site="resid", text_kind="hf",
+                           dataset_name=docstring_dataset(tmp_path / "docstrings"))
     assert response.status_code == 201, response.json
     source = response.json
     assert source["kind"] == "streamed" and source["d_in"] == 32 and source["training_tokens"] is None
     details = source["details"]
-    assert details["hooks"] == ["0.resid", "2.resid"] and details["corpus_counted"] and details["corpus_tokens"] > 50_000
+    assert details["hooks"] == ["0.resid", "2.resid"] and details["corpus_counted"] and details["corpus_tokens"] > 10_000
     # the buffers are counted before any compute: two rounds of 2,048 float32 rows of 32, per layer
     assert details["resident_bytes"] >= 2 * 2048 * 32 * 4 * 2
     # a hook point the source does not stream is refused at its field, and so is one on a plain source
@@ -66,16 +81,24 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
         archive = client.get(f"/trainings/{member.id}/export/saelens.zip")
         assert archive.status_code == 200
         cfg = json.loads(zipfile.ZipFile(io.BytesIO(archive.data)).read(f"sae-studio-run-{member.id}/cfg.json"))
-        layer = int(member.hook_point.split(".")[0])
         meta = cfg["metadata"]
+        layer = int(member.hook_point.split(".")[0])
         assert meta["hook_name"] == f"blocks.{layer}.hook_resid_post" and meta["model_name"] == str(tiny_models["gpt2"])
         assert meta["context_size"] == 48 and meta["sae_studio"]["norm_scale_folded"] == member.norm_scale
-        # the feature browser has its examples, with their tokens, from the corpus's held-out head
-        features = FeatureJob.get(FeatureJob.training == member)
-        assert features.status == "completed", features.reason
-        # and the SAE was spliced back into the model at its own layer
-        downstream = member.summary["downstream"]
-        assert downstream["layer"] == layer and downstream["tokens"] > 0
     assert members[0].summary["fvu"] != members[1].summary["fvu"]  # two layers, two SAEs
     page = client.get(f"/trainings/{members[1].id}").get_data(as_text=True)
-    assert "2.resid" in page and "model" in page
+    assert "2.resid" in page and 'id="stat-stream"' in page
+
+    # the deeper member's features (examples with their tokens, from the corpus's held-out head) and
+    # its SAE spliced back into the model at its own layer
+    features = create_feature_job(current_app.config, source=members[1].source, training=members[1],
+                                  sample_tokens=4096)
+    assert client.post(f"/api/trainings/{members[1].id}/downstream", json={"tokens": 2048}).status_code == 202
+    assert run_worker().returncode == 0
+    features = reload(features)
+    assert features.status == "completed", features.reason
+    assert features.summary["n_tokens"] == 4096
+    examples = [e for stat in FeatureStat.select().where(FeatureStat.job == features) for e in stat.examples]
+    assert examples and all(e["tokens"] for e in examples)  # each example reads as text in its context
+    downstream = reload(members[1]).summary["downstream"]
+    assert downstream["layer"] == 2 and downstream["site"] == "resid" and downstream["tokens"] > 0

@@ -338,13 +338,17 @@ class StreamedSource(ActivationSource):
         place[order] = torch.arange(n)
         return self._run(pieces, progress=fill, stop=stop, dest=place.to(self.device)), following
 
-    def batches(self, batch_size, *, seed, device, start=0, position: dict | None = None):
+    def batches(self, batch_size, *, seed, device, start=0, position: dict | None = None, until: int | None = None):
+        """As every source's, from batch ``start`` (entered at the corpus ``position`` a checkpoint recorded,
+        or found by walking from the start); ``until``, the last batch anyone will read, keeps the prefetch
+        from computing a round past it."""
         per_round, n = self.per_round(batch_size), self.round_tokens(batch_size)
         index, offset = divmod(start, per_round)
         at = Position(**position) if position else self._find(index, n)
         if at.train > index * n:
             raise StreamError("the checkpoint's corpus position lies after its step's round")
-        rounds = _Rounds(self, index, at, n, seed, prefetch=self.prefetch)
+        last = None if until is None else max(index, (until - 1) // per_round)
+        rounds = _Rounds(self, index, at, n, seed, prefetch=self.prefetch, last=last)
         try:
             while True:
                 acts = rounds.take()
@@ -412,8 +416,9 @@ class _Rounds:
     """Rounds in order, computed one ahead in a thread (or inline without ``prefetch``); at most two
     are held at once: the one handed out and the next."""
 
-    def __init__(self, source: StreamedSource, index: int, at: Position, n: int, seed: int, *, prefetch: bool) -> None:
-        self.source, self.index, self.at, self.n, self.seed = source, index, at, n, seed
+    def __init__(self, source: StreamedSource, index: int, at: Position, n: int, seed: int, *, prefetch: bool,
+                 last: int | None = None) -> None:
+        self.source, self.index, self.at, self.n, self.seed, self.last = source, index, at, n, seed, last
         self.cursor = _Cursor(source._windows(at))  # read on round after round, the corpus opened once a pass
         self.prefetch = prefetch
         self.ready: queue.Queue = queue.Queue(maxsize=1)
@@ -436,8 +441,8 @@ class _Rounds:
         try:
             while not self.stopping.is_set():
                 self.room.acquire()
-                if self.stopping.is_set():
-                    return
+                if self.stopping.is_set() or (self.last is not None and self.index > self.last):
+                    return  # nobody reads past the last round
                 self._hand(self._next())
         except _Abandoned:
             return
@@ -456,7 +461,13 @@ class _Rounds:
     def take(self) -> dict[str, torch.Tensor]:
         if not self.prefetch:
             return self._next()
-        item = self.ready.get()
+        while True:
+            try:
+                item = self.ready.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self.ready.empty():
+                    return self._next()  # read past the last round it was told of: computed here
         if isinstance(item, BaseException):
             raise item
         return item

@@ -270,8 +270,10 @@ def train_many(source: ActivationSource, members: list[Member], *, data_seed: in
     # a streamed source continues from the corpus position the earliest member's checkpoint holds
     position = next((t.member.resume.get("source_position") for t in active
                      if t.step == step and t.member.resume is not None), None)
-    batches = source.batches(batch_size, seed=seed, device=device, start=step,
-                             **({"position": position} if position else {}))
+    streamed = {}
+    if getattr(source, "hooks", None):  # a model's stream: where to enter it, and where nobody reads on
+        streamed = {"position": position, "until": max(t.cfg.total_steps for t in active)}
+    batches = source.batches(batch_size, seed=seed, device=device, start=step, **streamed)
     try:
         _steps(source, batches, active, step, eval_rows)
     finally:

@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..extraction.capture_names import BUNDLED_MINILM, SITES
 from ..models import ActivationSet
 
-COUNT_SECONDS = 20.0  # the corpus count stops here; the source then says "at least"
+COUNT_SECONDS = 5.0  # the corpus count stops here (a web request waits for it); the source then says "at least"
 HOLDOUT_TOKENS = 16_384  # the corpus's first tokens, held out for evaluation (as the trainer evaluates on)
 
 
