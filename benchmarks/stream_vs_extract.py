@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import resource
 import sys
 import tempfile
@@ -87,7 +88,7 @@ def main() -> None:
     docs = lambda: stdlib_docstrings()  # noqa: E731
     print(f"MiniLM layers {layers[0]}–{layers[-1]} (resid), {a.tokens:,} tokens per SAE ({steps} steps of {a.batch}), "
           f"TopK {a.latents} latents k={a.k}, buffer {a.buffer:,} tokens, context {a.context}, "
-          f"{torch.get_num_threads()} CPU threads")
+          f"{torch.get_num_threads()} CPU threads; load average before {os.getloadavg()[0]:.2f}")
 
     def cfg(seed: int) -> TrainConfig:
         return TrainConfig(architecture="topk", k=a.k, l1_alpha=None, latent_dim=a.latents, batch_size=a.batch,
@@ -151,7 +152,8 @@ def main() -> None:
           f"prediction {predicted / 2**20:.0f} MiB (2 rounds × {stream.round_tokens(a.batch):,} tokens × d_in "
           f"{stream.d_in} × 4 B × {len(hooks)} layers); the six SAEs and their Adam state add "
           f"{6 * 4 * 4 * 2 * stream.d_in * a.latents / 2**20:.0f} MiB. Max RSS of the process: "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.")
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB. Load average after "
+          f"{os.getloadavg()[0]:.2f}.")
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def saelens_eval(sae):
 def run_ours(folder: Path, train_docs: list[str], args) -> dict:
     from app.extraction.capture import load_model
     from app.sae.stream import StreamedSource
-    from app.sae.trainer import TrainConfig, dead_window, train
+    from app.sae.trainer import Member, TrainConfig, dead_window, train_many
 
     tokenizer, model = load_model(str(folder), torch.device("cpu"))
     steps = args.train_tokens // args.batch
@@ -223,7 +223,9 @@ def run_ours(folder: Path, train_docs: list[str], args) -> dict:
     source = StreamedSource(model, tokenizer, lambda: iter(train_docs), [HOOK_OURS], context_length=args.context,
                             model_batch=args.store_prompts, buffer_tokens=args.buffer_tokens,
                             holdout_tokens=args.holdout_tokens)
-    result, sae = train(source.view(HOOK_OURS), cfg)
+    ended = []  # as the app trains it: the member names its hook point, so the prefetch stops at its last round
+    train_many(source, [Member(cfg, hook=HOOK_OURS, on_end=lambda result, sae: ended.append((result, sae)))])
+    result, sae = ended[0]
     wall = time.perf_counter() - started
     stats = source.stats()
     return {"sae": sae, "scale": result.norm_scale, "wall": wall, "tokens": result.tokens, "steps": result.steps,

@@ -412,7 +412,7 @@ def test_a_streamed_sweep_over_two_layers_from_the_forms(live_server, worker_pro
     assert "streamed" in page.locator("#source_id option:checked").inner_text()
     page.select_option("#architecture", "topk")
     for selector, value in {"#latent_dim": "128", "#k": "8", "#target_l0": "0.0625", "#batch_size": "128",
-                            "#total_steps": "60", "#lr_warmup_steps": "5"}.items():
+                            "#total_steps": "60", "#lr_warmup_steps": "5", "#l1_warmup_steps": "5"}.items():
         page.fill(selector, value)
     page.select_option("#sweep_param_1", "hook_point")
     page.fill("#sweep_values_1", "0.resid, 2.resid")

@@ -481,7 +481,7 @@ class _Rounds:
         if self.thread is not None:
             self.room.release()
             try:
-                self.ready.get_nowait()
-            except queue.Empty:
+                self.ready.get_nowait()  # a thread blocked handing over a round sees the stop
+            except Exception:  # noqa: BLE001 - queue.Empty, or at interpreter exit the module is gone
                 pass
             self.thread.join(timeout=30)
