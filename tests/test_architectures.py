@@ -115,6 +115,21 @@ def test_trained_to_the_target_l0_without_tuning(architecture):
     assert not sae.training  # evaluated as it will be used
 
 
+@pytest.mark.parametrize("d_in, n_features, batch_size", [(256, 512, 128), (128, 256, 256)])
+def test_jumprelu_lands_on_its_target_in_a_short_run(d_in, n_features, batch_size):
+    """1,500 steps, held-out L0 within ±10% of the target (issue 24, item 4).
+
+    The first setup is the default source (``SyntheticSource(256, 512, 5)``) at 256 latents and
+    batch 128, the second a smaller one: with the thresholds at 3× the learning rate they ended
+    at 1.30× and 0.88× the target (seed 1: 1.28×, 0.85×; 0.73× on the default run's 512 latents
+    and batch 512, too slow for a test); at 10× at 0.98-0.99× (benchmarks/results/jumprelu_short_runs.txt)."""
+    cfg = small_config("jumprelu", latent_dim=256, batch_size=batch_size, target_l0=5 / 256, lr_warmup_steps=100,
+                       l1_warmup_steps=200, log_every=500, eval_tokens=4096, norm_sample_tokens=4096)
+    result, _ = train(SyntheticSource(d_in, n_features, 5.0, 0), cfg)
+    assert result.eval["l0"] == pytest.approx(5, rel=0.10)
+    assert result.eval["fvu"] < 0.5
+
+
 @pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu", "matryoshka"])
 def test_a_resumed_run_matches_an_uninterrupted_one(architecture):
     source = SyntheticSource(32, 64, 3, 0)
