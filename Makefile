@@ -75,6 +75,8 @@ benchmarks: install-test
 	$(PY) benchmarks/downstream_minilm.py
 	$(PY) benchmarks/architectures.py
 	$(PY) benchmarks/sweep_throughput.py
+	$(PY) benchmarks/stream_vs_extract.py
+	$(PY) benchmarks/stream_vs_saelens.py --saelens-prefetch --train-tokens 409600
 
 clean:
 	rm -rf $(VENV) static/vendor

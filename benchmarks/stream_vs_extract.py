@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--buffer", type=int, default=65_536)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--model-batch", type=int, default=32)
+    p.add_argument("--no-prefetch", action="store_true", help="compute each round when it is needed, not ahead")
     a = p.parse_args()
     lo, _, hi = a.layers.partition("-")
     layers = list(range(int(lo), int(hi or lo) + 1))
@@ -97,7 +98,7 @@ def main() -> None:
                            dead_window_tokens=max(1_000, a.tokens // 4))
 
     stream = StreamedSource(model, tokenizer, docs, hooks, context_length=a.context, model_batch=a.model_batch,
-                            buffer_tokens=a.buffer, holdout_tokens=16_384)
+                            buffer_tokens=a.buffer, holdout_tokens=16_384, prefetch=not a.no_prefetch)
     held_out = {hook: stream.eval_rows(8192, device=CPU, hook=hook) for hook in hooks}  # the common yardstick
     first_doc = stream._range(0, 1, Position())[0][0].doc  # where training begins, for both ways
 
