@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..extraction.capture import _Captured
+from ..training_config import parse_hook_point
 from .sources import ActivationSource
 
 DEFAULT_BUFFER_TOKENS = 65_536
@@ -56,14 +57,10 @@ class _Abandoned(Exception):
     """A round's computation stopped because nobody will read it (the training ended)."""
 
 
-def hook_key(layer: int, site: str) -> str:
-    """The name of a hook point as runs and forms write it: ``"3.resid"`` is layer 3's residual stream."""
-    return f"{int(layer)}.{site}"
-
-
 def parse_hook(key: str) -> tuple[int, str]:
-    layer, _, site = str(key).strip().partition(".")
-    if not layer.isdigit() or not site:
+    """Layer and site of a hook point written as runs write it (``training_config.parse_hook_point``)."""
+    layer, _, site = parse_hook_point(key).partition(".")
+    if not layer:
         raise ValueError(f"{key!r} is not a hook point: write layer.site, as 3.resid")
     return int(layer), site
 

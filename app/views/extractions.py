@@ -41,18 +41,21 @@ def _store_text_upload(form: ExtractionForm) -> TextSpec | None:
         return None
 
 
+def _corpus(form) -> TextSpec | None:
+    """The corpus a validated form names: an upload kept (None, with the error at its field, if it
+    does not read as text), or a named dataset or the stdlib."""
+    return _store_text_upload(form) if form.text_kind.data == "file" else named_text_spec(form.data)
+
+
 @bp.post("/")
 def start():
     form = ExtractionForm()
     if not form.validate_on_submit():
         return render_index(form, 422)
     d = form.data
-    if d["text_kind"] == "file":
-        spec = _store_text_upload(form)
-        if spec is None:
-            return render_index(form, 422)
-    else:
-        spec = named_text_spec(d)
+    spec = _corpus(form)
+    if spec is None:
+        return render_index(form, 422)
     try:
         job = create_extraction(current_app.config, d, spec, created_by=g.user.id,
                                 model_size_bytes=form.model_size_bytes)
@@ -72,12 +75,9 @@ def stream():
     if not form.validate_on_submit():
         return render_index(stream_form=form, status=422)
     d = form.data
-    if d["text_kind"] == "file":
-        spec = _store_text_upload(form)
-        if spec is None:
-            return render_index(stream_form=form, status=422)
-    else:
-        spec = named_text_spec(d)
+    spec = _corpus(form)
+    if spec is None:
+        return render_index(stream_form=form, status=422)
     try:
         source = create_streamed_source(current_app.config, d, spec, created_by=g.user.id,
                                         model_size_bytes=form.model_size_bytes)

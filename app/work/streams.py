@@ -14,6 +14,7 @@ from .. import paths
 from ..errors import UserError
 from ..extraction.capture_names import BUNDLED_MINILM, SITES
 from ..models import ActivationSet
+from ..training_config import parse_hook_point
 
 COUNT_SECONDS = 5.0  # the corpus count stops here (a web request waits for it); the source then says "at least"
 HOLDOUT_TOKENS = 16_384  # the corpus's first tokens, held out for evaluation (as the trainer evaluates on)
@@ -56,7 +57,8 @@ def buffer_bytes(d_in: int, hooks: int, buffer_tokens: int) -> int:
     return 2 * buffer_tokens * d_in * 4 * hooks
 
 
-def resident_bytes(model_size: int | None, model_dtype: str, d_in: int, hooks: int, buffer_tokens: int) -> int:
+def stream_memory_bytes(model_size: int | None, model_dtype: str, d_in: int, hooks: int, buffer_tokens: int) -> int:
+    """What a streamed source holds on the training device: its model at its precision, and its buffers."""
     from .resources import model_need
 
     return model_need(model_size, model_dtype) + buffer_bytes(d_in, hooks, buffer_tokens)
@@ -94,7 +96,7 @@ def create_streamed_source(settings: dict, d: dict, spec, *, created_by: int | N
     if not d_in:
         raise StreamRefused("The model's configuration names no hidden size: it cannot be streamed.", "model_name")
     layers = parse_layers(d["layers"], layer_count(config) if config else None)
-    hooks = [f"{layer}.{d['site']}" for layer in layers]
+    hooks = [parse_hook_point(f"{layer}.{d['site']}") for layer in layers]
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(resolved))
     except Exception as exc:  # noqa: BLE001 - the loader's many errors, for the user
@@ -111,7 +113,7 @@ def create_streamed_source(settings: dict, d: dict, spec, *, created_by: int | N
         "model_batch": d["batch_size"], "buffer_tokens": d["buffer_tokens"], "holdout_tokens": HOLDOUT_TOKENS,
         "exclude_special": bool(d["exclude_special"]), "text": spec.to_dict(), "text_label": spec.describe(),
         "corpus_tokens": corpus_tokens, "corpus_counted": counted, "model_size_bytes": size,
-        "resident_bytes": resident_bytes(size, d["model_dtype"], int(d_in), len(hooks), d["buffer_tokens"]),
+        "resident_bytes": stream_memory_bytes(size, d["model_dtype"], int(d_in), len(hooks), d["buffer_tokens"]),
     }
     label = (f"layers {layers[0]}–{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1
              else "layer" + ("s " if len(layers) > 1 else " ") + ", ".join(map(str, layers)))
