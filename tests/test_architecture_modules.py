@@ -85,10 +85,13 @@ def test_each_module_declares_what_the_app_asks_of_it(arch):
     assert architectures.get(arch.name) is arch
     assert arch.name in {value for value, _ in architectures.choices()}
     assert arch.exports_as.saelens, "every architecture exports as one SAELens reads"
-    for param in arch.params:  # its own settings are in the assembled list, needed by it alone
-        from app import training_config
+    from app import training_config
 
-        assert training_config.BY_NAME[param.name].required_for == (arch.name,)
+    for param in arch.params:  # its own settings are in the assembled list, needed by exactly those that use them
+        assert training_config.BY_NAME[param.name].required_for == architectures.using(param.name)
+        assert arch.name in architectures.using(param.name)
+    for name in arch.shared:  # a setting it shares is one the assembled list has, needed by it too
+        assert arch.name in training_config.BY_NAME[name].required_for
     assert arch.memory_bytes(64, 512, 256) > 0
 
 

@@ -185,11 +185,12 @@ def test_an_sae_of_another_width_is_refused_at_the_source(client, env):
     assert not imported.exists() or not any(imported.iterdir())
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu", "matryoshka", "gated"])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk", "jumprelu", "matryoshka", "matryoshka_topk",
+                                          "gated"])
 def test_an_exported_sae_loads_in_saelens_and_computes_what_ours_does(client, env, run_worker, tmp_path,
                                                                      architecture):
     import sae_lens
-    k = 8 if architecture in ("topk", "batchtopk", "matryoshka") else None
+    k = 8 if architecture in ("topk", "batchtopk", "matryoshka", "matryoshka_topk") else None
     run = finished_run(client, run_worker, architecture=architecture, k=k,
                 l1_alpha={"standard": 0.003, "gated": 0.03}.get(architecture))
     response = client.get(f"/trainings/{run.id}/export/saelens.zip")
@@ -221,11 +222,14 @@ def test_an_exported_sae_loads_in_saelens_and_computes_what_ours_does(client, en
     assert density.shape == (256,) and (density <= 0).all()
     # and our import reads it back: the same numbers, now acting on raw activations
     back, back_density = parse_saelens({p.name: p.read_bytes() for p in folder.iterdir()})
-    thresholded = architecture in ("batchtopk", "jumprelu", "matryoshka")
-    # BatchTopK and Matryoshka are JumpReLUs at inference, and export as such, as SAELens does
-    assert back.architecture == ("jumprelu" if thresholded else architecture) and back.norm_scale == 1.0
+    # BatchTopK and Matryoshka are JumpReLUs at inference, and export as such, as SAELens does;
+    # Matryoshka TopK is a TopK SAE at inference
+    exported_as = {"batchtopk": "jumprelu", "matryoshka": "jumprelu", "matryoshka_topk": "topk"}.get(architecture,
+                                                                                                 architecture)
+    thresholded = exported_as == "jumprelu"
+    assert back.architecture == exported_as and back.norm_scale == 1.0
     assert json.loads((folder / "cfg.json").read_text())["metadata"].get("trained_as") == (
-        architecture if architecture in ("batchtopk", "matryoshka") else None)
+        architecture if exported_as != architecture else None)
     if thresholded:
         assert f_ours.count_nonzero() > 0 and (f_ours > 0).sum(dim=1).float().mean() < 0.5 * 256
     np.testing.assert_allclose(back_density, density)

@@ -90,7 +90,7 @@ def test_rules_form_one_registry():
                                           "exploding", "plateau", "early_stop"]
 
 
-@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka", "matryoshka_topk", "jumprelu"])
 def test_l1_rules_stay_silent_for_architectures_without_l1(architecture):
     """Dense, race-to-zero and early stop are about the L1 penalty: a TopK-style or JumpReLU run has none."""
     m = monitor(architecture=architecture, warmup_steps=0, early_stop=True, early_stop_step=10)

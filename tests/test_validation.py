@@ -270,7 +270,7 @@ def test_recommended_steps_let_l0_settle_and_small_sources_get_smaller_batches()
     assert "6.4 times" in repeat.message
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka", "matryoshka_topk"])
 def test_a_k_architecture_is_held_to_the_target_k_can_reach(architecture):
     base = sound(architecture=architecture, l1_alpha=None, latent_dim=512, k=15)
     assert fired({**base, "target_l0": 0.03}) == []  # 15.4 latents: k = 15 is that target, typed as a fraction

@@ -70,7 +70,7 @@ def folded(sae: LoadedSAE) -> dict[str, np.ndarray]:
 
 def saelens_cfg(sae: LoadedSAE, metadata: dict) -> dict:
     arch = architectures.get(sae.architecture)
-    if arch.exports_as is not arch:  # thresholded at inference: exported as what it then is
+    if arch.exports_as is not arch:  # another architecture at inference: exported as what it then is
         metadata = {**metadata, "trained_as": sae.architecture}
     cfg = {"architecture": arch.exports_as.saelens, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",

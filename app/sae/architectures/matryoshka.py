@@ -36,6 +36,34 @@ def level_sizes(prefixes, latent_dim: int) -> tuple[int, ...]:
     return (*sizes, latent_dim)
 
 
+def nested_loss(model, x, pre, f, dead_mask):
+    """The Matryoshka loss of a model with ``levels``, given its pre-activations and the latents its
+    selection kept: every prefix of the dictionary reconstructs x on its own, and the loss is the
+    sum of their reconstruction terms plus AuxK on the whole dictionary's residual. Returns
+    ``(LossParts, x_hat, f)`` with the whole dictionary's ``mse`` and ``x_hat``."""
+    import torch
+
+    from ..models import LossParts
+
+    x_hat = model.b_dec.expand_as(x)
+    levels_mse, start = [], 0
+    for end in model.levels:  # each level adds its segment of the dictionary to the previous one's
+        x_hat = x_hat + f[:, start:end] @ model.W_dec[start:end]
+        levels_mse.append((x - x_hat).pow(2).sum(dim=-1).mean() / model.d_in)
+        start = end
+    l1 = (f * model.decoder_norms()).sum(dim=-1).mean().detach()
+    aux = model.aux_loss(x, x_hat, pre, dead_mask)
+    return LossParts(torch.stack(levels_mse).sum() + aux, levels_mse[-1], aux, l1), x_hat, f
+
+
+def check_levels(levels, d_sae) -> tuple[int, ...]:
+    """The model's levels (the default ones when empty); ``ValueError`` unless they increase to d_sae."""
+    levels = tuple(levels) or level_sizes("", d_sae)
+    if list(levels) != sorted(set(levels)) or levels[0] < 1 or levels[-1] != d_sae:
+        raise ValueError(f"matryoshka levels must increase and end at d_sae {d_sae}, got {levels}")
+    return levels
+
+
 PREFIXES = Param(
     "matryoshka_prefixes", str, "", "Nested prefix sizes (Matryoshka)", api_optional=True, template=True,
     parse=parse_prefixes, placeholder="auto: 1/16, 1/8, 1/4, 1/2 of the latents",
@@ -61,10 +89,6 @@ class Matryoshka(Architecture):
     dead_advice = "Lower the learning rate or raise k."
 
     def define_model(self):
-        import torch
-
-        from ..models import LossParts
-
         class MatryoshkaSAE(batchtopk.ARCH.model_class()):
             """Matryoshka BatchTopK SAE: every prefix of the dictionary (``levels``, the whole last)
             reconstructs the input on its own, so general features settle in the early latents and
@@ -77,23 +101,11 @@ class Matryoshka(Architecture):
 
             def __init__(self, d_in, d_sae, *, k, levels=(), aux_coeff=1 / 32, generator=None, device="cpu"):
                 super().__init__(d_in, d_sae, k=k, aux_coeff=aux_coeff, generator=generator, device=device)
-                levels = tuple(levels) or level_sizes("", d_sae)
-                if list(levels) != sorted(set(levels)) or levels[0] < 1 or levels[-1] != d_sae:
-                    raise ValueError(f"matryoshka levels must increase and end at d_sae {d_sae}, got {levels}")
-                self.levels = levels
+                self.levels = check_levels(levels, d_sae)
 
             def loss(self, x, *, l1_alpha=0.0, dead_mask=None):
                 pre, f = self._select(x)
-                x_hat = self.b_dec.expand_as(x)
-                levels_mse, start = [], 0
-                for end in self.levels:  # each level adds its segment of the dictionary to the previous one's
-                    x_hat = x_hat + f[:, start:end] @ self.W_dec[start:end]
-                    levels_mse.append((x - x_hat).pow(2).sum(dim=-1).mean() / self.d_in)
-                    start = end
-                mse = levels_mse[-1]
-                l1 = (f * self.decoder_norms()).sum(dim=-1).mean().detach()
-                aux = self.aux_loss(x, x_hat, pre, dead_mask)
-                return LossParts(torch.stack(levels_mse).sum() + aux, mse, aux, l1), x_hat, f
+                return nested_loss(self, x, pre, f, dead_mask)
 
         return MatryoshkaSAE
 
