@@ -50,7 +50,7 @@ def test_a_version_1_database_is_upgraded(app):
     assert not set(added) & columns("training")
     assert migrate() == len(MIGRATIONS)
     assert set(added) <= columns("training")
-    assert "tune_job" in db.get_tables() and Template.select().where(Template.builtin == True).count() == 42  # noqa: E712 - 7 widths × 6 architectures
+    assert "tune_job" in db.get_tables() and Template.select().where(Template.builtin == True).count() == 49  # noqa: E712 - 7 widths × 7 architectures
 
 
 # A fresh database's built-in rows as migrations 1-19 wrote them before the migrations were frozen
@@ -62,14 +62,20 @@ EXPECTED = json.loads((Path(__file__).parent / "fresh_database_rows.json").read_
 
 # Migration 20's rows: a Gated preset beside each width's TopK preset (literal data in app/db.py).
 GATED = {"architecture": "gated", "k": None, "l1_alpha": 0.03, "steer_l1_alpha": True}
+# Migration 25's: a Matryoshka TopK preset beside each Matryoshka BatchTopK preset.
+MATRYOSHKA_TOPK = {"architecture": "matryoshka_topk"}
+LATER = {20: GATED["architecture"], 25: MATRYOSHKA_TOPK["architecture"]}  # presets added after the frozen rows
 
 
 def built_in_rows(*, since: int = 0) -> tuple[list[dict], list[dict]]:
-    """The built-in templates (those the migrations before 20 wrote, or with ``since=20`` migration 20's) and sources."""
+    """The built-in templates (those the migrations before 20 wrote, or with ``since`` in LATER that
+    migration's) and sources."""
     templates = [{"name": t.name, "d_in": t.d_in, "builtin": t.builtin, "provenance": t.provenance, "config": t.config}
                  for t in Template.select().where(Template.builtin == True).order_by(Template.id)]  # noqa: E712
-    gated = [t for t in templates if t["config"]["architecture"] == GATED["architecture"]]
-    templates = gated if since == 20 else [t for t in templates if t not in gated]
+    if since:
+        templates = [t for t in templates if t["config"]["architecture"] == LATER[since]]
+    else:
+        templates = [t for t in templates if t["config"]["architecture"] not in LATER.values()]
     sources = [{"name": s.name, "kind": s.kind, "d_in": s.d_in, "n_tokens": s.n_tokens, "path": s.path,
                 "params": s.params} for s in ActivationSet.select().order_by(ActivationSet.id)]
     return templates, sources
@@ -83,8 +89,17 @@ def test_a_fresh_database_holds_exactly_the_built_in_rows_it_always_had(app):
     gated, _ = built_in_rows(since=20)
     assert [g["config"] for g in gated] == [{**t["config"], **GATED} for t in topk]
     assert [g["d_in"] for g in gated] == [t["d_in"] for t in topk] and all(" · Gated · " in g["name"] for g in gated)
+    assert_matryoshka_topk_beside_matryoshka(templates)
     # the order of each config's keys too (pages list a template's fields in it)
     assert [list(t["config"]) for t in templates] == [list(t["config"]) for t in EXPECTED["templates"]]
+
+
+def assert_matryoshka_topk_beside_matryoshka(templates):
+    matryoshka = [t for t in templates if t["config"]["architecture"] == "matryoshka"]
+    added, _ = built_in_rows(since=25)
+    assert [m["config"] for m in added] == [{**t["config"], **MATRYOSHKA_TOPK} for t in matryoshka]
+    assert [m["name"] for m in added] == [t["name"].replace("· Matryoshka k=", "· Matryoshka TopK k=") for t in matryoshka]
+    assert [m["d_in"] for m in added] == [t["d_in"] for t in matryoshka] and len(added) == 7
 
 
 def test_the_migrations_call_no_seed_code():
@@ -110,11 +125,12 @@ def test_the_migrations_call_no_seed_code():
 
 def test_an_upgrade_through_the_preset_migrations_ends_with_the_same_rows(app):
     """A database from before migration 12 (no BatchTopK, JumpReLU or Matryoshka presets, no hard
-    source) whose standard presets still hold an older l1_alpha ends with the rows a fresh one has."""
+    source) whose standard presets still hold an older l1_alpha ends with the rows a fresh one has
+    (migration 25 then adds Matryoshka TopK's beside the re-added Matryoshka presets)."""
     hard = ActivationSet.get(ActivationSet.name.startswith("Synthetic (hierarchical)"))
     hard.delete_instance()
     for t in Template.select().where(Template.builtin == True):  # noqa: E712
-        if t.config["architecture"] in ("batchtopk", "jumprelu", "matryoshka"):
+        if t.config["architecture"] in ("batchtopk", "jumprelu", "matryoshka", "matryoshka_topk"):
             t.delete_instance()
         elif t.config["architecture"] == "standard":
             t.config = {key: value for key, value in t.config.items()
@@ -128,6 +144,7 @@ def test_an_upgrade_through_the_preset_migrations_ends_with_the_same_rows(app):
     assert sources == EXPECTED["sources"]
     key = lambda row: row["name"]  # noqa: E731 - the re-added presets come after the kept ones
     assert sorted(templates, key=key) == sorted(EXPECTED["templates"], key=key)
+    assert_matryoshka_topk_beside_matryoshka(templates)
 
 
 def test_a_database_from_before_final_folders_is_upgraded_and_keeps_its_runs(client):

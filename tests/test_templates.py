@@ -21,7 +21,7 @@ def test_presets_are_seeded_for_common_widths_with_provenance(client):
     presets = list(Template.select().where(Template.builtin == True))  # noqa: E712
     assert sorted({t.d_in for t in presets}) == sorted(PRESET_WIDTHS)
     assert {t.config["architecture"] for t in presets} == {"standard", "topk", "batchtopk", "jumprelu", "matryoshka",
-                                                           "gated"}
+                                                           "matryoshka_topk", "gated"}
     for t in presets:
         assert t.provenance
         if t.config["architecture"] == "standard":
