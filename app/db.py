@@ -462,6 +462,14 @@ def _migration_25_matryoshka_topk_presets(db) -> None:
                           "on both synthetic benchmarks."})
 
 
+def _migration_26_aux_window(db) -> None:
+    """AuxK's own window (``aux_window_tokens``), shorter than the dead-latent window. Runs stored before
+    it keep a null: they resume with AuxK on the dead-latent window, as they trained. Self-contained."""
+    from peewee import IntegerField
+
+    add_column_if_missing(db, "training", "aux_window_tokens", IntegerField(null=True))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -472,7 +480,7 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_18_placement, _migration_19_queued_at, _migration_20_gated_presets,
                               _migration_21_sweeps, _migration_22_model_size_for_placement,
                               _migration_23_final_folders, _migration_24_hook_points,
-                              _migration_25_matryoshka_topk_presets]
+                              _migration_25_matryoshka_topk_presets, _migration_26_aux_window]
 
 
 def migrate() -> int:

@@ -177,6 +177,11 @@ PARAMS: tuple[Param, ...] = (
     Param("log_every", int, 20, "Log metrics every (steps)", min=1, max=10_000, api_optional=True, group="advanced"),
     Param("dead_window_tokens", int, 200_000, "Dead-latent window (tokens)", min=1_000, max=1_000_000_000,
           api_optional=True, help="A latent that has not fired in this many tokens counts as dead.", group="advanced"),
+    Param("aux_window_tokens", int, 5_000, "AuxK window (tokens)", min=1, max=1_000_000_000, api_optional=True,
+          help=f"{_architectures.titles(lambda a: a.aux_k, ' and ')}: a latent that has not fired in this many tokens "
+               "gets the auxiliary loss's gradient toward what the others miss (at most the dead-latent window). "
+               "Shorter than the dead-latent window, so rare latents are helped before they die; "
+               "benchmarks/results/architectures.md measured it.", group="advanced"),
     Param("early_stop", bool, True, "Stop early if still dense", core=False,
           help="End the run as 'stopped early' if L0 is still above the threshold at the given step.", group="quality"),
     Param("early_stop_step", int, 1000, "Early-stop check at step", min=1, max=10_000_000, api_optional=True,

@@ -28,6 +28,8 @@ BOUNDS = [
     ("log_every", 10_000, True, {}), ("log_every", 10_001, False, {}),
     ("dead_window_tokens", 1_000, True, {}), ("dead_window_tokens", 999, False, {}),
     ("dead_window_tokens", 1_000_000_000, True, {}), ("dead_window_tokens", 1_000_000_001, False, {}),
+    ("aux_window_tokens", 1, True, {}), ("aux_window_tokens", 0, False, {}),
+    ("aux_window_tokens", 1_000_000_000, True, {}), ("aux_window_tokens", 1_000_000_001, False, {}),
     ("k", 300, False, {"architecture": "topk", "latent_dim": 256}),  # k above latent_dim
     ("early_stop_step", 1, True, {}), ("early_stop_step", 0, False, {}),
     ("early_stop_l0", 0.01, True, {}), ("early_stop_l0", 0, False, {}),

@@ -399,7 +399,7 @@ def trained_gpt2(tmp_path_factory):
 QUICK_CONFIG = {
     "name": "quick", "source_id": 1, "architecture": "standard", "latent_dim": 256, "l1_alpha": 0.003, "k": 16,
     "learning_rate": 0.001, "batch_size": 256, "total_steps": 200, "lr_warmup_steps": 10, "l1_warmup_steps": 20,
-    "target_l0": 0.02, "seed": 0, "log_every": 10, "dead_window_tokens": 20_000,
+    "target_l0": 0.02, "seed": 0, "log_every": 10, "dead_window_tokens": 20_000, "aux_window_tokens": 5_000,
     "early_stop": True, "early_stop_step": 1000, "early_stop_l0": 0.2, "steer_l1_alpha": False,
     "dead_latent_remedy": "none", "plateau_window": 2000, "checkpoint_every_steps": 2000,
     "checkpoint_every_minutes": 5.0, "precision": "auto",

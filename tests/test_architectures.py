@@ -236,3 +236,24 @@ def test_matryoshka_topk_keeps_k_per_token_and_each_prefix_reconstructs_alone():
     loaded.load_state_dict({name: value for name, value in sae.state_dict().items()})
     torch.testing.assert_close(loaded(x)[1], sae(x)[1])
     assert type(loaded).__name__ == "TopKSAE"
+
+
+def test_auxk_has_its_own_window_and_the_dead_count_keeps_the_dead_latent_window():
+    """AuxK works on latents silent for ``aux_window_tokens`` (default 5,000) long before the dead-latent
+    window has passed (the dead count still waits for it); a run stored before the setting existed
+    (None) keeps AuxK on the dead-latent window, as it trained."""
+    from app.sae.trainer import aux_window, dead_window
+
+    source = SyntheticSource(32, 64, 3, 0)
+    points = {}
+    for window in (2_000, None):
+        cfg = small_config("topk", latent_dim=512, batch_size=256, total_steps=120, k=4, target_l0=4 / 512,
+                           log_every=10, dead_window_tokens=200_000, aux_window_tokens=window)
+        logged = []
+        train(source, cfg, on_log=lambda p: logged.append(p))
+        points[window] = [p for p in logged if p.tokens < dead_window(cfg)]  # before the dead count is known
+    assert dead_window(cfg) == 120 * 256 // 2 and aux_window(cfg) == dead_window(cfg)
+    assert len(points[None]) == 5 and all(p.dead is None for p in points[2_000] + points[None])
+    assert any(p.sparsity_loss > 0 for p in points[2_000])  # AuxK at work on latents silent for 2,000 tokens
+    assert all(p.sparsity_loss == 0 for p in points[None])  # not before the dead-latent window
+    assert TrainConfig.__dataclass_fields__["aux_window_tokens"].default == 5_000

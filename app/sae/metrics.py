@@ -65,6 +65,10 @@ class DeadLatentTracker:
         """Latents silent for a whole window (all False until a window has been seen)."""
         return self.since_fired >= self.window_tokens
 
+    def silent_mask(self, tokens: int) -> torch.Tensor:
+        """Latents silent for at least ``tokens`` tokens (AuxK's window, which may be shorter)."""
+        return self.since_fired >= tokens
+
     @property
     def known(self) -> bool:
         return self.tokens_seen >= self.window_tokens

@@ -37,6 +37,8 @@ def _check(self) -> None:
                  "checkpoint_every_steps"):
         if getattr(self, name) < 1:
             raise ValueError(f"{name} must be at least 1")
+    if self.aux_window_tokens is not None and self.aux_window_tokens < 1:
+        raise ValueError("aux_window_tokens must be at least 1")
     if not self.learning_rate > 0:
         raise ValueError("learning_rate must be positive")
 
@@ -142,6 +144,14 @@ def dead_window(cfg) -> int:
     "not yet known"; half the run leaves the second half to count them over.
     """
     return max(1, min(cfg.dead_window_tokens, cfg.total_steps * cfg.batch_size // 2))
+
+
+def aux_window(cfg) -> int:
+    """How long a latent may stay silent before AuxK gives it gradient: ``aux_window_tokens``, never
+    longer than the dead-latent window (a run stored before the setting existed has none: the
+    dead-latent window, as it then trained)."""
+    window = dead_window(cfg)
+    return window if cfg.aux_window_tokens is None else max(1, min(cfg.aux_window_tokens, window))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -349,6 +359,7 @@ class _Trainee:
         self.optimizer = torch.optim.Adam(self.sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.tracker = DeadLatentTracker(cfg.latent_dim, dead_window(cfg), device)
+        self.aux_window = aux_window(cfg)
         self.window = WindowAccumulator(device)
         self.base_l1_alpha = cfg.l1_alpha or 0.0
         self.resampled, self.tokens, self.step, self.last = 0, 0, 0, None
@@ -401,11 +412,17 @@ class _Trainee:
         self.resample_until = int(cfg.total_steps * 0.8)
         self.window_start = self.saved_at = time.perf_counter()
         self.saved_step = self.step
-        # AuxK runs only while latents are dead; whether any are is read on logging steps, where
-        # the host reads the device anyway, so the step itself never waits for the answer.
-        self.aux_active = self.use_aux and self.tracker.known and bool(self.tracker.dead_count().item())
+        # AuxK runs only while latents are silent for its window; whether any are is read on logging
+        # steps, where the host reads the device anyway, so the step itself never waits for the answer.
+        self.aux_active = self._aux_needed()
         if self.step >= cfg.total_steps:
             self.step = cfg.total_steps
+
+    def _aux_needed(self) -> bool:
+        """Is any latent silent for AuxK's window? (Read on logging steps, where the host reads the device anyway.)"""
+        tracker = self.tracker
+        return (self.use_aux and tracker.tokens_seen >= self.aux_window
+                and bool(tracker.silent_mask(self.aux_window).any().item()))
 
     def state(self, at_step: int) -> dict:
         cfg, device = self.cfg, self.device
@@ -441,7 +458,7 @@ class _Trainee:
         or its log callback asked it to stop)."""
         cfg, sae, optimizer, tracker, step = self.cfg, self.sae, self.optimizer, self.tracker, self.step
         alpha = l1_alpha_at(step, cfg, self.base_l1_alpha)
-        dead_mask = tracker.dead_mask() if self.aux_active else None
+        dead_mask = tracker.silent_mask(self.aux_window) if self.aux_active else None
         with self.step_context:
             parts, x_hat, f = sae.loss(x, l1_alpha=alpha, dead_mask=dead_mask)
         optimizer.zero_grad(set_to_none=True)
@@ -474,7 +491,7 @@ class _Trainee:
             raise NonFiniteLoss(step, self.last)
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         dead = int(self.tracker.dead_count().item()) if self.tracker.known else None
-        self.aux_active = self.use_aux and bool(dead)
+        self.aux_active = self._aux_needed()
         self.last = LogPoint(
             step=step, tokens=self.tokens, loss=values["loss"], mse=values["mse"],
             sparsity_loss=values["sparsity_loss"], l1=values["l1"], l0=values["l0"],
