@@ -1,5 +1,7 @@
-"""Every architecture of ours beside SAELens's own trainer of the same architecture, on the
-hierarchical synthetic source: MCC, MMCS, FVU and L0 on held-out tokens.
+"""Every architecture of ours beside SAELens's own trainer of the same architecture, on a synthetic
+source with known features: MCC, MMCS, FVU and L0 on held-out tokens. Two generators: ours
+(``--generator ours``, below) and SAELens's own (``--generator saelens``: ``sae_lens.synthetic``
+as a small SynthSAEBench, ``benchmarks/synthsaebench.py``; k defaults to its true L0).
 
 The source has hierarchy, correlated firing and Zipfian frequencies (``HierarchicalSource``):
 2,048 true features in d_in 256, about 15 active per token. Each SAE has 2,048 latents and
@@ -14,6 +16,8 @@ them for use (saved and loaded back: BatchTopK and Matryoshka become JumpReLUs),
 export them.
 
     python benchmarks/architectures.py            # the whole table (about an hour on 2 CPU cores)
+    python benchmarks/architectures.py --generator saelens
+    python benchmarks/architectures.py --combine results/architectures.json results/architectures_synthsaebench.json
     python benchmarks/architectures.py --only jumprelu --samples 300000
 """
 from __future__ import annotations
@@ -37,7 +41,8 @@ from app.sae.trainer import TrainConfig, train  # noqa: E402
 from app.sae.architectures.matryoshka import level_sizes as matryoshka_levels  # noqa: E402
 from app.validation import recommended_l1_alpha  # noqa: E402
 
-ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka")
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka", "matryoshka_topk")
+K_SET = ("topk", "batchtopk", "matryoshka", "matryoshka_topk")
 CPU = torch.device("cpu")
 
 
@@ -69,11 +74,11 @@ def run_ours(arch: str, source, args, x_eval) -> dict:
     target = args.k / args.latents
     cfg = TrainConfig(architecture=arch, latent_dim=args.latents, batch_size=args.batch, total_steps=steps,
                       learning_rate=args.lr, lr_warmup_steps=steps // 20, l1_warmup_steps=steps // 20,
-                      target_l0=target, k=args.k if arch in ("topk", "batchtopk", "matryoshka") else None,
+                      target_l0=target, k=args.k if arch in K_SET else None,
                       l1_alpha=recommended_l1_alpha(args.d_in, args.latents, target) if arch == "standard" else None,
                       l0_coefficient=10.0 if arch == "jumprelu" else None,
                       jumprelu_bandwidth=0.05 if arch == "jumprelu" else None,
-                      matryoshka_prefixes="" if arch == "matryoshka" else None,
+                      matryoshka_prefixes="" if arch.startswith("matryoshka") else None,
                       precision="float32", log_every=50, device="cpu",
                       **({"dead_window_tokens": args.dead_window} if args.dead_window else {}))
     steer = L0Controller(target=target, alpha=cfg.l1_alpha, start_step=cfg.l1_warmup_steps) if arch == "standard" else None
@@ -132,7 +137,10 @@ def main() -> int:
     parser.add_argument("--features", type=int, default=2048)
     parser.add_argument("--d-in", type=int, default=256)
     parser.add_argument("--latents", type=int, default=2048)
-    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--generator", choices=("ours", "saelens"), default="ours",
+                        help="ours: HierarchicalSource; saelens: sae_lens.synthetic's generator (benchmarks/synthsaebench.py)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="k or target L0 (default: 16 on ours, the generator's true L0 rounded on SAELens's)")
     parser.add_argument("--samples", type=int, default=1_500_000)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -141,12 +149,21 @@ def main() -> int:
     parser.add_argument("--ours-from", default=None,
                         help="a results file holding our standard run, for --saelens-l1 (when run in parallel)")
     parser.add_argument("--merge", nargs="+", default=None, help="merge these results files into --out and stop")
+    parser.add_argument("--combine", nargs=2, default=None, metavar=("OURS_JSON", "SAELENS_JSON"),
+                        help="write results/architectures_two_generators.md from the two generators' results and stop")
     parser.add_argument("--dead-window", type=int, default=None,
                         help="tokens a latent may stay silent before AuxK treats it as dead (ours: dead_window_tokens, "
                              "default 200,000; SAELens: dead_feature_window, the same in steps)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "architectures.json"))
+    parser.add_argument("--out", default=None,
+                        help="results file (default: results/architectures.json, or architectures_synthsaebench.json)")
     args = parser.parse_args()
-    out = Path(args.out)
+    name = "architectures.json" if args.generator == "ours" else "architectures_synthsaebench.json"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / name)
+    if args.combine:
+        text = combined(*(json.loads(Path(name).read_text()) for name in args.combine))
+        (ROOT / "benchmarks" / "results" / "architectures_two_generators.md").write_text(text)
+        print(text)
+        return 0
     if args.merge:
         merged: dict = {}
         for name in args.merge:
@@ -161,16 +178,28 @@ def main() -> int:
         print(table(merged))
         return 0
 
-    source = HierarchicalSource(args.d_in, args.features, 16.0, seed=0)
+    if args.generator == "ours":
+        source = HierarchicalSource(args.d_in, args.features, 16.0, seed=0)
+        described = f"HierarchicalSource(d_in={args.d_in}, n_features={args.features}, mean_active=16)"
+        args.k = args.k or 16
+    else:
+        from synthsaebench import SynthSAEBenchSource
+
+        source = SynthSAEBenchSource(args.d_in, args.features, rows=args.samples)
+        described = f"{source.description}; true L0 {source.true_l0:.1f}"
+        args.k = args.k or round(source.true_l0)
     scale = normalization_scale(source.sample(8192, device=CPU))
     x_eval = source.eval_rows(16_384, device=CPU) * scale
     results = json.loads(out.read_text()) if out.exists() else {}
-    results["setup"] = {"source": f"HierarchicalSource(d_in={args.d_in}, n_features={args.features}, mean_active=16)",
+    results["setup"] = {"source": described,
                         "latents": args.latents, "k_or_target": args.k, "samples": args.samples, "batch": args.batch,
                         "learning_rate": args.lr,
-                        "torch_threads": torch.get_num_threads()}
+                        "torch_threads": torch.get_num_threads(),
+                        "aux_window_tokens": TrainConfig.__dataclass_fields__["aux_window_tokens"].default}
     for arch in args.only.split(","):
         for who in args.contenders.split(","):
+            if who == "saelens" and arch == "matryoshka_topk":
+                continue  # SAELens has no Matryoshka with per-token TopK selection
             if arch == "standard" and who == "saelens" and args.saelens_l1 is None:
                 theirs = json.loads(Path(args.ours_from).read_text()) if args.ours_from else results
                 args.saelens_l1 = theirs.get("runs", {}).get("standard/ours", {}).get("final_l1_alpha")
@@ -193,13 +222,39 @@ def table(results: dict) -> str:
     lines = [f"{setup['source']}; {setup['latents']:,} latents; {setup['samples']:,} training samples in batches of "
              f"{setup['batch']:,} at learning rate {setup.get('learning_rate')}; k or target L0 {setup['k_or_target']}; "
              "held-out: 16,384 tokens; "
-             f"{setup['torch_threads']} CPU thread(s).", "",
+             f"{setup['torch_threads']} CPU thread(s)."
+             + (f" Ours at the form's defaults (AuxK window {setup['aux_window_tokens']:,} tokens) unless the row "
+                "says otherwise." if setup.get("aux_window_tokens") else "")
+             + (f" {setup['note']}" if setup.get("note") else ""), "",
              "| architecture | trainer | L0 | FVU | MCC | MMCS | never fired | seconds |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, row in results.get("runs", {}).items():
         arch, who = key.split("/")
         lines.append(f"| {arch} | {'SAELens' if who == 'saelens' else 'ours'} | {row['l0']:.2f} | {row['fvu']:.3f} | "
                      f"{row['mcc']:.3f} | {row['mmcs']:.3f} | {row['never_fired']:,} | {row['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def combined(first: dict, second: dict) -> str:
+    """One table, architecture × trainer, with each generator's L0, FVU, MCC and never-fired side by side."""
+    keys = list(first["runs"]) + [key for key in second["runs"] if key not in first["runs"]]
+    lines = ["Generators: (A) " + first["setup"]["source"] + f", k or target {first['setup']['k_or_target']}; "
+             "(B) " + second["setup"]["source"] + f", k or target {second['setup']['k_or_target']}. Both: "
+             f"{first['setup']['latents']:,} latents, {first['setup']['samples']:,} samples in batches of "
+             f"{first['setup']['batch']}, learning rate {first['setup']['learning_rate']}, one CPU thread; held-out "
+             "16,384 samples.", "",
+             "| architecture | trainer | A: L0 | A: FVU | A: MCC | A: never fired | B: L0 | B: FVU | B: MCC | B: never fired |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cells(row):
+        if row is None:
+            return ["–"] * 4
+        return [f"{row['l0']:.2f}", f"{row['fvu']:.3f}", f"{row['mcc']:.3f}", f"{row['never_fired']:,}"]
+
+    for key in keys:
+        arch, who = key.split("/")
+        lines.append("| " + " | ".join([arch, "SAELens" if who == "saelens" else "ours",
+                                         *cells(first["runs"].get(key)), *cells(second["runs"].get(key))]) + " |")
     return "\n".join(lines) + "\n"
 
 
