@@ -74,6 +74,9 @@ benchmarks: install-test
 	$(PY) benchmarks/ground_truth_recovery.py
 	$(PY) benchmarks/downstream_minilm.py
 	$(PY) benchmarks/architectures.py
+	$(PY) benchmarks/architectures.py --generator saelens
+	$(PY) benchmarks/architectures.py --combine benchmarks/results/architectures.json benchmarks/results/architectures_synthsaebench.json
+	$(PY) benchmarks/aux_window_minilm.py
 	$(PY) benchmarks/sweep_throughput.py
 	$(PY) benchmarks/stream_vs_extract.py
 	$(PY) benchmarks/stream_vs_saelens.py --saelens-prefetch --train-tokens 409600
