@@ -154,10 +154,12 @@ class Matryoshka(Architecture):
                  f"Matryoshka BatchTopK, k = {k}; prefixes of 1/16, 1/8, 1/4 and 1/2 of the latents each reconstruct "
                  "alone, which keeps general features from being absorbed by specific ones.")]
 
+    selection = batchtopk.ARCH  # whose selection it trains with: the run page describes k in its words
+
     def describe(self, run):
         prefixes = getattr(run, PREFIXES.name) or ""
         levels = level_sizes(prefixes, run.latent_dim)
-        return {**batchtopk.ARCH.describe(run),
+        return {**self.selection.describe(run),
                 PREFIXES.name: f"{prefixes or 'auto'}: nested levels of {', '.join(f'{n:,}' for n in levels)} latents"}
 
 

@@ -13,7 +13,7 @@ into TopK's model and export as SAELens's ``topk``.
 from __future__ import annotations
 
 from . import matryoshka, topk
-from .matryoshka import PREFIXES, check_levels, level_sizes, nested_loss
+from .matryoshka import PREFIXES, check_levels, nested_loss
 
 NAME = "matryoshka_topk"
 
@@ -27,6 +27,7 @@ class MatryoshkaTopK(matryoshka.Matryoshka):
     shared = ("k", PREFIXES.name)  # the prefixes are Matryoshka BatchTopK's setting, shared
     params = ()
     inference_as = topk.ARCH
+    selection = topk.ARCH  # build, checks and the run page's words for the prefixes are Matryoshka's
     knob_hint = "Matryoshka TopK fixes L0 at"
     how_k = topk.TopK.how_k
 
@@ -50,12 +51,6 @@ class MatryoshkaTopK(matryoshka.Matryoshka):
 
         return MatryoshkaTopKSAE
 
-    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=True):
-        if cfg.k is None:
-            raise ValueError(f"a {self.name} SAE needs k")
-        levels = level_sizes(getattr(cfg, PREFIXES.name, "") or "", d_sae)
-        return self.model_class()(d_in, d_sae, k=cfg.k, levels=levels, generator=generator, device=device)
-
     recommend = topk.TopK.recommend
     summary = topk.TopK.summary
     advise_sparser = topk.TopK.advise_sparser
@@ -66,12 +61,6 @@ class MatryoshkaTopK(matryoshka.Matryoshka):
                  f"Matryoshka TopK, k = {k} on every token; prefixes of 1/16, 1/8, 1/4 and 1/2 of the latents each "
                  "reconstruct alone. Matched more true features than Matryoshka BatchTopK on both synthetic "
                  "benchmarks.")]
-
-    def describe(self, run):
-        prefixes = getattr(run, PREFIXES.name) or ""
-        levels = level_sizes(prefixes, run.latent_dim)
-        return {**topk.ARCH.describe(run),
-                PREFIXES.name: f"{prefixes or 'auto'}: nested levels of {', '.join(f'{n:,}' for n in levels)} latents"}
 
 
 ARCH = MatryoshkaTopK()
