@@ -27,7 +27,8 @@ class MatryoshkaTopK(matryoshka.Matryoshka):
     shared = ("k", PREFIXES.name)  # the prefixes are Matryoshka BatchTopK's setting, shared
     params = ()
     inference_as = topk.ARCH
-    selection = topk.ARCH  # build, checks and the run page's words for the prefixes are Matryoshka's
+    selection = topk.ARCH  # its k in TopK's words on the run page; build, checks, recommendations and
+    # advice are Matryoshka's (BatchTopK's, which are TopK's)
     knob_hint = "Matryoshka TopK fixes L0 at"
     how_k = topk.TopK.how_k
 
@@ -50,11 +51,6 @@ class MatryoshkaTopK(matryoshka.Matryoshka):
                 return nested_loss(self, x, pre, self._topk(pre, self.k), dead_mask)
 
         return MatryoshkaTopKSAE
-
-    recommend = topk.TopK.recommend
-    summary = topk.TopK.summary
-    advise_sparser = topk.TopK.advise_sparser
-    advise_denser = topk.TopK.advise_denser
 
     def presets(self, d_in, latent, k, common):
         return [(f"Matryoshka TopK k={k}", {"k": k, PREFIXES.name: ""},
