@@ -470,6 +470,14 @@ def _migration_26_aux_window(db) -> None:
     add_column_if_missing(db, "training", "aux_window_tokens", IntegerField(null=True))
 
 
+def _migration_27_sweep_templates(db) -> None:
+    """Sweep templates: a template may hold a sweep's axes and mode beside its base configuration.
+    Self-contained (its own column definition); every template before it is a run's (null)."""
+    from peewee import TextField
+
+    add_column_if_missing(db, "template", "sweep", TextField(null=True))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -480,7 +488,8 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_18_placement, _migration_19_queued_at, _migration_20_gated_presets,
                               _migration_21_sweeps, _migration_22_model_size_for_placement,
                               _migration_23_final_folders, _migration_24_hook_points,
-                              _migration_25_matryoshka_topk_presets, _migration_26_aux_window]
+                              _migration_25_matryoshka_topk_presets, _migration_26_aux_window,
+                              _migration_27_sweep_templates]
 
 
 def migrate() -> int:

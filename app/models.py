@@ -482,12 +482,18 @@ class Template(Owned):
     provenance = TextField(default="")
     builtin = BooleanField(default=False)
     created_at = DateTimeField(default=utcnow)
+    # A sweep template's sweep, beside the base configuration above: {"mode": "grid", "axes": [...]}, or
+    # {"mode": "find_l0", "axes": null} (the finder picks its ladder around the target). None for a run's.
+    sweep = JSONField(null=True)
 
     class Meta:
         table_name = "template"
 
     def export(self) -> dict:
-        return {"name": self.name, "d_in": self.d_in, "provenance": self.provenance, **self.config}
+        exported = {"name": self.name, "d_in": self.d_in, "provenance": self.provenance, **self.config}
+        if self.sweep is not None:
+            exported["sweep"] = self.sweep
+        return exported
 
 
 TEMPLATE_FIELDS = training_config.TEMPLATE_FIELDS

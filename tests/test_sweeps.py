@@ -240,3 +240,100 @@ def test_a_sweep_is_deleted_as_one_with_its_members_and_their_files(app, client,
     assert client.delete(f"/api/sweeps/{api_one.id}").status_code == 200
     assert not Training.select().where(Training.sweep == api_one.id).exists()
     assert Training.select().where(Training.sweep == running.id).count() == 2  # the other sweep is untouched
+
+
+def test_a_sweep_saved_as_a_template_starts_again_from_the_api_the_form_and_an_exported_file(client, env,
+                                                                                             redis_client):
+    """Issue 20 item 5: a sweep (base, axes and mode) saved as a template, from its page or the API; the
+    template fills the training form's sweep fields, starts the same sweep by the API with only a source,
+    and survives export and import; a template's sweep that no sweep could be is refused at import."""
+    import json
+
+    from app.models import Template
+
+    axes = [{"param": "target_l0", "values": [0.01, 0.03]}, {"param": "seed", "values": [0, 1]}]
+    first = post_sweep(client, axes, base={**BASE, "latent_dim": 512})
+    assert first.status_code == 201, first.json
+    sweep_id = first.json["id"]
+    for body, status in (({"name": ""}, 422), ({"name": "x" * 201}, 422), ({"name": "x", "colour": 1}, 422),
+                         ([1], 422), ({"name": 5}, 422)):
+        assert client.post(f"/api/sweeps/{sweep_id}/template", json=body).status_code == status, body
+    assert client.post("/api/sweeps/999999/template", json={"name": "x"}).status_code == 404
+    assert Template.select().where(Template.sweep.is_null(False)).count() == 0
+
+    saved = client.post(f"/api/sweeps/{sweep_id}/template", json={"name": "ladder"})
+    assert saved.status_code == 201, saved.json
+    template = saved.json
+    assert template["sweep"] == {"mode": "grid", "axes": axes}
+    assert template["config"]["latent_dim"] == 512 and template["config"]["architecture"] == "topk"
+    assert template["d_in"] == 256 and f"sweep #{sweep_id}" in template["provenance"]
+    listed = client.get("/api/templates?limit=200").json["templates"]
+    assert [t["sweep"] for t in listed if t["id"] == template["id"]] == [template["sweep"]]
+
+    # the API: the template's base, axes and mode, with only a source (and the warnings' acknowledgement)
+    again = client.post("/api/sweeps", json={"template_id": template["id"],
+                                             "base": {"source_id": 1, "acknowledge_warnings": True}})
+    assert again.status_code == 201, again.json
+    assert again.json["axes"] == axes and again.json["mode"] == "grid" and again.json["name"] == "ladder"
+    members = list(Training.select().where(Training.sweep == again.json["id"]))
+    assert sorted((m.target_l0, m.seed, m.latent_dim, m.k) for m in members) == [
+        (0.01, 0, 512, 5), (0.01, 1, 512, 5), (0.03, 0, 512, 15), (0.03, 1, 512, 15)]
+    # the body's own fields override the template's
+    changed = client.post("/api/sweeps", json={"template_id": template["id"], "axes": [axes[0]],
+                                               "base": {"source_id": 1, "latent_dim": 1024,
+                                                        "acknowledge_warnings": True}})
+    assert changed.status_code == 201, changed.json
+    assert {m.latent_dim for m in Training.select().where(Training.sweep == changed.json["id"])} == {1024}
+    for body, field in (({"template_id": 10**6, "base": {"source_id": 1}}, "template_id"),
+                        ({"template_id": "1", "base": {"source_id": 1}}, "template_id"),
+                        ({"template_id": True, "base": {"source_id": 1}}, "template_id"),
+                        ({"template_id": template["id"], "base": [1]}, "base")):
+        refused = client.post("/api/sweeps", json=body)
+        assert refused.status_code == 422 and field in refused.json["errors"], (body, refused.json)
+
+    # the form: the template's base and its sweep's fields, and a note that says how to start it
+    page = client.get(f"/trainings/new?template={template['id']}").get_data(as_text=True)
+    assert 'id="template-sweep-note"' in page and "Start sweep" in page
+    assert '<option value="target_l0" selected>' in page and 'value="0.01, 0.03"' in page
+    assert '<option value="seed" selected>' in page and 'value="0, 1"' in page
+    plain = client.get("/trainings/new?template=1").get_data(as_text=True)  # a preset: no sweep
+    assert 'id="template-sweep-note"' not in plain and 'name="sweep_values_1" id="sweep_values_1" value=""' in plain
+
+    # export and import keep the sweep; a sweep no sweep could be is refused whole
+    exported = client.get(f"/templates/{template['id']}/export").json
+    assert exported["sweep"] == template["sweep"]
+    before = Template.select().count()
+    bad = {**exported, "name": "bad", "sweep": {"mode": "grid", "axes": [{"param": "batch_size", "values": [1, 2]}]}}
+    for sweep_part, text in ((bad["sweep"], "cannot be swept"), ({"mode": "walk"}, "mode"),
+                             ({"mode": "find_l0", "axes": axes}, "no axes"), ("grid", "A sweep is")):
+        refused = client.post("/templates/import", data={"json": json.dumps([{**exported, "name": "ok"},
+                                                                             {**bad, "sweep": sweep_part}])})
+        assert refused.status_code == 422 and text in refused.get_data(as_text=True), sweep_part
+    assert Template.select().count() == before
+    imported = client.post("/templates/import", data={"json": json.dumps({**exported, "name": "imported ladder"})})
+    assert imported.status_code == 303
+    assert Template.get(Template.name == "imported ladder").sweep == template["sweep"]
+
+    # the sweep's page: a name is asked for; saved, the list shows the sweep
+    page = client.post(f"/sweeps/{sweep_id}/template", data={"template_name": " "})
+    assert page.status_code == 422 and 'id="sweep-template-error"' in page.get_data(as_text=True)
+    page = client.post(f"/sweeps/{sweep_id}/template", data={"template_name": "from the page"})
+    assert page.status_code == 303
+    made = Template.get(Template.name == "from the page")
+    assert page.headers["Location"].endswith(f"#template-{made.id}") and made.sweep == template["sweep"]
+    listing = client.get("/templates/").get_data(as_text=True)
+    assert "Sweep: a sweep of target_l0 over 0.01, 0.03 × seed over 0, 1" in listing
+
+
+def test_an_l0_finder_saved_as_a_template_keeps_its_centre_not_its_ladder(client, env, redis_client):
+    finder = client.post("/api/sweeps", json={"mode": "find_l0", "base": {**BASE, "latent_dim": 512}})
+    assert finder.status_code == 201, finder.json
+    template = client.post(f"/api/sweeps/{finder.json['id']}/template", json={"name": "finder"}).json
+    assert template["sweep"] == {"mode": "find_l0", "axes": None}
+    assert template["config"]["target_l0"] == BASE["target_l0"]  # the ladder's centre, not its first rung
+    again = client.post("/api/sweeps", json={"template_id": template["id"],
+                                             "base": {"source_id": 1, "acknowledge_warnings": True}})
+    assert again.status_code == 201, again.json
+    assert again.json["mode"] == "find_l0" and again.json["axes"] == finder.json["axes"]
+    page = client.get(f"/trainings/new?template={template['id']}").get_data(as_text=True)
+    assert "Find the right L0" in page and "the L0 finder" in page

@@ -321,14 +321,20 @@ def sweep_check_errors(check: sweeps.SweepCheck) -> dict:
 @bp.post("/sweeps")
 def create_sweep():
     """Body: ``{"name", "base": {training fields}, "axes": [{"param", "values"}], "mode": "grid"|"find_l0",
-    "device"}``. Every member is validated as a run of its own; nothing is created unless all pass."""
+    "device", "template_id"}``. With ``template_id`` the template's configuration is the base (``base``'s
+    fields, a ``source_id`` at least, override it) and a sweep template's axes and mode are the sweep's
+    unless given. Every member is validated as a run of its own; nothing is created unless all pass."""
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):
         return {"errors": {"_body": ["Send the sweep as a JSON object: base, axes, and optionally name, mode, "
-                                     "device."]}}, 422
-    unknown = set(payload) - {"name", "base", "axes", "mode", "device"}
+                                     "device, template_id."]}}, 422
+    unknown = set(payload) - {"name", "base", "axes", "mode", "device", "template_id"}
     if unknown:
         return {"errors": {name: ["Unknown field."] for name in sorted(unknown)}}, 422
+    if "template_id" in payload:
+        payload, errors = sweep_from_template(payload)
+        if errors:
+            return {"errors": errors}, 422
     mode = payload.get("mode", "grid")
     if mode not in sweeps.MODES:
         return {"errors": {"mode": [f"One of {', '.join(sweeps.MODES)}."]}}, 422
@@ -360,6 +366,51 @@ def create_sweep():
     except QueueUnavailable as exc:
         return unavailable(exc)
     return {**sweep_dict(sweep), "findings": findings}, 201
+
+
+def sweep_from_template(payload: dict) -> tuple[dict, dict]:
+    """A sweep body with its template filled in: the template's configuration under ``base``'s fields, and
+    a sweep template's axes and mode where the body gives none."""
+    template_id = payload["template_id"]
+    if not isinstance(template_id, int) or isinstance(template_id, bool) or not 1 <= template_id <= MAX_ID:
+        return payload, {"template_id": ["The id of a template (GET /api/templates lists them)."]}
+    template = Template.get_or_none(Template.id == template_id)
+    if template is None:
+        return payload, {"template_id": [f"No template {template_id}."]}
+    base = payload.get("base", {})
+    if not isinstance(base, dict):
+        return payload, {"base": ["Send the base configuration as a JSON object of the training form's fields "
+                                  "(with a template: a source_id, and anything to change)."]}
+    # as the template's "training" body: its fields and the form's seed (a template holds no seed)
+    filled = {"seed": BY_NAME["seed"].default, **{k: v for k, v in (template.config or {}).items() if v is not None},
+              **base}
+    part = template.sweep or {}
+    body = {k: v for k, v in payload.items() if k != "template_id"}
+    body["base"] = filled
+    if "mode" not in body and part.get("mode"):
+        body["mode"] = part["mode"]
+    if "axes" not in body and part.get("axes"):
+        body["axes"] = part["axes"]
+    if "name" not in body:
+        body["name"] = template.name[:200]
+    return body, {}
+
+
+@bp.post("/sweeps/<int:sweep_id>/template")
+def save_sweep_template(sweep_id: int):
+    """Body: ``{"name"}``. The sweep saved as a template of the caller's own: its base configuration, axes
+    and mode; ``POST /api/sweeps`` with its ``template_id`` starts the same sweep on another source."""
+    from ..work.templates import template_from_sweep
+
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict) or set(payload) - {"name"}:
+        return {"errors": {"_body": ['Send {"name": "..."}.']}}, 422
+    name = payload.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > 200:
+        return {"errors": {"name": ["A name of 1 to 200 characters."]}}, 422
+    template = template_from_sweep(sweep, name=name.strip(), created_by=g.user.id)
+    return template_dict(template), 201
 
 
 @bp.get("/sweeps")
@@ -612,6 +663,8 @@ def template_dict(template: Template) -> dict:
             "architecture": (template.config or {}).get("architecture"), "provenance": template.provenance,
             "config": template.config, "training": {"seed": BY_NAME["seed"].default, **(template.config or {})},
             "created_by": creator_name(template), "created_at": iso(template.created_at),
+            # a sweep template's axes and mode: POST /api/sweeps {"template_id", "base": {"source_id"}} starts it
+            "sweep": template.sweep,
             "new_training_url": external_url("pages.new_training", template=template.id)}
 
 

@@ -9,6 +9,7 @@ from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import Sweep
 from ..work import deletion, finder, sweeps
+from ..work.templates import template_from_sweep
 from ..work.queue import QueueUnavailable
 from .records import delete_flow, get_or_404
 
@@ -163,6 +164,44 @@ def resume(sweep_id: int):
     return redirect(url_for("sweeps.detail", sweep_id=sweep.id), code=303)
 
 
+@bp.post("/sweeps/<int:sweep_id>/template")
+def save_template(sweep_id: int):
+    """Save the sweep (its base, axes and mode) as a template of the user's own: the training form fills
+    from it with the sweep's fields, to start the same sweep on another source."""
+    sweep = get_or_404(Sweep, sweep_id, "sweep")
+    name = (request.form.get("template_name") or "").strip()
+    if not name or len(name) > 200:
+        return render_template("sweep_detail.html", sweep=sweep, template_error="Give the template a name of at most "
+                               "200 characters.", **members_context(sweep)), 422
+    template = template_from_sweep(sweep, name=name, created_by=g.user.id)
+    return redirect(url_for("templates.index", _anchor=f"template-{template.id}"), code=303)
+
+
+def sweep_field_values(template=None) -> dict:
+    """What the sweep's fields under the training form show: what was posted, or on a fresh form the
+    axes of the sweep template it was filled from."""
+    if request.method == "POST":
+        return request.form
+    values = {}
+    if not template:  # also Jinja's undefined, on a form that came from no template
+        return values
+    for i, axis in enumerate((template.sweep or {}).get("axes") or [], start=1):
+        values[f"sweep_param_{i}"] = axis["param"]
+        values[f"sweep_values_{i}"] = ", ".join(str(v) for v in axis["values"])
+    return values
+
+
+def describe_sweep_part(part: dict | None) -> str:
+    """A sweep template's sweep in words, for the template list and the form's note."""
+    if not part:
+        return ""
+    if part.get("mode") == "find_l0":
+        return "the L0 finder (a ladder of target L0s around this target, at this width)"
+    return "a sweep of " + " × ".join(f"{a['param']} over {', '.join(str(v) for v in a['values'])}"
+                                      for a in part.get("axes") or [])
+
+
 @bp.app_context_processor
 def sweep_choices() -> dict:
-    return {"sweepable": sweeps.SWEEPABLE}
+    return {"sweepable": sweeps.SWEEPABLE, "sweep_field_values": sweep_field_values,
+            "describe_sweep_part": describe_sweep_part}

@@ -9,7 +9,8 @@ from ..auth import require_change
 from ..forms import TemplateForm, TrainingForm, json_to_formdata
 from ..models import Template
 from ..work import deletion
-from ..work.templates import create_template, duplicate_template, import_templates as create_imported, update_template
+from ..work.templates import check_sweep_part, create_template, duplicate_template, update_template
+from ..work.templates import import_templates as create_imported
 from .records import get_or_404
 
 bp = Blueprint("templates", __name__, url_prefix="/templates")
@@ -104,6 +105,13 @@ def parse_templates(text: str) -> tuple[list[dict], list[str]]:
     rows, errors = [], []
     for i, item in enumerate(items, start=1):
         label = f"Template {i}" + (f" ({item.get('name')})" if isinstance(item, dict) and item.get("name") else "")
+        sweep_part = None
+        if isinstance(item, dict) and "sweep" in item:  # a sweep template's axes and mode
+            item = dict(item)
+            sweep_part, sweep_errors = check_sweep_part(item.pop("sweep"), current_app.config)
+            if sweep_errors:
+                errors.extend(f"{label}: sweep: {m}" for m in sweep_errors)
+                continue
         formdata, mapping_errors = json_to_formdata(item, template=True)
         if formdata is None:
             errors.extend(f"{label}: {m}" for msgs in mapping_errors.values() for m in msgs)
@@ -115,7 +123,7 @@ def parse_templates(text: str) -> tuple[list[dict], list[str]]:
             errors.extend(f"{label}: {field}: {m}" for field, msgs in problems.items() for m in msgs)
             continue
         rows.append({"name": form.name.data.strip(), "d_in": form.d_in.data, "provenance": form.provenance.data or "",
-                     "config": form.template_config(), "builtin": False})
+                     "config": form.template_config(), "builtin": False, "sweep": sweep_part})
     return rows, errors
 
 

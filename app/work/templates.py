@@ -19,7 +19,8 @@ def update_template(template: Template, *, name: str, d_in: int | None, config: 
 
 def duplicate_template(template: Template, *, created_by: int | None = None) -> Template:
     return Template.create(name=f"{template.name} (copy)", created_by=created_by, d_in=template.d_in,
-                           config=template.config, provenance=template.provenance, builtin=False)
+                           config=template.config, provenance=template.provenance, builtin=False,
+                           sweep=template.sweep)
 
 
 def import_templates(rows: list[dict], *, created_by: int | None = None) -> None:
@@ -27,3 +28,50 @@ def import_templates(rows: list[dict], *, created_by: int | None = None) -> None
     with database.atomic():
         for row in rows:
             Template.create(**row, created_by=created_by)
+
+
+def check_sweep_part(raw, settings: dict) -> tuple[dict | None, list[str]]:
+    """A template's sweep (an import, or an API body) checked for shape: ``{"mode": "grid", "axes":
+    [...]}`` with axes a sweep accepts, or ``{"mode": "find_l0", "axes": null}``. Returns (the part, errors).
+    The values themselves are checked member by member when a sweep starts from it, on its source."""
+    from .sweeps import MODES, parse_axes
+
+    if not isinstance(raw, dict) or set(raw) - {"mode", "axes"}:
+        return None, ['A sweep is {"mode": "grid", "axes": [{"param": ..., "values": [...]}, ...]} or '
+                      '{"mode": "find_l0", "axes": null}.']
+    mode = raw.get("mode", "grid")
+    if mode not in MODES:
+        return None, [f"mode: one of {', '.join(MODES)}."]
+    if mode == "find_l0":
+        if raw.get("axes") is not None:
+            return None, ["axes: the L0 finder's template holds no axes (the finder picks its ladder around the "
+                          "target L0 of the form)."]
+        return {"mode": mode, "axes": None}, []
+    axes, errors = parse_axes(raw.get("axes"), settings)
+    return ({"mode": mode, "axes": axes}, []) if not errors else (None, [f"{k}: {m}" for k, ms in errors.items()
+                                                                        for m in ms])
+
+
+def template_from_sweep(sweep, *, name: str, created_by: int | None = None) -> Template:
+    """A sweep saved as a template: its base configuration (read from its first member's validated
+    configuration, the swept settings at their first values), its axes and its mode. The L0 finder's
+    template keeps the base's target L0, which its ladder is centred on, and no axes: started again on
+    another source or width, the finder picks its ladder there."""
+    from ..models import TEMPLATE_FIELDS, Training, complete
+
+    first = sweep.members.order_by(Training.id).first()
+    if first is None:
+        raise ValueError("the sweep has no member left to read its configuration from")
+    values = first.config_dict()
+    config = {k: values.get(k) for k in TEMPLATE_FIELDS}
+    part = {"mode": sweep.mode, "axes": sweep.axes}
+    if sweep.mode == "find_l0":
+        try:
+            config["target_l0"] = float(sweep.base.get("target_l0"))
+        except (TypeError, ValueError):
+            pass  # the first rung's target stands; the finder's plan refused anything unreadable
+        part["axes"] = None
+    axes_text = " × ".join(f"{a['param']} over {', '.join(str(v) for v in a['values'])}" for a in sweep.axes or [])
+    what = "the L0 finder" if sweep.mode == "find_l0" else f"a sweep of {axes_text}"
+    return Template.create(name=name, created_by=created_by, d_in=sweep.source.d_in, config=complete(config),
+                           provenance=f"Saved from sweep #{sweep.id} ({what}) on {sweep.source.name}.", sweep=part)
