@@ -280,3 +280,45 @@ def test_a_stop_asked_for_as_a_job_starts_reaches_its_work_horse():
     finally:
         Worker.fork_work_horse = original
     assert horse.wait(timeout=10) == -signal.SIGTERM
+
+
+def test_a_stop_asked_for_while_the_worker_checks_a_job_it_took_is_noted_not_swallowed(env, redis_client,
+                                                                                       monkeypatch):
+    """A warm shutdown that lands after the worker took a job off the queue but before it forked the job's
+    horse (while it checks that the job is SAE Studio's own and fits the device): RQ raised StopRequested
+    there, the checks' ``except Exception`` swallowed it, and the job was refused as unreadable or forked
+    without the stop and ran to its end while the worker waited (a test's teardown waited 30 s, then
+    killed it). Now the stop is noted: the checks finish, and the worker stops once the hand-over is done."""
+    from rq import Queue
+
+    from app.config import load_settings
+    from app.work import worker as worker_module
+
+    settings = load_settings()
+    studio = worker_module.make_worker(settings, name=f"stop-test-{os.getpid()}")
+    studio.register_birth()
+    queue = Queue(env["QUEUE_NAME"], connection=studio.connection, serializer=studio.serializer)
+    function = next(iter(worker_module.lifecycle.job_functions()))
+    job = queue.enqueue(function, 1)
+    signalled, put_back = [], []
+    real_refusal = worker_module._refusal
+
+    def refusal_with_a_stop_landing(*args, **kwargs):
+        if not signalled:
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the worker's own check
+        return real_refusal(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "_refusal", refusal_with_a_stop_landing)
+    monkeypatch.setattr(worker_module.StudioWorker, "_put_back", lambda self, j, q: put_back.append(j.id) or True)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        studio._install_signal_handlers()
+        studio.execute_job(job, queue)  # raised StopRequested out of here, or refused the job
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        studio.register_death()
+    assert signalled and studio._stop_requested, "the stop was not noted"
+    assert put_back == [job.id], "the worker did not finish checking the job it took"
+    assert job.get_status(refresh=True) != "failed", "the job was refused because a stop landed in its check"

@@ -98,15 +98,34 @@ class StudioWorker(Worker):
     def execute_job(self, job, queue_) -> None:
         """Refuse a foreign job here, in the worker's own process: no work-horse is forked for it.
         A job that does not fit this worker's device now goes back on the queue (placement)."""
-        if refusal(job, connection=self.connection, serializer=self.serializer) is not None:
-            execution = self.prepare_execution(job)
-            self._refuse(job, queue_, execution)
-            self.set_state(WorkerStatus.IDLE)
+        self._handing_over = True  # a warm shutdown from here on is noted, not raised (``_shutdown``)
+        try:
+            if refusal(job, connection=self.connection, serializer=self.serializer) is not None:
+                execution = self.prepare_execution(job)
+                self._refuse(job, queue_, execution)
+                self.set_state(WorkerStatus.IDLE)
+                return
+            if self._put_back(job, queue_):
+                return
+            self._put_back_ids.clear()  # a new sweep starts after each job this worker takes
+            super().execute_job(job, queue_)
+        finally:
+            self._handing_over = False
+
+    _handing_over = False
+
+    def _shutdown(self) -> None:
+        """RQ answers a warm shutdown on a worker that is not busy by raising StopRequested out of whatever
+        its process is doing. Between taking a job off the queue and forking its horse that is inside this
+        worker's own checks (whether the job is ours, whether it fits the device), whose ``except Exception``
+        would swallow it: the job would then be refused as unreadable, or forked without the stop and left to
+        run to its end (hours) while the worker waited. There the request is only noted: the hand-over
+        finishes, the horse is told to stop at once (``fork_work_horse``) and the worker stops after it."""
+        if self._handing_over:
+            self._stop_requested = True
+            self.set_shutdown_requested_date()
             return
-        if self._put_back(job, queue_):
-            return
-        self._put_back_ids.clear()  # a new sweep starts after each job this worker takes
-        super().execute_job(job, queue_)
+        super()._shutdown()
 
     def _put_back(self, job, queue_) -> bool:
         """When ``job``'s record does not fit this worker's device now: note why on its row and put the
