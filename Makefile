@@ -15,16 +15,13 @@ REDIS_PORT ?= 6390
 run: install
 	@DATA_DIR="$(DATA_DIR)" PORT="$(PORT)" REDIS_PORT="$(REDIS_PORT)" PY="$(PY)" bash scripts/run.sh
 
-## test: install everything, run the whole test suite on SQLite, then again on PostgreSQL the
+## test: install everything, run the whole test suite on SQLite and, beside it, on PostgreSQL the
 ## tests that open a database (the `db` mark, which tests/conftest.py sets from their fixtures;
-## on PostgreSQL it runs only those) (it starts its own Redis and its own PostgreSQL cluster).
-## The passes run one after the other. Side by side on two cores they took as long (40.7 min
-## against 41.6, fresh clones) and burned 68 CPU-minutes against 43; two pytest-xdist processes per
-## pass (25.9 min against 19.3) and one torch thread per process (34.3 min) made the SQLite pass
-## slower, not faster: the suite is CPU-bound (benchmarks/results/suite_durations.md).
+## on PostgreSQL it runs only those); each pass starts its own Redis, the PostgreSQL pass its own
+## cluster. scripts/test.sh runs the two at once, one torch thread each (why, and the figures:
+## benchmarks/results/suite_durations.md); PYTEST_ARGS goes to both.
 test: install-test
-	TEST_DATABASE=sqlite $(PY) -m pytest --durations=15 $(PYTEST_ARGS)
-	TEST_DATABASE=postgresql $(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+	@PY="$(PY)" PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
 
 system-deps:
 	@bash scripts/system_deps.sh $(if $(filter test,$(MAKECMDGOALS)),--browser)
