@@ -310,9 +310,11 @@ def test_a_sweep_saved_as_a_template_starts_again_from_the_api_the_form_and_an_e
                                                                              {**bad, "sweep": sweep_part}])})
         assert refused.status_code == 422 and text in refused.get_data(as_text=True), sweep_part
     assert Template.select().count() == before
-    imported = client.post("/templates/import", data={"json": json.dumps({**exported, "name": "imported ladder"})})
+    imported = client.post("/templates/import", data={"json": json.dumps([{**exported, "name": "imported ladder"},
+                                                                          {**exported, "name": "no sweep", "sweep": None}])})
     assert imported.status_code == 303
     assert Template.get(Template.name == "imported ladder").sweep == template["sweep"]
+    assert Template.get(Template.name == "no sweep").sweep is None
 
     # the sweep's page: a name is asked for; saved, the list shows the sweep
     page = client.post(f"/sweeps/{sweep_id}/template", data={"template_name": " "})

@@ -106,12 +106,14 @@ def parse_templates(text: str) -> tuple[list[dict], list[str]]:
     for i, item in enumerate(items, start=1):
         label = f"Template {i}" + (f" ({item.get('name')})" if isinstance(item, dict) and item.get("name") else "")
         sweep_part = None
-        if isinstance(item, dict) and "sweep" in item:  # a sweep template's axes and mode
+        if isinstance(item, dict) and "sweep" in item:  # a sweep template's axes and mode (null: none)
             item = dict(item)
-            sweep_part, sweep_errors = check_sweep_part(item.pop("sweep"), current_app.config)
-            if sweep_errors:
-                errors.extend(f"{label}: sweep: {m}" for m in sweep_errors)
-                continue
+            raw = item.pop("sweep")
+            if raw is not None:
+                sweep_part, sweep_errors = check_sweep_part(raw, current_app.config)
+                if sweep_errors:
+                    errors.extend(f"{label}: sweep: {m}" for m in sweep_errors)
+                    continue
         formdata, mapping_errors = json_to_formdata(item, template=True)
         if formdata is None:
             errors.extend(f"{label}: {m}" for msgs in mapping_errors.values() for m in msgs)
