@@ -172,9 +172,9 @@ def every_page(runs: dict) -> list[str]:
 def track_requests(page) -> set:
     """The page's requests in flight, kept current by its events (for ``settle``)."""
     inflight: set = set()
-    page.on("request", inflight.add)
-    page.on("requestfinished", inflight.discard)
-    page.on("requestfailed", inflight.discard)
+    page.on("request", lambda request: inflight.add(request))  # Playwright takes Python functions, not builtins
+    page.on("requestfinished", lambda request: inflight.discard(request))
+    page.on("requestfailed", lambda request: inflight.discard(request))
     return inflight
 
 
