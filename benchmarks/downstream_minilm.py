@@ -22,14 +22,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from app.extraction.capture import extract, load_model  # noqa: E402
 from app.extraction.capture_names import BUNDLED_MINILM  # noqa: E402
 from app.extraction.splice import downstream_eval, load_for_eval  # noqa: E402
-from app.extraction.store import ShardWriter  # noqa: E402
 from app.extraction.text import stdlib_docstrings  # noqa: E402
-from app.sae.sources import StoreSource  # noqa: E402
 from app.sae.trainer import TrainConfig, train  # noqa: E402
+from minilm_acts import default_extraction  # noqa: E402
 
 CPU = torch.device("cpu")
 LAYER, SITE, BUDGET, CONTEXT, BATCH = 3, "resid", 200_000, 128, 32
@@ -39,14 +38,9 @@ def main() -> int:
     tokens_eval = int(os.environ.get("DOWNSTREAM_TOKENS", 8192))  # the app's default
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        tokenizer, model = load_model(BUNDLED_MINILM, CPU)
-        writer = ShardWriter(Path(tmp) / "store", int(model.config.hidden_size), "float32")
-        tokens, documents, _ = extract(model, tokenizer, stdlib_docstrings(), writer, layer=LAYER, site=SITE,
-                                       token_budget=BUDGET, context_length=CONTEXT, batch_size=BATCH,
-                                       exclude_special=True, device=CPU)
-        writer.commit({"documents": documents})
+        tokens, documents, source = default_extraction(Path(tmp) / "store", layer=LAYER, site=SITE, budget=BUDGET,
+                                                       context=CONTEXT, batch=BATCH)
         extraction_s = time.perf_counter() - started
-        source = StoreSource(Path(tmp) / "store")
         cfg = TrainConfig(architecture="topk", latent_dim=8 * source.d_in, k=32, batch_size=1024, total_steps=1000,
                           target_l0=32 / (8 * source.d_in), precision="float32", device="cpu")
         result, sae = train(source, cfg)

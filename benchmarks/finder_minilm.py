@@ -24,17 +24,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from app.extraction.capture import extract, load_model  # noqa: E402
 from app.extraction.capture_names import BUNDLED_MINILM  # noqa: E402
 from app.extraction.splice import downstream_eval, load_for_eval  # noqa: E402
-from app.extraction.store import ShardWriter  # noqa: E402
 from app.extraction.text import stdlib_docstrings  # noqa: E402
 from app.sae import architectures, l0_finder  # noqa: E402
-from app.sae.sources import StoreSource  # noqa: E402
 from app.sae.trainer import Member, TrainConfig, train_many  # noqa: E402
 from app.training_config import PARAMS  # noqa: E402
 from app.work.finder import FINDER_RUNGS, FINDER_SEEDS  # noqa: E402
+from minilm_acts import default_extraction  # noqa: E402
 
 CPU = torch.device("cpu")
 LAYER, SITE, BUDGET, CONTEXT, BATCH = 3, "resid", 200_000, 128, 32
@@ -54,14 +53,8 @@ def main() -> int:
                               "target_l0": k / latents, "seed": seed, "device": "cpu"})
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, model = load_model(BUNDLED_MINILM, CPU)
-        writer = ShardWriter(Path(tmp) / "store", int(model.config.hidden_size), "float32")
-        tokens, documents, _ = extract(model, tokenizer, stdlib_docstrings(), writer, layer=LAYER, site=SITE,
-                                       token_budget=BUDGET, context_length=CONTEXT, batch_size=BATCH,
-                                       exclude_special=True, device=CPU)
-        writer.commit({"documents": documents})
-        del model
-        source = StoreSource(Path(tmp) / "store")
+        tokens, documents, source = default_extraction(Path(tmp) / "store", layer=LAYER, site=SITE, budget=BUDGET,
+                                                       context=CONTEXT, batch=BATCH)
         print(f"MiniLM layer {LAYER} {SITE}: {tokens:,} tokens, d_in {source.d_in}; {arch}, {latents:,} latents, "
               f"{form['total_steps']:,} steps × {form['batch_size']}, rungs k = {rungs} × {FINDER_SEEDS} seeds",
               flush=True)

@@ -53,3 +53,23 @@ def minilm_activations(n_tokens: int, *, layer: int = 3, context: int = 128, bat
             if have >= n_tokens:
                 break
     return np.concatenate(rows)[:n_tokens].astype(np.float32)
+
+
+def default_extraction(folder: Path, *, layer: int = 3, site: str = "resid", budget: int = 200_000,
+                       context: int = 128, batch: int = 32):
+    """The app's default extraction into a store at ``folder``: the bundled MiniLM's ``layer`` ``site`` over
+    the standard library's docstrings, ``budget`` tokens (special tokens left out). Returns (tokens,
+    documents read, the store as a training source); held-out text starts after ``documents``."""
+    from app.extraction.capture import extract, load_model
+    from app.extraction.capture_names import BUNDLED_MINILM
+    from app.extraction.store import ShardWriter
+    from app.sae.sources import StoreSource
+
+    cpu = torch.device("cpu")
+    tokenizer, model = load_model(BUNDLED_MINILM, cpu)
+    writer = ShardWriter(folder, int(model.config.hidden_size), "float32")
+    tokens, documents, _ = extract(model, tokenizer, app_stdlib_docstrings(), writer, layer=layer, site=site,
+                                   token_budget=budget, context_length=context, batch_size=batch,
+                                   exclude_special=True, device=cpu)
+    writer.commit({"documents": documents})
+    return tokens, documents, StoreSource(folder)
