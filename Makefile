@@ -9,6 +9,9 @@ DATA_DIR ?= $(CURDIR)/data
 PORT ?= 5000
 REDIS_PORT ?= 6390
 
+# PYTEST_ARGS reaches scripts/test.sh through the environment, quotes and all
+export PYTEST_ARGS
+
 .PHONY: run test install install-test system-deps clean calibrate benchmarks
 
 ## run: install everything, start Redis, a worker and the web server; print the URL
@@ -21,7 +24,7 @@ run: install
 ## cluster. scripts/test.sh runs the two at once, one torch thread each (why, and the figures:
 ## benchmarks/results/suite_durations.md); PYTEST_ARGS goes to both.
 test: install-test
-	@PY="$(PY)" PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
+	@PY="$(PY)" bash scripts/test.sh
 
 system-deps:
 	@bash scripts/system_deps.sh $(if $(filter test,$(MAKECMDGOALS)),--browser)

@@ -4,22 +4,38 @@
 # so they run at the same time, each with one torch thread (and so every worker process a test starts):
 # two passes of one thread keep two cores busy where one pass of two threads left them idle while its
 # tests waited on workers, browsers and polls (benchmarks/results/suite_durations.md has the figures).
-# The SQLite pass prints as it goes; the PostgreSQL pass's log follows it. Exit status: non-zero if
-# either pass failed.
+# The SQLite pass prints as it goes; the PostgreSQL pass's log follows it. PYTEST_ARGS goes to both, read
+# as a shell would (quotes included). Exit status: non-zero if either pass failed. Ctrl-C (or SIGTERM)
+# stops both; each runs its fixtures' teardown (tests/conftest.py turns SIGTERM into KeyboardInterrupt).
 set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
 threads=${TEST_TORCH_THREADS:-1}
 export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
-work=$(mktemp -d "${TMPDIR:-/tmp}/sae-studio-tests.XXXXXX")
-# shellcheck disable=SC2086 # PYTEST_ARGS is a list of arguments
-TEST_DATABASE=postgresql $PY -m pytest --durations=15 -p no:cacheprovider --basetemp="$work/postgresql" \
-  ${PYTEST_ARGS:-} > "$work/postgresql.log" 2>&1 &
-pg=$!
-trap 'kill $pg 2>/dev/null; wait $pg 2>/dev/null; exit 130' INT TERM
-# shellcheck disable=SC2086
-TEST_DATABASE=sqlite $PY -m pytest --durations=15 --basetemp="$work/sqlite" ${PYTEST_ARGS:-}
+eval "args=(${PYTEST_ARGS:-})"
+work=$(mktemp -d "${TMPDIR:-/tmp}/sae-studio-tests.XXXXXX") || exit 1
+pids=()
+
+stop() {
+  trap - INT TERM
+  echo "Stopping both passes..."
+  kill -TERM "${pids[@]}" 2>/dev/null
+  wait "${pids[@]}" 2>/dev/null
+  echo "Logs and temporary files kept in $work"
+  exit "$1"
+}
+trap 'stop 130' INT
+trap 'stop 143' TERM
+
+# both in the background, so that `wait` (unlike a foreground command) lets the traps run at once
+TEST_DATABASE=postgresql "$PY" -m pytest --durations=15 -o cache_dir=.pytest_cache/postgresql \
+  --basetemp="$work/postgresql" "${args[@]}" > "$work/postgresql.log" 2>&1 &
+pids+=($!)
+TEST_DATABASE=sqlite "$PY" -m pytest --durations=15 --basetemp="$work/sqlite" "${args[@]}" &
+pids+=($!)
+wait "${pids[1]}"
 sqlite_rc=$?
-wait $pg
+wait "${pids[0]}"
 pg_rc=$?
 trap - INT TERM
 echo
@@ -32,4 +48,4 @@ if [[ $sqlite_rc -eq 0 && $pg_rc -eq 0 ]]; then
   exit 0
 fi
 echo "Logs and temporary files kept in $work"
-exit 1
+exit $(( sqlite_rc != 0 ? sqlite_rc : pg_rc ))

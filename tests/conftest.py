@@ -40,6 +40,16 @@ UNMARKED_DATABASE_URL = "refused://a-test-without-the-db-mark"
 _LEFT_TO_SQLITE = pytest.StashKey[int]()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    """SIGTERM ends the run as Ctrl-C does, fixtures' teardown included (their Redis, PostgreSQL cluster,
+    workers and browsers stopped): `make test` stops a pass that way (scripts/test.sh)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 @pytest.hookimpl(tryfirst=True)  # marked before `-m` selects by mark
 def pytest_collection_modifyitems(config, items):
     for item in items:
@@ -106,24 +116,33 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """A redis-server of our own on a free port, for the whole session."""
+    """A redis-server of our own on a free port, for the whole session. The two passes of `make test` run
+    side by side, so a port found free may be taken by the other pass's server first: then another port."""
     exe = shutil.which("redis-server")
     assert exe, "redis-server is not installed: run the tests through `make test`"
-    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
+    for _attempt in range(5):
+        port = free_port()
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                 "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        url = f"redis://127.0.0.1:{port}/0"
+        client = Redis.from_url(url)
+        ours = False
+        for _ in range(100):
+            try:
+                ours = client.info("server")["process_id"] == proc.pid  # not a server another pass started
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            if ours or proc.poll() is not None:
+                break
             time.sleep(0.05)
-    else:
+        client.close()
+        if ours:
+            break
         proc.kill()
-        raise RuntimeError("redis-server did not start")
+        proc.wait()
+    else:
+        raise RuntimeError("redis-server did not start on a free port in five tries")
     yield url
     proc.terminate()
     proc.wait(timeout=10)

@@ -305,6 +305,8 @@ def test_a_sweep_saved_as_a_template_starts_again_from_the_api_the_form_and_an_e
     before = Template.select().count()
     bad = {**exported, "name": "bad", "sweep": {"mode": "grid", "axes": [{"param": "batch_size", "values": [1, 2]}]}}
     for sweep_part, text in ((bad["sweep"], "cannot be swept"), ({"mode": "walk"}, "mode"),
+                             ({"mode": "grid", "axes": [{"param": "target_l0", "values": [float("nan"), 0.02]}]},
+                              "finite numbers"),
                              ({"mode": "find_l0", "axes": axes}, "no axes"), ("grid", "A sweep is")):
         refused = client.post("/templates/import", data={"json": json.dumps([{**exported, "name": "ok"},
                                                                              {**bad, "sweep": sweep_part}])})
@@ -333,6 +335,7 @@ def test_an_l0_finder_saved_as_a_template_keeps_its_centre_not_its_ladder(client
     template = client.post(f"/api/sweeps/{finder.json['id']}/template", json={"name": "finder"}).json
     assert template["sweep"] == {"mode": "find_l0", "axes": None}
     assert template["config"]["target_l0"] == BASE["target_l0"]  # the ladder's centre, not its first rung
+    assert template["config"]["k"] == round(BASE["target_l0"] * 512)  # and k with it: the form shows one L0
     again = client.post("/api/sweeps", json={"template_id": template["id"],
                                              "base": {"source_id": 1, "acknowledge_warnings": True}})
     assert again.status_code == 201, again.json

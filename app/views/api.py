@@ -400,7 +400,7 @@ def sweep_from_template(payload: dict) -> tuple[dict, dict]:
 def save_sweep_template(sweep_id: int):
     """Body: ``{"name"}``. The sweep saved as a template of the caller's own: its base configuration, axes
     and mode; ``POST /api/sweeps`` with its ``template_id`` starts the same sweep on another source."""
-    from ..work.templates import template_from_sweep
+    from ..work.templates import NoMemberLeft, template_from_sweep
 
     sweep = get_or_404(Sweep, sweep_id, "sweep")
     payload = request.get_json(silent=True)
@@ -409,7 +409,10 @@ def save_sweep_template(sweep_id: int):
     name = payload.get("name")
     if not isinstance(name, str) or not name.strip() or len(name.strip()) > 200:
         return {"errors": {"name": ["A name of 1 to 200 characters."]}}, 422
-    template = template_from_sweep(sweep, name=name.strip(), created_by=g.user.id)
+    try:
+        template = template_from_sweep(sweep, name=name.strip(), created_by=g.user.id)
+    except NoMemberLeft as exc:
+        return {"id": sweep.id, "error": str(exc)}, 409
     return template_dict(template), 201
 
 

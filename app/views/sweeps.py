@@ -9,7 +9,7 @@ from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import Sweep
 from ..work import deletion, finder, sweeps
-from ..work.templates import template_from_sweep
+from ..work.templates import NoMemberLeft, template_from_sweep
 from ..work.queue import QueueUnavailable
 from .records import delete_flow, get_or_404
 
@@ -173,7 +173,10 @@ def save_template(sweep_id: int):
     if not name or len(name) > 200:
         return render_template("sweep_detail.html", sweep=sweep, template_error="Give the template a name of at most "
                                "200 characters.", **members_context(sweep)), 422
-    template = template_from_sweep(sweep, name=name, created_by=g.user.id)
+    try:
+        template = template_from_sweep(sweep, name=name, created_by=g.user.id)
+    except NoMemberLeft as exc:
+        return render_template("sweep_detail.html", sweep=sweep, template_error=str(exc), **members_context(sweep)), 409
     return redirect(url_for("templates.index", _anchor=f"template-{template.id}"), code=303)
 
 

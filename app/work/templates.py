@@ -2,7 +2,10 @@
 caller's form). The built-in presets are written by migrations only (``app/migration_rows.py``)."""
 from __future__ import annotations
 
+import math
+
 from ..db import database
+from ..errors import UserError
 from ..models import Template
 
 
@@ -48,28 +51,43 @@ def check_sweep_part(raw, settings: dict) -> tuple[dict | None, list[str]]:
                           "target L0 of the form)."]
         return {"mode": mode, "axes": None}, []
     axes, errors = parse_axes(raw.get("axes"), settings)
-    return ({"mode": mode, "axes": axes}, []) if not errors else (None, [f"{k}: {m}" for k, ms in errors.items()
-                                                                        for m in ms])
+    if errors:
+        return None, [f"{k}: {m}" for k, ms in errors.items() for m in ms]
+    for axis in axes:  # JSON lets NaN and Infinity through; no setting takes them, and strict JSON has none
+        if any(isinstance(v, float) and not math.isfinite(v) for v in axis["values"]):
+            return None, [f"axes: the values of {axis['param']} must be finite numbers."]
+    return {"mode": mode, "axes": axes}, []
+
+
+class NoMemberLeft(UserError, ValueError):
+    """A sweep whose member runs were all deleted: there is no validated configuration to save."""
 
 
 def template_from_sweep(sweep, *, name: str, created_by: int | None = None) -> Template:
-    """A sweep saved as a template: its base configuration (read from its first member's validated
-    configuration, the swept settings at their first values), its axes and its mode. The L0 finder's
-    template keeps the base's target L0, which its ladder is centred on, and no axes: started again on
-    another source or width, the finder picks its ladder there."""
+    """A sweep saved as a template: its base configuration (read from a member's validated configuration:
+    the swept settings stand at that member's values, which the axes replace when the sweep starts again),
+    its axes and its mode. The L0 finder's template keeps the base's target L0, which its ladder is centred
+    on (k with it, where k sets the L0), and no axes: started again on another source or width, the finder
+    picks its ladder there."""
     from ..models import TEMPLATE_FIELDS, Training, complete
+    from ..sae import architectures
 
-    first = sweep.members.order_by(Training.id).first()
-    if first is None:
-        raise ValueError("the sweep has no member left to read its configuration from")
-    values = first.config_dict()
+    member = sweep.members.order_by(Training.id).first()
+    if member is None:
+        raise NoMemberLeft(f"Sweep #{sweep.id} has no member run left to read its configuration from.")
+    values = member.config_dict()
     config = {k: values.get(k) for k in TEMPLATE_FIELDS}
     part = {"mode": sweep.mode, "axes": sweep.axes}
     if sweep.mode == "find_l0":
         try:
-            config["target_l0"] = float(sweep.base.get("target_l0"))
+            target = float(sweep.base.get("target_l0"))
         except (TypeError, ValueError):
-            pass  # the first rung's target stands; the finder's plan refused anything unreadable
+            target = None  # the member's target stands; the finder's plan refused anything unreadable
+        if target is not None and 0 < target <= 1:
+            config["target_l0"] = target
+            arch = architectures.find(config.get("architecture"))
+            if arch is not None and arch.by_k and config.get("latent_dim"):
+                config["k"] = max(1, round(target * config["latent_dim"]))
         part["axes"] = None
     axes_text = " × ".join(f"{a['param']} over {', '.join(str(v) for v in a['values'])}" for a in sweep.axes or [])
     what = "the L0 finder" if sweep.mode == "find_l0" else f"a sweep of {axes_text}"

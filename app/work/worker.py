@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+from redis.exceptions import RedisError
 from rq import Worker
 from rq.worker import WorkerStatus
 
@@ -116,14 +117,18 @@ class StudioWorker(Worker):
 
     def _shutdown(self) -> None:
         """RQ answers a warm shutdown on a worker that is not busy by raising StopRequested out of whatever
-        its process is doing. Between taking a job off the queue and forking its horse that is inside this
-        worker's own checks (whether the job is ours, whether it fits the device), whose ``except Exception``
-        would swallow it: the job would then be refused as unreadable, or forked without the stop and left to
-        run to its end (hours) while the worker waited. There the request is only noted: the hand-over
-        finishes, the horse is told to stop at once (``fork_work_horse``) and the worker stops after it."""
-        if self._handing_over:
+        its process is doing. Once ``execute_job`` has a job and before RQ marks the worker busy, that is
+        inside this worker's own checks (whether the job is ours, whether it fits the device), whose
+        ``except Exception`` would swallow it: the job was then dropped, or forked without the stop and left
+        to run to its end (hours) while the worker waited. There the request is only noted: the hand-over
+        finishes, the horse is told to stop at once (``fork_work_horse``) and the worker stops after it.
+        (A stop between RQ's dequeue and ``execute_job`` is RQ's own: it raises there, before our code.)"""
+        if self._handing_over and self.get_state() != WorkerStatus.BUSY:
             self._stop_requested = True
-            self.set_shutdown_requested_date()
+            try:
+                self.set_shutdown_requested_date()  # informational; a Redis outage must not escape the handler
+            except RedisError:
+                pass
             return
         super()._shutdown()
 
