@@ -9,7 +9,7 @@ from ..auth import require_change
 from ..forms import TrainingForm
 from ..models import Sweep
 from ..work import deletion, finder, sweeps
-from ..work.templates import NoMemberLeft, template_from_sweep
+from ..work.templates import NoMemberLeft, describe_sweep_part, template_from_sweep
 from ..work.queue import QueueUnavailable
 from .records import delete_flow, get_or_404
 
@@ -192,16 +192,6 @@ def sweep_field_values(template=None) -> dict:
         values[f"sweep_param_{i}"] = axis["param"]
         values[f"sweep_values_{i}"] = ", ".join(str(v) for v in axis["values"])
     return values
-
-
-def describe_sweep_part(part: dict | None) -> str:
-    """A sweep template's sweep in words, for the template list and the form's note."""
-    if not part:
-        return ""
-    if part.get("mode") == "find_l0":
-        return "the L0 finder (a ladder of target L0s around this target, at this width)"
-    return "a sweep of " + " × ".join(f"{a['param']} over {', '.join(str(v) for v in a['values'])}"
-                                      for a in part.get("axes") or [])
 
 
 @bp.app_context_processor

@@ -59,6 +59,16 @@ def check_sweep_part(raw, settings: dict) -> tuple[dict | None, list[str]]:
     return {"mode": mode, "axes": axes}, []
 
 
+def describe_sweep_part(part: dict | None) -> str:
+    """A sweep template's sweep in words, for its provenance, the template list and the form's note."""
+    if not part:
+        return ""
+    if part.get("mode") == "find_l0":
+        return "the L0 finder (a ladder of target L0s around this target, at this width)"
+    return "a sweep of " + " × ".join(f"{a['param']} over {', '.join(str(v) for v in a['values'])}"
+                                      for a in part.get("axes") or [])
+
+
 class NoMemberLeft(UserError, ValueError):
     """A sweep whose member runs were all deleted: there is no validated configuration to save."""
 
@@ -89,7 +99,6 @@ def template_from_sweep(sweep, *, name: str, created_by: int | None = None) -> T
             if arch is not None and arch.by_k and config.get("latent_dim"):
                 config["k"] = max(1, round(target * config["latent_dim"]))
         part["axes"] = None
-    axes_text = " × ".join(f"{a['param']} over {', '.join(str(v) for v in a['values'])}" for a in sweep.axes or [])
-    what = "the L0 finder" if sweep.mode == "find_l0" else f"a sweep of {axes_text}"
+    what = "the L0 finder" if sweep.mode == "find_l0" else describe_sweep_part({"mode": sweep.mode, "axes": sweep.axes})
     return Template.create(name=name, created_by=created_by, d_in=sweep.source.d_in, config=complete(config),
                            provenance=f"Saved from sweep #{sweep.id} ({what}) on {sweep.source.name}.", sweep=part)
