@@ -478,6 +478,14 @@ def _migration_27_sweep_templates(db) -> None:
     add_column_if_missing(db, "template", "sweep", TextField(null=True))
 
 
+def _migration_28_keep_store(db) -> None:
+    """Streamed runs may keep an activation store as they train ("no", "float16" or "float32"). Runs
+    stored before it kept none. Self-contained (its own column definition)."""
+    from peewee import CharField
+
+    add_column_if_missing(db, "training", "keep_store", CharField(default="no"))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -489,7 +497,7 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_21_sweeps, _migration_22_model_size_for_placement,
                               _migration_23_final_folders, _migration_24_hook_points,
                               _migration_25_matryoshka_topk_presets, _migration_26_aux_window,
-                              _migration_27_sweep_templates]
+                              _migration_27_sweep_templates, _migration_28_keep_store]
 
 
 def migrate() -> int:

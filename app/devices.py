@@ -126,3 +126,11 @@ def device_memory(setting: str = "auto") -> DeviceMemory:
     if gpu is None:
         return _host_memory()
     return DeviceMemory(f"cuda:{gpu.index}", gpu.free_bytes, gpu.total_bytes)
+
+
+def disk_free(folder: str | os.PathLike) -> int | None:
+    """Bytes free on the filesystem holding ``folder`` (None if it cannot be read)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None

@@ -12,7 +12,7 @@ from wtforms.validators import InputRequired, Length, NumberRange, Optional, Sto
 
 from flask import current_app
 
-from .devices import device_memory
+from .devices import device_memory, disk_free
 from .extraction.capture_names import BUNDLED_MINILM, SITES
 from . import training_config
 from .models import ActivationSet
@@ -170,7 +170,8 @@ class TrainingForm(FlaskForm):
         try:
             return validate_config(cfg, source.stats(), room=room,
                                    free_memory_bytes=memory.free_bytes if memory else None,
-                                   device=memory.device if memory else "")
+                                   device=memory.device if memory else "",
+                                   free_disk_bytes=disk_free(current_app.config["DATA_DIR"]))
         except (TypeError, ValueError, ZeroDivisionError):
             return []  # a field out of range; its own error says why
 

@@ -26,6 +26,7 @@ PRECISIONS = (("auto", "Auto: bfloat16 where the device computes it fast, else f
               ("float32", "float32"),
               ("bfloat16", "bfloat16 autocast (weights, optimizer and metrics stay float32)"),
               ("tf32", "TF32 matmuls (CUDA; float32 elsewhere)"))
+KEEP_STORE = (("no", "No"), ("float16", "Yes, in float16 (half the disk)"), ("float32", "Yes, in float32"))
 DEAD_LATENT_REMEDIES = (("none", "None"), ("resample", "Resample: point dead latents at badly reconstructed inputs"))
 
 # The sparsity penalty's valid range and default: the one place they are written down.
@@ -141,6 +142,12 @@ PARAMS: tuple[Param, ...] = (
           parse=parse_hook_point, placeholder="the source's first",
           help="Which of a streamed source's hook points this SAE reads, as layer.site (3.resid: layer 3's "
                "residual stream). Empty: the source's first. Other sources have none.", group="model"),
+    Param("keep_store", str, "no", "Keep an activation store (streamed sources)", choices=KEEP_STORE,
+          api_optional=True, core=False,
+          help="Write the activations this run streams at its hook point (the corpus's first pass) into an "
+               "activation store as it trains, with no second forward pass: when the run ends it is a new source, "
+               "as an extraction of those tokens would make, for runs that share the layer without running the "
+               "model. A sweep keeps one per hook point its members read.", group="model"),
     Param("latent_dim", int, 1024, "Latents (latent_dim)", min=16, max=1_048_576, template=True,
           help="Number of SAE features; usually 4× to 64× the activation width d_in.", group="model"),
     Param("l1_alpha", float, DEFAULT_L1_ALPHA, "Sparsity penalty (l1_alpha)", min=L1_ALPHA_MIN_EXCLUSIVE,

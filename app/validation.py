@@ -32,6 +32,20 @@ class SourceStats:
     corpus_tokens: int | None = None  # a streamed source's training tokens per pass over its corpus, if counted
     corpus_counted: bool = True  # False: the count stopped early; the corpus holds at least corpus_tokens
     resident_bytes: int = 0  # what the source itself holds on the device (a streamed source's model and buffers)
+    buffer_tokens: int | None = None  # a streamed source's round: the tokens computed together
+
+
+def kept_tokens(steps: int, batch: int, source: SourceStats) -> int:
+    """The tokens a streamed run keeps in a store: whole rounds of the stream up to its last step, never
+    more than one pass over the corpus (a repeated pass is not kept again)."""
+    per_round = max(1, (source.buffer_tokens or batch) // batch) * batch
+    tokens = -(-steps * batch // per_round) * per_round
+    return min(tokens, source.corpus_tokens) if source.corpus_tokens is not None and source.corpus_counted else tokens
+
+
+def kept_store_bytes(tokens: int, d_in: int, dtype: str) -> int:
+    """A store's size on disk: each row's activations and its index (token id, document, position)."""
+    return tokens * (d_in * (2 if dtype == "float16" else 4) + 12)
 
 
 def recommended_l1_alpha(d_in: int, latent_dim: int, target_l0: float, steps: int = 3000,
@@ -86,8 +100,9 @@ class Room:
 
 
 def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | None = None,
-                    device: str = "", room: Room | None = None) -> list[Finding]:
+                    device: str = "", room: Room | None = None, free_disk_bytes: int | None = None) -> list[Finding]:
     """All findings for a config (form field names) on ``source``. Pure; no I/O.
+    ``free_disk_bytes``: what the data folder has free, for a store the run keeps.
 
     Memory: at submission ``room`` (the GPUs; an error only when no GPU could ever hold the run,
     information when it will wait for room); in the worker, or with no GPU, ``free_memory_bytes``
@@ -167,6 +182,7 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
     elif source.hooks is not None and hook and hook not in source.hooks:
         add(Finding("error", "hook_point", f"{hook} is not a hook point of {source.name or 'this source'}; it streams "
                     f"{', '.join(source.hooks)}.", f"Use {source.hooks[0]}.", source.hooks[0]))
+    _keep_findings(add, cfg, source, free_disk_bytes)
     if source.corpus_tokens is not None and not source.corpus_counted and steps * batch > source.corpus_tokens:
         add(Finding("info", "total_steps", f"The run consumes {steps * batch:,} tokens; the corpus holds at least "
                     f"{source.corpus_tokens:,} (its count stopped there), so the stream may read it more than once: "
@@ -211,6 +227,30 @@ def validate_config(cfg: dict, source: SourceStats, *, free_memory_bytes: int | 
                         f"{_fmt_bytes(free_memory_bytes)} free on {where}; anything else running may push it over.",
                         "Lower the batch size."))
     return findings
+
+
+def _keep_findings(add, cfg: dict, source: SourceStats, free_disk_bytes: int | None) -> None:
+    """A store kept while streaming: only a streamed source has one to keep, and it must fit on disk."""
+    dtype = cfg.get("keep_store") or "no"
+    if dtype == "no":
+        return
+    if source.hooks is None:
+        add(Finding("error", "keep_store", f"{source.name or 'This source'} is not streamed from a model: its "
+                    "activations are stored or generated already, so there is no store to keep.", "Choose No.", "no"))
+        return
+    hook = (cfg.get("hook_point") or "").strip() or (source.hooks[0] if source.hooks else "?")
+    tokens = kept_tokens(cfg["total_steps"], cfg["batch_size"], source)
+    need = kept_store_bytes(tokens, source.d_in, dtype)
+    text = (f"The run keeps a {dtype} store of the {tokens:,} tokens it streams at {hook}: about {_fmt_bytes(need)} "
+            "on disk, a new source when the run ends.")
+    if free_disk_bytes is not None and need > free_disk_bytes:
+        add(Finding("error", "keep_store", f"{text[:-1]}, but the data folder has {_fmt_bytes(free_disk_bytes)} free.",
+                    "Choose No, train fewer steps, or keep it in float16.", "no"))
+    elif free_disk_bytes is not None and need > 0.8 * free_disk_bytes:
+        add(Finding("warning", "keep_store", f"{text} That is most of the {_fmt_bytes(free_disk_bytes)} the data "
+                    "folder has free.", "Keep it in float16, or train fewer steps."))
+    else:
+        add(Finding("info", "keep_store", text))
 
 
 def _penalty_findings(add, cfg: dict, source: SourceStats) -> None:

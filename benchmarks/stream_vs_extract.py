@@ -9,7 +9,9 @@ held-out rows (the stream's held-out head, at each layer), so the FVU columns co
 The extraction way pays what the app pays: each extraction runs the model up to its layer and writes a
 store to disk; each training reads it back. The streamed way runs the model once, to the last layer,
 and never writes activations. Peak host memory (RSS) of the streamed sweep is measured against the
-prediction the form makes from its buffer settings.
+prediction the form makes from its buffer settings. A third way is the streamed sweep again, keeping a
+float16 store of every layer as it goes (the "keep a store while streaming" option): what the by-product
+costs, and six trainings on the kept stores, which then need no model at all.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.extraction.capture import extract, load_model  # noqa: E402
 from app.extraction.capture_names import BUNDLED_MINILM  # noqa: E402
-from app.extraction.store import ShardWriter  # noqa: E402
+from app.extraction.store import RoundStore, ShardWriter  # noqa: E402
 from app.extraction.text import stdlib_docstrings  # noqa: E402
 from app.sae.metrics import evaluate  # noqa: E402
 from app.sae.sources import StoreSource  # noqa: E402
@@ -80,6 +82,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--model-batch", type=int, default=32)
     p.add_argument("--no-prefetch", action="store_true", help="compute each round when it is needed, not ahead")
+    p.add_argument("--no-keep", action="store_true", help="leave out the sweep that keeps stores")
     a = p.parse_args()
     lo, _, hi = a.layers.partition("-")
     layers = list(range(int(lo), int(hi or lo) + 1))
@@ -129,6 +132,26 @@ def main() -> None:
             result = train(StoreSource(Path(tmp) / str(layer)), cfg(i))
             train_s += time.perf_counter() - started
             trained[hook] = result
+        # --- the streamed sweep again, keeping a float16 store per layer; then six trainings on them --------
+        keep_s = kept_train_s = kept_bytes = 0.0
+        kept: dict = {}
+        if not a.no_keep:
+            again = StreamedSource(model, tokenizer, docs, hooks, context_length=a.context,
+                                   model_batch=a.model_batch, buffer_tokens=a.buffer, holdout_tokens=16_384,
+                                   prefetch=not a.no_prefetch)
+            stores = {hook: RoundStore(Path(tmp) / f".keeping-{hook}", stream.d_in, "float16") for hook in hooks}
+            again.keep(stores)
+            started = time.perf_counter()
+            train_many(again, [Member(cfg(i), hook=hook) for i, hook in enumerate(hooks)], data_seed=0)
+            keep_s = time.perf_counter() - started
+            assert again.keep_failed is None, again.keep_failed
+            for i, hook in enumerate(hooks):
+                folder = Path(tmp) / f"kept-{hook}"
+                stores[hook].commit(folder, {"layer": hook})
+                kept_bytes += sum(f.stat().st_size for f in folder.iterdir())
+                started = time.perf_counter()
+                kept[hook] = train(StoreSource(folder), cfg(i))
+                kept_train_s += time.perf_counter() - started
 
     def fvu(done, hook) -> float:
         result, sae = done
@@ -142,12 +165,20 @@ def main() -> None:
     print(f"| 6 extractions + 6 trainings | {total:.1f} | {extract_s:.1f} (extractions; trainings {train_s:.1f}) | 1.00 |")
     print(f"| one streamed sweep | {streamed_s:.1f} | {stream.model_seconds:.1f} ({100 * model_share:.0f}%) | "
           f"{total / streamed_s:.2f}× faster |")
+    if kept:
+        print(f"| one streamed sweep keeping {len(hooks)} float16 stores | {keep_s:.1f} | — | {total / keep_s:.2f}× faster; "
+              f"the stores cost {100 * (keep_s / streamed_s - 1):+.0f}% over the plain sweep, "
+              f"{kept_bytes / 2**20:.0f} MiB on disk |")
+        print(f"| then {len(hooks)} trainings on the kept stores (no model) | {kept_train_s:.1f} | 0 | against the "
+              f"{len(hooks)} trainings on "
+              f"extractions {train_s:.1f} |")
     print()
-    print("| layer | FVU extracted | FVU streamed | difference |")
-    print("| --- | --- | --- | --- |")
+    print("| layer | FVU extracted | FVU streamed | difference |" + (" FVU on the kept store |" if kept else ""))
+    print("| --- | --- | --- | --- |" + (" --- |" if kept else ""))
     for hook in hooks:
         e, s = fvu(trained[hook], hook), fvu(ended[hook], hook)
-        print(f"| {hook} | {e:.4f} | {s:.4f} | {100 * (s / e - 1):+.1f}% |")
+        on_kept = f" {fvu(kept[hook], hook):.4f} |" if kept else ""
+        print(f"| {hook} | {e:.4f} | {s:.4f} | {100 * (s / e - 1):+.1f}% |{on_kept}")
     print()
     print(f"Peak host memory of the streamed sweep above its start: {rss.grew / 2**20:.0f} MiB; the buffers' "
           f"prediction {predicted / 2**20:.0f} MiB (2 rounds × {stream.round_tokens(a.batch):,} tokens × d_in "

@@ -421,7 +421,7 @@ QUICK_CONFIG = {
     "target_l0": 0.02, "seed": 0, "log_every": 10, "dead_window_tokens": 20_000, "aux_window_tokens": 5_000,
     "early_stop": True, "early_stop_step": 1000, "early_stop_l0": 0.2, "steer_l1_alpha": False,
     "dead_latent_remedy": "none", "plateau_window": 2000, "checkpoint_every_steps": 2000,
-    "checkpoint_every_minutes": 5.0, "precision": "auto",
+    "checkpoint_every_minutes": 5.0, "precision": "auto", "keep_store": "no",
     # 256 latents on d_in 256 is not overcomplete (a validator warning): small on purpose, so
     # these tests start it anyway. The validator's own tests start from clean configs.
     "acknowledge_warnings": True,

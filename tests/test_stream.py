@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
-from app.extraction.capture import load_model
+from app.extraction.capture import extract, load_model
+from app.extraction.store import RoundStore, ShardWriter, open_shards
 from app.extraction.text import stdlib_docstrings
 from app.sae.stream import StreamedSource, StreamError
 from app.sae.trainer import Checkpointing, Member, TrainConfig, train_many
@@ -79,14 +81,23 @@ def test_batch_n_is_the_same_however_the_stream_is_entered(gpt2):
     assert not places(head) & places(trained)
 
 
-def test_a_short_corpus_is_read_again_and_says_so_and_one_too_short_is_refused(gpt2):
+def test_a_short_corpus_is_read_again_and_says_so_and_one_too_short_is_refused(gpt2, tmp_path):
     passes = []
     source = streamed(gpt2, docs=docstrings(20), on_repeat=passes.append, holdout_tokens=256, buffer_tokens=512)
+    store = kept(source, tmp_path, ["0.resid"], dtype="float16")["0.resid"]
     batches = source.batches(128, seed=0, device=CPU)
     for _ in range(24):
         next(batches)
     batches.close()
     assert passes and passes[0] == 1 and source.stats()["epochs"] >= 2
+    # a store kept while streaming holds the first pass once: every training token of the corpus
+    from app.sae.stream import Position
+
+    corpus = sum(len(p.keep) for p in source._range(0, 10**9, Position(), held_out=True)[0])
+    meta = store.commit(tmp_path / "kept", {})
+    assert source.keep_failed is None and meta["n_tokens"] == corpus - 256 and meta["dtype"] == "float16"
+    acts, index = open_shards(tmp_path / "kept")
+    assert np.concatenate(acts).dtype == np.float16 and len(set(map(tuple, np.concatenate(index)[:, 1:]))) == corpus - 256
     empty = streamed(gpt2, docs=docstrings(2), holdout_tokens=100_000)
     with pytest.raises(StreamError, match="nothing to train on"):
         next(empty.batches(256, seed=0, device=CPU))
@@ -105,9 +116,18 @@ class Crash(Exception):
     pass
 
 
-def test_a_streamed_sweep_that_crashes_resumes_with_the_same_weights(gpt2, tiny_models):
+def kept(source, folder, hooks, dtype="float32"):
+    """``source`` keeping a store of each hook point under ``folder``; returns the stores."""
+    stores = {hook: RoundStore(folder / f".partial-{hook}", source.d_in, dtype) for hook in hooks}
+    source.keep(stores)
+    return stores
+
+
+def test_a_streamed_sweep_that_crashes_resumes_with_the_same_weights(gpt2, tiny_models, tmp_path):
     """Two SAEs on two layers of one stream, checkpointed every 20 steps; a crash at step 47 loses
-    what came after the checkpoint at 40, and the resumed pair ends bit-identical to a straight pair."""
+    what came after the checkpoint at 40, and the resumed pair ends bit-identical to a straight pair.
+    Each keeps a store while streaming: the crashed-and-resumed stores are the straight ones, byte for
+    byte, and hold what an extraction of the same tokens holds."""
     cfg = dict(latent_dim=64, architecture="topk", k=4, l1_alpha=None, batch_size=64, total_steps=70,
                log_every=10, lr_warmup_steps=5, checkpoint_every_steps=20, checkpoint_every_minutes=60,
                precision="float32", eval_tokens=256, norm_sample_tokens=512)
@@ -129,22 +149,51 @@ def test_a_streamed_sweep_that_crashes_resumes_with_the_same_weights(gpt2, tiny_
         train_many(source, members, data_seed=7)
         return ended
 
-    straight = pair(streamed(gpt2, hooks=hooks, buffer_tokens=640))
+    source = streamed(gpt2, hooks=hooks, buffer_tokens=640)
+    straight_stores = kept(source, tmp_path / "straight", hooks)
+    straight = pair(source)
     states: dict = {}
+    crashing = streamed(gpt2, hooks=hooks, buffer_tokens=640)
+    kept(crashing, tmp_path / "resumed", hooks)
     with pytest.raises(Crash):
-        pair(streamed(gpt2, hooks=hooks, buffer_tokens=640), crash_at=50, states=states)
+        pair(crashing, crash_at=50, states=states)
+    assert (tmp_path / "resumed" / ".partial-0.resid" / "round_000005.json").exists()  # past the checkpoint's round
     saved = {hook: torch.load(io.BytesIO(blob), weights_only=False) for hook, blob in states.items()}
     assert {s["step"] for s in saved.values()} == {40} and all(s["source_position"] for s in saved.values())
     # a fresh process: the model loaded again, the stream entered at the checkpoint's corpus position
     tokenizer, model = load_model(str(tiny_models["gpt2"]), CPU)
     fresh = StreamedSource(model, tokenizer, docstrings(), list(hooks), context_length=48, buffer_tokens=640,
                            holdout_tokens=512)
+    resumed_stores = kept(fresh, tmp_path / "resumed", hooks)
     resumed = pair(fresh, resume=states)
     for hook in hooks:
         a, b = straight[hook][1].state_dict(), resumed[hook][1].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), hook
         assert straight[hook][0].eval == resumed[hook][0].eval
     assert not torch.equal(straight[hooks[0]][1].W_dec, straight[hooks[1]][1].W_dec)
+
+    assert source.keep_failed is None and fresh.keep_failed is None
+    for hook in hooks:
+        a = straight_stores[hook].commit(tmp_path / f"straight-{hook}", {})
+        b = resumed_stores[hook].commit(tmp_path / f"resumed-{hook}", {})
+        # 70 steps of 64 rows: 7 rounds of 640, the last computed whole
+        assert a["n_tokens"] == b["n_tokens"] == 7 * 640 and a["shards"] == b["shards"] and a["norm"] == b["norm"]
+        for x, y in zip(*(open_shards(tmp_path / f"{name}-{hook}") for name in ("straight", "resumed"))):
+            assert all(np.array_equal(u, v) for u, v in zip(x, y))
+    # an extraction of the same corpus (windows in its own order: sorted by length for less padding)
+    # holds every kept token, with the same activation
+    writer = ShardWriter(tmp_path / "extracted", 32, "float32")
+    extract(model, tokenizer, docstrings()(), writer, layer=2, site="resid", token_budget=2 * (512 + 7 * 640),
+            context_length=48, batch_size=32, exclude_special=True, device=CPU)
+    writer.commit({})
+    (ex_acts, ex_index), (k_acts, k_index) = (open_shards(tmp_path / name) for name in ("extracted", "straight-2.resid"))
+    ex_acts, ex_index, k_acts, k_index = (np.concatenate(a) for a in (ex_acts, ex_index, k_acts, k_index))
+    row_of = {(int(d), int(p)): i for i, (_, d, p) in enumerate(ex_index)}
+    rows = np.array([row_of[(int(d), int(p))] for _, d, p in k_index])
+    assert np.array_equal(ex_index[rows, 0], k_index[:, 0])  # the same token at each place
+    np.testing.assert_allclose(k_acts, ex_acts[rows], rtol=1e-4, atol=1e-4)
+    # in corpus order: the documents' tokens one after another, from the end of the held-out head on
+    assert np.all(np.diff(k_index[:, 1]) >= 0) and len(set(map(tuple, k_index[:, 1:]))) == len(k_index)
 
 
 def test_a_checkpoint_of_another_hook_point_is_refused(gpt2):

@@ -6,11 +6,12 @@ import io
 import itertools
 import json
 import zipfile
+from pathlib import Path
 
 from app.extraction.text import stdlib_docstrings
 from flask import current_app
 
-from app.models import ActivationSet, FeatureStat, Sweep, Training
+from app.models import ActivationSet, Event, FeatureStat, Sweep, Training
 from app.work.features import create_feature_job
 from conftest import QUICK_CONFIG, reload
 
@@ -66,7 +67,15 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
     assert any(f["field"] == "total_steps" and "repeats it" in f["message"] for f in long_run.json["findings"])
     assert Training.select().count() == 0
 
-    sweep = client.post("/api/sweeps", json={"name": "layers", "base": {**BASE, "source_id": source["id"]},
+    # a store kept while streaming: only a streamed source has one, and the form says what it will take
+    plain = client.post("/api/trainings", json={**BASE, "source_id": 1, "keep_store": "float16"})
+    assert plain.status_code == 422 and "no store to keep" in " ".join(plain.json["errors"]["keep_store"])
+    hints = client.post("/trainings/hints", data={**BASE, "source_id": source["id"], "keep_store": "float16",
+                                                  "hook_point": "2.resid"}).get_data(as_text=True)
+    assert "keeps a float16 store of the 8,192 tokens it streams at 2.resid" in hints  # 60 × 128, in rounds of 2,048
+
+    sweep = client.post("/api/sweeps", json={"name": "layers", "base": {**BASE, "source_id": source["id"],
+                                                                        "keep_store": "float16"},
                                              "axes": [{"param": "hook_point", "values": ["0.resid", "2.resid"]}]})
     assert sweep.status_code == 201, sweep.json
     assert run_worker().returncode == 0
@@ -89,6 +98,27 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
     page = client.get(f"/trainings/{members[1].id}").get_data(as_text=True)
     assert "2.resid" in page and 'id="stat-stream"' in page
 
+    # the sweep kept one store per hook point: sources that read as extractions of the tokens it streamed
+    stores = list(ActivationSet.select().where(ActivationSet.kind == "extracted").order_by(ActivationSet.id))
+    assert [(s.params["layer"], s.params["site"]) for s in stores] == [(0, "resid"), (2, "resid")]
+    for store, member in zip(stores, members):
+        assert store.params["n_tokens"] == 4 * 2048 and store.params["dtype"] == "float16", store.params
+        assert store.params["kept_by"] == {"sweep": sweep.json["id"], "streamed_source": source["id"]}
+        assert (Path(current_app.config["DATA_DIR"]) / store.path / "meta.json").exists()
+        kept = [e for e in Event.select().where(Event.training == member) if e.code == "store_kept"]
+        assert len(kept) == 1 and f"source #{store.id}" in kept[0].message
+    assert not list((Path(current_app.config["DATA_DIR"]) / "activations").glob(".keeping-*"))  # nothing partial left
+    listing = client.get("/sources/").get_data(as_text=True)
+    assert f'href="/sweeps/{sweep.json["id"]}">sweep {sweep.json["id"]}</a>' in listing
+    from app.work.janitor import orphans
+
+    assert not orphans({**current_app.config, "JANITOR_MIN_AGE_S": 0})  # the janitor leaves the stores alone
+    # a run on a kept store trains without the model, and a run of its own keeps one too
+    on_store = client.post("/api/trainings", json={**BASE, "source_id": stores[1].id})
+    alone = client.post("/api/trainings", json={**BASE, "source_id": source["id"], "hook_point": "2.resid",
+                                                "keep_store": "float32", "total_steps": 20})
+    assert on_store.status_code == 201 and alone.status_code == 201, (on_store.json, alone.json)
+
     # the deeper member's features (examples with their tokens, from the corpus's held-out head) and
     # its SAE spliced back into the model at its own layer
     features = create_feature_job(current_app.config, source=members[1].source, training=members[1],
@@ -102,3 +132,17 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
     assert examples and all(e["tokens"] for e in examples)  # each example reads as text in its context
     downstream = reload(members[1]).summary["downstream"]
     assert downstream["layer"] == 2 and downstream["site"] == "resid" and downstream["tokens"] > 0
+    on_store, alone = (Training.get_by_id(r.json["id"]) for r in (on_store, alone))
+    assert on_store.status == "completed" and 0 < on_store.summary["fvu"] < 1, on_store.reason
+    assert on_store.source.stats().hooks is None and "stream" not in (on_store.stream_stats or {})
+    assert alone.status == "completed", alone.reason
+    own = ActivationSet.get(ActivationSet.name.contains(f"(kept by run {alone.id})"))
+    assert own.params["dtype"] == "float32" and own.params["n_tokens"] == 4096 and own.params["layer"] == 2
+    # 20 steps of 128 tokens, in whole rounds of 2,048: the same tokens as the sweep's store of that layer
+    from app.extraction.store import open_shards
+
+    (a, ai), (b, bi) = (open_shards(Path(current_app.config["DATA_DIR"]) / s.path) for s in (own, stores[1]))
+    import numpy as np
+
+    assert np.array_equal(np.concatenate(ai), np.concatenate(bi)[:4096])
+    np.testing.assert_allclose(np.concatenate(a), np.concatenate(b)[:4096].astype(np.float32), rtol=1e-2, atol=1e-2)

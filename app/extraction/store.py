@@ -12,6 +12,7 @@ A store is written under a temporary name and renamed into place only when compl
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -54,6 +55,18 @@ class NormStats:
                 "max_norm": self.max, "mean_sq_norm": mean_sq}
 
 
+def _cast(acts: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows in the store's dtype; an overflow to float16's infinity or a NaN is refused, with the reason."""
+    with np.errstate(over="ignore"):  # an overflow to inf is caught just below, with the reason
+        cast = acts.astype(dtype, copy=False)
+    if not np.isfinite(cast).all():
+        if np.isfinite(acts).all():
+            raise StoreError(f"activations reach {float(np.abs(acts).max()):.3g}, beyond float16's range; "
+                             "store them as float32")
+        raise StoreError("the model produced NaN or Inf activations")
+    return cast
+
+
 @dataclass
 class ShardWriter:
     """Buffers rows and writes a shard of about ``SHARD_BYTES`` each time the buffer fills."""
@@ -84,13 +97,7 @@ class ShardWriter:
         """Append rows (float32 activations are cast to the store's dtype; overflow is refused)."""
         if acts.ndim != 2 or acts.shape[1] != self.d_in:
             raise ValueError(f"expected rows of width {self.d_in}, got shape {acts.shape}")
-        with np.errstate(over="ignore"):  # an overflow to inf is caught just below, with the reason
-            cast = acts.astype(self.dtype, copy=False)
-        if not np.isfinite(cast).all():
-            if np.isfinite(acts).all():
-                raise StoreError(f"activations reach {float(np.abs(acts).max()):.3g}, beyond float16's range; "
-                                 "extract with dtype float32")
-            raise StoreError("the model produced NaN or Inf activations")
+        cast = _cast(acts, self.dtype)
         self.norms.add(np.linalg.norm(acts.astype(np.float32, copy=False), axis=1))
         start = 0
         while start < len(cast):
@@ -125,6 +132,114 @@ class ShardWriter:
         with (self.work_dir / "meta.json").open("w") as fh:
             json.dump(meta, fh, indent=1)
         os.replace(self.work_dir, self.final_dir)
+        return meta
+
+    def abort(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+class RoundStore:
+    """A store written a round at a time by a streamed run (``app.sae.stream``): one shard per round of
+    the stream, named by the round's index, with its own norm statistics beside it. A run resumed at
+    round ``r`` keeps the shards before ``r`` (written before its checkpoint) and writes the rest again,
+    so the committed store is the same however often the run was interrupted. Each file is written
+    under a temporary name and renamed: a shard whose statistics exist is whole.
+
+    Rows are in corpus order within a round, and rounds follow each other: the store reads as an
+    extraction of the stream's training tokens would."""
+
+    def __init__(self, work_dir: Path | str, d_in: int, dtype: str) -> None:
+        if dtype not in ("float16", "float32"):
+            raise ValueError("dtype must be float16 or float32")
+        self.work_dir, self.d_in, self.dtype = Path(work_dir), int(d_in), dtype
+
+    def _name(self, index: int) -> str:
+        return f"round_{index:06d}"
+
+    def _rounds(self) -> dict[int, Path]:
+        """The whole rounds on disk: those whose statistics were written (after their arrays)."""
+        found = {}
+        for path in self.work_dir.glob("round_*.json"):
+            try:
+                found[int(path.stem.split("_")[1])] = path
+            except (IndexError, ValueError):
+                continue
+        return found
+
+    def begin(self, first_round: int) -> None:
+        """Enter at ``first_round``: every round before it must be on disk (``StoreError`` if one is not);
+        it and the later ones are removed, to be written again."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        have = self._rounds()
+        missing = [i for i in range(first_round) if i not in have]
+        if missing:
+            raise StoreError(f"round {missing[0]} of the kept store is missing, so it cannot be continued")
+        for path in self.work_dir.iterdir():
+            stem = path.name.split(".")[0]
+            if not stem.startswith("round_"):
+                path.unlink(missing_ok=True)  # a temporary file a killed process left
+                continue
+            try:
+                index = int(stem.split("_")[1])
+            except (IndexError, ValueError):
+                index = first_round
+            if index >= first_round:
+                path.unlink(missing_ok=True)
+
+    def write(self, index: int, rows: int, fill) -> None:
+        """Write round ``index``: ``fill(acts, index_rows)`` fills a memory-mapped ``[rows, d_in]`` array
+        of the store's dtype and a ``[rows, 3]`` int32 index (token id, document, position) in place,
+        and returns the rows' norm statistics (``NormStats``)."""
+        name, tag = self._name(index), f".tmp{os.getpid()}"
+        acts_tmp = self.work_dir / f"{name}.acts.npy{tag}"
+        index_tmp = self.work_dir / f"{name}.index.npy{tag}"
+        try:
+            acts = np.lib.format.open_memmap(acts_tmp, mode="w+", dtype=self.dtype, shape=(rows, self.d_in))
+            index_rows = np.lib.format.open_memmap(index_tmp, mode="w+", dtype=np.int32, shape=(rows, 3))
+            norms = fill(acts, index_rows)
+            acts.flush()
+            index_rows.flush()
+            del acts, index_rows
+            os.replace(acts_tmp, self.work_dir / f"{name}.acts.npy")
+            os.replace(index_tmp, self.work_dir / f"{name}.index.npy")
+            stats_tmp = self.work_dir / f"{name}.json{tag}"
+            stats_tmp.write_text(json.dumps({"rows": rows, "count": norms.count, "total": norms.total,
+                                             "total_sq": norms.total_sq, "max": norms.max}))
+            os.replace(stats_tmp, self.work_dir / f"{name}.json")
+        finally:
+            for path in (acts_tmp, index_tmp):
+                path.unlink(missing_ok=True)
+
+    def commit(self, final_dir: Path | str, meta: dict) -> dict:
+        """Write ``meta.json`` over the rounds on disk (whole, from round 0 on, in order) and move the folder
+        to ``final_dir``; the store then reads as any other (``open_shards``)."""
+        have = self._rounds()
+        rounds = list(itertools.takewhile(lambda i: i in have, itertools.count()))
+        shards, norms = [], NormStats()
+        for i in rounds:
+            stats = json.loads(have[i].read_text())
+            if stats["rows"] == 0:
+                continue
+            shards.append({"name": self._name(i), "rows": int(stats["rows"])})
+            norms.count += int(stats["count"])
+            norms.total += float(stats["total"])
+            norms.total_sq += float(stats["total_sq"])
+            norms.max = max(norms.max, float(stats["max"]))
+        rows = sum(s["rows"] for s in shards)
+        if rows == 0:
+            raise StoreError("no round was kept")
+        kept = {s["name"] for s in shards}
+        for path in self.work_dir.iterdir():  # the statistics now live in meta.json; anything else goes
+            if not (path.name.endswith((".acts.npy", ".index.npy")) and path.name.split(".")[0] in kept):
+                path.unlink()
+        final_dir = Path(final_dir)
+        if final_dir.exists():
+            raise StoreError(f"{final_dir} already exists")
+        meta = {**meta, "d_in": self.d_in, "dtype": self.dtype, "n_tokens": rows, "shards": shards,
+                "norm": norms.to_dict(), "index_columns": list(INDEX_COLUMNS)}
+        with (self.work_dir / "meta.json").open("w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(self.work_dir, final_dir)
         return meta
 
     def abort(self) -> None:

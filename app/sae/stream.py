@@ -110,6 +110,7 @@ class _Piece:
     keep: np.ndarray  # row indices of the window (into ids) that the range takes, in order
     doc: int = 0
     positions: list[int] | None = None  # each id's place in its document (-1: a special token)
+    epoch: int = 0  # the pass over the corpus it belongs to
 
 
 class StreamedSource(ActivationSource):
@@ -147,6 +148,8 @@ class StreamedSource(ActivationSource):
         self.model_seconds = 0.0
         self.next_fill = 0.0  # the share of the next round already computed
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.keeping: dict = {}  # hook point → the RoundStore its rounds are kept in (``keep``)
+        self.keep_failed: str | None = None  # why keeping stopped, if it did
         self._lock = threading.Lock()  # the counters above
         # One forward pass at a time: the hooks are the modules' own, so a pass run by the prefetch
         # thread and one run for the evaluation rows would each see the other's activations.
@@ -217,7 +220,7 @@ class StreamedSource(ActivationSource):
                     following = pos  # it straddles the end: the next range begins inside it
                     cursor.push(item)
             if collect and hi > lo:
-                pieces.append(_Piece(w.ids, kept[lo:hi], pos.doc, w.positions))
+                pieces.append(_Piece(w.ids, kept[lo:hi], pos.doc, w.positions, pos.epoch))
             if following is not None:
                 break
         return pieces, following
@@ -333,7 +336,54 @@ class StreamedSource(ActivationSource):
         order = torch.from_numpy(np.random.default_rng([seed, index]).permutation(n))
         place = torch.empty_like(order)
         place[order] = torch.arange(n)
-        return self._run(pieces, progress=fill, stop=stop, dest=place.to(self.device)), following
+        place = place.to(self.device)
+        acts = self._run(pieces, progress=fill, stop=stop, dest=place)
+        if self.keeping:
+            self._keep(index, pieces, acts, place)
+        return acts, following
+
+    # --- keeping a store while streaming -----------------------------------------------------
+
+    def keep(self, stores: dict) -> None:
+        """Write the training tokens of the corpus's first pass, at each named hook point, into its
+        ``app.extraction.store.RoundStore`` as the rounds are computed: a store as an extraction of
+        those tokens would make, without a second forward pass. A round is written before it is handed
+        out, so every round before a checkpoint's is on disk when the checkpoint is; a failure to write
+        (a full disk, float16 overflowing) stops the keeping, never the training (``keep_failed``)."""
+        unknown = [hook for hook in stores if hook not in self.hooks]
+        if unknown:
+            raise StreamError(f"hook point {unknown[0]!r} is not one this source streams ({', '.join(self.hooks)})")
+        self.keeping, self.keep_failed = dict(stores), None
+
+    def _stop_keeping(self, why: str) -> None:
+        self.keeping, self.keep_failed = {}, why
+
+    def _keep(self, index: int, pieces: list[_Piece], acts: dict[str, torch.Tensor], place: torch.Tensor) -> None:
+        from ..extraction.store import NormStats, StoreError, _cast
+
+        first = list(itertools.takewhile(lambda p: p.epoch == 0, pieces))  # a repeated pass is not kept again
+        rows = sum(len(p.keep) for p in first)
+        if rows == 0:
+            return
+        index_rows = np.concatenate([np.stack([np.asarray(p.ids)[p.keep], np.full(len(p.keep), p.doc),
+                                               np.asarray(p.positions)[p.keep]], axis=1) for p in first])
+        chunk = 8192  # rows copied out of the shuffled round at a time: the copy stays small
+        try:
+            for hook, store in self.keeping.items():
+                def fill(out, out_index, hook=hook, store=store) -> NormStats:
+                    norms = NormStats()
+                    out_index[:] = index_rows
+                    for lo in range(0, rows, chunk):
+                        hi = min(rows, lo + chunk)
+                        # corpus row i of the round was written at place[i]
+                        block = acts[hook].index_select(0, place[lo:hi]).float().cpu().numpy()
+                        out[lo:hi] = _cast(block, store.dtype)
+                        norms.add(np.linalg.norm(block, axis=1))
+                    return norms
+
+                store.write(index, rows, fill)
+        except Exception as exc:  # noqa: BLE001 - the training goes on; the job reports why nothing is kept
+            self._stop_keeping(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
 
     def batches(self, batch_size, *, seed, device, start=0, position: dict | None = None, until: int | None = None):
         """As every source's, from batch ``start`` (entered at the corpus ``position`` a checkpoint recorded,
@@ -345,6 +395,12 @@ class StreamedSource(ActivationSource):
         if at.train > index * n:
             raise StreamError("the checkpoint's corpus position lies after its step's round")
         last = None if until is None else max(index, (until - 1) // per_round)
+        if self.keeping:
+            try:
+                for store in self.keeping.values():
+                    store.begin(index)
+            except Exception as exc:  # noqa: BLE001 - a store that cannot be continued is not kept
+                self._stop_keeping(str(exc))
         rounds = _Rounds(self, index, at, n, seed, prefetch=self.prefetch, last=last)
         try:
             while True:

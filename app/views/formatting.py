@@ -192,8 +192,8 @@ def config_rows(run) -> list[tuple[str, str]]:
     for param in training_config.PARAMS:
         if not param.applies_to(run.architecture):
             continue
-        if param.name == "hook_point" and run.source.kind != "streamed":
-            continue  # only a streamed source has hook points
+        if param.name in ("hook_point", "keep_store") and run.source.kind != "streamed":
+            continue  # only a streamed source has hook points, and a store to keep
         value = getattr(run, param.name)
         detail = CONFIG_DETAILS.get(param.name)
         if value is not None and param.name in words:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..models import ActivationSet, Extraction, ImportedSAE, Training
+from ..models import ActivationSet, Extraction, ImportedSAE, Sweep, Training
 from .training import FINAL_FILES
 
 log = logging.getLogger("sae_studio.janitor")
@@ -46,11 +46,22 @@ def _names(paths: Iterable[str | None]) -> set[str]:
 
 def _scans(settings: dict) -> list[tuple[str, Callable[[], set[str]]]]:
     """Each folder under DATA_DIR the janitor looks in, with the names that records own there."""
+    data = Path(settings["DATA_DIR"])
+
     def activations() -> set[str]:
         running = {str(e.id) for e in Extraction.select(Extraction.id)
                    .where(Extraction.status.in_(("queued", "running")))}
         # a store in place belongs to its extraction; a partial one only while that extraction runs
-        return {str(e.id) for e in Extraction.select(Extraction.id)} | {f".partial-{i}" for i in running}
+        owned = {str(e.id) for e in Extraction.select(Extraction.id)} | {f".partial-{i}" for i in running}
+        # a store kept while streaming belongs to its source; one being kept, to its run or sweep while
+        # that exists (an interrupted one is continued by its resume)
+        owned |= _names(s.path for s in ActivationSet.select(ActivationSet.path)
+                        .where(ActivationSet.kind == "extracted"))
+        keepers = {f"run-{r.id}" for r in Training.select(Training.id)} | {f"sweep-{s.id}"
+                                                                           for s in Sweep.select(Sweep.id)}
+        owned |= {p.name for p in (data / "activations").glob(".keeping-*")
+                  if "-".join(p.name.split("-")[1:3]) in keepers}
+        return owned
 
     return [
         ("activations", activations),

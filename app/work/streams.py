@@ -6,6 +6,9 @@ would repeat it is told before it starts), and every run or sweep on it runs the
 """
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +18,8 @@ from ..errors import UserError
 from ..extraction.capture_names import BUNDLED_MINILM, SITES
 from ..models import ActivationSet
 from ..training_config import parse_hook_point
+
+log = logging.getLogger("sae_studio.streams")
 
 COUNT_SECONDS = 5.0  # the corpus count stops here (a web request waits for it); the source then says "at least"
 HOLDOUT_TOKENS = 16_384  # the corpus's first tokens, held out for evaluation (as the trainer evaluates on)
@@ -139,6 +144,121 @@ def build_streamed(source: ActivationSet, settings: dict, *, device, on_repeat=N
                           buffer_tokens=int(p["buffer_tokens"]), holdout_tokens=int(p["holdout_tokens"]),
                           exclude_special=bool(p["exclude_special"]), device=device, on_repeat=on_repeat)
 
+
+class Keeping:
+    """The activation stores a streamed job keeps while it trains ("keep a store while streaming"): one
+    per hook point in ``hooks`` (hook → dtype), written round by round into
+    ``activations/.keeping-<owner>-<id>-<hook>`` as the stream computes them (``StreamedSource.keep``).
+
+    ``settle`` is called once the job's stream has closed. When the job ended for good in this process
+    (completed, stopped early, cancelled, failed), each store is moved to ``activations/kept-…`` and
+    becomes a source of kind "extracted", as an extraction of those tokens would, created only if this
+    attempt still holds the job. Interrupted, the partial store stays for the resume, which continues
+    it from its checkpoint's round; superseded, it belongs to the attempt that holds the job."""
+
+    def __init__(self, owner, hooks: dict[str, str], settings: dict, *, notify) -> None:
+        self.owner, self.hooks, self.settings, self.notify = owner, dict(hooks), settings, notify
+        self.kind = "sweep" if type(owner).__name__ == "Sweep" else "run"
+        self.folder = Path(settings["DATA_DIR"]) / "activations"
+        self.stores: dict = {}
+        self.stream = None
+
+    def partial(self, hook: str) -> Path:
+        return self.folder / f".keeping-{self.kind}-{self.owner.id}-{hook}"
+
+    def attach(self, stream) -> None:
+        from ..extraction.store import RoundStore
+
+        self.stream = stream
+        self.stores = {hook: RoundStore(self.partial(hook), stream.d_in, dtype) for hook, dtype in self.hooks.items()}
+        stream.keep(self.stores)
+
+    def settle(self, ended: str | None) -> list[ActivationSet]:
+        from ..extraction.store import StoreError
+        from .lifecycle import Superseded
+
+        if not self.stores or ended not in ("completed", "stopped_early", "cancelled", "failed"):
+            return []
+        if self.stream.keep_failed:
+            for store in self.stores.values():
+                store.abort()
+            self.notify(None, "warning", "store_not_kept", f"No activation store was kept: {self.stream.keep_failed}",
+                        "Extract the layer instead, or keep the store in float32 if float16 overflowed.")
+            return []
+        made = []
+        for hook, store in self.stores.items():
+            final = self.folder / f"kept-{self.kind}-{self.owner.id}-a{self.owner.attempt}-{hook}"
+            try:
+                meta = store.commit(final, self._meta(hook))
+            except StoreError as exc:
+                store.abort()
+                self.notify(hook, "info", "store_not_kept", f"No activation store was kept at {hook}: {exc}.", None)
+                continue
+            try:
+                source = self._become_source(hook, meta, final)
+            except Superseded:
+                shutil.rmtree(final, ignore_errors=True)  # the job is another attempt's now: nothing is kept
+                return made
+            except Exception as exc:  # noqa: BLE001 - the job has ended: its store is lost, and it says why
+                shutil.rmtree(final, ignore_errors=True)
+                log.exception("the store kept at %s could not become a source", hook)
+                self.notify(hook, "warning", "store_not_kept", f"The activation store kept at {hook} could not "
+                            f"become a source: {type(exc).__name__}: {exc}", "Extract the layer instead.")
+                continue
+            made.append(source)
+            self.notify(hook, "info", "store_kept",
+                        f"Kept an activation store of {meta['n_tokens']:,} tokens at {hook} ({meta['dtype']}): "
+                        f"source #{source.id}, “{source.name}”, which trains without running the model.", None)
+        return made
+
+    def _meta(self, hook: str) -> dict:
+        stream, params = self.stream, self.owner.source.params
+        layer, _, site = hook.partition(".")
+        return {"model": params["model"], "model_path": getattr(stream.model, "name_or_path", "") or params["model"],
+                "architecture": type(stream.model).__name__, "layout": stream.layout.name,
+                "n_layers": stream.n_layers, "layer": int(layer), "site": site, "site_label": SITES.get(site, site),
+                "context_length": params["context_length"], "model_dtype": params.get("model_dtype") or "float32",
+                "exclude_special": params["exclude_special"], "text": params["text"], "text_label": params["text_label"],
+                "extraction_id": None, "model_size_bytes": params.get("model_size_bytes"),
+                "kept_by": {self.kind: self.owner.id, "streamed_source": self.owner.source_id},
+                "first_corpus_token": params["holdout_tokens"]}
+
+    def _become_source(self, hook: str, meta: dict, final: Path) -> ActivationSet:
+        from ..db import database
+        from ..extraction.store import open_shards
+        from ..sae.files import holdout_rows
+        from .lifecycle import current, retry_write, superseded
+
+        _, index = open_shards(final, meta)
+        meta["documents"] = int(index[-1][-1, 1]) + 1 if index else 0
+        (final / "meta.json").write_text(json.dumps(meta, indent=1))
+        owner, model = self.owner, type(self.owner)
+        name = (f"{Path(meta['model']).name} layer {meta['layer']} {meta['site_label']}, {meta['text_label']} "
+                f"(kept by {self.kind} {owner.id})")[:200]
+
+        def create() -> ActivationSet:
+            with database.atomic():  # only while this attempt still holds the job as it ended it
+                if not model.update(attempt=owner.attempt).where(current(owner)).execute():
+                    raise superseded(owner, "its kept store")
+                return ActivationSet.create(name=name, kind="extracted", d_in=meta["d_in"],
+                                            n_tokens=meta["n_tokens"] - holdout_rows(meta["n_tokens"]), params=meta,
+                                            path=f"activations/{final.name}", created_by=owner.created_by_id)
+
+        return retry_write(create, what="kept store")
+
+
+def keeping_for(owner, members, settings: dict, stream, *, notify) -> Keeping | None:
+    """The stores ``owner`` (a run, or a sweep) keeps on ``stream``, attached to it; None if it keeps none."""
+    from .sweeps import kept_hooks
+
+    if not getattr(stream, "hooks", None):
+        return None
+    hooks = kept_hooks(members, owner.source)
+    if not hooks:
+        return None
+    keeping = Keeping(owner, hooks, settings, notify=notify)
+    keeping.attach(stream)
+    return keeping
 
 
 def run_meta(run) -> dict:

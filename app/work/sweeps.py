@@ -236,6 +236,9 @@ def memory_findings(check: SweepCheck, settings: dict) -> list:
         return []
     need = sum(memory_estimate_bytes(source.d_in, m.fields["latent_dim"], m.fields["batch_size"],
                                      m.fields["architecture"]) for m in check.members)
+    disk = _store_findings(check, source, settings)
+    if disk:
+        return disk
     from .resources import submission_room
 
     room = submission_room(settings)
@@ -252,6 +255,41 @@ def memory_findings(check: SweepCheck, settings: dict) -> list:
                                         f"{room.free_on}). The sweep will wait in the queue until one has room.")]
     return [Finding("info", "axes", f"The {members} members together need about {gib:.2f} GiB "
                                     f"({'GPU' if room is not None else 'memory'}).")]
+
+
+def kept_hooks(members, source) -> dict[str, str]:
+    """The stores a sweep keeps while streaming: one per hook point that a member keeping one reads
+    (members on one hook point share it), with its dtype."""
+    hooks: dict[str, str] = {}
+    first = (source.params or {}).get("hooks") or [""]
+    for m in members:
+        dtype = m.get("keep_store") if isinstance(m, dict) else m.keep_store
+        hook = (m.get("hook_point") if isinstance(m, dict) else m.hook_point) or first[0]
+        if dtype and dtype != "no":
+            hooks.setdefault(hook, dtype)
+    return hooks
+
+
+def _store_findings(check: SweepCheck, source, settings: dict) -> list:
+    """The stores a streamed sweep keeps, together, against the data folder's free disk (each member's
+    own check counted its own)."""
+    from ..devices import disk_free
+    from ..findings import Finding
+    from ..validation import kept_store_bytes, kept_tokens
+
+    hooks = kept_hooks([m.fields for m in check.members], source)
+    if not hooks or source.kind != "streamed":
+        return []
+    first = check.members[0].fields
+    tokens = kept_tokens(first["total_steps"], first["batch_size"], source.stats())
+    need = sum(kept_store_bytes(tokens, source.d_in, dtype) for dtype in hooks.values())
+    free = disk_free(settings["DATA_DIR"])
+    if free is not None and need > free:
+        return [Finding("error", "axes", f"The sweep keeps {len(hooks)} stores while streaming ({', '.join(hooks)}): "
+                                         f"about {need / 2**30:.2f} GiB, but the data folder has "
+                                         f"{free / 2**30:.2f} GiB free.",
+                        "Keep none, keep them in float16, or train fewer steps.")]
+    return []
 
 
 def create_sweep(check: SweepCheck, *, name: str, mode: str, settings: dict, created_by: int | None,
@@ -417,6 +455,7 @@ def run_sweep(sweep_id: int) -> str:
 
 def _train_sweep(sweep: Sweep, settings: dict, stop_check: lifecycle.StopCheck) -> str:
     from ..sae.trainer import train_many
+    from .streams import keeping_for
     from .training import RunSession, build_source
 
     source = build_source(sweep.source, settings["DATA_DIR"], settings)
@@ -441,7 +480,11 @@ def _train_sweep(sweep: Sweep, settings: dict, stop_check: lifecycle.StopCheck) 
             member.should_stop = _either(stop_check, own)
             member.on_error = lambda exc, run=run, session=session: _member_error(run, session, settings, exc)
             members.append(member)
+        keeping = None
         if members:
+            keepers = [m for m in members_of(sweep) if m.status == "running" and m.keep_store != "no"]
+            keeping = keeping_for(sweep, keepers, settings, source, notify=lambda hook, *event:
+                                  _tell(keepers, sweep.source, hook, *event))
             train_many(source, members, data_seed=int(sweep.base.get("seed") or 0))
     if sweep.mode == "find_l0":
         from .finder import record_finding
@@ -454,7 +497,18 @@ def _train_sweep(sweep: Sweep, settings: dict, stop_check: lifecycle.StopCheck) 
         lifecycle.finish(sweep, "cancelled", reason="Cancelled by the user.")
     else:
         lifecycle.finish(sweep, "completed")
+    if keeping is not None:
+        keeping.settle(lifecycle.ended_as(sweep))
     return lifecycle.ended_as(sweep) or "superseded"
+
+
+def _tell(members: list[Training], source, hook: str | None, level: str, code: str, message: str,
+          suggestion: str | None) -> None:
+    """An event about a store the sweep kept, on each member that reads its hook point (all, for ``None``)."""
+    first = ((source.params or {}).get("hooks") or [""])[0]
+    for run in members:
+        if hook is None or (run.hook_point or first) == hook:
+            lifecycle.add_event(run.id, level, code, message, suggestion=suggestion, attempt=run.attempt)
 
 
 def _either(sweep_stop, own_stop):

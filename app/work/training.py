@@ -240,12 +240,12 @@ class PreflightError(RuntimeError):
 
 def _preflight(run: Training, settings: dict, writer: MetricWriter) -> None:
     """Check the config again where it will run: errors stop the run, warnings become events."""
-    from ..devices import device_memory
+    from ..devices import device_memory, disk_free
     from ..validation import validate_config
 
     memory = device_memory(settings["SAE_DEVICE"])
-    findings = validate_config(run.config_dict(), run.source.stats(),
-                               free_memory_bytes=memory.free_bytes, device=memory.device)
+    findings = validate_config(run.config_dict(), run.source.stats(), free_memory_bytes=memory.free_bytes,
+                               device=memory.device, free_disk_bytes=disk_free(settings["DATA_DIR"]))
     errors = [f for f in findings if f.level == "error"]
     if errors:
         raise PreflightError("; ".join(f"{f.field}: {f.message}" for f in errors))
@@ -316,11 +316,18 @@ def run_training(training_id: int) -> str:
 def _train(run: Training, settings: dict, stop_check: lifecycle.StopCheck) -> str:
     from ..sae.trainer import train_many
 
+    from .streams import keeping_for
+
     session = RunSession(run, settings, stop_check)
     with session.keeping_points():
         source = build_source(run.source, settings["DATA_DIR"], settings)
         member = session.member(source)
+        keeping = keeping_for(run, [run], settings, source, notify=lambda hook, level, code, message, suggestion:
+                              lifecycle.add_event(run.id, level, code, message, suggestion=suggestion,
+                                                  attempt=run.attempt))
         train_many(source, [member])
+    if keeping is not None:
+        keeping.settle(session.status)
     return session.status
 
 
