@@ -486,6 +486,17 @@ def _migration_28_keep_store(db) -> None:
     add_column_if_missing(db, "training", "keep_store", CharField(default="no"))
 
 
+def _migration_29_sweep_parts(db) -> None:
+    """A sweep no one GPU could hold is split into parts, each a sweep of its own naming the first
+    (``part_of``) and its place (``part`` of ``parts``). Every sweep before it is part 1 of 1.
+    Self-contained (its own column definitions)."""
+    from peewee import IntegerField
+
+    add_column_if_missing(db, "sweep", "part_of", IntegerField(null=True))
+    add_column_if_missing(db, "sweep", "part", IntegerField(default=1))
+    add_column_if_missing(db, "sweep", "parts", IntegerField(default=1))
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -497,7 +508,8 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_21_sweeps, _migration_22_model_size_for_placement,
                               _migration_23_final_folders, _migration_24_hook_points,
                               _migration_25_matryoshka_topk_presets, _migration_26_aux_window,
-                              _migration_27_sweep_templates, _migration_28_keep_store]
+                              _migration_27_sweep_templates, _migration_28_keep_store,
+                              _migration_29_sweep_parts]
 
 
 def migrate() -> int:

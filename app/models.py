@@ -220,6 +220,12 @@ class Sweep(JobRecord):
     axes = JSONField(default=list)  # [{"param": "target_l0", "values": [0.01, 0.02]}, ...]
     mode = CharField(default="grid")  # "grid", or "find_l0" (a ladder of target L0s read by the finder)
     finding = JSONField(null=True)  # the L0 finder's curve and recommendation, once read
+    # A sweep whose members no one GPU could hold together is split into parts, each a sweep of its own
+    # (its own job, placed on its own device, reading the data itself): part 1 of ``parts`` is the head
+    # (``part_of`` null); the others name it. An unsplit sweep is part 1 of 1.
+    part_of = IntegerField(null=True)
+    part = IntegerField(default=1)
+    parts = IntegerField(default=1)
 
     class Meta:
         table_name = "sweep"

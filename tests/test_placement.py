@@ -385,3 +385,69 @@ def test_a_downstream_evaluation_counts_its_extractions_model(app, env, hub_mode
     evaluation = create_downstream(app.config, run)
     assert reload(evaluation).model_size_bytes == 30 * GIB
     assert resources.need_bytes(evaluation) == int(1.3 * 30 * GIB * 0.5) + 4 * 2 * 64 * 256
+
+
+def test_a_sweep_no_gpu_could_hold_is_split_into_parts_each_on_a_device_of_its_own(client, env, web_on_fake_gpus,
+                                                                                  monkeypatch):
+    """Four members of about 12 MiB each on GPUs of 30 MiB: two parts of two, each its own job, placed on
+    a GPU each by two pinned workers; the sweep's page, list, API, cancel, resume and delete cover both."""
+    from app.models import Sweep
+    from app.work.sweeps import split
+
+    assert split([5, 4, 3, 3, 1], 8) == [[0, 3], [1, 2, 4]]  # largest first, each into the emptiest part
+    assert split([5, 5, 5], 8) == [[0], [1], [2]]  # two parts of 8 cannot hold 15 in members of 5: three
+    assert split([9, 1], 8) is None and split([2, 2], 8) == [[0, 1]]
+    monkeypatch.setenv("FEATURES_AFTER_TRAINING", "0")
+    need = resources.need_bytes(create_run(client, name="probe"))
+    client.post("/api/trainings/1/cancel")
+    total = 2.5 * need / GIB  # room for two members, not three
+    fake_gpus.write_table(web_on_fake_gpus, [total, total], total_gib=total)
+    base = {**QUICK_CONFIG, **SHORT}
+    axes = [{"param": "seed", "values": [0, 1, 2, 3]}]
+    # the L0 finder reads its ladder in one job: not split, refused; a member no GPU holds: refused, at its own check
+    finder = client.post("/api/sweeps", json={"mode": "find_l0", "base": base})
+    assert finder.status_code == 422 and "not split over devices" in str(finder.json["errors"]), finder.json
+    wide = client.post("/api/sweeps", json={"base": {**base, "latent_dim": 4096}, "axes": axes})
+    assert wide.status_code == 422 and "no device could ever run it" in wide.json["errors"]["members.0"][0]
+
+    response = client.post("/api/sweeps", json={"name": "split", "base": base, "axes": axes})
+    assert response.status_code == 201, response.json
+    body = response.json
+    [note] = [f for f in body["findings"] if f["member"] is None]
+    assert "split into 2 parts" in note["message"], note
+    assert [(p["part"], len(p["members"])) for p in body["parts"]] == [(1, 2), (2, 2)]
+    assert len(body["members"]) == 4 and body["group_status"] == "queued"
+    parts = [Sweep.get_by_id(p["id"]) for p in body["parts"]]
+    assert parts[1].part_of == parts[0].id and {p.parts for p in parts} == {2}
+    listing = " ".join(client.get("/sweeps").get_data(as_text=True).split())
+    assert listing.count(">split</a>") == 1 and "in 2 parts, one per device" in listing and "4 queued" in listing
+
+    workers = [pinned_worker(env, f"box.gpu{i}", i) for i in (0, 1)]
+    try:
+        done = wait_for(lambda: all(reload(p).status == "completed" for p in parts) and [reload(p) for p in parts],
+                        timeout=180, message="both parts to complete")
+    finally:
+        for w in workers:
+            stop_worker(w)
+    # one part on each GPU: the first part's reservation left no room for the second beside it
+    assert {p.placed_on for p in done} == {fake_gpus.uuid(0), fake_gpus.uuid(1)}
+    members = list(Training.select().where(Training.sweep.in_([p.id for p in parts])))
+    assert len(members) == 4 and all(m.status == "completed" for m in members)
+    assert not Training.select().where(Training.status == "failed").exists()
+    shown = client.get(f"/api/sweeps/{parts[1].id}").json
+    assert shown["group_status"] == "completed" and len(shown["members"]) == 4
+    page = " ".join(client.get(f"/sweeps/{parts[0].id}").get_data(as_text=True).split())
+    assert 'id="sweep-parts"' in page and "split into 2 parts" in page and page.count('id="part-') == 2
+
+    # the whole sweep resumes as one (nothing to resume here), and deletes as one
+    assert client.post(f"/api/sweeps/{parts[0].id}/resume").status_code == 409
+    deleted = client.delete(f"/api/sweeps/{parts[1].id}")
+    assert deleted.status_code in (200, 204), deleted.get_data(as_text=True)
+    assert not Sweep.select().where(Sweep.id.in_([p.id for p in parts])).exists()
+    assert not Training.select().where(Training.id.in_([m.id for m in members])).exists()
+    # cancelled from any part, the whole sweep stops: every part and every member
+    again = client.post("/api/sweeps", json={"name": "again", "base": base, "axes": axes}).json
+    assert client.post(f"/api/sweeps/{again['parts'][1]['id']}/cancel").status_code == 202
+    assert client.get(f"/api/sweeps/{again['id']}").json["group_status"] == "cancelled"
+    assert {m.status for m in Training.select().where(Training.id.in_([m["id"] for m in again["members"]]))} == {
+        "cancelled"}

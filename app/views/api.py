@@ -295,6 +295,7 @@ def resume(training_id: int):
 # --- sweeps ---------------------------------------------------------------------------------
 
 def sweep_dict(sweep: Sweep) -> dict:
+    parts = sweeps.group_of(sweep)
     rows = sweeps.member_rows(sweep)
     suggested = sweeps.suggestion(sweep, rows)
     return {
@@ -306,6 +307,12 @@ def sweep_dict(sweep: Sweep) -> dict:
         "members": [{**row, "url": external_url("pages.detail", training_id=row["id"])} for row in rows],
         "suggested": {"id": suggested["row"]["id"], "rule": suggested["why"]} if suggested else None,
         "finding": sweep.finding,
+        # split over devices: each part is a sweep of its own (its own job, device and status); "members"
+        # above lists every part's, "status" above is this part's, "group_status" the whole sweep's
+        "parts": [{"id": p.id, "part": p.part, "status": p.status, "placed_on": p.placed_on,
+                   "wait_reason": p.wait_reason, "members": [r["id"] for r in rows if r["part"] == p.part]}
+                  for p in parts],
+        "group_status": sweeps.group_status(parts),
     }
 
 
@@ -352,7 +359,7 @@ def create_sweep():
             return {"errors": errors}, 422
     if isinstance(base, dict):  # a script has no box to tick: it sends the field, once for every member
         base = {**base}
-    check = sweeps.check_sweep(base, axes, current_app.config)
+    check = sweeps.check_sweep(base, axes, current_app.config, mode=mode)
     findings = [{"member": m.label, **f.to_dict()} for m in check.members for f in m.findings]
     findings += [{"member": None, **f.to_dict()} for f in check.findings]
     if not check.ok:
@@ -429,7 +436,7 @@ def show_sweep(sweep_id: int):
 @bp.post("/sweeps/<int:sweep_id>/cancel")
 def cancel_sweep(sweep_id: int):
     sweep = get_or_404(Sweep, sweep_id, "sweep")
-    if not sweep.is_active:
+    if not any(part.is_active for part in sweeps.group_of(sweep)):
         return {"id": sweep.id, "status": sweep.status, "error": f"The sweep has already ended ({sweep.status})."}, 409
     require_change(sweep)
     sweeps.cancel_sweep(sweep)
@@ -442,7 +449,7 @@ def resume_sweep(sweep_id: int):
     sweep = get_or_404(Sweep, sweep_id, "sweep")
     require_change(sweep)
     try:
-        sweep = sweeps.resume_sweep(sweep, current_app.config)
+        sweep = sweeps.resume_group(sweep, current_app.config)
     except sweeps.SweepRefused as exc:
         return {"id": sweep.id, "status": sweep.status, "error": str(exc)}, 409
     except QueueUnavailable as exc:

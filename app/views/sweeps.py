@@ -25,9 +25,17 @@ def _as_formdata(payload: dict):
 
 @bp.get("/sweeps")
 def index():
-    listed = list(Sweep.select().order_by(Sweep.id.desc()).limit(200))
-    counts = sweeps.status_counts([s.id for s in listed])
-    rows = [(s, counts.get(s.id, {})) for s in listed]
+    # a sweep split over devices is one row: its first part's, with every part's members counted
+    listed = list(Sweep.select().where(Sweep.part_of.is_null()).order_by(Sweep.id.desc()).limit(200))
+    groups = {s.id: sweeps.group_of(s) for s in listed}
+    counts = sweeps.status_counts([p.id for parts in groups.values() for p in parts])
+    rows = []
+    for s in listed:
+        total: dict[str, int] = {}
+        for part in groups[s.id]:
+            for status, n in counts.get(part.id, {}).items():
+                total[status] = total.get(status, 0) + n
+        rows.append((s, total, sweeps.group_status(groups[s.id]), len(groups[s.id])))
     return render_template("sweeps.html", rows=rows)
 
 
@@ -46,7 +54,7 @@ def create():
         axes, errors = [], {"sweep_values_1": ["Choose a sweep or the L0 finder."]}
     check = None
     if not errors:
-        check = sweeps.check_sweep(base, axes, current_app.config, to_formdata=_as_formdata)
+        check = sweeps.check_sweep(base, axes, current_app.config, to_formdata=_as_formdata, mode=mode)
         errors = dict(check.errors)
         messages = [f"{m.label}: {name}: {' '.join(msgs)}" for m in check.members for name, msgs in m.errors.items()]
         if messages:
@@ -112,6 +120,7 @@ def members(sweep_id: int):
 
 
 def members_context(sweep: Sweep) -> dict:
+    parts = sweeps.group_of(sweep)
     rows = sweeps.member_rows(sweep)
     suggested = sweeps.suggestion(sweep, rows)
     colors = {r["id"]: charts.PALETTE[i % len(charts.PALETTE)] for i, r in enumerate(rows)}
@@ -129,8 +138,9 @@ def members_context(sweep: Sweep) -> dict:
             "L0 finder: the metric against L0", [(p["l0_fraction"], p["metric"], f"#{p['member_id']}",
                                                  colors.get(p["member_id"])) for p in curve if p.get("metric") is not None],
             y_label=sweep.finding.get("metric_name", "metric"))
-    active = sweep.is_active or any(r["status"] in ("queued", "running") for r in rows)
-    return {"rows": rows, "suggested": suggested, "frontier": frontier, "model_frontier": model_frontier,
+    active = any(p.is_active for p in parts) or any(r["status"] in ("queued", "running") for r in rows)
+    return {"parts": parts, "group_status": sweeps.group_status(parts),
+            "resumable": any(p.status in ("interrupted", "failed", "cancelled") for p in parts), "rows": rows, "suggested": suggested, "frontier": frontier, "model_frontier": model_frontier,
             "finder_chart": finder_chart, "colors": colors, "active": active, "suggestion_rule": sweeps.SUGGESTION_RULE,
             "compare_url": url_for("pages.compare", ids=[r["id"] for r in rows if r["final"]])}
 
@@ -148,7 +158,7 @@ def delete(sweep_id: int):
 def cancel(sweep_id: int):
     sweep = get_or_404(Sweep, sweep_id, "sweep")
     require_change(sweep)
-    if sweep.is_active:
+    if any(part.is_active for part in sweeps.group_of(sweep)):
         sweeps.cancel_sweep(sweep)
     return redirect(url_for("sweeps.detail", sweep_id=sweep.id), code=303)
 
@@ -158,7 +168,7 @@ def resume(sweep_id: int):
     sweep = get_or_404(Sweep, sweep_id, "sweep")
     require_change(sweep)
     try:
-        sweeps.resume_sweep(sweep, current_app.config)
+        sweeps.resume_group(sweep, current_app.config)
     except (sweeps.SweepRefused, QueueUnavailable) as exc:
         return render_template("sweep_detail.html", sweep=sweep, error=str(exc), **members_context(sweep)), 409
     return redirect(url_for("sweeps.detail", sweep_id=sweep.id), code=303)

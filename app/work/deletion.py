@@ -158,15 +158,24 @@ def delete_training(run: Training, settings: dict) -> DeletePlan:
 
 
 def plan_sweep(sweep: Sweep, settings: dict) -> DeletePlan:
-    """A sweep goes with every member run it still has (their metrics, events, jobs and files)."""
-    plan = DeletePlan(f"sweep #{sweep.id}" + (f" ({sweep.name})" if sweep.name else ""))
-    if sweep.is_active:
-        plan.refused = f"The sweep is {sweep.status}: cancel it first, then delete it."
-    members = list(Training.select().where(Training.sweep == sweep.id).order_by(Training.id))
+    """A sweep goes with every member run it still has (their metrics, events, jobs and files), and a
+    sweep split over devices with every part."""
+    from .sweeps import group_of
+
+    parts = group_of(sweep)
+    plan = DeletePlan(f"sweep #{parts[0].id}" + (f" ({sweep.name})" if sweep.name else ""))
+    active = [p for p in parts if p.is_active]
+    if active:
+        plan.refused = (f"The sweep is {active[0].status}: cancel it first, then delete it." if len(parts) == 1 else
+                        f"Part {active[0].part} of the sweep is {active[0].status}: cancel the sweep first, then "
+                        "delete it.")
+    members = list(Training.select().where(Training.sweep.in_([p.id for p in parts])).order_by(Training.id))
     for member in members:
         member_plan = plan_training(member, settings)
         plan.refused = plan.refused or member_plan.refused
         plan.files += member_plan.files
+    if len(parts) > 1:
+        plan.also.append(f"its {len(parts)} parts (sweeps {_ids(parts)}), one per device")
     if members:
         plan.also.append(_count(len(members), "member run") + f" ({_ids(members)}), each with its metrics, events, "
                                                                 "jobs and files")
@@ -174,15 +183,18 @@ def plan_sweep(sweep: Sweep, settings: dict) -> DeletePlan:
 
 
 def delete_sweep(sweep: Sweep, settings: dict) -> DeletePlan:
+    from .sweeps import group_of
+
     plan = _checked(plan_sweep(sweep, settings))
+    ids = [p.id for p in group_of(sweep)]
 
     def delete() -> None:
         with database.atomic():
-            if Sweep.select().where((Sweep.id == sweep.id) & Sweep.status.in_(("queued", "running"))).exists():
+            if Sweep.select().where(Sweep.id.in_(ids) & Sweep.status.in_(("queued", "running"))).exists():
                 raise DeleteRefused("The sweep was resumed meanwhile: cancel it first, then delete it.")
-            for member in Training.select().where(Training.sweep == sweep.id):
+            for member in Training.select().where(Training.sweep.in_(ids)):
                 _delete_training_rows(member)
-            Sweep.delete_by_id(sweep.id)
+            Sweep.delete().where(Sweep.id.in_(ids)).execute()
 
     retry_write(delete, what="delete sweep")
     _remove_files(plan.files, settings)

@@ -60,6 +60,7 @@ class SweepCheck:
     errors: dict = field(default_factory=dict)  # the sweep's own fields: axes, values, size, memory
     findings: list = field(default_factory=list)  # the sweep's own (memory of all members together)
     base: dict = field(default_factory=dict)  # the configuration every member starts from
+    parts: list[list[int]] | None = None  # members (by index) per part, when no one GPU holds them all
 
     @property
     def ok(self) -> bool:
@@ -181,7 +182,7 @@ def align(payload: dict, varied: set[str]) -> dict:
     return payload
 
 
-def check_sweep(base: dict, raw_axes, settings: dict, *, to_formdata=None) -> SweepCheck:
+def check_sweep(base: dict, raw_axes, settings: dict, *, to_formdata=None, mode: str = "grid") -> SweepCheck:
     """Validate every member with the training form (the one validation path), and the sweep's size
     and memory: nothing is created here. ``to_formdata`` maps a member's configuration onto the form
     (the API's JSON mapping by default; the browser's form posts its own fields)."""
@@ -216,16 +217,38 @@ def check_sweep(base: dict, raw_axes, settings: dict, *, to_formdata=None) -> Sw
                 member.fields = form.training_fields()
         check.members.append(member)
     if check.ok:
-        check.findings = memory_findings(check, settings)
+        check.findings = memory_findings(check, settings, mode=mode)
         if any(f.level == "error" for f in check.findings):
             check.errors["axes"] = [f.message for f in check.findings if f.level == "error"]
     return check
 
 
-def memory_findings(check: SweepCheck, settings: dict) -> list:
+def split(needs: list[int], capacity: int) -> list[list[int]] | None:
+    """Members (by index, each needing ``needs[i]``) in the fewest parts whose needs each fit ``capacity``,
+    balanced: the largest first, each into the part holding least so far. None if one member alone does
+    not fit. Each part lists its members in order."""
+    if any(n > capacity for n in needs):
+        return None
+    k = max(1, math.ceil(sum(needs) / capacity))
+    while True:  # at most one member per part fits, so this ends
+        parts: list[list[int]] = [[] for _ in range(k)]
+        load = [0] * k
+        for i in sorted(range(len(needs)), key=lambda i: (-needs[i], i)):
+            j = min(range(k), key=lambda j: (load[j], j))
+            parts[j].append(i)
+            load[j] += needs[i]
+        if max(load) <= capacity:
+            return [sorted(p) for p in parts if p]
+        k += 1
+
+
+def memory_findings(check: SweepCheck, settings: dict, *, mode: str = "grid") -> list:
     """Every member's estimate added up (the sweep trains them together on one device), against the
-    GPUs (``resources.submission_room``): refused only when no GPU could ever hold them; when none
-    has room now, the sweep waits in the queue for one."""
+    GPUs (``resources.submission_room``). When no GPU could ever hold them all, a grid sweep is split
+    into parts that each fit the largest GPU (``check.parts``), each trained by its own job on its own
+    device; refused only when one member alone (with the source's model, for a streamed source) fits no
+    GPU, or for the L0 finder, whose reading needs its ladder in one job. When none has room now, the
+    sweep waits in the queue for one."""
     from ..findings import Finding
     from ..models import ActivationSet
     from ..validation import memory_estimate_bytes
@@ -234,21 +257,42 @@ def memory_findings(check: SweepCheck, settings: dict) -> list:
     source = ActivationSet.get_or_none(ActivationSet.id == first["source_id"]) if first.get("source_id") else None
     if source is None:
         return []
-    need = sum(memory_estimate_bytes(source.d_in, m.fields["latent_dim"], m.fields["batch_size"],
-                                     m.fields["architecture"]) for m in check.members)
+    needs = [memory_estimate_bytes(source.d_in, m.fields["latent_dim"], m.fields["batch_size"],
+                                   m.fields["architecture"]) for m in check.members]
+    from .resources import resident_bytes, submission_room
+
+    resident = resident_bytes(source)
+    need = sum(needs) + resident
     disk = _store_findings(check, source, settings)
     if disk:
         return disk
-    from .resources import submission_room
 
     room = submission_room(settings)
     gib = need / 2**30
     members = len(check.members)
     if room is not None and need > room.total_bytes:
-        return [Finding("error", "axes", f"The {members} members together need about {gib:.1f} GiB on one GPU, "
-                                         f"but the largest GPU, {room.total_on}, has {room.total_bytes / 2**30:.1f} "
-                                         "GiB in all: no device could ever run them together.",
-                        "Use fewer or narrower members, or a smaller batch.")]
+        if mode == "find_l0":
+            return [Finding("error", "axes", f"The {members} members together need about {gib:.1f} GiB on one GPU, "
+                                             f"but the largest GPU, {room.total_on}, has "
+                                             f"{room.total_bytes / 2**30:.1f} GiB in all: no device could ever run "
+                                             "them together. The L0 finder trains its ladder in one job, so it is not "
+                                             "split over devices.", "Use a narrower width, or a smaller batch.")]
+        parts = split(needs, room.total_bytes - resident) if room.total_bytes > resident else None
+        if parts is None:
+            widest = max(needs) + resident
+            return [Finding("error", "axes", f"A member alone needs about {widest / 2**30:.1f} GiB"
+                                             + (f" with the source's model ({resident / 2**30:.1f} GiB)" if resident
+                                                else "") + f", but the largest GPU, {room.total_on}, has "
+                                             f"{room.total_bytes / 2**30:.1f} GiB in all: no device could ever run it.",
+                            "Use narrower members, or a smaller batch.")]
+        check.parts = parts
+        sizes = ", ".join(f"{(sum(needs[i] for i in p) + resident) / 2**30:.1f}" for p in parts)
+        return [Finding("info", "axes", f"The {members} members together need about {gib:.1f} GiB, more than the "
+                                        f"largest GPU, {room.total_on}, holds ({room.total_bytes / 2**30:.1f} GiB): "
+                                        f"the sweep is split into {len(parts)} parts ({sizes} GiB), each trained by "
+                                        "its own job on a GPU with room, reading the data itself"
+                                        + (" (each runs the source's model)" if resident else "") + ". Members of "
+                                        "one part share each batch; the parts see the same batches in the same order.")]
     if room is not None and need > room.free_bytes:
         return [Finding("info", "axes", f"The {members} members together need about {gib:.2f} GiB on one GPU; none "
                                         f"has that free now (the most is {room.free_bytes / 2**30:.1f} GiB, on "
@@ -294,46 +338,101 @@ def _store_findings(check: SweepCheck, source, settings: dict) -> list:
 
 def create_sweep(check: SweepCheck, *, name: str, mode: str, settings: dict, created_by: int | None,
                  requested_device: str | None = None) -> Sweep:
-    """Store a checked sweep and its members (queued, in one transaction) and put its one job on the queue."""
+    """Store a checked sweep and its members (queued, in one transaction) and put its one job on the queue;
+    split into parts (``check.parts``), one sweep and one job per part. Returns the sweep (its first part)."""
     assert check.ok
     first = check.members[0].fields
+    parts = check.parts or [list(range(len(check.members)))]
 
-    def write() -> Sweep:
+    def write() -> list[Sweep]:
         with database.atomic():
-            sweep = Sweep.create(name=name or "sweep", source=first["source_id"], base=check.base,
-                                 axes=check.axes, mode=mode, created_by=created_by, status="queued",
-                                 queued_at=utcnow(), requested_device=requested_device)
-            for member in check.members:
-                Training.create(**{**member.fields, "created_by": created_by, "sweep": sweep.id,
-                                   "status": "queued", "queued_at": utcnow()})
-            return sweep
+            made: list[Sweep] = []
+            for number, indices in enumerate(parts, start=1):
+                sweep = Sweep.create(name=name or "sweep", source=first["source_id"], base=check.base,
+                                     axes=check.axes, mode=mode, created_by=created_by, status="queued",
+                                     queued_at=utcnow(), requested_device=requested_device,
+                                     part_of=made[0].id if made else None, part=number, parts=len(parts))
+                for i in indices:
+                    Training.create(**{**check.members[i].fields, "created_by": created_by, "sweep": sweep.id,
+                                       "status": "queued", "queued_at": utcnow()})
+                made.append(sweep)
+            return made
 
-    sweep = retry_write(write, what="create sweep")
+    made = retry_write(write, what="create sweep")
     try:
-        lifecycle.enqueue(sweep, settings)
+        for sweep in made:
+            lifecycle.enqueue(sweep, settings)
     except lifecycle.queue.QueueUnavailable:
         def undo() -> None:
             with database.atomic():
-                Training.delete().where(Training.sweep == sweep.id).execute()
-                Sweep.delete_by_id(sweep.id)
+                for sweep in made:
+                    Training.delete().where(Training.sweep == sweep.id).execute()
+                    Sweep.delete_by_id(sweep.id)
 
         retry_write(undo, what="undo create sweep")
         raise
-    return sweep
+    return made[0]
 
 
 def members_of(sweep: Sweep) -> list[Training]:
+    """The members this sweep's own job trains (one part's, for a split sweep)."""
     return list(Training.select().where(Training.sweep == sweep.id).order_by(Training.id))
 
 
+def group_of(sweep: Sweep) -> list[Sweep]:
+    """Every part of the sweep ``sweep`` belongs to, in order (itself alone when it was not split)."""
+    if (sweep.parts or 1) <= 1:
+        return [sweep]
+    head = sweep.part_of or sweep.id
+    return list(Sweep.select().where((Sweep.id == head) | (Sweep.part_of == head)).order_by(Sweep.part, Sweep.id))
+
+
+def group_members(sweep: Sweep) -> list[Training]:
+    """The members of every part: the whole sweep, as its page and the API show it."""
+    ids = [part.id for part in group_of(sweep)]
+    return list(Training.select().where(Training.sweep.in_(ids)).order_by(Training.id))
+
+
+def group_status(parts: list[Sweep]) -> str:
+    """One status for a split sweep: running while any part runs, queued while any waits, and once all
+    have ended the worst of their ends (failed, interrupted, cancelled) or completed."""
+    statuses = {p.status for p in parts}
+    for status in ("running", "queued", "failed", "interrupted", "cancelled", "stopped_early"):
+        if status in statuses:
+            return status
+    return "completed"
+
+
 def cancel_sweep(sweep: Sweep) -> None:
-    """Cancel the sweep and every member still queued or running (a database write only)."""
-    for run in members_of(sweep):
-        if run.is_active:
-            lifecycle.request_cancel(run)
-    sweep = Sweep.get_by_id(sweep.id)
-    if sweep.is_active:
-        lifecycle.request_cancel(sweep)
+    """Cancel the sweep (every part of it) and every member still queued or running (a database write only)."""
+    for part in group_of(sweep):
+        for run in members_of(part):
+            if run.is_active:
+                lifecycle.request_cancel(run)
+        part = Sweep.get_by_id(part.id)
+        if part.is_active:
+            lifecycle.request_cancel(part)
+
+
+def resume_group(sweep: Sweep, settings: dict) -> Sweep:
+    """Resume every part of the sweep that has ended with members to resume (``resume_sweep`` on each);
+    a part still queued or running is left as it is. Refused when no part can be resumed."""
+    parts = group_of(sweep)
+    if len(parts) == 1:
+        return resume_sweep(sweep, settings)
+    resumed, refusal = 0, None
+    for part in parts:
+        if part.is_active:
+            continue
+        try:
+            resume_sweep(part, settings)
+            resumed += 1
+        except SweepRefused as exc:
+            refusal = exc
+    if not resumed:
+        raise refusal or SweepRefused(f"Every part of sweep {parts[0].id} is queued or running; resume it once "
+                                      "a part has ended.")
+    return Sweep.get_by_id(sweep.id)
 
 
 def resume_sweep(sweep: Sweep, settings: dict, *, only: Training | None = None) -> Sweep:
@@ -390,7 +489,8 @@ def member_rows(sweep: Sweep) -> list[dict]:
     from ..quality import grade
 
     rows = []
-    for run in members_of(sweep):
+    part_of = {p.id: p.part for p in group_of(sweep)}
+    for run in group_members(sweep):
         summary = run.summary or {}
         latest = run.latest_metric() if summary.get("l0_fraction") is None else None
         l0_fraction = summary.get("l0_fraction", latest.l0_fraction if latest else None)
@@ -409,6 +509,7 @@ def member_rows(sweep: Sweep) -> list[dict]:
             "grade": grade(l0_fraction, dead, run.latent_dim) if l0_fraction is not None else None,
             "downstream_score": downstream.get("score"), "downstream_name": downstream.get("score_name"),
             "mcc": gt, "final": summary.get("l0_fraction") is not None, "reason": run.reason,
+            "part": part_of.get(run.sweep_id, 1),
         })
     return rows
 
