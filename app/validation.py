@@ -243,12 +243,13 @@ def _keep_findings(add, cfg: dict, source: SourceStats, free_disk_bytes: int | N
     need = kept_store_bytes(tokens, source.d_in, dtype)
     text = (f"The run keeps a {dtype} store of the {tokens:,} tokens it streams at {hook}: about {_fmt_bytes(need)} "
             "on disk, a new source when the run ends.")
+    smaller = " or keep it in float16" if dtype == "float32" else ""
     if free_disk_bytes is not None and need > free_disk_bytes:
         add(Finding("error", "keep_store", f"{text[:-1]}, but the data folder has {_fmt_bytes(free_disk_bytes)} free.",
-                    "Choose No, train fewer steps, or keep it in float16.", "no"))
+                    f"Choose No, train fewer steps{smaller}, or free some disk.", "no"))
     elif free_disk_bytes is not None and need > 0.8 * free_disk_bytes:
         add(Finding("warning", "keep_store", f"{text} That is most of the {_fmt_bytes(free_disk_bytes)} the data "
-                    "folder has free.", "Keep it in float16, or train fewer steps."))
+                    "folder has free.", f"Train fewer steps{smaller}, or free some disk."))
     else:
         add(Finding("info", "keep_store", text))
 

@@ -134,7 +134,7 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
     assert downstream["layer"] == 2 and downstream["site"] == "resid" and downstream["tokens"] > 0
     on_store, alone = (Training.get_by_id(r.json["id"]) for r in (on_store, alone))
     assert on_store.status == "completed" and 0 < on_store.summary["fvu"] < 1, on_store.reason
-    assert on_store.source.stats().hooks is None and "stream" not in (on_store.stream_stats or {})
+    assert on_store.source.stats().hooks is None and on_store.stream_stats is None  # no model ran for it
     assert alone.status == "completed", alone.reason
     own = ActivationSet.get(ActivationSet.name.contains(f"(kept by run {alone.id})"))
     assert own.params["dtype"] == "float32" and own.params["n_tokens"] == 4096 and own.params["layer"] == 2
@@ -146,3 +146,25 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
 
     assert np.array_equal(np.concatenate(ai), np.concatenate(bi)[:4096])
     np.testing.assert_allclose(np.concatenate(a), np.concatenate(b)[:4096].astype(np.float32), rtol=1e-2, atol=1e-2)
+
+    # resumed after its store was kept (as a cancelled run would be), a run does not add to it, and says so
+    from app.work.streams import Keeping
+
+    told = []
+    keeping = Keeping(alone, {"2.resid": "float32"}, current_app.config, notify=lambda *event: told.append(event))
+
+    class Stream:
+        d_in = 32
+
+        def keep(self, stores):
+            raise AssertionError("nothing is kept again")
+
+    keeping.attach(Stream())
+    assert not keeping.stores and told[0][2] == "store_already_kept" and f"source #{own.id}" in told[0][3]
+    # the janitor keeps a partial store while its job is queued, running or resumable, and no longer
+    data = Path(current_app.config["DATA_DIR"]) / "activations"
+    queued = client.post("/api/trainings", json={**BASE, "source_id": source["id"], "keep_store": "float16"}).json
+    for name in (f".keeping-run-{queued['id']}-0.resid", f".keeping-run-{alone.id}-2.resid", ".keeping-run-999-0.resid"):
+        (data / name).mkdir()
+    left = {p.name for p in orphans({**current_app.config, "JANITOR_MIN_AGE_S": 0})}
+    assert left == {f".keeping-run-{alone.id}-2.resid", ".keeping-run-999-0.resid"}, left

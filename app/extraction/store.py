@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,8 @@ class RoundStore:
             raise StoreError(f"round {missing[0]} of the kept store is missing, so it cannot be continued")
         for path in self.work_dir.iterdir():
             stem = path.name.split(".")[0]
-            if not stem.startswith("round_"):
-                path.unlink(missing_ok=True)  # a temporary file a killed process left
+            if not stem.startswith("round_") or ".tmp" in path.name:
+                path.unlink(missing_ok=True)  # a temporary file a killed process left, or a seal's meta.json
                 continue
             try:
                 index = int(stem.split("_")[1])
@@ -186,11 +187,17 @@ class RoundStore:
             if index >= first_round:
                 path.unlink(missing_ok=True)
 
+    def _stats(self, name: str, tag: str, rows: int, norms: NormStats) -> None:
+        stats_tmp = self.work_dir / f"{name}.json{tag}"
+        stats_tmp.write_text(json.dumps({"rows": rows, "count": norms.count, "total": norms.total,
+                                         "total_sq": norms.total_sq, "max": norms.max}))
+        os.replace(stats_tmp, self.work_dir / f"{name}.json")
+
     def write(self, index: int, rows: int, fill) -> None:
         """Write round ``index``: ``fill(acts, index_rows)`` fills a memory-mapped ``[rows, d_in]`` array
         of the store's dtype and a ``[rows, 3]`` int32 index (token id, document, position) in place,
         and returns the rows' norm statistics (``NormStats``)."""
-        name, tag = self._name(index), f".tmp{os.getpid()}"
+        name, tag = self._name(index), f".tmp-{secrets.token_hex(6)}"
         acts_tmp = self.work_dir / f"{name}.acts.npy{tag}"
         index_tmp = self.work_dir / f"{name}.index.npy{tag}"
         try:
@@ -202,17 +209,19 @@ class RoundStore:
             del acts, index_rows
             os.replace(acts_tmp, self.work_dir / f"{name}.acts.npy")
             os.replace(index_tmp, self.work_dir / f"{name}.index.npy")
-            stats_tmp = self.work_dir / f"{name}.json{tag}"
-            stats_tmp.write_text(json.dumps({"rows": rows, "count": norms.count, "total": norms.total,
-                                             "total_sq": norms.total_sq, "max": norms.max}))
-            os.replace(stats_tmp, self.work_dir / f"{name}.json")
+            self._stats(name, tag, rows, norms)
         finally:
             for path in (acts_tmp, index_tmp):
                 path.unlink(missing_ok=True)
 
-    def commit(self, final_dir: Path | str, meta: dict) -> dict:
-        """Write ``meta.json`` over the rounds on disk (whole, from round 0 on, in order) and move the folder
-        to ``final_dir``; the store then reads as any other (``open_shards``)."""
+    def write_empty(self, index: int) -> None:
+        """Round ``index`` holds no row to keep (the stream is past the corpus's first pass): its statistics
+        alone say so, so that a run resumed after it still finds every round before its own."""
+        self._stats(self._name(index), f".tmp-{secrets.token_hex(6)}", 0, NormStats())
+
+    def seal(self, meta: dict) -> dict:
+        """Write ``meta.json`` (under a temporary name, then renamed) over the rounds on disk, whole, from
+        round 0 on, in order; nothing is removed, so a store sealed but not moved can still be continued."""
         have = self._rounds()
         rounds = list(itertools.takewhile(lambda i: i in have, itertools.count()))
         shards, norms = [], NormStats()
@@ -228,18 +237,41 @@ class RoundStore:
         rows = sum(s["rows"] for s in shards)
         if rows == 0:
             raise StoreError("no round was kept")
-        kept = {s["name"] for s in shards}
-        for path in self.work_dir.iterdir():  # the statistics now live in meta.json; anything else goes
-            if not (path.name.endswith((".acts.npy", ".index.npy")) and path.name.split(".")[0] in kept):
-                path.unlink()
-        final_dir = Path(final_dir)
-        if final_dir.exists():
-            raise StoreError(f"{final_dir} already exists")
+        last = np.load(self.work_dir / f"{shards[-1]['name']}.index.npy", mmap_mode="r")
         meta = {**meta, "d_in": self.d_in, "dtype": self.dtype, "n_tokens": rows, "shards": shards,
-                "norm": norms.to_dict(), "index_columns": list(INDEX_COLUMNS)}
-        with (self.work_dir / "meta.json").open("w") as fh:
-            json.dump(meta, fh, indent=1)
+                "norm": norms.to_dict(), "index_columns": list(INDEX_COLUMNS), "documents": int(last[-1, 1]) + 1}
+        tmp = self.work_dir / f"meta.json.tmp-{secrets.token_hex(6)}"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.work_dir / "meta.json")
+        return meta
+
+    def move(self, final_dir: Path | str) -> None:
+        """Move the sealed store to ``final_dir``, where it reads as any other (``open_shards``)."""
+        if Path(final_dir).exists():
+            raise StoreError(f"{final_dir} already exists")
         os.replace(self.work_dir, final_dir)
+
+    def move_back(self, final_dir: Path | str) -> None:
+        """Undo ``move`` (what its caller recorded failed): the store can be continued again."""
+        if Path(final_dir).exists() and not self.work_dir.exists():
+            os.replace(final_dir, self.work_dir)
+
+    @staticmethod
+    def tidy(final_dir: Path | str, meta: dict) -> None:
+        """Remove from a moved store what its ``meta.json`` does not name (the rounds' statistics, rounds
+        after a gap, temporary files a killed writer left)."""
+        kept = {s["name"] for s in meta["shards"]}
+        for path in Path(final_dir).iterdir():
+            if path.name == "meta.json":
+                continue
+            if not (path.name.endswith((".acts.npy", ".index.npy")) and path.name.split(".")[0] in kept):
+                path.unlink(missing_ok=True)
+
+    def commit(self, final_dir: Path | str, meta: dict) -> dict:
+        """``seal``, ``move`` and ``tidy`` in one: the store in its final place."""
+        meta = self.seal(meta)
+        self.move(final_dir)
+        self.tidy(final_dir, meta)
         return meta
 
     def abort(self) -> None:

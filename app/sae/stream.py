@@ -149,7 +149,8 @@ class StreamedSource(ActivationSource):
         self.next_fill = 0.0  # the share of the next round already computed
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.keeping: dict = {}  # hook point → the RoundStore its rounds are kept in (``keep``)
-        self.keep_failed: str | None = None  # why keeping stopped, if it did
+        self.keep_failed: dict[str, str] = {}  # hook point → why keeping its store stopped
+        self._keep_lock = threading.Lock()  # held while a round is written, and by ``release_keeping``
         self._lock = threading.Lock()  # the counters above
         # One forward pass at a time: the hooks are the modules' own, so a pass run by the prefetch
         # thread and one run for the evaluation rows would each see the other's activations.
@@ -338,7 +339,7 @@ class StreamedSource(ActivationSource):
         place[order] = torch.arange(n)
         place = place.to(self.device)
         acts = self._run(pieces, progress=fill, stop=stop, dest=place)
-        if self.keeping:
+        if self.keeping and not (stop is not None and stop.is_set()):
             self._keep(index, pieces, acts, place)
         return acts, following
 
@@ -349,41 +350,58 @@ class StreamedSource(ActivationSource):
         ``app.extraction.store.RoundStore`` as the rounds are computed: a store as an extraction of
         those tokens would make, without a second forward pass. A round is written before it is handed
         out, so every round before a checkpoint's is on disk when the checkpoint is; a failure to write
-        (a full disk, float16 overflowing) stops the keeping, never the training (``keep_failed``)."""
+        (a full disk, float16 overflowing) stops keeping that store, never the training (``keep_failed``)."""
         unknown = [hook for hook in stores if hook not in self.hooks]
         if unknown:
             raise StreamError(f"hook point {unknown[0]!r} is not one this source streams ({', '.join(self.hooks)})")
-        self.keeping, self.keep_failed = dict(stores), None
+        self.keeping, self.keep_failed = dict(stores), {}
 
-    def _stop_keeping(self, why: str) -> None:
-        self.keeping, self.keep_failed = {}, why
+    def _stop_keeping(self, hook: str, why: str) -> None:
+        self.keeping.pop(hook, None)
+        self.keep_failed[hook] = why
+
+    def release_keeping(self) -> None:
+        """Stop writing rounds: returns once no round is being written (a prefetch thread that outlived
+        the training may still be computing one), after which the stores are the caller's alone."""
+        with self._keep_lock:
+            self.keeping = {}
 
     def _keep(self, index: int, pieces: list[_Piece], acts: dict[str, torch.Tensor], place: torch.Tensor) -> None:
+        with self._keep_lock:
+            if self.keeping:
+                self._keep_round(index, pieces, acts, place)
+
+    def _keep_round(self, index: int, pieces: list[_Piece], acts: dict[str, torch.Tensor], place: torch.Tensor) -> None:
         from ..extraction.store import NormStats, StoreError, _cast
 
         first = list(itertools.takewhile(lambda p: p.epoch == 0, pieces))  # a repeated pass is not kept again
         rows = sum(len(p.keep) for p in first)
         if rows == 0:
+            for hook, store in list(self.keeping.items()):
+                try:
+                    store.write_empty(index)
+                except Exception as exc:  # noqa: BLE001
+                    self._stop_keeping(hook, f"{type(exc).__name__}: {exc}")
             return
         index_rows = np.concatenate([np.stack([np.asarray(p.ids)[p.keep], np.full(len(p.keep), p.doc),
                                                np.asarray(p.positions)[p.keep]], axis=1) for p in first])
         chunk = 8192  # rows copied out of the shuffled round at a time: the copy stays small
-        try:
-            for hook, store in self.keeping.items():
-                def fill(out, out_index, hook=hook, store=store) -> NormStats:
-                    norms = NormStats()
-                    out_index[:] = index_rows
-                    for lo in range(0, rows, chunk):
-                        hi = min(rows, lo + chunk)
-                        # corpus row i of the round was written at place[i]
-                        block = acts[hook].index_select(0, place[lo:hi]).float().cpu().numpy()
-                        out[lo:hi] = _cast(block, store.dtype)
-                        norms.add(np.linalg.norm(block, axis=1))
-                    return norms
+        for hook, store in list(self.keeping.items()):
+            def fill(out, out_index, hook=hook, store=store) -> NormStats:
+                norms = NormStats()
+                out_index[:] = index_rows
+                for lo in range(0, rows, chunk):
+                    hi = min(rows, lo + chunk)
+                    # corpus row i of the round was written at place[i]
+                    block = acts[hook].index_select(0, place[lo:hi]).float().cpu().numpy()
+                    out[lo:hi] = _cast(block, store.dtype)
+                    norms.add(np.linalg.norm(block, axis=1))
+                return norms
 
+            try:
                 store.write(index, rows, fill)
-        except Exception as exc:  # noqa: BLE001 - the training goes on; the job reports why nothing is kept
-            self._stop_keeping(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - the training goes on; the job reports why it is not kept
+                self._stop_keeping(hook, str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
 
     def batches(self, batch_size, *, seed, device, start=0, position: dict | None = None, until: int | None = None):
         """As every source's, from batch ``start`` (entered at the corpus ``position`` a checkpoint recorded,
@@ -395,12 +413,11 @@ class StreamedSource(ActivationSource):
         if at.train > index * n:
             raise StreamError("the checkpoint's corpus position lies after its step's round")
         last = None if until is None else max(index, (until - 1) // per_round)
-        if self.keeping:
+        for hook, store in list(self.keeping.items()):
             try:
-                for store in self.keeping.values():
-                    store.begin(index)
+                store.begin(index)
             except Exception as exc:  # noqa: BLE001 - a store that cannot be continued is not kept
-                self._stop_keeping(str(exc))
+                self._stop_keeping(hook, str(exc))
         rounds = _Rounds(self, index, at, n, seed, prefetch=self.prefetch, last=last)
         try:
             while True:

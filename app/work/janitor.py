@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..models import ActivationSet, Extraction, ImportedSAE, Sweep, Training
+from ..models import ACTIVE_STATUSES, RESUMABLE_STATUSES, ActivationSet, Extraction, ImportedSAE, Sweep, Training
 from .training import FINAL_FILES
 
 log = logging.getLogger("sae_studio.janitor")
@@ -54,11 +54,13 @@ def _scans(settings: dict) -> list[tuple[str, Callable[[], set[str]]]]:
         # a store in place belongs to its extraction; a partial one only while that extraction runs
         owned = {str(e.id) for e in Extraction.select(Extraction.id)} | {f".partial-{i}" for i in running}
         # a store kept while streaming belongs to its source; one being kept, to its run or sweep while
-        # that exists (an interrupted one is continued by its resume)
+        # that is queued or running, or may be resumed (which continues it); once the job has ended for
+        # good its store was kept or given up, and a partial one left is an orphan
         owned |= _names(s.path for s in ActivationSet.select(ActivationSet.path)
                         .where(ActivationSet.kind == "extracted"))
-        keepers = {f"run-{r.id}" for r in Training.select(Training.id)} | {f"sweep-{s.id}"
-                                                                           for s in Sweep.select(Sweep.id)}
+        live = ACTIVE_STATUSES + RESUMABLE_STATUSES
+        keepers = ({f"run-{r.id}" for r in Training.select(Training.id).where(Training.status.in_(live))}
+                   | {f"sweep-{s.id}" for s in Sweep.select(Sweep.id).where(Sweep.status.in_(live))})
         owned |= {p.name for p in (data / "activations").glob(".keeping-*")
                   if "-".join(p.name.split("-")[1:3]) in keepers}
         return owned

@@ -6,9 +6,7 @@ would repeat it is told before it starts), and every run or sweep on it runs the
 """
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -151,10 +149,11 @@ class Keeping:
     ``activations/.keeping-<owner>-<id>-<hook>`` as the stream computes them (``StreamedSource.keep``).
 
     ``settle`` is called once the job's stream has closed. When the job ended for good in this process
-    (completed, stopped early, cancelled, failed), each store is moved to ``activations/kept-…`` and
-    becomes a source of kind "extracted", as an extraction of those tokens would, created only if this
-    attempt still holds the job. Interrupted, the partial store stays for the resume, which continues
-    it from its checkpoint's round; superseded, it belongs to the attempt that holds the job."""
+    (completed, stopped early) or was cancelled, each store becomes a source of kind "extracted", as an
+    extraction of those tokens would: moved to ``activations/kept-…`` and recorded in one transaction
+    that first checks this attempt still holds the job. Interrupted or failed, the partial store stays
+    for the resume, which continues it from its checkpoint's round; superseded, it belongs to the
+    attempt that holds the job. A job resumed after its store was kept does not add to it."""
 
     def __init__(self, owner, hooks: dict[str, str], settings: dict, *, notify) -> None:
         self.owner, self.hooks, self.settings, self.notify = owner, dict(hooks), settings, notify
@@ -170,45 +169,62 @@ class Keeping:
         from ..extraction.store import RoundStore
 
         self.stream = stream
-        self.stores = {hook: RoundStore(self.partial(hook), stream.d_in, dtype) for hook, dtype in self.hooks.items()}
-        stream.keep(self.stores)
+        kept = self.already_kept()
+        for hook, source in kept.items():
+            if hook in self.hooks:
+                self.notify(hook, "info", "store_already_kept",
+                            f"This {self.kind}'s activation store at {hook} was kept when it ended before (source "
+                            f"#{source.id}); resumed, it does not add to it.", None)
+        self.stores = {hook: RoundStore(self.partial(hook), stream.d_in, dtype)
+                       for hook, dtype in self.hooks.items() if hook not in kept}
+        if self.stores:
+            stream.keep(self.stores)
+
+    def already_kept(self) -> dict[str, ActivationSet]:
+        """The stores this job kept when an earlier attempt of it ended, by hook point."""
+        prefix = f"activations/kept-{self.kind}-{self.owner.id}-"
+        found = {}
+        for source in ActivationSet.select().where(ActivationSet.path.startswith(prefix)):
+            params = source.params or {}
+            found[f"{params.get('layer')}.{params.get('site')}"] = source
+        return found
 
     def settle(self, ended: str | None) -> list[ActivationSet]:
         from ..extraction.store import StoreError
         from .lifecycle import Superseded
 
-        if not self.stores or ended not in ("completed", "stopped_early", "cancelled", "failed"):
-            return []
-        if self.stream.keep_failed:
-            for store in self.stores.values():
-                store.abort()
-            self.notify(None, "warning", "store_not_kept", f"No activation store was kept: {self.stream.keep_failed}",
-                        "Extract the layer instead, or keep the store in float32 if float16 overflowed.")
+        if self.stream is not None:
+            self.stream.release_keeping()  # no round is written from here on
+        if not self.stores or ended not in ("completed", "stopped_early", "cancelled"):
             return []
         made = []
         for hook, store in self.stores.items():
-            final = self.folder / f"kept-{self.kind}-{self.owner.id}-a{self.owner.attempt}-{hook}"
+            why = self.stream.keep_failed.get(hook)
+            if why:
+                store.abort()
+                self.notify(hook, "warning", "store_not_kept", f"No activation store was kept at {hook}: {why}",
+                            "Extract the layer instead" + (", or keep the store in float32 if float16 overflowed."
+                                                           if store.dtype == "float16" else "."))
+                continue
             try:
-                meta = store.commit(final, self._meta(hook))
+                source = self._become_source(hook, store)
+            except Superseded:
+                return made  # the job is another attempt's now: the partial stores are its own
             except StoreError as exc:
                 store.abort()
                 self.notify(hook, "info", "store_not_kept", f"No activation store was kept at {hook}: {exc}.", None)
                 continue
-            try:
-                source = self._become_source(hook, meta, final)
-            except Superseded:
-                shutil.rmtree(final, ignore_errors=True)  # the job is another attempt's now: nothing is kept
-                return made
-            except Exception as exc:  # noqa: BLE001 - the job has ended: its store is lost, and it says why
-                shutil.rmtree(final, ignore_errors=True)
+            except Exception as exc:  # noqa: BLE001 - the job has ended: the store is lost, and it says why
                 log.exception("the store kept at %s could not become a source", hook)
+                store.abort()
                 self.notify(hook, "warning", "store_not_kept", f"The activation store kept at {hook} could not "
                             f"become a source: {type(exc).__name__}: {exc}", "Extract the layer instead.")
                 continue
             made.append(source)
             self.notify(hook, "info", "store_kept",
-                        f"Kept an activation store of {meta['n_tokens']:,} tokens at {hook} ({meta['dtype']}): "
-                        f"source #{source.id}, “{source.name}”, which trains without running the model.", None)
+                        f"Kept an activation store of {source.params['n_tokens']:,} tokens at {hook} "
+                        f"({source.params['dtype']}): source #{source.id}, “{source.name}”, which trains without "
+                        "running the model.", None)
         return made
 
     def _meta(self, hook: str) -> dict:
@@ -223,28 +239,36 @@ class Keeping:
                 "kept_by": {self.kind: self.owner.id, "streamed_source": self.owner.source_id},
                 "first_corpus_token": params["holdout_tokens"]}
 
-    def _become_source(self, hook: str, meta: dict, final: Path) -> ActivationSet:
+    def _become_source(self, hook: str, store) -> ActivationSet:
+        """Seal the store, then in one transaction: check this attempt still holds the job as it ended it,
+        move the store to its final folder and record it as a source (moved back if that fails)."""
         from ..db import database
-        from ..extraction.store import open_shards
         from ..sae.files import holdout_rows
         from .lifecycle import current, retry_write, superseded
 
-        _, index = open_shards(final, meta)
-        meta["documents"] = int(index[-1][-1, 1]) + 1 if index else 0
-        (final / "meta.json").write_text(json.dumps(meta, indent=1))
+        meta = store.seal(self._meta(hook))
         owner, model = self.owner, type(self.owner)
+        final = self.folder / f"kept-{self.kind}-{owner.id}-a{owner.attempt}-{hook}"
         name = (f"{Path(meta['model']).name} layer {meta['layer']} {meta['site_label']}, {meta['text_label']} "
                 f"(kept by {self.kind} {owner.id})")[:200]
 
         def create() -> ActivationSet:
-            with database.atomic():  # only while this attempt still holds the job as it ended it
-                if not model.update(attempt=owner.attempt).where(current(owner)).execute():
-                    raise superseded(owner, "its kept store")
-                return ActivationSet.create(name=name, kind="extracted", d_in=meta["d_in"],
-                                            n_tokens=meta["n_tokens"] - holdout_rows(meta["n_tokens"]), params=meta,
-                                            path=f"activations/{final.name}", created_by=owner.created_by_id)
+            try:
+                with database.atomic():
+                    if not model.update(attempt=owner.attempt).where(current(owner)).execute():
+                        raise superseded(owner, "its kept store")
+                    store.move(final)
+                    return ActivationSet.create(name=name, kind="extracted", d_in=meta["d_in"],
+                                                n_tokens=meta["n_tokens"] - holdout_rows(meta["n_tokens"]),
+                                                params=meta, path=f"activations/{final.name}",
+                                                created_by=owner.created_by_id)
+            except BaseException:
+                store.move_back(final)  # as it was: a retry, or the attempt that holds the job, finds it
+                raise
 
-        return retry_write(create, what="kept store")
+        source = retry_write(create, what="kept store")
+        store.tidy(final, meta)
+        return source
 
 
 def keeping_for(owner, members, settings: dict, stream, *, notify) -> Keeping | None:

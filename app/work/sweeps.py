@@ -583,7 +583,7 @@ def _train_sweep(sweep: Sweep, settings: dict, stop_check: lifecycle.StopCheck) 
             members.append(member)
         keeping = None
         if members:
-            keepers = [m for m in members_of(sweep) if m.status == "running" and m.keep_store != "no"]
+            keepers = [m for m in members_of(sweep) if m.keep_store != "no"]  # ended ones too: their stores go on
             keeping = keeping_for(sweep, keepers, settings, source, notify=lambda hook, *event:
                                   _tell(keepers, sweep.source, hook, *event))
             train_many(source, members, data_seed=int(sweep.base.get("seed") or 0))
