@@ -396,12 +396,13 @@ def test_a_sweep_no_gpu_could_hold_is_split_into_parts_each_on_a_device_of_its_o
 
     assert split([5, 4, 3, 3, 1], 8) == [[0, 3], [1, 2, 4]]  # largest first, each into the emptiest part
     assert split([5, 5, 5], 8) == [[0], [1], [2]]  # two parts of 8 cannot hold 15 in members of 5: three
+    assert split([3, 3, 2, 2, 2], 6) == [[0, 1], [2, 3, 4]]  # balancing needs three; first fit packs two
     assert split([9, 1], 8) is None and split([2, 2], 8) == [[0, 1]]
     monkeypatch.setenv("FEATURES_AFTER_TRAINING", "0")
     need = resources.need_bytes(create_run(client, name="probe"))
     client.post("/api/trainings/1/cancel")
-    total = 2.5 * need / GIB  # room for two members, not three
-    fake_gpus.write_table(web_on_fake_gpus, [total, total], total_gib=total)
+    total = 2.5 * need / GIB / 0.9  # parts are sized to 90% of the total: room for two members, not three
+    fake_gpus.write_table(web_on_fake_gpus, [0.95 * total, 0.95 * total], total_gib=total)  # never all free
     base = {**QUICK_CONFIG, **SHORT}
     axes = [{"param": "seed", "values": [0, 1, 2, 3]}]
     # the L0 finder reads its ladder in one job: not split, refused; a member no GPU holds: refused, at its own check
@@ -409,6 +410,8 @@ def test_a_sweep_no_gpu_could_hold_is_split_into_parts_each_on_a_device_of_its_o
     assert finder.status_code == 422 and "not split over devices" in str(finder.json["errors"]), finder.json
     wide = client.post("/api/sweeps", json={"base": {**base, "latent_dim": 4096}, "axes": axes})
     assert wide.status_code == 422 and "no device could ever run it" in wide.json["errors"]["members.0"][0]
+    named = client.post("/api/sweeps", json={"base": base, "axes": axes, "device": "cuda:0"})
+    assert named.status_code == 422 and "names its device is not split" in str(named.json["errors"]), named.json
 
     response = client.post("/api/sweeps", json={"name": "split", "base": base, "axes": axes})
     assert response.status_code == 201, response.json
@@ -416,9 +419,13 @@ def test_a_sweep_no_gpu_could_hold_is_split_into_parts_each_on_a_device_of_its_o
     [note] = [f for f in body["findings"] if f["member"] is None]
     assert "split into 2 parts" in note["message"], note
     assert [(p["part"], len(p["members"])) for p in body["parts"]] == [(1, 2), (2, 2)]
-    assert len(body["members"]) == 4 and body["group_status"] == "queued"
+    assert len(body["members"]) == 4 and body["status"] == body["group_status"] == "queued"
     parts = [Sweep.get_by_id(p["id"]) for p in body["parts"]]
     assert parts[1].part_of == parts[0].id and {p.parts for p in parts} == {2}
+    listed = client.get("/api/sweeps").json["sweeps"]
+    assert [s["id"] for s in listed] == [parts[0].id]  # one sweep, with both parts under it
+    assert [s["id"] for s in client.get("/api/sweeps?status=queued").json["sweeps"]] == [parts[0].id]
+    assert client.get(f"/sweeps/{parts[1].id}").headers["Location"].endswith(f"/sweeps/{parts[0].id}#part-2")
     listing = " ".join(client.get("/sweeps").get_data(as_text=True).split())
     assert listing.count(">split</a>") == 1 and "in 2 parts, one per device" in listing and "4 queued" in listing
 

@@ -108,12 +108,15 @@ def page_of(query, model, params: dict, key: str, to_dict) -> dict:
     return {key: [to_dict(r) for r in rows], "next": external_url(request.endpoint, **following) if more else None}
 
 
-def jobs_page(model, key: str, to_dict) -> dict:
-    """A page of one kind of queued work, newest first, filtered by ``status`` when the query gives one."""
+def jobs_page(model, key: str, to_dict, *, status_filter=None, where=None) -> dict:
+    """A page of one kind of queued work, newest first, filtered by ``status`` when the query gives one
+    (``status_filter(status)``: the condition, where it is not the row's own status)."""
     params = query_params({**PAGING, "status": choice(STATUSES)})
     query = with_creator(model)
+    if where is not None:
+        query = query.where(where)
     if "status" in params:
-        query = query.where(model.status == params["status"])
+        query = query.where(status_filter(params["status"]) if status_filter else model.status == params["status"])
     return page_of(query, model, params, key, to_dict)
 
 
@@ -300,7 +303,8 @@ def sweep_dict(sweep: Sweep) -> dict:
     suggested = sweeps.suggestion(sweep, rows)
     return {
         "id": sweep.id, "url": external_url("sweeps.detail", sweep_id=sweep.id), "name": sweep.name,
-        "mode": sweep.mode, "status": sweep.status, "reason": sweep.reason, "source_id": sweep.source_id,
+        "mode": sweep.mode, "status": sweeps.group_status(parts), "part_status": sweep.status,
+        "reason": sweep.reason, "source_id": sweep.source_id,
         "axes": sweep.axes, "base": sweep.base, "created_by": creator_name(sweep),
         "created_at": iso(sweep.created_at), "started_at": iso(sweep.started_at), "finished_at": iso(sweep.finished_at),
         **{k: v for k, v in placement_dict(sweep).items()},
@@ -308,7 +312,7 @@ def sweep_dict(sweep: Sweep) -> dict:
         "suggested": {"id": suggested["row"]["id"], "rule": suggested["why"]} if suggested else None,
         "finding": sweep.finding,
         # split over devices: each part is a sweep of its own (its own job, device and status); "members"
-        # above lists every part's, "status" above is this part's, "group_status" the whole sweep's
+        # and "status" above are the whole sweep's, "part_status" this part's
         "parts": [{"id": p.id, "part": p.part, "status": p.status, "placed_on": p.placed_on,
                    "wait_reason": p.wait_reason, "members": [r["id"] for r in rows if r["part"] == p.part]}
                   for p in parts],
@@ -359,7 +363,7 @@ def create_sweep():
             return {"errors": errors}, 422
     if isinstance(base, dict):  # a script has no box to tick: it sends the field, once for every member
         base = {**base}
-    check = sweeps.check_sweep(base, axes, current_app.config, mode=mode)
+    check = sweeps.check_sweep(base, axes, current_app.config, mode=mode, device=requested)
     findings = [{"member": m.label, **f.to_dict()} for m in check.members for f in m.findings]
     findings += [{"member": None, **f.to_dict()} for f in check.findings]
     if not check.ok:
@@ -425,7 +429,14 @@ def save_sweep_template(sweep_id: int):
 
 @bp.get("/sweeps")
 def list_sweeps():
-    return jobs_page(Sweep, "sweeps", sweep_dict)
+    """One item per sweep (a sweep split over devices is its first part, with every part under ``parts``);
+    ``status`` finds the sweeps with a part in that status."""
+    from peewee import fn
+
+    def with_a_part(status):
+        return Sweep.id.in_(Sweep.select(fn.COALESCE(Sweep.part_of, Sweep.id)).where(Sweep.status == status))
+
+    return jobs_page(Sweep, "sweeps", sweep_dict, status_filter=with_a_part, where=Sweep.part_of.is_null())
 
 
 @bp.get("/sweeps/<int:sweep_id>")

@@ -109,6 +109,8 @@ def _form_context(form: TrainingForm) -> dict:
 @bp.get("/sweeps/<int:sweep_id>")
 def detail(sweep_id: int):
     sweep = get_or_404(Sweep, sweep_id, "sweep")
+    if sweep.part_of:  # a part of a sweep split over devices: the sweep's page is its first part's
+        return redirect(url_for("sweeps.detail", sweep_id=sweep.part_of, _anchor=f"part-{sweep.part}"), code=303)
     return render_template("sweep_detail.html", sweep=sweep, **members_context(sweep))
 
 

@@ -271,13 +271,14 @@ class Keeping:
         return source
 
 
-def keeping_for(owner, members, settings: dict, stream, *, notify) -> Keeping | None:
-    """The stores ``owner`` (a run, or a sweep) keeps on ``stream``, attached to it; None if it keeps none."""
+def keeping_for(owner, members, settings: dict, stream, *, notify, skip: set | None = None) -> Keeping | None:
+    """The stores ``owner`` (a run, or a sweep) keeps on ``stream``, attached to it, but for the hook points
+    in ``skip`` (kept by another part of the same sweep); None if it keeps none."""
     from .sweeps import kept_hooks
 
     if not getattr(stream, "hooks", None):
         return None
-    hooks = kept_hooks(members, owner.source)
+    hooks = {hook: dtype for hook, dtype in kept_hooks(members, owner.source).items() if hook not in (skip or ())}
     if not hooks:
         return None
     keeping = Keeping(owner, hooks, settings, notify=notify)

@@ -182,7 +182,8 @@ def align(payload: dict, varied: set[str]) -> dict:
     return payload
 
 
-def check_sweep(base: dict, raw_axes, settings: dict, *, to_formdata=None, mode: str = "grid") -> SweepCheck:
+def check_sweep(base: dict, raw_axes, settings: dict, *, to_formdata=None, mode: str = "grid",
+                device: str | None = None) -> SweepCheck:
     """Validate every member with the training form (the one validation path), and the sweep's size
     and memory: nothing is created here. ``to_formdata`` maps a member's configuration onto the form
     (the API's JSON mapping by default; the browser's form posts its own fields)."""
@@ -217,38 +218,56 @@ def check_sweep(base: dict, raw_axes, settings: dict, *, to_formdata=None, mode:
                 member.fields = form.training_fields()
         check.members.append(member)
     if check.ok:
-        check.findings = memory_findings(check, settings, mode=mode)
+        check.findings = memory_findings(check, settings, mode=mode, device=device)
         if any(f.level == "error" for f in check.findings):
             check.errors["axes"] = [f.message for f in check.findings if f.level == "error"]
     return check
 
 
 def split(needs: list[int], capacity: int) -> list[list[int]] | None:
-    """Members (by index, each needing ``needs[i]``) in the fewest parts whose needs each fit ``capacity``,
-    balanced: the largest first, each into the part holding least so far. None if one member alone does
-    not fit. Each part lists its members in order."""
+    """Members (by index, each needing ``needs[i]``) in few parts whose needs each fit ``capacity``: from
+    the fewest the total allows, the first count of parts at which the largest-first balance (each member
+    into the part holding least so far) fits, or else first-fit (each into the first part with room).
+    None if one member alone does not fit. Each part lists its members in order."""
     if any(n > capacity for n in needs):
         return None
+    order = sorted(range(len(needs)), key=lambda i: (-needs[i], i))
     k = max(1, math.ceil(sum(needs) / capacity))
-    while True:  # at most one member per part fits, so this ends
+    while True:  # with one member per part everything fits, so this ends
         parts: list[list[int]] = [[] for _ in range(k)]
         load = [0] * k
-        for i in sorted(range(len(needs)), key=lambda i: (-needs[i], i)):
+        for i in order:  # balanced
             j = min(range(k), key=lambda j: (load[j], j))
             parts[j].append(i)
             load[j] += needs[i]
-        if max(load) <= capacity:
-            return [sorted(p) for p in parts if p]
-        k += 1
+        if max(load) > capacity:
+            parts, load = [[] for _ in range(k)], [0] * k
+            for i in order:  # first fit
+                j = next((j for j in range(k) if load[j] + needs[i] <= capacity), None)
+                if j is None:
+                    break
+                parts[j].append(i)
+                load[j] += needs[i]
+            else:
+                return [sorted(p) for p in parts if p]
+            k += 1
+            continue
+        return [sorted(p) for p in parts if p]
 
 
-def memory_findings(check: SweepCheck, settings: dict, *, mode: str = "grid") -> list:
+# A part is sized to this share of the largest GPU's total memory: a GPU never has all of it free
+# (the CUDA context, the driver), and placement admits a job only against what is free.
+PART_SHARE = 0.9
+
+
+def memory_findings(check: SweepCheck, settings: dict, *, mode: str = "grid", device: str | None = None) -> list:
     """Every member's estimate added up (the sweep trains them together on one device), against the
     GPUs (``resources.submission_room``). When no GPU could ever hold them all, a grid sweep is split
-    into parts that each fit the largest GPU (``check.parts``), each trained by its own job on its own
-    device; refused only when one member alone (with the source's model, for a streamed source) fits no
-    GPU, or for the L0 finder, whose reading needs its ladder in one job. When none has room now, the
-    sweep waits in the queue for one."""
+    into parts that each fit ``PART_SHARE`` of the largest GPU (``check.parts``), each trained by its own
+    job on a device with room; refused when one member alone (with the source's model, for a streamed
+    source) fits no GPU, for the L0 finder (its reading needs its ladder in one job), and for a sweep
+    that names its device (its parts would all wait for that one). When none has room now, the sweep
+    (or each part) waits in the queue for one."""
     from ..findings import Finding
     from ..models import ActivationSet
     from ..validation import memory_estimate_bytes
@@ -271,13 +290,17 @@ def memory_findings(check: SweepCheck, settings: dict, *, mode: str = "grid") ->
     gib = need / 2**30
     members = len(check.members)
     if room is not None and need > room.total_bytes:
-        if mode == "find_l0":
+        unsplit = {"find_l0": " The L0 finder trains its ladder in one job, so it is not split over devices.",
+                   "device": " A sweep that names its device is not split over devices: name none to let it be."}
+        why = unsplit["find_l0"] if mode == "find_l0" else unsplit["device"] if device else None
+        if why:
             return [Finding("error", "axes", f"The {members} members together need about {gib:.1f} GiB on one GPU, "
                                              f"but the largest GPU, {room.total_on}, has "
                                              f"{room.total_bytes / 2**30:.1f} GiB in all: no device could ever run "
-                                             "them together. The L0 finder trains its ladder in one job, so it is not "
-                                             "split over devices.", "Use a narrower width, or a smaller batch.")]
-        parts = split(needs, room.total_bytes - resident) if room.total_bytes > resident else None
+                                             "them together." + why, "Use fewer or narrower members, or a smaller "
+                                                                    "batch.")]
+        usable = int(PART_SHARE * room.total_bytes) - resident
+        parts = split(needs, usable) if usable > 0 else None
         if parts is None:
             widest = max(needs) + resident
             return [Finding("error", "axes", f"A member alone needs about {widest / 2**30:.1f} GiB"
@@ -286,13 +309,18 @@ def memory_findings(check: SweepCheck, settings: dict, *, mode: str = "grid") ->
                                              f"{room.total_bytes / 2**30:.1f} GiB in all: no device could ever run it.",
                             "Use narrower members, or a smaller batch.")]
         check.parts = parts
-        sizes = ", ".join(f"{(sum(needs[i] for i in p) + resident) / 2**30:.1f}" for p in parts)
+        part_needs = [sum(needs[i] for i in p) + resident for p in parts]
+        sizes = ", ".join(f"{n / 2**30:.1f}" for n in part_needs)
+        wait = (f" No GPU has room for the largest part now (the most free is {room.free_bytes / 2**30:.1f} GiB, on "
+                f"{room.free_on}): a part waits in the queue until one has." if max(part_needs) > room.free_bytes
+                else "")
         return [Finding("info", "axes", f"The {members} members together need about {gib:.1f} GiB, more than the "
                                         f"largest GPU, {room.total_on}, holds ({room.total_bytes / 2**30:.1f} GiB): "
                                         f"the sweep is split into {len(parts)} parts ({sizes} GiB), each trained by "
                                         "its own job on a GPU with room, reading the data itself"
                                         + (" (each runs the source's model)" if resident else "") + ". Members of "
-                                        "one part share each batch; the parts see the same batches in the same order.")]
+                                        "one part share each batch; the parts see the same batches in the same "
+                                        "order." + wait)]
     if room is not None and need > room.free_bytes:
         return [Finding("info", "axes", f"The {members} members together need about {gib:.2f} GiB on one GPU; none "
                                         f"has that free now (the most is {room.free_bytes / 2**30:.1f} GiB, on "
@@ -364,12 +392,17 @@ def create_sweep(check: SweepCheck, *, name: str, mode: str, settings: dict, cre
             lifecycle.enqueue(sweep, settings)
     except lifecycle.queue.QueueUnavailable:
         def undo() -> None:
+            # a part already queued may have been claimed meanwhile: it is cancelled instead (its job,
+            # and the job of a part deleted here, find their row gone or ended and do nothing)
             with database.atomic():
                 for sweep in made:
-                    Training.delete().where(Training.sweep == sweep.id).execute()
-                    Sweep.delete_by_id(sweep.id)
+                    if Sweep.delete().where((Sweep.id == sweep.id) & (Sweep.status == "queued")).execute():
+                        Training.delete().where(Training.sweep == sweep.id).execute()
 
         retry_write(undo, what="undo create sweep")
+        for sweep in made:
+            if Sweep.get_or_none(Sweep.id == sweep.id) is not None:
+                cancel_sweep(sweep)
         raise
     return made[0]
 
@@ -405,13 +438,15 @@ def group_status(parts: list[Sweep]) -> str:
 
 def cancel_sweep(sweep: Sweep) -> None:
     """Cancel the sweep (every part of it) and every member still queued or running (a database write only)."""
-    for part in group_of(sweep):
-        for run in members_of(part):
-            if run.is_active:
-                lifecycle.request_cancel(run)
+    parts = group_of(sweep)
+    for part in parts:  # every part first: none is claimed afterwards to train members already cancelled
         part = Sweep.get_by_id(part.id)
         if part.is_active:
             lifecycle.request_cancel(part)
+    for part in parts:
+        for run in members_of(part):
+            if run.is_active:
+                lifecycle.request_cancel(run)
 
 
 def resume_group(sweep: Sweep, settings: dict) -> Sweep:
@@ -420,15 +455,22 @@ def resume_group(sweep: Sweep, settings: dict) -> Sweep:
     parts = group_of(sweep)
     if len(parts) == 1:
         return resume_sweep(sweep, settings)
-    resumed, refusal = 0, None
+    resumed, refusal, unqueued = [], None, None
     for part in parts:
         if part.is_active:
             continue
         try:
             resume_sweep(part, settings)
-            resumed += 1
+            resumed.append(part.part)
         except SweepRefused as exc:
             refusal = exc
+        except lifecycle.queue.QueueUnavailable as exc:
+            unqueued = exc
+    if unqueued is not None:
+        if not resumed:
+            raise unqueued
+        raise SweepRefused(f"Parts {', '.join(map(str, resumed))} were resumed, but the queue was unavailable for the "
+                           f"others ({unqueued}): resume the sweep again once the queue is back.")
     if not resumed:
         raise refusal or SweepRefused(f"Every part of sweep {parts[0].id} is queued or running; resume it once "
                                       "a part has ended.")
@@ -584,8 +626,10 @@ def _train_sweep(sweep: Sweep, settings: dict, stop_check: lifecycle.StopCheck) 
         keeping = None
         if members:
             keepers = [m for m in members_of(sweep) if m.keep_store != "no"]  # ended ones too: their stores go on
-            keeping = keeping_for(sweep, keepers, settings, source, notify=lambda hook, *event:
-                                  _tell(keepers, sweep.source, hook, *event))
+            # a sweep split into parts keeps each hook point's store once: in the first part that reads it
+            earlier = [m for p in group_of(sweep) if p.part < sweep.part for m in members_of(p) if m.keep_store != "no"]
+            keeping = keeping_for(sweep, keepers, settings, source, skip=set(kept_hooks(earlier, sweep.source)),
+                                  notify=lambda hook, *event: _tell(keepers, sweep.source, hook, *event))
             train_many(source, members, data_seed=int(sweep.base.get("seed") or 0))
     if sweep.mode == "find_l0":
         from .finder import record_finding

@@ -79,10 +79,13 @@ def template_from_sweep(sweep, *, name: str, created_by: int | None = None) -> T
     its axes and its mode. The L0 finder's template keeps the base's target L0, which its ladder is centred
     on (k with it, where k sets the L0), and no axes: started again on another source or width, the finder
     picks its ladder there."""
-    from ..models import TEMPLATE_FIELDS, Training, complete
+    from ..models import TEMPLATE_FIELDS, complete
     from ..sae import architectures
 
-    member = sweep.members.order_by(Training.id).first()
+    from .sweeps import group_members, group_of
+
+    sweep = group_of(sweep)[0]  # a sweep split over devices: the sweep as a whole, named by its first part
+    member = next(iter(group_members(sweep)), None)
     if member is None:
         raise NoMemberLeft(f"Sweep #{sweep.id} has no member run left to read its configuration from.")
     values = member.config_dict()
