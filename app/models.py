@@ -203,8 +203,7 @@ class ActivationSet(Owned):
         if self.kind == "streamed":
             streamed = {"hooks": tuple(params.get("hooks") or ()), "corpus_tokens": params.get("corpus_tokens"),
                         "corpus_counted": bool(params.get("corpus_counted")),
-                        "resident_bytes": int(params.get("resident_bytes") or 0),
-                        "buffer_tokens": params.get("buffer_tokens")}
+                        "resident_bytes": int(params.get("resident_bytes") or 0)}
         return SourceStats(self.d_in, self.n_tokens, self.name, l0_offset=l0_model.source_offset(shifts),
                            runs_seen=len(shifts), l0_finding=params.get("l0_finding"), **streamed)
 

@@ -32,14 +32,12 @@ class SourceStats:
     corpus_tokens: int | None = None  # a streamed source's training tokens per pass over its corpus, if counted
     corpus_counted: bool = True  # False: the count stopped early; the corpus holds at least corpus_tokens
     resident_bytes: int = 0  # what the source itself holds on the device (a streamed source's model and buffers)
-    buffer_tokens: int | None = None  # a streamed source's round: the tokens computed together
 
 
 def kept_tokens(steps: int, batch: int, source: SourceStats) -> int:
-    """The tokens a streamed run keeps in a store: whole rounds of the stream up to its last step, never
+    """The tokens a streamed run keeps in a store: those it trains on (the stream computes no more), never
     more than one pass over the corpus (a repeated pass is not kept again)."""
-    per_round = max(1, (source.buffer_tokens or batch) // batch) * batch
-    tokens = -(-steps * batch // per_round) * per_round
+    tokens = steps * batch
     return min(tokens, source.corpus_tokens) if source.corpus_tokens is not None and source.corpus_counted else tokens
 
 

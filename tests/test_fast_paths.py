@@ -59,8 +59,9 @@ def test_a_short_sparse_topk_run_ends_with_the_dense_runs_weights(monkeypatch):
     cfg = dict(latent_dim=256, architecture="topk", k=8, batch_size=128, total_steps=60, lr_warmup_steps=5,
                l1_warmup_steps=5, log_every=10, dead_window_tokens=1000, device="cpu", precision="float32",
                norm_sample_tokens=1024, eval_tokens=1024)
-    sparse_result, sparse_sae = train(source, TrainConfig(**cfg))
     build = models.build_sae
+    monkeypatch.setattr("app.sae.trainer.build_sae", lambda *a, **kw: build(*a, **kw, sparse_topk=True))
+    sparse_result, sparse_sae = train(source, TrainConfig(**cfg))
     monkeypatch.setattr("app.sae.trainer.build_sae", lambda *a, **kw: build(*a, **kw, sparse_topk=False))
     dense_result, dense_sae = train(source, TrainConfig(**cfg))
     assert not dense_sae.sparse and sparse_sae.sparse
@@ -91,3 +92,24 @@ def test_precision_resolves_per_device():
     assert resolve_precision("tf32", cpu) == "float32"  # TF32 is a CUDA thing
     assert resolve_precision("auto", cpu) in ("float32", "bfloat16")
     assert resolve_precision("bfloat16", cpu) == "bfloat16"
+
+
+def test_topk_takes_the_sparse_path_only_where_the_shape_pays_for_it():
+    """Unforced, a step is sparse but with AuxK on in a narrow SAE (benchmarks/topk_paths.py measured
+    where each path wins), and either way the step computes the same loss."""
+    from app.sae.models import build_sae
+
+    narrow, wide = build_sae("topk", 256, 1024, k=32), build_sae("topk", 768, 16384, k=64)
+    assert narrow.sparse and not narrow.sparse_with_aux  # 1,024 latents for 32 + 128 chosen
+    assert wide.sparse and wide.sparse_with_aux  # 16,384 for 64 + 384
+    assert build_sae("topk", 384, 4096, k=32).sparse_with_aux
+    assert build_sae("topk", 256, 1024, k=32, sparse_topk=True).sparse_with_aux  # forced either way
+    forced = build_sae("topk", 768, 16384, k=64, sparse_topk=False)
+    assert not forced.sparse and not forced.sparse_with_aux
+    x, dead = torch.randn(64, 256), torch.zeros(1024, dtype=torch.bool)
+    dead[:100] = True
+    plain, with_aux = narrow.loss(x)[2], narrow.loss(x, dead_mask=dead)[2]
+    assert isinstance(plain, SparseLatents) and not isinstance(with_aux, SparseLatents)  # which path ran
+    reference = build_sae("topk", 256, 1024, k=32, sparse_topk=True)
+    reference.load_state_dict(narrow.state_dict())
+    torch.testing.assert_close(narrow.loss(x, dead_mask=dead)[0].total, reference.loss(x, dead_mask=dead)[0].total)

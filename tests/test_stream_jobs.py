@@ -72,7 +72,7 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
     assert plain.status_code == 422 and "no store to keep" in " ".join(plain.json["errors"]["keep_store"])
     hints = client.post("/trainings/hints", data={**BASE, "source_id": source["id"], "keep_store": "float16",
                                                   "hook_point": "2.resid"}).get_data(as_text=True)
-    assert "keeps a float16 store of the 8,192 tokens it streams at 2.resid" in hints  # 60 × 128, in rounds of 2,048
+    assert "keeps a float16 store of the 7,680 tokens it streams at 2.resid" in hints  # 60 steps × 128
 
     sweep = client.post("/api/sweeps", json={"name": "layers", "base": {**BASE, "source_id": source["id"],
                                                                         "keep_store": "float16"},
@@ -102,7 +102,8 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
     stores = list(ActivationSet.select().where(ActivationSet.kind == "extracted").order_by(ActivationSet.id))
     assert [(s.params["layer"], s.params["site"]) for s in stores] == [(0, "resid"), (2, "resid")]
     for store, member in zip(stores, members):
-        assert store.params["n_tokens"] == 4 * 2048 and store.params["dtype"] == "float16", store.params
+        # 60 steps of 128: three rounds of 2,048, and of the fourth only what the steps read
+        assert store.params["n_tokens"] == 60 * 128 and store.params["dtype"] == "float16", store.params
         assert store.params["kept_by"] == {"sweep": sweep.json["id"], "streamed_source": source["id"]}
         assert (Path(current_app.config["DATA_DIR"]) / store.path / "meta.json").exists()
         kept = [e for e in Event.select().where(Event.training == member) if e.code == "store_kept"]
@@ -137,15 +138,15 @@ def test_a_streamed_sweep_over_two_layers_trains_from_one_pass(client, env, tiny
     assert on_store.source.stats().hooks is None and on_store.stream_stats is None  # no model ran for it
     assert alone.status == "completed", alone.reason
     own = ActivationSet.get(ActivationSet.name.contains(f"(kept by run {alone.id})"))
-    assert own.params["dtype"] == "float32" and own.params["n_tokens"] == 4096 and own.params["layer"] == 2
-    # 20 steps of 128 tokens, in whole rounds of 2,048: the same tokens as the sweep's store of that layer
+    assert own.params["dtype"] == "float32" and own.params["n_tokens"] == 2560 and own.params["layer"] == 2
+    # 20 steps of 128 tokens: the first 2,560 of the sweep's tokens at that layer, in the same (corpus) order
     from app.extraction.store import open_shards
 
     (a, ai), (b, bi) = (open_shards(Path(current_app.config["DATA_DIR"]) / s.path) for s in (own, stores[1]))
     import numpy as np
 
-    assert np.array_equal(np.concatenate(ai), np.concatenate(bi)[:4096])
-    np.testing.assert_allclose(np.concatenate(a), np.concatenate(b)[:4096].astype(np.float32), rtol=1e-2, atol=1e-2)
+    assert np.array_equal(np.concatenate(ai), np.concatenate(bi)[:2560])
+    np.testing.assert_allclose(np.concatenate(a), np.concatenate(b)[:2560].astype(np.float32), rtol=1e-2, atol=1e-2)
 
     # resumed after its store was kept (as a cancelled run would be), a run does not add to it, and says so
     from app.work.streams import Keeping

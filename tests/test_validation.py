@@ -325,8 +325,8 @@ def test_a_source_s_own_runs_correct_the_model_for_it(client):
 
 def test_a_store_kept_while_streaming_is_sized_before_any_compute_and_refused_where_it_cannot_be():
     streamed = SourceStats(d_in=256, n_tokens=None, name="MiniLM", hooks=("3.resid", "4.resid"),
-                           corpus_tokens=600_000, buffer_tokens=65_536)
-    # 2,000 steps of 512 = 1,024,000 tokens, in whole rounds of 65,536: 1,048,576; but one pass holds 600,000
+                           corpus_tokens=600_000)
+    # 2,000 steps of 512 = 1,024,000 tokens, but one pass holds 600,000: only that is kept
     [info] = [f for f in validate_config(sound(keep_store="float16"), streamed) if f.field == "keep_store"]
     assert info.level == "info" and "600,000 tokens it streams at 3.resid" in info.message
     need = 600_000 * (256 * 2 + 12)
@@ -335,7 +335,7 @@ def test_a_store_kept_while_streaming_is_sized_before_any_compute_and_refused_wh
     assert ("error", "keep_store") in fired(sound(keep_store="float32", hook_point="4.resid"), streamed,
                                             free_disk_bytes=need + 1)  # float32 is twice the disk
     short = validate_config(sound(keep_store="float16", total_steps=100), streamed)
-    assert any("65,536 tokens" in f.message for f in short if f.field == "keep_store")  # one round, whole
+    assert any("51,200 tokens" in f.message for f in short if f.field == "keep_store")  # what it trains on
     [refused] = [f for f in validate_config(sound(keep_store="float16"), FILE) if f.field == "keep_store"]
     assert refused.level == "error" and "no store to keep" in refused.message and refused.suggested_value == "no"
     assert not [f for f in validate_config(sound(keep_store="no"), FILE) if f.field == "keep_store"]

@@ -147,8 +147,9 @@ def resample_dead_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
 
 def build_sae(architecture: str, d_in: int, d_sae: int, *, k: int | None = None, cfg=None,
               generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-              sparse_topk: bool = True) -> SparseAutoencoder:
-    """Construct the SAE named by ``architecture`` (a name in ``app.sae.architectures``) for training.
+              sparse_topk: bool | None = None) -> SparseAutoencoder:
+    """Construct the SAE named by ``architecture`` (a name in ``app.sae.architectures``) for training
+    (``sparse_topk``: force TopK's sparse path on or off; None lets the shape choose).
 
     ``cfg`` (the trainer's ``TrainConfig``, or anything with its attributes) gives every setting;
     without it, ``k`` and the architecture's defaults.

@@ -14,7 +14,8 @@ Per token that is ``2·d_in·d_sae`` multiply-adds (the forward matmul) plus ``O
 against about ``6·d_in·d_sae`` for the same maths done densely (forward, two backward
 matmuls, dense decode and its two backward matmuls). Plain PyTorch: it runs on the CPU and
 on CUDA with no compiler. ``TopKSAE`` uses it when ``sparse=True``; the tests compare its
-forward, gradients and a short run's weights with the dense path.
+forward, gradients and a short run's weights with the dense path. With AuxK on it pays only for wide
+SAEs (``worth_sparse``): a narrow one's AuxK steps run densely (``TopK.build``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ import torch.nn.functional as F
 # Rows per chunk of the encoder's weight-gradient index-add: bounds the temporary
 # [rows·k, d_in] product to a few tens of MB whatever the batch.
 CHUNK_ELEMENTS = 8_000_000
+
+# The index-adds cost per chosen latent far more than a dense matmul costs per latent. With k alone the
+# sparse path won at every shape measured; with AuxK on (its k_aux = d_in / 2 latents chosen too) it
+# pays only when the latents outnumber the chosen ones by about this much: on the CPU
+# (benchmarks/topk_paths.py) dense was 2x faster at 256 -> 1,024 with k 32 (ratio 6.4), even at 13.7,
+# and sparse 1.15x faster at 18.3 and 1.5x at 19.7.
+SPARSE_MIN_RATIO = 16
+
+
+def worth_sparse(d_in: int, d_sae: int, k: int) -> bool:
+    """Whether the sparse path beats the dense one for a step of a TopK SAE of this shape with AuxK on
+    (``SPARSE_MIN_RATIO``)."""
+    k_aux = max(1, min(d_in // 2, d_sae))  # AuxK's latents, chosen beside the k (TopKSAE.k_aux)
+    return d_sae >= SPARSE_MIN_RATIO * (k + k_aux)
 
 
 class TopKEncode(torch.autograd.Function):

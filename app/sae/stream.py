@@ -324,19 +324,22 @@ class StreamedSource(ActivationSource):
         return found
 
     def _round(self, index: int, at: Position | _Cursor, n: int, seed: int,
-               stop: threading.Event | None = None) -> tuple[dict[str, torch.Tensor], Position]:
+               stop: threading.Event | None = None, count: int | None = None) -> tuple[dict[str, torch.Tensor], Position]:
+        """Round ``index`` of rounds of ``n`` tokens, or its first ``count`` (the last round a run reads:
+        what no step reads is never computed)."""
         def fill(done):
             self.next_fill = done
 
+        count = n if count is None else count
         self.next_fill = 0.0
-        pieces, following = self._range(index * n, n, at)
+        pieces, following = self._range(index * n, count, at)
         got = sum(len(p.keep) for p in pieces)
-        if got != n or following is None:
-            raise StreamError(f"round {index} holds {got} of its {n} tokens")
+        if got != count or following is None:
+            raise StreamError(f"round {index} holds {got} of its {count} tokens")
         # batch b is rows order[b·size : (b+1)·size] of the round: row i is written at place[i]
-        order = torch.from_numpy(np.random.default_rng([seed, index]).permutation(n))
+        order = torch.from_numpy(np.random.default_rng([seed, index]).permutation(count))
         place = torch.empty_like(order)
-        place[order] = torch.arange(n)
+        place[order] = torch.arange(count)
         place = place.to(self.device)
         acts = self._run(pieces, progress=fill, stop=stop, dest=place)
         if self.keeping and not (stop is not None and stop.is_set()):
@@ -405,24 +408,28 @@ class StreamedSource(ActivationSource):
 
     def batches(self, batch_size, *, seed, device, start=0, position: dict | None = None, until: int | None = None):
         """As every source's, from batch ``start`` (entered at the corpus ``position`` a checkpoint recorded,
-        or found by walking from the start); ``until``, the last batch anyone will read, keeps the prefetch
-        from computing a round past it."""
+        or found by walking from the start); ``until``, the number of batches anyone will read, keeps the
+        prefetch from computing a round past it and the last round to the batches it holds (so batch n
+        depends on ``until`` too, which a run's resume passes as it was)."""
         per_round, n = self.per_round(batch_size), self.round_tokens(batch_size)
         index, offset = divmod(start, per_round)
         at = Position(**position) if position else self._find(index, n)
         if at.train > index * n:
             raise StreamError("the checkpoint's corpus position lies after its step's round")
         last = None if until is None else max(index, (until - 1) // per_round)
+        last_count = None
+        if until is not None and last * per_round < until < (last + 1) * per_round:
+            last_count = (until - last * per_round) * batch_size
         for hook, store in list(self.keeping.items()):
             try:
                 store.begin(index)
             except Exception as exc:  # noqa: BLE001 - a store that cannot be continued is not kept
                 self._stop_keeping(hook, str(exc))
-        rounds = _Rounds(self, index, at, n, seed, prefetch=self.prefetch, last=last)
+        rounds = _Rounds(self, index, at, n, seed, prefetch=self.prefetch, last=last, last_count=last_count)
         try:
             while True:
                 acts = rounds.take()
-                for b in range(offset, per_round):
+                for b in range(offset, next(iter(acts.values())).shape[0] // batch_size):
                     yield {key: value[b * batch_size:(b + 1) * batch_size].to(device, non_blocking=True)
                            for key, value in acts.items()}
                 offset = 0
@@ -487,8 +494,9 @@ class _Rounds:
     are held at once: the one handed out and the next."""
 
     def __init__(self, source: StreamedSource, index: int, at: Position, n: int, seed: int, *, prefetch: bool,
-                 last: int | None = None) -> None:
+                 last: int | None = None, last_count: int | None = None) -> None:
         self.source, self.index, self.at, self.n, self.seed, self.last = source, index, at, n, seed, last
+        self.last_count = last_count  # tokens of the last round, when a run reads only part of it
         self.cursor = _Cursor(source._windows(at))  # read on round after round, the corpus opened once a pass
         self.prefetch = prefetch
         self.ready: queue.Queue = queue.Queue(maxsize=1)
@@ -503,7 +511,8 @@ class _Rounds:
         self.source.starts[self.index] = self.at
         for old in [r for r in self.source.starts if r < self.index - 4]:
             self.source.starts.pop(old, None)
-        acts, self.at = self.source._round(self.index, self.cursor, self.n, self.seed, self.stopping)
+        count = self.last_count if self.index == self.last else None
+        acts, self.at = self.source._round(self.index, self.cursor, self.n, self.seed, self.stopping, count)
         self.index += 1
         return acts
 

@@ -112,7 +112,7 @@ class Architecture:
     def define_model(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def build(self, d_in: int, d_sae: int, cfg, *, generator=None, device="cpu", sparse_topk: bool = True):
+    def build(self, d_in: int, d_sae: int, cfg, *, generator=None, device="cpu", sparse_topk: bool | None = None):
         """A fresh model for training: ``cfg`` has the training config's attributes."""
         return self.model_class()(d_in, d_sae, generator=generator, device=device)
 

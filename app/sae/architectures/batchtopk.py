@@ -90,7 +90,7 @@ class BatchTopK(Architecture):
 
         return BatchTopKSAE
 
-    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=True):
+    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=None):
         if cfg.k is None:
             raise ValueError(f"a {self.name} SAE needs k")
         return self.model_class()(d_in, d_sae, k=cfg.k, generator=generator, device=device)

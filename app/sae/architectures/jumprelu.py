@@ -183,7 +183,7 @@ class JumpReLU(Architecture):
 
         return JumpReLUSAE
 
-    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=True):
+    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=None):
         target = getattr(cfg, "target_l0", None)
         count = target_l0_count(target, d_sae) if target else 1.0
         return self.model_class()(d_in, d_sae, target_l0=count,

@@ -109,7 +109,7 @@ class Matryoshka(Architecture):
 
         return MatryoshkaSAE
 
-    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=True):
+    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=None):
         if cfg.k is None:
             raise ValueError(f"a {self.name} SAE needs k")
         levels = level_sizes(getattr(cfg, PREFIXES.name, "") or "", d_sae)

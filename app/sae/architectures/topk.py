@@ -39,14 +39,17 @@ class TopK(Architecture):
             architecture = NAME
             row_cut = True  # a latent fires on a row when its pre-activation is among the row's k largest
 
-            def __init__(self, d_in, d_sae, *, k, aux_coeff=1 / 32, generator=None, device="cpu", sparse=True):
+            def __init__(self, d_in, d_sae, *, k, aux_coeff=1 / 32, generator=None, device="cpu", sparse=True,
+                         sparse_with_aux=True):
                 super().__init__(d_in, d_sae, generator=generator, device=device)
                 if not 1 <= k <= d_sae:
                     raise ValueError(f"k must lie in [1, {d_sae}], got {k}")
                 self.k, self.aux_coeff = k, aux_coeff
                 # sparse: the training step touches only the k chosen latents per token (sparse_topk);
-                # dense: the same maths with dense matrices (kept as the reference the tests compare to)
-                self.sparse = sparse
+                # dense: the same maths with dense matrices (kept as the reference the tests compare to).
+                # sparse_with_aux: whether a step with AuxK on (its k_aux latents chosen too) stays sparse;
+                # a narrow SAE's such steps run faster densely (sparse_topk.worth_sparse)
+                self.sparse, self.sparse_with_aux = sparse, sparse and sparse_with_aux
                 with torch.no_grad():
                     self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
                     self.W_enc.copy_(self.W_dec.t())
@@ -63,7 +66,7 @@ class TopK(Architecture):
                 return max(1, min(self.d_in // 2, self.d_sae))
 
             def loss(self, x, *, l1_alpha=0.0, dead_mask=None):
-                if self.sparse:
+                if self.sparse and (dead_mask is None or self.sparse_with_aux):
                     return self._sparse_loss(x, dead_mask)
                 pre = self.pre_activation(x)
                 f = self._topk(pre, self.k)
@@ -95,10 +98,18 @@ class TopK(Architecture):
 
         return TopKSAE
 
-    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=True):
+    def build(self, d_in, d_sae, cfg, *, generator=None, device="cpu", sparse_topk=None):
+        """``sparse_topk``: True or False forces the path; None takes the sparse one, but for the steps
+        with AuxK on of an SAE too narrow for it to pay (``sparse_topk.worth_sparse``)."""
         if cfg.k is None:
             raise ValueError(f"a {self.name} SAE needs k")
-        return self.model_class()(d_in, d_sae, k=cfg.k, generator=generator, device=device, sparse=sparse_topk)
+        with_aux = sparse_topk is not False
+        if sparse_topk is None:
+            from ..sparse_topk import worth_sparse
+
+            with_aux = worth_sparse(d_in, d_sae, cfg.k)
+        return self.model_class()(d_in, d_sae, k=cfg.k, generator=generator, device=device,
+                                  sparse=sparse_topk is not False, sparse_with_aux=with_aux)
 
     def check(self, cfg) -> None:
         check_k(cfg)
