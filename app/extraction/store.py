@@ -56,14 +56,14 @@ class NormStats:
                 "max_norm": self.max, "mean_sq_norm": mean_sq}
 
 
-def _cast(acts: np.ndarray, dtype: str) -> np.ndarray:
-    """Rows in the store's dtype; an overflow to float16's infinity or a NaN is refused, with the reason."""
+def _cast(acts: np.ndarray, dtype: str, advice: str = "extract with dtype float32") -> np.ndarray:
+    """Rows in the store's dtype; an overflow to float16's infinity or a NaN is refused, with the reason
+    (and ``advice``, what to do about an overflow)."""
     with np.errstate(over="ignore"):  # an overflow to inf is caught just below, with the reason
         cast = acts.astype(dtype, copy=False)
     if not np.isfinite(cast).all():
         if np.isfinite(acts).all():
-            raise StoreError(f"activations reach {float(np.abs(acts).max()):.3g}, beyond float16's range; "
-                             "store them as float32")
+            raise StoreError(f"activations reach {float(np.abs(acts).max()):.3g}, beyond float16's range; {advice}")
         raise StoreError("the model produced NaN or Inf activations")
     return cast
 

@@ -397,7 +397,7 @@ class StreamedSource(ActivationSource):
                     hi = min(rows, lo + chunk)
                     # corpus row i of the round was written at place[i]
                     block = acts[hook].index_select(0, place[lo:hi]).float().cpu().numpy()
-                    out[lo:hi] = _cast(block, store.dtype)
+                    out[lo:hi] = _cast(block, store.dtype, "keep the store in float32")
                     norms.add(np.linalg.norm(block, axis=1))
                 return norms
 
