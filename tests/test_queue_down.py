@@ -12,7 +12,7 @@ import pytest
 from redis import Redis
 
 from app.models import ActivationSet, Extraction, FeatureJob, ImportedSAE, Template, Training, TuneJob
-from conftest import QUICK_CONFIG, free_port, signed_in_client
+from conftest import QUICK_CONFIG, free_port, signed_in_client, start_worker, stop_worker, wait_for, worker_logs
 
 
 def start_redis(port: int, workdir) -> subprocess.Popen:
@@ -129,6 +129,35 @@ def test_every_page_renders_with_redis_down_and_work_resumes_when_it_is_back(dow
     own_redis["proc"] = start_redis(own_redis["port"], own_redis["dir"])
     again = client.post("/api/trainings", json=QUICK_CONFIG)
     assert again.status_code == 201 and again.json["status"] == "queued"
+
+
+def test_a_worker_rides_out_redis_going_away_outside_its_dequeue_then_trains(down_app, own_redis, env):
+    """RQ waits for Redis only while it dequeues. A suspended worker asks Redis every second whether it
+    still is, in its work loop: with Redis gone there it quit ("unhandled exception"), as a worker that
+    had just started or just finished a job did. Now it waits, keeps its suspension while it cannot ask,
+    and trains the next job once Redis is back."""
+    from rq.suspension import suspend
+
+    suspend(Redis(port=own_redis["port"]))
+    proc = start_worker({**env, "REDIS_URL": f"redis://127.0.0.1:{own_redis['port']}/0"}, name="outage")
+    try:
+        wait_for(lambda: "suspended, run `rq resume`" in worker_logs(env) or proc.poll() is not None, timeout=120,
+                 message="the worker to see it is suspended")
+        own_redis["proc"].terminate()
+        own_redis["proc"].wait(timeout=10)
+        wait_for(lambda: "the suspension check waits for it" in worker_logs(env) or proc.poll() is not None,
+                 timeout=30, message="the worker to find Redis gone")
+        assert proc.poll() is None, worker_logs(env)
+        own_redis["proc"] = start_redis(own_redis["port"], own_redis["dir"])  # a new, empty one: not suspended
+        client = signed_in_client(down_app)
+        queued = client.post("/api/trainings", json=QUICK_CONFIG)
+        assert queued.status_code == 201
+        wait_for(lambda: Training.get_by_id(queued.json["id"]).status in ("completed", "failed")
+                 or proc.poll() is not None, timeout=240, message="the run to end")
+        assert Training.get_by_id(queued.json["id"]).status == "completed", worker_logs(env)
+        assert "unhandled exception" not in worker_logs(env)
+    finally:
+        stop_worker(proc)
 
 
 def test_a_redis_that_never_answers_costs_seconds_not_a_hung_request(env, monkeypatch):

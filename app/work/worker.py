@@ -11,7 +11,9 @@ import signal
 import time
 from pathlib import Path
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Worker
 from rq.worker import WorkerStatus
 
@@ -36,8 +38,6 @@ def refusal(job, *, connection=None, serializer=None, _seen: frozenset = frozens
     its webhooks (HTTP requests the worker would send) and each job it depends on (by the same
     rules; one that Redis no longer holds cannot be checked, so it is refused too).
     """
-    from redis.exceptions import RedisError
-
     try:
         return _refusal(job, connection, serializer, _seen)
     except RedisError:
@@ -220,6 +220,39 @@ class StudioWorker(Worker):
                 if record is not None and record.status == "running":
                     lifecycle.mark_interrupted(record, f"Interrupted: the process running the {lifecycle.label(record)} "
                                                        f"was killed ({how}).", self.settings)
+
+    # RQ waits out a Redis outage only inside its dequeue. Its work loop also asks Redis whether workers
+    # are suspended and cleans registries before dequeuing, and beats after every job and while a horse
+    # runs; there a refused connection ended the worker ("unhandled exception, quitting"): a worker that
+    # had just started, or whose job had just ended, when Redis went away died with it. These are
+    # bookkeeping: skipped while Redis is away (logged) and done again once it is back; the suspension
+    # check is asked again until Redis answers, so a suspended worker never takes a job for want of it.
+    def _reached_redis(self, what: str, call, *args, **kwargs) -> bool:
+        try:
+            call(*args, **kwargs)
+            return True
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self.log.warning("Worker %s: Redis is unreachable (%s); %s waits for it", self.name, exc, what)
+            return False
+
+    def check_for_suspension(self, burst: bool) -> None:
+        wait = 1.0
+        while not self._reached_redis("the suspension check", super().check_for_suspension, burst):
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and not self._stop_requested:
+                time.sleep(0.05)
+            if self._stop_requested:
+                return
+            wait = min(wait * 2, self.max_connection_wait_time)
+
+    def run_maintenance_tasks(self) -> None:
+        self._reached_redis("registry cleaning", super().run_maintenance_tasks)
+
+    def heartbeat(self, *args, **kwargs) -> None:
+        self._reached_redis("the worker's heartbeat", super().heartbeat, *args, **kwargs)
+
+    def maintain_heartbeats(self, *args, **kwargs) -> None:
+        self._reached_redis("the job's heartbeat", super().maintain_heartbeats, *args, **kwargs)
 
     settings: dict = {}
 
