@@ -160,6 +160,36 @@ def test_a_worker_rides_out_redis_going_away_outside_its_dequeue_then_trains(dow
         stop_worker(proc)
 
 
+def test_a_run_that_ends_while_redis_is_away_keeps_its_outcome_and_its_worker(down_app, own_redis, env):
+    """Redis killed while a run trains: the run finishes on its own record (the database), the worker
+    that ran it waits for Redis instead of quitting, and trains the next job once Redis is back."""
+    proc = start_worker({**env, "REDIS_URL": f"redis://127.0.0.1:{own_redis['port']}/0"}, name="outage")
+    client = signed_in_client(down_app)
+    try:
+        first = client.post("/api/trainings", json={**QUICK_CONFIG, "total_steps": 1500})
+        assert first.status_code == 201
+        wait_for(lambda: Training.get_by_id(first.json["id"]).step > 0 or proc.poll() is not None, timeout=120,
+                 message="the run to train")
+        own_redis["proc"].terminate()
+        own_redis["proc"].wait(timeout=10)
+        wait_for(lambda: Training.get_by_id(first.json["id"]).status not in ("queued", "running")
+                 or proc.poll() is not None, timeout=240, message="the run to end")
+        ended = Training.get_by_id(first.json["id"])  # its own outcome (it may stop early), not an interruption
+        assert ended.status in ("completed", "stopped_early") and ended.summary, (ended.status, ended.reason)
+        wait_for(lambda: "waits for it" in worker_logs(env) or proc.poll() is not None, timeout=30,
+                 message="the worker to find Redis gone")
+        assert proc.poll() is None, worker_logs(env)
+        own_redis["proc"] = start_redis(own_redis["port"], own_redis["dir"])
+        second = client.post("/api/trainings", json=QUICK_CONFIG)
+        assert second.status_code == 201
+        wait_for(lambda: Training.get_by_id(second.json["id"]).status in ("completed", "failed", "interrupted")
+                 or proc.poll() is not None, timeout=240, message="the second run to end")
+        assert Training.get_by_id(second.json["id"]).status == "completed", worker_logs(env)
+        assert "unhandled exception" not in worker_logs(env)
+    finally:
+        stop_worker(proc)
+
+
 def test_a_redis_that_never_answers_costs_seconds_not_a_hung_request(env, monkeypatch):
     """A port that accepts connections but never replies: the socket timeout ends the wait."""
     listener = socket.socket()

@@ -109,9 +109,27 @@ class StudioWorker(Worker):
             if self._put_back(job, queue_):
                 return
             self._put_back_ids.clear()  # a new sweep starts after each job this worker takes
-            super().execute_job(job, queue_)
+            try:
+                super().execute_job(job, queue_)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                self._after_redis_lost(job, exc)
         finally:
             self._handing_over = False
+
+    def _after_redis_lost(self, job, exc) -> None:
+        """Redis went away around a job: RQ's bookkeeping of its end (the job's status, the registries)
+        raised. The job's outcome is on its record, which it wrote to the database itself; a job that
+        never ran is queued again by maintenance once Redis is back ("re-queues jobs Redis lost"). The
+        worker goes on once its work-horse, if one is still running, has ended."""
+        self.log.warning("Worker %s: Redis went away around job %s (%s); its record holds its outcome", self.name,
+                         job.id, exc)
+        pid = self.horse_pid
+        if pid:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self._horse_pid = 0
 
     _handing_over = False
 
@@ -247,6 +265,12 @@ class StudioWorker(Worker):
 
     def run_maintenance_tasks(self) -> None:
         self._reached_redis("registry cleaning", super().run_maintenance_tasks)
+
+    def set_state(self, state: str, pipeline=None) -> None:
+        if pipeline is not None:  # queued on the pipeline: its execute() is what reaches Redis
+            super().set_state(state, pipeline)
+        else:
+            self._reached_redis(f"recording the worker's state ({state})", super().set_state, state)
 
     def heartbeat(self, *args, **kwargs) -> None:
         self._reached_redis("the worker's heartbeat", super().heartbeat, *args, **kwargs)
