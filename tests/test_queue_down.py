@@ -172,6 +172,7 @@ def test_a_run_that_ends_while_redis_is_away_keeps_its_outcome_and_its_worker(do
                  message="the run to train")
         own_redis["proc"].terminate()
         own_redis["proc"].wait(timeout=10)
+        assert Training.get_by_id(first.json["id"]).status == "running"  # Redis went away mid-run
         wait_for(lambda: Training.get_by_id(first.json["id"]).status not in ("queued", "running")
                  or proc.poll() is not None, timeout=240, message="the run to end")
         ended = Training.get_by_id(first.json["id"])  # its own outcome (it may stop early), not an interruption
