@@ -81,6 +81,11 @@ class SparseAutoencoder(nn.Module):
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
 
+    def latent_biases(self) -> tuple[nn.Parameter, ...]:
+        """The per-latent parameters besides W_enc and W_dec that a resampled latent starts again from
+        zero: the encoder bias here; a Gated SAE's gate and magnitude parameters."""
+        return (self.b_enc,)
+
     def aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
                  dead_mask: torch.Tensor | None) -> torch.Tensor:
         """AuxK: the ``k_aux`` largest pre-activations among dead latents reconstruct the residual.
@@ -117,7 +122,7 @@ def resample_dead_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
 
     Inputs are drawn with probability proportional to their squared reconstruction error;
     a resampled latent's encoder and decoder take that input's direction (at a fifth of the
-    live latents' mean norms, so it starts small), its encoder bias is zeroed, and its Adam
+    live latents' mean norms, so it starts small), its biases are zeroed (``latent_biases``), and its Adam
     moments are cleared so stale statistics do not throw it straight back.
     """
     dead = dead_mask.nonzero().flatten()
@@ -136,8 +141,10 @@ def resample_dead_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimiz
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(0.1)
     sae.W_dec[dead] = directions * dec_norm * 0.2
     sae.W_enc[:, dead] = (directions * enc_norm * 0.2).t()
-    sae.b_enc[dead] = 0.0
-    for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+    biases = sae.latent_biases()
+    for bias in biases:
+        bias[dead] = 0.0
+    for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), *((b, (dead,)) for b in biases)):
         state = optimizer.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
