@@ -38,10 +38,12 @@ from app.sae.features import ground_truth_recovery  # noqa: E402
 from app.sae.metrics import evaluate  # noqa: E402
 from app.sae.sources import HierarchicalSource, normalization_scale  # noqa: E402
 from app.sae.trainer import TrainConfig, train  # noqa: E402
+from app.sae.architectures.gated import PRESET_L1_ALPHA as GATED_START_L1_ALPHA  # noqa: E402
 from app.sae.architectures.matryoshka import level_sizes as matryoshka_levels  # noqa: E402
 from app.validation import recommended_l1_alpha  # noqa: E402
 
-ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka", "matryoshka_topk")
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka", "matryoshka_topk", "gated")
+PENALIZED = ("standard", "gated")  # sparsity set by l1_alpha: ours steers it to the target, SAELens gets where ours ended
 K_SET = ("topk", "batchtopk", "matryoshka", "matryoshka_topk")
 CPU = torch.device("cpu")
 
@@ -75,13 +77,15 @@ def run_ours(arch: str, source, args, x_eval) -> dict:
     cfg = TrainConfig(architecture=arch, latent_dim=args.latents, batch_size=args.batch, total_steps=steps,
                       learning_rate=args.lr, lr_warmup_steps=steps // 20, l1_warmup_steps=steps // 20,
                       target_l0=target, k=args.k if arch in K_SET else None,
-                      l1_alpha=recommended_l1_alpha(args.d_in, args.latents, target) if arch == "standard" else None,
+                      l1_alpha=(recommended_l1_alpha(args.d_in, args.latents, target) if arch == "standard"
+                                else GATED_START_L1_ALPHA if arch == "gated" else None),
                       l0_coefficient=10.0 if arch == "jumprelu" else None,
                       jumprelu_bandwidth=0.05 if arch == "jumprelu" else None,
                       matryoshka_prefixes="" if arch.startswith("matryoshka") else None,
                       precision="float32", log_every=50, device="cpu",
-                      **({"dead_window_tokens": args.dead_window} if args.dead_window else {}))
-    steer = L0Controller(target=target, alpha=cfg.l1_alpha, start_step=cfg.l1_warmup_steps) if arch == "standard" else None
+                      **({"dead_window_tokens": args.dead_window} if args.dead_window else {}),
+                      **({"dead_latent_remedy": args.remedy} if args.remedy != "none" else {}))
+    steer = L0Controller(target=target, alpha=cfg.l1_alpha, start_step=cfg.l1_warmup_steps) if arch in PENALIZED else None
     result, sae = train(source, cfg, l1_alpha_control=steer)
     row = measure(sae.eval(), source, x_eval)
     if steer is not None:
@@ -93,6 +97,7 @@ def run_saelens(arch: str, source, args, x_eval, scale: float) -> dict:
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
                                                         MatryoshkaBatchTopKTrainingSAEConfig)
@@ -106,6 +111,10 @@ def run_saelens(arch: str, source, args, x_eval, scale: float) -> dict:
         alpha = args.saelens_l1 or recommended_l1_alpha(args.d_in, args.latents, args.k / args.latents)
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**common, l1_coefficient=args.d_in * alpha,
                                                             l1_warm_up_steps=steps // 20))
+    elif arch == "gated":  # its loss sums the squared error over d_in where ours averages it: d_in × our penalty
+        alpha = args.saelens_l1 or GATED_START_L1_ALPHA
+        sae = GatedTrainingSAE(GatedTrainingSAEConfig(**common, l1_coefficient=args.d_in * alpha,
+                                                      l1_warm_up_steps=steps // 20))
     elif arch == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=args.k))
     elif arch == "batchtopk":
@@ -154,6 +163,8 @@ def main() -> int:
     parser.add_argument("--dead-window", type=int, default=None,
                         help="tokens a latent may stay silent before AuxK treats it as dead (ours: dead_window_tokens, "
                              "default 200,000; SAELens: dead_feature_window, the same in steps)")
+    parser.add_argument("--remedy", choices=("none", "resample"), default="none",
+                        help="ours: the dead-latent remedy (standard and gated; the form's default is none)")
     parser.add_argument("--out", default=None,
                         help="results file (default: results/architectures.json, or architectures_synthsaebench.json)")
     args = parser.parse_args()
@@ -200,13 +211,17 @@ def main() -> int:
         for who in args.contenders.split(","):
             if who == "saelens" and arch == "matryoshka_topk":
                 continue  # SAELens has no Matryoshka with per-token TopK selection
-            if arch == "standard" and who == "saelens" and args.saelens_l1 is None:
+            given_l1 = args.saelens_l1
+            if arch in PENALIZED and who == "saelens" and args.saelens_l1 is None:
                 theirs = json.loads(Path(args.ours_from).read_text()) if args.ours_from else results
-                args.saelens_l1 = theirs.get("runs", {}).get("standard/ours", {}).get("final_l1_alpha")
+                args.saelens_l1 = theirs.get("runs", {}).get(f"{arch}/ours", {}).get("final_l1_alpha")
             started = time.perf_counter()
             row = run_ours(arch, source, args, x_eval) if who == "ours" else run_saelens(arch, source, args, x_eval, scale)
+            args.saelens_l1 = given_l1  # a penalty found for one architecture is not another's
             row["seconds"] = round(time.perf_counter() - started, 1)
             label = f"{arch}, dead window {args.dead_window:,}" if args.dead_window else arch
+            if args.remedy != "none" and who == "ours":
+                label += ", resampling"
             results.setdefault("runs", {})[f"{label}/{who}"] = row
             print(f"{arch:<11} {who:<8} L0 {row['l0']:6.2f}  FVU {row['fvu']:.4f}  MCC {row['mcc']:.3f}  "
                   f"MMCS {row['mmcs']:.3f}  never fired {row['never_fired']:5d}  {row['seconds']:.0f} s", flush=True)
