@@ -131,6 +131,21 @@ def test_every_page_renders_with_redis_down_and_work_resumes_when_it_is_back(dow
     assert again.status_code == 201 and again.json["status"] == "queued"
 
 
+def worker_on(own_redis, env):
+    """A real worker process on this test's own Redis (its log in the data folder: ``worker_logs``)."""
+    return start_worker({**env, "REDIS_URL": f"redis://127.0.0.1:{own_redis['port']}/0"}, name="outage")
+
+
+def trains_next_job(client, proc, env) -> None:
+    """A QUICK_CONFIG run queued now is trained to completion by ``proc``, which never quit on the way."""
+    queued = client.post("/api/trainings", json=QUICK_CONFIG)
+    assert queued.status_code == 201
+    wait_for(lambda: Training.get_by_id(queued.json["id"]).status in ("completed", "failed", "interrupted")
+             or proc.poll() is not None, timeout=240, message="the run to end")
+    assert Training.get_by_id(queued.json["id"]).status == "completed", worker_logs(env)
+    assert "unhandled exception" not in worker_logs(env)
+
+
 def test_a_worker_rides_out_redis_going_away_outside_its_dequeue_then_trains(down_app, own_redis, env):
     """RQ waits for Redis only while it dequeues. A suspended worker asks Redis every second whether it
     still is, in its work loop: with Redis gone there it quit ("unhandled exception"), as a worker that
@@ -139,7 +154,7 @@ def test_a_worker_rides_out_redis_going_away_outside_its_dequeue_then_trains(dow
     from rq.suspension import suspend
 
     suspend(Redis(port=own_redis["port"]))
-    proc = start_worker({**env, "REDIS_URL": f"redis://127.0.0.1:{own_redis['port']}/0"}, name="outage")
+    proc = worker_on(own_redis, env)
     try:
         wait_for(lambda: "suspended, run `rq resume`" in worker_logs(env) or proc.poll() is not None, timeout=120,
                  message="the worker to see it is suspended")
@@ -149,13 +164,7 @@ def test_a_worker_rides_out_redis_going_away_outside_its_dequeue_then_trains(dow
                  timeout=30, message="the worker to find Redis gone")
         assert proc.poll() is None, worker_logs(env)
         own_redis["proc"] = start_redis(own_redis["port"], own_redis["dir"])  # a new, empty one: not suspended
-        client = signed_in_client(down_app)
-        queued = client.post("/api/trainings", json=QUICK_CONFIG)
-        assert queued.status_code == 201
-        wait_for(lambda: Training.get_by_id(queued.json["id"]).status in ("completed", "failed")
-                 or proc.poll() is not None, timeout=240, message="the run to end")
-        assert Training.get_by_id(queued.json["id"]).status == "completed", worker_logs(env)
-        assert "unhandled exception" not in worker_logs(env)
+        trains_next_job(signed_in_client(down_app), proc, env)
     finally:
         stop_worker(proc)
 
@@ -163,7 +172,7 @@ def test_a_worker_rides_out_redis_going_away_outside_its_dequeue_then_trains(dow
 def test_a_run_that_ends_while_redis_is_away_keeps_its_outcome_and_its_worker(down_app, own_redis, env):
     """Redis killed while a run trains: the run finishes on its own record (the database), the worker
     that ran it waits for Redis instead of quitting, and trains the next job once Redis is back."""
-    proc = start_worker({**env, "REDIS_URL": f"redis://127.0.0.1:{own_redis['port']}/0"}, name="outage")
+    proc = worker_on(own_redis, env)
     client = signed_in_client(down_app)
     try:
         first = client.post("/api/trainings", json={**QUICK_CONFIG, "total_steps": 1500})
@@ -181,12 +190,7 @@ def test_a_run_that_ends_while_redis_is_away_keeps_its_outcome_and_its_worker(do
                  message="the worker to find Redis gone")
         assert proc.poll() is None, worker_logs(env)
         own_redis["proc"] = start_redis(own_redis["port"], own_redis["dir"])
-        second = client.post("/api/trainings", json=QUICK_CONFIG)
-        assert second.status_code == 201
-        wait_for(lambda: Training.get_by_id(second.json["id"]).status in ("completed", "failed", "interrupted")
-                 or proc.poll() is not None, timeout=240, message="the second run to end")
-        assert Training.get_by_id(second.json["id"]).status == "completed", worker_logs(env)
-        assert "unhandled exception" not in worker_logs(env)
+        trains_next_job(client, proc, env)
     finally:
         stop_worker(proc)
 

@@ -188,10 +188,14 @@ class StudioWorker(Worker):
             self._stop_requested = True
             return True
         self._put_back_ids = {job.id}  # round the queue once: pause, then sweep it again
-        deadline = time.monotonic() + self.placement_retry_s * random.uniform(0.5, 1.5)
+        self._pause(self.placement_retry_s * random.uniform(0.5, 1.5))
+        return True
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, ending early once a stop is requested."""
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self._stop_requested:
             time.sleep(0.05)
-        return True
 
     def work(self, *args, burst: bool = False, **kwargs):
         self._burst = burst
@@ -256,9 +260,7 @@ class StudioWorker(Worker):
     def check_for_suspension(self, burst: bool) -> None:
         wait = 1.0
         while not self._reached_redis("the suspension check", super().check_for_suspension, burst):
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and not self._stop_requested:
-                time.sleep(0.05)
+            self._pause(wait)
             if self._stop_requested:
                 return
             wait = min(wait * 2, self.max_connection_wait_time)
