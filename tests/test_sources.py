@@ -94,6 +94,29 @@ def test_pt_with_pickled_code_is_refused_without_running_it(client, env, tmp_pat
     assert stored_files(env) == [] and ActivationSet.select().where(ActivationSet.kind == "file").count() == 0
 
 
+def test_a_pt_file_that_is_not_torch_s_archive_is_refused_without_starting_the_converter(client, env, monkeypatch):
+    """Garbage named .pt (or a zip without torch.save's data.pkl) costs no child process importing torch."""
+    import zipfile
+
+    import app.work.sources as sources
+
+    started = []
+    real_run = sources.subprocess.run
+    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **kw: started.append(a) or real_run(*a, **kw))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a/weights.bin", b"\0" * 64)
+    for name, payload, reason in (("garbage.pt", b"\x80\x02not a zip at all", "not the zip archive torch.save writes"),
+                                  ("other.pt", archive.getvalue(), "not one torch.save wrote: it has no data.pkl")):
+        response = upload(client, name, payload)
+        assert response.status_code == 422
+        assert reason in upload_error(response) and "Nothing was kept" in upload_error(response)
+    assert started == [] and stored_files(env) == []
+    buffer = io.BytesIO()
+    torch.save(torch.from_numpy(good_array()), buffer)  # a real one still goes to the converter
+    assert upload(client, "a.pt", buffer.getvalue()).status_code == 303 and len(started) == 1
+
+
 @pytest.mark.parametrize("name,payload,reason", [
     ("one_d.npy", npy_bytes(np.zeros(5000, dtype=np.float32)), "2-D"),
     ("ints.npy", npy_bytes(np.zeros((2048, 4), dtype=np.int64)), "float"),

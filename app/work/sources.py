@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 
 from ..db import database
@@ -17,8 +18,27 @@ UPLOAD_SUFFIXES = (".npy", ".safetensors", ".pt")
 MIN_ROWS = 1024  # one default-sized batch, and enough rows to hold some out for evaluation
 
 
+def _torch_archive_problem(src: Path) -> str | None:
+    """Why ``src`` cannot be a tensor file the converter loads, found without starting it: it loads only
+    torch.save's zip archive (what torch has written since 1.6; a memory-mapped load refuses the older
+    format), which holds a ``data.pkl`` record. Reading a zip's directory runs nothing from it."""
+    try:
+        with zipfile.ZipFile(src) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return "not a loadable tensor file without executing code (not the zip archive torch.save writes)"
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        return ("not a loadable tensor file without executing code (a zip archive, but not one torch.save wrote: "
+                "it has no data.pkl)")
+    return None
+
+
 def _convert_pt(src: Path, dst: Path) -> None:
-    """Convert in a child process: the web process never imports torch."""
+    """Convert in a child process: the web process never imports torch. A file that is not even
+    torch.save's archive is refused first, without starting a child process for it."""
+    problem = _torch_archive_problem(src)
+    if problem:
+        raise ActivationFileError(problem)
     proc = subprocess.run([sys.executable, "-m", "app.sae.pt_convert", str(src), str(dst)],
                           capture_output=True, text=True, timeout=3600,
                           cwd=str(Path(__file__).resolve().parents[2]))
