@@ -1,7 +1,8 @@
 """Start an RQ worker on SAE Studio's queue, with its maintenance process beside it.
 
-The parent process only talks to Redis; each job runs in a forked work-horse, which is
-where torch (and CUDA) is first imported. Before it takes work the worker sweeps once
+The parent process only talks to Redis; each job runs in a forked work-horse. On a GPU, the
+horse is where torch (and CUDA) is first imported; a worker that trains on the CPU imports torch
+once, before its first horse, for all of them (``StudioWorker.fork_work_horse``). Before it takes work the worker sweeps once
 (jobs whose heartbeat stopped become ``interrupted``); a maintenance child process keeps
 sweeping, re-queues jobs Redis lost, records the worker's beat and runs the janitor.
 It refuses to start when DATA_DIR is not the installation's shared one (its
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings()
     if "torch" in sys.modules:  # pragma: no cover - a guard for future edits
-        raise RuntimeError("the worker's parent process must not import torch")
+        raise RuntimeError("the worker's modules must not import torch (a GPU worker's parent never does)")
     name = args.name or f"{socket.gethostname()}.{os.getpid()}"
     exposed = data_dir_exposure(settings["DATA_DIR"])
     if exposed:  # a warning, not a refusal: see data_dir_exposure

@@ -129,3 +129,18 @@ def test_make_run_starts_a_pinned_worker_per_gpu_and_restarts_each(tmp_path, emp
         assert not [p for p in descendants(proc.pid)]
     finally:
         kill_tree(proc)
+
+
+def test_only_a_cpu_worker_imports_what_its_work_horses_need_before_forking_them(fake_smi, monkeypatch, redis_url):
+    """A GPU worker's parent never imports torch (CUDA must be set up first in the horse that uses it);
+    a CPU worker's imports it once for all its horses (tests/test_jobs.py sees that happen)."""
+    from app.config import load_settings
+    from app.work.worker import make_worker
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    settings = {**load_settings(), "REDIS_URL": redis_url, "QUEUE_NAME": "preload"}
+    assert make_worker({**settings, "SAE_DEVICE": "auto"}).preload is False
+    assert make_worker({**settings, "SAE_DEVICE": "cuda:0"}).preload is False
+    assert make_worker({**settings, "SAE_DEVICE": "cpu"}).preload is True
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # no such GPU: it trains on the CPU
+    assert make_worker({**settings, "SAE_DEVICE": "auto"}).preload is True

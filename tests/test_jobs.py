@@ -28,6 +28,12 @@ def test_training_runs_to_completed_through_the_queue(client, env, run_worker):
     assert codes[codes.index("started") - 1] == "preflight"
     body = client.get(f"/api/trainings/{run.id}").json
     assert body["status"] == "completed" and body["quality_grade"] in ("green", "yellow", "red")
+    # a CPU worker imports torch once, in its parent, for all its work-horses: the feature job that the
+    # run queued needed only what training had not imported
+    imported = [line.split("imported ", 1)[1].split(" once for every work-horse")[0].split(", ")
+                for line in done.stdout.splitlines() if "once for every work-horse" in line]
+    assert len(imported) == 2 and "torch" in imported[0] and "torch" not in imported[1], imported
+    assert "transformers" in imported[1] and "scipy.optimize" in imported[1], imported
 
 
 def test_topk_training_runs_through_the_queue(client, run_worker):
