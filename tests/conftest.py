@@ -238,10 +238,72 @@ def _new_database(tmp_path, postgres_server, template=None):
     admin.close()
 
 
+class DatabaseAhead:
+    """PostgreSQL databases copied from the template one test ahead, and dropped after their test, on a
+    thread of its own. Copying the template and dropping a database (which waits for the test's
+    connections to end) took about 0.35 s of every PostgreSQL test's wall-clock time; here it runs
+    while the test before it does. One thread does both, in order, so a copy never overlaps a drop."""
+
+    def __init__(self, port: int, template: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.port, self.template, self.admin = port, template, None
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-databases")
+        self.next = self.thread.submit(self._create)
+
+    def _execute(self, sql: str) -> None:  # on the pool's one thread only
+        import psycopg2
+
+        if self.admin is None:
+            self.admin = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+            self.admin.autocommit = True
+        with self.admin.cursor() as cursor:
+            cursor.execute(sql)
+
+    def _create(self) -> str:
+        name = f"t_{os.getpid()}_{time.monotonic_ns()}"
+        self._execute(f"CREATE DATABASE {name} TEMPLATE {self.template}")
+        return name
+
+    def take(self) -> str:
+        """A fresh copy of the template (made while the test before ran); the next one is started."""
+        name = self.next.result()
+        self.next = self.thread.submit(self._create)
+        return name
+
+    def drop(self, name: str) -> None:
+        self.thread.submit(self._execute, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def close(self) -> None:
+        try:
+            self.drop(self.next.result())
+        finally:
+            self.thread.shutdown(wait=True)
+            if self.admin is not None:
+                self.admin.close()
+
+
+@pytest.fixture(scope="session")
+def databases_ahead(postgres_server, migrated_template):
+    """On PostgreSQL, where each test's database comes from (``DatabaseAhead``); None on SQLite, where a
+    file copy is all it takes. Closed before the template is dropped."""
+    if postgres_server is None:
+        yield None
+        return
+    ahead = DatabaseAhead(postgres_server["port"], migrated_template)
+    yield ahead
+    ahead.close()
+
+
 @pytest.fixture
-def database_url(tmp_path, postgres_server, migrated_template):
+def database_url(tmp_path, postgres_server, migrated_template, databases_ahead):
     """A database for one test with the whole schema and its seeded rows, as a first start leaves it."""
-    yield from _new_database(tmp_path, postgres_server, migrated_template)
+    if databases_ahead is None:
+        yield from _new_database(tmp_path, postgres_server, migrated_template)
+        return
+    name = databases_ahead.take()
+    yield f"postgresql://postgres@127.0.0.1:{postgres_server['port']}/{name}"
+    databases_ahead.drop(name)
 
 
 @pytest.fixture
