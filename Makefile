@@ -18,9 +18,9 @@ export PYTEST_ARGS
 run: install
 	@DATA_DIR="$(DATA_DIR)" PORT="$(PORT)" REDIS_PORT="$(REDIS_PORT)" PY="$(PY)" bash scripts/run.sh
 
-## test: install everything, run the whole test suite on SQLite and, beside it, on PostgreSQL the
-## tests that open a database (the `db` mark, which tests/conftest.py sets from their fixtures;
-## on PostgreSQL it runs only those); each pass starts its own Redis, the PostgreSQL pass its own
+## test: install everything, run the tests that open a database (the `db` mark, which tests/conftest.py
+## sets from their fixtures) on SQLite and, beside it, on PostgreSQL, and every other test once, in
+## one pass or the other (TEST_SPLIT); each pass starts its own Redis, the PostgreSQL pass its own
 ## cluster. scripts/test.sh runs the two at once, one torch thread each (why, and the figures:
 ## benchmarks/results/suite_durations.md); PYTEST_ARGS goes to both.
 test: install-test

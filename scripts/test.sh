@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make test`: the whole suite on SQLite and, beside it, the tests marked `db` on PostgreSQL (each pass
-# starts its own Redis; the PostgreSQL pass its own cluster). The two passes share nothing but the CPUs,
+# `make test`: the tests marked `db` on SQLite and, beside it, on PostgreSQL, and the others once, split
+# between the two (each pass starts its own Redis; the PostgreSQL pass its own cluster). The two passes share nothing but the CPUs,
 # so they run at the same time, each with one torch thread (and so every worker process a test starts):
 # two passes of one thread keep two cores busy where one pass of two threads left them idle while its
 # tests waited on workers, browsers and polls (benchmarks/results/suite_durations.md has the figures).
@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
 threads=${TEST_TORCH_THREADS:-1}
 export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+# the tests that open no database run once, every other one in each pass (tests/conftest.py: SPLIT)
+export TEST_SPLIT=1
 eval "args=(${PYTEST_ARGS:-})"
 work=$(mktemp -d "${TMPDIR:-/tmp}/sae-studio-tests.XXXXXX") || exit 1
 pids=()

@@ -50,24 +50,38 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+# `make test` runs its two passes at once (scripts/test.sh) and sets TEST_SPLIT=1 in both: the tests
+# that open no database then run once between them, every other one (in collection order, the same in
+# both passes) in each, so the SQLite pass does not run them all while the PostgreSQL pass sits idle.
+# Without it (a plain `pytest`), the SQLite pass runs every test and the PostgreSQL pass the `db` ones.
+SPLIT = os.environ.get("TEST_SPLIT") == "1"
+
+
 @pytest.hookimpl(tryfirst=True)  # marked before `-m` selects by mark
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.db)
     config.stash[_LEFT_TO_SQLITE] = 0
+    pure = [item for item in items if item.get_closest_marker("db") is None]
     if BACKEND == "postgresql":
-        pure = [item for item in items if item.get_closest_marker("db") is None]
-        if pure:
-            config.hook.pytest_deselected(items=pure)
-            items[:] = [item for item in items if item.get_closest_marker("db") is not None]
-            config.stash[_LEFT_TO_SQLITE] = len(pure)
+        shared = set(pure[1::2]) if SPLIT else set()
+        elsewhere = [item for item in pure if item not in shared]
+        config.stash[_LEFT_TO_SQLITE] = len(elsewhere)
+    else:
+        elsewhere = pure[1::2] if SPLIT else []
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        gone = set(elsewhere)
+        items[:] = [item for item in items if item not in gone]
 
 
 def pytest_report_header(config):
     if BACKEND == "postgresql":
-        return "database: PostgreSQL, the tests marked `db` only (the others never open a database)"
-    return f"database: {BACKEND}, every test"
+        return ("database: PostgreSQL, the tests marked `db`" + (", and every other one of the rest (TEST_SPLIT)"
+                                                                 if SPLIT else " only (the others never open a database)"))
+    return f"database: {BACKEND}, " + ("the tests marked `db` and every other one of the rest (TEST_SPLIT)"
+                                       if SPLIT else "every test")
 
 
 def pytest_sessionfinish(session, exitstatus):

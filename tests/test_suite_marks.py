@@ -76,13 +76,32 @@ def test_the_database_fixtures_mark_a_test_db(request):
 def test_a_postgresql_pass_over_files_without_database_tests_is_not_an_error():
     """On PostgreSQL a selection with no database test in it (here: this file's unmarked tests)
     runs nothing, starts no cluster and exits 0, not pytest's 5; one that collects nothing is still 5."""
-    env = {**os.environ, "TEST_DATABASE": "postgresql"}
+    env = {**os.environ, "TEST_DATABASE": "postgresql", "TEST_SPLIT": "0"}
     here = "tests/test_suite_marks.py"
     pure_only = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not marked_db",
                                 here], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert pure_only.returncode == 0, pure_only.stdout + pure_only.stderr
-    assert "4 deselected" in pure_only.stdout and "passed" not in pure_only.stdout
+    assert "5 deselected" in pure_only.stdout and "passed" not in pure_only.stdout
     nothing_collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                         "tests/bounds.py"], cwd=ROOT, env=env, capture_output=True, text=True,
                                        timeout=120)  # a helper module: no tests in it
     assert nothing_collected.returncode == 5, nothing_collected.stdout
+
+
+def test_split_passes_run_each_test_that_opens_no_database_once_between_them():
+    """`make test`'s two passes with TEST_SPLIT=1: every `db` test in both, each of the others in exactly one."""
+    def selected(backend: str, split: str) -> set[str]:
+        env = {**os.environ, "TEST_DATABASE": backend, "TEST_SPLIT": split}
+        listing = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                                  "tests/test_quality.py", "tests/test_api.py"], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=120)
+        return {line for line in listing.stdout.splitlines() if "::" in line}
+
+    everything, database_tests = selected("sqlite", "0"), selected("postgresql", "0")
+    on_sqlite, on_postgresql = selected("sqlite", "1"), selected("postgresql", "1")
+    pure = everything - database_tests
+    assert database_tests and len(pure) > 10
+    assert database_tests <= on_sqlite and database_tests <= on_postgresql
+    assert (on_sqlite - database_tests) | (on_postgresql - database_tests) == pure
+    assert not (on_sqlite - database_tests) & (on_postgresql - database_tests)
+    assert abs(len(on_sqlite - database_tests) - len(on_postgresql - database_tests)) <= 1
