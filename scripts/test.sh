@@ -41,7 +41,7 @@ wait "${pids[0]}"
 pg_rc=$?
 trap - INT TERM
 echo
-echo "================ the PostgreSQL pass (the tests marked db), run beside the SQLite pass ================"
+echo "================ the PostgreSQL pass (the tests marked db, and its share of the rest), run beside the SQLite pass ================"
 cat "$work/postgresql.log"
 echo
 echo "SQLite pass: exit status $sqlite_rc; PostgreSQL pass: exit status $pg_rc"
