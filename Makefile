@@ -20,7 +20,7 @@ run: install
 
 ## test: install everything, run the tests that open a database (the `db` mark, which tests/conftest.py
 ## sets from their fixtures) on SQLite and, beside it, on PostgreSQL, and every other test once, in
-## one pass or the other (TEST_SPLIT); each pass starts its own Redis, the PostgreSQL pass its own
+## whichever pass claims it first (TEST_SPLIT); each pass starts its own Redis, the PostgreSQL pass its own
 ## cluster. scripts/test.sh runs the two at once, one torch thread each (why, and the figures:
 ## benchmarks/results/suite_durations.md); PYTEST_ARGS goes to both.
 test: install-test

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# `make test`: the tests marked `db` on SQLite and, beside it, on PostgreSQL, and the others once, split
-# between the two (each pass starts its own Redis; the PostgreSQL pass its own cluster). The two passes share nothing but the CPUs,
-# so they run at the same time, each with one torch thread (and so every worker process a test starts):
+# `make test`: the tests marked `db` on SQLite and, beside it, on PostgreSQL, and the others once, in
+# whichever pass claims each first (each pass starts its own Redis; the PostgreSQL pass its own cluster).
+# The two passes share nothing but the CPUs and the folder of claims, so they run at the same time, each with one torch thread (and so every worker process a test starts):
 # two passes of one thread keep two cores busy where one pass of two threads left them idle while its
 # tests waited on workers, browsers and polls (benchmarks/results/suite_durations.md has the figures).
 # The SQLite pass prints as it goes; the PostgreSQL pass's log follows it. PYTEST_ARGS goes to both, read
@@ -12,11 +12,12 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
 threads=${TEST_TORCH_THREADS:-1}
 export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
-# the tests that open no database run once, every other one in each pass (tests/conftest.py: SPLIT)
-export TEST_SPLIT=1
 eval "args=(${PYTEST_ARGS:-})"
 work=$(mktemp -d "${TMPDIR:-/tmp}/sae-studio-tests.XXXXXX") || exit 1
 pids=()
+# the tests that open no database run once, in whichever pass claims each first (tests/conftest.py: SPLIT_DIR)
+mkdir -p "$work/split" || exit 1
+export TEST_SPLIT="$work/split"
 
 stop() {
   trap - INT TERM

@@ -50,11 +50,15 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-# `make test` runs its two passes at once (scripts/test.sh) and sets TEST_SPLIT=1 in both: the tests
-# that open no database then run once between them, every other one (in collection order, the same in
-# both passes) in each, so the SQLite pass does not run them all while the PostgreSQL pass sits idle.
-# Without it (a plain `pytest`), the SQLite pass runs every test and the PostgreSQL pass the `db` ones.
-SPLIT = os.environ.get("TEST_SPLIT") == "1"
+# `make test` runs its two passes at once (scripts/test.sh) and gives both the same empty folder in
+# TEST_SPLIT: the tests that open no database then run once between them, in whichever pass is free
+# first. Each pass runs its `db` tests first and then the others (the SQLite pass from the first, the
+# PostgreSQL pass from the last), and claims each of those before running it, by creating a file named
+# for it in that folder; a test the other pass has claimed is reported skipped, "run in the other
+# pass". So the passes end together, whichever is slower on a machine. Without TEST_SPLIT (a plain
+# `pytest`), the SQLite pass runs every test and the PostgreSQL pass the `db` ones.
+SPLIT_DIR = os.environ.get("TEST_SPLIT") or None
+RUN_IN_THE_OTHER_PASS = "run in the other pass (TEST_SPLIT)"
 
 
 @pytest.hookimpl(tryfirst=True)  # marked before `-m` selects by mark
@@ -64,24 +68,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.db)
     config.stash[_LEFT_TO_SQLITE] = 0
     pure = [item for item in items if item.get_closest_marker("db") is None]
-    if BACKEND == "postgresql":
-        shared = set(pure[1::2]) if SPLIT else set()
-        elsewhere = [item for item in pure if item not in shared]
-        config.stash[_LEFT_TO_SQLITE] = len(elsewhere)
-    else:
-        elsewhere = pure[1::2] if SPLIT else []
-    if elsewhere:
-        config.hook.pytest_deselected(items=elsewhere)
-        gone = set(elsewhere)
-        items[:] = [item for item in items if item not in gone]
+    if SPLIT_DIR:
+        database = [item for item in items if item.get_closest_marker("db") is not None]
+        items[:] = database + (pure[::-1] if BACKEND == "postgresql" else pure)
+    elif BACKEND == "postgresql" and pure:
+        config.hook.pytest_deselected(items=pure)
+        items[:] = [item for item in items if item.get_closest_marker("db") is not None]
+        config.stash[_LEFT_TO_SQLITE] = len(pure)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """With TEST_SPLIT, a test that opens no database runs in the pass that claims it first."""
+    if SPLIT_DIR and item.get_closest_marker("db") is None:
+        import hashlib
+
+        claim = Path(SPLIT_DIR) / hashlib.sha256(item.nodeid.encode()).hexdigest()
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pytest.skip(RUN_IN_THE_OTHER_PASS)
 
 
 def pytest_report_header(config):
+    if SPLIT_DIR:
+        return (f"database: {BACKEND}, the tests marked `db`, then those of the others that the other pass has not "
+                f"taken (TEST_SPLIT={SPLIT_DIR})")
     if BACKEND == "postgresql":
-        return ("database: PostgreSQL, the tests marked `db`" + (", and every other one of the rest (TEST_SPLIT)"
-                                                                 if SPLIT else " only (the others never open a database)"))
-    return f"database: {BACKEND}, " + ("the tests marked `db` and every other one of the rest (TEST_SPLIT)"
-                                       if SPLIT else "every test")
+        return "database: PostgreSQL, the tests marked `db` only (the others never open a database)"
+    return f"database: {BACKEND}, every test"
 
 
 def pytest_sessionfinish(session, exitstatus):

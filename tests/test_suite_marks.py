@@ -76,7 +76,7 @@ def test_the_database_fixtures_mark_a_test_db(request):
 def test_a_postgresql_pass_over_files_without_database_tests_is_not_an_error():
     """On PostgreSQL a selection with no database test in it (here: this file's unmarked tests)
     runs nothing, starts no cluster and exits 0, not pytest's 5; one that collects nothing is still 5."""
-    env = {**os.environ, "TEST_DATABASE": "postgresql", "TEST_SPLIT": "0"}
+    env = {**os.environ, "TEST_DATABASE": "postgresql", "TEST_SPLIT": ""}
     here = "tests/test_suite_marks.py"
     pure_only = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not marked_db",
                                 here], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -88,20 +88,23 @@ def test_a_postgresql_pass_over_files_without_database_tests_is_not_an_error():
     assert nothing_collected.returncode == 5, nothing_collected.stdout
 
 
-def test_split_passes_run_each_test_that_opens_no_database_once_between_them():
-    """`make test`'s two passes with TEST_SPLIT=1: every `db` test in both, each of the others in exactly one."""
-    def selected(backend: str, split: str) -> set[str]:
-        env = {**os.environ, "TEST_DATABASE": backend, "TEST_SPLIT": split}
-        listing = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
-                                  "tests/test_quality.py", "tests/test_api.py"], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=120)
-        return {line for line in listing.stdout.splitlines() if "::" in line}
+def test_split_passes_run_each_test_that_opens_no_database_once_between_them(tmp_path):
+    """`make test`'s two passes share a TEST_SPLIT folder: every `db` test runs in both, each of the
+    others in the pass that claims it first (here the SQLite pass, run first) and is skipped in the other."""
+    def run(backend: str) -> str:
+        env = {**os.environ, "TEST_DATABASE": backend, "TEST_SPLIT": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                               "tests/test_quality.py", "tests/test_templates.py"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
 
-    everything, database_tests = selected("sqlite", "0"), selected("postgresql", "0")
-    on_sqlite, on_postgresql = selected("sqlite", "1"), selected("postgresql", "1")
-    pure = everything - database_tests
-    assert database_tests and len(pure) > 10
-    assert database_tests <= on_sqlite and database_tests <= on_postgresql
-    assert (on_sqlite - database_tests) | (on_postgresql - database_tests) == pure
-    assert not (on_sqlite - database_tests) & (on_postgresql - database_tests)
-    assert abs(len(on_sqlite - database_tests) - len(on_postgresql - database_tests)) <= 1
+    pure = len([line for line in subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-m", "not db",
+         "tests/test_quality.py", "tests/test_templates.py"], cwd=ROOT, env={**os.environ, "TEST_SPLIT": ""},
+        capture_output=True, text=True, timeout=120).stdout.splitlines() if "::" in line])
+    assert pure > 10
+    first, second = run("sqlite"), run("postgresql")
+    assert f"{pure + 5} passed" in first and "skipped" not in first, first[-2000:]
+    assert f"5 passed, {pure} skipped" in second and "run in the other pass" in second, second[-2000:]
+    assert len(list(tmp_path.iterdir())) == pure  # one claim each, and none for a `db` test
