@@ -33,7 +33,7 @@ def test_training_runs_to_completed_through_the_queue(client, env, run_worker):
     imported = [line.split("imported ", 1)[1].split(" once for every work-horse")[0].split(", ")
                 for line in done.stdout.splitlines() if "once for every work-horse" in line]
     assert len(imported) == 2 and "torch" in imported[0] and "torch" not in imported[1], imported
-    assert "transformers" in imported[1] and "scipy.optimize" in imported[1], imported
+    assert imported[1] == ["scipy.optimize"], imported  # no transformers: the source is synthetic
 
 
 def test_topk_training_runs_through_the_queue(client, run_worker):

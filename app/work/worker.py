@@ -366,13 +366,15 @@ def record_of(job):
     return lifecycle.retry_write(lambda: model.get_or_none(model.id == job.args[0]), what="find job")
 
 
-# What a work-horse imports before its job's first step: torch and the trainer's modules for every
-# job; transformers for the jobs that run a model or its tokenizer; scipy's matching for the jobs that
-# match features (the ground-truth MCC, the L0 finder's consistency).
+# What a work-horse imports before its job's first step, whatever its data: torch and the trainer's
+# modules for every job; transformers for the jobs that always run a model; scipy's matching for the
+# feature statistics (the ground-truth MCC). What only some jobs of a kind import (a feature job's
+# tokenizer on an extraction, the L0 finder's matching in a sweep) is left to their horses: a burst
+# worker that never needs it would import it for nothing.
 HORSE_MODULES = ("torch", "safetensors.torch", "app.sae.trainer", "app.sae.sources", "app.sae.metrics",
                  "app.sae.features", "app.quality", "app.validation")
 JOB_MODULES = {"app.work.extraction": ("transformers",), "app.work.downstream": ("transformers",),
-               "app.work.features": ("transformers", "scipy.optimize"), "app.work.sweeps": ("scipy.optimize",)}
+               "app.work.features": ("scipy.optimize",)}
 
 
 def horse_modules(function: str) -> tuple[str, ...]:
