@@ -2,8 +2,8 @@
 
 The parent process only talks to Redis; each job runs in a forked work-horse. On a GPU, the
 horse is where torch (and CUDA) is first imported; a worker that trains on the CPU imports torch
-once, before its first horse, for all of them (``StudioWorker.fork_work_horse``). Before it takes work the worker sweeps once
-(jobs whose heartbeat stopped become ``interrupted``); a maintenance child process keeps
+once, before its first horse, for all of them (``StudioWorker.fork_work_horse``). Before it takes
+work the worker sweeps once (jobs whose heartbeat stopped become ``interrupted``); a maintenance child process keeps
 sweeping, re-queues jobs Redis lost, records the worker's beat and runs the janitor.
 It refuses to start when DATA_DIR is not the installation's shared one (its
 ``.sae-studio-id`` marker differs from the database's). Usage: ``python worker.py [--burst] [--name NAME]``; pin it to one GPU with

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: the tests marked `db` on SQLite and, beside it, on PostgreSQL, and the others once, in
 # whichever pass claims each first (each pass starts its own Redis; the PostgreSQL pass its own cluster).
-# The two passes share nothing but the CPUs and the folder of claims, so they run at the same time, each with one torch thread (and so every worker process a test starts):
+# The two passes share nothing but the CPUs and the folder of claims, so they run at the same time,
+# each with one torch thread (and so every worker process a test starts):
 # two passes of one thread keep two cores busy where one pass of two threads left them idle while its
 # tests waited on workers, browsers and polls (benchmarks/results/suite_durations.md has the figures).
 # The SQLite pass prints as it goes; the PostgreSQL pass's log follows it. PYTEST_ARGS goes to both, read

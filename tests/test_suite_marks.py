@@ -101,8 +101,9 @@ def test_split_passes_run_each_test_that_opens_no_database_once_between_them(tmp
 
     pure = len([line for line in subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-m", "not db",
-         "tests/test_quality.py", "tests/test_templates.py"], cwd=ROOT, env={**os.environ, "TEST_SPLIT": ""},
-        capture_output=True, text=True, timeout=120).stdout.splitlines() if "::" in line])
+         "tests/test_quality.py", "tests/test_templates.py"], cwd=ROOT,
+        env={**os.environ, "TEST_DATABASE": "sqlite", "TEST_SPLIT": ""}, capture_output=True, text=True,
+        timeout=120).stdout.splitlines() if "::" in line])
     assert pure > 10
     first, second = run("sqlite"), run("postgresql")
     assert f"{pure + 5} passed" in first and "skipped" not in first, first[-2000:]

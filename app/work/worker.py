@@ -5,9 +5,11 @@ each job runs in a forked work-horse, where torch (and CUDA) is first imported.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -231,9 +233,6 @@ class StudioWorker(Worker):
         is forked with it in memory (shared, copy-on-write) instead of spending one to three seconds
         of CPU importing it again, job after job. Only on a CPU worker: importing torch starts no
         thread and touches no device, so its horses fork as safely as before."""
-        import importlib
-        import sys
-
         missing = [name for name in horse_modules(function) if name not in sys.modules]
         for name in missing:
             try:
