@@ -5,6 +5,7 @@ flushed around each test).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
@@ -246,6 +247,11 @@ def migrated_template(postgres_server, tmp_path_factory):
     admin.close()
 
 
+def fresh_database_name() -> str:
+    """A PostgreSQL database name no other test of either pass has."""
+    return f"t_{os.getpid()}_{time.monotonic_ns()}"
+
+
 def _new_database(tmp_path, postgres_server, template=None):
     """A database for one test: a SQLite file, or a new PostgreSQL database (a copy of ``template``
     when given, else empty). Yields its URL and drops it afterwards."""
@@ -258,7 +264,7 @@ def _new_database(tmp_path, postgres_server, template=None):
         return
     from peewee import PostgresqlDatabase
 
-    name = f"t_{os.getpid()}_{time.monotonic_ns()}"
+    name = fresh_database_name()
     admin = PostgresqlDatabase("postgres", host="127.0.0.1", port=postgres_server["port"], user="postgres")
     admin.connect()
     admin.execute_sql(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
@@ -290,7 +296,7 @@ class DatabaseAhead:
             cursor.execute(sql)
 
     def _create(self) -> str:
-        name = f"t_{os.getpid()}_{time.monotonic_ns()}"
+        name = fresh_database_name()
         self._execute(f"CREATE DATABASE {name} TEMPLATE {self.template}")
         return name
 
@@ -385,19 +391,17 @@ def sign_in(client, user) -> str:
 
 
 TEST_PASSWORD = "correct horse battery"
-_TEST_PASSWORD_HASH: list[str] = []
 
 
+@functools.cache
 def cached_password_hash() -> str:
     """One real Argon2id hash of TEST_PASSWORD per test process, with the app's own parameters (about
     0.17 s of CPU each, and some 500 tests sign a user in): a user made with it signs in with
     TEST_PASSWORD exactly as one made by ``create_user`` does. Only the salt is shared between them;
     the tests of accounts (tests/test_sessions.py) make theirs through ``create_user``."""
-    if not _TEST_PASSWORD_HASH:
-        from app.auth import hash_password
+    from app.auth import hash_password
 
-        _TEST_PASSWORD_HASH.append(hash_password(TEST_PASSWORD))
-    return _TEST_PASSWORD_HASH[0]
+    return hash_password(TEST_PASSWORD)
 
 
 def signed_in_client(app, username: str = "tester", *, is_admin: bool = True):
