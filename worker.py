@@ -20,6 +20,7 @@ import sys
 
 from app.config import data_dir_exposure, load_settings
 from app.db import database, migrate, open_database
+from app.devices import worker_gpu
 from app.work import lifecycle
 from app.work.worker import make_worker, shared_storage_problem
 
@@ -65,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="worker name (default: host and pid)")
     args = parser.parse_args(argv)
     settings = load_settings()
-    if "torch" in sys.modules:  # pragma: no cover - a guard for future edits
-        raise RuntimeError("the worker's modules must not import torch (a GPU worker's parent never does)")
+    if "torch" in sys.modules and worker_gpu(settings["SAE_DEVICE"]) is not None:  # pragma: no cover - a guard
+        # for future edits: a CPU worker imports torch before its first horse anyway (the tests' fork server
+        # starts one with it imported), but a GPU worker's parent never does, so its modules must not
+        raise RuntimeError("a GPU worker's parent must not import torch: CUDA is first set up in its horses")
     name = args.name or f"{socket.gethostname()}.{os.getpid()}"
     exposed = data_dir_exposure(settings["DATA_DIR"])
     if exposed:  # a warning, not a refusal: see data_dir_exposure
         print(f"WARNING: {exposed}", file=sys.stderr, flush=True)
-    open_database(settings["DATABASE_URL"])
+    open_database(settings["DATABASE_URL"], settings["SQLITE_BUSY_TIMEOUT_MS"])
     with database.connection_context():  # closed again before any work-horse is forked
         migrate()
         problem = shared_storage_problem(settings["DATA_DIR"])

@@ -24,7 +24,7 @@ def create_app(config: dict | None = None):
     if exposed:  # loud, and again on every page an admin opens (see formatting.admin_banners)
         app.logger.warning("WARNING: %s", exposed)
 
-    open_database(settings["DATABASE_URL"])
+    open_database(settings["DATABASE_URL"], settings["SQLITE_BUSY_TIMEOUT_MS"])
     with database.connection_context():
         migrate()
 

@@ -21,6 +21,8 @@ def load_settings(overrides: dict | None = None) -> dict:
 
     DATA_DIR       where the database, uploads, Redis data and checkpoints live (./data)
     DATABASE_URL   a Peewee db_url (sqlite:///DATA_DIR/sae_studio.db)
+    SQLITE_BUSY_TIMEOUT_MS  on SQLite, how long a write waits for another process's before it fails
+                   and a worker retries it (10000)
     REDIS_URL      the queue's Redis (redis://127.0.0.1:6390/0)
     QUEUE_NAME     RQ queue name (sae-studio)
     SECRET_KEY     session/CSRF key (generated once and kept in DATA_DIR/secret_key)
@@ -57,6 +59,7 @@ def load_settings(overrides: dict | None = None) -> dict:
     settings = {
         "DATA_DIR": env.get("DATA_DIR", str(ROOT / "data")),
         "DATABASE_URL": env.get("DATABASE_URL"),
+        "SQLITE_BUSY_TIMEOUT_MS": _int("SQLITE_BUSY_TIMEOUT_MS", 10_000),
         "REDIS_URL": env.get("REDIS_URL", "redis://127.0.0.1:6390/0"),
         "QUEUE_NAME": env.get("QUEUE_NAME", "sae-studio"),
         "SECRET_KEY": env.get("SECRET_KEY"),

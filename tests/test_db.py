@@ -27,7 +27,7 @@ def test_the_database_is_the_backend_under_test(app):
     """SQLite runs in WAL mode with a busy timeout; PostgreSQL counts tokens in 64 bits."""
     if BACKEND == "sqlite":
         assert database.obj.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert database.obj.execute_sql("PRAGMA busy_timeout").fetchone()[0] >= 5000
+        assert database.obj.execute_sql("PRAGMA busy_timeout").fetchone()[0] == 10_000  # SQLITE_BUSY_TIMEOUT_MS
     else:
         assert type(database.obj).__name__ == "PostgresqlDatabase"
         kinds = dict(database.obj.execute_sql(

@@ -148,29 +148,38 @@ def test_a_stale_heartbeat_is_swept_to_interrupted_at_start_up_and_by_the_sweepe
     assert [r.id for r in lifecycle.sweep_stale(current_app.config)] == [fresh.id]
 
 
-def test_a_locked_database_delays_a_run_but_never_fails_it(client, env, worker_process, no_feature_jobs):
-    """Another writer holds the write lock for 12 s mid-run: on SQLite longer than its busy
-    timeout (the writes fail and are retried); on PostgreSQL an exclusive lock on the tables
-    the run writes to."""
+def test_a_locked_database_delays_a_run_but_never_fails_it(client, env, no_feature_jobs):
+    """Another writer holds the write lock for 4 s mid-run: on SQLite longer than the worker's busy
+    timeout (1 s here, SQLITE_BUSY_TIMEOUT_MS), so its writes fail and are retried; on PostgreSQL an
+    exclusive lock on the tables the run writes to, which its writes wait on."""
     from playhouse.db_url import connect
 
-    run = create_run(client, **{**DURABLE, "total_steps": 3000})
-    wait_for(lambda: reload(run).step >= 30, timeout=120, message="the run to train")
-    other = connect(env["DATABASE_URL"], **({"pragmas": {"busy_timeout": 30_000}} if BACKEND == "sqlite" else {}))
-    other.connect()
-    if BACKEND == "sqlite":
-        other.execute_sql("BEGIN IMMEDIATE")
-    else:
-        other.execute_sql("BEGIN")
-        other.execute_sql("LOCK TABLE metric_point, training, event IN ACCESS EXCLUSIVE MODE")
-    time.sleep(12)
-    other.execute_sql("COMMIT")
-    other.close()
-    assert reload(run).status == "running"  # it waited out the lock, and did not finish meanwhile
-    run = wait_for(lambda: (r := reload(run)).status in ("completed", "failed") and r, timeout=300,
-                   message="the run to end")
+    run = create_run(client, **DURABLE)  # its writes block within 10 steps of the lock: it cannot finish under it
+    worker = start_worker({**env, "SQLITE_BUSY_TIMEOUT_MS": "1000"})
+    try:
+        wait_for(lambda: reload(run).step >= 30, timeout=120, message="the run to train")
+        other = connect(env["DATABASE_URL"], **({"pragmas": {"busy_timeout": 30_000}} if BACKEND == "sqlite" else {}))
+        other.connect()
+        if BACKEND == "sqlite":
+            other.execute_sql("BEGIN IMMEDIATE")
+        else:
+            other.execute_sql("BEGIN")
+            other.execute_sql("LOCK TABLE metric_point, training, event IN ACCESS EXCLUSIVE MODE")
+        held_from = reload(run).step if BACKEND == "sqlite" else None  # reads go on under SQLite's write lock
+        time.sleep(4)
+        if BACKEND == "sqlite":
+            assert reload(run).step == held_from  # its metric writes waited: the step on the row stood still
+        other.execute_sql("COMMIT")
+        other.close()
+        assert reload(run).status == "running"  # it waited out the lock, and did not finish meanwhile
+        run = wait_for(lambda: (r := reload(run)).status in ("completed", "failed") and r, timeout=300,
+                       message="the run to end")
+    finally:
+        stop_worker(worker)
     assert run.status == "completed", run.reason
-    assert [p.step for p in run.metrics.order_by(MetricPoint.step)] == list(range(10, 3001, 10))
+    assert [p.step for p in run.metrics.order_by(MetricPoint.step)] == list(range(10, DURABLE["total_steps"] + 1, 10))
+    if BACKEND == "sqlite":  # the writes failed at the busy timeout and were tried again
+        assert "database busy during" in worker_logs(env, tail=10**6)
 
 
 def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_feature_jobs):

@@ -233,7 +233,7 @@ def connect() -> dict:
 
     settings = load_settings()
     if database.obj is None or database.is_closed():
-        open_database(settings["DATABASE_URL"])
+        open_database(settings["DATABASE_URL"], settings["SQLITE_BUSY_TIMEOUT_MS"])
     database.connect(reuse_if_open=True)
     return settings
 

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s maintenance %(levelname)s %(message)s")
     settings = load_settings()
-    open_database(settings["DATABASE_URL"])
+    open_database(settings["DATABASE_URL"], settings["SQLITE_BUSY_TIMEOUT_MS"])
     failures = Failures()
     last_janitor = 0.0
     while os.getppid() == args.parent:
