@@ -430,24 +430,69 @@ def worker_env(env: dict) -> dict:
     return {**os.environ, **env, "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture
-def run_worker(env):
-    """Run a real RQ worker process in burst mode until the queue is empty."""
+def forkable(environ: dict) -> bool:
+    """A CPU worker starts from the tests' fork server (tests/worker_forks.py); any other the usual way."""
+    return environ.get("SAE_DEVICE") == "cpu"
 
-    def run(timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "worker.py"), "--burst"], cwd=ROOT, env=worker_env(env),
-                              capture_output=True, text=True, timeout=timeout)
+
+_FORKS = []
+
+
+def fork_server():
+    """This test process's fork server, started on first use (and stopped in pytest_unconfigure)."""
+    if not _FORKS:
+        from worker_forks import ForkServer
+
+        _FORKS.append(ForkServer())
+    return _FORKS[0]
+
+
+def pytest_unconfigure(config):
+    for server in _FORKS:
+        server.close()
+    _FORKS.clear()
+
+
+@pytest.fixture
+def run_worker(env, tmp_path):
+    """Run a real RQ worker process in burst mode until the queue is empty (forked from the fork server
+    unless ``fork=False``: then started as ``python worker.py --burst``)."""
+    runs = iter(range(10**6))
+
+    def run(timeout: float = 300, *, fork: bool = True) -> subprocess.CompletedProcess:
+        environ = worker_env(env)
+        args = ["--burst"]
+        if not (fork and forkable(environ)):
+            return subprocess.run([sys.executable, str(ROOT / "worker.py"), *args], cwd=ROOT, env=environ,
+                                  capture_output=True, text=True, timeout=timeout)
+        n = next(runs)
+        out, err = tmp_path / f"burst-{n}.out", tmp_path / f"burst-{n}.err"
+        worker = fork_server().start(args, environ, ROOT, out, err)
+        try:
+            code = worker.wait(timeout)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+            raise
+        return subprocess.CompletedProcess(worker.args, code, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
 
     return run
 
 
-def start_worker(env: dict, name: str | None = None) -> subprocess.Popen:
+def start_worker(env: dict, name: str | None = None, *, fork: bool = True):
     """A real worker process (with its maintenance process) in the background; its output goes to a
-    log file in the data folder, so a long test never blocks it on a full pipe."""
+    log file in the data folder, so a long test never blocks it on a full pipe. A CPU worker is forked
+    from the fork server (tests/worker_forks.py) unless ``fork=False``."""
     Path(env["DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-    log = open(Path(env["DATA_DIR"]) / f"worker-{name or time.monotonic_ns()}.log", "ab")  # noqa: SIM115
-    args = [sys.executable, str(ROOT / "worker.py")] + (["--name", name] if name else [])
-    proc = subprocess.Popen(args, cwd=ROOT, env=worker_env(env), stdout=log, stderr=subprocess.STDOUT)
+    log_path = Path(env["DATA_DIR"]) / f"worker-{name or time.monotonic_ns()}.log"
+    args = ["--name", name] if name else []
+    environ = worker_env(env)
+    if fork and forkable(environ):
+        return fork_server().start(args, environ, ROOT, log_path)
+    log = open(log_path, "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, str(ROOT / "worker.py"), *args], cwd=ROOT, env=environ, stdout=log,
+                            stderr=subprocess.STDOUT)
     log.close()  # the child holds its own descriptor
     return proc
 
@@ -471,7 +516,7 @@ def worker_logs(env: dict, tail: int = 4000) -> str:
     return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}" for log in logs)
 
 
-def stop_worker(proc: subprocess.Popen) -> None:
+def stop_worker(proc) -> None:
     """A warm shutdown (SIGTERM), and SIGKILL if that takes too long."""
     if proc.poll() is None:
         proc.terminate()

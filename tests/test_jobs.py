@@ -11,7 +11,7 @@ from conftest import create_run, kill_work_horse, reload, wait_for
 
 def test_training_runs_to_completed_through_the_queue(client, env, run_worker):
     run = create_run(client)
-    done = run_worker()
+    done = run_worker(fork=False)  # `python worker.py`, as make run starts it: what it imports is asserted below
     assert done.returncode == 0, done.stderr
     run = reload(run)
     assert run.status == "completed", (run.reason, done.stderr[-2000:])
@@ -33,6 +33,7 @@ def test_training_runs_to_completed_through_the_queue(client, env, run_worker):
     imported = [line.split("imported ", 1)[1].split(" once for every work-horse")[0].split(", ")
                 for line in done.stdout.splitlines() if "once for every work-horse" in line]
     assert len(imported) == 2 and "torch" in imported[0] and "torch" not in imported[1], imported
+    assert "torch._dynamo" in imported[0]  # what torch.optim imports with a run's first optimizer
     assert imported[1] == ["scipy.optimize"], imported  # no transformers: the source is synthetic
 
 
