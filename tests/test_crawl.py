@@ -3,10 +3,11 @@
 The runs are real (the API and a real worker): each architecture on a synthetic source, one on a
 MiniLM extraction with its downstream evaluation, one interrupted (its work-horse killed) and
 resumed, one stopped early (a too-weak l1_alpha), and a two-member sweep. The architectures are the
-registry's, so a new one is crawled without a change here. Then every page, every comparison of the
-runs, the new-training form with each architecture selected and from a template of each, the sweeps,
-the workers and the delete confirmations are visited and measured at 1,024 and 1,360 px: no 5xx, no
-console error (htmx's oob errors included) and no horizontal overflow at either width.
+registry's, so a new one is crawled without a change here. Then every page, the comparison of all the
+runs and of each beside the next (every other pair is fetched without the browser), the new-training
+form with each architecture selected and from a template of each, the sweeps, the workers and the
+delete confirmations are visited and measured at 1,024 and 1,360 px: no 5xx, no console error
+(htmx's oob errors included) and no horizontal overflow at either width.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from werkzeug.serving import make_server
 
 from app.sae import architectures
 from conftest import QUICK_CONFIG, kill_work_horse, start_worker, stop_worker, wait_for
+from conftest import sign_in as sign_in_client
 from test_browser import CHROMIUM_ARGS, PASSWORD, USER, sign_in
 
 pytestmark = pytest.mark.browser
@@ -165,8 +167,25 @@ def every_page(runs: dict) -> list[str]:
     pages += [f"/tunes/{t.id}" for t in TuneJob.select()]
     ids = sorted(runs.values())
     pages.append("/compare?" + "&".join(f"ids={i}" for i in ids))
-    pages += [f"/compare?ids={a}&ids={b}" for a, b in itertools.combinations(ids, 2)]
+    # each run beside another in the browser (the page's layout and script are the same for any pair, and
+    # widest with all runs, above); every pair is fetched without a browser (comparisons_of_every_pair)
+    pages += [f"/compare?ids={a}&ids={b}" for a, b in zip(ids, ids[1:])]
     return pages
+
+
+def comparisons_of_every_pair(api, runs: dict) -> list[str]:
+    """Every pair of runs compared, fetched as the server answers it: no 5xx, and a page, for any pair."""
+    from app.models import User
+
+    pages = api.application.test_client()  # pages take a session, not the API's token
+    with api.application.app_context():
+        sign_in_client(pages, User.get(User.username == USER))
+    problems = []
+    for a, b in itertools.combinations(sorted(runs.values()), 2):
+        response = pages.get(f"/compare?ids={a}&ids={b}")
+        if response.status_code != 200 or b"<html" not in response.data:
+            problems.append(f"/compare?ids={a}&ids={b}: HTTP {response.status_code}")
+    return problems
 
 
 def track_requests(page) -> set:
@@ -215,10 +234,10 @@ def test_every_page_of_every_kind_of_run(served, env, tmp_path):
     finally:
         stop_worker(worker)
     pages = every_page(runs)
+    problems = comparisons_of_every_pair(api, runs)
     note(f"{len(pages)} pages to visit")
     executable = shutil.which("chromium")
     assert executable, "chromium is not installed: run the tests through `make test`"
-    problems = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": WIDTHS[0], "height": 900})
