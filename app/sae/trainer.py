@@ -154,6 +154,18 @@ def aux_window(cfg) -> int:
     return window if cfg.aux_window_tokens is None else max(1, min(cfg.aux_window_tokens, window))
 
 
+def adam(groups: list[dict], lr: float) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where the parameters' device has one (CUDA; the CPU since torch
+    2.4): one pass over each tensor instead of a dozen, the same update up to rounding. In a 256 × 1,024
+    SAE's training on one CPU thread Adam took 1.0 ms a step against 1.6 ms (of about 15 ms); on a GPU,
+    where small steps wait on kernel launches, it saves more. A torch without it gets the per-tensor
+    loop. A resumed run keeps the choice its checkpoint was made with (its saved parameter groups)."""
+    try:
+        return torch.optim.Adam(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or dtype in this torch
+        return torch.optim.Adam(groups, lr=lr)
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up from 0, constant, then linear decay to 0 over the last steps."""
     if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
@@ -356,7 +368,7 @@ class _Trainee:
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.arch = architectures.get(cfg.architecture)
         self.sae = build_sae(cfg.architecture, source.d_in, cfg.latent_dim, cfg=cfg, generator=self.g, device=device)
-        self.optimizer = torch.optim.Adam(self.sae.param_groups(cfg.learning_rate), lr=cfg.learning_rate)
+        self.optimizer = adam(list(self.sae.param_groups(cfg.learning_rate)), cfg.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.tracker = DeadLatentTracker(cfg.latent_dim, dead_window(cfg), device)
         self.aux_window = aux_window(cfg)
