@@ -236,6 +236,15 @@ def short_evaluations(env, monkeypatch):
     return env
 
 
+@pytest.fixture
+def runs_without_feature_statistics(env, monkeypatch):
+    """No feature statistics queued when a run ends (FEATURES_AFTER_TRAINING=0), for the tests that never
+    read them: a sweep's dozen members would each queue a job the worker runs before the next test."""
+    env["FEATURES_AFTER_TRAINING"] = "0"
+    monkeypatch.setenv("FEATURES_AFTER_TRAINING", "0")
+    return env
+
+
 def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations, live_server, worker_process, page,
                                                               tmp_path):
     """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them."""
@@ -273,8 +282,8 @@ def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations,
     ("jumprelu", {}),
     ("matryoshka", {"#k": "15", "#matryoshka_prefixes": "64, 128"}),
 ])
-def test_a_thresholded_architecture_trains_from_the_form_to_its_target(live_server, worker_process, page,
-                                                                       architecture, fields):
+def test_a_thresholded_architecture_trains_from_the_form_to_its_target(runs_without_feature_statistics, live_server,
+                                                                       worker_process, page, architecture, fields):
     page.goto(live_server + "/trainings/new")
     page.select_option("#architecture", architecture)
     for selector, value in {"#latent_dim": "512", "#target_l0": "0.03", "#batch_size": "256", "#total_steps": "1500",
@@ -322,7 +331,8 @@ def test_dataset_markup_in_feature_examples_renders_as_text(live_server, worker_
     assert page.evaluate("window.__xss") is None
 
 
-def test_a_second_user_sees_a_run_but_cannot_cancel_it(live_server, worker_process, page):
+def test_a_second_user_sees_a_run_but_cannot_cancel_it(runs_without_feature_statistics, live_server, worker_process,
+                                                        page):
     page.goto(live_server + "/trainings/new")
     page.fill("#total_steps", "100000")
     page.click("#start")
@@ -362,7 +372,8 @@ def test_a_second_user_sees_a_run_but_cannot_cancel_it(live_server, worker_proce
     assert wait_until_ended(page, "#progress", seconds=60) == "cancelled"
 
 
-def test_a_sweep_and_the_l0_finder_from_the_form_through_to_train_at_this_l0(live_server, worker_process, page):
+def test_a_sweep_and_the_l0_finder_from_the_form_through_to_train_at_this_l0(runs_without_feature_statistics,
+                                                                            live_server, worker_process, page):
     page.goto(live_server + "/trainings/new")
     for selector, value in {"#latent_dim": "512", "#target_l0": "0.02", "#batch_size": "256", "#total_steps": "150",
                             "#lr_warmup_steps": "10", "#l1_warmup_steps": "20"}.items():
@@ -407,7 +418,8 @@ def test_a_sweep_and_the_l0_finder_from_the_form_through_to_train_at_this_l0(liv
     page.wait_for_url(re.compile(r"/trainings/\d+$"))
 
 
-def test_a_streamed_sweep_over_two_layers_from_the_forms(live_server, worker_process, page, tiny_models):
+def test_a_streamed_sweep_over_two_layers_from_the_forms(runs_without_feature_statistics, live_server, worker_process,
+                                                         page, tiny_models):
     """A model streamed at two layers, one sweep over its hook points: one forward pass, two SAEs."""
     page.goto(live_server + "/extractions/")
     page.fill("#stream-model_name", str(tiny_models["gpt2"]))
