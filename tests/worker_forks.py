@@ -83,10 +83,13 @@ def _become_worker(request: dict) -> None:
         code = 1
     finally:
         try:
+            import atexit
+
+            atexit._run_exitfuncs()  # what the worker registered runs, as at an interpreter's exit
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
-            os._exit(code)
+            os._exit(code)  # never back into the server's loop
 
 
 def serve(path: str) -> None:
@@ -110,11 +113,17 @@ def serve(path: str) -> None:
             request = json.loads(conn.makefile("r").readline())
             sys.stdout.flush()
             sys.stderr.flush()
+            # a child that ends at once is reaped only after a status left by an earlier child of the same
+            # pid (pids are reused) is gone: SIGCHLD waits until then
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             pid = os.fork()
             if pid == 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 listener.close()
                 conn.close()
                 _become_worker(request)
+            (folder / f"{pid}.exit").unlink(missing_ok=True)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             conn.sendall(f"{pid}\n".encode())
 
 
