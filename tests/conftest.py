@@ -431,8 +431,9 @@ def worker_env(env: dict) -> dict:
 
 
 def forkable(environ: dict) -> bool:
-    """A CPU worker starts from the tests' fork server (tests/worker_forks.py); any other the usual way."""
-    return environ.get("SAE_DEVICE") == "cpu"
+    """A CPU worker starts from the tests' fork server (tests/worker_forks.py) when nothing in its
+    environment would start an interpreter differently; any other the usual way."""
+    return environ.get("SAE_DEVICE") == "cpu" and fork_server().serves(environ)
 
 
 _FORKS = []
@@ -470,9 +471,10 @@ def run_worker(env, tmp_path):
         worker = fork_server().start(args, environ, ROOT, out, err)
         try:
             code = worker.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             worker.kill()
-            worker.wait()
+            worker.wait(30)
+            exc.output, exc.stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
             raise
         return subprocess.CompletedProcess(worker.args, code, out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))

@@ -276,3 +276,12 @@ def test_trainer_resamples_when_latents_die():
     # While resampling runs (up to 80% of training) the dead series drops back after each resample.
     gaps = [plain_dead[s] - remedied_dead[s] for s in plain_dead if s <= 480 and plain_dead[s] is not None]
     assert max(gaps) >= 30, (plain_dead, remedied_dead)
+
+
+def test_adam_is_fused_where_the_device_has_the_kernel_and_plain_elsewhere():
+    from app.sae.trainer import adam
+
+    on_cpu = adam([{"params": [torch.zeros(4, requires_grad=True)]}], 1e-3)
+    assert on_cpu.param_groups[0]["fused"] is True
+    elsewhere = adam([{"params": [torch.zeros(4, requires_grad=True, device="meta")]}], 1e-3)  # no kernel there
+    assert not elsewhere.param_groups[0]["fused"]

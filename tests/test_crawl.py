@@ -174,7 +174,7 @@ def every_page(runs: dict) -> list[str]:
 
 
 def comparisons_of_every_pair(api, runs: dict) -> list[str]:
-    """Every pair of runs compared, fetched as the server answers it: no 5xx, and a page, for any pair."""
+    """Every pair of runs compared, fetched as the server answers it: a page that links both runs, for any pair."""
     from app.models import User
 
     pages = api.application.test_client()  # pages take a session, not the API's token
@@ -183,8 +183,9 @@ def comparisons_of_every_pair(api, runs: dict) -> list[str]:
     problems = []
     for a, b in itertools.combinations(sorted(runs.values()), 2):
         response = pages.get(f"/compare?ids={a}&ids={b}")
-        if response.status_code != 200 or b"<html" not in response.data:
-            problems.append(f"/compare?ids={a}&ids={b}: HTTP {response.status_code}")
+        html = response.get_data(as_text=True)
+        if response.status_code != 200 or f'href="/trainings/{a}"' not in html or f'href="/trainings/{b}"' not in html:
+            problems.append(f"/compare?ids={a}&ids={b}: HTTP {response.status_code}, not a comparison of both runs")
     return problems
 
 

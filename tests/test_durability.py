@@ -179,7 +179,7 @@ def test_a_locked_database_delays_a_run_but_never_fails_it(client, env, no_featu
     assert run.status == "completed", run.reason
     assert [p.step for p in run.metrics.order_by(MetricPoint.step)] == list(range(10, DURABLE["total_steps"] + 1, 10))
     if BACKEND == "sqlite":  # the writes failed at the busy timeout and were tried again
-        assert "database busy during" in worker_logs(env, tail=10**6)
+        assert "database busy during metrics" in worker_logs(env, tail=10**6)
 
 
 def test_two_workers_share_one_queue_while_the_web_writes(client, env, no_feature_jobs):

@@ -11,11 +11,15 @@ worker's. So is its pid: a test signals it, and finds its horses by it, as it wo
 started. What differs is only how the interpreter began, as RQ's horses are forked from their worker.
 
 Only CPU workers are forked: a GPU worker's parent must never have imported torch (worker.py refuses
-to start then). Tests of how a worker starts (its imports, its refusals, ``make run``) start theirs
-with ``python worker.py`` (``start_worker(..., fork=False)``).
+to start then), and a worker whose environment differs from the server's in what an interpreter or a
+library reads as it starts (``PYTHON*`` but PYTHONPATH, which the child applies, ``OPENBLAS_*``,
+``MKL_*``, ``TORCH_*``, ``CUDA_*``) is started with ``python worker.py`` too. Tests of how a worker
+starts (what it imports, what it refuses, ``make run``) exec ``python worker.py`` themselves, or ask for
+it (``run_worker(fork=False)``, ``start_worker(..., fork=False)``).
 
-Exit statuses: the server reaps its children and writes each one's status to ``<pid>.exit`` in its
-folder, as ``subprocess`` reports it (the exit code, or minus the signal that ended it).
+Exit statuses: the server reaps its children and writes each one's status to ``<serial>.exit`` in its
+folder (the request's number: pids are reused), as ``subprocess`` reports it (the exit code, or minus
+the signal that ended it).
 """
 from __future__ import annotations
 
@@ -29,13 +33,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+STARTUP_PREFIXES = ("PYTHON", "OPENBLAS_", "MKL_", "TORCH_", "CUDA_")
 PRELOADED = ("torch", "torch._dynamo", "safetensors.torch", "scipy.optimize", "numpy", "flask", "flask_wtf",
              "wtforms", "peewee", "playhouse.db_url", "rq", "redis", "argon2")
 
 
 # --- the server (its own process) ---------------------------------------------------------
 
-def _reap(folder: Path) -> None:
+def _reap(folder: Path, serials: dict[int, int]) -> None:
+    """Write the status of every child that ended to ``<serial>.exit`` (named by the request, not the
+    pid, which is reused: pid_max is 32,768 here)."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -44,25 +51,40 @@ def _reap(folder: Path) -> None:
         if pid == 0:
             return
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        tmp = folder / f"{pid}.exit.tmp"
-        tmp.write_text(str(code))
-        tmp.rename(folder / f"{pid}.exit")
+        serial = serials.pop(pid, None)
+        if serial is not None:
+            tmp = folder / f"{serial}.exit.tmp"
+            tmp.write_text(str(code))
+            tmp.rename(folder / f"{serial}.exit")
 
 
-def _become_worker(request: dict) -> None:
+def _python_path(environ: dict) -> list[str]:
+    return [entry for entry in environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+
+
+def _become_worker(request: dict, server_path: list[str]) -> None:
     """In the forked child: the test's worker, as ``python worker.py ARGS`` would run it. Never returns."""
     code = 1
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the worker reaps its own horses, not the server's way
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores Ctrl-C; a worker does not
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        # sys.path as `python worker.py` builds it: the script's folder, then PYTHONPATH, then the rest
+        rest = sys.path[1:]
+        for entry in server_path:
+            if rest and rest[0] == entry:
+                rest.pop(0)
+        sys.path[:] = [str(ROOT), *_python_path(request["env"]), *rest]
         null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
         out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if request["stderr"] else out
+        os.dup2(null, 0)
         os.dup2(out, 1)
         os.dup2(err, 2)
+        for fd in {null, out, err}:
+            os.close(fd)
         threads = request["env"].get("OMP_NUM_THREADS")
         if threads:  # torch read it when the server imported it: the test's value holds in its worker
             import torch
@@ -75,7 +97,11 @@ def _become_worker(request: dict) -> None:
             runpy.run_path(str(ROOT / "worker.py"), run_name="__main__")
             code = 0
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:  # sys.exit("message"): printed, status 1, as the interpreter does
+                print(exc.code, file=sys.stderr)
+                code = 1
     except BaseException:  # noqa: BLE001 - printed to the worker's output, as an interpreter would
         import traceback
 
@@ -93,38 +119,55 @@ def _become_worker(request: dict) -> None:
 
 
 def serve(path: str) -> None:
+    import select
+
     parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the test process, which stops its workers
     for name in PRELOADED:
         __import__(name)
     folder = Path(path).parent
+    server_path = _python_path(os.environ)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
-    listener.settimeout(1.0)
-    signal.signal(signal.SIGCHLD, lambda *_: _reap(folder))
+    # a child's end wakes the loop (whichever thread the signal reaches), which reaps it: only this loop
+    # ever reaps, so a status and the request it belongs to are always recorded in that order
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    serials: dict[int, int] = {}
+    serial = 0
     (folder / "ready").write_text(str(os.getpid()))
     while os.getppid() == parent:  # the test process is gone: so is the server (its workers are stopped by then)
-        try:
-            conn, _ = listener.accept()
-        except TimeoutError:
+        readable, _, _ = select.select([listener, wake_r], [], [], 1.0)
+        if wake_r in readable:
+            while True:
+                try:
+                    if not os.read(wake_r, 512):
+                        break
+                except BlockingIOError:
+                    break
+        _reap(folder, serials)
+        if listener not in readable:
             continue
+        conn, _ = listener.accept()
         with conn:
-            conn.settimeout(None)
             request = json.loads(conn.makefile("r").readline())
+            serial += 1
             sys.stdout.flush()
             sys.stderr.flush()
-            # a child that ends at once is reaped only after a status left by an earlier child of the same
-            # pid (pids are reused) is gone: SIGCHLD waits until then
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             pid = os.fork()
             if pid == 0:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                signal.set_wakeup_fd(-1)
                 listener.close()
                 conn.close()
-                _become_worker(request)
-            (folder / f"{pid}.exit").unlink(missing_ok=True)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-            conn.sendall(f"{pid}\n".encode())
+                os.close(wake_r)
+                os.close(wake_w)
+                _become_worker(request, server_path)
+            serials[pid] = serial
+            conn.sendall(f"{pid} {serial}\n".encode())
 
 
 # --- the tests' side ----------------------------------------------------------------------
@@ -132,14 +175,17 @@ def serve(path: str) -> None:
 class ForkedWorker:
     """A worker the fork server started: the parts of ``subprocess.Popen`` the tests use."""
 
-    def __init__(self, pid: int, folder: Path, args: list[str]) -> None:
-        self.pid, self.args, self._folder, self.returncode = pid, args, folder, None
+    def __init__(self, pid: int, serial: int, server: ForkServer, args: list[str]) -> None:
+        self.pid, self.args, self.returncode = pid, args, None
+        self._serial, self._server = serial, server
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            done = self._folder / f"{self.pid}.exit"
+            done = self._server.folder / f"{self._serial}.exit"
             if done.exists():
                 self.returncode = int(done.read_text())
+            elif self._server.proc.poll() is not None and not Path(f"/proc/{self.pid}").exists():
+                self.returncode = -255  # ended after the server that would have told its status
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -154,7 +200,10 @@ class ForkedWorker:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # ended, and its status is on its way (as Popen.send_signal ignores)
+                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -171,9 +220,10 @@ class ForkServer:
 
         self.folder = Path(tempfile.mkdtemp(prefix="sae-studio-forks-"))
         self.path = str(self.folder / "socket")
+        self.environ = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.folder / "server.log", "ab") as log:  # not the output pytest captures for a test
             self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), self.path], cwd=ROOT,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+                                         env=self.environ, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not (self.folder / "ready").exists():
@@ -182,14 +232,19 @@ class ForkServer:
                 raise RuntimeError(f"the tests' worker fork server did not start (exit status {self.proc.poll()}):\n{log}")
             time.sleep(0.05)
 
+    def serves(self, environ: dict) -> bool:
+        """Whether a worker with this environment starts as it would from ``python worker.py``."""
+        return all(environ.get(key) == self.environ.get(key) for key in {*environ, *self.environ}
+                   if key.startswith(STARTUP_PREFIXES) and key != "PYTHONPATH")
+
     def start(self, args: list[str], env: dict, cwd: Path, stdout: Path, stderr: Path | None = None) -> ForkedWorker:
         request = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(stdout),
                    "stderr": str(stderr) if stderr else None}
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.connect(self.path)
             conn.sendall((json.dumps(request) + "\n").encode())
-            pid = int(conn.makefile("r").readline())
-        return ForkedWorker(pid, self.folder, ["worker.py", *args])
+            pid, serial = map(int, conn.makefile("r").readline().split())
+        return ForkedWorker(pid, serial, self, ["worker.py", *args])
 
     def close(self) -> None:
         self.proc.terminate()

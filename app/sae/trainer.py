@@ -161,6 +161,14 @@ def adam(groups: list[dict], lr: float) -> torch.optim.Adam:
     where small steps wait on kernel launches, it saves more. A torch without it gets the per-tensor
     loop. A resumed run keeps the choice its checkpoint was made with (its saved parameter groups)."""
     try:
+        from torch.optim.optimizer import _device_dtype_check_for_fused as check
+    except ImportError:  # an older torch, whose constructor checks
+        check = None
+    try:
+        if check is not None:  # a recent torch checks the device only at the first step: here, before it
+            for group in groups:
+                for param in group["params"]:
+                    check(param)
         return torch.optim.Adam(groups, lr=lr, fused=True)
     except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or dtype in this torch
         return torch.optim.Adam(groups, lr=lr)

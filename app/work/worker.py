@@ -230,7 +230,7 @@ class StudioWorker(Worker):
 
     def _import_for_horses(self, function: str) -> None:
         """Import here, once, what the horse of a job running ``function`` imports: every later horse
-        is forked with it in memory (shared, copy-on-write) instead of spending one to three seconds
+        is forked with it in memory (shared, copy-on-write) instead of spending one to four seconds
         of CPU importing it again, job after job. Only on a CPU worker: importing torch starts no
         thread and touches no device, so its horses fork as safely as before."""
         missing = [name for name in horse_modules(function) if name not in sys.modules]
