@@ -5,6 +5,8 @@ import os
 import secrets
 from pathlib import Path
 
+from .db import BUSY_TIMEOUT_MS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -59,7 +61,7 @@ def load_settings(overrides: dict | None = None) -> dict:
     settings = {
         "DATA_DIR": env.get("DATA_DIR", str(ROOT / "data")),
         "DATABASE_URL": env.get("DATABASE_URL"),
-        "SQLITE_BUSY_TIMEOUT_MS": _int("SQLITE_BUSY_TIMEOUT_MS", 10_000),
+        "SQLITE_BUSY_TIMEOUT_MS": _int("SQLITE_BUSY_TIMEOUT_MS", BUSY_TIMEOUT_MS),
         "REDIS_URL": env.get("REDIS_URL", "redis://127.0.0.1:6390/0"),
         "QUEUE_NAME": env.get("QUEUE_NAME", "sae-studio"),
         "SECRET_KEY": env.get("SECRET_KEY"),

@@ -22,18 +22,18 @@ database = DatabaseProxy()
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
-    "busy_timeout": 10_000,  # ms: wait for the other process's write instead of failing (SQLITE_BUSY_TIMEOUT_MS)
     "foreign_keys": 1,
     "synchronous": "normal",
 }
+BUSY_TIMEOUT_MS = 10_000  # SQLITE_BUSY_TIMEOUT_MS's default (app/config.py)
 
 
-def open_database(url: str, busy_timeout_ms: int | None = None):
+def open_database(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
     """Connect ``database`` to ``url`` and return the concrete database object. On SQLite a write
-    waits up to ``busy_timeout_ms`` for another process's (then fails, and a worker retries it)."""
+    waits up to ``busy_timeout_ms`` for another process's instead of failing at once (then it fails,
+    and a worker retries it)."""
     if url.startswith("sqlite"):
-        pragmas = SQLITE_PRAGMAS if busy_timeout_ms is None else {**SQLITE_PRAGMAS, "busy_timeout": busy_timeout_ms}
-        db = connect(url, pragmas=pragmas)
+        db = connect(url, pragmas={**SQLITE_PRAGMAS, "busy_timeout": busy_timeout_ms})
     else:
         db = connect(url)
     database.initialize(db)
