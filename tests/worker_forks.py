@@ -12,8 +12,8 @@ started. What differs is only how the interpreter began, as RQ's horses are fork
 
 Only CPU workers are forked: a GPU worker's parent must never have imported torch (worker.py refuses
 to start then), and a worker whose environment differs from the server's in what an interpreter or a
-library reads as it starts (``PYTHON*`` but PYTHONPATH, which the child applies, ``OPENBLAS_*``,
-``MKL_*``, ``TORCH_*``, ``CUDA_*``) is started with ``python worker.py`` too. Tests of how a worker
+library reads as it starts (``PYTHON*`` but PYTHONPATH, which the child applies, ``OMP_*``,
+``OPENBLAS_*``, ``MKL_*``, ``TORCH_*``, ``CUDA_*``) is started with ``python worker.py`` too. Tests of how a worker
 starts (what it imports, what it refuses, ``make run``) exec ``python worker.py`` themselves, or ask for
 it (``run_worker(fork=False)``, ``start_worker(..., fork=False)``).
 
@@ -33,7 +33,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STARTUP_PREFIXES = ("PYTHON", "OPENBLAS_", "MKL_", "TORCH_", "CUDA_")
+# what an interpreter or a library reads as it starts: a worker whose values differ from the server's is
+# exec'd. The thread counts among them: setting torch's in the child would create its thread pool in the
+# worker's parent, which a worker started as `python worker.py` never does (its horses then found the pool
+# invalid: "Invalid thread pool!" while loading a model, in one CI run)
+STARTUP_PREFIXES = ("PYTHON", "OMP_", "OPENBLAS_", "MKL_", "TORCH_", "CUDA_")
 PRELOADED = ("torch", "torch._dynamo", "safetensors.torch", "scipy.optimize", "numpy", "flask", "flask_wtf",
              "wtforms", "peewee", "playhouse.db_url", "rq", "redis", "argon2")
 
@@ -85,11 +89,6 @@ def _become_worker(request: dict, server_path: list[str]) -> None:
         os.dup2(err, 2)
         for fd in {null, out, err}:
             os.close(fd)
-        threads = request["env"].get("OMP_NUM_THREADS")
-        if threads:  # torch read it when the server imported it: the test's value holds in its worker
-            import torch
-
-            torch.set_num_threads(int(threads))
         import runpy
 
         sys.argv = [str(ROOT / "worker.py"), *request["args"]]
