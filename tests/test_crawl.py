@@ -12,7 +12,6 @@ delete confirmations are visited and measured at 1,024 and 1,360 px: no 5xx, no 
 from __future__ import annotations
 
 import itertools
-import shutil
 import sys
 import threading
 import time
@@ -21,9 +20,9 @@ import pytest
 from werkzeug.serving import make_server
 
 from app.sae import architectures
-from conftest import QUICK_CONFIG, kill_work_horse, start_worker, stop_worker, wait_for
+from conftest import QUICK_CONFIG, browser_page, kill_work_horse, start_worker, stop_worker, wait_for
 from conftest import sign_in as sign_in_client
-from test_browser import CHROMIUM_ARGS, PASSWORD, USER, sign_in
+from test_browser import PASSWORD, USER, sign_in
 
 pytestmark = pytest.mark.browser
 
@@ -225,9 +224,7 @@ OVERFLOW = """() => {
 }"""
 
 
-def test_every_page_of_every_kind_of_run(served, env, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_every_page_of_every_kind_of_run(served, env, tmp_path, chromium):
     base, api = served
     worker = start_worker(env, "crawl")
     try:
@@ -237,82 +234,72 @@ def test_every_page_of_every_kind_of_run(served, env, tmp_path):
     pages = every_page(runs)
     problems = comparisons_of_every_pair(api, runs)
     note(f"{len(pages)} pages to visit")
-    executable = shutil.which("chromium")
-    assert executable, "chromium is not installed: run the tests through `make test`"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": WIDTHS[0], "height": 900})
-        page.set_default_timeout(20_000)
-        inflight = track_requests(page)
-        sign_in(page, base, USER, PASSWORD)
-        console, failed = [], []
-        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: console.append(f"page error: {e}"))
-        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 500 else None)
-        for path in pages:
-            console.clear()
-            failed.clear()
+    page = browser_page(chromium, WIDTHS[0], 900)
+    page.set_default_timeout(20_000)
+    inflight = track_requests(page)
+    sign_in(page, base, USER, PASSWORD)
+    console, failed = [], []
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: console.append(f"page error: {e}"))
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 500 else None)
+    for path in pages:
+        console.clear()
+        failed.clear()
+        page.set_viewport_size({"width": WIDTHS[0], "height": 900})
+        response = page.goto(base + path)
+        assert response is not None
+        if response.status >= 500:
+            problems.append(f"{path}: HTTP {response.status}")
+        if path.startswith("/trainings/new"):
+            arch = path.split("architecture=")[1] if "architecture=" in path else None
+            if arch:
+                page.select_option("#architecture", arch)
+            # a change: the live hints answer (and swap their out-of-band boxes)
+            page.fill("#latent_dim", "512")
+            page.wait_for_selector("#target-count:has-text('of 512 latents')")
+        settle(page, inflight)
+        # each width measured on the same visit: no page's script depends on the width (static/app.js
+        # reads none), so a resize lays the page out as a load at that width would
+        for width in WIDTHS:
+            if width != WIDTHS[0]:
+                page.set_viewport_size({"width": width, "height": 900})
+            layout = page.evaluate(OVERFLOW)
+            if layout["scrollWidth"] > layout["innerWidth"]:
+                problems.append(f"{width}px {path}: {layout['scrollWidth']} px wide: {layout['wide']}")
+        problems += [f"{path}: console: {text}" for text in console]
+        problems += [f"{path}: {text}" for text in failed]
+        if path == "/trainings/new":
             page.set_viewport_size({"width": WIDTHS[0], "height": 900})
-            response = page.goto(base + path)
-            assert response is not None
-            if response.status >= 500:
-                problems.append(f"{path}: HTTP {response.status}")
-            if path.startswith("/trainings/new"):
-                arch = path.split("architecture=")[1] if "architecture=" in path else None
-                if arch:
-                    page.select_option("#architecture", arch)
-                # a change: the live hints answer (and swap their out-of-band boxes)
-                page.fill("#latent_dim", "512")
-                page.wait_for_selector("#target-count:has-text('of 512 latents')")
-            settle(page, inflight)
-            # each width measured on the same visit: no page's script depends on the width (static/app.js
-            # reads none), so a resize lays the page out as a load at that width would
-            for width in WIDTHS:
-                if width != WIDTHS[0]:
-                    page.set_viewport_size({"width": width, "height": 900})
-                layout = page.evaluate(OVERFLOW)
-                if layout["scrollWidth"] > layout["innerWidth"]:
-                    problems.append(f"{width}px {path}: {layout['scrollWidth']} px wide: {layout['wide']}")
-            problems += [f"{path}: console: {text}" for text in console]
-            problems += [f"{path}: {text}" for text in failed]
-            if path == "/trainings/new":
-                page.set_viewport_size({"width": WIDTHS[0], "height": 900})
-                page.screenshot(path=str(tmp_path / f"form-{WIDTHS[0]}.png"), full_page=True)
-        page.close()
-        note(f"visited at {' and '.join(f'{w} px' for w in WIDTHS)}")
-        browser.close()
+            page.screenshot(path=str(tmp_path / f"form-{WIDTHS[0]}.png"), full_page=True)
+    page.context.close()
+    note(f"visited at {' and '.join(f'{w} px' for w in WIDTHS)}")
     assert not problems, "\n".join(problems)
 
 
-def test_the_form_s_live_hints_swap_into_targets_that_exist(served):
+def test_the_form_s_live_hints_swap_into_targets_that_exist(served, chromium):
     """Fast, without runs: the new-training form at both widths, each architecture, typed into; every
     out-of-band findings box the hints send has its target (htmx:oobErrorNoTarget is a console error)."""
-    from playwright.sync_api import sync_playwright
-
     base, _ = served
     problems = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=CHROMIUM_ARGS)
-        for width in WIDTHS:
-            page = browser.new_page(viewport={"width": width, "height": 900})
-            inflight = track_requests(page)
-            sign_in(page, base, USER, PASSWORD)
-            errors = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(base + "/trainings/new")
-            for n, arch in enumerate(ARCHITECTURES):
-                page.select_option("#architecture", arch)
-                page.fill("#latent_dim", str(512 + n))
-                page.wait_for_selector(f"#target-count:has-text('of {512 + n:,} latents')")
-            page.select_option("#architecture", "standard")
-            page.fill("#l1_alpha", "0.0003")
-            page.fill("#learning_rate", "0.0003")  # a warning: the swap
-            page.wait_for_selector('.finding-warning[data-finding="l1_alpha"]')
-            settle(page, inflight)
-            width_now = page.evaluate("document.documentElement.scrollWidth")
-            if width_now > width:
-                problems.append(f"{width}px: the form is {width_now} px wide")
-            problems += [f"{width}px: {e}" for e in errors]
-            page.close()
-        browser.close()
+    for width in WIDTHS:
+        page = browser_page(chromium, width, 900)
+        inflight = track_requests(page)
+        sign_in(page, base, USER, PASSWORD)
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(base + "/trainings/new")
+        for n, arch in enumerate(ARCHITECTURES):
+            page.select_option("#architecture", arch)
+            page.fill("#latent_dim", str(512 + n))
+            page.wait_for_selector(f"#target-count:has-text('of {512 + n:,} latents')")
+        page.select_option("#architecture", "standard")
+        page.fill("#l1_alpha", "0.0003")
+        page.fill("#learning_rate", "0.0003")  # a warning: the swap
+        page.wait_for_selector('.finding-warning[data-finding="l1_alpha"]')
+        settle(page, inflight)
+        width_now = page.evaluate("document.documentElement.scrollWidth")
+        if width_now > width:
+            problems.append(f"{width}px: the form is {width_now} px wide")
+        problems += [f"{width}px: {e}" for e in errors]
+        page.context.close()
     assert not problems, "\n".join(problems)
