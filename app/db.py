@@ -499,6 +499,27 @@ def _migration_29_sweep_parts(db) -> None:
     add_column_if_missing(db, "sweep", "parts", IntegerField(default=1))
 
 
+# migration 30: the Gated presets' start, by d_in (app/sae/architectures/gated.py's start_l1_alpha on the
+# preset's run, as the L0 model gave it that day)
+GATED_PRESET_START = {384: 0.003, 512: 0.0028, 768: 0.0024, 1024: 0.0022, 2048: 0.00093, 2304: 0.00089, 4096: 0.00074}
+
+
+def _migration_30_gated_preset_start(db) -> None:
+    """The built-in Gated presets start steering at the standard SAE's l1_alpha for their run, not at 0.03:
+    a start far above where steering ends lands on target with worse features (the module's docstring).
+    Literal data; a preset whose l1_alpha is no longer migration 20's is left as it is."""
+    from .models import Template
+
+    for preset in Template.select().where(Template.builtin == True, Template.name.contains("· Gated ·")):  # noqa: E712
+        start = GATED_PRESET_START.get(preset.d_in)
+        if start is None or (preset.config or {}).get("l1_alpha") != 0.03:
+            continue
+        Template.update(config={**preset.config, "l1_alpha": start},
+                        provenance=f"Gated SAE starting at l1_alpha {start:g} (the standard SAE's value from the L0 "
+                                   "model) with steering on, which moves the penalty to the target L0.",
+                        ).where(Template.id == preset.id).execute()
+
+
 MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control, _migration_3_tune_jobs,
                               _migration_4_templates, _migration_5_extractions, _migration_6_features,
                               _migration_7_model_precision, _migration_8_durable_work, _migration_9_precision_and_chart,
@@ -511,7 +532,7 @@ MIGRATIONS: list[Callable] = [_migration_1_initial, _migration_2_quality_control
                               _migration_23_final_folders, _migration_24_hook_points,
                               _migration_25_matryoshka_topk_presets, _migration_26_aux_window,
                               _migration_27_sweep_templates, _migration_28_keep_store,
-                              _migration_29_sweep_parts]
+                              _migration_29_sweep_parts, _migration_30_gated_preset_start]
 
 
 def migrate() -> int:

@@ -38,7 +38,7 @@ from app.sae.features import ground_truth_recovery  # noqa: E402
 from app.sae.metrics import evaluate  # noqa: E402
 from app.sae.sources import HierarchicalSource, normalization_scale  # noqa: E402
 from app.sae.trainer import TrainConfig, train  # noqa: E402
-from app.sae.architectures.gated import PRESET_L1_ALPHA as GATED_START_L1_ALPHA  # noqa: E402
+from app.sae.architectures.gated import start_l1_alpha as gated_start_l1_alpha  # noqa: E402
 from app.sae.architectures.matryoshka import level_sizes as matryoshka_levels  # noqa: E402
 from app.validation import recommended_l1_alpha  # noqa: E402
 
@@ -78,7 +78,8 @@ def run_ours(arch: str, source, args, x_eval) -> dict:
                       learning_rate=args.lr, lr_warmup_steps=steps // 20, l1_warmup_steps=steps // 20,
                       target_l0=target, k=args.k if arch in K_SET else None,
                       l1_alpha=(recommended_l1_alpha(args.d_in, args.latents, target) if arch == "standard"
-                                else GATED_START_L1_ALPHA if arch == "gated" else None),
+                                else gated_start_l1_alpha(args.d_in, args.latents, target, steps, args.batch)
+                                if arch == "gated" else None),
                       l0_coefficient=10.0 if arch == "jumprelu" else None,
                       jumprelu_bandwidth=0.05 if arch == "jumprelu" else None,
                       matryoshka_prefixes="" if arch.startswith("matryoshka") else None,
@@ -112,7 +113,8 @@ def run_saelens(arch: str, source, args, x_eval, scale: float) -> dict:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**common, l1_coefficient=args.d_in * alpha,
                                                             l1_warm_up_steps=steps // 20))
     elif arch == "gated":  # its loss sums the squared error over d_in where ours averages it: d_in × our penalty
-        alpha = args.saelens_l1 or GATED_START_L1_ALPHA
+        alpha = args.saelens_l1 or gated_start_l1_alpha(args.d_in, args.latents, args.k / args.latents, steps,
+                                                        args.batch)
         sae = GatedTrainingSAE(GatedTrainingSAEConfig(**common, l1_coefficient=args.d_in * alpha,
                                                       l1_warm_up_steps=steps // 20))
     elif arch == "topk":

@@ -60,8 +60,10 @@ def test_a_version_1_database_is_upgraded(app):
 EXPECTED = json.loads((Path(__file__).parent / "fresh_database_rows.json").read_text())
 
 
-# Migration 20's rows: a Gated preset beside each width's TopK preset (literal data in app/db.py).
-GATED = {"architecture": "gated", "k": None, "l1_alpha": 0.03, "steer_l1_alpha": True}
+# Migration 20's rows: a Gated preset beside each width's TopK preset (literal data in app/db.py), whose
+# l1_alpha migration 30 set by d_in (it was 0.03 for all).
+GATED = {"architecture": "gated", "k": None, "steer_l1_alpha": True}
+GATED_START = {384: 0.003, 512: 0.0028, 768: 0.0024, 1024: 0.0022, 2048: 0.00093, 2304: 0.00089, 4096: 0.00074}
 # Migration 25's: a Matryoshka TopK preset beside each Matryoshka BatchTopK preset.
 MATRYOSHKA_TOPK = {"architecture": "matryoshka_topk"}
 LATER = {20: GATED["architecture"], 25: MATRYOSHKA_TOPK["architecture"]}  # presets added after the frozen rows
@@ -87,7 +89,7 @@ def test_a_fresh_database_holds_exactly_the_built_in_rows_it_always_had(app):
     assert len(templates) == 35 and templates == EXPECTED["templates"]
     topk = [t for t in templates if t["config"]["architecture"] == "topk"]
     gated, _ = built_in_rows(since=20)
-    assert [g["config"] for g in gated] == [{**t["config"], **GATED} for t in topk]
+    assert [g["config"] for g in gated] == [{**t["config"], **GATED, "l1_alpha": GATED_START[t["d_in"]]} for t in topk]
     assert [g["d_in"] for g in gated] == [t["d_in"] for t in topk] and all(" · Gated · " in g["name"] for g in gated)
     assert_matryoshka_topk_beside_matryoshka(templates)
     # the order of each config's keys too (pages list a template's fields in it)

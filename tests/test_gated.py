@@ -117,6 +117,9 @@ def test_validator_memory_and_recommended_settings():
     assert memory_estimate_bytes(64, 512, 256, "gated") > memory_estimate_bytes(64, 512, 256, "standard")
     settings = recommend_settings(source, latent_dim=512, target_l0=0.02, architecture="gated", on_gpu=False)
     assert settings["steer_l1_alpha"][0] is True and 0 < settings["l1_alpha"][0] <= 0.1
+    # steering starts at the standard SAE's value for the same run, near where it ends (not 0.03 for all)
+    standard = recommend_settings(source, latent_dim=512, target_l0=0.02, architecture="standard", on_gpu=False)
+    assert settings["l1_alpha"][0] == pytest.approx(standard["l1_alpha"][0], rel=0.05)
     assert "k" not in settings
 
 
@@ -153,6 +156,9 @@ def test_migration_20_gives_an_older_database_its_gated_presets(app):
     assert migrate() == len(MIGRATIONS)
     migrated = {t.name: (t.config, t.provenance) for t in Template.select().where(Template.name.contains("· Gated ·"))}
     assert migrated == fresh  # the migration's literal data is what the module seeds on a fresh database
+    # migration 30 moved every preset's start from migration 20's 0.03 to its run's standard value
+    assert sorted({config["l1_alpha"] for config, _ in migrated.values()}) == [
+        0.00074, 0.00089, 0.00093, 0.0022, 0.0024, 0.0028, 0.003]
     for config, _ in migrated.values():
         assert complete(config) == config
 
