@@ -11,9 +11,9 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
-pytestmark = pytest.mark.browser
-
 from conftest import browser_page
+
+pytestmark = pytest.mark.browser
 
 
 USER, PASSWORD = "tester", "correct horse battery"
