@@ -12,7 +12,6 @@ worker runs (the SAE spliced into the encoder over 8,192 held-out tokens: fideli
 """
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import tempfile
@@ -26,10 +25,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from app.extraction.capture_names import BUNDLED_MINILM  # noqa: E402
-from app.extraction.splice import downstream_eval, load_for_eval  # noqa: E402
-from app.extraction.text import stdlib_docstrings  # noqa: E402
+from app.extraction.splice import load_for_eval  # noqa: E402
 from app.sae.trainer import TrainConfig, train  # noqa: E402
-from minilm_acts import default_extraction  # noqa: E402
+from minilm_acts import default_extraction, held_out_downstream  # noqa: E402
 
 CPU = torch.device("cpu")
 LAYER, SITE, BUDGET, CONTEXT, BATCH = 3, "resid", 200_000, 128, 32
@@ -42,7 +40,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tokens, documents, source = default_extraction(Path(tmp) / "store", layer=LAYER, site=SITE, budget=BUDGET,
                                                        context=CONTEXT, batch=BATCH)
-        eval_tokenizer, eval_model, causal = load_for_eval(BUNDLED_MINILM, CPU)
+        evaluator = load_for_eval(BUNDLED_MINILM, CPU)
         for arch in ("topk", "batchtopk"):
             for label, window in WINDOWS.items():
                 started = time.perf_counter()
@@ -51,10 +49,8 @@ def main() -> int:
                                   device="cpu", aux_window_tokens=window)
                 result, sae = train(source, cfg)
                 sae.eval()
-                held_out = itertools.islice(stdlib_docstrings(), documents, None)
-                outcome = downstream_eval(eval_model, eval_tokenizer, causal, sae, norm_scale=result.norm_scale, layer=LAYER, site=SITE,
-                                          docs=held_out, token_budget=8192, context_length=CONTEXT, batch_size=16,
-                                          exclude_special=True, device=CPU)
+                outcome = held_out_downstream(evaluator, sae, result.norm_scale, documents, layer=LAYER, site=SITE,
+                                              context=CONTEXT)
                 row = {"architecture": arch, "aux_window": label, "l0": result.eval["l0"], "fvu": result.eval["fvu"],
                        "never_fired": result.eval["never_fired"], "fidelity": outcome["fidelity_score"],
                        "cosine": outcome["cosine"], "seconds": round(time.perf_counter() - started, 1)}

@@ -13,7 +13,6 @@ evaluation the worker runs (the SAE spliced into the encoder over 8,192 held-out
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import tempfile
@@ -27,12 +26,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from app.extraction.capture_names import BUNDLED_MINILM  # noqa: E402
-from app.extraction.splice import downstream_eval, load_for_eval  # noqa: E402
-from app.extraction.text import stdlib_docstrings  # noqa: E402
+from app.extraction.splice import load_for_eval  # noqa: E402
 from app.sae.architectures.gated import start_l1_alpha  # noqa: E402
 from app.sae.control import L0Controller  # noqa: E402
 from app.sae.trainer import TrainConfig, train  # noqa: E402
-from minilm_acts import default_extraction  # noqa: E402
+from minilm_acts import default_extraction, held_out_downstream  # noqa: E402
 
 CPU = torch.device("cpu")
 LAYER, SITE, BUDGET, CONTEXT, BATCH = 3, "resid", 200_000, 128, 32
@@ -47,7 +45,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tokens, documents, source = default_extraction(Path(tmp) / "store", layer=LAYER, site=SITE, budget=BUDGET,
                                                        context=CONTEXT, batch=BATCH)
-        eval_tokenizer, eval_model, causal = load_for_eval(BUNDLED_MINILM, CPU)
+        evaluator = load_for_eval(BUNDLED_MINILM, CPU)
         latents = 8 * source.d_in
         target = L0 / latents
         starts = {"0.03 (the preset until now)": 0.03,
@@ -60,10 +58,8 @@ def main() -> int:
             steer = L0Controller(target=target, alpha=alpha, start_step=cfg.l1_warmup_steps)
             result, sae = train(source, cfg, l1_alpha_control=steer)
             sae.eval()
-            held_out = itertools.islice(stdlib_docstrings(), documents, None)
-            outcome = downstream_eval(eval_model, eval_tokenizer, causal, sae, norm_scale=result.norm_scale,
-                                      layer=LAYER, site=SITE, docs=held_out, token_budget=8192,
-                                      context_length=CONTEXT, batch_size=16, exclude_special=True, device=CPU)
+            outcome = held_out_downstream(evaluator, sae, result.norm_scale, documents, layer=LAYER, site=SITE,
+                                          context=CONTEXT)
             row = {"start": label, "l1_alpha": alpha, "ended": steer.alpha, "l0": result.eval["l0"],
                    "fvu": result.eval["fvu"], "never_fired": result.eval["never_fired"],
                    "fidelity": outcome["fidelity_score"], "cosine": outcome["cosine"],

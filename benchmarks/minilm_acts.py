@@ -73,3 +73,19 @@ def default_extraction(folder: Path, *, layer: int = 3, site: str = "resid", bud
                                    exclude_special=True, device=cpu)
     writer.commit({"documents": documents})
     return tokens, documents, StoreSource(folder)
+
+
+def held_out_downstream(evaluator, sae, norm_scale: float, documents: int, *, layer: int = 3, site: str = "resid",
+                        context: int = 128, tokens: int = 8192) -> dict:
+    """The worker's downstream evaluation of ``sae`` (trained on ``default_extraction``'s store) over the
+    docstrings after the first ``documents``; ``evaluator``: ``app.extraction.splice.load_for_eval``'s
+    (tokenizer, model, causal) for the bundled MiniLM."""
+    import itertools
+
+    from app.extraction.splice import downstream_eval
+
+    tokenizer, model, causal = evaluator
+    held_out = itertools.islice(app_stdlib_docstrings(), documents, None)
+    return downstream_eval(model, tokenizer, causal, sae, norm_scale=norm_scale, layer=layer, site=site, docs=held_out,
+                           token_budget=tokens, context_length=context, batch_size=16, exclude_special=True,
+                           device=torch.device("cpu"))
