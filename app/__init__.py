@@ -60,6 +60,10 @@ def create_app(config: dict | None = None):
     csrf.exempt(api.bp)
     register_filters(app)
 
+    from . import static_files
+
+    static_files.install(app)  # scripts and styles fetched once per browser, not once per page
+
     @app.cli.command("init-db")
     def init_db_command():
         """Apply pending migrations."""

@@ -582,6 +582,25 @@ def browser_page(chromium, width: int, height: int):
     return context.new_page()
 
 
+# Is an element matching the selector shown (a box of some size, not visibility:hidden, as Playwright's
+# "visible"), with the text in its whitespace-collapsed text, where a text is given (Playwright's
+# :has-text, case-insensitive)?
+_SHOWN = """([selector, text]) => [...document.querySelectorAll(selector)].some(e => {
+  const box = e.getBoundingClientRect();
+  if (!(box.width > 0 && box.height > 0) || getComputedStyle(e).visibility === 'hidden') return false;
+  return text === null || e.textContent.replace(/\\s+/g, ' ').toLowerCase().includes(text.toLowerCase());
+})"""
+
+
+def shown(page, selector: str, text: str | None = None, *, timeout: float | None = None):
+    """Wait until an element matching the CSS selector is shown, with the text where one is given, and
+    return its locator. Checked every 25 ms: Playwright's own waits (wait_for_selector, locator.wait_for)
+    retry at 0, 20, 50, 100, 100 ms and then every 500 ms, so a hint that htmx swapped in 300 ms after the
+    typing was seen up to half a second late, on each of the hundred or so waits in a pass."""
+    page.wait_for_function(_SHOWN, arg=[selector, text], polling=25, timeout=timeout)
+    return page.locator(selector)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny randomly initialized GPT-2, GPT-NeoX, Llama and T5 models, saved and loaded back by path."""

@@ -11,7 +11,7 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
-from conftest import browser_page
+from conftest import browser_page, shown
 
 pytestmark = pytest.mark.browser
 
@@ -42,7 +42,7 @@ def sign_in(page, base: str, username: str, password: str) -> None:
     page.fill("#username", username)
     page.fill("#password", password)
     page.click("#sign-in")
-    page.wait_for_selector("#account")
+    shown(page, "#account")
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_new_user_trains_a_sparse_sae(live_server, worker_process, page, tmp_pat
 
     page.fill("#latent_dim", "512")
     page.fill("#target_l0", "0.03")
-    page.wait_for_selector("#target-count:has-text('15 active latents')")  # htmx hint follows the typing
+    shown(page, "#target-count", "15 active latents")  # htmx hint follows the typing
     page.fill("#batch_size", "256")
     page.fill("#total_steps", "1200")
     page.fill("#lr_warmup_steps", "10")
@@ -87,8 +87,7 @@ def test_new_user_trains_a_sparse_sae(live_server, worker_process, page, tmp_pat
     page.fill("#l1_alpha", "0.5")  # a typo: far above the valid range
     page.click("#start")
 
-    error = page.locator('.error[data-field="l1_alpha"]')
-    error.wait_for()
+    error = shown(page, '.error[data-field="l1_alpha"]')
     assert "at most 0.1" in error.inner_text()
     assert page.locator('.error[data-field]').count() == 1  # only the field at fault
     assert page.input_value("#total_steps") == "1200"  # the rest of the input is kept
@@ -124,7 +123,7 @@ def test_new_user_trains_a_sparse_sae(live_server, worker_process, page, tmp_pat
     page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
 
     # The feature statistics follow in the same fragment; then polling stops: no trigger left.
-    page.wait_for_selector("#run-recovery", timeout=60_000)
+    shown(page, "#run-recovery", timeout=60_000)
     assert "MMCS" in page.inner_text("#run-recovery")
     page.wait_for_function("document.querySelector('#progress').getAttribute('hx-trigger') === null", timeout=10_000)
     assert page.evaluate("window.__sameDocument") is True
@@ -137,16 +136,15 @@ def test_guardrails_in_the_form_as_the_user_types(live_server, page):
     # The original incident: the learning rate typed into l1_alpha as well.
     page.fill("#learning_rate", "0.0003")
     page.fill("#l1_alpha", "0.0003")
-    warning = page.locator('.finding-warning[data-finding="l1_alpha"]')
-    warning.wait_for()
+    warning = shown(page, '.finding-warning[data-finding="l1_alpha"]')
     assert "swap" in warning.inner_text()
 
     page.click("#start")
-    page.locator('.error[data-field="acknowledge_warnings"]').wait_for()
+    shown(page, '.error[data-field="acknowledge_warnings"]')
     assert "/trainings/new" in page.url or page.url.endswith("/trainings")  # nothing started
 
     page.click("#recommend")
-    page.locator('[data-reason="l1_alpha"]').wait_for()
+    shown(page, '[data-reason="l1_alpha"]')
     assert page.input_value("#learning_rate") == "0.001"
     assert float(page.input_value("#l1_alpha")) > 0.0003
     assert page.locator('.finding-warning[data-finding="l1_alpha"]').count() == 0
@@ -165,19 +163,17 @@ def test_hints_are_the_submit_s_findings_from_the_first_render(live_server, page
     assert re.search(r"Expected L0 ≈ [\d.]+%", page.inner_text("#findings-l1_alpha"))
     # an empty required field is a hint, worded as the submit words it
     page.fill("#l1_alpha", "")
-    hint = page.locator("#findings-l1_alpha .finding-error")
-    hint.wait_for()
+    hint = shown(page, "#findings-l1_alpha .finding-error")
     live = hint.inner_text()
     page.click("#start")
-    error = page.locator('.error[data-field="l1_alpha"]')
-    error.wait_for()
+    error = shown(page, '.error[data-field="l1_alpha"]')
     assert error.inner_text() in live and "required" in live
     # out of range: an error as typed and on submit; never a warning about what the value would do
     page.fill("#l1_alpha", "0.5")
-    page.wait_for_selector("#findings-l1_alpha .finding-error:has-text('at most 0.1')")
+    shown(page, "#findings-l1_alpha .finding-error", "at most 0.1")
     assert page.locator("#findings-l1_alpha .finding-warning").count() == 0
     page.click("#start")
-    page.wait_for_selector(".error[data-field='l1_alpha']:has-text('at most 0.1')")
+    shown(page, ".error[data-field='l1_alpha']", "at most 0.1")
 
 
 def start_run(page, base: str, fields: dict) -> str:
@@ -258,7 +254,7 @@ def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations,
     assert "d_in 384" in page.locator("#source_id option:checked").inner_text()
     page.fill("#latent_dim", "1536")
     page.click("#recommend")
-    page.locator('[data-reason="l1_alpha"]').wait_for()
+    shown(page, '[data-reason="l1_alpha"]')
     page.click("#start")
     page.wait_for_url(re.compile(r"/trainings/\d+$"))
     status = wait_until_ended(page, "#progress", seconds=300)
@@ -266,7 +262,7 @@ def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations,
     assert status == "completed", page.inner_text("#progress")
     assert page.inner_text("#grade") == "Sparse", page.inner_text("#progress")
     # the SAE is then spliced into MiniLM on held-out docstrings: the verdict says what survives
-    page.wait_for_selector("#verdict-downstream", timeout=120_000)
+    shown(page, "#verdict-downstream", timeout=120_000)
     assert "fidelity score" in page.inner_text("#verdict-downstream")
     assert page.locator("#fidelity-score").count() == 1
 
@@ -308,7 +304,7 @@ def test_dataset_markup_in_feature_examples_renders_as_text(live_server, worker_
     page.fill("#sample_tokens", "2000")
     page.click("#import")
     page.wait_for_url(re.compile(r"/features/\d+$"))
-    page.wait_for_selector("#latents", timeout=60_000)  # the page reloads itself when the job ends
+    shown(page, "#latents", timeout=60_000)  # the page reloads itself when the job ends
     assert page.get_attribute("#feature-progress", "data-status") == "completed", page.inner_text("main")
     page.click("#latents a >> text='0'")
     page.wait_for_url(re.compile(r"/latents/0$"))
@@ -341,7 +337,7 @@ def test_a_second_user_sees_a_run_but_cannot_cancel_it(runs_without_feature_stat
     page.fill("#username", "viewer")
     page.fill("#password", "another long password")
     page.click("#add-user")
-    page.wait_for_selector("#created-user")
+    shown(page, "#created-user")
     page.click("#sign-out")
     page.wait_for_url(re.compile(r"/login"))
 
@@ -399,7 +395,7 @@ def test_a_sweep_and_the_l0_finder_from_the_form_through_to_train_at_this_l0(run
     page.wait_for_url(re.compile(r"/sweeps/\d+$"))
     assert page.locator("#members tbody tr").count() == 10  # five rungs, two seeds each
     assert wait_until_ended(page, "#sweep-members", seconds=480) == "completed", page.inner_text("#sweep-members")
-    page.wait_for_selector("#finder-chart")
+    shown(page, "#finder-chart")
     reading = page.inner_text("#finding")
     assert "latents active per token" in reading and "Extend" in reading or "neighbouring rungs" in reading
     page.click("#train-at-l0")

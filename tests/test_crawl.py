@@ -20,7 +20,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from app.sae import architectures
-from conftest import QUICK_CONFIG, browser_page, kill_work_horse, start_worker, stop_worker, wait_for
+from conftest import QUICK_CONFIG, browser_page, kill_work_horse, shown, start_worker, stop_worker, wait_for
 from conftest import sign_in as sign_in_client
 from test_browser import PASSWORD, USER, sign_in
 
@@ -256,7 +256,7 @@ def test_every_page_of_every_kind_of_run(served, env, tmp_path, chromium):
                 page.select_option("#architecture", arch)
             # a change: the live hints answer (and swap their out-of-band boxes)
             page.fill("#latent_dim", "512")
-            page.wait_for_selector("#target-count:has-text('of 512 latents')")
+            shown(page, "#target-count", "of 512 latents")
         settle(page, inflight)
         # each width measured on the same visit: no page's script depends on the width (static/app.js
         # reads none), so a resize lays the page out as a load at that width would
@@ -291,11 +291,11 @@ def test_the_form_s_live_hints_swap_into_targets_that_exist(served, chromium):
         for n, arch in enumerate(ARCHITECTURES):
             page.select_option("#architecture", arch)
             page.fill("#latent_dim", str(512 + n))
-            page.wait_for_selector(f"#target-count:has-text('of {512 + n:,} latents')")
+            shown(page, "#target-count", f"of {512 + n:,} latents")
         page.select_option("#architecture", "standard")
         page.fill("#l1_alpha", "0.0003")
         page.fill("#learning_rate", "0.0003")  # a warning: the swap
-        page.wait_for_selector('.finding-warning[data-finding="l1_alpha"]')
+        shown(page, '.finding-warning[data-finding="l1_alpha"]')
         settle(page, inflight)
         width_now = page.evaluate("document.documentElement.scrollWidth")
         if width_now > width:

@@ -185,6 +185,28 @@ def test_a_zip_with_a_bad_crc_or_a_bomb_is_refused(client):
     assert response.status_code == 422 and "Refused" in response.get_data(as_text=True)
 
 
+def test_scripts_and_styles_are_linked_by_their_content_and_kept_until_it_changes(client):
+    """A page links style.css, htmx and app.js under their content's hash, which may be cached for a year;
+    the same file under no hash, another hash, or a path outside the folder is not kept (or not served)."""
+    import hashlib
+    import re
+
+    from app.config import ROOT
+
+    html = client.get("/").get_data(as_text=True)
+    linked = dict(re.findall(r'(?:href|src)="/static/([\w./-]+)\?v=([0-9a-f]{12})"', html))
+    assert set(linked) == {"style.css", "vendor/htmx.min.js", "app.js"}
+    for name, v in linked.items():
+        assert v == hashlib.sha256((ROOT / "static" / name).read_bytes()).hexdigest()[:12]
+        kept = client.get(f"/static/{name}?v={v}")
+        assert kept.status_code == 200 and kept.cache_control.max_age == 365 * 24 * 3600
+        for url in (f"/static/{name}", f"/static/{name}?v=000000000000"):
+            response = client.get(url)
+            assert response.status_code == 200 and response.cache_control.max_age is None, url
+            assert response.cache_control.no_cache, url
+    assert client.get("/static/../app/config.py?v=000000000000").status_code == 404
+
+
 def test_pages_carry_security_headers(client):
     response = client.get("/")
     assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
