@@ -27,6 +27,27 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Passwords are hashed with Argon2id at a test's cost: one pass over 8 KiB, where the app's own
+# parameters (argon2-cffi's defaults, RFC 9106's low-memory profile: three passes over 64 MiB) cost about
+# 0.11 s to hash and 0.16 s to verify here, and a pass signs in, changes and guesses passwords some
+# hundreds of times. It is still Argon2id, hashed and verified by argon2-cffi: what a test of accounts
+# proves (sign-in, change, throttling, sessions ended) does not depend on the cost. Django's documentation
+# advises the same for test suites. What depends on it is checked with the app's own hasher, kept here as
+# APP_HASHER: tests/test_sessions.py asserts that a fresh process hashes at the app's parameters, and that
+# a locked sign-in answers faster than one verification at them.
+def _cheap_password_hashing():
+    from argon2 import PasswordHasher
+
+    import app.auth
+
+    app_hasher = app.auth.HASHER
+    app.auth.HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    app.auth._DUMMY_HASH = app.auth.HASHER.hash("not a user's password")
+    return app_hasher
+
+
+APP_HASHER = _cheap_password_hashing()
+
 # The suite runs once on SQLite and once on PostgreSQL (`make test` does both): TEST_DATABASE
 # picks the backend for this run.
 BACKEND = os.environ.get("TEST_DATABASE", "sqlite")
@@ -395,10 +416,9 @@ TEST_PASSWORD = "correct horse battery"
 
 @functools.cache
 def cached_password_hash() -> str:
-    """One real Argon2id hash of TEST_PASSWORD per test process, with the app's own parameters (about
-    0.17 s of CPU each, and some 500 tests sign a user in): a user made with it signs in with
-    TEST_PASSWORD exactly as one made by ``create_user`` does. Only the salt is shared between them;
-    the tests of accounts (tests/test_sessions.py) make theirs through ``create_user``."""
+    """One Argon2id hash of TEST_PASSWORD per test process (some 500 tests sign a user in): a user made
+    with it signs in with TEST_PASSWORD exactly as one made by ``create_user`` does. Only the salt is
+    shared between them; the tests of accounts (tests/test_sessions.py) make theirs through ``create_user``."""
     from app.auth import hash_password
 
     return hash_password(TEST_PASSWORD)
