@@ -17,8 +17,10 @@ eval "args=(${PYTEST_ARGS:-})"
 work=$(mktemp -d "${TMPDIR:-/tmp}/sae-studio-tests.XXXXXX") || exit 1
 pids=()
 # the tests that open no database run once, in whichever pass claims each first (tests/conftest.py: SPLIT_DIR)
-mkdir -p "$work/split" || exit 1
+mkdir -p "$work/split" "$work/built" || exit 1
 export TEST_SPLIT="$work/split"
+# what both passes would build the same way (tiny models the tests train), built once (tests/conftest.py)
+export TEST_SHARED_BUILDS="$work/built"
 
 stop() {
   trap - INT TERM

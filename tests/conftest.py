@@ -621,12 +621,46 @@ def shown(page, selector: str, text: str | None = None, *, timeout: float | None
     return page.locator(selector)
 
 
+# `make test` gives its two passes one folder for what both would build the same way (scripts/test.sh).
+SHARED_BUILDS = os.environ.get("TEST_SHARED_BUILDS") or None
+
+
+def built_once(name: str, build, tmp_path_factory):
+    """``build(folder)``'s result (a path, or a dict of paths, in the folder), built once for both passes
+    of `make test`: the first pass to ask builds it under a lock, the other waits for it; each then gets a
+    copy in its own temporary folder, under its MODEL_ROOTS as a build of its own would be. The shared
+    folder is named by the builder's source, so a changed builder never reads an older build. Without
+    TEST_SHARED_BUILDS (a plain `pytest`), it is built in this pass's temporary folder."""
+    if not SHARED_BUILDS:
+        return build(tmp_path_factory.mktemp(name))
+    import fcntl
+    import hashlib
+    import json
+
+    key = hashlib.sha256((ROOT / "tests" / "tiny_models.py").read_bytes()).hexdigest()[:16]
+    shared = Path(SHARED_BUILDS) / f"{name}-{key}"
+    shared.mkdir(parents=True, exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        record = shared / "built.json"
+        if not record.exists():
+            shutil.rmtree(shared / "files", ignore_errors=True)  # a build that died half way
+            result = build(shared / "files")
+            paths = result if isinstance(result, dict) else {"": result}
+            record.write_text(json.dumps({k: str(Path(v).relative_to(shared / "files")) for k, v in paths.items()}))
+        built = json.loads(record.read_text())
+    here = tmp_path_factory.mktemp(name)
+    shutil.copytree(shared / "files", here, dirs_exist_ok=True)
+    paths = {k: here / v for k, v in built.items()}
+    return paths[""] if list(paths) == [""] else paths
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny randomly initialized GPT-2, GPT-NeoX, Llama and T5 models, saved and loaded back by path."""
     from tiny_models import build_all
 
-    return build_all(tmp_path_factory.mktemp("models"))
+    return built_once("models", build_all, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -634,7 +668,7 @@ def trained_gpt2(tmp_path_factory):
     """A tiny GPT-2 trained briefly on docstrings (its loss depends on its activations)."""
     from tiny_models import build_trained_gpt2
 
-    return build_trained_gpt2(tmp_path_factory.mktemp("trained"))
+    return built_once("trained", build_trained_gpt2, tmp_path_factory)
 
 
 # A configuration that trains in a few seconds on two CPU cores.
