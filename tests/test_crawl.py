@@ -49,7 +49,8 @@ def served(env):
             user, _ = create_user(USER, PASSWORD, is_admin=True)
             _, token = create_token(user, "crawl")
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the loop to look again: every 50 ms, not werkzeug's 500
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     api = app.test_client()
     api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
