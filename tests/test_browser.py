@@ -219,10 +219,12 @@ def test_run_page_and_comparison_read_at_a_glance(live_server, worker_process, p
 
 @pytest.fixture
 def short_evaluations(env, monkeypatch):
-    """Downstream evaluations on 2,048 held-out tokens (8,192 by default): the browser tests read the
-    verdict's place on the page; test_downstream.py asserts what its figures mean."""
-    env["DOWNSTREAM_TOKENS"] = "2048"
-    monkeypatch.setenv("DOWNSTREAM_TOKENS", "2048")
+    """Downstream evaluations on 2,048 held-out tokens (8,192 by default) and feature statistics on 8,192
+    (50,000): the browser tests read the verdict's place on the page; test_downstream.py and
+    test_features.py assert what the figures mean."""
+    for key, value in (("DOWNSTREAM_TOKENS", "2048"), ("FEATURE_SAMPLE_TOKENS", "8192")):
+        env[key] = value
+        monkeypatch.setenv(key, value)
     return env
 
 
