@@ -68,7 +68,7 @@ def wait_until_ended(page, selector: str, *, seconds: float) -> str:
     return status
 
 
-def test_new_user_trains_a_sparse_sae(live_server, worker_process, page, tmp_path):
+def test_new_user_trains_a_sparse_sae(short_evaluations, live_server, worker_process, page, tmp_path):
     page.goto(live_server + "/")
     assert "No runs yet" in page.content()
     page.get_by_role("link", name="New training", exact=True).first.click()
@@ -190,7 +190,7 @@ def start_run(page, base: str, fields: dict) -> str:
     return page.url
 
 
-def test_run_page_and_comparison_read_at_a_glance(live_server, worker_process, page):
+def test_run_page_and_comparison_read_at_a_glance(runs_without_feature_statistics, live_server, worker_process, page):
     urls = [start_run(page, live_server, {"#latent_dim": "256", "#batch_size": "128", "#total_steps": "300",
                                           "#lr_warmup_steps": "10", "#l1_warmup_steps": "20", "#l1_alpha": alpha})
             for alpha in ("0.02", "0.0001")]
@@ -367,7 +367,7 @@ def test_a_second_user_sees_a_run_but_cannot_cancel_it(runs_without_feature_stat
 def test_a_sweep_and_the_l0_finder_from_the_form_through_to_train_at_this_l0(runs_without_feature_statistics,
                                                                             live_server, worker_process, page):
     page.goto(live_server + "/trainings/new")
-    for selector, value in {"#latent_dim": "512", "#target_l0": "0.02", "#batch_size": "256", "#total_steps": "150",
+    for selector, value in {"#latent_dim": "512", "#target_l0": "0.02", "#batch_size": "128", "#total_steps": "150",
                             "#lr_warmup_steps": "10", "#l1_warmup_steps": "20"}.items():
         page.fill(selector, value)
     # a sweep with one value is refused at the sweep's field, and nothing starts
@@ -387,7 +387,7 @@ def test_a_sweep_and_the_l0_finder_from_the_form_through_to_train_at_this_l0(run
     assert page.locator("#members tbody tr[data-status='completed']").count() == 2
 
     page.goto(live_server + "/trainings/new")
-    for selector, value in {"#latent_dim": "512", "#target_l0": "0.02", "#batch_size": "256", "#total_steps": "150",
+    for selector, value in {"#latent_dim": "512", "#target_l0": "0.02", "#batch_size": "128", "#total_steps": "150",
                             "#lr_warmup_steps": "10", "#l1_warmup_steps": "20"}.items():
         page.fill(selector, value)
     page.click("#find-l0")
