@@ -15,7 +15,8 @@ export PYTEST_ARGS
 .PHONY: run test install install-test system-deps clean calibrate benchmarks
 
 ## run: install everything, start Redis, a worker and the web server; print the URL
-run: install
+run:
+	@$(MAKE) --no-print-directory -j3 install
 	@DATA_DIR="$(DATA_DIR)" PORT="$(PORT)" REDIS_PORT="$(REDIS_PORT)" PY="$(PY)" bash scripts/run.sh
 
 ## test: install everything, run the tests that open a database (the `db` mark, which tests/conftest.py
@@ -23,31 +24,38 @@ run: install
 ## whichever pass claims it first (TEST_SPLIT); each pass starts its own Redis, the PostgreSQL pass its own
 ## cluster. scripts/test.sh runs the two at once, one torch thread each (why, and the figures:
 ## benchmarks/results/suite_durations.md); PYTEST_ARGS goes to both.
-test: install-test
+## The installs run with -j3: the Debian packages (apt) beside the Python ones (pip), each about half a
+## minute on a fresh machine.
+test:
+	@$(MAKE) --no-print-directory -j3 install-test
 	@PY="$(PY)" bash scripts/test.sh
 
 system-deps:
-	@bash scripts/system_deps.sh $(if $(filter test,$(MAKECMDGOALS)),--browser)
+	@bash scripts/system_deps.sh $(if $(filter test install-test,$(MAKECMDGOALS)),--browser)
 
 $(VENV)/.created:
 	python3 -m venv --system-site-packages $(VENV)
 	$(PIP) install -q --upgrade pip
 	@touch $@
 
-$(VENV)/.torch: | $(VENV)/.created
-	@$(PY) -c "import torch" 2>/dev/null && echo "torch already importable: keeping it" \
-	  || $(PIP) install -q torch==2.13.0
+# One pip call installs torch (only when it is not importable: a GPU box keeps its own CUDA build) with
+# the project, so that the resolver takes torch 2.13.0 for sae-lens too and never a CUDA build of its own.
+# --no-compile: Python compiles a module when it is first imported, and that is only a few hundred of the
+# 15,000 installed (compiling them all took 29 of the 65 s).
+INSTALL = $(PY) -c "import torch" 2>/dev/null && { torch=""; echo "torch already importable: keeping it"; } \
+	|| torch="torch==2.13.0"; \
+	$(PIP) install -q --no-compile $$torch -e
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/.created
+	@echo "pip install -e '.[models]'"; $(INSTALL) '.[models]'
 	@touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e '.[models]'
-	@touch $@
+# the test extra is a superset of what `make run` needs: it stands for both
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/.created
+	@echo "pip install -e '.[test,models]'"; $(INSTALL) '.[test,models]'
+	@touch $@ $(VENV)/.installed
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PIP) install -q -e '.[test,models]'
-	@touch $@
-
-$(HTMX):
+$(HTMX): | system-deps
 	@bash scripts/fetch_htmx.sh $(HTMX_VERSION) $(HTMX)
 
 install: system-deps $(VENV)/.installed $(HTMX)
