@@ -251,7 +251,9 @@ def test_metrics_csv_and_config_json_round_trip(client, env, run_worker):
 def test_a_recommended_run_on_the_synthetic_source_recovers_its_true_features():
     """The recommended l1_alpha on the default source (its row's parameters), trained with the
     hyper-parameters the worker hands the core for these fields (``train_config``: the run's core fields
-    and 16,384 held-out tokens), and scored as the feature job scores it. Opens no database: the path
+    and 16,384 held-out tokens), and scored as the feature job scores it. A quarter of the samples the
+    form recommends for a synthetic source on a CPU (3,000 steps of 1,024) is enough: MMCS 0.986 and
+    99.8% recovered here (0.997 and 100% at twice the batch). Opens no database: the path
     from the API through the worker to the run's summary is tested below and in
     ``test_a_completed_run_gets_feature_statistics_and_ground_truth_recovery``, on both databases."""
     from app.sae.sources import SyntheticSource
@@ -260,7 +262,7 @@ def test_a_recommended_run_on_the_synthetic_source_recovers_its_true_features():
     from app.validation import recommended_l1_alpha
 
     alpha = float(f"{recommended_l1_alpha(256, 1024, 0.02):.2g}")
-    fields = {**QUICK_CONFIG, "latent_dim": 1024, "l1_alpha": alpha, "batch_size": 1024, "total_steps": 1500,
+    fields = {**QUICK_CONFIG, "latent_dim": 1024, "l1_alpha": alpha, "batch_size": 512, "total_steps": 1500,
               "lr_warmup_steps": 75, "l1_warmup_steps": 75, "log_every": 50}
     source = SyntheticSource(256, 512, 5.0, seed=0)
     _, sae = train(source, TrainConfig(**{name: fields[name] for name in CORE_FIELDS if name in fields},
