@@ -295,25 +295,36 @@ def _new_database(tmp_path, postgres_server, template=None):
 
 
 class DatabaseAhead:
-    """PostgreSQL databases copied from the template one test ahead, and dropped after their test, on a
-    thread of its own. Copying the template and dropping a database (which waits for the test's
-    connections to end) took about 0.35 s of every PostgreSQL test's wall-clock time; here it runs
-    while the test before it does. One thread does both, in order, so a copy never overlaps a drop."""
+    """PostgreSQL databases copied from the template ahead of the tests that take them, and dropped after
+    their test, each on a thread of its own. A copy takes about 20 ms, but a drop waits for the dropped
+    database's connections to end (PostgreSQL looks every 100 ms), and with both on one thread a test
+    shorter than that waited behind the drop of the test before it: 0.2 s of every PostgreSQL test's
+    setup. Two copies are kept ready, and no copy waits for a drop."""
+
+    AHEAD = 2
 
     def __init__(self, port: int, template: str):
+        import collections
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        self.port, self.template, self.admin = port, template, None
-        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-databases")
-        self.next = self.thread.submit(self._create)
+        self.port, self.template = port, template
+        self.local, self.connections, self.lock = threading.local(), [], threading.Lock()
+        self.copying = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-databases-copy")
+        self.dropping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-databases-drop")
+        self.ready = collections.deque(self.copying.submit(self._create) for _ in range(self.AHEAD))
 
-    def _execute(self, sql: str) -> None:  # on the pool's one thread only
+    def _execute(self, sql: str) -> None:  # on the pools' threads: a connection each
         import psycopg2
 
-        if self.admin is None:
-            self.admin = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
-            self.admin.autocommit = True
-        with self.admin.cursor() as cursor:
+        admin = getattr(self.local, "admin", None)
+        if admin is None:
+            admin = self.local.admin = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
+                                                        dbname="postgres")
+            admin.autocommit = True
+            with self.lock:
+                self.connections.append(admin)
+        with admin.cursor() as cursor:
             cursor.execute(sql)
 
     def _create(self) -> str:
@@ -322,21 +333,23 @@ class DatabaseAhead:
         return name
 
     def take(self) -> str:
-        """A fresh copy of the template (made while the test before ran); the next one is started."""
-        name = self.next.result()
-        self.next = self.thread.submit(self._create)
+        """A fresh copy of the template (made while the tests before ran); another one is started."""
+        name = self.ready.popleft().result()
+        self.ready.append(self.copying.submit(self._create))
         return name
 
     def drop(self, name: str) -> None:
-        self.thread.submit(self._execute, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self.dropping.submit(self._execute, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def close(self) -> None:
         try:
-            self.drop(self.next.result())
+            while self.ready:
+                self.drop(self.ready.popleft().result())
         finally:
-            self.thread.shutdown(wait=True)
-            if self.admin is not None:
-                self.admin.close()
+            self.copying.shutdown(wait=True)
+            self.dropping.shutdown(wait=True)
+            for admin in self.connections:
+                admin.close()
 
 
 @pytest.fixture(scope="session")
