@@ -4,7 +4,8 @@ The runs are real (the API and a real worker): each architecture on a synthetic 
 MiniLM extraction with its downstream evaluation, one interrupted (its work-horse killed) and
 resumed, one stopped early (a too-weak l1_alpha), and a two-member sweep. The architectures are the
 registry's, so a new one is crawled without a change here. Then every page, the comparison of all the
-runs and of each beside the next (every other pair is fetched without the browser), the new-training
+runs and of each beside the next (every other pair, and each run's progress fragment, are fetched
+without the browser), the new-training
 form with each architecture selected and from a template of each, the sweeps, the workers and the
 delete confirmations are visited and measured at 1,024 and 1,360 px: no 5xx, no console error
 (htmx's oob errors included) and no horizontal overflow at either width.
@@ -152,8 +153,9 @@ def every_page(runs: dict) -> list[str]:
     pages += [f"/sources/{s.id}/delete" for s in ActivationSet.select()]
     pages += [f"/extractions/{e.id}/delete" for e in Extraction.select()]
     for run_id in runs.values():
-        pages += [f"/trainings/{run_id}", f"/trainings/{run_id}/progress", f"/trainings/new?from={run_id}",
-                  f"/trainings/{run_id}/delete"]
+        # (its progress fragment, which this page includes and htmx polls, is fetched without the browser:
+        # progress_fragments)
+        pages += [f"/trainings/{run_id}", f"/trainings/new?from={run_id}", f"/trainings/{run_id}/delete"]
     for job in FeatureJob.select():
         pages.append(f"/features/{job.id}")
         if job.status == "completed":
@@ -173,14 +175,32 @@ def every_page(runs: dict) -> list[str]:
     return pages
 
 
-def comparisons_of_every_pair(api, runs: dict) -> list[str]:
-    """Every pair of runs compared, fetched as the server answers it: a page that links both runs, for any pair."""
+def page_client(api):
+    """A client of the app signed in for pages (they take a session, not the API's token)."""
     from app.models import User
 
-    pages = api.application.test_client()  # pages take a session, not the API's token
+    pages = api.application.test_client()
     with api.application.app_context():
         sign_in_client(pages, User.get(User.username == USER))
-    problems = []
+    return pages
+
+
+def progress_fragments(api, runs: dict) -> list[str]:
+    """Each run's progress fragment as htmx fetches it: the panel its page includes, with the run's status.
+    Alone it is no page (no layout, no script), so the browser visits the run's page instead."""
+    pages, problems = page_client(api), []
+    for run_id in runs.values():
+        response = pages.get(f"/trainings/{run_id}/progress")
+        html = response.get_data(as_text=True)
+        status = api.get(f"/api/trainings/{run_id}").json["status"]
+        if response.status_code != 200 or 'id="progress"' not in html or f'data-status="{status}"' not in html:
+            problems.append(f"/trainings/{run_id}/progress: HTTP {response.status_code}, not the panel of a {status} run")
+    return problems
+
+
+def comparisons_of_every_pair(api, runs: dict) -> list[str]:
+    """Every pair of runs compared, fetched as the server answers it: a page that links both runs, for any pair."""
+    pages, problems = page_client(api), []
     for a, b in itertools.combinations(sorted(runs.values()), 2):
         response = pages.get(f"/compare?ids={a}&ids={b}")
         html = response.get_data(as_text=True)
@@ -234,7 +254,7 @@ def test_every_page_of_every_kind_of_run(served, env, tmp_path, chromium):
     finally:
         stop_worker(worker)
     pages = every_page(runs)
-    problems = comparisons_of_every_pair(api, runs)
+    problems = comparisons_of_every_pair(api, runs) + progress_fragments(api, runs)
     note(f"{len(pages)} pages to visit")
     page = browser_page(chromium, WIDTHS[0], 900)
     page.set_default_timeout(20_000)
