@@ -194,7 +194,8 @@ def progress_fragments(api, runs: dict) -> list[str]:
         html = response.get_data(as_text=True)
         status = api.get(f"/api/trainings/{run_id}").json["status"]
         if response.status_code != 200 or 'id="progress"' not in html or f'data-status="{status}"' not in html:
-            problems.append(f"/trainings/{run_id}/progress: HTTP {response.status_code}, not the panel of a {status} run")
+            problems.append(f"/trainings/{run_id}/progress: HTTP {response.status_code}, "
+                            f"not the panel of a {status} run")
     return problems
 
 
