@@ -1,0 +1,117 @@
+"""Ways to read the L0 finder's ladder, on ladders trained as the app's finder trains them.
+
+    python benchmarks/finder_readings.py default5          # the app's default synthetic source
+    python benchmarks/finder_readings.py hier16 flat40     # the finder benchmark's other sources
+
+Each source's ladder is what "Find the right L0" trains: BatchTopK at the training form's own settings
+(learning rate, warm-up, batch), two init seeds per rung, all members on the same batches
+(``train_many``). Every rung's pair of SAEs is then read three ways:
+
+- ``consistency``: the app's reading, the mean |cosine| over the one-to-one matching of the two
+  seeds' decoder rows (``l0_finder.seed_consistency``);
+- ``weighted``: the same matching, each pair weighted by how often its two latents fire on held-out
+  tokens (the mean of their frequencies), so that latents neither seed uses count for little;
+- ``alive``: the same matching over the pairs whose latents both fire at all.
+
+and each curve through ``recommend_l0`` (the peak, refined by the parabola). Printed per rung: the
+held-out L0, FVU, MCC of each seed to the true features, and the three readings.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.sae import features, l0_finder  # noqa: E402
+from app.sae.metrics import evaluate  # noqa: E402
+from app.sae.sources import HierarchicalSource, SyntheticSource  # noqa: E402
+from app.sae.trainer import Member, TrainConfig, train_many  # noqa: E402
+from app.training_config import PARAMS  # noqa: E402
+
+CPU = torch.device("cpu")
+# name: (source, latent_dim, rungs, steps); default5 is the app's default source with the app's own ladder
+SOURCES = {
+    "default5": (lambda: SyntheticSource(256, 512, 5.0, 0), 1024, None, 2000),
+    "hier16": (lambda: HierarchicalSource(256, 2048, 16.0, seed=0), 1024, [4, 7, 14, 26, 48], 1200),
+    "flat40": (lambda: SyntheticSource(384, 1024, 40.0, seed=0), 1024, [12, 22, 39, 71, 128], 1200),
+}
+
+
+def true_l0(source) -> float:
+    if isinstance(source, HierarchicalSource):
+        return float(source.firing(20_000, torch.Generator().manual_seed(12345), CPU).sum(dim=1).float().mean())
+    return float(source.mean_active)
+
+
+def readings(W_a: torch.Tensor, W_b: torch.Tensor, freq_a: np.ndarray, freq_b: np.ndarray) -> dict:
+    from scipy.optimize import linear_sum_assignment
+
+    a = W_a / W_a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = W_b / W_b.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sims = (a @ b.t()).abs().numpy()
+    rows, cols = linear_sum_assignment(sims, maximize=True)
+    cos = sims[rows, cols]
+    weight = (freq_a[rows] + freq_b[cols]) / 2
+    alive = (freq_a[rows] > 0) & (freq_b[cols] > 0)
+    return {"consistency": float(cos.mean()), "weighted": float((cos * weight).sum() / max(weight.sum(), 1e-12)),
+            "alive": float(cos[alive].mean()) if alive.any() else 0.0}
+
+
+def run(name: str) -> None:
+    build, latents, rungs, steps = SOURCES[name]
+    source = build()
+    form = {p.name: p.default for p in PARAMS}
+    core = {p.name for p in PARAMS if p.core}
+    rungs = rungs or l0_finder.ladder(form["target_l0"] * latents, 5, latent_dim=latents)
+    cfgs = [TrainConfig(**{**{k: v for k, v in form.items() if k in core}, "architecture": "batchtopk", "k": k,
+                           "latent_dim": latents, "total_steps": steps, "target_l0": k / latents, "seed": seed})
+            for k in rungs for seed in range(2)]
+    ended: dict[int, tuple] = {}
+    started = time.perf_counter()
+    train_many(source, [Member(cfg, on_end=lambda r, sae, i=i: ended.__setitem__(i, (r, sae.eval())))
+                        for i, cfg in enumerate(cfgs)], data_seed=0)
+    truth = true_l0(source)
+    lr = form["learning_rate"]
+    print(f"{name}: d_in {source.d_in}, {source.n_features:,} features, true L0 {truth:.1f}; batchtopk, {latents:,} "
+          f"latents, {steps:,} steps × {form['batch_size']} at learning rate {lr:g}; trained in "
+          f"{time.perf_counter() - started:.0f} s")
+    points: dict[str, list] = {"consistency": [], "weighted": [], "alive": []}
+    print("| k | L0 | FVU | MCC seed 0 / 1 | consistency | weighted | alive |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for j, k in enumerate(rungs):
+        (ra, sa), (rb, sb) = ended[2 * j], ended[2 * j + 1]
+        x = source.eval_rows(8192, device=CPU) * ra.norm_scale
+        with torch.no_grad():
+            fa, fb = (np.asarray(evaluate(s, x)["frequencies"]) for s in (sa, sb))
+        values = readings(sa.W_dec.detach(), sb.W_dec.detach(), fa, fb)
+        l0 = (ra.eval["l0"] + rb.eval["l0"]) / 2
+        for metric, value in values.items():
+            points[metric].append((l0, value))
+        mcc = [features.ground_truth_recovery(s, source.features).mcc for s in (sa, sb)]
+        print(f"| {k} | {l0:.2f} | {ra.eval['fvu']:.4f} | {mcc[0]:.3f} / {mcc[1]:.3f} | {values['consistency']:.4f} | "
+              f"{values['weighted']:.4f} | {values['alive']:.4f} |", flush=True)
+    for metric, pts in points.items():
+        rec = l0_finder.recommend_l0(pts, metric="consistency")
+        print(f"  {metric}: reads {rec.estimate:.1f} ({rec.estimate / truth - 1:+.0%}), edge {rec.at_edge}, "
+              f"flat {rec.shallow}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sources", nargs="+", choices=sorted(SOURCES))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.sources:
+        run(name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
