@@ -27,12 +27,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from app.sae import features, l0_finder  # noqa: E402
 from app.sae.metrics import evaluate  # noqa: E402
 from app.sae.sources import HierarchicalSource, SyntheticSource  # noqa: E402
 from app.sae.trainer import Member, TrainConfig, train_many  # noqa: E402
 from app.training_config import PARAMS  # noqa: E402
+from l0_finder import true_l0  # noqa: E402  (benchmarks/l0_finder.py: the finder benchmark's own)
 
 CPU = torch.device("cpu")
 # name: (source, latent_dim, rungs, steps); default5 is the app's default source with the app's own ladder
@@ -41,12 +43,6 @@ SOURCES = {
     "hier16": (lambda: HierarchicalSource(256, 2048, 16.0, seed=0), 1024, [4, 7, 14, 26, 48], 1200),
     "flat40": (lambda: SyntheticSource(384, 1024, 40.0, seed=0), 1024, [12, 22, 39, 71, 128], 1200),
 }
-
-
-def true_l0(source) -> float:
-    if isinstance(source, HierarchicalSource):
-        return float(source.firing(20_000, torch.Generator().manual_seed(12345), CPU).sum(dim=1).float().mean())
-    return float(source.mean_active)
 
 
 def readings(W_a: torch.Tensor, W_b: torch.Tensor, freq_a: np.ndarray, freq_b: np.ndarray) -> dict:
