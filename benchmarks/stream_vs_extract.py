@@ -36,7 +36,7 @@ from app.extraction.text import stdlib_docstrings  # noqa: E402
 from app.sae.metrics import evaluate  # noqa: E402
 from app.sae.sources import StoreSource  # noqa: E402
 from app.sae.stream import Position, StreamedSource  # noqa: E402
-from app.sae.trainer import Member, TrainConfig, train, train_many  # noqa: E402
+from app.sae.trainer import Member, TrainConfig, resolve_precision, train, train_many  # noqa: E402
 from app.work.streams import buffer_bytes  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -83,6 +83,9 @@ def main() -> None:
     p.add_argument("--model-batch", type=int, default=32)
     p.add_argument("--no-prefetch", action="store_true", help="compute each round when it is needed, not ahead")
     p.add_argument("--no-keep", action="store_true", help="leave out the sweep that keeps stores")
+    p.add_argument("--precision", default="float32", choices=["float32", "auto", "bfloat16"],
+                   help="the SAEs' matmuls, on both ways (the training form's default is auto: bfloat16 on a CPU "
+                        "with AVX512-BF16 or AMX); the model runs in float32 either way")
     a = p.parse_args()
     lo, _, hi = a.layers.partition("-")
     layers = list(range(int(lo), int(hi or lo) + 1))
@@ -91,13 +94,14 @@ def main() -> None:
     tokenizer, model = load_model(BUNDLED_MINILM, CPU)
     docs = lambda: stdlib_docstrings()  # noqa: E731
     print(f"MiniLM layers {layers[0]}–{layers[-1]} (resid), {a.tokens:,} tokens per SAE ({steps} steps of {a.batch}), "
-          f"TopK {a.latents} latents k={a.k}, buffer {a.buffer:,} tokens, context {a.context}, "
+          f"TopK {a.latents} latents k={a.k}, SAE precision {resolve_precision(a.precision, CPU)}"
+          f"{' (auto)' if a.precision == 'auto' else ''}, buffer {a.buffer:,} tokens, context {a.context}, "
           f"{torch.get_num_threads()} CPU threads; load average before {os.getloadavg()[0]:.2f}")
 
     def cfg(seed: int) -> TrainConfig:
         return TrainConfig(architecture="topk", k=a.k, l1_alpha=None, latent_dim=a.latents, batch_size=a.batch,
                            total_steps=steps, log_every=max(1, steps // 4), learning_rate=1e-3, lr_warmup_steps=10,
-                           seed=seed, norm_sample_tokens=8192, eval_tokens=8192, precision="float32",
+                           seed=seed, norm_sample_tokens=8192, eval_tokens=8192, precision=a.precision,
                            dead_window_tokens=max(1_000, a.tokens // 4))
 
     stream = StreamedSource(model, tokenizer, docs, hooks, context_length=a.context, model_batch=a.model_batch,

@@ -14,7 +14,8 @@ Nothing is downloaded. The script
      ``datasets.Dataset`` with an ``input_ids`` column); ours reads the documents themselves and cuts
      them into windows of at most ``--context`` tokens per document, as the app does;
   4. trains one TopK SAE on each side, same hook, width, k, batch, learning rate (constant: no warm-up,
-     no decay on either side), float32, same number of training tokens, same mixing buffer in tokens;
+     no decay on either side), float32 (or, with ``--precision bfloat16``, the SAE's steps under bfloat16
+     autocast on both sides), same number of training tokens, same mixing buffer in tokens;
      the wall-clock runs from the construction of each side's source/runner to the end of training
      (model forward passes, normalisation estimate and, on our side, its final evaluation included);
   5. measures FVU and L0 of both SAEs on the same held-out activations, computed with the HF model
@@ -216,7 +217,7 @@ def run_ours(folder: Path, train_docs: list[str], args) -> dict:
     cfg = TrainConfig(latent_dim=args.latents, architecture="topk", k=args.k, l1_alpha=None,
                       learning_rate=args.lr, batch_size=args.batch, total_steps=steps, lr_warmup_steps=0,
                       lr_decay_fraction=0.0, l1_warmup_steps=0, log_every=max(10, steps // 5),
-                      precision="float32", device="cpu", seed=0, norm_sample_tokens=args.norm_tokens,
+                      precision=args.precision, device="cpu", seed=0, norm_sample_tokens=args.norm_tokens,
                       eval_tokens=args.holdout_tokens, checkpoint_every_steps=10_000_000,
                       checkpoint_every_minutes=1440)
     started = time.perf_counter()
@@ -252,6 +253,7 @@ def run_saelens(tl_model, rows: torch.Tensor, args, *, dead_window_steps: int, p
         dead_feature_window=dead_window_steps, feature_sampling_window=max(dead_window_steps, steps + 1),
         n_batches_for_norm_estimate=max(1, args.norm_tokens // args.batch),
         device="cpu", dtype="float32", seed=0, prefetch_llm_batches=prefetch,
+        autocast=args.precision == "bfloat16",  # the SAE's steps under bfloat16 autocast, as ours
         logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None, output_path=None,
         save_final_checkpoint=False, verbose=False, exclude_special_tokens=False)
     started = time.perf_counter()
@@ -261,6 +263,12 @@ def run_saelens(tl_model, rows: torch.Tensor, args, *, dead_window_steps: int, p
     wall = time.perf_counter() - started
     return {"sae": sae.eval(), "wall": wall, "setup": built - started, "tokens": steps * args.batch, "steps": steps,
             "rows_read": runner.activations_store.n_dataset_processed}
+
+
+def precision_note(args) -> str:
+    if args.precision == "float32":
+        return "float32"
+    return "SAE steps under bfloat16 autocast on both sides (ours precision bfloat16, SAELens autocast=True), LM float32"
 
 
 # --- the report --------------------------------------------------------------------------------------
@@ -297,6 +305,9 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=25, help="every n-th docstring is held out")
     p.add_argument("--saelens-prefetch", action="store_true",
                    help="also run SAELens with prefetch_llm_batches=True (its forward passes in a thread)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="the SAE's steps on both sides: float32, or bfloat16 autocast (ours: precision bfloat16; "
+                        "SAELens: autocast=True); the LM runs in float32 on both")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny settings, nothing written")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_vs_saelens.txt"))
@@ -378,7 +389,7 @@ def main() -> int:
         f"# corpus: Python stdlib docstrings, {len(train_docs):,} documents / {corpus_tokens:,} tokens to train on; "
         f"every {args.eval_every}th docstring ({len(eval_docs):,}) held out for the FVU comparison",
         f"# SAE: TopK, d_in {args.d_model} -> {args.latents:,} latents, k {args.k}, batch {args.batch:,} tokens, "
-        f"Adam lr {args.lr:g} constant (no warm-up, no decay), float32, {args.train_tokens:,} training tokens "
+        f"Adam lr {args.lr:g} constant (no warm-up, no decay), {precision_note(args)}, {args.train_tokens:,} training tokens "
         f"({args.train_tokens // args.batch} steps), hook layer 1 residual (ours {HOOK_OURS}, SAELens {HOOK_TL})",
         f"# buffer: {args.buffer_tokens:,} tokens on both sides (ours: rounds of buffer_tokens, each fully shuffled, "
         f"next round computed in a thread; SAELens: n_batches_in_buffer {args.buffer_tokens // args.context} × "
