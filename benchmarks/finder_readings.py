@@ -2,19 +2,22 @@
 
     python benchmarks/finder_readings.py default5          # the app's default synthetic source
     python benchmarks/finder_readings.py hier16 flat40     # the finder benchmark's other sources
+    python benchmarks/finder_readings.py hier16 --steps 4800 --save /tmp/ladders   # a longer budget; keep the decoders
 
 Each source's ladder is what "Find the right L0" trains: BatchTopK at the training form's own settings
 (learning rate, warm-up, batch), two init seeds per rung, all members on the same batches
-(``train_many``). Every rung's pair of SAEs is then read three ways:
+(``train_many``). Every rung's pair of SAEs is then read four ways:
 
 - ``consistency``: the app's reading, the mean |cosine| over the one-to-one matching of the two
   seeds' decoder rows (``l0_finder.seed_consistency``);
 - ``weighted``: the same matching, each pair weighted by how often its two latents fire on held-out
   tokens (the mean of their frequencies), so that latents neither seed uses count for little;
-- ``alive``: the same matching over the pairs whose latents both fire at all.
+- ``alive``: the same matching over the pairs whose latents both fire at all;
+- ``reproduced``: how many matched pairs have |cosine| ≥ 0.9, i.e. how many latents both seeds learned
+  (a count, so the surplus latents neither seed uses add nothing whatever their number).
 
 and each curve through ``recommend_l0`` (the peak, refined by the parabola). Printed per rung: the
-held-out L0, FVU, MCC of each seed to the true features, and the three readings.
+held-out L0, FVU, MCC of each seed to the true features, and the four readings.
 """
 from __future__ import annotations
 
@@ -56,11 +59,12 @@ def readings(W_a: torch.Tensor, W_b: torch.Tensor, freq_a: np.ndarray, freq_b: n
     weight = (freq_a[rows] + freq_b[cols]) / 2
     alive = (freq_a[rows] > 0) & (freq_b[cols] > 0)
     return {"consistency": float(cos.mean()), "weighted": float((cos * weight).sum() / max(weight.sum(), 1e-12)),
-            "alive": float(cos[alive].mean()) if alive.any() else 0.0}
+            "alive": float(cos[alive].mean()) if alive.any() else 0.0, "reproduced": float((cos >= 0.9).sum())}
 
 
-def run(name: str) -> None:
-    build, latents, rungs, steps = SOURCES[name]
+def run(name: str, save: Path | None = None, steps: int | None = None) -> None:
+    build, latents, rungs, usual = SOURCES[name]
+    steps = steps or usual
     source = build()
     form = {p.name: p.default for p in PARAMS}
     core = {p.name for p in PARAMS if p.core}
@@ -77,9 +81,10 @@ def run(name: str) -> None:
     print(f"{name}: d_in {source.d_in}, {source.n_features:,} features, true L0 {truth:.1f}; batchtopk, {latents:,} "
           f"latents, {steps:,} steps × {form['batch_size']} at learning rate {lr:g}; trained in "
           f"{time.perf_counter() - started:.0f} s")
-    points: dict[str, list] = {"consistency": [], "weighted": [], "alive": []}
-    print("| k | L0 | FVU | MCC seed 0 / 1 | consistency | weighted | alive |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    points: dict[str, list] = {"consistency": [], "weighted": [], "alive": [], "reproduced": []}
+    kept: list[dict] = []
+    print("| k | L0 | FVU | MCC seed 0 / 1 | consistency | weighted | alive | reproduced |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for j, k in enumerate(rungs):
         (ra, sa), (rb, sb) = ended[2 * j], ended[2 * j + 1]
         x = source.eval_rows(8192, device=CPU) * ra.norm_scale
@@ -90,8 +95,12 @@ def run(name: str) -> None:
         for metric, value in values.items():
             points[metric].append((l0, value))
         mcc = [features.ground_truth_recovery(s, source.features).mcc for s in (sa, sb)]
+        kept.append({"k": k, "l0": l0, "fvu": ra.eval["fvu"], "mcc": mcc, "freq": (fa, fb),
+                     "W_dec": (sa.W_dec.detach().clone(), sb.W_dec.detach().clone())})
         print(f"| {k} | {l0:.2f} | {ra.eval['fvu']:.4f} | {mcc[0]:.3f} / {mcc[1]:.3f} | {values['consistency']:.4f} | "
-              f"{values['weighted']:.4f} | {values['alive']:.4f} |", flush=True)
+              f"{values['weighted']:.4f} | {values['alive']:.4f} | {values['reproduced']:.0f} |", flush=True)
+    if save is not None:
+        torch.save({"source": name, "true_l0": truth, "steps": steps, "rungs": kept}, save / f"{name}-{steps}.pt")
     for metric, pts in points.items():
         rec = l0_finder.recommend_l0(pts, metric="consistency")
         print(f"  {metric}: reads {rec.estimate:.1f} ({rec.estimate / truth - 1:+.0%}), edge {rec.at_edge}, "
@@ -102,10 +111,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="+", choices=sorted(SOURCES))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, help="steps per SAE instead of the source's usual (a longer budget)")
+    parser.add_argument("--save", type=Path, help="a folder: each source's decoders and frequencies, per rung")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.sources:
-        run(name)
+        run(name, args.save, args.steps)
     return 0
 
 
