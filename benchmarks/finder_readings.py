@@ -4,7 +4,7 @@
     python benchmarks/finder_readings.py hier16 flat40     # the finder benchmark's other sources
     python benchmarks/finder_readings.py hier16 --steps 4800 --save /tmp/ladders   # a longer budget; keep the decoders
     python benchmarks/finder_readings.py hier16b --steps 4800     # ladders the readings were not chosen on
-    python benchmarks/finder_readings.py ortho8
+    python benchmarks/finder_readings.py ortho8 flat5
 
 Each source's ladder is what "Find the right L0" trains: BatchTopK at the training form's own settings
 (learning rate, warm-up, batch), two init seeds per rung, all members on the same batches
@@ -48,9 +48,10 @@ SOURCES = {
     "hier16": (lambda: HierarchicalSource(256, 2048, 16.0, seed=0), 1024, [4, 7, 14, 26, 48], 1200),
     "flat40": (lambda: SyntheticSource(384, 1024, 40.0, seed=0), 1024, [12, 22, 39, 71, 128], 1200),
     # two ladders no reading was chosen on: hier16's generator with another seed (another dictionary and
-    # hierarchy), and the finder benchmark's paper-like ortho8 (as many latents as features)
+    # hierarchy), the finder benchmark's paper-like ortho8 (as many latents as features) and its flat5
     "hier16b": (lambda: HierarchicalSource(256, 2048, 16.0, seed=1), 1024, [4, 7, 14, 26, 48], 1200),
     "ortho8": (lambda: HierarchicalSource(256, 128, 8.0, seed=0), 128, [2, 3, 5, 7, 10, 16, 24], 4000),
+    "flat5": (lambda: SyntheticSource(128, 512, 5.0, seed=0), 512, [2, 3, 5, 8, 13, 20], 2000),
 }
 
 
