@@ -47,7 +47,7 @@ SOURCES = {
     "default5": (lambda: SyntheticSource(256, 512, 5.0, 0), 1024, None, 2000),
     "hier16": (lambda: HierarchicalSource(256, 2048, 16.0, seed=0), 1024, [4, 7, 14, 26, 48], 1200),
     "flat40": (lambda: SyntheticSource(384, 1024, 40.0, seed=0), 1024, [12, 22, 39, 71, 128], 1200),
-    # two ladders no reading was chosen on: hier16's generator with another seed (another dictionary and
+    # three ladders no reading was chosen on: hier16's generator with another seed (another dictionary and
     # hierarchy), the finder benchmark's paper-like ortho8 (as many latents as features) and its flat5
     "hier16b": (lambda: HierarchicalSource(256, 2048, 16.0, seed=1), 1024, [4, 7, 14, 26, 48], 1200),
     "ortho8": (lambda: HierarchicalSource(256, 128, 8.0, seed=0), 128, [2, 3, 5, 7, 10, 16, 24], 4000),
@@ -107,6 +107,7 @@ def run(name: str, save: Path | None = None, steps: int | None = None) -> None:
         print(f"| {k} | {l0:.2f} | {ra.eval['fvu']:.4f} | {mcc[0]:.3f} / {mcc[1]:.3f} | {values['consistency']:.4f} | "
               f"{values['weighted']:.4f} | {values['alive']:.4f} | {values['reproduced']:.0f} |", flush=True)
     if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
         torch.save({"source": name, "true_l0": truth, "steps": steps, "rungs": kept}, save / f"{name}-{steps}.pt")
     for metric, pts in points.items():
         rec = l0_finder.recommend_l0(pts, metric="consistency")
