@@ -25,9 +25,14 @@ def load_supervisor():
 
 @pytest.fixture
 def fake_smi(tmp_path, monkeypatch):
+    from app import devices
+
     bin_dir, table = fake_gpus.install(tmp_path / "fake")
     fake_gpus.write_table(table, [70, 60, 50, 40])
     monkeypatch.setenv("PATH", fake_gpus.path_with(bin_dir))
+    # list_gpus keeps its answer for GPU_CACHE_S: a read by the test before (another PATH, another table)
+    # must not be this test's first answer
+    monkeypatch.setattr(devices, "_gpus_cache", (-1e9, None))
     return {"bin": bin_dir, "table": table}
 
 
